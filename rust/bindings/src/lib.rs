@@ -1,0 +1,25 @@
+//! `dengine._core`: a thin PyO3 layer over `dengine-core`.
+//!
+//! Nothing here decides behaviour; each file converts arguments, releases the GIL through
+//! [`gil::detach`] around anything slow, and maps errors through [`errors::to_py`].
+
+mod errors;
+mod gil;
+mod log;
+mod quorum;
+mod snapshot;
+
+#[pyo3::pymodule]
+mod _core {
+    use pyo3::prelude::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        crate::errors::register(m)?;
+        crate::log::register(m)?;
+        crate::quorum::register(m)?;
+        crate::snapshot::register(m)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,324 @@
+//! One segment file of the write-ahead log: a header and a run of consecutive records.
+//!
+//! A segment is named after the index of its first entry (`00000000000000000042.wal`), so the
+//! directory listing alone orders the log. Only the last segment is ever appended to.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::pio;
+use super::record::{self, Header, HEADER_LEN};
+use super::terms::TermRuns;
+use super::Entry;
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"DGWAL\0\0\x01";
+/// Magic plus the first index, repeated inside the file so a renamed file is caught.
+pub const SEGMENT_HEADER_LEN: u64 = 16;
+
+/// A partial record cut from the end of the log during recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes_cut: u64,
+}
+
+pub struct Segment {
+    pub first_index: u64,
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    /// Byte offset of each record, entry `first_index + i` at `offsets[i]`.
+    offsets: Vec<u32>,
+    /// Length of the valid data; appends go here.
+    pub end: u64,
+}
+
+impl Segment {
+    pub fn file_name(first_index: u64) -> String {
+        format!("{first_index:020}.wal")
+    }
+
+    /// The first index encoded in a segment's file name, if it is one.
+    pub fn parse_name(name: &str) -> Option<u64> {
+        let digits = name.strip_suffix(".wal")?;
+        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse().ok())?
+    }
+
+    /// Creates an empty segment. It becomes durable with the next file and directory sync.
+    pub fn create(dir: &Path, first_index: u64) -> Result<Segment> {
+        let path = dir.join(Self::file_name(first_index));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        pio::write_all_at(&file, &header_bytes(first_index), 0).map_err(|e| Error::io(&path, e))?;
+        Ok(Segment {
+            first_index,
+            path,
+            file: Arc::new(file),
+            offsets: Vec::new(),
+            end: SEGMENT_HEADER_LEN,
+        })
+    }
+
+    /// Opens and verifies an existing segment, appending its entries' terms to `terms`.
+    ///
+    /// Damage in the last segment counts as a torn tail (cut and reported) only when no valid
+    /// record follows it; anywhere else it is corruption and the segment refuses to open.
+    pub fn recover(
+        path: PathBuf,
+        first_index: u64,
+        is_last: bool,
+        terms: &mut TermRuns,
+    ) -> Result<(Segment, Option<TornTail>)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let mut seg = Segment {
+            first_index,
+            path,
+            file: Arc::new(file),
+            offsets: Vec::new(),
+            end: SEGMENT_HEADER_LEN,
+        };
+
+        if len < SEGMENT_HEADER_LEN {
+            if !is_last {
+                return Err(Error::corrupt(&seg.path, 0, "segment header is incomplete"));
+            }
+            // A crash right after creating the file: start it over.
+            seg.file.set_len(0).map_err(|e| Error::io(&seg.path, e))?;
+            pio::write_all_at(&seg.file, &header_bytes(first_index), 0)
+                .map_err(|e| Error::io(&seg.path, e))?;
+            let torn = TornTail {
+                path: seg.path.clone(),
+                offset: 0,
+                bytes_cut: len,
+            };
+            return Ok((seg, Some(torn)));
+        }
+        let mut head = [0u8; SEGMENT_HEADER_LEN as usize];
+        pio::read_exact_at(&seg.file, &mut head, 0).map_err(|e| Error::io(&seg.path, e))?;
+        if head != header_bytes(first_index) {
+            return Err(Error::corrupt(
+                &seg.path,
+                0,
+                format!(
+                    "segment header does not match a WAL segment starting at index {first_index}"
+                ),
+            ));
+        }
+
+        let file = Arc::clone(&seg.file);
+        let mut reader = BufReader::with_capacity(1 << 20, &*file);
+        let mut skip = [0u8; SEGMENT_HEADER_LEN as usize];
+        reader
+            .read_exact(&mut skip)
+            .map_err(|e| Error::io(&seg.path, e))?;
+        let mut payload = Vec::new();
+        let mut off = SEGMENT_HEADER_LEN;
+        let mut prev_term = terms.last_term().unwrap_or(0);
+        let failure = loop {
+            if off == len {
+                break None;
+            }
+            if len - off < HEADER_LEN as u64 {
+                break Some("incomplete record header");
+            }
+            let mut hbuf = [0u8; HEADER_LEN];
+            reader
+                .read_exact(&mut hbuf)
+                .map_err(|e| Error::io(&seg.path, e))?;
+            let Some(h) = record::decode_header(&hbuf) else {
+                break Some("record header checksum mismatch");
+            };
+            if h.record_len() > len - off {
+                break Some("record extends past the end of the file");
+            }
+            payload.resize(h.len as usize, 0);
+            reader
+                .read_exact(&mut payload)
+                .map_err(|e| Error::io(&seg.path, e))?;
+            if !record::payload_ok(&h, &payload) {
+                break Some("record payload checksum mismatch");
+            }
+            // A valid record in the wrong place cannot come from a crash: appends only extend
+            // the file and truncations are made durable before anything else is written.
+            let expected = seg.next_index();
+            if h.index != expected {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    off,
+                    format!("record has index {}, expected {expected}", h.index),
+                ));
+            }
+            if h.term < prev_term {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    off,
+                    format!(
+                        "record {} has term {} after term {prev_term}",
+                        h.index, h.term
+                    ),
+                ));
+            }
+            prev_term = h.term;
+            terms.push(h.index, h.term);
+            seg.push_offset(off)?;
+            off += h.record_len();
+        };
+        drop(reader);
+        seg.end = off;
+        let Some(reason) = failure else {
+            return Ok((seg, None));
+        };
+        if !is_last {
+            return Err(Error::corrupt(&seg.path, off, reason));
+        }
+        if let Some(valid_at) = find_valid_record(&seg.file, &seg.path, off + 1, len)? {
+            return Err(Error::corrupt(
+                &seg.path,
+                off,
+                format!("{reason}, but a valid record follows at offset {valid_at}"),
+            ));
+        }
+        seg.file.set_len(off).map_err(|e| Error::io(&seg.path, e))?;
+        seg.file.sync_all().map_err(|e| Error::io(&seg.path, e))?;
+        let torn = TornTail {
+            path: seg.path.clone(),
+            offset: off,
+            bytes_cut: len - off,
+        };
+        Ok((seg, Some(torn)))
+    }
+
+    /// Index the next appended entry must have.
+    pub fn next_index(&self) -> u64 {
+        self.first_index + self.offsets.len() as u64
+    }
+
+    fn push_offset(&mut self, off: u64) -> Result<()> {
+        let off = u32::try_from(off)
+            .map_err(|_| Error::corrupt(&self.path, off, "segment larger than 4 GiB"))?;
+        self.offsets.push(off);
+        Ok(())
+    }
+
+    /// Writes already-framed records at the end; `starts` are record offsets within `buf`.
+    pub fn append(&mut self, buf: &[u8], starts: &[u64]) -> Result<()> {
+        if self.end + buf.len() as u64 > u64::from(u32::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "append: batch of {} bytes does not fit in a segment",
+                buf.len()
+            )));
+        }
+        pio::write_all_at(&self.file, buf, self.end).map_err(|e| Error::io(&self.path, e))?;
+        for s in starts {
+            self.push_offset(self.end + s)?;
+        }
+        self.end += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Keeps entries `< index`; the cut is fsynced before returning.
+    pub fn truncate(&mut self, index: u64) -> Result<()> {
+        let keep = (index - self.first_index) as usize;
+        if keep >= self.offsets.len() {
+            return Ok(());
+        }
+        let new_end = u64::from(self.offsets[keep]);
+        self.file
+            .set_len(new_end)
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        self.offsets.truncate(keep);
+        self.end = new_end;
+        Ok(())
+    }
+
+    fn offset_of(&self, index: u64) -> u64 {
+        let i = (index - self.first_index) as usize;
+        self.offsets.get(i).map_or(self.end, |&o| u64::from(o))
+    }
+
+    /// Reads entries `lo..hi` (all inside this segment) into `out`, stopping before the payload
+    /// total passes `*budget`, unless `out` is still empty. Returns false once the budget is spent.
+    pub fn read(&self, lo: u64, hi: u64, budget: &mut u64, out: &mut Vec<Entry>) -> Result<bool> {
+        let mut stop = lo;
+        let mut within = true;
+        while stop < hi {
+            let size = self.offset_of(stop + 1) - self.offset_of(stop) - HEADER_LEN as u64;
+            if size > *budget && !(out.is_empty() && stop == lo) {
+                within = false;
+                break;
+            }
+            *budget = budget.saturating_sub(size);
+            stop += 1;
+        }
+        if stop == lo {
+            return Ok(within);
+        }
+        let start = self.offset_of(lo);
+        let mut buf = vec![0u8; (self.offset_of(stop) - start) as usize];
+        pio::read_exact_at(&self.file, &mut buf, start).map_err(|e| Error::io(&self.path, e))?;
+        let mut pos = 0usize;
+        for index in lo..stop {
+            let at = start + pos as u64;
+            let hbuf: &[u8; HEADER_LEN] =
+                buf[pos..pos + HEADER_LEN].try_into().expect("header slice");
+            let h: Header = record::decode_header(hbuf)
+                .ok_or_else(|| Error::corrupt(&self.path, at, "record header checksum mismatch"))?;
+            let body = &buf[pos + HEADER_LEN..pos + HEADER_LEN + h.len as usize];
+            if h.index != index || !record::payload_ok(&h, body) {
+                return Err(Error::corrupt(
+                    &self.path,
+                    at,
+                    format!("record for index {index} failed verification"),
+                ));
+            }
+            out.push(Entry {
+                index,
+                term: h.term,
+                data: body.to_vec(),
+            });
+            pos += HEADER_LEN + h.len as usize;
+        }
+        Ok(within)
+    }
+}
+
+fn header_bytes(first_index: u64) -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..].copy_from_slice(&first_index.to_le_bytes());
+    b
+}
+
+/// Looks for any complete, checksum-valid record starting in `from..len`. Only runs on the
+/// recovery failure path, so a byte-by-byte search is affordable.
+fn find_valid_record(file: &File, path: &Path, from: u64, len: u64) -> Result<Option<u64>> {
+    if from >= len {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; (len - from) as usize];
+    pio::read_exact_at(file, &mut buf, from).map_err(|e| Error::io(path, e))?;
+    for p in 0..buf.len().saturating_sub(HEADER_LEN - 1) {
+        let hbuf: &[u8; HEADER_LEN] = buf[p..p + HEADER_LEN].try_into().expect("header slice");
+        if let Some(h) = record::decode_header(hbuf) {
+            let body_end = p + HEADER_LEN + h.len as usize;
+            if body_end <= buf.len() && record::payload_ok(&h, &buf[p + HEADER_LEN..body_end]) {
+                return Ok(Some(from + p as u64));
+            }
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,516 @@
+//! [`WalLogStore`]: the durable log engine.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! LOCK                        held (advisory lock) while a process has the store open
+//! meta                        hard state + compaction point, two checksummed slots
+//! 00000000000000000001.wal    segments, each named after its first index
+//! 00000000000000052318.wal
+//! ```
+//!
+//! Memory: per entry, only a 4-byte record offset stays in RAM (plus one run per term change);
+//! payloads are read back from the files (the OS page cache keeps recent ones hot).
+//!
+//! Concurrency: one mutex guards the in-memory index and is held only for short, non-blocking
+//! work and the `write(2)` of a batch. [`LogStore::sync`] collects the files to flush under the
+//! lock, then fsyncs *without* it, so appends keep flowing while the disk flushes: many appends,
+//! one fsync.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::bounds;
+use super::meta::{Meta, MetaFile};
+use super::pio;
+use super::record;
+use super::segment::Segment;
+pub use super::segment::TornTail;
+use super::terms::TermRuns;
+use super::{Entry, HardState, LogStore};
+use crate::{Error, Result};
+
+/// Tunables of a [`WalLogStore`].
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// A segment stops taking appends once it reaches this size; the next batch starts a new one.
+    pub segment_bytes: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What recovery found when the store was opened.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Set when a crash-torn partial record was cut from the end of the log.
+    pub torn_tail: Option<TornTail>,
+    pub segments: usize,
+    /// Leftover segment files removed because a durable compaction already covered them.
+    pub removed_segments: usize,
+}
+
+struct State {
+    segments: Vec<Segment>,
+    terms: TermRuns,
+    compact_index: u64,
+    compact_term: u64,
+    /// Segment files written since the last sync.
+    unsynced: Vec<Arc<File>>,
+    dir_dirty: bool,
+    durable: u64,
+    /// Lowest `index - 1` of any truncation during the sync in flight, which caps what that sync
+    /// may report durable (entries appended after the truncation were not flushed by it).
+    truncated_floor: Option<u64>,
+    scratch: Vec<u8>,
+    starts: Vec<u64>,
+    closed: bool,
+    /// A failed fsync leaves the page cache in an unknown state; the store refuses further work.
+    failed: Option<String>,
+}
+
+impl State {
+    fn first_index(&self) -> u64 {
+        self.compact_index + 1
+    }
+
+    fn last_index(&self) -> u64 {
+        self.segments
+            .last()
+            .map_or(self.compact_index, |s| s.next_index() - 1)
+            .max(self.compact_index)
+    }
+
+    fn last_term(&self) -> u64 {
+        if self.last_index() == self.compact_index {
+            self.compact_term
+        } else {
+            self.terms.last_term().unwrap_or(self.compact_term)
+        }
+    }
+
+    fn term(&self, index: u64) -> Result<u64> {
+        bounds::check_term(index, self.first_index(), self.last_index())?;
+        Ok(if index == self.compact_index {
+            self.compact_term
+        } else {
+            self.terms.term_at(index)
+        })
+    }
+
+    fn mark_unsynced(&mut self, file: &Arc<File>) {
+        if !self.unsynced.iter().any(|f| Arc::ptr_eq(f, file)) {
+            self.unsynced.push(Arc::clone(file));
+        }
+    }
+
+    fn segment_for(&self, index: u64) -> usize {
+        self.segments
+            .partition_point(|s| s.first_index <= index)
+            .saturating_sub(1)
+    }
+}
+
+/// The durable, segmented write-ahead log. See the module docs for layout and guarantees.
+pub struct WalLogStore {
+    dir: PathBuf,
+    opts: WalOptions,
+    state: Mutex<State>,
+    /// Separate from `state` so hard-state saves never wait behind a batch write; lock order is
+    /// always `state` before `meta`.
+    meta: Mutex<MetaFile>,
+    /// One sync at a time: a second caller simply waits and then flushes what arrived meanwhile.
+    sync_lock: Mutex<()>,
+    report: RecoveryReport,
+    _lock: File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the on-disk log inconsistent (every mutation
+    // is checked before it is applied), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WalLogStore {
+    /// Opens (or creates) the log in `dir`, recovering from any crash-torn tail.
+    pub fn open(dir: impl AsRef<Path>, opts: WalOptions) -> Result<WalLogStore> {
+        let dir = dir.as_ref().to_path_buf();
+        if opts.segment_bytes < 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "segment_bytes must be at least 4096, got {}",
+                opts.segment_bytes
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        lock_file.try_lock().map_err(|_| {
+            Error::io(
+                &lock_path,
+                std::io::Error::other(
+                    "the log directory is already open in another process or store",
+                ),
+            )
+        })?;
+
+        let meta = MetaFile::open(&dir)?;
+        let Meta {
+            compact_index,
+            compact_term,
+            ..
+        } = meta.get();
+        let mut report = RecoveryReport::default();
+
+        let mut names: Vec<(u64, PathBuf)> = Vec::new();
+        for ent in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let ent = ent.map_err(|e| Error::io(&dir, e))?;
+            if let Some(first) = ent.file_name().to_str().and_then(Segment::parse_name) {
+                names.push((first, ent.path()));
+            }
+        }
+        names.sort();
+        // Segments wholly covered by the compaction point are leftovers of a compaction whose
+        // unlinks did not reach the disk; the compaction itself was durable, so drop them.
+        while names.len() > 1 && names[1].0 <= compact_index + 1 {
+            let (_, path) = names.remove(0);
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            report.removed_segments += 1;
+        }
+
+        let mut terms = TermRuns::default();
+        let mut segments = Vec::with_capacity(names.len());
+        let count = names.len();
+        for (i, (first, path)) in names.into_iter().enumerate() {
+            if let Some(prev) = segments.last() {
+                let prev: &Segment = prev;
+                if prev.next_index() != first {
+                    return Err(Error::corrupt(
+                        &path,
+                        0,
+                        format!(
+                            "segment starts at index {first} but the previous one ends at {}",
+                            prev.next_index() - 1
+                        ),
+                    ));
+                }
+            }
+            let (seg, torn) = Segment::recover(path, first, i + 1 == count, &mut terms)?;
+            report.torn_tail = torn;
+            segments.push(seg);
+        }
+        let mut dir_dirty = false;
+        if let Some(first) = segments.first() {
+            if first.first_index > compact_index + 1 {
+                return Err(Error::corrupt(&first.path, 0, format!("log starts at index {} but only entries up to {compact_index} were compacted", first.first_index)));
+            }
+        }
+        let last_on_disk = segments.last().map_or(0, |s| s.next_index() - 1);
+        if segments.is_empty() || last_on_disk < compact_index {
+            // Nothing usable beyond the compaction point (a reset interrupted by a crash, or a
+            // brand-new store): start a fresh segment right after it.
+            for s in segments.drain(..) {
+                fs::remove_file(&s.path).map_err(|e| Error::io(&s.path, e))?;
+                report.removed_segments += 1;
+            }
+            terms.clear();
+            segments.push(Segment::create(&dir, compact_index + 1)?);
+            dir_dirty = true;
+        } else {
+            terms.compact(compact_index);
+            if last_on_disk > compact_index && terms.term_at(compact_index + 1) < compact_term {
+                return Err(Error::corrupt(
+                    &segments[0].path,
+                    0,
+                    format!(
+                        "entry {} has a term below the compaction term {compact_term}",
+                        compact_index + 1
+                    ),
+                ));
+            }
+        }
+        report.segments = segments.len();
+        let active = Arc::clone(&segments.last().expect("at least one segment").file);
+        // What recovery read may still sit only in the page cache (the previous process died, the
+        // machine did not); flush it so that what we now call durable really is.
+        active.sync_data().map_err(|e| Error::io(&dir, e))?;
+        if dir_dirty || report.removed_segments > 0 {
+            pio::sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        let mut state = State {
+            segments,
+            terms,
+            compact_index,
+            compact_term,
+            unsynced: Vec::new(),
+            dir_dirty: false,
+            durable: 0,
+            truncated_floor: None,
+            scratch: Vec::new(),
+            starts: Vec::new(),
+            closed: false,
+            failed: None,
+        };
+        state.durable = state.last_index();
+        Ok(WalLogStore {
+            dir,
+            opts,
+            state: Mutex::new(state),
+            meta: Mutex::new(meta),
+            sync_lock: Mutex::new(()),
+            report,
+            _lock: lock_file,
+        })
+    }
+
+    /// What recovery did when this store was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn live(&self) -> Result<MutexGuard<'_, State>> {
+        let st = lock(&self.state);
+        if st.closed {
+            return Err(Error::Closed);
+        }
+        if let Some(why) = &st.failed {
+            return Err(Error::io(
+                &self.dir,
+                std::io::Error::other(format!(
+                    "store unusable after an earlier fsync failure: {why}"
+                )),
+            ));
+        }
+        Ok(st)
+    }
+
+    fn remove_segment_file(&self, seg: &Segment) -> Result<()> {
+        fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))
+    }
+
+    /// Turns an I/O failure during fsync into a permanent failure of the store (see `failed`).
+    fn fail(&self, err: Error) -> Error {
+        lock(&self.state).failed = Some(err.to_string());
+        err
+    }
+}
+
+impl LogStore for WalLogStore {
+    fn first_index(&self) -> Result<u64> {
+        Ok(self.live()?.first_index())
+    }
+
+    fn last_index(&self) -> Result<u64> {
+        Ok(self.live()?.last_index())
+    }
+
+    fn term(&self, index: u64) -> Result<u64> {
+        self.live()?.term(index)
+    }
+
+    fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>> {
+        let st = self.live()?;
+        bounds::check_range(lo, hi, st.first_index(), st.last_index())?;
+        let mut out = Vec::new();
+        let mut budget = max_bytes;
+        let mut at = lo;
+        let mut seg = st.segment_for(lo);
+        while at < hi {
+            let s = &st.segments[seg];
+            let stop = hi.min(s.next_index());
+            if !s.read(at, stop, &mut budget, &mut out)? {
+                break;
+            }
+            at = stop;
+            seg += 1;
+        }
+        Ok(out)
+    }
+
+    fn append(&self, entries: &[Entry]) -> Result<()> {
+        let mut guard = self.live()?;
+        let st = &mut *guard;
+        bounds::check_append(entries, st.last_index(), st.last_term(), st.first_index())?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let active_end = st.segments.last().map_or(0, |s| s.end);
+        if active_end >= self.opts.segment_bytes {
+            // The old segment is flushed before the new one exists, so a crash can never leave
+            // a torn record anywhere but in the last segment.
+            let old = Arc::clone(&st.segments.last().expect("active segment").file);
+            old.sync_data()
+                .map_err(|e| self.fail(Error::io(&self.dir, e)))?;
+            st.unsynced.retain(|f| !Arc::ptr_eq(f, &old));
+            st.segments
+                .push(Segment::create(&self.dir, entries[0].index)?);
+            st.dir_dirty = true;
+        }
+        st.scratch.clear();
+        st.starts.clear();
+        for e in entries {
+            st.starts.push(st.scratch.len() as u64);
+            record::encode(&mut st.scratch, e.index, e.term, &e.data);
+        }
+        let seg = st.segments.last_mut().expect("active segment");
+        seg.append(&st.scratch, &st.starts)?;
+        let file = Arc::clone(&seg.file);
+        st.mark_unsynced(&file);
+        for e in entries {
+            st.terms.push(e.index, e.term);
+        }
+        // Large one-off batches should not pin their buffer for the life of the store.
+        if st.scratch.capacity() > 8 << 20 {
+            st.scratch = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn truncate_suffix(&self, index: u64) -> Result<()> {
+        let mut guard = self.live()?;
+        let st = &mut *guard;
+        bounds::check_truncate(index, st.first_index(), st.last_index())?;
+        if index == st.last_index() + 1 {
+            return Ok(());
+        }
+        let keep = st.segment_for(index);
+        let removed: Vec<Segment> = st.segments.drain(keep + 1..).collect();
+        for seg in &removed {
+            self.remove_segment_file(seg)?;
+        }
+        st.segments[keep].truncate(index)?;
+        if !removed.is_empty() {
+            pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        }
+        st.unsynced
+            .retain(|f| !removed.iter().any(|s| Arc::ptr_eq(f, &s.file)));
+        st.terms.truncate(index);
+        st.durable = st.durable.min(index - 1);
+        st.truncated_floor = Some(st.truncated_floor.map_or(index - 1, |f| f.min(index - 1)));
+        Ok(())
+    }
+
+    fn compact_prefix(&self, index: u64) -> Result<()> {
+        let mut guard = self.live()?;
+        let st = &mut *guard;
+        bounds::check_compact(index, st.first_index(), st.last_index())?;
+        if index == st.compact_index {
+            return Ok(());
+        }
+        let term = st.term(index)?;
+        {
+            let mut meta = lock(&self.meta);
+            let mut m = meta.get();
+            m.compact_index = index;
+            m.compact_term = term;
+            meta.write(m)?;
+            meta.sync()?;
+        }
+        st.compact_index = index;
+        st.compact_term = term;
+        st.terms.compact(index);
+        while st.segments.len() > 1 && st.segments[1].first_index <= index + 1 {
+            let seg = st.segments.remove(0);
+            self.remove_segment_file(&seg)?;
+            st.unsynced.retain(|f| !Arc::ptr_eq(f, &seg.file));
+            // Unlinks may be lost in a crash; that is harmless, since recovery drops segments
+            // below the durable compaction point.
+            st.dir_dirty = true;
+        }
+        Ok(())
+    }
+
+    fn reset(&self, index: u64, term: u64) -> Result<()> {
+        let mut guard = self.live()?;
+        let st = &mut *guard;
+        // Remove the old log first: a crash between the steps then leaves an empty log at the
+        // old compaction point, which the snapshot that triggered the reset still covers.
+        for seg in st.segments.drain(..) {
+            fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
+        }
+        st.unsynced.clear();
+        pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        {
+            let mut meta = lock(&self.meta);
+            let mut m = meta.get();
+            m.compact_index = index;
+            m.compact_term = term;
+            meta.write(m)?;
+            meta.sync()?;
+        }
+        st.compact_index = index;
+        st.compact_term = term;
+        st.terms.clear();
+        let seg = Segment::create(&self.dir, index + 1)?;
+        seg.file.sync_data().map_err(|e| Error::io(&seg.path, e))?;
+        st.segments.push(seg);
+        pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        st.durable = index;
+        st.truncated_floor = Some(st.truncated_floor.map_or(index, |f| f.min(index)));
+        Ok(())
+    }
+
+    fn save_hard_state(&self, hs: HardState) -> Result<()> {
+        drop(self.live()?);
+        let mut meta = lock(&self.meta);
+        let mut m = meta.get();
+        m.hard_state = hs;
+        meta.write(m)
+    }
+
+    fn hard_state(&self) -> Result<HardState> {
+        drop(self.live()?);
+        Ok(lock(&self.meta).get().hard_state)
+    }
+
+    fn sync(&self) -> Result<u64> {
+        let _one_at_a_time = lock(&self.sync_lock);
+        let (files, dir_dirty, target) = {
+            let mut st = self.live()?;
+            st.truncated_floor = None;
+            let files = std::mem::take(&mut st.unsynced);
+            (files, std::mem::take(&mut st.dir_dirty), st.last_index())
+        };
+        for f in &files {
+            f.sync_data()
+                .map_err(|e| self.fail(Error::io(&self.dir, e)))?;
+        }
+        if dir_dirty {
+            pio::sync_dir(&self.dir).map_err(|e| self.fail(Error::io(&self.dir, e)))?;
+        }
+        // The log is flushed before the hard state, so a durable commit index never points past
+        // durable entries.
+        lock(&self.meta).sync().map_err(|e| self.fail(e))?;
+        let mut st = lock(&self.state);
+        let reached = st.truncated_floor.map_or(target, |f| target.min(f));
+        st.durable = st.durable.max(reached).min(st.last_index());
+        Ok(st.durable)
+    }
+
+    fn durable_index(&self) -> Result<u64> {
+        Ok(self.live()?.durable)
+    }
+
+    fn close(&self) -> Result<()> {
+        if lock(&self.state).closed {
+            return Ok(());
+        }
+        let result = self.sync();
+        lock(&self.state).closed = true;
+        result.map(|_| ())
+    }
+}
