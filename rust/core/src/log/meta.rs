@@ -63,7 +63,7 @@ impl MetaFile {
             pio::sync_dir(dir).map_err(|e| Error::io(dir, e))?;
             return Ok(mf);
         }
-        let mut buf = vec![0u8; 2 * SLOT_LEN];
+        let mut buf = [0u8; 2 * SLOT_LEN];
         let n = usize::try_from(len.min(buf.len() as u64)).unwrap_or(0);
         pio::read_exact_at(&file, &mut buf[..n], 0).map_err(|e| Error::io(&path, e))?;
         let slots = [decode(&buf[..SLOT_LEN]), decode(&buf[SLOT_LEN..])];

@@ -1,0 +1,134 @@
+"""Log storage: the :class:`LogStore` protocol and the two built-in engines.
+
+The Raft layer touches storage only through :class:`LogStore`, so a custom engine (on RocksDB,
+SQLite, a cloud disk...) plugs in by implementing these methods. ``tests/logstore_conformance.py``
+is the suite any engine must pass; it runs against both built-ins.
+
+Conventions (those of the Raft paper): indexes start at 1; a fresh log has ``first_index() == 1``
+and ``last_index() == 0``. After ``compact_prefix(i)``, ``first_index() == i + 1`` and ``term(i)``
+still answers, because the leader needs the term just before the first entry it sends.
+
+Durability: nothing is durable until a later ``sync()`` returns. ``sync`` is group commit: it
+flushes every append and hard-state save made before it with as few fsyncs as possible, and the
+built-in engines release the GIL while flushing, so an asyncio loop can run it in an executor
+(``await loop.run_in_executor(None, store.sync)``) and keep serving. ``truncate_suffix``,
+``compact_prefix`` and ``reset`` are durable when they return.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Literal, Protocol, runtime_checkable
+
+from dengine._core import Entry, HardState, LogStoreBase, MemoryLogStore, WalLogStore
+
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "Entry",
+    "HardState",
+    "LogStore",
+    "LogStoreBase",
+    "MemoryLogStore",
+    "WalLogStore",
+    "open_log_store",
+]
+
+DEFAULT_SEGMENT_BYTES = 64 << 20
+"""A WAL segment stops taking appends once it reaches this size (64 MiB)."""
+
+
+@runtime_checkable
+class LogStore(Protocol):
+    """What the Raft layer needs from a log storage engine.
+
+    Errors must be raised as :mod:`dengine.errors` classes: ``LogCompactedError`` for an index
+    below ``first_index()``, ``LogIndexError`` for one beyond ``last_index()`` or an append that
+    does not continue the log, ``StorageError`` for I/O failures.
+    """
+
+    def first_index(self) -> int:
+        """Index of the first stored entry (one past the compaction point)."""
+        ...
+
+    def last_index(self) -> int:
+        """Index of the last entry, or ``first_index() - 1`` when the log is empty."""
+        ...
+
+    def term(self, index: int) -> int:
+        """Term of entry ``index``, for ``first_index() - 1 <= index <= last_index()``."""
+        ...
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        """Entries ``lo <= index < hi``, stopping once payloads exceed ``max_bytes``.
+
+        At least one entry is returned when ``lo < hi``, so one large entry never stalls
+        replication.
+        """
+        ...
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """Appends a batch that starts at ``last_index() + 1``, with consecutive indexes and
+        terms that never decrease. Conflicts are removed with ``truncate_suffix`` first."""
+        ...
+
+    def truncate_suffix(self, index: int) -> None:
+        """Removes every entry with index ``>= index``; durable on return."""
+        ...
+
+    def compact_prefix(self, index: int) -> None:
+        """Discards entries ``<= index`` (a snapshot covers them); durable on return."""
+        ...
+
+    def reset(self, index: int, term: int) -> None:
+        """Drops the whole log and restarts it after a snapshot at ``(index, term)``."""
+        ...
+
+    def save_hard_state(self, hard_state: HardState) -> None:
+        """Records term, vote and commit index; durable after the next ``sync()``."""
+        ...
+
+    def hard_state(self) -> HardState:
+        """The last saved hard state (``HardState()`` for a fresh store)."""
+        ...
+
+    def sync(self) -> int:
+        """Makes earlier appends and hard-state saves durable; returns the durable last index."""
+        ...
+
+    def durable_index(self) -> int:
+        """The index up to which entries are known durable."""
+        ...
+
+    def close(self) -> None:
+        """Flushes and releases resources; later calls raise ``LogClosedError``."""
+        ...
+
+    def __enter__(self) -> LogStore: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+
+def open_log_store(
+    engine: Literal["wal", "memory"],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+) -> LogStore:
+    """Opens a built-in engine by its configuration name (``storage.engine``).
+
+    ``"wal"`` needs ``path``, the node's log directory; ``"memory"`` keeps nothing on disk.
+    """
+    if engine == "wal":
+        if path is None:
+            raise ValueError("storage.engine = 'wal' needs a data directory path")
+        return WalLogStore(path, segment_bytes=segment_bytes)
+    if engine == "memory":
+        return MemoryLogStore()
+    raise ValueError(f"storage.engine must be 'wal' or 'memory', got {engine!r}")
