@@ -341,3 +341,14 @@ fn appends_proceed_while_another_thread_syncs() {
     syncer.join().unwrap();
     assert_eq!(s.sync().unwrap(), 2000);
 }
+
+#[test]
+fn close_releases_the_directory_for_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
+    s.append(&entries(1, 3, 1)).unwrap();
+    s.close().unwrap();
+    let again = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(again.last_index().unwrap(), 2);
+    drop(s);
+}

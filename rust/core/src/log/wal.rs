@@ -128,7 +128,7 @@ pub struct WalLogStore {
     /// One sync at a time: a second caller simply waits and then flushes what arrived meanwhile.
     sync_lock: Mutex<()>,
     report: RecoveryReport,
-    _lock: File,
+    dir_lock: File,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,7 +269,7 @@ impl WalLogStore {
             meta: Mutex::new(meta),
             sync_lock: Mutex::new(()),
             report,
-            _lock: lock_file,
+            dir_lock: lock_file,
         })
     }
 
@@ -510,7 +510,13 @@ impl LogStore for WalLogStore {
             return Ok(());
         }
         let result = self.sync();
-        lock(&self.state).closed = true;
+        let mut st = lock(&self.state);
+        st.closed = true;
+        // Release files and the directory lock now, not at drop: Python may keep the object
+        // alive for a while, and a reopen in the same process must not be refused.
+        st.segments.clear();
+        st.unsynced.clear();
+        let _ = self.dir_lock.unlock();
         result.map(|_| ())
     }
 }

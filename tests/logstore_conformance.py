@@ -1,0 +1,236 @@
+"""The conformance suite every :class:`dengine.storage.LogStore` engine must pass.
+
+To check an engine, subclass :class:`LogStoreConformance` in a ``test_*.py`` file and provide the
+``open_store`` fixture: a callable that opens the engine on the same underlying storage each time
+it is called (so a call after ``close()`` is a reopen). Set ``durable = False`` for engines that
+keep nothing across a reopen; the reopen tests are then skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from dengine.errors import LogClosedError, LogCompactedError, LogIndexError
+from dengine.storage import Entry, HardState, LogStore
+
+OpenStore = Callable[[], LogStore]
+
+
+def batch(lo: int, hi: int, term: int, size: int = 16) -> list[Entry]:
+    """Entries ``lo <= i < hi`` whose payload encodes their index, so mix-ups are visible."""
+    return [Entry(i, term, (f"{i}:".encode() * size)[:size]) for i in range(lo, hi)]
+
+
+def contents(store: LogStore) -> list[tuple[int, int, bytes]]:
+    first, last = store.first_index(), store.last_index()
+    return [(e.index, e.term, e.data) for e in store.entries(first, last + 1)]
+
+
+class LogStoreConformance:
+    """Behaviour shared by every engine; see the module docstring for how to use it."""
+
+    durable = True
+
+    @pytest.fixture
+    def store(self, open_store: OpenStore) -> LogStore:
+        return open_store()
+
+    def reopen(self, store: LogStore, open_store: OpenStore) -> LogStore:
+        if not self.durable:
+            pytest.skip("engine keeps nothing across a reopen")
+        store.sync()
+        store.close()
+        return open_store()
+
+    # --- basics --------------------------------------------------------------------------------
+
+    def test_is_a_log_store(self, store: LogStore) -> None:
+        assert isinstance(store, LogStore)
+
+    def test_fresh_store_is_empty(self, store: LogStore) -> None:
+        assert (store.first_index(), store.last_index(), store.term(0)) == (1, 0, 0)
+        assert store.entries(1, 1) == []
+        assert store.hard_state() == HardState()
+
+    def test_append_and_read_back(self, store: LogStore) -> None:
+        store.append(batch(1, 11, 1))
+        store.append(batch(11, 21, 2))
+        assert store.last_index() == 20
+        assert store.entries(1, 21) == batch(1, 11, 1) + batch(11, 21, 2)
+        assert store.entries(5, 8) == batch(5, 8, 1)
+        assert [store.term(i) for i in (1, 10, 11, 20)] == [1, 1, 2, 2]
+
+    def test_empty_and_large_payloads(self, store: LogStore) -> None:
+        big = bytes(range(256)) * 4096
+        store.append([Entry(1, 1, b""), Entry(2, 1, big), Entry(3, 1, b"\x00")])
+        assert [e.data for e in store.entries(1, 4)] == [b"", big, b"\x00"]
+
+    def test_one_call_appends_a_large_batch(self, store: LogStore) -> None:
+        store.append(batch(1, 5001, 3))
+        assert store.last_index() == 5000
+        assert store.entries(4990, 5001) == batch(4990, 5001, 3)
+
+    def test_max_bytes_bounds_reads_but_returns_at_least_one(self, store: LogStore) -> None:
+        store.append(batch(1, 101, 1, size=100))
+        assert len(store.entries(1, 101, max_bytes=0)) == 1
+        assert len(store.entries(1, 101, max_bytes=99)) == 1
+        assert len(store.entries(1, 101, max_bytes=200)) == 2
+        assert len(store.entries(1, 101, max_bytes=250)) == 2
+        assert len(store.entries(1, 101, max_bytes=10_000)) == 100
+        assert len(store.entries(1, 101)) == 100
+
+    # --- rejected calls leave the log unchanged ------------------------------------------------
+
+    def test_append_must_continue_the_log(self, store: LogStore) -> None:
+        store.append(batch(1, 6, 2))
+        with pytest.raises(LogIndexError):
+            store.append(batch(7, 8, 2))  # gap
+        with pytest.raises(LogIndexError):
+            store.append(batch(5, 7, 2))  # overlap
+        with pytest.raises(ValueError):
+            store.append([Entry(6, 2, b""), Entry(8, 2, b"")])  # not consecutive
+        with pytest.raises(ValueError):
+            store.append(batch(6, 7, 1))  # term goes backwards
+        assert contents(store) == [(e.index, e.term, e.data) for e in batch(1, 6, 2)]
+        store.append([])
+        assert store.last_index() == 5
+
+    def test_out_of_range_reads(self, store: LogStore) -> None:
+        store.append(batch(1, 6, 1))
+        with pytest.raises(LogIndexError):
+            store.term(6)
+        with pytest.raises(LogIndexError):
+            store.entries(1, 7)
+        with pytest.raises(ValueError):
+            store.entries(4, 3)
+        store.compact_prefix(2)
+        with pytest.raises(LogCompactedError):
+            store.term(1)
+        with pytest.raises(LogCompactedError):
+            store.entries(2, 4)
+
+    # --- conflict repair -----------------------------------------------------------------------
+
+    def test_truncate_suffix_then_append_a_new_term(self, store: LogStore) -> None:
+        store.append(batch(1, 21, 1))
+        store.truncate_suffix(15)
+        assert store.last_index() == 14
+        store.append(batch(15, 18, 2))
+        assert store.entries(13, 18) == batch(13, 15, 1) + batch(15, 18, 2)
+        store.truncate_suffix(18)  # last + 1: nothing to remove
+        assert store.last_index() == 17
+        with pytest.raises(LogIndexError):
+            store.truncate_suffix(19)
+
+    def test_truncate_everything(self, store: LogStore) -> None:
+        store.append(batch(1, 11, 1))
+        store.truncate_suffix(1)
+        assert (store.first_index(), store.last_index()) == (1, 0)
+        store.append(batch(1, 3, 4))
+        assert store.entries(1, 3) == batch(1, 3, 4)
+
+    def test_sync_after_truncation_reports_the_new_log(self, store: LogStore) -> None:
+        store.append(batch(1, 11, 1))
+        assert store.sync() == 10
+        store.truncate_suffix(6)
+        store.append(batch(6, 8, 2))
+        assert store.sync() == 7
+        assert store.durable_index() == 7
+
+    # --- compaction ----------------------------------------------------------------------------
+
+    def test_compact_prefix_keeps_the_boundary_term(self, store: LogStore) -> None:
+        store.append(batch(1, 11, 1) + batch(11, 21, 3))
+        store.compact_prefix(12)
+        assert (store.first_index(), store.last_index()) == (13, 20)
+        assert store.term(12) == 3
+        assert store.entries(13, 21) == batch(13, 21, 3)
+        store.compact_prefix(12)  # already there: no-op
+        with pytest.raises(LogCompactedError):
+            store.compact_prefix(5)
+        with pytest.raises(LogIndexError):
+            store.compact_prefix(21)
+        with pytest.raises(LogCompactedError):
+            store.truncate_suffix(12)
+
+    def test_compact_everything_then_append(self, store: LogStore) -> None:
+        store.append(batch(1, 11, 2))
+        store.compact_prefix(10)
+        assert (store.first_index(), store.last_index(), store.term(10)) == (11, 10, 2)
+        assert store.entries(11, 11) == []
+        store.append(batch(11, 13, 2))
+        assert store.entries(11, 13) == batch(11, 13, 2)
+
+    def test_reset_to_a_snapshot(self, store: LogStore) -> None:
+        store.append(batch(1, 11, 1))
+        store.reset(100, 7)
+        assert (store.first_index(), store.last_index(), store.term(100)) == (101, 100, 7)
+        with pytest.raises(LogCompactedError):
+            store.term(50)
+        store.append(batch(101, 103, 7))
+        assert store.entries(101, 103) == batch(101, 103, 7)
+
+    # --- hard state and durability -------------------------------------------------------------
+
+    def test_hard_state_round_trip(self, store: LogStore) -> None:
+        store.save_hard_state(HardState(term=4, vote=2, commit=0))
+        assert store.hard_state() == HardState(term=4, vote=2, commit=0)
+        store.save_hard_state(HardState(term=5, vote=None, commit=3))
+        assert store.hard_state() == HardState(5, None, 3)
+        assert store.hard_state().vote is None
+
+    def test_sync_reports_the_durable_index(self, store: LogStore) -> None:
+        store.append(batch(1, 8, 1))
+        assert store.sync() == 7
+        assert store.durable_index() == 7
+
+    def test_closed_store_refuses_work(self, store: LogStore) -> None:
+        store.close()
+        with pytest.raises(LogClosedError):
+            store.last_index()
+        with pytest.raises(LogClosedError):
+            store.append(batch(1, 2, 1))
+        store.close()  # closing twice is harmless
+
+    def test_context_manager_closes(self, open_store: OpenStore) -> None:
+        with open_store() as store:
+            store.append(batch(1, 2, 1))
+        with pytest.raises(LogClosedError):
+            store.last_index()
+
+    # --- reopen ----------------------------------------------------------------------------------
+
+    def test_reopen_keeps_entries_and_hard_state(self, store: LogStore, open_store: OpenStore) -> None:
+        store.append(batch(1, 101, 1) + batch(101, 151, 2))
+        store.save_hard_state(HardState(term=2, vote=1, commit=140))
+        store = self.reopen(store, open_store)
+        assert store.last_index() == 150
+        assert store.entries(1, 151) == batch(1, 101, 1) + batch(101, 151, 2)
+        assert store.hard_state() == HardState(2, 1, 140)
+        assert store.durable_index() == 150
+
+    def test_reopen_keeps_truncation_and_compaction(self, store: LogStore, open_store: OpenStore) -> None:
+        store.append(batch(1, 301, 1))
+        store.truncate_suffix(201)
+        store.append(batch(201, 211, 2))
+        store.compact_prefix(150)
+        store = self.reopen(store, open_store)
+        assert (store.first_index(), store.last_index(), store.term(150)) == (151, 210, 1)
+        assert store.entries(151, 211) == batch(151, 201, 1) + batch(201, 211, 2)
+
+    def test_reopen_after_reset(self, store: LogStore, open_store: OpenStore) -> None:
+        store.append(batch(1, 50, 1))
+        store.reset(1000, 9)
+        store.append(batch(1001, 1004, 9))
+        store = self.reopen(store, open_store)
+        assert (store.first_index(), store.last_index(), store.term(1000)) == (1001, 1003, 9)
+        assert store.entries(1001, 1004) == batch(1001, 1004, 9)
+
+    def test_reopen_then_continue_appending(self, store: LogStore, open_store: OpenStore) -> None:
+        store.append(batch(1, 11, 1))
+        store = self.reopen(store, open_store)
+        store.append(batch(11, 21, 1))
+        store = self.reopen(store, open_store)
+        assert store.entries(1, 21) == batch(1, 21, 1)

@@ -1,0 +1,38 @@
+"""Runs the LogStore conformance suite against both built-in engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from logstore_conformance import LogStoreConformance, OpenStore
+
+from dengine.storage import LogStore, MemoryLogStore, WalLogStore, open_log_store
+
+
+class TestWalLogStore(LogStoreConformance):
+    durable = True
+
+    @pytest.fixture
+    def open_store(self, tmp_path: Path) -> OpenStore:
+        # Small segments so that every test also crosses segment boundaries.
+        return lambda: WalLogStore(tmp_path / "log", segment_bytes=4096)
+
+
+class TestMemoryLogStore(LogStoreConformance):
+    durable = False
+
+    @pytest.fixture
+    def open_store(self) -> OpenStore:
+        return MemoryLogStore
+
+
+def test_open_log_store_by_engine_name(tmp_path: Path) -> None:
+    wal: LogStore = open_log_store("wal", tmp_path / "log")
+    assert isinstance(wal, WalLogStore)
+    wal.close()
+    assert isinstance(open_log_store("memory"), MemoryLogStore)
+    with pytest.raises(ValueError, match="needs a data directory"):
+        open_log_store("wal")
+    with pytest.raises(ValueError, match="'wal' or 'memory'"):
+        open_log_store("rocksdb")  # type: ignore[arg-type]
