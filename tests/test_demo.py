@@ -20,5 +20,7 @@ def test_demo_passes_and_verifies_every_acknowledged_entry() -> None:
 
 
 def test_cli_usage_errors_exit_2() -> None:
-    out = subprocess.run([sys.executable, "-m", "dengine.cli", "no-such-command"], capture_output=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "dengine.cli", "no-such-command"], capture_output=True, check=False
+    )
     assert out.returncode == 2

@@ -4,6 +4,7 @@ call through an executor) keep running while the disk flushes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ def test_another_thread_runs_while_sync_flushes(tmp_path: Path) -> None:
     # With the GIL held for the whole flush, this thread would stall for all of it.
     # sys.getswitchinterval() (5 ms) bounds how long the syncing thread may keep the GIL before
     # it reaches the Rust call that releases it.
-    assert stall < max(0.5 * took, 0.02), f"main thread stalled {stall * 1000:.1f} ms of a {took * 1000:.1f} ms sync"
+    assert stall < max(0.5 * took, 0.02), (
+        f"main thread stalled {stall * 1000:.1f} ms of a {took * 1000:.1f} ms sync"
+    )
 
 
 def test_an_event_loop_keeps_running_while_sync_flushes(tmp_path: Path) -> None:
@@ -58,9 +61,11 @@ def test_an_event_loop_keeps_running_while_sync_flushes(tmp_path: Path) -> None:
                 await asyncio.sleep(0)
                 beats.append(time.perf_counter())
             took = time.perf_counter() - began
-            stall = max(b - a for a, b in zip(beats, beats[1:], strict=False))
+            stall = max(b - a for a, b in itertools.pairwise(beats))
             return await sync, took, stall
 
     durable, took, stall = asyncio.run(main())
     assert durable == 128 * 256
-    assert stall < max(0.5 * took, 0.02), f"the loop stalled {stall * 1000:.1f} ms of a {took * 1000:.1f} ms sync"
+    assert stall < max(0.5 * took, 0.02), (
+        f"the loop stalled {stall * 1000:.1f} ms of a {took * 1000:.1f} ms sync"
+    )

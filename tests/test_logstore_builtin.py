@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from logstore_conformance import LogStoreConformance, OpenStore
 
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore, open_log_store
+
+from logstore_conformance import LogStoreConformance, OpenStore
 
 
 class TestWalLogStore(LogStoreConformance):

@@ -45,7 +45,10 @@ def test_torn_tail_is_cut_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 def test_clean_reopen_logs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write(tmp_path / "log", 5)
-    with caplog.at_level(logging.WARNING, logger="dengine.storage"), WalLogStore(tmp_path / "log") as store:
+    with (
+        caplog.at_level(logging.WARNING, logger="dengine.storage"),
+        WalLogStore(tmp_path / "log") as store,
+    ):
         assert store.torn_tail is None
     assert caplog.records == []
 

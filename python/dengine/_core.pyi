@@ -1,11 +1,35 @@
 # Hand-written stubs for the Rust extension `dengine._core`; checked by `mypy.stubtest`.
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import ClassVar, final
 
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
+
+__all__ = [
+    "CorruptLogError",
+    "DengineError",
+    "Entry",
+    "HardState",
+    "JointConfig",
+    "LogClosedError",
+    "LogCompactedError",
+    "LogIndexError",
+    "LogStoreBase",
+    "MemoryLogStore",
+    "SnapshotAssembler",
+    "SnapshotChunk",
+    "SnapshotChunkError",
+    "SnapshotChunkIterator",
+    "SnapshotChunker",
+    "SnapshotIntegrityError",
+    "StorageError",
+    "VoteResult",
+    "WalLogStore",
+    "__version__",
+    "crc32c",
+]
 
 __version__: str
 
@@ -24,6 +48,7 @@ class SnapshotIntegrityError(StorageError): ...
 
 def crc32c(data: bytes) -> int: ...
 
+@final
 class Entry:
     @property
     def index(self) -> int: ...
@@ -34,6 +59,7 @@ class Entry:
     def __new__(cls, index: int, term: int, data: bytes) -> Self: ...
     def __getnewargs__(self) -> tuple[int, int, bytes]: ...
 
+@final
 class HardState:
     @property
     def term(self) -> int: ...
@@ -43,6 +69,7 @@ class HardState:
     def commit(self) -> int: ...
     def __new__(cls, term: int = 0, vote: int | None = None, commit: int = 0) -> Self: ...
 
+@disjoint_base
 class LogStoreBase:
     def first_index(self) -> int: ...
     def last_index(self) -> int: ...
@@ -63,8 +90,10 @@ class LogStoreBase:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool: ...
+    ) -> None: ...
 
+@final
+@final
 class WalLogStore(LogStoreBase):
     @property
     def path(self) -> Path: ...
@@ -74,6 +103,8 @@ class WalLogStore(LogStoreBase):
     def removed_segments(self) -> int: ...
     def __new__(cls, path: str | os.PathLike[str], *, segment_bytes: int = 67108864) -> Self: ...
 
+@final
+@final
 class MemoryLogStore(LogStoreBase):
     def __new__(cls) -> Self: ...
 
@@ -109,3 +140,76 @@ class JointConfig:
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
+
+# --- snapshot chunking --------------------------------------------------------------------------
+
+@final
+class SnapshotChunk:
+    """One piece of a snapshot file on its way from leader to follower (immutable, hashable)."""
+
+    def __new__(cls, offset: int, data: bytes, crc32c: int, is_last: bool) -> SnapshotChunk: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def crc32c(self) -> int: ...
+    @property
+    def is_last(self) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class SnapshotChunkIterator(Iterator[SnapshotChunk]):
+    """Iterator returned by SnapshotChunker.chunks(); each step reads one chunk."""
+
+    def __iter__(self) -> SnapshotChunkIterator: ...
+    def __next__(self) -> SnapshotChunk: ...
+
+@final
+class SnapshotChunker:
+    """Reads an immutable snapshot file as CRC-tagged chunks, from any chunk boundary."""
+
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        chunk_size: int = 1048576,
+        sha256: bytes | None = None,
+    ) -> SnapshotChunker: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def sha256(self) -> bytes: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def chunk_count(self) -> int: ...
+    def chunk_at(self, offset: int) -> SnapshotChunk: ...
+    def chunks(self, start_offset: int = 0) -> SnapshotChunkIterator: ...
+
+@final
+class SnapshotAssembler:
+    """Receives a snapshot chunk by chunk (resuming if possible) and publishes it atomically.
+
+    After finish() (except when it fails because the transfer is incomplete) or abort(), the
+    assembler is closed: accept, accept_raw, finish, next_offset and is_complete raise
+    ValueError; abort() becomes a no-op.
+    """
+
+    def __new__(
+        cls, final_path: str | os.PathLike[str], total_size: int, sha256: bytes
+    ) -> SnapshotAssembler: ...
+    @property
+    def next_offset(self) -> int: ...
+    @property
+    def total_size(self) -> int: ...
+    @property
+    def final_path(self) -> str: ...
+    @property
+    def is_complete(self) -> bool: ...
+    def accept(self, chunk: SnapshotChunk) -> None: ...
+    def accept_raw(self, offset: int, data: bytes, crc32c: int) -> None: ...
+    def finish(self) -> str: ...
+    def abort(self) -> None: ...

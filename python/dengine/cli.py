@@ -64,7 +64,8 @@ def _demo(seconds: float) -> int:
             acked = int(line)
             if time.monotonic() >= deadline:
                 break
-        say(f"writer acknowledged {acked:,} durable entries ({_PAYLOAD}-byte payloads, one fsync per {_BATCH})")
+        say(f"writer acknowledged {acked:,} durable entries")
+        say(f"({_PAYLOAD}-byte payloads, one fsync per batch of {_BATCH})")
         child.kill()  # SIGKILL on POSIX: no chance to flush or clean up
         child.wait()
         say("killed the writer with SIGKILL in the middle of its next batch")
@@ -76,7 +77,9 @@ def _demo(seconds: float) -> int:
             torn = store.torn_tail
             say(f"reopened the log in {reopen_ms:.1f} ms: entries 1..{last:,}")
             if torn is not None:
-                say(f"recovery cut a torn tail of {torn[2]} bytes at offset {torn[1]} of {Path(torn[0]).name}")
+                say(
+                    f"recovery cut a torn tail of {torn[2]} bytes at offset {torn[1]} of {Path(torn[0]).name}"
+                )
             checked = 0
             lo = 1
             while lo <= acked:
@@ -96,7 +99,9 @@ def _demo(seconds: float) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dengine`` console script."""
-    parser = argparse.ArgumentParser(prog="dengine", description="dengine: a Raft consensus engine for Python.")
+    parser = argparse.ArgumentParser(
+        prog="dengine", description="dengine: a Raft consensus engine for Python."
+    )
     parser.add_argument("--version", action="version", version=f"dengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(

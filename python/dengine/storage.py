@@ -112,7 +112,7 @@ class LogStore(Protocol):
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool: ...
+    ) -> None: ...
 
 
 def open_log_store(

@@ -15,12 +15,7 @@ use dengine_core::Error;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 
-pyo3::create_exception!(
-    dengine._core,
-    DengineError,
-    PyException,
-    "Base class of every dengine error."
-);
+pyo3::create_exception!(dengine._core, DengineError, PyException, "Base class of every dengine error.");
 pyo3::create_exception!(
     dengine._core,
     StorageError,
@@ -45,18 +40,8 @@ pyo3::create_exception!(
     StorageError,
     "The requested log index lies beyond the last index, or an append would leave a gap."
 );
-pyo3::create_exception!(
-    dengine._core,
-    LogClosedError,
-    StorageError,
-    "The log store was closed."
-);
-pyo3::create_exception!(
-    dengine._core,
-    SnapshotChunkError,
-    StorageError,
-    "A snapshot chunk was rejected."
-);
+pyo3::create_exception!(dengine._core, LogClosedError, StorageError, "The log store was closed.");
+pyo3::create_exception!(dengine._core, SnapshotChunkError, StorageError, "A snapshot chunk was rejected.");
 pyo3::create_exception!(
     dengine._core,
     SnapshotIntegrityError,
@@ -89,9 +74,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LogIndexError", py.get_type::<LogIndexError>())?;
     m.add("LogClosedError", py.get_type::<LogClosedError>())?;
     m.add("SnapshotChunkError", py.get_type::<SnapshotChunkError>())?;
-    m.add(
-        "SnapshotIntegrityError",
-        py.get_type::<SnapshotIntegrityError>(),
-    )?;
+    m.add("SnapshotIntegrityError", py.get_type::<SnapshotIntegrityError>())?;
     Ok(())
 }

@@ -39,11 +39,23 @@ impl Entry {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        format!("Entry(index={}, term={}, data=<{} bytes>)", self.index, self.term, self.data.as_bytes(py).len())
+        format!(
+            "Entry(index={}, term={}, data=<{} bytes>)",
+            self.index,
+            self.term,
+            self.data.as_bytes(py).len()
+        )
     }
 
     fn __getnewargs__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, [self.index.into_pyobject(py)?.into_any(), self.term.into_pyobject(py)?.into_any(), self.data.bind(py).clone().into_any()])
+        PyTuple::new(
+            py,
+            [
+                self.index.into_pyobject(py)?.into_any(),
+                self.term.into_pyobject(py)?.into_any(),
+                self.data.bind(py).clone().into_any(),
+            ],
+        )
     }
 }
 
@@ -132,7 +144,8 @@ impl LogStoreBase {
     }
 
     fn save_hard_state(&self, py: Python<'_>, hard_state: &HardState) -> PyResult<()> {
-        let hs = core_log::HardState { term: hard_state.term, vote: hard_state.vote, commit: hard_state.commit };
+        let hs =
+            core_log::HardState { term: hard_state.term, vote: hard_state.vote, commit: hard_state.commit };
         let inner = Arc::clone(&self.inner);
         detach(py, move || inner.save_hard_state(hs))
     }
@@ -166,9 +179,8 @@ impl LogStoreBase {
         _exc_type: Option<Bound<'_, PyType>>,
         _exc: Option<Bound<'_, PyAny>>,
         _tb: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<bool> {
-        self.close(py)?;
-        Ok(false)
+    ) -> PyResult<()> {
+        self.close(py)
     }
 }
 
@@ -187,7 +199,7 @@ pub struct WalLogStore {
 #[pymethods]
 impl WalLogStore {
     #[new]
-    #[pyo3(signature = (path, *, segment_bytes = 64 << 20))]
+    #[pyo3(signature = (path, *, segment_bytes = 67_108_864))]
     fn new(py: Python<'_>, path: PathBuf, segment_bytes: u64) -> PyResult<PyClassInitializer<Self>> {
         let dir = path.clone();
         let store = detach(py, move || CoreWal::open(&dir, WalOptions { segment_bytes }))?;
@@ -198,10 +210,16 @@ impl WalLogStore {
                 "cut a torn tail of {cut} bytes at offset {offset} of {} (a partial write from a crash)",
                 file.display()
             );
-            py.import("logging")?.call_method1("getLogger", ("dengine.storage",))?.call_method1("warning", (msg,))?;
+            py.import("logging")?
+                .call_method1("getLogger", ("dengine.storage",))?
+                .call_method1("warning", (msg,))?;
         }
         let base = LogStoreBase { inner: Arc::new(store) };
-        Ok(PyClassInitializer::from(base).add_subclass(WalLogStore { path, torn_tail, removed_segments: report.removed_segments }))
+        Ok(PyClassInitializer::from(base).add_subclass(WalLogStore {
+            path,
+            torn_tail,
+            removed_segments: report.removed_segments,
+        }))
     }
 
     fn __repr__(&self) -> String {
@@ -217,7 +235,8 @@ pub struct MemoryLogStore {}
 impl MemoryLogStore {
     #[new]
     fn new() -> PyClassInitializer<Self> {
-        PyClassInitializer::from(LogStoreBase { inner: Arc::new(MemLogStore::new()) }).add_subclass(MemoryLogStore {})
+        PyClassInitializer::from(LogStoreBase { inner: Arc::new(MemLogStore::new()) })
+            .add_subclass(MemoryLogStore {})
     }
 
     fn __repr__(&self) -> String {

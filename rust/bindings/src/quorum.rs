@@ -11,14 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFrozenSet, PyMapping};
 
 /// The outcome of counting votes: PENDING (keep waiting), LOST (give up) or WON.
-#[pyclass(
-    name = "VoteResult",
-    module = "dengine._core",
-    eq,
-    eq_int,
-    frozen,
-    hash
-)]
+#[pyclass(name = "VoteResult", module = "dengine._core", eq, eq_int, frozen, hash)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PyVoteResult {
     /// Missing votes could still decide it either way.
@@ -59,9 +52,7 @@ impl PyJointConfig {
             Some(ids) => majority(ids)?,
             None => MajorityConfig::default(),
         };
-        Ok(Self {
-            inner: JointConfig::new(majority(incoming)?, outgoing),
-        })
+        Ok(Self { inner: JointConfig::new(majority(incoming)?, outgoing) })
     }
 
     /// The voters of the configuration being moved to.
@@ -103,10 +94,7 @@ impl PyJointConfig {
     fn __repr__(&self) -> String {
         let incoming = self.inner.incoming.voters();
         if self.inner.is_joint() {
-            format!(
-                "JointConfig({incoming:?}, {:?})",
-                self.inner.outgoing.voters()
-            )
+            format!("JointConfig({incoming:?}, {:?})", self.inner.outgoing.voters())
         } else {
             format!("JointConfig({incoming:?})")
         }
@@ -124,19 +112,13 @@ impl PyJointConfig {
         if voters.is_empty() {
             return Err(PyValueError::new_err("configuration has no voters"));
         }
-        voters
-            .into_iter()
-            .map(|id| Ok((id, get(mapping, id)?)))
-            .collect()
+        voters.into_iter().map(|id| Ok((id, get(mapping, id)?))).collect()
     }
 }
 
 /// Builds one half of a configuration from any iterable of non-negative ints.
 fn majority(ids: &Bound<'_, PyAny>) -> PyResult<MajorityConfig> {
-    let ids = ids
-        .try_iter()?
-        .map(|id| id?.extract::<u64>())
-        .collect::<PyResult<Vec<u64>>>()?;
+    let ids = ids.try_iter()?.map(|id| id?.extract::<u64>()).collect::<PyResult<Vec<u64>>>()?;
     Ok(MajorityConfig::new(ids))
 }
 
@@ -151,9 +133,7 @@ where
     }
     if mapping.cast::<PyMapping>().is_err() {
         let kind = mapping.get_type().name()?;
-        return Err(PyTypeError::new_err(format!(
-            "expected a mapping of node id to answer, got {kind}"
-        )));
+        return Err(PyTypeError::new_err(format!("expected a mapping of node id to answer, got {kind}")));
     }
     match mapping.get_item(id) {
         Ok(value) => value.extract().map(Some),
@@ -164,10 +144,7 @@ where
 
 /// The answer recorded for `id` in pairs sorted by id (as produced by `answers`).
 fn lookup<T: Copy>(answers: &[(u64, Option<T>)], id: u64) -> Option<T> {
-    answers
-        .binary_search_by_key(&id, |&(voter, _)| voter)
-        .ok()
-        .and_then(|at| answers[at].1)
+    answers.binary_search_by_key(&id, |&(voter, _)| voter).ok().and_then(|at| answers[at].1)
 }
 
 /// Adds `VoteResult` and `JointConfig` to the module.

@@ -18,20 +18,11 @@ pub enum Error {
     Io { path: PathBuf, source: io::Error },
     /// Stored data failed verification somewhere other than a crash-torn tail. The store refuses
     /// to open rather than drop data: an operator has to look at `path` at `offset`.
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     /// The requested index was compacted away (it lies below the first index).
     Compacted { index: u64, first_index: u64 },
     /// The requested index is beyond the last index, or an append would leave a gap.
-    IndexOutOfRange {
-        index: u64,
-        first_index: u64,
-        last_index: u64,
-        op: &'static str,
-    },
+    IndexOutOfRange { index: u64, first_index: u64, last_index: u64, op: &'static str },
     /// A snapshot chunk was refused: out of order, corrupt, or conflicting with earlier bytes.
     SnapshotChunk(String),
     /// A fully assembled snapshot does not match its declared size or SHA-256.
@@ -45,19 +36,12 @@ pub enum Error {
 impl Error {
     /// Wraps an `io::Error` with the path it concerns, so messages always name the file.
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     /// Builds a corruption error that names the file and byte offset.
     pub fn corrupt(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
-        Error::Corrupt {
-            path: path.into(),
-            offset,
-            reason: reason.into(),
-        }
+        Error::Corrupt { path: path.into(), offset, reason: reason.into() }
     }
 }
 

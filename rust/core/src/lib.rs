@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod log;
+mod pio;
 pub mod quorum;
 pub mod snapshot;
 

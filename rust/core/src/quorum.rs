@@ -243,23 +243,9 @@ mod tests {
 
     #[test]
     fn quorum_is_a_strict_majority() {
-        let expected = [
-            (0, 0),
-            (1, 1),
-            (2, 2),
-            (3, 2),
-            (4, 3),
-            (5, 3),
-            (6, 4),
-            (7, 4),
-            (9, 5),
-        ];
+        let expected = [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (6, 4), (7, 4), (9, 5)];
         for (n, q) in expected {
-            assert_eq!(
-                majority(&(1..=n).collect::<Vec<_>>()).quorum(),
-                q as usize,
-                "n={n}"
-            );
+            assert_eq!(majority(&(1..=n).collect::<Vec<_>>()).quorum(), q as usize, "n={n}");
         }
     }
 
@@ -270,24 +256,14 @@ mod tests {
     fn distinct_acks(n: u64) -> (MajorityConfig, HashMap<u64, u64>) {
         let cfg = majority(&(1..=n).collect::<Vec<_>>());
         // A rotation of 10, 20, ..., 10n: not in id order, so the result depends on sorting.
-        let map = (1..=n)
-            .map(|id| (id, ((id + n / 2) % n + 1) * 10))
-            .collect();
+        let map = (1..=n).map(|id| (id, ((id + n / 2) % n + 1) * 10)).collect();
         (cfg, map)
     }
 
     #[test]
     fn committed_index_takes_the_quorum_th_largest_ack() {
         // n -> the quorum-th largest of {10, 20, ..., 10n}.
-        for (n, expected) in [
-            (1, 10),
-            (2, 10),
-            (3, 20),
-            (4, 20),
-            (5, 30),
-            (7, 40),
-            (9, 50),
-        ] {
+        for (n, expected) in [(1, 10), (2, 10), (3, 20), (4, 20), (5, 30), (7, 40), (9, 50)] {
             let (cfg, map) = distinct_acks(n);
             assert_eq!(cfg.committed_index(lookup(&map)), expected, "n={n}");
         }
@@ -311,30 +287,18 @@ mod tests {
     #[test]
     fn committed_index_three_voters() {
         let c = majority(&[1, 2, 3]);
-        assert_eq!(
-            c.committed_index(lookup(&acks(&[(1, 10), (2, 8), (3, 2)]))),
-            8
-        );
+        assert_eq!(c.committed_index(lookup(&acks(&[(1, 10), (2, 8), (3, 2)]))), 8);
         assert_eq!(c.committed_index(lookup(&acks(&[(1, 10)]))), 0);
         assert_eq!(c.committed_index(lookup(&acks(&[(1, 10), (3, 4)]))), 4);
-        assert_eq!(
-            c.committed_index(lookup(&acks(&[(1, 7), (2, 7), (3, 7)]))),
-            7
-        );
+        assert_eq!(c.committed_index(lookup(&acks(&[(1, 7), (2, 7), (3, 7)]))), 7);
     }
 
     #[test]
     fn committed_index_four_voters_need_three() {
         let c = majority(&[1, 2, 3, 4]);
-        assert_eq!(
-            c.committed_index(lookup(&acks(&[(1, 10), (2, 10), (3, 5), (4, 1)]))),
-            5
-        );
+        assert_eq!(c.committed_index(lookup(&acks(&[(1, 10), (2, 10), (3, 5), (4, 1)]))), 5);
         assert_eq!(c.committed_index(lookup(&acks(&[(1, 10), (2, 10)]))), 0);
-        assert_eq!(
-            c.committed_index(lookup(&acks(&[(1, 10), (2, 10), (3, 10)]))),
-            10
-        );
+        assert_eq!(c.committed_index(lookup(&acks(&[(1, 10), (2, 10), (3, 10)]))), 10);
     }
 
     #[test]
@@ -351,15 +315,7 @@ mod tests {
     #[test]
     fn committed_index_seven_voters() {
         let c = majority(&[10, 20, 30, 40, 50, 60, 70]);
-        let m = acks(&[
-            (10, 100),
-            (20, 90),
-            (30, 80),
-            (40, 70),
-            (50, 60),
-            (60, 50),
-            (70, 40),
-        ]);
+        let m = acks(&[(10, 100), (20, 90), (30, 80), (40, 70), (50, 60), (60, 50), (70, 40)]);
         assert_eq!(c.committed_index(lookup(&m)), 70);
         // Three down: the remaining four are still a majority.
         let m = acks(&[(10, 5), (20, 6), (30, 7), (40, 8)]);
@@ -411,57 +367,33 @@ mod tests {
         let c = majority(&[1]);
         assert_eq!(c.vote_result(lookup(&votes(&[]))), VoteResult::Pending);
         assert_eq!(c.vote_result(lookup(&votes(&[(1, true)]))), VoteResult::Won);
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, false)]))),
-            VoteResult::Lost
-        );
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, false)]))), VoteResult::Lost);
     }
 
     #[test]
     fn votes_two_voters_need_both() {
         let c = majority(&[1, 2]);
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, true)]))),
-            VoteResult::Pending
-        );
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, true), (2, false)]))),
-            VoteResult::Lost
-        );
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, true), (2, true)]))),
-            VoteResult::Won
-        );
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, true)]))), VoteResult::Pending);
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, true), (2, false)]))), VoteResult::Lost);
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, true), (2, true)]))), VoteResult::Won);
     }
 
     #[test]
     fn votes_three_voters() {
         let c = majority(&[1, 2, 3]);
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, true)]))),
-            VoteResult::Pending
-        );
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, true), (2, true)]))),
-            VoteResult::Won
-        );
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, true)]))), VoteResult::Pending);
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, true), (2, true)]))), VoteResult::Won);
         let m = votes(&[(1, true), (2, false)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Pending);
         let m = votes(&[(1, true), (2, false), (3, false)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Lost);
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(2, false), (3, false)]))),
-            VoteResult::Lost
-        );
+        assert_eq!(c.vote_result(lookup(&votes(&[(2, false), (3, false)]))), VoteResult::Lost);
     }
 
     #[test]
     fn votes_four_voters_need_three() {
         let c = majority(&[1, 2, 3, 4]);
-        assert_eq!(
-            c.vote_result(lookup(&votes(&[(1, true), (2, true)]))),
-            VoteResult::Pending
-        );
+        assert_eq!(c.vote_result(lookup(&votes(&[(1, true), (2, true)]))), VoteResult::Pending);
         let m = votes(&[(1, true), (2, true), (3, false)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Pending);
         let m = votes(&[(1, true), (2, true), (3, false), (4, false)]);
@@ -490,14 +422,7 @@ mod tests {
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Pending);
         let m = votes(&[(1, true), (2, true), (3, true), (4, true)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Won);
-        let m = votes(&[
-            (1, true),
-            (2, true),
-            (3, true),
-            (4, false),
-            (5, false),
-            (6, false),
-        ]);
+        let m = votes(&[(1, true), (2, true), (3, true), (4, false), (5, false), (6, false)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Pending);
         let m = votes(&[(4, false), (5, false), (6, false), (7, false)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Lost);
@@ -512,14 +437,7 @@ mod tests {
         // With learners 4 and 5 counted as "no" this would be lost.
         let m = votes(&[(1, true), (4, false), (5, false)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Pending);
-        let m = votes(&[
-            (1, true),
-            (2, false),
-            (3, false),
-            (4, true),
-            (5, true),
-            (6, true),
-        ]);
+        let m = votes(&[(1, true), (2, false), (3, false), (4, true), (5, true), (6, true)]);
         assert_eq!(c.vote_result(lookup(&m)), VoteResult::Lost);
     }
 
@@ -585,10 +503,7 @@ mod tests {
     #[test]
     fn joint_votes_overlapping_halves() {
         let j = JointConfig::new(majority(&[1, 2, 4]), majority(&[1, 2, 3]));
-        assert_eq!(
-            j.vote_result(lookup(&votes(&[(1, true), (2, true)]))),
-            VoteResult::Won
-        );
+        assert_eq!(j.vote_result(lookup(&votes(&[(1, true), (2, true)]))), VoteResult::Won);
         // Majority of the new half ({1,4}) but only one of the old half.
         let v = votes(&[(1, true), (4, true)]);
         assert_eq!(j.vote_result(lookup(&v)), VoteResult::Pending);
@@ -631,14 +546,8 @@ mod tests {
     fn naive_votes(halves: &[&[u64]], votes: &HashMap<u64, bool>) -> VoteResult {
         let mut any_pending = false;
         for voters in halves {
-            let yes = voters
-                .iter()
-                .filter(|id| votes.get(id) == Some(&true))
-                .count();
-            let no = voters
-                .iter()
-                .filter(|id| votes.get(id) == Some(&false))
-                .count();
+            let yes = voters.iter().filter(|id| votes.get(id) == Some(&true)).count();
+            let no = voters.iter().filter(|id| votes.get(id) == Some(&false)).count();
             let needed = voters.len() / 2 + 1;
             if voters.is_empty() || yes >= needed {
                 continue;

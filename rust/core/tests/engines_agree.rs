@@ -6,25 +6,11 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append {
-        n: u8,
-        term_bump: u8,
-        len: u16,
-    },
-    Truncate {
-        back: u8,
-    },
-    Compact {
-        fwd: u8,
-    },
-    Reset {
-        gap: u8,
-    },
-    HardState {
-        term: u8,
-        vote: Option<u8>,
-        commit: u8,
-    },
+    Append { n: u8, term_bump: u8, len: u16 },
+    Truncate { back: u8 },
+    Compact { fwd: u8 },
+    Reset { gap: u8 },
+    HardState { term: u8, vote: Option<u8>, commit: u8 },
     Sync,
     Reopen,
 }
@@ -46,13 +32,7 @@ fn snapshot(s: &dyn LogStore) -> (u64, u64, Vec<Entry>, Vec<u64>, HardState) {
     let first = s.first_index().unwrap();
     let last = s.last_index().unwrap();
     let terms = (first - 1..=last).map(|i| s.term(i).unwrap()).collect();
-    (
-        first,
-        last,
-        s.entries(first, last + 1, u64::MAX).unwrap(),
-        terms,
-        s.hard_state().unwrap(),
-    )
+    (first, last, s.entries(first, last + 1, u64::MAX).unwrap(), terms, s.hard_state().unwrap())
 }
 
 proptest! {

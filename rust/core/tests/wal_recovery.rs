@@ -8,9 +8,7 @@ use dengine_core::log::{Entry, LogStore, WalLogStore, WalOptions};
 use dengine_core::Error;
 
 fn opts() -> WalOptions {
-    WalOptions {
-        segment_bytes: 4096,
-    }
+    WalOptions { segment_bytes: 4096 }
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
@@ -28,20 +26,14 @@ fn write_log(n: u64, payload_len: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let s = WalLogStore::open(dir.path(), opts()).unwrap();
     for i in 1..=n {
-        s.append(&[Entry::new(i, 1, vec![(i % 251) as u8; payload_len])])
-            .unwrap();
+        s.append(&[Entry::new(i, 1, vec![(i % 251) as u8; payload_len])]).unwrap();
     }
     s.sync().unwrap();
     dir
 }
 
 fn set_len(path: &Path, len: u64) {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_len(len)
-        .unwrap();
+    OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
 }
 
 fn flip_byte(path: &Path, at: u64) {
@@ -66,18 +58,14 @@ fn every_cut_inside_the_last_record_is_a_torn_tail() {
         }
         let seg = dir.path().join(last_seg.file_name().unwrap());
         set_len(&seg, cut);
-        let s =
-            WalLogStore::open(dir.path(), opts()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        let s = WalLogStore::open(dir.path(), opts()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         assert_eq!(s.last_index().unwrap(), 9, "cut at {cut}");
         let torn = s.recovery_report().torn_tail.clone();
         if cut == record_start {
             assert!(torn.is_none(), "a cut on a record boundary is a clean end");
         } else {
             let torn = torn.unwrap_or_else(|| panic!("cut at {cut} not reported"));
-            assert_eq!(
-                (torn.offset, torn.bytes_cut),
-                (record_start, cut - record_start)
-            );
+            assert_eq!((torn.offset, torn.bytes_cut), (record_start, cut - record_start));
         }
         assert_eq!(
             std::fs::metadata(&seg).unwrap().len(),
@@ -103,10 +91,7 @@ fn a_zero_filled_tail_is_cut() {
     set_len(&seg, len + 4096);
     let s = WalLogStore::open(dir.path(), opts()).unwrap();
     assert_eq!(s.last_index().unwrap(), 5);
-    assert_eq!(
-        s.recovery_report().torn_tail.as_ref().unwrap().bytes_cut,
-        4096
-    );
+    assert_eq!(s.recovery_report().torn_tail.as_ref().unwrap().bytes_cut, 4096);
 }
 
 #[test]
@@ -119,13 +104,7 @@ fn a_torn_segment_header_is_repaired() {
     s.append(&[Entry::new(4, 1, b"x".to_vec())]).unwrap();
     s.sync().unwrap();
     drop(s);
-    assert_eq!(
-        WalLogStore::open(dir.path(), opts())
-            .unwrap()
-            .last_index()
-            .unwrap(),
-        4
-    );
+    assert_eq!(WalLogStore::open(dir.path(), opts()).unwrap().last_index().unwrap(), 4);
 }
 
 #[test]
@@ -135,9 +114,7 @@ fn corruption_before_the_tail_names_file_and_offset() {
     // Damage the payload of the third record (offset: segment header 16 + 2 records).
     let third = 16 + 2 * (HEADER_LEN as u64 + 40);
     flip_byte(&seg, third + HEADER_LEN as u64 + 3);
-    let err = WalLogStore::open(dir.path(), opts())
-        .err()
-        .expect("must refuse to open");
+    let err = WalLogStore::open(dir.path(), opts()).err().expect("must refuse to open");
     match err {
         Error::Corrupt { path, offset, .. } => {
             assert_eq!(path, seg);
@@ -145,11 +122,7 @@ fn corruption_before_the_tail_names_file_and_offset() {
         }
         other => panic!("expected Corrupt, got {other}"),
     }
-    assert_eq!(
-        std::fs::metadata(&seg).unwrap().len(),
-        16 + 10 * (HEADER_LEN as u64 + 40),
-        "nothing was cut"
-    );
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 16 + 10 * (HEADER_LEN as u64 + 40), "nothing was cut");
 }
 
 #[test]
@@ -181,10 +154,7 @@ fn a_missing_middle_segment_is_detected() {
     let dir = write_log(400, 40);
     let segs = segments(dir.path());
     std::fs::remove_file(&segs[1]).unwrap();
-    assert!(matches!(
-        WalLogStore::open(dir.path(), opts()),
-        Err(Error::Corrupt { .. })
-    ));
+    assert!(matches!(WalLogStore::open(dir.path(), opts()), Err(Error::Corrupt { .. })));
 }
 
 #[test]
@@ -193,20 +163,15 @@ fn corrupt_entries_are_detected_on_read_too() {
     let seg = segments(dir.path()).pop().unwrap();
     let s = WalLogStore::open(dir.path(), opts()).unwrap();
     flip_byte(&seg, 16 + HEADER_LEN as u64 + 1);
-    assert!(matches!(
-        s.entries(1, 2, u64::MAX),
-        Err(Error::Corrupt { offset: 16, .. })
-    ));
+    assert!(matches!(s.entries(1, 2, u64::MAX), Err(Error::Corrupt { offset: 16, .. })));
 }
 
 #[test]
 fn leftover_segments_below_a_durable_compaction_are_removed() {
     let dir = write_log(400, 40);
     let segs = segments(dir.path());
-    let saved: Vec<(PathBuf, Vec<u8>)> = segs
-        .iter()
-        .map(|p| (p.clone(), std::fs::read(p).unwrap()))
-        .collect();
+    let saved: Vec<(PathBuf, Vec<u8>)> =
+        segs.iter().map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
     {
         let s = WalLogStore::open(dir.path(), opts()).unwrap();
         s.compact_prefix(350).unwrap();

@@ -4,15 +4,11 @@ use dengine_core::log::{Entry, HardState, LogStore, WalLogStore, WalOptions};
 use dengine_core::Error;
 
 fn entries(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
-    (lo..hi)
-        .map(|i| Entry::new(i, term, format!("entry-{i}").into_bytes()))
-        .collect()
+    (lo..hi).map(|i| Entry::new(i, term, format!("entry-{i}").into_bytes())).collect()
 }
 
 fn small_segments() -> WalOptions {
-    WalOptions {
-        segment_bytes: 4096,
-    }
+    WalOptions { segment_bytes: 4096 }
 }
 
 fn segment_files(dir: &std::path::Path) -> Vec<String> {
@@ -42,12 +38,7 @@ fn appends_survive_reopen_with_hard_state() {
         let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
         s.append(&entries(1, 101, 1)).unwrap();
         s.append(&entries(101, 151, 2)).unwrap();
-        s.save_hard_state(HardState {
-            term: 2,
-            vote: Some(3),
-            commit: 120,
-        })
-        .unwrap();
+        s.save_hard_state(HardState { term: 2, vote: Some(3), commit: 120 }).unwrap();
         assert_eq!(s.sync().unwrap(), 150);
     }
     let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
@@ -55,18 +46,8 @@ fn appends_survive_reopen_with_hard_state() {
     assert_eq!(s.durable_index().unwrap(), 150);
     assert_eq!(s.term(100).unwrap(), 1);
     assert_eq!(s.term(101).unwrap(), 2);
-    assert_eq!(
-        s.entries(1, 151, u64::MAX).unwrap(),
-        [entries(1, 101, 1), entries(101, 151, 2)].concat()
-    );
-    assert_eq!(
-        s.hard_state().unwrap(),
-        HardState {
-            term: 2,
-            vote: Some(3),
-            commit: 120
-        }
-    );
+    assert_eq!(s.entries(1, 151, u64::MAX).unwrap(), [entries(1, 101, 1), entries(101, 151, 2)].concat());
+    assert_eq!(s.hard_state().unwrap(), HardState { term: 2, vote: Some(3), commit: 120 });
     assert!(s.recovery_report().torn_tail.is_none());
 }
 
@@ -93,10 +74,7 @@ fn segments_roll_and_reads_cross_them() {
     assert!(files.len() >= 4, "expected several segments, got {files:?}");
     let all = s.entries(1, 501, u64::MAX).unwrap();
     assert_eq!(all.len(), 500);
-    assert!(all
-        .iter()
-        .enumerate()
-        .all(|(i, e)| e.index == i as u64 + 1 && e.term == 1 + e.index / 100));
+    assert!(all.iter().enumerate().all(|(i, e)| e.index == i as u64 + 1 && e.term == 1 + e.index / 100));
     drop(s);
     let s = WalLogStore::open(dir.path(), small_segments()).unwrap();
     assert_eq!(s.entries(1, 501, u64::MAX).unwrap(), all);
@@ -107,9 +85,7 @@ fn segments_roll_and_reads_cross_them() {
 fn max_bytes_limits_reads_but_never_below_one_entry() {
     let dir = tempfile::tempdir().unwrap();
     let s = WalLogStore::open(dir.path(), small_segments()).unwrap();
-    let batch: Vec<Entry> = (1..=100)
-        .map(|i| Entry::new(i, 1, vec![7u8; 100]))
-        .collect();
+    let batch: Vec<Entry> = (1..=100).map(|i| Entry::new(i, 1, vec![7u8; 100])).collect();
     s.append(&batch).unwrap();
     assert_eq!(s.entries(1, 101, 0).unwrap().len(), 1);
     assert_eq!(s.entries(1, 101, 250).unwrap().len(), 2);
@@ -138,10 +114,7 @@ fn truncate_suffix_across_segments_is_durable() {
     let s = WalLogStore::open(dir.path(), small_segments()).unwrap();
     assert!(s.last_index().unwrap() >= 41);
     assert_eq!(s.term(41).unwrap(), 1);
-    for e in s
-        .entries(42, s.last_index().unwrap() + 1, u64::MAX)
-        .unwrap()
-    {
+    for e in s.entries(42, s.last_index().unwrap() + 1, u64::MAX).unwrap() {
         assert_eq!(e.term, 2, "an entry removed by truncation came back: {e:?}");
     }
 }
@@ -164,8 +137,7 @@ fn compaction_removes_segments_and_keeps_boundary_term() {
     {
         let s = WalLogStore::open(dir.path(), small_segments()).unwrap();
         for i in 1..=400 {
-            s.append(&entries(i, i + 1, if i <= 250 { 1 } else { 2 }))
-                .unwrap();
+            s.append(&entries(i, i + 1, if i <= 250 { 1 } else { 2 })).unwrap();
         }
         s.sync().unwrap();
         let before = segment_files(dir.path()).len();
@@ -173,29 +145,14 @@ fn compaction_removes_segments_and_keeps_boundary_term() {
         assert!(segment_files(dir.path()).len() < before);
         assert_eq!(s.first_index().unwrap(), 301);
         assert_eq!(s.term(300).unwrap(), 2);
-        assert!(matches!(
-            s.term(299),
-            Err(Error::Compacted {
-                index: 299,
-                first_index: 301
-            })
-        ));
-        assert!(matches!(
-            s.entries(300, 302, u64::MAX),
-            Err(Error::Compacted { .. })
-        ));
+        assert!(matches!(s.term(299), Err(Error::Compacted { index: 299, first_index: 301 })));
+        assert!(matches!(s.entries(300, 302, u64::MAX), Err(Error::Compacted { .. })));
         assert_eq!(s.entries(301, 401, u64::MAX).unwrap().len(), 100);
     }
     let s = WalLogStore::open(dir.path(), small_segments()).unwrap();
-    assert_eq!(
-        (s.first_index().unwrap(), s.last_index().unwrap()),
-        (301, 400)
-    );
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (301, 400));
     assert_eq!(s.term(300).unwrap(), 2);
-    assert_eq!(
-        s.entries(301, 302, u64::MAX).unwrap()[0],
-        Entry::new(301, 2, b"entry-301".to_vec())
-    );
+    assert_eq!(s.entries(301, 302, u64::MAX).unwrap()[0], Entry::new(301, 2, b"entry-301".to_vec()));
 }
 
 #[test]
@@ -204,25 +161,12 @@ fn compact_everything_then_keep_appending() {
     let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
     s.append(&entries(1, 11, 3)).unwrap();
     s.compact_prefix(10).unwrap();
-    assert_eq!(
-        (
-            s.first_index().unwrap(),
-            s.last_index().unwrap(),
-            s.term(10).unwrap()
-        ),
-        (11, 10, 3)
-    );
-    assert!(
-        s.append(&entries(11, 12, 2)).is_err(),
-        "term went backwards"
-    );
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap(), s.term(10).unwrap()), (11, 10, 3));
+    assert!(s.append(&entries(11, 12, 2)).is_err(), "term went backwards");
     s.append(&entries(11, 12, 3)).unwrap();
     drop(s);
     let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
-    assert_eq!(
-        (s.first_index().unwrap(), s.last_index().unwrap()),
-        (11, 11)
-    );
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (11, 11));
 }
 
 #[test]
@@ -235,29 +179,15 @@ fn reset_starts_the_log_after_a_snapshot() {
         }
         s.reset(1000, 7).unwrap();
         assert_eq!(
-            (
-                s.first_index().unwrap(),
-                s.last_index().unwrap(),
-                s.term(1000).unwrap()
-            ),
+            (s.first_index().unwrap(), s.last_index().unwrap(), s.term(1000).unwrap()),
             (1001, 1000, 7)
         );
         s.append(&entries(1001, 1003, 7)).unwrap();
         s.sync().unwrap();
     }
-    assert_eq!(
-        segment_files(dir.path()),
-        vec!["00000000000000001001.wal".to_string()]
-    );
+    assert_eq!(segment_files(dir.path()), vec!["00000000000000001001.wal".to_string()]);
     let s = WalLogStore::open(dir.path(), small_segments()).unwrap();
-    assert_eq!(
-        (
-            s.first_index().unwrap(),
-            s.last_index().unwrap(),
-            s.term(1000).unwrap()
-        ),
-        (1001, 1002, 7)
-    );
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap(), s.term(1000).unwrap()), (1001, 1002, 7));
 }
 
 #[test]
@@ -265,39 +195,18 @@ fn bad_calls_are_rejected_without_changing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
     s.append(&entries(1, 6, 2)).unwrap();
-    assert!(matches!(
-        s.append(&entries(7, 8, 2)),
-        Err(Error::IndexOutOfRange { .. })
-    ));
-    assert!(matches!(
-        s.append(&entries(5, 6, 2)),
-        Err(Error::IndexOutOfRange { .. })
-    ));
+    assert!(matches!(s.append(&entries(7, 8, 2)), Err(Error::IndexOutOfRange { .. })));
+    assert!(matches!(s.append(&entries(5, 6, 2)), Err(Error::IndexOutOfRange { .. })));
     assert!(matches!(
         s.append(&[Entry::new(6, 2, vec![]), Entry::new(8, 2, vec![])]),
         Err(Error::InvalidArgument(_))
     ));
-    assert!(matches!(
-        s.append(&entries(6, 7, 1)),
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(s.append(&entries(6, 7, 1)), Err(Error::InvalidArgument(_))));
     assert!(matches!(s.term(6), Err(Error::IndexOutOfRange { .. })));
-    assert!(matches!(
-        s.entries(1, 7, u64::MAX),
-        Err(Error::IndexOutOfRange { .. })
-    ));
-    assert!(matches!(
-        s.entries(3, 2, u64::MAX),
-        Err(Error::InvalidArgument(_))
-    ));
-    assert!(matches!(
-        s.truncate_suffix(7),
-        Err(Error::IndexOutOfRange { .. })
-    ));
-    assert!(matches!(
-        s.compact_prefix(6),
-        Err(Error::IndexOutOfRange { .. })
-    ));
+    assert!(matches!(s.entries(1, 7, u64::MAX), Err(Error::IndexOutOfRange { .. })));
+    assert!(matches!(s.entries(3, 2, u64::MAX), Err(Error::InvalidArgument(_))));
+    assert!(matches!(s.truncate_suffix(7), Err(Error::IndexOutOfRange { .. })));
+    assert!(matches!(s.compact_prefix(6), Err(Error::IndexOutOfRange { .. })));
     assert_eq!(s.entries(1, 6, u64::MAX).unwrap(), entries(1, 6, 2));
 }
 
@@ -305,9 +214,7 @@ fn bad_calls_are_rejected_without_changing_anything() {
 fn second_open_of_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
-    let err = WalLogStore::open(dir.path(), WalOptions::default())
-        .err()
-        .expect("must refuse");
+    let err = WalLogStore::open(dir.path(), WalOptions::default()).err().expect("must refuse");
     assert!(err.to_string().contains("already open"), "{err}");
 }
 

@@ -6,10 +6,7 @@ use crate::{Error, Result};
 /// `term(index)` is answerable for `first-1 ..= last`.
 pub fn check_term(index: u64, first: u64, last: u64) -> Result<()> {
     if index + 1 < first {
-        return Err(Error::Compacted {
-            index,
-            first_index: first,
-        });
+        return Err(Error::Compacted { index, first_index: first });
     }
     if index > last {
         return Err(out_of_range("term", index, first, last));
@@ -20,15 +17,10 @@ pub fn check_term(index: u64, first: u64, last: u64) -> Result<()> {
 /// `entries(lo, hi)` needs `first <= lo <= hi <= last + 1`.
 pub fn check_range(lo: u64, hi: u64, first: u64, last: u64) -> Result<()> {
     if lo > hi {
-        return Err(Error::InvalidArgument(format!(
-            "entries: lo {lo} is greater than hi {hi}"
-        )));
+        return Err(Error::InvalidArgument(format!("entries: lo {lo} is greater than hi {hi}")));
     }
     if lo < first {
-        return Err(Error::Compacted {
-            index: lo,
-            first_index: first,
-        });
+        return Err(Error::Compacted { index: lo, first_index: first });
     }
     if hi > last + 1 {
         return Err(out_of_range("entries", hi - 1, first, last));
@@ -80,10 +72,7 @@ pub fn check_append(entries: &[Entry], last: u64, last_term: u64, first: u64) ->
 /// `truncate_suffix(index)` needs `first <= index <= last + 1` (the latter is a no-op).
 pub fn check_truncate(index: u64, first: u64, last: u64) -> Result<()> {
     if index < first {
-        return Err(Error::Compacted {
-            index,
-            first_index: first,
-        });
+        return Err(Error::Compacted { index, first_index: first });
     }
     if index > last + 1 {
         return Err(out_of_range("truncate_suffix", index, first, last));
@@ -94,10 +83,7 @@ pub fn check_truncate(index: u64, first: u64, last: u64) -> Result<()> {
 /// `compact_prefix(index)` needs `first - 1 <= index <= last` (the former is a no-op).
 pub fn check_compact(index: u64, first: u64, last: u64) -> Result<()> {
     if index + 1 < first {
-        return Err(Error::Compacted {
-            index,
-            first_index: first,
-        });
+        return Err(Error::Compacted { index, first_index: first });
     }
     if index > last {
         return Err(out_of_range("compact_prefix", index, first, last));
@@ -106,10 +92,5 @@ pub fn check_compact(index: u64, first: u64, last: u64) -> Result<()> {
 }
 
 fn out_of_range(op: &'static str, index: u64, first: u64, last: u64) -> Error {
-    Error::IndexOutOfRange {
-        index,
-        first_index: first,
-        last_index: last,
-        op,
-    }
+    Error::IndexOutOfRange { index, first_index: first, last_index: last, op }
 }

@@ -7,8 +7,8 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use super::pio;
 use super::HardState;
+use crate::pio;
 use crate::{Error, Result};
 
 const SLOT_LEN: usize = 64;
@@ -50,14 +50,8 @@ impl MetaFile {
             .map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if !existed || len == 0 {
-            let mut mf = MetaFile {
-                path,
-                file,
-                seq: 0,
-                durable_slot: 1,
-                dirty: false,
-                current: Meta::default(),
-            };
+            let mut mf =
+                MetaFile { path, file, seq: 0, durable_slot: 1, dirty: false, current: Meta::default() };
             mf.write(Meta::default())?;
             mf.sync()?;
             pio::sync_dir(dir).map_err(|e| Error::io(dir, e))?;
@@ -74,20 +68,9 @@ impl MetaFile {
             [None, None] => None,
         };
         let Some((slot, (seq, meta))) = best else {
-            return Err(Error::corrupt(
-                &path,
-                0,
-                "neither hard-state slot has a valid checksum",
-            ));
+            return Err(Error::corrupt(&path, 0, "neither hard-state slot has a valid checksum"));
         };
-        Ok(MetaFile {
-            path,
-            file,
-            seq,
-            durable_slot: slot,
-            dirty: false,
-            current: meta,
-        })
+        Ok(MetaFile { path, file, seq, durable_slot: slot, dirty: false, current: meta })
     }
 
     pub fn get(&self) -> Meta {
@@ -112,9 +95,7 @@ impl MetaFile {
     /// a write racing an fsync could otherwise tear the very state the fsync reports durable.
     pub fn sync(&mut self) -> Result<()> {
         if self.dirty {
-            self.file
-                .sync_data()
-                .map_err(|e| Error::io(&self.path, e))?;
+            self.file.sync_data().map_err(|e| Error::io(&self.path, e))?;
             self.dirty = false;
             self.durable_slot = 1 - self.durable_slot;
         }
@@ -147,11 +128,7 @@ fn decode(b: &[u8]) -> Option<(u64, Meta)> {
     }
     let vote = word(24);
     let meta = Meta {
-        hard_state: HardState {
-            term: word(16),
-            vote: (vote != NO_VOTE).then_some(vote),
-            commit: word(32),
-        },
+        hard_state: HardState { term: word(16), vote: (vote != NO_VOTE).then_some(vote), commit: word(32) },
         compact_index: word(40),
         compact_term: word(48),
     };
@@ -163,15 +140,7 @@ mod tests {
     use super::*;
 
     fn sample(term: u64) -> Meta {
-        Meta {
-            hard_state: HardState {
-                term,
-                vote: Some(2),
-                commit: 9,
-            },
-            compact_index: 4,
-            compact_term: 1,
-        }
+        Meta { hard_state: HardState { term, vote: Some(2), commit: 9 }, compact_index: 4, compact_term: 1 }
     }
 
     #[test]
@@ -194,10 +163,7 @@ mod tests {
         m.write(sample(6)).unwrap();
         drop(m);
         // Tear the slot holding term 6 as a crash mid-write would.
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("meta"))
-            .unwrap();
+        let f = OpenOptions::new().write(true).open(dir.path().join("meta")).unwrap();
         pio::write_all_at(&f, &[0xAB; 7], (spare * SLOT_LEN + 20) as u64).unwrap();
         assert_eq!(MetaFile::open(dir.path()).unwrap().get(), sample(5));
     }

@@ -12,7 +12,6 @@
 mod bounds;
 mod memory;
 mod meta;
-mod pio;
 pub mod record;
 mod segment;
 mod terms;
@@ -33,11 +32,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(index: u64, term: u64, data: impl Into<Vec<u8>>) -> Self {
-        Entry {
-            index,
-            term,
-            data: data.into(),
-        }
+        Entry { index, term, data: data.into() }
     }
 }
 

@@ -90,10 +90,7 @@ mod tests {
         for bit in 0..HEADER_LEN * 8 {
             let mut copy = buf.clone();
             copy[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                header_of(&copy).is_none(),
-                "flip of bit {bit} went unnoticed"
-            );
+            assert!(header_of(&copy).is_none(), "flip of bit {bit} went unnoticed");
         }
     }
 

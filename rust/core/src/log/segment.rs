@@ -8,10 +8,10 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::pio;
 use super::record::{self, Header, HEADER_LEN};
 use super::terms::TermRuns;
 use super::Entry;
+use crate::pio;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"DGWAL\0\0\x01";
@@ -44,8 +44,7 @@ impl Segment {
     /// The first index encoded in a segment's file name, if it is one.
     pub fn parse_name(name: &str) -> Option<u64> {
         let digits = name.strip_suffix(".wal")?;
-        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| digits.parse().ok())?
+        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
     }
 
     /// Creates an empty segment. It becomes durable with the next file and directory sync.
@@ -58,13 +57,7 @@ impl Segment {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         pio::write_all_at(&file, &header_bytes(first_index), 0).map_err(|e| Error::io(&path, e))?;
-        Ok(Segment {
-            first_index,
-            path,
-            file: Arc::new(file),
-            offsets: Vec::new(),
-            end: SEGMENT_HEADER_LEN,
-        })
+        Ok(Segment { first_index, path, file: Arc::new(file), offsets: Vec::new(), end: SEGMENT_HEADER_LEN })
     }
 
     /// Opens and verifies an existing segment, appending its entries' terms to `terms`.
@@ -77,19 +70,10 @@ impl Segment {
         is_last: bool,
         terms: &mut TermRuns,
     ) -> Result<(Segment, Option<TornTail>)> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        let mut seg = Segment {
-            first_index,
-            path,
-            file: Arc::new(file),
-            offsets: Vec::new(),
-            end: SEGMENT_HEADER_LEN,
-        };
+        let mut seg =
+            Segment { first_index, path, file: Arc::new(file), offsets: Vec::new(), end: SEGMENT_HEADER_LEN };
 
         if len < SEGMENT_HEADER_LEN {
             if !is_last {
@@ -99,11 +83,7 @@ impl Segment {
             seg.file.set_len(0).map_err(|e| Error::io(&seg.path, e))?;
             pio::write_all_at(&seg.file, &header_bytes(first_index), 0)
                 .map_err(|e| Error::io(&seg.path, e))?;
-            let torn = TornTail {
-                path: seg.path.clone(),
-                offset: 0,
-                bytes_cut: len,
-            };
+            let torn = TornTail { path: seg.path.clone(), offset: 0, bytes_cut: len };
             return Ok((seg, Some(torn)));
         }
         let mut head = [0u8; SEGMENT_HEADER_LEN as usize];
@@ -112,18 +92,14 @@ impl Segment {
             return Err(Error::corrupt(
                 &seg.path,
                 0,
-                format!(
-                    "segment header does not match a WAL segment starting at index {first_index}"
-                ),
+                format!("segment header does not match a WAL segment starting at index {first_index}"),
             ));
         }
 
         let file = Arc::clone(&seg.file);
         let mut reader = BufReader::with_capacity(1 << 20, &*file);
         let mut skip = [0u8; SEGMENT_HEADER_LEN as usize];
-        reader
-            .read_exact(&mut skip)
-            .map_err(|e| Error::io(&seg.path, e))?;
+        reader.read_exact(&mut skip).map_err(|e| Error::io(&seg.path, e))?;
         let mut payload = Vec::new();
         let mut off = SEGMENT_HEADER_LEN;
         let mut prev_term = terms.last_term().unwrap_or(0);
@@ -135,9 +111,7 @@ impl Segment {
                 break Some("incomplete record header");
             }
             let mut hbuf = [0u8; HEADER_LEN];
-            reader
-                .read_exact(&mut hbuf)
-                .map_err(|e| Error::io(&seg.path, e))?;
+            reader.read_exact(&mut hbuf).map_err(|e| Error::io(&seg.path, e))?;
             let Some(h) = record::decode_header(&hbuf) else {
                 break Some("record header checksum mismatch");
             };
@@ -145,9 +119,7 @@ impl Segment {
                 break Some("record extends past the end of the file");
             }
             payload.resize(h.len as usize, 0);
-            reader
-                .read_exact(&mut payload)
-                .map_err(|e| Error::io(&seg.path, e))?;
+            reader.read_exact(&mut payload).map_err(|e| Error::io(&seg.path, e))?;
             if !record::payload_ok(&h, &payload) {
                 break Some("record payload checksum mismatch");
             }
@@ -165,10 +137,7 @@ impl Segment {
                 return Err(Error::corrupt(
                     &seg.path,
                     off,
-                    format!(
-                        "record {} has term {} after term {prev_term}",
-                        h.index, h.term
-                    ),
+                    format!("record {} has term {} after term {prev_term}", h.index, h.term),
                 ));
             }
             prev_term = h.term;
@@ -193,11 +162,7 @@ impl Segment {
         }
         seg.file.set_len(off).map_err(|e| Error::io(&seg.path, e))?;
         seg.file.sync_all().map_err(|e| Error::io(&seg.path, e))?;
-        let torn = TornTail {
-            path: seg.path.clone(),
-            offset: off,
-            bytes_cut: len - off,
-        };
+        let torn = TornTail { path: seg.path.clone(), offset: off, bytes_cut: len - off };
         Ok((seg, Some(torn)))
     }
 
@@ -207,8 +172,8 @@ impl Segment {
     }
 
     fn push_offset(&mut self, off: u64) -> Result<()> {
-        let off = u32::try_from(off)
-            .map_err(|_| Error::corrupt(&self.path, off, "segment larger than 4 GiB"))?;
+        let off =
+            u32::try_from(off).map_err(|_| Error::corrupt(&self.path, off, "segment larger than 4 GiB"))?;
         self.offsets.push(off);
         Ok(())
     }
@@ -236,9 +201,7 @@ impl Segment {
             return Ok(());
         }
         let new_end = u64::from(self.offsets[keep]);
-        self.file
-            .set_len(new_end)
-            .map_err(|e| Error::io(&self.path, e))?;
+        self.file.set_len(new_end).map_err(|e| Error::io(&self.path, e))?;
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         self.offsets.truncate(keep);
         self.end = new_end;
@@ -273,8 +236,7 @@ impl Segment {
         let mut pos = 0usize;
         for index in lo..stop {
             let at = start + pos as u64;
-            let hbuf: &[u8; HEADER_LEN] =
-                buf[pos..pos + HEADER_LEN].try_into().expect("header slice");
+            let hbuf: &[u8; HEADER_LEN] = buf[pos..pos + HEADER_LEN].try_into().expect("header slice");
             let h: Header = record::decode_header(hbuf)
                 .ok_or_else(|| Error::corrupt(&self.path, at, "record header checksum mismatch"))?;
             let body = &buf[pos + HEADER_LEN..pos + HEADER_LEN + h.len as usize];
@@ -285,11 +247,7 @@ impl Segment {
                     format!("record for index {index} failed verification"),
                 ));
             }
-            out.push(Entry {
-                index,
-                term: h.term,
-                data: body.to_vec(),
-            });
+            out.push(Entry { index, term: h.term, data: body.to_vec() });
             pos += HEADER_LEN + h.len as usize;
         }
         Ok(within)

@@ -62,16 +62,7 @@ mod tests {
         for (i, term) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 5)] {
             t.push(i, term);
         }
-        assert_eq!(
-            (
-                t.term_at(1),
-                t.term_at(2),
-                t.term_at(3),
-                t.term_at(4),
-                t.term_at(5)
-            ),
-            (1, 1, 2, 2, 5)
-        );
+        assert_eq!((t.term_at(1), t.term_at(2), t.term_at(3), t.term_at(4), t.term_at(5)), (1, 1, 2, 2, 5));
         t.truncate(4);
         assert_eq!(t.last_term(), Some(2));
         t.push(4, 7);

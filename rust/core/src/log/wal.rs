@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::bounds;
 use super::meta::{Meta, MetaFile};
-use super::pio;
 use super::record;
 use super::segment::Segment;
 pub use super::segment::TornTail;
 use super::terms::TermRuns;
 use super::{Entry, HardState, LogStore};
+use crate::pio;
 use crate::{Error, Result};
 
 /// Tunables of a [`WalLogStore`].
@@ -40,9 +40,7 @@ pub struct WalOptions {
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions {
-            segment_bytes: 64 << 20,
-        }
+        WalOptions { segment_bytes: 64 << 20 }
     }
 }
 
@@ -81,10 +79,7 @@ impl State {
     }
 
     fn last_index(&self) -> u64 {
-        self.segments
-            .last()
-            .map_or(self.compact_index, |s| s.next_index() - 1)
-            .max(self.compact_index)
+        self.segments.last().map_or(self.compact_index, |s| s.next_index() - 1).max(self.compact_index)
     }
 
     fn last_term(&self) -> u64 {
@@ -97,11 +92,7 @@ impl State {
 
     fn term(&self, index: u64) -> Result<u64> {
         bounds::check_term(index, self.first_index(), self.last_index())?;
-        Ok(if index == self.compact_index {
-            self.compact_term
-        } else {
-            self.terms.term_at(index)
-        })
+        Ok(if index == self.compact_index { self.compact_term } else { self.terms.term_at(index) })
     }
 
     fn mark_unsynced(&mut self, file: &Arc<File>) {
@@ -111,9 +102,7 @@ impl State {
     }
 
     fn segment_for(&self, index: u64) -> usize {
-        self.segments
-            .partition_point(|s| s.first_index <= index)
-            .saturating_sub(1)
+        self.segments.partition_point(|s| s.first_index <= index).saturating_sub(1)
     }
 }
 
@@ -158,18 +147,12 @@ impl WalLogStore {
         lock_file.try_lock().map_err(|_| {
             Error::io(
                 &lock_path,
-                std::io::Error::other(
-                    "the log directory is already open in another process or store",
-                ),
+                std::io::Error::other("the log directory is already open in another process or store"),
             )
         })?;
 
         let meta = MetaFile::open(&dir)?;
-        let Meta {
-            compact_index,
-            compact_term,
-            ..
-        } = meta.get();
+        let Meta { compact_index, compact_term, .. } = meta.get();
         let mut report = RecoveryReport::default();
 
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
@@ -212,7 +195,14 @@ impl WalLogStore {
         let mut dir_dirty = false;
         if let Some(first) = segments.first() {
             if first.first_index > compact_index + 1 {
-                return Err(Error::corrupt(&first.path, 0, format!("log starts at index {} but only entries up to {compact_index} were compacted", first.first_index)));
+                return Err(Error::corrupt(
+                    &first.path,
+                    0,
+                    format!(
+                        "log starts at index {} but only entries up to {compact_index} were compacted",
+                        first.first_index
+                    ),
+                ));
             }
         }
         let last_on_disk = segments.last().map_or(0, |s| s.next_index() - 1);
@@ -290,9 +280,7 @@ impl WalLogStore {
         if let Some(why) = &st.failed {
             return Err(Error::io(
                 &self.dir,
-                std::io::Error::other(format!(
-                    "store unusable after an earlier fsync failure: {why}"
-                )),
+                std::io::Error::other(format!("store unusable after an earlier fsync failure: {why}")),
             ));
         }
         Ok(st)
@@ -353,11 +341,9 @@ impl LogStore for WalLogStore {
             // The old segment is flushed before the new one exists, so a crash can never leave
             // a torn record anywhere but in the last segment.
             let old = Arc::clone(&st.segments.last().expect("active segment").file);
-            old.sync_data()
-                .map_err(|e| self.fail(Error::io(&self.dir, e)))?;
+            old.sync_data().map_err(|e| self.fail(Error::io(&self.dir, e)))?;
             st.unsynced.retain(|f| !Arc::ptr_eq(f, &old));
-            st.segments
-                .push(Segment::create(&self.dir, entries[0].index)?);
+            st.segments.push(Segment::create(&self.dir, entries[0].index)?);
             st.dir_dirty = true;
         }
         st.scratch.clear();
@@ -396,8 +382,7 @@ impl LogStore for WalLogStore {
         if !removed.is_empty() {
             pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         }
-        st.unsynced
-            .retain(|f| !removed.iter().any(|s| Arc::ptr_eq(f, &s.file)));
+        st.unsynced.retain(|f| !removed.iter().any(|s| Arc::ptr_eq(f, &s.file)));
         st.terms.truncate(index);
         st.durable = st.durable.min(index - 1);
         st.truncated_floor = Some(st.truncated_floor.map_or(index - 1, |f| f.min(index - 1)));
@@ -486,8 +471,7 @@ impl LogStore for WalLogStore {
             (files, std::mem::take(&mut st.dir_dirty), st.last_index())
         };
         for f in &files {
-            f.sync_data()
-                .map_err(|e| self.fail(Error::io(&self.dir, e)))?;
+            f.sync_data().map_err(|e| self.fail(Error::io(&self.dir, e)))?;
         }
         if dir_dirty {
             pio::sync_dir(&self.dir).map_err(|e| self.fail(Error::io(&self.dir, e)))?;
