@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +28,11 @@ PAYLOAD = bytes(range(256))
 RECORD_BYTES = 28 + len(PAYLOAD)  # framing + payload, what one entry costs on disk
 
 
-def append_throughput(root: Path, batch: int, total: int) -> dict[str, float]:
+def append_throughput(root: Path, batch: int, total: int, preallocate: bool) -> dict[str, float]:
     """Appends `total` entries in batches of `batch`, one sync per batch."""
     batches = [[Entry(i, 1, PAYLOAD) for i in range(lo, lo + batch)] for lo in range(1, total + 1, batch)]
     lat: list[float] = []
-    with WalLogStore(root / f"append-{batch}") as store:
+    with WalLogStore(root / f"append-{batch}-{preallocate}", preallocate=preallocate) as store:
         began = time.perf_counter()
         for b in batches:
             t = time.perf_counter()
@@ -42,6 +43,7 @@ def append_throughput(root: Path, batch: int, total: int) -> dict[str, float]:
     entries = len(batches) * batch
     return {
         "batch": batch,
+        "preallocate": preallocate,
         "entries": entries,
         "seconds": took,
         "entries_per_s": entries / took,
@@ -51,7 +53,37 @@ def append_throughput(root: Path, batch: int, total: int) -> dict[str, float]:
     }
 
 
-def single_append_vs_raw(root: Path, n: int) -> dict[str, float]:
+def pipelined_group_commit(root: Path, batch: int, total: int) -> dict[str, float]:
+    """How a runtime drives the store: one thread appends batches back to back while another
+    syncs in a loop, so each fsync overlaps the next appends and covers whatever arrived."""
+    batches = [[Entry(i, 1, PAYLOAD) for i in range(lo, lo + batch)] for lo in range(1, total + 1, batch)]
+    entries = len(batches) * batch
+    syncs = 0
+    with WalLogStore(root / f"pipelined-{batch}") as store:
+
+        def syncer() -> None:
+            nonlocal syncs
+            while store.sync() < entries:
+                syncs += 1
+
+        began = time.perf_counter()
+        t = threading.Thread(target=syncer)
+        t.start()
+        for b in batches:
+            store.append(b)
+        t.join()
+        took = time.perf_counter() - began
+    return {
+        "batch": batch,
+        "entries": entries,
+        "seconds": took,
+        "entries_per_s": entries / took,
+        "fsyncs": syncs + 1,
+        "entries_per_fsync": entries / (syncs + 1),
+    }
+
+
+def single_append_vs_raw(root: Path, n: int, preallocate: bool) -> dict[str, float]:
     """One 256-byte entry + sync, against os.write + os.fsync of the same number of bytes,
     interleaved so both see the same disk conditions."""
     raw_path = root / "raw.bin"
@@ -59,7 +91,7 @@ def single_append_vs_raw(root: Path, n: int) -> dict[str, float]:
     record = b"r" * RECORD_BYTES
     store_lat: list[float] = []
     raw_lat: list[float] = []
-    with WalLogStore(root / "single") as store:
+    with WalLogStore(root / f"single-{preallocate}", preallocate=preallocate) as store:
         for i in range(1, n + 1):
             e = [Entry(i, 1, PAYLOAD)]
             t = time.perf_counter()
@@ -74,6 +106,7 @@ def single_append_vs_raw(root: Path, n: int) -> dict[str, float]:
     s50, r50 = statistics.median(store_lat), statistics.median(raw_lat)
     return {
         "n": n,
+        "preallocate": preallocate,
         "store_p50_us": s50 * 1e6,
         "raw_p50_us": r50 * 1e6,
         "store_mean_us": statistics.fmean(store_lat) * 1e6,
@@ -151,11 +184,14 @@ def main() -> None:
                 "python": sys.version.split()[0],
             },
             "append": [
-                append_throughput(root, 1, 3000 // scale),
-                append_throughput(root, 64, 64 * 1000 // scale),
-                append_throughput(root, 1024, 1024 * 1000 // scale),
+                append_throughput(root, batch, count // scale, preallocate)
+                for preallocate in (True, False)
+                for batch, count in ((1, 3000), (64, 64_000), (1024, 1_024_000))
             ],
-            "single_append_vs_raw": single_append_vs_raw(root, 3000 // scale),
+            "pipelined": pipelined_group_commit(root, 1024, 1024 * 1000 // scale),
+            "single_append_vs_raw": [
+                single_append_vs_raw(root, 3000 // scale, preallocate) for preallocate in (True, False)
+            ],
             "reopen": reopen_large(root, 1_000_000 // scale),
         }
     text = json.dumps(results, indent=2)

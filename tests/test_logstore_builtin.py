@@ -20,6 +20,14 @@ class TestWalLogStore(LogStoreConformance):
         return lambda: WalLogStore(tmp_path / "log", segment_bytes=4096)
 
 
+class TestWalLogStorePreallocated(LogStoreConformance):
+    durable = True
+
+    @pytest.fixture
+    def open_store(self, tmp_path: Path) -> OpenStore:
+        return lambda: WalLogStore(tmp_path / "log", segment_bytes=4096, preallocate=True)
+
+
 class TestMemoryLogStore(LogStoreConformance):
     durable = False
 

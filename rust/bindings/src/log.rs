@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use dengine_core::log::{self as core_log, LogStore, MemLogStore, WalLogStore as CoreWal, WalOptions};
+use dengine_core::log::{
+    self as core_log, EncodedBatch, LogStore, MemLogStore, WalLogStore as CoreWal, WalOptions,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple, PyType};
 
@@ -60,10 +62,6 @@ impl Entry {
 }
 
 impl Entry {
-    fn to_core(&self, py: Python<'_>) -> core_log::Entry {
-        core_log::Entry { index: self.index, term: self.term, data: self.data.as_bytes(py).to_vec() }
-    }
-
     fn from_core(py: Python<'_>, e: core_log::Entry) -> Entry {
         Entry { index: e.index, term: e.term, data: PyBytes::new(py, &e.data).unbind() }
     }
@@ -122,10 +120,17 @@ impl LogStoreBase {
         Ok(got.into_iter().map(|e| Entry::from_core(py, e)).collect())
     }
 
-    fn append(&self, py: Python<'_>, entries: Vec<PyRef<'_, Entry>>) -> PyResult<()> {
-        let batch: Vec<core_log::Entry> = entries.iter().map(|e| e.to_core(py)).collect();
+    fn append(&self, py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<()> {
+        // Framing happens here, with the GIL held, straight from each payload's bytes: one copy
+        // per entry into the buffer that is written to disk. Only the write releases the GIL.
+        let mut batch = EncodedBatch::with_capacity(entries.len().unwrap_or(0), 0);
+        for item in entries.try_iter()? {
+            let item = item?;
+            let e = item.cast::<Entry>()?.get();
+            batch.push(e.index, e.term, e.data.as_bytes(py)).map_err(crate::errors::to_py)?;
+        }
         let inner = Arc::clone(&self.inner);
-        detach(py, move || inner.append(&batch))
+        detach(py, move || inner.append_batch(&batch))
     }
 
     fn truncate_suffix(&self, py: Python<'_>, index: u64) -> PyResult<()> {
@@ -199,10 +204,15 @@ pub struct WalLogStore {
 #[pymethods]
 impl WalLogStore {
     #[new]
-    #[pyo3(signature = (path, *, segment_bytes = 67_108_864))]
-    fn new(py: Python<'_>, path: PathBuf, segment_bytes: u64) -> PyResult<PyClassInitializer<Self>> {
+    #[pyo3(signature = (path, *, segment_bytes = 67_108_864, preallocate = false))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        segment_bytes: u64,
+        preallocate: bool,
+    ) -> PyResult<PyClassInitializer<Self>> {
         let dir = path.clone();
-        let store = detach(py, move || CoreWal::open(&dir, WalOptions { segment_bytes }))?;
+        let store = detach(py, move || CoreWal::open(&dir, WalOptions { segment_bytes, preallocate }))?;
         let report = store.recovery_report().clone();
         let torn_tail = report.torn_tail.map(|t| (t.path, t.offset, t.bytes_cut));
         if let Some((file, offset, cut)) = &torn_tail {

@@ -41,7 +41,7 @@ proptest! {
     #[test]
     fn wal_matches_memory(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096 };
+        let opts = WalOptions { segment_bytes: 4096, preallocate: true };
         let mut wal = WalLogStore::open(dir.path(), opts.clone()).unwrap();
         let mem = MemLogStore::new();
         for op in ops {

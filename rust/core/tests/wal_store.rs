@@ -8,7 +8,7 @@ fn entries(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
 }
 
 fn small_segments() -> WalOptions {
-    WalOptions { segment_bytes: 4096 }
+    WalOptions { segment_bytes: 4096, preallocate: true }
 }
 
 fn segment_files(dir: &std::path::Path) -> Vec<String> {

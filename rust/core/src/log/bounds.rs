@@ -1,6 +1,6 @@
 //! Argument checks shared by both engines, so they reject exactly the same calls.
 
-use super::Entry;
+use super::EncodedBatch;
 use crate::{Error, Result};
 
 /// `term(index)` is answerable for `first-1 ..= last`.
@@ -28,43 +28,26 @@ pub fn check_range(lo: u64, hi: u64, first: u64, last: u64) -> Result<()> {
     Ok(())
 }
 
-/// A batch must continue the log without gaps and without terms going backwards.
-pub fn check_append(entries: &[Entry], last: u64, last_term: u64, first: u64) -> Result<()> {
-    let Some(head) = entries.first() else {
+/// A batch must start right after the last entry, with a term no lower than the last one.
+/// (Consecutive indexes and terms inside the batch are enforced as it is built.)
+pub fn check_append(batch: &EncodedBatch, last: u64, last_term: u64, first: u64) -> Result<()> {
+    if batch.is_empty() {
         return Ok(());
-    };
-    if head.index != last + 1 {
+    }
+    if batch.first_index() != last + 1 {
         return Err(Error::IndexOutOfRange {
-            index: head.index,
+            index: batch.first_index(),
             first_index: first,
             last_index: last,
             op: "append (the batch must start at last_index + 1)",
         });
     }
-    let mut prev_term = last_term;
-    for (i, e) in entries.iter().enumerate() {
-        if e.index != head.index + i as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "append: entry {} of the batch has index {}, expected {}",
-                i,
-                e.index,
-                head.index + i as u64
-            )));
-        }
-        if e.term < prev_term {
-            return Err(Error::InvalidArgument(format!(
-                "append: term of entry {} ({}) is lower than the term before it ({prev_term})",
-                e.index, e.term
-            )));
-        }
-        if e.data.len() > u32::MAX as usize - super::record::HEADER_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "append: entry {} payload of {} bytes exceeds the 4 GiB record limit",
-                e.index,
-                e.data.len()
-            )));
-        }
-        prev_term = e.term;
+    if batch.first_term() < last_term {
+        return Err(Error::InvalidArgument(format!(
+            "append: term of entry {} ({}) is lower than the term before it ({last_term})",
+            batch.first_index(),
+            batch.first_term()
+        )));
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 use super::bounds;
-use super::{Entry, HardState, LogStore};
+use super::{EncodedBatch, Entry, HardState, LogStore};
 use crate::{Error, Result};
 
 #[derive(Default)]
@@ -88,11 +88,11 @@ impl LogStore for MemLogStore {
         Ok(out)
     }
 
-    fn append(&self, entries: &[Entry]) -> Result<()> {
+    fn append_batch(&self, batch: &EncodedBatch) -> Result<()> {
         let mut st = self.live()?;
         let last_term = st.term(st.last_index())?;
-        bounds::check_append(entries, st.last_index(), last_term, st.first_index())?;
-        st.entries.extend(entries.iter().cloned());
+        bounds::check_append(batch, st.last_index(), last_term, st.first_index())?;
+        st.entries.extend(batch.iter().map(|(index, term, data)| Entry::new(index, term, data)));
         Ok(())
     }
 

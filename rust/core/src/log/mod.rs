@@ -9,14 +9,17 @@
 //! `first_index() == 1` and `last_index() == 0`. After compaction up to `i`, `first_index() == i+1`
 //! and `term(i)` still answers (the boundary term is kept, as `prevLogTerm` needs it).
 
+mod batch;
 mod bounds;
 mod memory;
 mod meta;
+mod prealloc;
 pub mod record;
 mod segment;
 mod terms;
 mod wal;
 
+pub use batch::EncodedBatch;
 pub use memory::MemLogStore;
 pub use wal::{RecoveryReport, WalLogStore, WalOptions};
 
@@ -62,7 +65,16 @@ pub trait LogStore: Send + Sync {
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>>;
     /// Appends a batch. The first entry must be `last_index() + 1`, indexes consecutive and terms
     /// never decreasing. Conflicting suffixes are removed explicitly with `truncate_suffix` first.
-    fn append(&self, entries: &[Entry]) -> Result<()>;
+    fn append_batch(&self, batch: &EncodedBatch) -> Result<()>;
+    /// [`LogStore::append_batch`] for entries that are not framed yet.
+    fn append(&self, entries: &[Entry]) -> Result<()> {
+        let payload: usize = entries.iter().map(|e| e.data.len()).sum();
+        let mut batch = EncodedBatch::with_capacity(entries.len(), payload);
+        for e in entries {
+            batch.push(e.index, e.term, &e.data)?;
+        }
+        self.append_batch(&batch)
+    }
     /// Removes every entry with index `>= index` (conflict repair). Durable on return, because a
     /// removed entry that reappeared after a crash would be indistinguishable from a real one.
     fn truncate_suffix(&self, index: u64) -> Result<()>;

@@ -3,7 +3,7 @@
 //! A segment is named after the index of its first entry (`00000000000000000042.wal`), so the
 //! directory listing alone orders the log. Only the last segment is ever appended to.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub struct Segment {
     offsets: Vec<u32>,
     /// Length of the valid data; appends go here.
     pub end: u64,
+    /// Whether the space after `end` is zero-filled (see `prealloc`).
+    pub preallocated: bool,
 }
 
 impl Segment {
@@ -48,16 +50,35 @@ impl Segment {
     }
 
     /// Creates an empty segment. It becomes durable with the next file and directory sync.
-    pub fn create(dir: &Path, first_index: u64) -> Result<Segment> {
+    ///
+    /// With `prepared`, a zero-filled file from the preallocator is renamed into place instead
+    /// of creating a new one; the zeros past the data read as a clean end during recovery.
+    pub fn create(dir: &Path, first_index: u64, prepared: Option<PathBuf>) -> Result<Segment> {
         let path = dir.join(Self::file_name(first_index));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let preallocated = prepared.is_some();
+        let file = match prepared {
+            Some(tmp) => {
+                let file =
+                    OpenOptions::new().read(true).write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+                file
+            }
+            None => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?,
+        };
         pio::write_all_at(&file, &header_bytes(first_index), 0).map_err(|e| Error::io(&path, e))?;
-        Ok(Segment { first_index, path, file: Arc::new(file), offsets: Vec::new(), end: SEGMENT_HEADER_LEN })
+        Ok(Segment {
+            first_index,
+            path,
+            file: Arc::new(file),
+            offsets: Vec::new(),
+            end: SEGMENT_HEADER_LEN,
+            preallocated,
+        })
     }
 
     /// Opens and verifies an existing segment, appending its entries' terms to `terms`.
@@ -72,8 +93,14 @@ impl Segment {
     ) -> Result<(Segment, Option<TornTail>)> {
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        let mut seg =
-            Segment { first_index, path, file: Arc::new(file), offsets: Vec::new(), end: SEGMENT_HEADER_LEN };
+        let mut seg = Segment {
+            first_index,
+            path,
+            file: Arc::new(file),
+            offsets: Vec::new(),
+            end: SEGMENT_HEADER_LEN,
+            preallocated: false,
+        };
 
         if len < SEGMENT_HEADER_LEN {
             if !is_last {
@@ -150,6 +177,12 @@ impl Segment {
         let Some(reason) = failure else {
             return Ok((seg, None));
         };
+        // Zeros after the last record are preallocated space, not damage. (In an older segment
+        // they hide nothing either: the next segment must start right after its last record.)
+        if all_zero(&seg.file, &seg.path, off, len)? {
+            seg.preallocated = true;
+            return Ok((seg, None));
+        }
         if !is_last {
             return Err(Error::corrupt(&seg.path, off, reason));
         }
@@ -269,7 +302,13 @@ fn find_valid_record(file: &File, path: &Path, from: u64, len: u64) -> Result<Op
     }
     let mut buf = vec![0u8; (len - from) as usize];
     pio::read_exact_at(file, &mut buf, from).map_err(|e| Error::io(path, e))?;
-    for p in 0..buf.len().saturating_sub(HEADER_LEN - 1) {
+    let mut p = 0usize;
+    while p + HEADER_LEN <= buf.len() {
+        // A valid header is never all zeros (its CRC would not match), so skip zero runs.
+        if buf[p + HEADER_LEN - 1] == 0 && buf[p..p + HEADER_LEN].iter().all(|&b| b == 0) {
+            p += 1 + buf[p + HEADER_LEN..].iter().position(|&b| b != 0).unwrap_or(buf.len());
+            continue;
+        }
         let hbuf: &[u8; HEADER_LEN] = buf[p..p + HEADER_LEN].try_into().expect("header slice");
         if let Some(h) = record::decode_header(hbuf) {
             let body_end = p + HEADER_LEN + h.len as usize;
@@ -277,6 +316,22 @@ fn find_valid_record(file: &File, path: &Path, from: u64, len: u64) -> Result<Op
                 return Ok(Some(from + p as u64));
             }
         }
+        p += 1;
     }
     Ok(None)
+}
+
+/// Whether `from..len` of the file holds only zero bytes.
+fn all_zero(file: &File, path: &Path, from: u64, len: u64) -> Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        pio::read_exact_at(file, &mut buf[..n], at).map_err(|e| Error::io(path, e))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
