@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dengine.errors import LogClosedError, LogCompactedError, LogIndexError
+from dengine.errors import DengineError, LogClosedError, LogCompactedError, LogIndexError
 from dengine.storage import Entry, HardState, LogStore
 
 OpenStore = Callable[[], LogStore]
@@ -234,3 +234,32 @@ class LogStoreConformance:
         store.append(batch(11, 21, 1))
         store = self.reopen(store, open_store)
         assert store.entries(1, 21) == batch(1, 21, 1)
+
+    # --- hostile arguments -----------------------------------------------------------------------
+
+    @pytest.mark.parametrize("huge", [2**63, 2**64 - 1])
+    def test_huge_indexes_are_clear_errors(self, store: LogStore, huge: int) -> None:
+        store.append(batch(1, 4, 1))
+        calls = [
+            lambda: store.term(huge),
+            lambda: store.entries(1, huge),
+            lambda: store.truncate_suffix(huge),
+            lambda: store.compact_prefix(huge),
+            lambda: store.reset(huge, 1),
+            lambda: store.reset(5, huge),
+            lambda: store.append([Entry(huge, 1, b"")]),
+            lambda: store.append([Entry(4, huge, b"")]),
+        ]
+        for call in calls:
+            with pytest.raises((DengineError, ValueError)):
+                call()
+        assert store.entries(1, 4) == batch(1, 4, 1)
+
+    def test_negative_and_wrong_types_are_rejected(self, store: LogStore) -> None:
+        with pytest.raises(OverflowError):
+            store.term(-1)
+        with pytest.raises(TypeError):
+            store.append([(1, 1, b"x")])  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            store.append([Entry(1, 1, "text")])  # type: ignore[arg-type]
+        assert store.last_index() == 0

@@ -5,6 +5,7 @@
 //! batch has on the wire between peers: a follower can append what the leader sent without
 //! building one object per entry.
 
+use super::bounds;
 use super::record::{self, HEADER_LEN};
 use crate::{Error, Result};
 
@@ -39,6 +40,8 @@ impl EncodedBatch {
 
     /// Frames one entry at the end of the batch.
     pub fn push(&mut self, index: u64, term: u64, data: &[u8]) -> Result<()> {
+        bounds::check_value("index", index)?;
+        bounds::check_value("term", term)?;
         if let Some(expected) = self.next_index() {
             if index != expected {
                 return Err(Error::InvalidArgument(format!(

@@ -3,8 +3,21 @@
 use super::EncodedBatch;
 use crate::{Error, Result};
 
+/// The largest index or term the log accepts. Keeping them within `i64` leaves headroom for the
+/// `+ 1` arithmetic everywhere and maps cleanly onto every wire format and language.
+pub const MAX_INDEX: u64 = i64::MAX as u64;
+
+/// Rejects indexes and terms above [`MAX_INDEX`], before any arithmetic touches them.
+pub fn check_value(what: &str, value: u64) -> Result<()> {
+    if value > MAX_INDEX {
+        return Err(Error::InvalidArgument(format!("{what} {value} exceeds the maximum {MAX_INDEX}")));
+    }
+    Ok(())
+}
+
 /// `term(index)` is answerable for `first-1 ..= last`.
 pub fn check_term(index: u64, first: u64, last: u64) -> Result<()> {
+    check_value("index", index)?;
     if index + 1 < first {
         return Err(Error::Compacted { index, first_index: first });
     }
@@ -16,6 +29,8 @@ pub fn check_term(index: u64, first: u64, last: u64) -> Result<()> {
 
 /// `entries(lo, hi)` needs `first <= lo <= hi <= last + 1`.
 pub fn check_range(lo: u64, hi: u64, first: u64, last: u64) -> Result<()> {
+    check_value("index", lo)?;
+    check_value("index", hi)?;
     if lo > hi {
         return Err(Error::InvalidArgument(format!("entries: lo {lo} is greater than hi {hi}")));
     }
@@ -54,6 +69,7 @@ pub fn check_append(batch: &EncodedBatch, last: u64, last_term: u64, first: u64)
 
 /// `truncate_suffix(index)` needs `first <= index <= last + 1` (the latter is a no-op).
 pub fn check_truncate(index: u64, first: u64, last: u64) -> Result<()> {
+    check_value("index", index)?;
     if index < first {
         return Err(Error::Compacted { index, first_index: first });
     }
@@ -65,6 +81,7 @@ pub fn check_truncate(index: u64, first: u64, last: u64) -> Result<()> {
 
 /// `compact_prefix(index)` needs `first - 1 <= index <= last` (the former is a no-op).
 pub fn check_compact(index: u64, first: u64, last: u64) -> Result<()> {
+    check_value("index", index)?;
     if index + 1 < first {
         return Err(Error::Compacted { index, first_index: first });
     }

@@ -116,6 +116,8 @@ impl LogStore for MemLogStore {
     }
 
     fn reset(&self, index: u64, term: u64) -> Result<()> {
+        bounds::check_value("index", index)?;
+        bounds::check_value("term", term)?;
         let mut st = self.live()?;
         st.entries.clear();
         st.compact_index = index;

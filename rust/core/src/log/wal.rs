@@ -426,6 +426,8 @@ impl LogStore for WalLogStore {
     }
 
     fn reset(&self, index: u64, term: u64) -> Result<()> {
+        bounds::check_value("index", index)?;
+        bounds::check_value("term", term)?;
         let mut guard = self.live()?;
         let st = &mut *guard;
         // Remove the old log first: a crash between the steps then leaves an empty log at the
