@@ -240,7 +240,7 @@ class LogStoreConformance:
     @pytest.mark.parametrize("huge", [2**63, 2**64 - 1])
     def test_huge_indexes_are_clear_errors(self, store: LogStore, huge: int) -> None:
         store.append(batch(1, 4, 1))
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: store.term(huge),
             lambda: store.entries(1, huge),
             lambda: store.truncate_suffix(huge),

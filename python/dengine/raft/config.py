@@ -1,0 +1,54 @@
+"""Configuration of the pure Raft core (timing in ticks; the driver decides how long a tick is)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RaftConfig:
+    """How one Raft node behaves.
+
+    ``election_ticks`` is the minimum election timeout; each node draws its timeout uniformly
+    from ``[election_ticks, 2 * election_ticks)`` after every reset, so that split votes resolve.
+    Lease reads are only allowed with ``check_quorum``, and the lease lasts
+    ``election_ticks - clock_drift_ticks`` ticks after a quorum last answered: shorter than the
+    time any other node needs to become leader.
+    """
+
+    id: int
+    voters: frozenset[int]
+    learners: frozenset[int] = field(default_factory=frozenset)
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    lease_reads: bool = False
+    clock_drift_ticks: int = 2
+    max_inflight: int = 64
+    max_batch_entries: int = 4096
+    max_batch_bytes: int = 1 << 20
+    forward_proposals: bool = True
+    can_vote: bool = True
+    """False for a node that lost its disk: it may have voted in terms it no longer remembers,
+    so it must neither vote nor campaign until an operator re-adds it."""
+
+    def __post_init__(self) -> None:
+        if self.id <= 0:
+            raise ValueError(f"id must be a positive integer, got {self.id}")
+        if self.id not in self.voters and self.id not in self.learners:
+            raise ValueError(f"node {self.id} is neither a voter nor a learner of {sorted(self.voters)}")
+        if self.voters & self.learners:
+            raise ValueError(f"nodes {sorted(self.voters & self.learners)} are both voters and learners")
+        if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
+            raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
+        if self.lease_reads and not self.check_quorum:
+            raise ValueError("lease_reads requires check_quorum")
+        if not 0 <= self.clock_drift_ticks < self.election_ticks:
+            raise ValueError("clock_drift_ticks must be in [0, election_ticks)")
+        if self.max_inflight < 1 or self.max_batch_entries < 1 or self.max_batch_bytes < 1:
+            raise ValueError("max_inflight, max_batch_entries and max_batch_bytes must be positive")
+
+    @property
+    def lease_ticks(self) -> int:
+        return self.election_ticks - self.clock_drift_ticks

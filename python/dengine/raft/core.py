@@ -1,0 +1,757 @@
+"""The Raft protocol as a pure state machine: no I/O of its own, no clock, no threads.
+
+Inputs: :meth:`Raft.tick`, :meth:`Raft.step` (a peer message), :meth:`Raft.propose`,
+:meth:`Raft.read_index`, :meth:`Raft.synced` (the log store is durable up to here) and
+:meth:`Raft.applied_to`. Output: :meth:`Raft.ready`, in the spirit of etcd-raft's Ready.
+
+The only side effects are writes to the :class:`~dengine.storage.LogStore` it was given (append,
+truncate, hard state), none of which is durable until the driver syncs the store when a Ready asks
+for it. Every message whose safety depends on such a write (a vote, an ack of entries, anything
+sent in a term not yet durable) is held back until the driver reports that sync done.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dengine._core import Entry, HardState, JointConfig, VoteResult
+from dengine.errors import LogCompactedError, LogIndexError, NotLeaderError, ProposalDroppedError
+from dengine.raft.config import RaftConfig
+from dengine.raft.messages import (
+    LEADER_TYPES,
+    VOTE_TYPES,
+    Message,
+    MsgType,
+    ReadState,
+    Ready,
+    Role,
+    SoftState,
+)
+from dengine.raft.payload import NOOP_PAYLOAD
+from dengine.raft.progress import Progress, ProgressState
+from dengine.storage import LogStore
+
+TRANSFER_CONTEXT = 1
+"""``context`` of a VOTE sent by a campaign that leader transfer started."""
+
+_MAX_APPLY_BYTES = 8 << 20
+
+
+@dataclass(slots=True)
+class _ReadRound:
+    """A heartbeat round confirming leadership for every read queued before it started."""
+
+    index: int
+    requests: list[tuple[int, int]]  # (requesting node, its read context)
+    acks: set[int]
+
+
+class Raft:
+    """One Raft node's protocol state. See the module docstring for how a driver runs it."""
+
+    def __init__(self, config: RaftConfig, store: LogStore, *, seed: int = 0, applied: int = 0) -> None:
+        self.cfg = config
+        self.id = config.id
+        self.store = store
+        self._rng = random.Random(f"{seed}/{config.id}")
+        hs = store.hard_state()
+        self.term: int = hs.term
+        self.vote: int | None = hs.vote
+        last = store.last_index()
+        self.commit: int = max(min(hs.commit, last), applied)
+        self.applied: int = applied
+        self.durable: int = last
+        self.lead: int | None = None
+        self.role = Role.FOLLOWER
+        self.conf = JointConfig(config.voters)
+        self.learners = config.learners
+        self.progress: dict[int, Progress] = {}
+        self.lead_transferee: int | None = None
+
+        self._ticks = 0
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_timeout = config.election_ticks
+        self._votes: dict[int, bool] = {}
+
+        self._msgs: list[Message] = []
+        self._held: list[tuple[int, Message]] = []
+        self._sync_seq = 0  # last sync handed to the driver
+        self._synced_seq = 0  # last sync the driver reported done
+        self._writes_pending = False  # store writes not yet covered by a handed-out sync
+        self._vote_needs = 0  # sync that makes the current term and vote durable
+        self._log_needs = 0  # sync that makes the last append durable
+        self._saved_hs = (hs.term, hs.vote, hs.commit)
+        self._apply_dispatched = applied
+
+        self._read_seq = 0
+        self._read_rounds: dict[int, _ReadRound] = {}
+        self._read_waiting: list[tuple[int, int]] = []
+        self._read_blocked: list[tuple[int, int, bool]] = []
+        self._pending_reads: list[ReadState] = []
+        self._failed_reads: list[int] = []
+        self._forwarded_reads: set[int] = set()
+
+        self._snapshot_needed: list[int] = []
+        self._reported_soft: SoftState | None = None
+        self._become_follower(self.term, None)
+
+    # ------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Advances logical time by one tick."""
+        self._ticks += 1
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        else:
+            self._election_elapsed += 1
+            if self._promotable() and self._election_elapsed >= self._randomized_timeout:
+                self._election_elapsed = 0
+                self._campaign(pre=self.cfg.pre_vote)
+
+    def propose(self, payloads: Sequence[bytes]) -> tuple[int, int] | None:
+        """Appends a batch of entry payloads (see :mod:`dengine.raft.payload`) on the leader.
+
+        Returns the ``(first, last)`` indexes given to them, or ``None`` when they were forwarded
+        to the leader. Raises :class:`NotLeaderError` (with the leader hint) when this node cannot
+        take them, and :class:`ProposalDroppedError` during a leadership transfer.
+        """
+        if not payloads:
+            raise ValueError("propose needs at least one payload")
+        if self.role is not Role.LEADER:
+            if self.cfg.forward_proposals and self.lead is not None:
+                self._send(Message(MsgType.PROP, self.id, self.lead, self.term, payloads=list(payloads)))
+                return None
+            raise NotLeaderError(self.lead)
+        if self.lead_transferee is not None:
+            raise ProposalDroppedError(f"leadership is being transferred to node {self.lead_transferee}")
+        return self._append_as_leader(payloads)
+
+    def read_index(self, context: int, *, lease: bool = False) -> None:
+        """Asks for a linearizable read identified by ``context`` (unique per node).
+
+        The read comes back in :attr:`Ready.reads` once this node has applied the read index, or
+        in :attr:`Ready.failed_reads` if leadership changed first. With ``lease`` (which requires
+        ``lease_reads``), a leader inside its lease answers without a heartbeat round.
+        """
+        if lease and not self.cfg.lease_reads:
+            raise ValueError("lease reads are disabled (RaftConfig.lease_reads)")
+        if self.role is Role.LEADER:
+            self._handle_read_request(self.id, context, lease)
+        elif self.lead is not None:
+            self._forwarded_reads.add(context)
+            self._send(Message(MsgType.READ_INDEX, self.id, self.lead, self.term, context=context))
+        else:
+            self._failed_reads.append(context)
+
+    def transfer_leadership(self, target: int | None = None) -> int:
+        """Hands leadership to ``target`` (default: the most up-to-date other voter) with
+        TimeoutNow. Proposals are refused until it completes or times out. Returns the target."""
+        if self.role is not Role.LEADER:
+            raise NotLeaderError(self.lead)
+        others = [v for v in sorted(self.conf.voters) if v != self.id]
+        if target is None:
+            if not others:
+                raise ValueError("no other voter to transfer leadership to")
+            target = max(others, key=lambda v: (self.progress[v].match, -v))
+        if target not in others:
+            raise ValueError(f"node {target} is not another voter of this cluster")
+        self.lead_transferee = target
+        self._election_elapsed = 0  # the transfer is abandoned after one election timeout
+        if self.progress[target].match == self.store.last_index():
+            self._send(Message(MsgType.TIMEOUT_NOW, self.id, target, self.term))
+        else:
+            self._send_append(target)
+        return target
+
+    def synced(self, seq: int, durable_index: int) -> None:
+        """The driver made the store durable for sync ``seq``; the log is durable to here."""
+        self._synced_seq = max(self._synced_seq, seq)
+        self.durable = durable_index
+        if self._held:
+            still: list[tuple[int, Message]] = []
+            for need, m in self._held:
+                if need <= self._synced_seq:
+                    self._msgs.append(m)
+                else:
+                    still.append((need, m))
+            self._held = still
+        if self.role is Role.LEADER:
+            self.progress[self.id].match = durable_index
+            if self._maybe_commit():
+                self._broadcast_append()
+
+    def applied_to(self, index: int) -> None:
+        """The state machine has applied every entry up to ``index``."""
+        self.applied = max(self.applied, index)
+
+    def step(self, m: Message) -> None:
+        """Processes one message from a peer."""
+        if m.term > self.term:
+            if m.type in VOTE_TYPES:
+                forced = m.context == TRANSFER_CONTEXT
+                in_lease = (
+                    self.cfg.check_quorum
+                    and self.lead is not None
+                    and self._election_elapsed < self.cfg.election_ticks
+                )
+                if in_lease and not forced:
+                    # A leader was heard recently: a disruptive (partitioned, rejoining) node
+                    # must not depose it. Not even the term moves.
+                    return
+            if m.type is MsgType.PRE_VOTE or (m.type is MsgType.PRE_VOTE_RESP and not m.reject):
+                pass  # pre-votes are asked and granted for a future term, without moving to it
+            else:
+                self._become_follower(m.term, m.src if m.type in LEADER_TYPES else None)
+        elif m.term < self.term:
+            if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (MsgType.APP, MsgType.HEARTBEAT):
+                # Tell a stale leader about the newer term so that it steps down.
+                self._send(Message(MsgType.APP_RESP, self.id, m.src, self.term))
+            elif m.type is MsgType.PRE_VOTE:
+                self._send(Message(MsgType.PRE_VOTE_RESP, self.id, m.src, self.term, reject=True))
+            return
+
+        if m.type in VOTE_TYPES:
+            self._handle_vote_request(m)
+        elif self.role is Role.LEADER:
+            self._step_leader(m)
+        elif self.role in (Role.CANDIDATE, Role.PRE_CANDIDATE):
+            self._step_candidate(m)
+        else:
+            self._step_follower(m)
+
+    # ------------------------------------------------------------------------------------------
+    # Output
+    # ------------------------------------------------------------------------------------------
+
+    def ready(self) -> Ready:
+        """Collects what the driver must do now (see :class:`Ready` for the order)."""
+        rd = Ready()
+        hs = (self.term, self.vote, self.commit)
+        if hs != self._saved_hs:
+            # A commit-only change rides along with the next sync: losing it is harmless.
+            self.store.save_hard_state(HardState(*hs))
+            self._saved_hs = hs
+        if self._writes_pending:
+            self._writes_pending = False
+            self._sync_seq += 1
+            rd.sync = self._sync_seq
+        rd.messages, self._msgs = self._msgs, []
+        hi = min(self.commit, self.durable)
+        if hi > self._apply_dispatched:
+            rd.committed = self.store.entries(self._apply_dispatched + 1, hi + 1, _MAX_APPLY_BYTES)
+            self._apply_dispatched = rd.committed[-1].index
+        if self._pending_reads:
+            rd.reads = [r for r in self._pending_reads if r.index <= self.applied]
+            if rd.reads:
+                self._pending_reads = [r for r in self._pending_reads if r.index > self.applied]
+        rd.failed_reads, self._failed_reads = self._failed_reads, []
+        rd.snapshot_needed, self._snapshot_needed = self._snapshot_needed, []
+        soft = self.soft_state()
+        if soft != self._reported_soft:
+            rd.soft_state = self._reported_soft = soft
+        return rd
+
+    def has_ready(self) -> bool:
+        """Whether :meth:`ready` would return anything."""
+        return bool(
+            self._msgs
+            or self._writes_pending
+            or min(self.commit, self.durable) > self._apply_dispatched
+            or any(r.index <= self.applied for r in self._pending_reads)
+            or self._failed_reads
+            or self._snapshot_needed
+            or self.soft_state() != self._reported_soft
+            or (self.term, self.vote, self.commit) != self._saved_hs
+        )
+
+    def soft_state(self) -> SoftState:
+        return SoftState(self.lead, self.role, self.term)
+
+    # ------------------------------------------------------------------------------------------
+    # Roles
+    # ------------------------------------------------------------------------------------------
+
+    def _promotable(self) -> bool:
+        return self.cfg.can_vote and self.id in self.conf.voters
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = None
+            self._vote_needs = self._sync_seq + 1
+            self._writes_pending = True
+        self.lead = None
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_timeout = self.cfg.election_ticks + self._rng.randrange(self.cfg.election_ticks)
+        self._votes = {}
+        self.lead_transferee = None
+        self._fail_leader_reads()
+
+    def _become_follower(self, term: int, lead: int | None) -> None:
+        self._reset(term)
+        self.role = Role.FOLLOWER
+        self.lead = lead
+        self.progress = {}
+
+    def _become_pre_candidate(self) -> None:
+        # No term change and no vote: a pre-campaign that fails leaves no trace.
+        self._votes = {}
+        self.role = Role.PRE_CANDIDATE
+        self.lead = None
+        self.progress = {}
+
+    def _become_candidate(self) -> None:
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+        self.progress = {}
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.role = Role.LEADER
+        self.lead = self.id
+        last = self.store.last_index()
+        self.progress = {p: Progress(next=last + 1) for p in self._peers_and_self()}
+        me = self.progress[self.id]
+        me.match = self.durable
+        me.become_replicate()
+        for p in self.progress.values():
+            p.recent_active = True
+            p.last_heard_tick = self._ticks
+        # Entries of earlier terms commit only through an entry of this term (§5.4.2).
+        self._append_as_leader([NOOP_PAYLOAD])
+
+    def _peers_and_self(self) -> list[int]:
+        return sorted(self.conf.voters | self.learners | {self.id})
+
+    def _campaign(self, *, pre: bool, transfer: bool = False) -> None:
+        if not self._promotable():
+            return
+        if pre:
+            self._become_pre_candidate()
+            term, kind = self.term + 1, MsgType.PRE_VOTE
+        else:
+            self._become_candidate()
+            term, kind = self.term, MsgType.VOTE
+        self._votes = {self.id: True}
+        if self._tally() is VoteResult.WON:
+            self._won_election(pre)
+            return
+        last = self.store.last_index()
+        last_term = self.store.term(last)
+        for v in sorted(self.conf.voters):
+            if v != self.id:
+                context = TRANSFER_CONTEXT if transfer else 0
+                self._send(Message(kind, self.id, v, term, index=last, log_term=last_term, context=context))
+
+    def _won_election(self, pre: bool) -> None:
+        if pre:
+            self._campaign(pre=False)
+        else:
+            self._become_leader()
+
+    def _tally(self) -> VoteResult:
+        return self.conf.vote_result(self._votes)
+
+    # ------------------------------------------------------------------------------------------
+    # Messages by role
+    # ------------------------------------------------------------------------------------------
+
+    def _handle_vote_request(self, m: Message) -> None:
+        resp = MsgType.VOTE_RESP if m.type is MsgType.VOTE else MsgType.PRE_VOTE_RESP
+        can_vote = (
+            self.vote == m.src
+            or (self.vote is None and self.lead is None)
+            or (m.type is MsgType.PRE_VOTE and m.term > self.term)
+        )
+        last = self.store.last_index()
+        last_term = self.store.term(last)
+        up_to_date = m.log_term > last_term or (m.log_term == last_term and m.index >= last)
+        if self.cfg.can_vote and can_vote and up_to_date:
+            if m.type is MsgType.VOTE:
+                self._election_elapsed = 0
+                self.vote = m.src
+                self._vote_needs = self._sync_seq + 1
+                self._writes_pending = True
+            self._send(Message(resp, self.id, m.src, m.term))
+        else:
+            self._send(Message(resp, self.id, m.src, self.term, reject=True))
+
+    def _step_candidate(self, m: Message) -> None:
+        t = m.type
+        if t in (MsgType.APP, MsgType.HEARTBEAT):
+            self._become_follower(m.term, m.src)
+            self._step_follower(m)
+        elif t is MsgType.PROP or t is MsgType.READ_INDEX:
+            self._reject_unserved(m)
+        elif (t is MsgType.VOTE_RESP and self.role is Role.CANDIDATE) or (
+            t is MsgType.PRE_VOTE_RESP and self.role is Role.PRE_CANDIDATE
+        ):
+            self._votes.setdefault(m.src, not m.reject)
+            result = self._tally()
+            if result is VoteResult.WON:
+                self._won_election(self.role is Role.PRE_CANDIDATE)
+            elif result is VoteResult.LOST:
+                self._become_follower(self.term, None)
+
+    def _step_follower(self, m: Message) -> None:
+        t = m.type
+        if t is MsgType.APP:
+            self._election_elapsed = 0
+            self.lead = m.src
+            self._handle_append(m)
+        elif t is MsgType.HEARTBEAT:
+            self._election_elapsed = 0
+            self.lead = m.src
+            self.commit = max(self.commit, min(m.commit, self.store.last_index()))
+            self._send(
+                Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term, index=m.index, context=m.context)
+            )
+        elif t is MsgType.TIMEOUT_NOW:
+            self._campaign(pre=False, transfer=True)
+        elif t is MsgType.READ_INDEX_RESP:
+            if m.context in self._forwarded_reads:
+                self._forwarded_reads.discard(m.context)
+                if m.reject:
+                    self._failed_reads.append(m.context)
+                else:
+                    self._pending_reads.append(ReadState(m.context, m.index))
+        elif t is MsgType.PROP:
+            if self.lead is not None and self.cfg.forward_proposals:
+                self._send(Message(MsgType.PROP, self.id, self.lead, self.term, payloads=m.payloads))
+        elif t is MsgType.READ_INDEX:
+            self._reject_unserved(m)
+
+    def _reject_unserved(self, m: Message) -> None:
+        if m.type is MsgType.READ_INDEX:
+            self._send(
+                Message(MsgType.READ_INDEX_RESP, self.id, m.src, self.term, context=m.context, reject=True)
+            )
+        # Forwarded proposals that reach a non-leader are dropped; the proposer's deadline and
+        # retry (with its session sequence) take care of them.
+
+    def _step_leader(self, m: Message) -> None:
+        t = m.type
+        pr = self.progress.get(m.src)
+        if t is MsgType.PROP:
+            if self.lead_transferee is None:
+                self._append_as_leader(m.payloads)
+            return
+        if pr is None:
+            return  # not (or no longer) a member
+        if t in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP, MsgType.READ_INDEX):
+            pr.recent_active = True
+        if t is MsgType.APP_RESP:
+            self._handle_append_response(m, pr)
+        elif t is MsgType.HEARTBEAT_RESP:
+            # The lease counts from when the answered heartbeat was *sent*: the follower reset
+            # its election timer no earlier than that.
+            pr.last_heard_tick = max(pr.last_heard_tick, m.index)
+            if pr.match < self.store.last_index():
+                pr.probe_sent = False
+                self._send_append(m.src)
+            if m.context:
+                self._ack_read_rounds(m.src, m.context)
+        elif t is MsgType.READ_INDEX:
+            self._handle_read_request(m.src, m.context, False)
+
+    # ------------------------------------------------------------------------------------------
+    # Replication
+    # ------------------------------------------------------------------------------------------
+
+    def _append_as_leader(self, payloads: Sequence[bytes]) -> tuple[int, int]:
+        first = self.store.last_index() + 1
+        term = self.term
+        self.store.append([Entry(first + i, term, p) for i, p in enumerate(payloads)])
+        self._log_needs = self._sync_seq + 1
+        self._writes_pending = True
+        last = first + len(payloads) - 1
+        self._broadcast_append()
+        return first, last
+
+    def _handle_append(self, m: Message) -> None:
+        if m.index < self.commit:
+            # Everything up to our commit index is known to match the leader.
+            self._send(Message(MsgType.APP_RESP, self.id, m.src, self.term, index=self.commit))
+            return
+        if self._match_term(m.index, m.log_term):
+            last_new = m.index + len(m.entries)
+            if m.entries:
+                self._append_from_leader(m)
+            self.commit = max(self.commit, min(m.commit, last_new))
+            self._send(Message(MsgType.APP_RESP, self.id, m.src, self.term, index=last_new))
+            return
+        hint = min(m.index, self.store.last_index())
+        hint, hint_term = self._find_conflict_by_term(hint, m.log_term)
+        self._send(
+            Message(
+                MsgType.APP_RESP,
+                self.id,
+                m.src,
+                self.term,
+                index=m.index,
+                reject=True,
+                reject_hint=hint,
+                log_term=hint_term,
+            )
+        )
+
+    def _append_from_leader(self, m: Message) -> None:
+        entries = m.entries
+        last = self.store.last_index()
+        start = 0
+        if entries[0].index <= last:
+            # Skip what we already hold; truncate at the first entry that conflicts (Figure 7).
+            while start < len(entries) and entries[start].index <= last:
+                e = entries[start]
+                if self.store.term(e.index) != e.term:
+                    if e.index <= self.commit:
+                        raise AssertionError(
+                            f"node {self.id}: leader {m.src} conflicts with committed entry {e.index}"
+                        )
+                    self.store.truncate_suffix(e.index)
+                    self.durable = min(self.durable, e.index - 1)
+                    self._apply_dispatched = min(self._apply_dispatched, e.index - 1)
+                    break
+                start += 1
+        if start < len(entries):
+            self.store.append(entries[start:] if start else entries)
+            self._log_needs = self._sync_seq + 1
+            self._writes_pending = True
+
+    def _match_term(self, index: int, term: int) -> bool:
+        try:
+            return self.store.term(index) == term
+        except (LogIndexError, LogCompactedError):
+            return False
+
+    def _find_conflict_by_term(self, index: int, term: int) -> tuple[int, int]:
+        """The largest index <= ``index`` whose term is <= ``term``, and that term: where the
+        two logs may agree, so the leader can skip a whole term per round trip."""
+        first = self.store.first_index()
+        while index >= first:
+            t = self.store.term(index)
+            if t <= term:
+                return index, t
+            index -= 1
+        return index, self.store.term(index) if index == first - 1 else 0
+
+    def _handle_append_response(self, m: Message, pr: Progress) -> None:
+        if m.reject:
+            if pr.state is ProgressState.REPLICATE and m.index <= pr.match:
+                return  # stale rejection of something already acked
+            if pr.state is ProgressState.PROBE and m.index != pr.next - 1:
+                return  # answer to an older probe
+            probe = m.reject_hint
+            if m.log_term > 0:
+                probe, _ = self._find_conflict_by_term(m.reject_hint, m.log_term)
+            pr.become_probe()
+            pr.next = max(min(m.index, probe + 1), pr.match + 1)
+            self._send_append(m.src)
+            return
+        was_paused = pr.is_paused(self.cfg.max_inflight)
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
+            pr.become_probe()
+            pr.become_replicate()
+        if self._maybe_commit():
+            self._broadcast_append()
+        elif was_paused:
+            self._send_append(m.src)
+        while self._send_append(m.src, allow_empty=False):
+            pass
+        if m.src == self.lead_transferee and pr.match == self.store.last_index():
+            self._send(Message(MsgType.TIMEOUT_NOW, self.id, m.src, self.term))
+
+    def _send_append(self, to: int, *, allow_empty: bool = True) -> bool:
+        pr = self.progress[to]
+        if pr.is_paused(self.cfg.max_inflight):
+            return False
+        last = self.store.last_index()
+        prev = pr.next - 1
+        try:
+            prev_term = self.store.term(prev)
+            entries: list[Entry] = []
+            if pr.next <= last:
+                hi = min(last + 1, pr.next + self.cfg.max_batch_entries)
+                entries = self.store.entries(pr.next, hi, self.cfg.max_batch_bytes)
+        except LogCompactedError:
+            pr.become_snapshot(self.store.first_index() - 1)
+            self._snapshot_needed.append(to)
+            return False
+        if not entries and not allow_empty:
+            return False
+        self._send(
+            Message(
+                MsgType.APP,
+                self.id,
+                to,
+                self.term,
+                index=prev,
+                log_term=prev_term,
+                entries=entries,
+                commit=self.commit,
+            )
+        )
+        if pr.state is ProgressState.REPLICATE:
+            if entries:
+                pr.next = entries[-1].index + 1
+                pr.inflight.append(entries[-1].index)
+        else:
+            pr.probe_sent = True
+        return True
+
+    def _broadcast_append(self) -> None:
+        for p in self.progress:
+            if p != self.id and self._send_append(p):
+                # A follower in REPLICATE takes a pipeline of batches, up to the in-flight window.
+                while self._send_append(p, allow_empty=False):
+                    pass
+
+    def _broadcast_heartbeat(self, context: int) -> None:
+        for p, pr in self.progress.items():
+            if p != self.id:
+                commit = min(pr.match, self.commit)
+                self._send(
+                    Message(
+                        MsgType.HEARTBEAT,
+                        self.id,
+                        p,
+                        self.term,
+                        index=self._ticks,
+                        commit=commit,
+                        context=context,
+                    )
+                )
+
+    def _maybe_commit(self) -> bool:
+        acked = {v: self.progress[v].match for v in self.conf.voters if v in self.progress}
+        index = self.conf.committed_index(acked)
+        # Only an entry of the current term commits by counting replicas (§5.4.2, Figure 8);
+        # earlier entries commit with it.
+        if index > self.commit and self.store.term(index) == self.term:
+            self.commit = index
+            self._on_commit_in_term()
+            return True
+        return False
+
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._election_elapsed >= self.cfg.election_ticks:
+            self._election_elapsed = 0
+            if self.cfg.check_quorum:
+                active = {v: self.progress[v].recent_active or v == self.id for v in self.conf.voters}
+                for p in self.progress.values():
+                    p.recent_active = False
+                if self.conf.vote_result(active) is not VoteResult.WON:
+                    self._become_follower(self.term, None)
+                    return
+            self.lead_transferee = None  # a transfer that took a whole election timeout failed
+        if self._heartbeat_elapsed >= self.cfg.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._broadcast_heartbeat(self._read_seq if self._read_rounds else 0)
+
+    # ------------------------------------------------------------------------------------------
+    # Reads
+    # ------------------------------------------------------------------------------------------
+
+    def _committed_in_term(self) -> bool:
+        return self.store.term(self.commit) == self.term
+
+    def _lease_valid(self) -> bool:
+        heard = {
+            v: v == self.id or self._ticks - self.progress[v].last_heard_tick < self.cfg.lease_ticks
+            for v in self.conf.voters
+        }
+        return self.conf.vote_result(heard) is VoteResult.WON
+
+    def _handle_read_request(self, src: int, context: int, lease: bool) -> None:
+        if not self._committed_in_term():
+            # Our commit index may lag the previous leader's until our no-op commits.
+            self._read_blocked.append((src, context, lease))
+            return
+        if (lease and self._lease_valid()) or self.conf.voters == frozenset({self.id}):
+            self._release_read(src, context, self.commit)
+            return
+        self._read_waiting.append((src, context))
+        if not self._read_rounds:
+            self._start_read_round()
+
+    def _start_read_round(self) -> None:
+        self._read_seq += 1
+        self._read_rounds[self._read_seq] = _ReadRound(self.commit, self._read_waiting, {self.id})
+        self._read_waiting = []
+        self._broadcast_heartbeat(self._read_seq)
+
+    def _ack_read_rounds(self, src: int, context: int) -> None:
+        done = 0
+        for seq, rnd in self._read_rounds.items():
+            if seq > context:
+                break
+            rnd.acks.add(src)
+            if self.conf.vote_result(dict.fromkeys(rnd.acks, True)) is VoteResult.WON:
+                done = seq
+        if not done:
+            return
+        # A confirmed round confirms every earlier one too.
+        for seq in [s for s in self._read_rounds if s <= done]:
+            rnd = self._read_rounds.pop(seq)
+            for req_src, req_ctx in rnd.requests:
+                self._release_read(req_src, req_ctx, rnd.index)
+        if self._read_waiting and not self._read_rounds:
+            self._start_read_round()
+
+    def _release_read(self, src: int, context: int, index: int) -> None:
+        if src == self.id:
+            self._pending_reads.append(ReadState(context, index))
+        else:
+            self._send(
+                Message(MsgType.READ_INDEX_RESP, self.id, src, self.term, index=index, context=context)
+            )
+
+    def _on_commit_in_term(self) -> None:
+        if self._read_blocked and self._committed_in_term():
+            blocked, self._read_blocked = self._read_blocked, []
+            for src, ctx, lease in blocked:
+                self._handle_read_request(src, ctx, lease)
+
+    def _fail_leader_reads(self) -> None:
+        requests = [(s, c) for s, c, _ in self._read_blocked] + self._read_waiting
+        for rnd in self._read_rounds.values():
+            requests.extend(rnd.requests)
+        self._read_blocked, self._read_waiting, self._read_rounds = [], [], {}
+        for src, ctx in requests:
+            if src == self.id:
+                self._failed_reads.append(ctx)
+            else:
+                self._send(
+                    Message(MsgType.READ_INDEX_RESP, self.id, src, self.term, context=ctx, reject=True)
+                )
+        # Reads forwarded to a leader we no longer follow will never be answered.
+        self._failed_reads.extend(sorted(self._forwarded_reads))
+        self._forwarded_reads.clear()
+
+    # ------------------------------------------------------------------------------------------
+    # Sending
+    # ------------------------------------------------------------------------------------------
+
+    def _send(self, m: Message) -> None:
+        # A message may leave only once what it vouches for is durable: everything sent in a
+        # term (or after a vote) not yet on disk, and any ack of entries not yet on disk.
+        need = self._vote_needs
+        if m.type is MsgType.APP_RESP and not m.reject and self._log_needs > need:
+            need = self._log_needs
+        if need > self._synced_seq:
+            self._held.append((need, m))
+        else:
+            self._msgs.append(m)

@@ -1,0 +1,63 @@
+"""The envelope of every log entry's payload: what kind of entry it is.
+
+The first byte says how to read the rest. It is an explicit binary format, never pickle.
+
+* ``NOOP``: the empty entry a new leader appends to commit entries of earlier terms (§5.4.2).
+* ``COMMAND``: a user command, passed to the state machine as is.
+* ``SESSION_COMMAND``: a command carrying ``(client id, sequence)``, applied at most once per
+  sequence number (Raft thesis §6.3): a retried proposal gets the first result back.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+_SESSION = struct.Struct("<BQQ")
+
+
+class Kind(enum.IntEnum):
+    NOOP = 0
+    COMMAND = 1
+    SESSION_COMMAND = 2
+
+
+NOOP_PAYLOAD = bytes([Kind.NOOP])
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    kind: Kind
+    command: bytes
+    client_id: int = 0
+    sequence: int = 0
+
+
+def command(data: bytes) -> bytes:
+    """Wraps a plain user command."""
+    return b"\x01" + data
+
+
+def session_command(client_id: int, sequence: int, data: bytes) -> bytes:
+    """Wraps a command that must be applied at most once for ``(client_id, sequence)``."""
+    if client_id <= 0 or sequence <= 0:
+        raise ValueError("client_id and sequence must be positive")
+    return _SESSION.pack(Kind.SESSION_COMMAND, client_id, sequence) + data
+
+
+def decode(payload: bytes) -> Decoded:
+    """Reads an envelope; raises ValueError on a payload no dengine version wrote."""
+    if not payload:
+        raise ValueError("empty entry payload")
+    kind = payload[0]
+    if kind == Kind.COMMAND:
+        return Decoded(Kind.COMMAND, payload[1:])
+    if kind == Kind.NOOP:
+        return Decoded(Kind.NOOP, b"")
+    if kind == Kind.SESSION_COMMAND:
+        if len(payload) < _SESSION.size:
+            raise ValueError("truncated session command")
+        _, client_id, sequence = _SESSION.unpack_from(payload)
+        return Decoded(Kind.SESSION_COMMAND, payload[_SESSION.size :], client_id, sequence)
+    raise ValueError(f"unknown entry kind {kind}")

@@ -1,0 +1,144 @@
+"""Raft's safety properties (Figure 3 of the paper), checked while a simulation runs.
+
+* Election safety: at most one leader per term.
+* Log matching: two logs with an entry of the same index and term agree on every entry up to it.
+* Leader completeness: a leader's log holds every entry committed before its term began.
+* State machine safety: no two nodes apply different entries at one index.
+* A committed entry is never lost: it stays durable on a majority.
+* Term, commit index and applied index never go backwards within a node's life.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dengine._core import Entry
+from dengine.errors import DengineError
+from dengine.raft import Ready, Role
+
+if TYPE_CHECKING:
+    from dengine.testing.sim import SimCluster, SimNode
+
+
+class SimulationFailure(AssertionError):
+    """A safety property broke (or a run could not make progress); the message says which and
+    how to replay the run."""
+
+
+class InvariantChecker:
+    """Watches a :class:`~dengine.testing.sim.SimCluster` and fails the run on the first violation."""
+
+    def __init__(self, cluster: SimCluster) -> None:
+        self.cluster = cluster
+        self.leaders: dict[int, int] = {}
+        self.committed: dict[int, tuple[int, bytes]] = {}
+        self.applied: dict[int, tuple[int, bytes]] = {}
+        self._seen: dict[int, tuple[int, int, int, int]] = {}  # node -> (incarnation, term, commit, applied)
+        self._checks = 0
+
+    def fail(self, what: str) -> None:
+        raise SimulationFailure(
+            f"{what} (seed {self.cluster.seed}, at {self.cluster.now:.1f} ms virtual time; "
+            f"replay: DENGINE_SIM_SEED={self.cluster.seed} "
+            "python -m pytest tests/test_simulation.py -k replay)"
+        )
+
+    def on_ready(self, node: SimNode, rd: Ready) -> None:
+        raft = node.raft
+        assert raft is not None
+        prev = self._seen.get(node.id)
+        if prev is not None and prev[0] == node.incarnation:
+            _, term, commit, applied = prev
+            if raft.term < term or raft.commit < commit or raft.applied < applied:
+                self.fail(
+                    f"node {node.id} went backwards: term {term}->{raft.term}, "
+                    f"commit {commit}->{raft.commit}, applied {applied}->{raft.applied}"
+                )
+        if prev is not None and raft.term < prev[1]:
+            self.fail(f"node {node.id} restarted with term {raft.term} below its durable term {prev[1]}")
+        self._seen[node.id] = (node.incarnation, raft.term, raft.commit, raft.applied)
+
+        if rd.soft_state is not None and rd.soft_state.role is Role.LEADER:
+            self._on_new_leader(node)
+        old_commit = prev[2] if prev is not None and prev[0] == node.incarnation else 0
+        if raft.commit > old_commit:
+            self._record_committed(node, max(old_commit + 1, raft.store.first_index()), raft.commit)
+        self._checks += 1
+        if self._checks % 2000 == 0:
+            self.check_log_matching()
+
+    def _on_new_leader(self, node: SimNode) -> None:
+        raft = node.raft
+        assert raft is not None
+        other = self.leaders.setdefault(raft.term, node.id)
+        if other != node.id:
+            self.fail(f"two leaders in term {raft.term}: nodes {other} and {node.id}")
+        store = raft.store
+        for index, (term, data) in self.committed.items():
+            if index < store.first_index():
+                continue
+            if index > store.last_index() or self._entry(node, index) != (term, data):
+                self.fail(f"leader {node.id} of term {raft.term} lacks committed entry {index} (term {term})")
+
+    def _entry(self, node: SimNode, index: int) -> tuple[int, bytes] | None:
+        try:
+            (e,) = node.store.entries(index, index + 1)
+        except DengineError:
+            return None
+        return e.term, e.data
+
+    def _record_committed(self, node: SimNode, lo: int, hi: int) -> None:
+        for e in node.store.entries(lo, hi + 1):
+            known = self.committed.setdefault(e.index, (e.term, e.data))
+            if known != (e.term, e.data):
+                self.fail(
+                    f"entry {e.index} committed twice with different contents: term {known[0]} and term "
+                    f"{e.term} (node {node.id})"
+                )
+
+    def on_apply(self, node: SimNode, entry: Entry) -> None:
+        known = self.applied.setdefault(entry.index, (entry.term, entry.data))
+        if known != (entry.term, entry.data):
+            self.fail(f"node {node.id} applied a different entry at index {entry.index} than another node")
+        committed = self.committed.get(entry.index)
+        if committed is not None and committed != (entry.term, entry.data):
+            self.fail(f"node {node.id} applied entry {entry.index} that differs from the committed one")
+
+    def on_crash(self, node: SimNode) -> None:
+        self.check_durable_quorum()
+
+    def check_durable_quorum(self) -> None:
+        """Every committed entry must survive on a majority of the disks, whatever crashes next."""
+        nodes = list(self.cluster.nodes.values())
+        majority = len(nodes) // 2 + 1
+        durable = []
+        for n in nodes:
+            entries = n.store.durable_entries()
+            durable.append({e.index: (e.term, e.data) for e in entries})
+        for index, value in self.committed.items():
+            holders = sum(1 for d in durable if d.get(index) == value)
+            compacted = sum(1 for n in nodes if index < n.store.first_index())
+            if holders + compacted < majority:
+                self.fail(f"committed entry {index} is durable on only {holders} of {len(nodes)} disks")
+
+    def check_log_matching(self) -> None:
+        logs = []
+        for n in self.cluster.nodes.values():
+            first = n.store.first_index()
+            logs.append((n.id, first, n.store.entries(first, n.store.last_index() + 1)))
+        for i, (a_id, a_first, a) in enumerate(logs):
+            for b_id, b_first, b in logs[i + 1 :]:
+                lo = max(a_first, b_first)
+                hi = min(a_first + len(a), b_first + len(b)) - 1
+                last_same = 0
+                for index in range(hi, lo - 1, -1):
+                    if a[index - a_first].term == b[index - b_first].term:
+                        last_same = index
+                        break
+                for index in range(lo, last_same + 1):
+                    ea, eb = a[index - a_first], b[index - b_first]
+                    if (ea.term, ea.data) != (eb.term, eb.data):
+                        self.fail(
+                            f"log matching broken: nodes {a_id} and {b_id} agree on entry {last_same} "
+                            f"but differ at {index}"
+                        )

@@ -1,0 +1,307 @@
+"""A deterministic simulated Raft cluster on virtual time.
+
+Every node runs the real protocol core (:class:`dengine.raft.Raft`) and applies entries to a real
+state machine; only the world around it is simulated: a network with per-link delay, loss,
+duplication, reordering and partitions; disks whose unsynced writes vanish on a crash; clocks.
+Everything random comes from one seed, so a run replays bit for bit.
+
+While it runs, :class:`~dengine.testing.invariants.InvariantChecker` watches every node and raises
+:class:`SimulationFailure` the moment a Raft safety property breaks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dengine._core import Entry
+from dengine.errors import DengineError, NotLeaderError, ProposalDroppedError
+from dengine.raft import Message, Raft, RaftConfig, Role, payload
+from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry
+from dengine.state_machine import StateMachine
+from dengine.testing.invariants import InvariantChecker, SimulationFailure
+from dengine.testing.simstore import SimLogStore
+
+__all__ = ["NetworkConfig", "SimCluster", "SimNode", "SimulationFailure"]
+
+
+@dataclass(slots=True)
+class NetworkConfig:
+    """Link behaviour. Delays are in virtual milliseconds."""
+
+    min_delay: float = 0.5
+    max_delay: float = 3.0
+    drop: float = 0.0
+    duplicate: float = 0.0
+    disk_latency: float = 0.3
+    tick_ms: float = 10.0
+
+
+@dataclass(slots=True)
+class _Waiter:
+    on_done: Callable[[Applied], None]
+
+
+@dataclass(slots=True)
+class SimNode:
+    """One simulated machine: its disk survives crashes, everything else does not."""
+
+    id: int
+    store: SimLogStore
+    make_state_machine: Callable[[], StateMachine]
+    config: RaftConfig
+    raft: Raft | None = None
+    sm: Any = None
+    sessions: SessionTable = field(default_factory=SessionTable)
+    incarnation: int = 0
+    write_waiters: dict[tuple[int, int], list[_Waiter]] = field(default_factory=dict)
+    read_waiters: dict[int, Callable[[bool], None]] = field(default_factory=dict)
+    next_read_ctx: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.raft is not None
+
+
+class SimCluster:
+    """A cluster of ``n`` voters driven on virtual time by one seeded event queue."""
+
+    def __init__(
+        self,
+        n: int = 3,
+        *,
+        seed: int = 0,
+        state_machine: Callable[[], StateMachine],
+        network: NetworkConfig | None = None,
+        raft_options: dict[str, Any] | None = None,
+        check_invariants: bool = True,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.net = network or NetworkConfig()
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+        self._blocked: set[tuple[int, int]] = set()
+        ids = list(range(1, n + 1))
+        voters = frozenset(ids)
+        opts = dict(raft_options or {})
+        self.nodes: dict[int, SimNode] = {
+            i: SimNode(i, SimLogStore(), state_machine, RaftConfig(id=i, voters=voters, **opts)) for i in ids
+        }
+        self.checker = InvariantChecker(self) if check_invariants else None
+        self.messages_sent = 0
+        for node in self.nodes.values():
+            self._start(node)
+
+    # --- event queue ----------------------------------------------------------------------------
+
+    def schedule(self, delay: float, action: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + delay, self._seq, action))
+
+    def run_until(self, t: float) -> None:
+        """Runs every event up to virtual time ``t``."""
+        while self._events and self._events[0][0] <= t:
+            when, _, action = heapq.heappop(self._events)
+            self.now = when
+            action()
+        self.now = max(self.now, t)
+
+    def run_for(self, ms: float) -> None:
+        self.run_until(self.now + ms)
+
+    def run_until_true(self, cond: Callable[[], bool], timeout: float, step: float = 5.0) -> bool:
+        deadline = self.now + timeout
+        while self.now < deadline:
+            if cond():
+                return True
+            self.run_for(step)
+        return cond()
+
+    # --- nodes ----------------------------------------------------------------------------------
+
+    def _start(self, node: SimNode) -> None:
+        node.incarnation += 1
+        node.sm = node.make_state_machine()
+        node.sessions = SessionTable()
+        node.write_waiters = {}
+        node.read_waiters = {}
+        config = node.config
+        if node.store.wiped:
+            # An empty disk in a cluster that exists: this node may have voted in terms it no
+            # longer remembers, so it must not vote again until an operator re-adds it.
+            config = RaftConfig(**{**_config_fields(config), "can_vote": False})
+        node.raft = Raft(config, node.store, seed=self.seed * 1_000_003 + node.incarnation)
+        incarnation = node.incarnation
+        phase = self.rng.uniform(0, self.net.tick_ms)
+        self.schedule(phase, lambda: self._tick(node, incarnation))
+
+    def _tick(self, node: SimNode, incarnation: int) -> None:
+        if node.raft is None or node.incarnation != incarnation:
+            return
+        node.raft.tick()
+        self._drive(node)
+        self.schedule(self.net.tick_ms, lambda: self._tick(node, incarnation))
+
+    def crash(self, node_id: int) -> None:
+        """Kills a node: its unsynced writes are lost, its in-memory state is gone."""
+        node = self.nodes[node_id]
+        if node.raft is None:
+            return
+        node.raft = None
+        node.sm = None
+        node.store.crash()
+        node.incarnation += 1
+        for waiters in node.write_waiters.values():
+            for w in waiters:
+                w.on_done(Applied(0, Outcome.STALE, error="node crashed"))
+        for cb in node.read_waiters.values():
+            cb(False)
+        node.write_waiters, node.read_waiters = {}, {}
+        if self.checker:
+            self.checker.on_crash(node)
+
+    def restart(self, node_id: int, *, wipe: bool = False) -> None:
+        """Starts a crashed node again from its disk (or from an empty disk with ``wipe``)."""
+        node = self.nodes[node_id]
+        if node.raft is not None:
+            self.crash(node_id)
+        if wipe:
+            node.store.wipe()
+        self._start(node)
+
+    def leader(self) -> int | None:
+        """The live node that is leader in the highest term, if any."""
+        best: tuple[int, int] | None = None
+        for node in self.nodes.values():
+            raft = node.raft
+            if raft is not None and raft.role is Role.LEADER and (best is None or raft.term > best[0]):
+                best = (raft.term, node.id)
+        return best[1] if best else None
+
+    # --- network ----------------------------------------------------------------------------------
+
+    def partition(self, *groups: set[int]) -> None:
+        """Only nodes in the same group can talk; nodes in no group are cut off from all."""
+        self._blocked = {
+            (a, b)
+            for a in self.nodes
+            for b in self.nodes
+            if a != b and not any(a in g and b in g for g in groups)
+        }
+
+    def block(self, src: int, dst: int) -> None:
+        """Drops messages from ``src`` to ``dst`` (a one-way partition)."""
+        self._blocked.add((src, dst))
+
+    def heal(self) -> None:
+        self._blocked.clear()
+
+    def _send(self, m: Message) -> None:
+        self.messages_sent += 1
+        if (m.src, m.dst) in self._blocked or self.rng.random() < self.net.drop:
+            return
+        copies = 2 if self.rng.random() < self.net.duplicate else 1
+        for _ in range(copies):
+            delay = self.rng.uniform(self.net.min_delay, self.net.max_delay)
+            self.schedule(delay, lambda: self._deliver(m))
+
+    def _deliver(self, m: Message) -> None:
+        node = self.nodes[m.dst]
+        if node.raft is None:
+            return
+        node.raft.step(m)
+        self._drive(node)
+
+    # --- the driver loop: what a runtime does with each Ready ------------------------------------
+
+    def _drive(self, node: SimNode) -> None:
+        raft = node.raft
+        assert raft is not None
+        while raft.has_ready():
+            rd = raft.ready()
+            if rd.sync is not None:
+                node.store.begin_sync()
+                self._schedule_sync(node, rd.sync)
+            for m in rd.messages:
+                self._send(m)
+            if rd.committed:
+                self._apply(node, rd.committed)
+            for ctx, ok in [(r.context, True) for r in rd.reads] + [(c, False) for c in rd.failed_reads]:
+                done = node.read_waiters.pop(ctx, None)
+                if done:
+                    done(ok)
+            if self.checker:
+                self.checker.on_ready(node, rd)
+
+    def _apply(self, node: SimNode, entries: list[Entry]) -> None:
+        for entry in entries:
+            applied = apply_entry(entry, node.sessions, node.sm.apply)
+            if self.checker:
+                self.checker.on_apply(node, entry)
+            if applied.client_id:
+                for w in node.write_waiters.pop((applied.client_id, applied.sequence), []):
+                    w.on_done(applied)
+        assert node.raft is not None
+        node.raft.applied_to(entries[-1].index)
+
+    def _schedule_sync(self, node: SimNode, seq: int) -> None:
+        incarnation = node.incarnation
+        self.schedule(self.net.disk_latency, lambda: self._sync_done(node, incarnation, seq))
+
+    def _sync_done(self, node: SimNode, incarnation: int, seq: int) -> None:
+        if node.raft is None or node.incarnation != incarnation:
+            return
+        node.raft.synced(seq, node.store.complete_sync())
+        self._drive(node)
+
+    # --- client operations ------------------------------------------------------------------------
+
+    def submit_write(
+        self, node_id: int, client_id: int, sequence: int, command: bytes, on_done: Callable[[Applied], None]
+    ) -> str | None:
+        """Proposes a session command at ``node_id``; ``on_done`` runs when that node applies it.
+
+        Returns an error string (not leader, dropped, node down) when it was refused outright.
+        """
+        node = self.nodes[node_id]
+        if node.raft is None:
+            return "node is down"
+        try:
+            node.raft.propose([payload.session_command(client_id, sequence, command)])
+        except (NotLeaderError, ProposalDroppedError) as exc:
+            return str(exc)
+        node.write_waiters.setdefault((client_id, sequence), []).append(_Waiter(on_done))
+        self._drive(node)
+        return None
+
+    def submit_read(
+        self, node_id: int, on_done: Callable[[bool], None], *, lease: bool = False
+    ) -> str | None:
+        """Starts a linearizable read at ``node_id``; ``on_done(True)`` means the node's state
+        machine may now be read, ``on_done(False)`` that the read failed."""
+        node = self.nodes[node_id]
+        if node.raft is None:
+            return "node is down"
+        node.next_read_ctx += 1
+        ctx = node.next_read_ctx
+        node.read_waiters[ctx] = on_done
+        try:
+            node.raft.read_index(ctx, lease=lease)
+        except DengineError as exc:
+            node.read_waiters.pop(ctx, None)
+            return str(exc)
+        self._drive(node)
+        return None
+
+    def leader_hint(self, node_id: int) -> int | None:
+        node = self.nodes[node_id]
+        return node.raft.lead if node.raft is not None else None
+
+
+def _config_fields(config: RaftConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in RaftConfig.__dataclass_fields__}

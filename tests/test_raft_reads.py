@@ -1,0 +1,131 @@
+"""Linearizable reads: ReadIndex (thesis §6.4), lease reads (§6.4.1), follower reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from dengine.raft import MsgType
+
+from raft_harness import Cluster
+
+
+def test_read_index_waits_for_a_quorum_heartbeat_and_the_apply() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.propose(1, b"x")
+    c.hold_sync.add(2)
+    c.hold_sync.add(3)
+    c.nodes[1].read_index(7)
+    c.settle()
+    assert c.reads[1] == [(7, 2)], "the read index is the commit index when the read arrived"
+
+
+def test_reads_share_one_heartbeat_round() -> None:
+    c = Cluster(5)
+    c.elect(1)
+    c.sent.clear()
+    c.filters.append(lambda m: None if m.type is MsgType.HEARTBEAT_RESP else m)
+    for ctx in range(1, 51):
+        c.nodes[1].read_index(ctx)
+        c.settle()
+    heartbeats = [m for m in c.sent if m.type is MsgType.HEARTBEAT]
+    assert len(heartbeats) == 4, "50 reads while a round is in flight: still one round (4 heartbeats)"
+    c.heal()
+    c.tick_all(1)
+    assert sorted(ctx for ctx, _ in c.reads[1]) == list(range(1, 51))
+
+
+def test_a_read_is_released_only_after_the_read_index_is_applied() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.no_apply.add(1)  # the state machine falls behind the commit index
+    c.propose(1, b"a")
+    leader = c.nodes[1]
+    assert (leader.commit, leader.applied) == (2, 1)
+    leader.read_index(1)
+    c.settle()
+    assert c.reads[1] == [], "leadership is confirmed, but entry 2 is not applied yet"
+    leader.applied_to(2)
+    c.settle()
+    assert c.reads[1] == [(1, 2)]
+
+
+def test_a_new_leader_serves_reads_only_after_committing_in_its_term() -> None:
+    c = Cluster(3, check_quorum=False)
+    c.elect(1)
+    c.drop_type(MsgType.APP_RESP)  # the no-op cannot commit
+    c.elect(2)
+    assert c.nodes[2].commit < c.stores[2].last_index()
+    c.nodes[2].read_index(9)
+    c.settle()
+    assert c.reads[2] == []
+    c.heal()
+    c.tick_all(2)
+    assert [ctx for ctx, _ in c.reads[2]] == [9]
+
+
+def test_a_stale_isolated_leader_serves_no_linearizable_read() -> None:
+    c = Cluster(3, lease_reads=True, check_quorum=True, election_ticks=10, clock_drift_ticks=2)
+    c.elect(1)
+    c.tick_all(2)
+    c.isolate(1)
+    c.nodes[1].read_index(1)
+    c.tick_all(3)
+    assert c.reads[1] == [], "ReadIndex needs a quorum to answer"
+    # Past the lease, a lease read falls back to ReadIndex and is not served either.
+    c.tick_all(9)
+    c.nodes[1].read_index(2, lease=True)
+    c.tick_all(1)
+    assert c.reads[1] == []
+    # Meanwhile the majority elects a new leader; the old one steps down and fails the reads.
+    c.tick_all(30)
+    assert 1 not in c.leaders() and c.leaders()
+    assert sorted(c.failed_reads[1]) == [1, 2]
+
+
+def test_a_lease_read_inside_the_lease_needs_no_round_trip() -> None:
+    c = Cluster(3, lease_reads=True, check_quorum=True)
+    c.elect(1)
+    c.tick_all(1)
+    c.sent.clear()
+    c.nodes[1].read_index(5, lease=True)
+    c.process(1)
+    assert c.reads[1] == [(5, 1)]
+    assert not [m for m in c.sent if m.type is MsgType.HEARTBEAT]
+
+
+def test_lease_reads_require_check_quorum() -> None:
+    with pytest.raises(ValueError, match="check_quorum"):
+        Cluster(3, lease_reads=True, check_quorum=False)
+    c = Cluster(3)
+    c.elect(1)
+    with pytest.raises(ValueError, match="lease reads are disabled"):
+        c.nodes[1].read_index(1, lease=True)
+
+
+def test_followers_get_the_read_index_from_the_leader() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.propose(1, b"x")
+    c.nodes[3].read_index(4)
+    c.settle()
+    assert c.reads[3] == [(4, 2)]
+    assert [m for m in c.sent if m.type is MsgType.READ_INDEX and m.src == 3]
+
+
+def test_a_follower_read_fails_when_its_leader_goes_away() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.drop_type(MsgType.READ_INDEX_RESP)
+    c.nodes[3].read_index(4)
+    c.settle()
+    c.isolate(1)
+    c.tick_all(40)
+    assert c.failed_reads[3] == [4]
+
+
+def test_a_read_without_any_leader_fails_at_once() -> None:
+    c = Cluster(3)
+    c.nodes[2].read_index(1)
+    c.settle()
+    assert c.failed_reads[2] == [1]

@@ -1,0 +1,179 @@
+"""Log replication and commitment (Raft §5.3, §5.4.2, Figures 7 and 8)."""
+
+from __future__ import annotations
+
+from dengine.raft import Message, MsgType, Role
+from dengine.raft.progress import ProgressState
+
+from raft_harness import Cluster, make_store
+
+FIGURE_7_LEADER = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6]
+FIGURE_7_FOLLOWERS = {
+    "a": [1, 1, 1, 4, 4, 5, 5, 6, 6],
+    "b": [1, 1, 1, 4],
+    "c": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 6],
+    "d": [1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 7, 7],
+    "e": [1, 1, 1, 4, 4, 4, 4],
+    "f": [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],
+}
+
+
+def test_figure_7_the_leader_repairs_every_divergent_follower() -> None:
+    stores = {1: make_store(FIGURE_7_LEADER, term=7)}
+    for i, terms in enumerate(FIGURE_7_FOLLOWERS.values(), start=2):
+        stores[i] = make_store(terms, term=7)
+    c = Cluster(7, stores=stores, pre_vote=False)
+    leader = c.elect(1)
+    assert leader.term == 8
+    c.propose(1, b"after")
+    expected = [*FIGURE_7_LEADER, 8, 8]
+    for i in c.nodes:
+        assert c.log_terms(i) == expected, f"follower {i} not repaired"
+    assert all(r.commit == 12 for r in c.nodes.values())
+
+
+def test_fast_backtracking_skips_a_whole_term_per_round_trip() -> None:
+    # Follower f of Figure 7: eight uncommitted entries of terms 2 and 3 to throw away.
+    stores = {1: make_store(FIGURE_7_LEADER, term=7), 2: make_store(FIGURE_7_FOLLOWERS["f"], term=7)}
+    stores[3] = make_store(FIGURE_7_LEADER, term=7)
+    c = Cluster(3, stores=stores, pre_vote=False)
+    c.elect(1)
+    rejects = [m for m in c.sent if m.type is MsgType.APP_RESP and m.src == 2 and m.reject]
+    assert 1 <= len(rejects) <= 2, f"{len(rejects)} rejections: backtracking went one entry at a time"
+    assert c.log_terms(2) == [*FIGURE_7_LEADER, 8]
+
+
+def test_figure_8_only_current_term_entries_commit_by_counting() -> None:
+    # S1 led term 2 and got index 2 only onto S2; now S1 leads term 4 (Figure 8 (c)).
+    stores = {
+        1: make_store([1, 2], term=3, commit=1),
+        2: make_store([1, 2], term=3, commit=1),
+        3: make_store([1], term=3, commit=1),
+        4: make_store([1], term=3, commit=1),
+        5: make_store([1, 3], term=3, commit=1),
+    }
+    c = Cluster(5, stores=stores, pre_vote=False)
+
+    # Let the old-term entry reach S3, but hold back the new leader's own term-4 entry.
+    def without_new_term_entries(m: Message) -> Message | None:
+        if m.type is MsgType.APP and m.entries:
+            kept = [e for e in m.entries if e.term < 4]
+            return Message(m.type, m.src, m.dst, m.term, m.index, m.log_term, kept, m.commit)
+        return m
+
+    c.filters.append(without_new_term_entries)
+    leader = c.elect(1)
+    assert leader.term == 4
+    assert all(c.stores[i].last_index() >= 2 and c.stores[i].term(2) == 2 for i in (1, 2, 3))
+    assert leader.commit == 1, "index 2 (term 2) sits on a majority but must not commit by counting"
+    c.heal()
+    c.tick_all(2)
+    assert leader.commit == 3, "once the term-4 entry is on a majority, both commit"
+
+
+def test_entries_are_pipelined_up_to_the_inflight_window() -> None:
+    c = Cluster(3, max_inflight=4, max_batch_entries=1)
+    c.elect(1)
+    c.drop_type(MsgType.APP_RESP)  # nothing is acked: the window fills and stops
+    c.sent.clear()
+    leader = c.nodes[1]
+    leader.propose([b"\x01%d" % i for i in range(10)])
+    c.settle()
+    apps_to_2 = [m for m in c.sent if m.type is MsgType.APP and m.dst == 2 and m.entries]
+    assert len(apps_to_2) == 4
+    assert leader.progress[2].state is ProgressState.REPLICATE
+
+
+def test_batches_respect_the_byte_limit() -> None:
+    c = Cluster(3, max_batch_bytes=1000)
+    c.elect(1)
+    c.sent.clear()
+    c.nodes[1].propose([b"\x01" + bytes(400)] * 10)
+    c.settle()
+    apps = [m for m in c.sent if m.type is MsgType.APP and m.dst == 2 and m.entries]
+    assert all(sum(len(e.data) for e in m.entries) <= 1000 or len(m.entries) == 1 for m in apps)
+    assert c.stores[2].last_index() == 11
+
+
+def test_a_slow_follower_is_probed_then_caught_up() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.isolate(3)
+    for i in range(50):
+        c.propose(1, b"%d" % i)
+    assert c.stores[3].last_index() == 1
+    c.heal()
+    c.tick_all(3)
+    assert c.log_terms(3) == c.log_terms(1)
+    assert c.nodes[1].progress[3].state is ProgressState.REPLICATE
+
+
+def test_leader_crash_mid_replication_keeps_every_committed_entry() -> None:
+    c = Cluster(5, pre_vote=False)
+    c.elect(1)
+    c.propose(1, b"committed")
+    committed = c.nodes[1].commit
+    # The next entries reach only node 2 before the leader dies.
+    c.filters.append(lambda m: None if m.type is MsgType.APP and m.src == 1 and m.dst != 2 else m)
+    c.propose(1, b"maybe")
+    c.down.add(1)
+    c.heal()
+    for _ in range(100):
+        c.tick_all()
+        if c.leaders():
+            break
+    (new,) = c.leaders()
+    assert c.nodes[new].commit >= committed
+    for i in range(2, 6):
+        assert c.stores[i].entries(committed, committed + 1) == c.stores[1].entries(committed, committed + 1)
+
+
+def test_a_leader_does_not_count_itself_before_its_entries_are_durable() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.isolate(3)
+    c.hold_sync.add(1)
+    c.propose(1, b"x")
+    leader = c.nodes[1]
+    assert c.stores[2].last_index() == 2, "entries went out in parallel with the leader's own fsync"
+    assert leader.commit == 1, "node 2's ack alone is not a majority while the leader's copy is not durable"
+    c.release_syncs(1)
+    c.settle()
+    assert leader.commit == 2
+
+
+def test_a_follower_acks_entries_only_after_they_are_durable() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.hold_sync.add(2)
+    c.sent.clear()
+    c.propose(1, b"x")
+    assert not [m for m in c.sent if m.type is MsgType.APP_RESP and m.src == 2 and m.index >= 2]
+    c.release_syncs(2)
+    c.settle()
+    assert [m for m in c.sent if m.type is MsgType.APP_RESP and m.src == 2 and m.index == 2]
+
+
+def test_a_vote_is_durable_before_it_is_sent() -> None:
+    c = Cluster(3, pre_vote=False)
+    c.hold_sync.add(2)
+    c.campaign(1)
+    assert not [m for m in c.sent if m.type is MsgType.VOTE_RESP and m.src == 2]
+    assert c.nodes[1].role is Role.CANDIDATE or c.nodes[1].role is Role.LEADER
+    c.release_syncs(2)
+    c.settle()
+    assert c.stores[2].hard_state().vote in (1, None)
+    assert [m for m in c.sent if m.type is MsgType.VOTE_RESP and m.src == 2]
+
+
+def test_restart_recovers_term_vote_log_and_commit() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    for i in range(5):
+        c.propose(1, b"%d" % i)
+    before = (c.nodes[2].term, c.nodes[2].vote, c.log_terms(2))
+    restarted = c.crash_and_restart(2)
+    assert (restarted.term, restarted.vote, c.log_terms(2)) == before
+    c.tick_all(3)
+    assert restarted.commit == c.nodes[1].commit == 6
+    assert [e.index for e in c.applied[2]] == list(range(1, 7))
