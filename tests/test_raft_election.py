@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dengine.raft import MsgType, Role
+from dengine.raft import Message, MsgType, Role
 from dengine.raft.payload import NOOP_PAYLOAD
 
 from raft_harness import Cluster, make_store
@@ -147,3 +147,27 @@ def test_a_node_that_lost_its_disk_neither_votes_nor_campaigns() -> None:
     refusals = [m for m in c.sent if m.type is MsgType.VOTE_RESP and m.src == 3 and m.dst == 2]
     assert refusals and all(m.reject for m in refusals)
     assert c.nodes[2].role is not Role.LEADER, "a wiped node's vote must not complete a majority"
+
+
+def test_votes_from_an_earlier_term_are_not_counted() -> None:
+    c = Cluster(3, pre_vote=False, check_quorum=False)
+    c.isolate(3)
+    late: list[Message] = []
+
+    def hold_vote_responses(m: Message) -> Message | None:
+        if m.type is MsgType.VOTE_RESP:
+            late.append(m)
+            return None
+        return m
+
+    c.filters.append(hold_vote_responses)
+    c.campaign(1)  # term 1: node 2's grant is held back
+    assert late and not late[0].reject and late[0].term == 1
+    for _ in range(40):
+        c.nodes[1].tick()
+        if c.nodes[1].term == 2:
+            break
+    c.settle()
+    assert (c.nodes[1].role, c.nodes[1].term) == (Role.CANDIDATE, 2)
+    c.nodes[1].step(late[0])  # the term-1 grant arrives during the term-2 campaign
+    assert c.nodes[1].role is Role.CANDIDATE, "a vote for term 1 must not elect anyone in term 2"

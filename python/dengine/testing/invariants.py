@@ -5,7 +5,8 @@
 * Leader completeness: a leader's log holds every entry committed before its term began.
 * State machine safety: no two nodes apply different entries at one index.
 * A committed entry is never lost: it stays durable on a majority.
-* Term, commit index and applied index never go backwards within a node's life.
+* Term, commit index and applied index never go backwards within a node's life, and after a
+  restart a node's term is at least that of any message it ever sent (terms are durable first).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from dengine._core import Entry
 from dengine.errors import DengineError
-from dengine.raft import Ready, Role
+from dengine.raft import Message, MsgType, Ready, Role
 
 if TYPE_CHECKING:
     from dengine.testing.sim import SimCluster, SimNode
@@ -35,6 +36,7 @@ class InvariantChecker:
         self.applied: dict[int, tuple[int, bytes]] = {}
         self._seen: dict[int, tuple[int, int, int, int]] = {}  # node -> (incarnation, term, commit, applied)
         self._checks = 0
+        self.max_sent_term: dict[int, int] = {}
 
     def fail(self, what: str) -> None:
         raise SimulationFailure(
@@ -54,8 +56,11 @@ class InvariantChecker:
                     f"node {node.id} went backwards: term {term}->{raft.term}, "
                     f"commit {commit}->{raft.commit}, applied {applied}->{raft.applied}"
                 )
-        if prev is not None and raft.term < prev[1]:
-            self.fail(f"node {node.id} restarted with term {raft.term} below its durable term {prev[1]}")
+        if raft.term < self.max_sent_term.get(node.id, 0):
+            self.fail(
+                f"node {node.id} is at term {raft.term} after sending messages of term "
+                f"{self.max_sent_term[node.id]}: a term it used was not durable"
+            )
         self._seen[node.id] = (node.incarnation, raft.term, raft.commit, raft.applied)
 
         if rd.soft_state is not None and rd.soft_state.role is Role.LEADER:
@@ -95,6 +100,13 @@ class InvariantChecker:
                     f"entry {e.index} committed twice with different contents: term {known[0]} and term "
                     f"{e.term} (node {node.id})"
                 )
+
+    def on_send(self, m: Message) -> None:
+        # Pre-vote messages carry a future term the sender has not entered.
+        if m.type not in (MsgType.PRE_VOTE, MsgType.PRE_VOTE_RESP) and m.term > self.max_sent_term.get(
+            m.src, 0
+        ):
+            self.max_sent_term[m.src] = m.term
 
     def on_apply(self, node: SimNode, entry: Entry) -> None:
         known = self.applied.setdefault(entry.index, (entry.term, entry.data))

@@ -203,6 +203,8 @@ class SimCluster:
 
     def _send(self, m: Message) -> None:
         self.messages_sent += 1
+        if self.checker:
+            self.checker.on_send(m)
         if (m.src, m.dst) in self._blocked or self.rng.random() < self.net.drop:
             return
         copies = 2 if self.rng.random() < self.net.duplicate else 1

@@ -1,0 +1,85 @@
+"""Exactly-once writes (Raft thesis §6.3): the session table and the apply step."""
+
+from __future__ import annotations
+
+import pytest
+
+from dengine._core import Entry
+from dengine.raft import payload
+from dengine.raft.sessions import Outcome, SessionTable, apply_entry
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def run(self, index: int, command: bytes) -> bytes:
+        if command == b"boom":
+            raise RuntimeError("bad command")
+        self.n += 1
+        return b"%d" % self.n
+
+
+def entry(index: int, client: int, seq: int, cmd: bytes = b"inc") -> Entry:
+    return Entry(index, 1, payload.session_command(client, seq, cmd))
+
+
+def test_a_retried_sequence_returns_the_first_result_without_applying_again() -> None:
+    sm, table = Counter(), SessionTable()
+    first = apply_entry(entry(1, 7, 1), table, sm.run)
+    retry = apply_entry(entry(2, 7, 1), table, sm.run)
+    assert (first.outcome, first.result) == (Outcome.APPLIED, b"1")
+    assert (retry.outcome, retry.result) == (Outcome.DUPLICATE, b"1")
+    assert sm.n == 1
+    assert apply_entry(entry(3, 7, 2), table, sm.run).result == b"2"
+
+
+def test_an_older_sequence_is_refused() -> None:
+    sm, table = Counter(), SessionTable()
+    apply_entry(entry(1, 7, 5), table, sm.run)
+    stale = apply_entry(entry(2, 7, 4), table, sm.run)
+    assert stale.outcome is Outcome.STALE and stale.error and sm.n == 1
+
+
+def test_plain_commands_and_noops() -> None:
+    sm, table = Counter(), SessionTable()
+    assert apply_entry(Entry(1, 1, payload.NOOP_PAYLOAD), table, sm.run).outcome is Outcome.NOOP
+    assert apply_entry(Entry(2, 1, payload.command(b"x")), table, sm.run).result == b"1"
+    assert apply_entry(Entry(3, 1, payload.command(b"x")), table, sm.run).result == b"2"
+    assert len(table) == 0
+
+
+def test_a_failing_command_is_contained_and_its_error_is_remembered() -> None:
+    sm, table = Counter(), SessionTable()
+    failed = apply_entry(entry(1, 3, 1, b"boom"), table, sm.run)
+    assert failed.outcome is Outcome.APPLIED and failed.error == "RuntimeError: bad command"
+    again = apply_entry(entry(2, 3, 1, b"boom"), table, sm.run)
+    assert (again.outcome, again.error) == (Outcome.DUPLICATE, "RuntimeError: bad command")
+
+
+def test_the_table_is_bounded_and_evicts_the_most_idle_client_deterministically() -> None:
+    table_a, table_b = SessionTable(max_clients=3), SessionTable(max_clients=3)
+    for t in (table_a, table_b):
+        sm = Counter()
+        for index, client in enumerate([1, 2, 3, 1, 4], start=1):
+            apply_entry(entry(index, client, 1 if client != 1 or index == 1 else 2), t, sm.run)
+    assert [c for c, *_ in table_a.items()] == [3, 1, 4]
+    assert table_a.items() == table_b.items()
+
+
+def test_idle_clients_expire_by_log_index() -> None:
+    table, sm = SessionTable(expire_after=10), Counter()
+    apply_entry(entry(1, 1, 1), table, sm.run)
+    apply_entry(entry(20, 2, 1), table, sm.run)
+    assert [c for c, *_ in table.items()] == [2]
+
+
+def test_envelopes_reject_garbage() -> None:
+    with pytest.raises(ValueError):
+        payload.decode(b"")
+    with pytest.raises(ValueError):
+        payload.decode(b"\x09abc")
+    with pytest.raises(ValueError):
+        payload.decode(b"\x02\x01")
+    with pytest.raises(ValueError):
+        payload.session_command(0, 1, b"")
