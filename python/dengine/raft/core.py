@@ -36,6 +36,9 @@ from dengine.storage import LogStore
 TRANSFER_CONTEXT = 1
 """``context`` of a VOTE sent by a campaign that leader transfer started."""
 
+LOG_LOST_CONTEXT = 2
+"""``context`` of an APP_RESP rejection from a node that lost its disk (see RaftConfig.can_vote)."""
+
 _MAX_APPLY_BYTES = 8 << 20
 
 
@@ -499,6 +502,9 @@ class Raft:
                 reject=True,
                 reject_hint=hint,
                 log_term=hint_term,
+                # A node that lost its disk says so: the leader must not take this rejection
+                # for a stale one just because it once saw this node hold more.
+                context=LOG_LOST_CONTEXT if not self.cfg.can_vote else 0,
             )
         )
 
@@ -544,7 +550,10 @@ class Raft:
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
         if m.reject:
-            if pr.state is ProgressState.REPLICATE and m.index <= pr.match:
+            if m.context == LOG_LOST_CONTEXT and m.reject_hint < pr.match:
+                pr.match = m.reject_hint
+                pr.become_probe()
+            elif pr.state is ProgressState.REPLICATE and m.index <= pr.match:
                 return  # stale rejection of something already acked
             if pr.state is ProgressState.PROBE and m.index != pr.next - 1:
                 return  # answer to an older probe

@@ -43,7 +43,8 @@ class Message:
       * APP: ``index``/``log_term`` = the entry preceding ``entries``; ``commit`` = leader commit.
       * APP_RESP: accepted -> ``index`` = last index now matching the leader; rejected ->
         ``index`` = the rejected ``index`` of the APP, ``reject_hint``/``log_term`` = where the
-        follower's log may match (fast backtracking).
+        follower's log may match (fast backtracking); ``context`` = 2 when the follower lost
+        its disk, so the leader forgets what it knew of that follower's log.
       * VOTE / PRE_VOTE: ``index``/``log_term`` = the candidate's last entry; ``context`` = 1 for
         a campaign started by leader transfer (voters then ignore their leader lease).
       * HEARTBEAT: ``commit``; ``context`` = read round; ``index`` = the leader's tick when sent.
