@@ -58,6 +58,7 @@ class Cluster:
         self.applied: dict[int, list[Entry]] = {i: [] for i in self.nodes}
         self.reads: dict[int, list[tuple[int, int]]] = {i: [] for i in self.nodes}
         self.failed_reads: dict[int, list[int]] = {i: [] for i in self.nodes}
+        self.snapshot_needed: dict[int, list[int]] = {i: [] for i in self.nodes}
         self.sent: list[Message] = []
 
     def start(self, i: int, **overrides: Any) -> Raft:
@@ -93,6 +94,7 @@ class Cluster:
                 raft.applied_to(rd.committed[-1].index)
         self.reads[i].extend((r.context, r.index) for r in rd.reads)
         self.failed_reads[i].extend(rd.failed_reads)
+        self.snapshot_needed[i].extend(rd.snapshot_needed)
         return rd
 
     def release_syncs(self, i: int) -> None:

@@ -177,3 +177,17 @@ def test_restart_recovers_term_vote_log_and_commit() -> None:
     c.tick_all(3)
     assert restarted.commit == c.nodes[1].commit == 6
     assert [e.index for e in c.applied[2]] == list(range(1, 7))
+
+
+def test_a_follower_behind_the_compacted_log_needs_a_snapshot() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.isolate(3)
+    for i in range(20):
+        c.propose(1, b"%d" % i)
+    c.stores[1].compact_prefix(15)  # a snapshot now covers entries up to 15
+    c.heal()
+    c.tick_all(3)
+    assert c.snapshot_needed[1] == [3], "the driver is asked to send node 3 a snapshot, once"
+    assert c.nodes[1].progress[3].state is ProgressState.SNAPSHOT
+    assert c.nodes[1].progress[3].pending_snapshot == 15
