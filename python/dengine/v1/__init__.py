@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf modules (scripts/gen_protos.py)."""

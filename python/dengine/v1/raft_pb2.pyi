@@ -1,0 +1,70 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MESSAGE_TYPE_UNSPECIFIED: _ClassVar[MessageType]
+    APPEND: _ClassVar[MessageType]
+    APPEND_RESPONSE: _ClassVar[MessageType]
+    VOTE: _ClassVar[MessageType]
+    VOTE_RESPONSE: _ClassVar[MessageType]
+    PRE_VOTE: _ClassVar[MessageType]
+    PRE_VOTE_RESPONSE: _ClassVar[MessageType]
+    HEARTBEAT: _ClassVar[MessageType]
+    HEARTBEAT_RESPONSE: _ClassVar[MessageType]
+    PROPOSE: _ClassVar[MessageType]
+    READ_INDEX: _ClassVar[MessageType]
+    READ_INDEX_RESPONSE: _ClassVar[MessageType]
+    TIMEOUT_NOW: _ClassVar[MessageType]
+MESSAGE_TYPE_UNSPECIFIED: MessageType
+APPEND: MessageType
+APPEND_RESPONSE: MessageType
+VOTE: MessageType
+VOTE_RESPONSE: MessageType
+PRE_VOTE: MessageType
+PRE_VOTE_RESPONSE: MessageType
+HEARTBEAT: MessageType
+HEARTBEAT_RESPONSE: MessageType
+PROPOSE: MessageType
+READ_INDEX: MessageType
+READ_INDEX_RESPONSE: MessageType
+TIMEOUT_NOW: MessageType
+
+class RaftMessage(_message.Message):
+    __slots__ = ("cluster_id", "type", "to", "term", "index", "log_term", "commit", "reject", "reject_hint", "context", "entries", "payloads")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOG_TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    REJECT_FIELD_NUMBER: _ClassVar[int]
+    REJECT_HINT_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    type: MessageType
+    to: int
+    term: int
+    index: int
+    log_term: int
+    commit: int
+    reject: bool
+    reject_hint: int
+    context: int
+    entries: bytes
+    payloads: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, cluster_id: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[int] = ..., entries: _Optional[bytes] = ..., payloads: _Optional[_Iterable[bytes]] = ..., **kwargs) -> None: ...
+
+class StreamClosed(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
