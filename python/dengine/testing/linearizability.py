@@ -12,6 +12,11 @@ an operation's return is reached before it was linearized, and never revisit a (
 operations, model state) configuration. Before searching, the model may split the history into
 independent sub-histories (P-compositionality: for the KV store, one per key), because a history is
 linearizable exactly when each of those is, and the search cost is exponential in the worst case.
+Three reductions, each of which only skips work that provably cannot succeed where something
+already tried failed, keep typical histories near linear: an operation that cannot change the
+state (a read) is linearized as soon as it is legal, without trying alternatives; operations
+without a response take effect only in short runs just before an operation that needs them; and a
+configuration is skipped when one with fewer such operations used up already failed.
 
 Choices that matter to users:
 
@@ -191,6 +196,24 @@ class Model(Protocol[S, I_contra, O_contra]):
         """
         return False
 
+    def unchanged(self, input: I_contra, output: O_contra) -> bool:
+        """True if an operation with this response leaves the state as it was, wherever it is legal
+        (a read; a compare-and-swap that reports failure).
+
+        Purely a speed-up: such an operation can be linearized as early as possible, which spares
+        the checker most of its backtracking. Defaults to `read_only(input)`.
+        """
+        return self.read_only(input)
+
+    def blind(self, input: I_contra) -> bool:
+        """True if the state after `input` does not depend on the state before (put, delete).
+
+        Purely a speed-up for histories with indeterminate operations: the effect of a blind one
+        erases whatever unobserved operations took effect just before it, so the checker need not
+        try those combinations. Defaults to False, which is always correct.
+        """
+        return False
+
     def partition(self, ops: Sequence[Operation]) -> list[Sequence[Operation]]:
         """Splits `ops` into sub-histories that cannot affect one another, each checked alone.
 
@@ -215,7 +238,7 @@ class Model(Protocol[S, I_contra, O_contra]):
 
 # -- the built-in KV store --
 
-KVOutput: TypeAlias = "bytes | bool | None"
+KVOutput: TypeAlias = bytes | bool | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +308,14 @@ class KVModel(Model["bytes | None", KVInput, KVOutput]):
     def read_only(self, input: KVInput) -> bool:
         """Only get leaves the store unchanged."""
         return input.op == "get"
+
+    def unchanged(self, input: KVInput, output: KVOutput) -> bool:
+        """get, and a delete or cas that reports it did nothing."""
+        return input.op == "get" or (input.op in ("delete", "cas") and output is False)
+
+    def blind(self, input: KVInput) -> bool:
+        """put and delete set the key's value without reading it."""
+        return input.op in ("put", "delete")
 
     def partition(self, ops: Sequence[Operation]) -> list[Sequence[Operation]]:
         """One sub-history per key, in order of each key's first appearance."""
@@ -357,6 +388,14 @@ class RegisterModel(Model[Hashable, RegisterInput, Hashable]):
         """Only read leaves the register unchanged."""
         return input.op == "read"
 
+    def unchanged(self, input: RegisterInput, output: Hashable) -> bool:
+        """read, and a cas that reports failure."""
+        return input.op == "read" or (input.op == "cas" and output is False)
+
+    def blind(self, input: RegisterInput) -> bool:
+        """A write sets the value without reading it."""
+        return input.op == "write"
+
     def describe(self, input: RegisterInput, output: Hashable) -> str:
         """Such as ``read() -> 3`` or ``cas(1, 2) -> True``."""
         if input.op == "write":
@@ -380,6 +419,7 @@ class PartitionResult:
     """The verdict on one independent sub-history (for the KV store, one key).
 
     `ok` is True (linearizable), False (not) or None (the search ran out of budget or time).
+    `operations` counts the operations searched: unanswered read-only ones are dropped first.
     `linearization` is a witness order when ok; on failure, `longest_prefix` is the longest
     sequence of operations the search managed to linearize and `unlinearizable` the operations
     that had no legal place after it. `explanation` renders all of that for people.
@@ -437,7 +477,7 @@ class CheckResult:
         if self.ok is False:
             shown, head = self.failures, "NOT linearizable"
         else:
-            shown, head = self.undecided, "UNKNOWN (search budget exhausted)"
+            shown, head = self.undecided, "UNKNOWN (search budget or timeout exhausted)"
         lines = [f"{head}: {len(shown)} of {count} partitions ({summary})"]
         lines.extend(p.explanation for p in shown)
         return "\n".join(lines)
@@ -448,6 +488,7 @@ class CheckResult:
 _MAX_SHOWN_PREFIX = 10
 _MAX_SHOWN_CANDIDATES = 10
 _MAX_REPR = 80
+_MAX_CACHED_CLOSURES = 4096
 _DEADLINE_CHECK_MASK = 1023  # look at the clock every 1024 steps; monotonic() is not free
 
 
@@ -545,6 +586,7 @@ class _Partition:
         self.name = model.describe_partition(part)
         self.ops = [op for op in part if op.ret is not None or not model.read_only(op.input)]
         self.inputs = [op.input for op in self.ops]
+        self.is_definite = [op.ret is not None for op in self.ops]
         self.outputs = [op.output for op in self.ops]
         n = len(self.ops)
         # Calls sort before returns at equal times, so an op returning at t and one called at t
@@ -569,6 +611,9 @@ class _Partition:
                 self.ret_entry[i] = e
             else:
                 self.call_entry[i] = e
+        self.blind = [model.blind(op.input) for op in self.ops]
+        self.passive = [op.ret is not None and model.unchanged(op.input, op.output) for op in self.ops]
+        self.closures: dict[tuple[Any, tuple[int, ...]], list[tuple[_Run, int, Any]]] = {}
         self.steps = 0
         self.budget: int | None = None
         self.deadline: float | None = None
@@ -603,13 +648,14 @@ class _Partition:
         """The configuration reached by `pushed`, whose ops are already unlinked."""
         definite: list[int] = []
         pending: list[int] = []
-        e = self.nxt[self.head]
+        is_definite, kind, entry_op, nxt = self.is_definite, self.kind, self.entry_op, self.nxt
+        e = nxt[self.head]
         # Only called while a definite op is pending, and its return sorts before every
         # indeterminate return, so the first return reached is a definite op's.
-        while not self.kind[e]:
-            i = self.entry_op[e]
-            (pending if self.ops[i].ret is None else definite).append(i)
-            e = self.nxt[e]
+        while not kind[e]:
+            i = entry_op[e]
+            (definite if is_definite[i] else pending).append(i)
+            e = nxt[e]
         length = 0 if path is None else path[1]
         children = self._children(state, definite, pending)
         return _Node(state, done, used, length, path, pushed, definite, pending, self.entry_op[e], children)
@@ -617,31 +663,70 @@ class _Partition:
     def _children(self, state: Any, definite: list[int], pending: list[int]) -> Iterator[_Child]:
         """The legal next steps from `state`, cheapest first, generated lazily because a valid
         history usually needs only the first."""
-        step, step_unknown, inputs, outputs, tick = (
-            self.model.step,
-            self.model.step_unknown,
-            self.inputs,
-            self.outputs,
-            self._tick,
-        )
+        step, inputs, outputs, tick = self.model.step, self.inputs, self.outputs, self._tick
+        blind, passive = self.blind, self.passive
+        direct = []
+        after_run = []  # the definite ops worth trying after a run of indeterminate ones
         for d in definite:
             tick()
             legal, after = step(state, inputs[d], outputs[d])
-            if legal:
+            if not legal:
+                after_run.append(d)
+                continue
+            if passive[d]:
+                # An op that never changes the state where it is legal (a read, a failed cas) can
+                # go first in any linearization that places it later, so no alternative needs
+                # exploring. This one rule removes most backtracking on read/write races.
                 yield (), 0, d, after
-        # Runs of indeterminate ops, breadth first so that smaller runs come first. `bits` index
-        # `pending` (small ints, cheap); a run is dropped when a subset of it reaches the same state.
+                return
+            direct.append(((), 0, d, after))
+            if not blind[d]:
+                # Legal now, and a blind op leads to the same state after any run: covered by this.
+                after_run.append(d)
+        yield from direct
+        if not pending or not after_run:
+            return
+        for run, run_bits, mid in self._closure(state, pending):
+            for d in after_run:
+                tick()
+                legal, after = step(mid, inputs[d], outputs[d])
+                if legal:
+                    yield run, run_bits, d, after
+
+    def _closure(self, state: Any, pending: list[int]) -> list[tuple[_Run, int, Any]]:
+        """The runs of indeterminate ops worth taking effect from `state`: (run, its op bits, state).
+
+        Breadth first, so smaller runs come first, and a run is dropped when a subset of it reaches
+        the same state (the subset leaves more ops available later). A blind op erases what came
+        before it, so it only ever starts a run. Cached, because failing configurations near each
+        other share the state and the pending ops.
+        """
+        key = (state, tuple(pending))
+        cached = self.closures.get(key)
+        if cached is not None:
+            return cached
+        step_unknown, inputs, blind, tick = self.model.step_unknown, self.inputs, self.blind, self._tick
+        out: list[tuple[_Run, int, Any]] = []
+        # `bits` index `pending` (small ints, cheap subset tests); `op_bits` index ops.
         smallest: dict[Any, list[int]] = {state: [0]}
+        blind_effects: set[Any] = set()
         frontier: list[tuple[_Run, int, int, Any]] = [((), 0, 0, state)]
         while frontier:
             deeper = []
             for run, bits, op_bits, before in frontier:
                 for j, w in enumerate(pending):
                     new_bits = bits | 1 << j
-                    if new_bits == bits:
+                    if new_bits == bits or (run and blind[w]):
                         continue
                     tick()
                     mid = step_unknown(before, inputs[w])
+                    if blind[w]:
+                        # Blind ops with equal effects are interchangeable from here on: both are
+                        # pending now, their effect ignores the state, and neither constrains when
+                        # others happen. Trying the first one is enough.
+                        if mid in blind_effects:
+                            continue
+                        blind_effects.add(mid)
                     known = smallest.setdefault(mid, [])
                     if any(k | new_bits == new_bits for k in known):
                         continue
@@ -649,17 +734,17 @@ class _Partition:
                     new_run = (*run, (w, mid))
                     new_op_bits = op_bits | 1 << w
                     deeper.append((new_run, new_bits, new_op_bits, mid))
-                    for d in definite:
-                        tick()
-                        legal, after = step(mid, inputs[d], outputs[d])
-                        if legal:
-                            yield new_run, new_op_bits, d, after
+                    out.append((new_run, new_op_bits, mid))
             frontier = deeper
+        if len(self.closures) >= _MAX_CACHED_CLOSURES:
+            self.closures.clear()
+        self.closures[key] = out
+        return out
 
     def search(self, budget: int | None, deadline: float | None) -> PartitionResult:
         """Decides this partition; see the class docstring for the search."""
         self.budget, self.deadline = budget, deadline
-        remaining = sum(op.ret is not None for op in self.ops)
+        remaining = sum(self.is_definite)
         if not remaining:
             return PartitionResult(self.index, self.name, True, len(self.ops), 0)
         # (definite ops done, state) -> the minimal sets of indeterminate ops with which that
@@ -700,7 +785,7 @@ class _Partition:
                     break
                 node = self._node(after, done, used, path, pushed)
         except _Exhausted:
-            return self._undecided(budget, deepest)
+            return self._undecided(budget, node if node.length > deepest.length else deepest)
         order = tuple(self.ops[i] for i, _ in _walk(path))
         return PartitionResult(self.index, self.name, True, len(self.ops), self.steps, linearization=order)
 
