@@ -29,6 +29,8 @@ __all__ = [
     "WalLogStore",
     "__version__",
     "crc32c",
+    "decode_entries",
+    "encode_entries",
 ]
 
 __version__: str
@@ -47,6 +49,8 @@ class SnapshotIntegrityError(StorageError): ...
 # --- log store ----------------------------------------------------------------------------------
 
 def crc32c(data: bytes) -> int: ...
+def encode_entries(entries: Sequence[Entry]) -> bytes: ...
+def decode_entries(data: bytes) -> list[Entry]: ...
 
 @final
 class Entry:

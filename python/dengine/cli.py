@@ -9,6 +9,7 @@ runtime will replace it with the 3-node cluster demo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -113,10 +114,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seconds", type=float, default=2.0, help="how long the writer runs (default 2)")
     writer = sub.add_parser("_demo-writer", help=argparse.SUPPRESS)
     writer.add_argument("path")
+    serve = sub.add_parser(
+        "serve",
+        help="run a node with the built-in KV store",
+        description="Runs one node of a cluster with the built-in key-value state machine. Settings come "
+        "from the TOML file, then DENGINE_* environment variables, then these flags. "
+        "SIGTERM or SIGINT stops it gracefully.",
+        epilog="example: dengine serve --config node1.toml --log-format json",
+    )
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--id", type=int, help="node.id")
+    serve.add_argument("--listen", help="node.listen (host:port)")
+    serve.add_argument("--data-dir", help="node.data_dir")
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback listen address without TLS"
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    serve.add_argument("--log-format", choices=["text", "json"], help="log.format")
+    certs = sub.add_parser("certs", help="development certificates for TLS", add_help=True)
+    certs.add_argument("action", choices=["init"], help="init: create a CA and node certificates")
+    certs.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args.seconds)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "certs":
+        from dengine.tls import certs_main  # noqa: PLC0415 - needs cryptography only here
+
+        return certs_main(args.rest)
     return _writer(args.path)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - keeps `dengine --help` fast
+
+    from dengine.config import Config  # noqa: PLC0415
+    from dengine.errors import ConfigError  # noqa: PLC0415
+    from dengine.logs import configure_logging  # noqa: PLC0415
+    from dengine.server import serve  # noqa: PLC0415
+
+    flags = {
+        "node.id": args.id,
+        "node.listen": args.listen,
+        "node.data_dir": args.data_dir,
+        "node.insecure": True if args.insecure else None,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+    }
+    try:
+        config = Config.load(args.config, overrides={k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        print(f"dengine serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log.level, config.log.format)
+    with contextlib.suppress(KeyboardInterrupt):  # the signal handler stops it; this is a fallback
+        asyncio.run(serve(config))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,10 +14,15 @@ are instances of the same classes. Storage errors come from Rust, the others are
         └── SnapshotIntegrityError   an assembled snapshot has the wrong size or SHA-256
     NotLeaderError                   this node cannot take the request; carries the leader hint
     ProposalDroppedError             a proposal was refused without being appended; retry
+    ApplyError                       the state machine raised applying a committed command
+    ConfigError                      invalid configuration: names the key and allowed values
+    TLSConfigError                   a TLS file is missing, malformed or not valid now
 
 Invalid arguments (a zero chunk size, a negative index) raise the built-in ``ValueError`` or
 ``OverflowError``, as any Python API does.
 """
+
+from pathlib import Path
 
 from dengine._core import (
     CorruptLogError,
@@ -57,4 +62,35 @@ class ProposalDroppedError(DengineError):
     it is safe to retry."""
 
 
-__all__ += ["NotLeaderError", "ProposalDroppedError"]
+class ApplyError(DengineError):
+    """The state machine raised while applying a committed command. The command is in the log
+    and counts as applied on every replica; the message is the exception it raised."""
+
+
+class ConfigError(DengineError, ValueError):
+    """The configuration is invalid; the message names the key, what it accepts and the source.
+
+    ``key`` is the dotted key at fault (``"raft.heartbeat_ms"``) when there is one, ``source``
+    where its value came from (``"file node1.toml"``, ``"environment variable DENGINE_NODE_ID"``,
+    ``"override node.id"``) when known, and ``detail`` the message without the source.
+    """
+
+    def __init__(self, detail: str, *, key: str | None = None, source: str | None = None) -> None:
+        self.detail = detail
+        self.key = key
+        self.source = source
+        super().__init__(f"{detail} (from {source})" if source else detail)
+
+
+class TLSConfigError(DengineError, ValueError):
+    """A TLS file is missing, unreadable, not PEM, does not match its partner, or is not valid now.
+
+    ``path`` is the offending file (``None`` when the problem is a combination of arguments).
+    """
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+__all__ += ["ApplyError", "ConfigError", "NotLeaderError", "ProposalDroppedError", "TLSConfigError"]

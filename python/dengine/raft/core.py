@@ -272,6 +272,10 @@ class Raft:
             or (self.term, self.vote, self.commit) != self._saved_hs
         )
 
+    @property
+    def ticks_since_start(self) -> int:
+        return self._ticks
+
     def soft_state(self) -> SoftState:
         return SoftState(self.lead, self.role, self.term)
 

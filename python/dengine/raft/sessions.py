@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dengine._core import Entry
@@ -21,6 +21,7 @@ from dengine.raft.payload import Kind
 
 RunCommand = Callable[[int, bytes], bytes | None]
 """Runs one user command at a log index and returns its result."""
+AsyncRunCommand = Callable[[int, bytes], Awaitable[bytes | None]]
 
 
 @dataclass(slots=True)
@@ -99,10 +100,8 @@ class SessionTable:
         return [(c, s.sequence, s.last_index, s.result, s.error) for c, s in self._sessions.items()]
 
 
-def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applied:
-    """Applies one committed entry: decodes its envelope, consults the session table, runs the
-    command through ``run(index, command)`` and contains any exception it raises (the same on
-    every replica, since commands are deterministic)."""
+def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied:
+    """Decodes an entry; answers at once for no-ops and for sequences already seen."""
     decoded = payload.decode(entry.data)
     if decoded.kind is Kind.NOOP:
         return Applied(entry.index, Outcome.NOOP)
@@ -114,12 +113,46 @@ def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applie
         if seen is Outcome.STALE:
             stale = f"sequence {decoded.sequence} is older than one already applied"
             return Applied(entry.index, seen, None, stale, decoded.client_id, decoded.sequence)
+    return decoded
+
+
+def _record(
+    entry: Entry, decoded: payload.Decoded, sessions: SessionTable, result: bytes | None, error: str | None
+) -> Applied:
+    if decoded.kind is Kind.SESSION_COMMAND:
+        sessions.record(decoded.client_id, decoded.sequence, entry.index, result, error)
+    return Applied(entry.index, Outcome.APPLIED, result, error, decoded.client_id, decoded.sequence)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applied:
+    """Applies one committed entry: decodes its envelope, consults the session table, runs the
+    command through ``run(index, command)`` and contains any exception it raises (the same on
+    every replica, since commands are deterministic)."""
+    decoded = _precheck(entry, sessions)
+    if isinstance(decoded, Applied):
+        return decoded
     result: bytes | None = None
     error: str | None = None
     try:
         result = run(entry.index, decoded.command)
     except Exception as exc:  # a failing command must not stop the node or fork replicas
-        error = f"{type(exc).__name__}: {exc}"
-    if decoded.kind is Kind.SESSION_COMMAND:
-        sessions.record(decoded.client_id, decoded.sequence, entry.index, result, error)
-    return Applied(entry.index, Outcome.APPLIED, result, error, decoded.client_id, decoded.sequence)
+        error = _describe(exc)
+    return _record(entry, decoded, sessions, result, error)
+
+
+async def apply_entry_async(entry: Entry, sessions: SessionTable, run: AsyncRunCommand) -> Applied:
+    """:func:`apply_entry` for a state machine whose ``apply`` is a coroutine."""
+    decoded = _precheck(entry, sessions)
+    if isinstance(decoded, Applied):
+        return decoded
+    result: bytes | None = None
+    error: str | None = None
+    try:
+        result = await run(entry.index, decoded.command)
+    except Exception as exc:  # a failing command must not stop the node or fork replicas
+        error = _describe(exc)
+    return _record(entry, decoded, sessions, result, error)

@@ -1,0 +1,506 @@
+"""The node runtime: one asyncio event loop driving the pure Raft core over gRPC and a real disk.
+
+Everything the core asks for happens here: ticks on a timer, messages through the peer transport,
+log syncs on an I/O thread (the Rust store releases the GIL, so the loop keeps running), committed
+entries applied in order to the user's state machine, and proposals and reads resolved for their
+callers. Nothing blocks the loop: the only slow operations (fsync) run off it.
+
+Rule for failing commands: if the state machine's ``apply`` raises, the entry still counts as
+applied on every replica (they all raise alike, since ``apply`` is deterministic), the proposer
+gets :class:`~dengine.errors.ApplyError` carrying the message, and the node keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import grpc
+
+from dengine._core import Entry
+from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
+from dengine.raft import Raft, Role
+from dengine.raft import payload as envelope
+from dengine.raft.progress import ProgressState
+from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry, apply_entry_async
+from dengine.state_machine import StateMachine
+from dengine.storage import LogStore, MemoryLogStore, WalLogStore
+from dengine.transport.peers import GRPC_OPTIONS, PeerTransport
+from dengine.v1 import raft_pb2_grpc
+
+if TYPE_CHECKING:
+    from dengine.config import Config
+
+__all__ = ["Node", "NodeStatus", "PeerInfo"]
+
+log = logging.getLogger("dengine.node")
+T = TypeVar("T")
+Consistency = Literal["linearizable", "lease", "stale"]
+
+
+def _copy_refusal(exc: NotLeaderError | ProposalDroppedError) -> Exception:
+    # One exception object per waiting caller: tracebacks must not be shared between them.
+    if isinstance(exc, NotLeaderError):
+        return NotLeaderError(exc.leader, str(exc))
+    return ProposalDroppedError(str(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    id: int
+    address: str
+    match: int
+    lag: int
+    inflight: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A snapshot of what this node knows, for ``dengine status`` and the Cluster service."""
+
+    id: int
+    cluster_id: str
+    address: str
+    role: str
+    term: int
+    leader: int | None
+    commit: int
+    applied: int
+    first_index: int
+    last_index: int
+    voters: tuple[int, ...]
+    learners: tuple[int, ...]
+    peers: tuple[PeerInfo, ...] = field(default_factory=tuple)
+
+
+class Node:
+    """One dengine node, embedded in an asyncio program::
+
+    async with Node(Config.load("node1.toml"), state_machine=Counter()) as node:
+        result = await node.propose(b"incr")
+        n = await node.read(lambda sm: sm.n)
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        state_machine: StateMachine,
+        *,
+        log_store: LogStore | None = None,
+        extra_services: Callable[[grpc.aio.Server, Node], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.id = config.node.id
+        self.sm = state_machine
+        self._store_override = log_store
+        self._extra_services = extra_services
+        self._async_apply = inspect.iscoroutinefunction(state_machine.apply)
+        self.raft: Raft | None = None
+        self.store: LogStore | None = None
+        self.server: grpc.aio.Server | None = None
+        self.transport: PeerTransport | None = None
+        self.sessions = SessionTable()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dengine-io-{self.id}")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client_id = random.getrandbits(62) + 1
+        self._seq = 0
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
+        self._waiters: dict[tuple[int, int], list[asyncio.Future[bytes]]] = {}
+        self._proposed_at: dict[tuple[int, int], float] = {}
+        self._read_ctx = 0
+        self._reads: dict[int, asyncio.Future[None]] = {}
+        self._sync_wanted = 0
+        self._sync_done = 0
+        self._syncing = False
+        self._sync_task: asyncio.Task[None] | None = None
+        self._apply_queue: asyncio.Queue[list[Entry]] = asyncio.Queue()
+        self._stopped = asyncio.Event()
+        self._running = False
+        self.leader_changes = 0
+        self.metrics = NodeMetrics(self.id, config.cluster.id)
+        self._metrics_server: MetricsServer | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _open_store(self) -> LogStore:
+        if self._store_override is not None:
+            return self._store_override
+        storage = self.config.storage
+        if storage.engine == "memory":
+            return MemoryLogStore()
+        if storage.engine == "file":
+            path = Path(self.config.node.data_dir) / "log"
+            return WalLogStore(path, segment_bytes=storage.segment_bytes, preallocate=storage.preallocate)
+        engine = storage.load_log_store_class()
+        return engine(Path(self.config.node.data_dir) / "log")  # type: ignore[call-arg]
+
+    async def start(self) -> None:
+        """Opens the log, starts serving peers (and any extra services) and begins ticking."""
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self._io, self._open_store)
+        self.raft = Raft(self.config.raft_config(), self.store, seed=random.getrandbits(32))
+        members = dict(self.config.cluster.members)
+        self.transport = PeerTransport(
+            self.id,
+            self.config.cluster.id,
+            members,
+            self._on_message,
+            channel_credentials=self._channel_credentials(),
+        )
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        raft_pb2_grpc.add_RaftServicer_to_server(self.transport, self.server)  # type: ignore[no-untyped-call]
+        if self._extra_services is not None:
+            self._extra_services(self.server, self)
+        listen = self.config.node.listen
+        creds = self._server_credentials()
+        port = (
+            self.server.add_secure_port(listen, creds)
+            if creds is not None
+            else self.server.add_insecure_port(listen)
+        )
+        if port == 0:
+            raise DengineError(f"cannot listen on {listen}")
+        await self.server.start()
+        if self.config.node.metrics_listen:
+            host, _, port = self.config.node.metrics_listen.rpartition(":")
+            self._metrics_server = await serve_metrics(self.metrics, host.strip("[]"), int(port))
+        self.transport.start()
+        self._running = True
+        self._tasks.append(asyncio.create_task(self._ticker(), name=f"ticker-{self.id}"))
+        self._tasks.append(asyncio.create_task(self._apply_loop(), name=f"apply-{self.id}"))
+        log.info("node %d listening on %s (cluster %s)", self.id, listen, self.config.cluster.id)
+        self._pump()
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        tls = self.config.tls
+        if not tls.enabled:
+            return None
+        from dengine.tls import server_credentials  # noqa: PLC0415 - optional feature
+
+        return server_credentials(
+            tls.cert_file, tls.key_file, tls.ca_file, require_client_auth=tls.client_auth
+        )
+
+    def _channel_credentials(self) -> grpc.ChannelCredentials | None:
+        tls = self.config.tls
+        if not tls.enabled:
+            return None
+        from dengine.tls import channel_credentials  # noqa: PLC0415 - optional feature
+
+        return channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
+
+    async def stop(self, *, transfer_leadership: bool = True) -> None:
+        """Stops gracefully: hands leadership to another voter first when possible, then stops
+        serving, flushes the log and closes it. A restart on the same data dir recovers."""
+        if not self._running:
+            return
+        raft = self.raft
+        assert raft is not None and self.store is not None
+        if transfer_leadership and raft.role is Role.LEADER and len(raft.conf.voters) > 1:
+            try:
+                raft.transfer_leadership()
+                self._pump()
+                deadline = time.monotonic() + self.config.raft.election_timeout_ms / 1000
+                while raft.role is Role.LEADER and time.monotonic() < deadline:
+                    await asyncio.sleep(self.config.raft.tick_ms / 1000)
+            except DengineError as exc:
+                log.info("node %d: no leadership transfer before stopping: %s", self.id, exc)
+        self._running = False
+        tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        assert self.transport is not None and self.server is not None
+        await self.transport.close()
+        await self.server.stop(grace=0.2)
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self.store.close)
+        self._io.shutdown(wait=True)
+        for key in list(self._waiters):
+            self._fail_waiters(key, lambda: ProposalDroppedError("the node stopped"))
+        for rf in self._reads.values():
+            if not rf.done():
+                rf.set_exception(DengineError("the node stopped"))
+        self._stopped.set()
+        log.info("node %d stopped", self.id)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # --- inputs to the core -----------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        interval = self.config.raft.tick_ms / 1000
+        raft = self.raft
+        assert raft is not None
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            raft.tick()
+            self._pump()
+            if raft.role is Role.LEADER and raft.ticks_since_start % 10 == 0:
+                self._update_peer_metrics()
+
+    def _update_peer_metrics(self) -> None:
+        for p in self.status().peers:
+            self.metrics.set_peer(p.id, p.match, p.lag, p.inflight)
+
+    def _on_message(self, m: Any) -> None:
+        assert self.raft is not None
+        if not self._running:
+            return
+        self.raft.step(m)
+        self._pump()
+
+    # --- proposals --------------------------------------------------------------------------------
+
+    async def propose(self, command: bytes, *, timeout: float | None = None) -> bytes:
+        """Replicates ``command`` and returns what ``apply`` returned for it, once it is committed
+        and applied on this node. Proposals made together are batched into one append."""
+        self._seq += 1
+        return await self._propose(self._client_id, self._seq, command, timeout)
+
+    async def propose_session(
+        self, client_id: int, sequence: int, command: bytes, *, timeout: float | None = None
+    ) -> bytes:
+        """Like :meth:`propose` for a client with its own session: a retry with the same
+        ``(client_id, sequence)``, through this node or any other, is applied once and answered
+        with the first result (Raft thesis §6.3)."""
+        return await self._propose(client_id, sequence, command, timeout)
+
+    async def _propose(self, client_id: int, seq: int, command: bytes, timeout: float | None) -> bytes:
+        if not self._running:
+            raise DengineError("the node is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        key = (client_id, seq)
+        self._waiters.setdefault(key, []).append(fut)
+        self._proposed_at.setdefault(key, time.monotonic())
+        self._pending.append(envelope.session_command(client_id, seq, command))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            linger = self.config.raft.propose_linger_ms / 1000
+            if linger > 0:
+                loop.call_later(linger, self._flush)
+            else:
+                loop.call_soon(self._flush)
+        try:
+            return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._waiters[key]
+                    self._proposed_at.pop(key, None)
+
+    def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception]) -> None:
+        for fut in self._waiters.get(key, []):
+            if not fut.done():
+                fut.set_exception(make())
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch or self.raft is None:
+            return
+        self.metrics.proposals(len(batch))
+        self.metrics.observe_append_batch(len(batch))
+        try:
+            self.raft.propose(batch)
+        except (NotLeaderError, ProposalDroppedError) as exc:
+            reason = "not_leader" if isinstance(exc, NotLeaderError) else "dropped"
+            self.metrics.proposals(len(batch), failed_reason=reason)
+            refusal = exc
+            for p in batch:
+                d = envelope.decode(p)
+                self._fail_waiters((d.client_id, d.sequence), lambda: _copy_refusal(refusal))
+            return
+        self._pump()
+
+    def transfer_leadership(self, target: int | None = None) -> int:
+        """Asks the leader (this node) to hand leadership to ``target`` (default: the most
+        up-to-date voter); returns the target. Proposals are refused until it completes."""
+        assert self.raft is not None
+        chosen = self.raft.transfer_leadership(target)
+        self._pump()
+        return chosen
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[Any], T], consistency: Consistency | None = None) -> T:
+        """Runs ``fn(state_machine)`` and returns its result.
+
+        ``linearizable`` (the default) confirms with a quorum that this node's state is current
+        (ReadIndex); ``lease`` trusts the leader's lease instead of a round trip; ``stale`` reads
+        this node's state as it is, which may lag.
+        """
+        consistency = consistency or self.config.read.default_consistency
+        self.metrics.read(consistency)
+        if consistency == "stale":
+            return fn(self.sm)
+        if consistency not in ("linearizable", "lease"):
+            raise ValueError(f"consistency must be linearizable, lease or stale, got {consistency!r}")
+        raft = self.raft
+        assert raft is not None
+        self._read_ctx += 1
+        ctx = self._read_ctx
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reads[ctx] = fut
+        try:
+            raft.read_index(ctx, lease=consistency == "lease")
+            self._pump()
+            await fut
+        finally:
+            self._reads.pop(ctx, None)
+        return fn(self.sm)
+
+    # --- the driver loop ----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        raft = self.raft
+        transport = self.transport
+        assert raft is not None and transport is not None
+        while raft.has_ready():
+            rd = raft.ready()
+            if rd.sync is not None:
+                self._sync_wanted = max(self._sync_wanted, rd.sync)
+                if not self._syncing:
+                    self._syncing = True
+                    self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync-{self.id}")
+            for m in rd.messages:
+                transport.send(m)
+            if rd.committed:
+                self._apply_queue.put_nowait(rd.committed)
+            for r in rd.reads:
+                fut = self._reads.get(r.context)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            for ctx in rd.failed_reads:
+                fut = self._reads.get(ctx)
+                if fut is not None and not fut.done():
+                    fut.set_exception(
+                        NotLeaderError(raft.lead, "leadership changed before the read was confirmed")
+                    )
+            if rd.soft_state is not None:
+                s = rd.soft_state
+                self.metrics.set_role(s.role, s.term, s.leader)
+                if s.role is not Role.LEADER:
+                    self.metrics.clear_peers()
+                if s.role is Role.LEADER:
+                    self.leader_changes += 1
+                log.info(
+                    "node %d is %s in term %d (leader %s)",
+                    self.id,
+                    s.role.value,
+                    s.term,
+                    s.leader,
+                    extra={"node_id": self.id, "term": s.term, "event": "role"},
+                )
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        raft, store = self.raft, self.store
+        assert raft is not None and store is not None
+        try:
+            while self._sync_wanted > self._sync_done and self._running:
+                seq = self._sync_wanted
+                began = time.monotonic()
+                durable = await loop.run_in_executor(self._io, store.sync)
+                self.metrics.observe_fsync(time.monotonic() - began)
+                self._sync_done = seq
+                raft.synced(seq, durable)
+                self._pump()
+        finally:
+            self._syncing = False
+
+    async def _apply_loop(self) -> None:
+        raft = self.raft
+        assert raft is not None
+        while True:
+            entries = await self._apply_queue.get()
+            for entry in entries:
+                if self._async_apply:
+                    applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                else:
+                    applied = apply_entry(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                if applied.client_id:
+                    self._resolve(applied)
+            raft.applied_to(entries[-1].index)
+            self.metrics.set_indexes(raft.commit, raft.applied)
+            self._pump()
+
+    def _resolve(self, applied: Applied) -> None:
+        key = (applied.client_id, applied.sequence)
+        started = self._proposed_at.get(key)
+        if started is not None:
+            self.metrics.observe_apply_latency(time.monotonic() - started)
+        for fut in self._waiters.get(key, []):
+            if fut.done():
+                continue
+            if applied.outcome is Outcome.STALE:
+                fut.set_exception(ProposalDroppedError(applied.error or "proposal overtaken; retry"))
+            elif applied.error is not None:
+                fut.set_exception(ApplyError(applied.error))
+            else:
+                fut.set_result(applied.result if applied.result is not None else b"")
+
+    # --- status -------------------------------------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        raft, store = self.raft, self.store
+        assert raft is not None and store is not None
+        members = self.config.cluster.members
+        last = store.last_index()
+        peers = tuple(
+            PeerInfo(
+                p,
+                members.get(p, ""),
+                pr.match,
+                max(0, last - pr.match),
+                len(pr.inflight),
+                pr.state.value if isinstance(pr.state, ProgressState) else str(pr.state),
+            )
+            for p, pr in sorted(raft.progress.items())
+            if p != self.id
+        )
+        return NodeStatus(
+            id=self.id,
+            cluster_id=self.config.cluster.id,
+            address=self.config.node.advertise or self.config.node.listen,
+            role=raft.role.value,
+            term=raft.term,
+            leader=raft.lead,
+            commit=raft.commit,
+            applied=raft.applied,
+            first_index=store.first_index(),
+            last_index=last,
+            voters=tuple(sorted(raft.conf.voters)),
+            learners=tuple(sorted(raft.learners)),
+            peers=peers,
+        )

@@ -1,0 +1,309 @@
+"""Standalone mode: a node running the built-in KV state machine behind the KV and Cluster gRPC
+services (``dengine serve``).
+
+Writes that reach a follower are answered ``FAILED_PRECONDITION`` with the leader's address in
+the details, formatted ``not leader; leader=<id>@<address>`` (``leader=0@`` when none is known):
+clients go to the leader directly rather than paying an extra hop through a forwarding follower.
+Reads are served by any node: a linearizable read on a follower asks the leader for the read
+index (one small message), then reads locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from dengine.config import Config
+from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.kv import (
+    KeyValue,
+    KVResult,
+    KVStateMachine,
+    decode_result,
+    encode_cas,
+    encode_delete,
+    encode_put,
+)
+from dengine.node import Node
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+
+log = logging.getLogger("dengine.server")
+T = TypeVar("T")
+
+_CONSISTENCY: dict[int, str] = {
+    kv_pb2.LINEARIZABLE: "linearizable",
+    kv_pb2.LEASE: "lease",
+    kv_pb2.STALE: "stale",
+}
+MAX_KEY = 64 << 10
+MAX_VALUE = 16 << 20
+MAX_BATCH = 10_000
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _kv(kv: KeyValue | None) -> kv_pb2.KeyValue | None:
+    return None if kv is None else _kv_of(kv)
+
+
+def _kv_of(kv: KeyValue) -> kv_pb2.KeyValue:
+    return kv_pb2.KeyValue(
+        key=kv.key,
+        value=kv.value,
+        create_revision=kv.create_revision,
+        mod_revision=kv.mod_revision,
+        version=kv.version,
+    )
+
+
+def _check_key(key: bytes) -> None:
+    if not key or len(key) > MAX_KEY:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"key must be 1 to {MAX_KEY} bytes")
+
+
+def _check_value(value: bytes) -> None:
+    if len(value) > MAX_VALUE:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"value exceeds {MAX_VALUE} bytes")
+
+
+class KVService(kv_pb2_grpc.KVServicer):
+    def __init__(self, node: Node, sm: KVStateMachine) -> None:
+        self.node = node
+        self.sm = sm
+
+    def _leader_details(self, leader: int | None) -> str:
+        address = self.node.config.cluster.members.get(leader, "") if leader else ""
+        return f"not leader; leader={leader or 0}@{address}"
+
+    async def _write(self, command: bytes, session: kv_pb2.Session | None) -> KVResult:
+        raft = self.node.raft
+        if raft is None or raft.lead != self.node.id:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(raft.lead if raft else None)
+            )
+        try:
+            if session is not None and session.client_id:
+                # A client session: exactly-once across retries, even through other nodes.
+                raw = await self.node.propose_session(session.client_id, session.sequence, command)
+            else:
+                raw = await self.node.propose(command)
+        except NotLeaderError as exc:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader)) from exc
+        except ProposalDroppedError as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        except ApplyError as exc:
+            raise RequestError(grpc.StatusCode.INTERNAL, str(exc)) from exc
+        return decode_result(raw)
+
+    async def _read(self, fn: Callable[[KVStateMachine], T], consistency: int) -> T:
+        mode = _CONSISTENCY.get(consistency)
+        if mode is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown consistency {consistency}")
+        try:
+            return await self.node.read(fn, mode)  # type: ignore[arg-type]  # checked just above
+        except NotLeaderError as exc:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader)) from exc
+
+    async def _put(self, r: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
+        _check_key(r.key)
+        _check_value(r.value)
+        res = await self._write(encode_put(r.key, r.value), r.session if r.HasField("session") else None)
+        return kv_pb2.PutResponse(revision=res.revision, prev=_kv(res.prev))
+
+    async def _get(self, r: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
+        _check_key(r.key)
+        kv, rev = await self._read(lambda sm: (sm.get(r.key), sm.revision), r.consistency)
+        return kv_pb2.GetResponse(found=kv is not None, kv=_kv(kv), revision=rev)
+
+    async def _delete(self, r: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
+        _check_key(r.key)
+        res = await self._write(encode_delete(r.key), r.session if r.HasField("session") else None)
+        return kv_pb2.DeleteResponse(deleted=res.ok, revision=res.revision, prev=_kv(res.prev))
+
+    async def _cas(self, r: kv_pb2.CompareAndSwapRequest) -> kv_pb2.CompareAndSwapResponse:
+        _check_key(r.key)
+        _check_value(r.value)
+        expected = r.expected if r.has_expected else None
+        res = await self._write(
+            encode_cas(r.key, expected, r.value), r.session if r.HasField("session") else None
+        )
+        current = None if res.ok else _kv(res.prev)
+        return kv_pb2.CompareAndSwapResponse(succeeded=res.ok, revision=res.revision, current=current)
+
+    async def _call(self, context: Any, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except RequestError as exc:
+            await context.abort(exc.code, exc.details)
+            raise AssertionError("unreachable") from exc
+        except DengineError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise AssertionError("unreachable") from exc
+
+    async def Put(self, request: kv_pb2.PutRequest, context: Any) -> kv_pb2.PutResponse:
+        return await self._call(context, self._put(request))
+
+    async def Get(self, request: kv_pb2.GetRequest, context: Any) -> kv_pb2.GetResponse:
+        return await self._call(context, self._get(request))
+
+    async def Delete(self, request: kv_pb2.DeleteRequest, context: Any) -> kv_pb2.DeleteResponse:
+        return await self._call(context, self._delete(request))
+
+    async def CompareAndSwap(
+        self, request: kv_pb2.CompareAndSwapRequest, context: Any
+    ) -> kv_pb2.CompareAndSwapResponse:
+        return await self._call(context, self._cas(request))
+
+    async def Range(self, request: kv_pb2.RangeRequest, context: Any) -> kv_pb2.RangeResponse:
+        limit = request.limit or None
+
+        async def run() -> kv_pb2.RangeResponse:
+            kvs, rev = await self._read(
+                lambda sm: (sm.range(request.prefix, limit), sm.revision), request.consistency
+            )
+            return kv_pb2.RangeResponse(kvs=[_kv_of(kv) for kv in kvs], revision=rev)
+
+        return await self._call(context, run())
+
+    async def _one(self, op: kv_pb2.Operation) -> kv_pb2.OperationResult:
+        kind = op.WhichOneof("op")
+        handlers: dict[str, Callable[[], Awaitable[Any]]] = {
+            "put": lambda: self._put(op.put),
+            "get": lambda: self._get(op.get),
+            "delete": lambda: self._delete(op.delete),
+            "cas": lambda: self._cas(op.cas),
+        }
+        if kind is None:
+            return kv_pb2.OperationResult(error="INVALID_ARGUMENT: empty operation")
+        try:
+            return kv_pb2.OperationResult(**{kind: await handlers[kind]()})
+        except RequestError as exc:
+            return kv_pb2.OperationResult(error=f"{exc.code.name}: {exc.details}")
+        except DengineError as exc:
+            return kv_pb2.OperationResult(error=f"UNAVAILABLE: {exc}")
+
+    async def Batch(self, request: kv_pb2.BatchRequest, context: Any) -> kv_pb2.BatchResponse:
+        if len(request.ops) > MAX_BATCH:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch holds at most {MAX_BATCH} operations"
+            )
+        # All writes of the batch are proposed together: one append, one fsync.
+        results = await asyncio.gather(*(self._one(op) for op in request.ops))
+        return kv_pb2.BatchResponse(results=results)
+
+    async def Watch(self, request: kv_pb2.WatchRequest, context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        unsubscribe = self.sm.subscribe(queue.put_nowait)
+        try:
+            if request.start_revision:
+                backlog = self.sm.events_since(request.start_revision - 1)
+                events = [e for e in backlog if e.kv.key.startswith(request.prefix)]
+                if events:
+                    yield kv_pb2.WatchResponse(events=[_event(e) for e in events])
+            while True:
+                e = await queue.get()
+                if e.kv.key.startswith(request.prefix) and e.revision >= request.start_revision:
+                    yield kv_pb2.WatchResponse(events=[_event(e)])
+        finally:
+            unsubscribe()
+
+
+def _event(e: Any) -> kv_pb2.WatchEvent:
+    kind = kv_pb2.WatchEvent.PUT if e.type == "put" else kv_pb2.WatchEvent.DELETE
+    return kv_pb2.WatchEvent(type=kind, kv=_kv(e.kv), prev=_kv(e.prev), revision=e.revision)
+
+
+class ClusterService(cluster_pb2_grpc.ClusterServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def Status(self, request: cluster_pb2.StatusRequest, context: Any) -> cluster_pb2.StatusResponse:
+        s = self.node.status()
+        members = self.node.config.cluster.members
+        return cluster_pb2.StatusResponse(
+            cluster_id=s.cluster_id,
+            id=s.id,
+            address=s.address,
+            role=s.role,
+            term=s.term,
+            leader_id=s.leader or 0,
+            leader_address=members.get(s.leader, "") if s.leader else "",
+            commit_index=s.commit,
+            applied_index=s.applied,
+            first_index=s.first_index,
+            last_index=s.last_index,
+            voters=list(s.voters),
+            learners=list(s.learners),
+            peers=[
+                cluster_pb2.PeerStatus(
+                    id=p.id,
+                    address=p.address,
+                    match_index=p.match,
+                    lag=p.lag,
+                    inflight=p.inflight,
+                    state=p.state,
+                )
+                for p in s.peers
+            ],
+        )
+
+    async def _unimplemented(self, context: Any, what: str) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not available yet")
+
+    async def AddLearner(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented(context, "membership changes")
+
+    async def Promote(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented(context, "membership changes")
+
+    async def RemoveMember(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented(context, "membership changes")
+
+    async def Snapshot(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented(context, "snapshots")
+
+    async def TransferLeader(
+        self, request: cluster_pb2.TransferLeaderRequest, context: Any
+    ) -> cluster_pb2.TransferLeaderResponse:
+        try:
+            target = self.node.transfer_leadership(request.id or None)
+        except NotLeaderError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not leader; leader={exc.leader or 0}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return cluster_pb2.TransferLeaderResponse(leader_id=target)
+
+
+def kv_services(sm: KVStateMachine) -> Callable[[grpc.aio.Server, Node], None]:
+    def add(server: grpc.aio.Server, node: Node) -> None:
+        kv_pb2_grpc.add_KVServicer_to_server(KVService(node, sm), server)  # type: ignore[no-untyped-call]
+        cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)  # type: ignore[no-untyped-call]
+
+    return add
+
+
+async def serve(config: Config) -> None:
+    """Runs a KV node until SIGTERM or SIGINT, then stops it gracefully."""
+    sm = KVStateMachine()
+    node = Node(config, sm, extra_services=kv_services(sm))
+    await node.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Windows has no loop signal handlers; Ctrl-C still raises KeyboardInterrupt there.
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %d: stopping on signal", config.node.id)
+    await node.stop()

@@ -1,0 +1,75 @@
+"""Conversion between the core's :class:`~dengine.raft.Message` and the wire's RaftMessage.
+
+Entries cross as one bytes field framed by the Rust core (CRC-checked on arrival). Everything
+from the network is validated here before the protocol sees it: an unknown type, a sender that is
+not a member, a message for another node or another cluster is refused with a clear reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from dengine._core import decode_entries, encode_entries
+from dengine.raft import Message, MsgType
+from dengine.v1 import raft_pb2
+
+_MAX_U63 = (1 << 63) - 1
+
+
+class WireError(ValueError):
+    """A peer message was refused; the text says why (it is logged and returned to the sender)."""
+
+
+def to_wire(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
+    return raft_pb2.RaftMessage(
+        cluster_id=cluster_id,
+        type=int(m.type),  # type: ignore[arg-type]
+        to=m.dst,
+        term=m.term,
+        index=m.index,
+        log_term=m.log_term,
+        commit=m.commit,
+        reject=m.reject,
+        reject_hint=m.reject_hint,
+        context=m.context,
+        entries=encode_entries(m.entries) if m.entries else b"",
+        payloads=list(m.payloads),
+        **{"from": m.src},
+    )
+
+
+def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Collection[int]) -> Message:
+    if w.cluster_id != cluster_id:
+        raise WireError(f"message from cluster {w.cluster_id!r}, this node belongs to {cluster_id!r}")
+    src = getattr(w, "from")
+    if src not in members:
+        raise WireError(f"message from unknown node {src}")
+    if w.to != me:
+        raise WireError(f"message for node {w.to} reached node {me}")
+    try:
+        kind = MsgType(w.type)
+    except ValueError:
+        raise WireError(f"unknown message type {w.type}") from None
+    for name in ("term", "index", "log_term", "commit", "reject_hint", "context"):
+        if getattr(w, name) > _MAX_U63:
+            raise WireError(f"{name} {getattr(w, name)} is out of range")
+    try:
+        entries = decode_entries(w.entries) if w.entries else []
+    except ValueError as exc:
+        raise WireError(f"damaged entries: {exc}") from None
+    if kind is MsgType.APP and entries and entries[0].index != w.index + 1:
+        raise WireError(f"entries start at {entries[0].index}, not after index {w.index}")
+    return Message(
+        kind,
+        src,
+        me,
+        w.term,
+        index=w.index,
+        log_term=w.log_term,
+        entries=entries,
+        commit=w.commit,
+        reject=w.reject,
+        reject_hint=w.reject_hint,
+        context=w.context,
+        payloads=list(w.payloads),
+    )

@@ -1,0 +1,131 @@
+"""The gRPC peer transport: one long-lived message stream from this node to each peer.
+
+Raft tolerates lost, duplicated and reordered messages, so the transport keeps it simple: each
+peer has a bounded queue; a background task keeps one client stream open to the peer and drains
+the queue into it, reconnecting with backoff when the peer is down. When a queue is full the
+oldest messages are dropped (the protocol retransmits whatever matters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import grpc
+
+from dengine.raft import Message
+from dengine.transport.codec import WireError, from_wire, to_wire
+from dengine.v1 import raft_pb2, raft_pb2_grpc
+
+log = logging.getLogger("dengine.transport")
+
+MAX_MESSAGE_BYTES = 64 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+_QUEUE_LIMIT = 4096
+
+
+class PeerTransport(raft_pb2_grpc.RaftServicer):
+    """Sends this node's messages to its peers and hands incoming ones to ``on_message``."""
+
+    def __init__(
+        self,
+        node_id: int,
+        cluster_id: str,
+        peers: Mapping[int, str],
+        on_message: Callable[[Message], None],
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.peers = dict(peers)
+        self.members = frozenset(self.peers) | {node_id}
+        self.on_message = on_message
+        self.credentials = channel_credentials
+        self._queues: dict[int, asyncio.Queue[raft_pb2.RaftMessage]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.rejected = 0
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for peer in self.peers:
+            if peer != self.node_id:
+                self._queues[peer] = asyncio.Queue()
+                self._tasks.append(asyncio.create_task(self._run_peer(peer), name=f"peer-{peer}"))
+
+    def send(self, m: Message) -> None:
+        q = self._queues.get(m.dst)
+        if q is None:
+            return
+        if q.qsize() >= _QUEUE_LIMIT:
+            q.get_nowait()  # drop the oldest: the peer is far behind or down
+        q.put_nowait(to_wire(m, self.cluster_id))
+
+    async def _outgoing(self, q: asyncio.Queue[raft_pb2.RaftMessage]) -> AsyncIterator[raft_pb2.RaftMessage]:
+        while True:
+            yield await q.get()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(address, self.credentials, options=GRPC_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+
+    async def _run_peer(self, peer: int) -> None:
+        q = self._queues[peer]
+        backoff = 0.05
+        while not self._closing:
+            try:
+                async with self._channel(self.peers[peer]) as channel:
+                    stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
+                    await stub.Messages(self._outgoing(q))
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                    log.warning("peer %d refused our messages: %s", peer, exc.details())
+                else:
+                    log.debug("stream to peer %d ended: %s", peer, exc.code())
+            except Exception:
+                log.exception("stream to peer %d failed", peer)
+            # Messages queued while the peer was unreachable are stale; Raft resends what counts.
+            while not q.empty():
+                q.get_nowait()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    # --- receiving (the gRPC servicer) ----------------------------------------------------------
+
+    async def Messages(
+        self, request_iterator: AsyncIterator[raft_pb2.RaftMessage], context: Any
+    ) -> raft_pb2.StreamClosed:
+        async for w in request_iterator:
+            try:
+                m = from_wire(w, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
+            except WireError as exc:
+                self.rejected += 1
+                code = (
+                    grpc.StatusCode.FAILED_PRECONDITION
+                    if "cluster" in str(exc) or "unknown node" in str(exc)
+                    else grpc.StatusCode.INVALID_ARGUMENT
+                )
+                log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
+                await context.abort(code, str(exc))
+                raise AssertionError("unreachable") from exc
+            self.on_message(m)
+        return raft_pb2.StreamClosed()

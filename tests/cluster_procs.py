@@ -1,0 +1,160 @@
+"""Real dengine server processes on 127.0.0.1 for integration tests: start, kill -9, SIGSTOP,
+restart, and talk to them over real gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+
+T = TypeVar("T")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for(cond: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class ProcCluster:
+    def __init__(self, root: Path, n: int = 3, *, cluster_id: str = "test-cluster") -> None:
+        self.root = root
+        self.n = n
+        self.cluster_id = cluster_id
+        ports = free_ports(2 * n)
+        self.ports, self.metrics_ports = ports[:n], ports[n:]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        members = ", ".join(f'{i} = "127.0.0.1:{p}"' for i, p in enumerate(self.ports, start=1))
+        for i in range(1, n + 1):
+            (root / f"node{i}.toml").write_text(
+                f"""
+[node]
+id = {i}
+listen = "127.0.0.1:{self.ports[i - 1]}"
+data_dir = "{root / f"data{i}"}"
+metrics_listen = "127.0.0.1:{self.metrics_ports[i - 1]}"
+
+[cluster]
+id = "{cluster_id}"
+members = {{ {members} }}
+
+[raft]
+tick_ms = 20
+heartbeat_ms = 60
+election_timeout_ms = 400
+"""
+            )
+        self.channels = {i: grpc.insecure_channel(self.address(i)) for i in range(1, n + 1)}
+
+    def address(self, i: int) -> str:
+        return f"127.0.0.1:{self.ports[i - 1]}"
+
+    def start(self, i: int) -> None:
+        log = open(self.root / f"node{i}.log", "ab")  # noqa: SIM115 - owned by the process
+        self.procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "dengine", "serve", "--config", str(self.root / f"node{i}.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def start_all(self) -> None:
+        for i in range(1, self.n + 1):
+            self.start(i)
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[i]
+        p.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            p.wait(timeout=20)
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait(timeout=20)
+        for ch in self.channels.values():
+            ch.close()
+
+    def kv(self, i: int) -> kv_pb2_grpc.KVStub:
+        return kv_pb2_grpc.KVStub(self.channels[i])  # type: ignore[no-untyped-call]
+
+    def status(self, i: int, timeout: float = 1.0) -> cluster_pb2.StatusResponse | None:
+        try:
+            stub = cluster_pb2_grpc.ClusterStub(self.channels[i])  # type: ignore[no-untyped-call]
+            resp: cluster_pb2.StatusResponse = stub.Status(cluster_pb2.StatusRequest(), timeout=timeout)
+            return resp
+        except grpc.RpcError:
+            return None
+
+    def leader(self, among: list[int] | None = None) -> int | None:
+        """The node that is leader according to itself and that a majority agrees on."""
+        ids = among or [i for i, p in self.procs.items() if p.poll() is None]
+        views = {i: self.status(i) for i in ids}
+        leaders = [i for i, s in views.items() if s is not None and s.role == "leader"]
+        if len(leaders) != 1:
+            return None
+        agree = sum(1 for s in views.values() if s is not None and s.leader_id == leaders[0])
+        return leaders[0] if agree >= self.n // 2 + 1 or agree == len(ids) else None
+
+    def wait_leader(self, timeout: float = 15.0, among: list[int] | None = None) -> int:
+        return wait_for(lambda: self.leader(among), timeout, "a leader")
+
+    def put(self, key: bytes, value: bytes, timeout: float = 10.0) -> int:
+        """Puts through whoever leads, retrying across leader changes; returns the node used."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader()
+            if leader is not None:
+                try:
+                    self.kv(leader).Put(kv_pb2.PutRequest(key=key, value=value), timeout=2)
+                    return leader
+                except grpc.RpcError:
+                    pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"put {key!r} did not succeed in {timeout}s")
+            time.sleep(0.05)
+
+    def get(self, i: int, key: bytes, consistency: kv_pb2.Consistency = kv_pb2.LINEARIZABLE) -> bytes | None:
+        resp = self.kv(i).Get(kv_pb2.GetRequest(key=key, consistency=consistency), timeout=3)
+        return resp.kv.value if resp.found else None
+
+    def try_get(self, i: int, key: bytes, consistency: kv_pb2.Consistency = kv_pb2.STALE) -> bytes | None:
+        """Like :meth:`get`, but None while the node is unreachable (for polling)."""
+        try:
+            return self.get(i, key, consistency)
+        except grpc.RpcError:
+            return None
+
+    def scrape(self, i: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[i - 1]}/metrics", timeout=3) as r:
+            text: str = r.read().decode()
+        return text

@@ -1,0 +1,174 @@
+"""Embedded mode: three Node objects in one asyncio program, talking real gRPC on 127.0.0.1 with
+real WAL stores. Proposals return apply's result, reads are linearizable, a failing apply is
+contained, a graceful stop hands leadership over, and nothing blocks the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import pytest
+
+from dengine.config import Config
+from dengine.errors import ApplyError, NotLeaderError
+from dengine.node import Node
+
+from cluster_procs import free_ports
+
+T = TypeVar("T")
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        if command == b"boom":
+            raise RuntimeError("boom requested")
+        self.n += int(command)
+        return str(self.n).encode()
+
+    def snapshot(self, sink: BinaryIO) -> None:
+        sink.write(str(self.n).encode())
+
+    def restore(self, source: BinaryIO) -> None:
+        self.n = int(source.read())
+
+
+def configs(root: Path, n: int = 3) -> list[Config]:
+    ports = free_ports(n)
+    members = {str(i): f"127.0.0.1:{p}" for i, p in enumerate(ports, start=1)}
+    return [
+        Config.from_dict(
+            {
+                "node": {
+                    "id": i,
+                    "listen": members[str(i)],
+                    "data_dir": str(root / f"n{i}"),
+                    "metrics_listen": "",
+                },
+                "cluster": {"id": "embedded", "members": members},
+                "raft": {"tick_ms": 20, "heartbeat_ms": 60, "election_timeout_ms": 400},
+            }
+        )
+        for i in range(1, n + 1)
+    ]
+
+
+async def until(cond: Callable[[], T | None], timeout: float = 10.0) -> T:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def leader_of(nodes: list[Node]) -> Node | None:
+    leaders = [n for n in nodes if n.raft is not None and n.raft.role.value == "leader"]
+    return leaders[0] if len(leaders) == 1 else None
+
+
+def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(coro())
+
+
+def test_propose_read_and_contained_apply_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        nodes = [Node(c, Counter()) for c in configs(tmp_path)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            results = await asyncio.gather(*(leader.propose(b"1") for _ in range(200)))
+            assert sorted(int(r) for r in results) == list(range(1, 201))
+            assert await leader.read(lambda sm: sm.n) == 200
+            follower = next(n for n in nodes if n is not leader)
+            assert await follower.read(lambda sm: sm.n) == 200, "a linearizable read on a follower"
+            with pytest.raises(ApplyError, match="boom requested"):
+                await leader.propose(b"boom")
+            assert await leader.propose(b"5") == b"205", "the node keeps going after a failing apply"
+            await until(lambda: all(n.sm.n == 205 for n in nodes))  # type: ignore[attr-defined]
+            status = leader.status()
+            assert status.role == "leader" and status.commit == status.applied
+            assert {p.id for p in status.peers} == {n.id for n in nodes} - {leader.id}
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_graceful_stop_transfers_leadership_and_a_restart_recovers(tmp_path: Path) -> None:
+    cfgs = configs(tmp_path)
+
+    async def main() -> None:
+        nodes = [Node(c, Counter()) for c in cfgs]
+        for n in nodes:
+            await n.start()
+        leader = await until(lambda: leader_of(nodes))
+        for _ in range(10):
+            await leader.propose(b"3")
+        old = leader.id
+        await leader.stop()
+        rest = [n for n in nodes if n is not leader]
+        new = await until(lambda: leader_of(rest), timeout=3)
+        assert new.id != old
+        assert await new.propose(b"0") == b"30"
+        restarted = Node(cfgs[old - 1], Counter())
+        await restarted.start()
+        await until(lambda: restarted.sm.n == 30)  # type: ignore[attr-defined]
+        for n in [*rest, restarted]:
+            await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_a_follower_without_forwarding_refuses_with_the_leader_hint(tmp_path: Path) -> None:
+    async def main() -> None:
+        cfgs = [
+            Config.from_dict({**c.to_dict(), "raft": {**c.to_dict()["raft"], "forward_proposals": False}})
+            for c in configs(tmp_path)
+        ]
+        nodes = [Node(c, Counter()) for c in cfgs]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            follower = next(n for n in nodes if n is not leader)
+            await until(lambda: follower.raft is not None and follower.raft.lead == leader.id)
+            with pytest.raises(NotLeaderError) as info:
+                await follower.propose(b"1")
+            assert info.value.leader == leader.id
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_nothing_blocks_the_event_loop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.1
+        nodes = [Node(c, Counter()) for c in configs(tmp_path)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            for _ in range(20):
+                await asyncio.gather(*(leader.propose(b"1") for _ in range(100)))
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        run(main)
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert not slow, f"callbacks blocked the loop: {slow[:3]}"
