@@ -123,12 +123,7 @@ impl LogStoreBase {
     fn append(&self, py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<()> {
         // Framing happens here, with the GIL held, straight from each payload's bytes: one copy
         // per entry into the buffer that is written to disk. Only the write releases the GIL.
-        let mut batch = EncodedBatch::with_capacity(entries.len().unwrap_or(0), 0);
-        for item in entries.try_iter()? {
-            let item = item?;
-            let e = item.cast::<Entry>()?.get();
-            batch.push(e.index, e.term, e.data.as_bytes(py)).map_err(crate::errors::to_py)?;
-        }
+        let batch = batch_from_entries(py, entries)?;
         let inner = Arc::clone(&self.inner);
         detach(py, move || inner.append_batch(&batch))
     }
@@ -254,6 +249,34 @@ impl MemoryLogStore {
     }
 }
 
+fn batch_from_entries(py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<EncodedBatch> {
+    let mut batch = EncodedBatch::with_capacity(entries.len().unwrap_or(0), 0);
+    for item in entries.try_iter()? {
+        let item = item?;
+        let e = item.cast::<Entry>()?.get();
+        batch.push(e.index, e.term, e.data.as_bytes(py)).map_err(crate::errors::to_py)?;
+    }
+    Ok(batch)
+}
+
+/// Frames entries as one bytes value (the WAL record format) for the wire.
+#[pyfunction]
+fn encode_entries<'py>(py: Python<'py>, entries: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let batch = batch_from_entries(py, entries)?;
+    Ok(PyBytes::new(py, batch.as_bytes()))
+}
+
+/// Verifies and unpacks what `encode_entries` produced; raises ValueError on any damage.
+#[pyfunction]
+fn decode_entries(py: Python<'_>, data: &[u8]) -> PyResult<Vec<Entry>> {
+    let owned = data.to_vec();
+    let batch = detach(py, move || EncodedBatch::from_bytes(owned))?;
+    Ok(batch
+        .iter()
+        .map(|(index, term, payload)| Entry { index, term, data: PyBytes::new(py, payload).unbind() })
+        .collect())
+}
+
 /// CRC32C (Castagnoli) of `data`, the checksum used by the WAL and snapshot chunks.
 #[pyfunction(name = "crc32c")]
 fn crc32c_of(data: &[u8]) -> u32 {
@@ -267,5 +290,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WalLogStore>()?;
     m.add_class::<MemoryLogStore>()?;
     m.add_function(wrap_pyfunction!(crc32c_of, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_entries, m)?)?;
     Ok(())
 }

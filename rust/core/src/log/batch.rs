@@ -74,6 +74,51 @@ impl EncodedBatch {
         Ok(())
     }
 
+    /// Parses and verifies a batch produced by another node's [`EncodedBatch::as_bytes`]:
+    /// every header and payload checksum, consecutive indexes and non-decreasing terms. The
+    /// bytes come from the network, so nothing is trusted before it is checked.
+    pub fn from_bytes(buf: Vec<u8>) -> Result<EncodedBatch> {
+        let mut batch = EncodedBatch { buf: Vec::new(), ..Self::default() };
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let bad = |why: &str| Error::InvalidArgument(format!("entry batch: {why} at byte {pos}"));
+            let header: &[u8; HEADER_LEN] = buf
+                .get(pos..pos + HEADER_LEN)
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(|| bad("truncated header"))?;
+            let h = record::decode_header(header).ok_or_else(|| bad("header checksum mismatch"))?;
+            let body = buf
+                .get(pos + HEADER_LEN..pos + HEADER_LEN + h.len as usize)
+                .ok_or_else(|| bad("truncated payload"))?;
+            if !record::payload_ok(&h, body) {
+                return Err(bad("payload checksum mismatch"));
+            }
+            if let Some(expected) = batch.next_index() {
+                if h.index != expected || h.term < batch.last_term {
+                    return Err(bad("entries out of order"));
+                }
+            } else {
+                bounds::check_value("index", h.index)?;
+                batch.first_index = h.index;
+                batch.first_term = h.term;
+            }
+            bounds::check_value("term", h.term)?;
+            if batch.starts.is_empty() || h.term != batch.last_term {
+                batch.term_runs.push((h.index, h.term));
+            }
+            batch.starts.push(pos as u64);
+            batch.last_term = h.term;
+            pos += HEADER_LEN + h.len as usize;
+        }
+        batch.buf = buf;
+        Ok(batch)
+    }
+
+    /// The framed records, ready to travel as one bytes field.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     fn next_index(&self) -> Option<u64> {
         (!self.starts.is_empty()).then(|| self.first_index + self.starts.len() as u64)
     }
@@ -129,6 +174,25 @@ mod tests {
         let got: Vec<_> = b.iter().map(|(i, t, d)| (i, t, d.to_vec())).collect();
         assert_eq!(got, vec![(5, 1, b"a".to_vec()), (6, 2, vec![]), (7, 2, b"ccc".to_vec())]);
         assert_eq!((b.len(), b.first_index(), b.first_term()), (3, 5, 1));
+    }
+
+    #[test]
+    fn from_bytes_round_trips_and_rejects_damage() {
+        let mut b = EncodedBatch::new();
+        for i in 10..20 {
+            b.push(i, 1 + i / 15, format!("p{i}").as_bytes()).unwrap();
+        }
+        let back = EncodedBatch::from_bytes(b.as_bytes().to_vec()).unwrap();
+        assert_eq!(back.iter().collect::<Vec<_>>(), b.iter().collect::<Vec<_>>());
+        assert_eq!(back.term_runs(), b.term_runs());
+        for at in 0..b.as_bytes().len() {
+            let mut bad = b.as_bytes().to_vec();
+            bad[at] ^= 0x40;
+            assert!(EncodedBatch::from_bytes(bad).is_err(), "flip at {at} accepted");
+        }
+        let whole = b.as_bytes();
+        assert!(EncodedBatch::from_bytes(whole[..whole.len() - 1].to_vec()).is_err());
+        assert!(EncodedBatch::from_bytes(Vec::new()).unwrap().is_empty());
     }
 
     #[test]
