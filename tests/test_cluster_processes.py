@@ -166,3 +166,51 @@ def test_prometheus_metrics_are_served(cluster: ProcCluster) -> None:
     assert proposals and float(proposals[0].split()[-1]) >= 5
     assert "dengine_fsync_seconds_bucket" in text
     assert "dengine_peer_match_index" in text
+
+
+def test_kv_service_batch_cas_range_watch_and_sessions(cluster: ProcCluster) -> None:
+    leader = cluster.wait_leader()
+    kv = cluster.kv(leader)
+    watch = kv.Watch(kv_pb2.WatchRequest(prefix=b"w/", start_revision=1), timeout=20)
+    ops = [kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"w/%d" % i, value=b"%d" % i)) for i in range(5)]
+    ops.append(kv_pb2.Operation(get=kv_pb2.GetRequest(key=b"w/0")))
+    ops.append(
+        kv_pb2.Operation(
+            cas=kv_pb2.CompareAndSwapRequest(key=b"w/1", has_expected=True, expected=b"1", value=b"x")
+        )
+    )
+    ops.append(
+        kv_pb2.Operation(
+            cas=kv_pb2.CompareAndSwapRequest(key=b"w/2", has_expected=True, expected=b"?", value=b"y")
+        )
+    )
+    ops.append(kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=b"w/4")))
+    ops.append(kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"", value=b"bad")))
+    results = kv.Batch(kv_pb2.BatchRequest(ops=ops), timeout=5).results
+    assert [r.WhichOneof("result") for r in results] == ["put"] * 5 + ["get", "cas", "cas", "delete", "error"]
+    assert results[6].cas.succeeded and not results[7].cas.succeeded
+    assert results[7].cas.current.value == b"2"
+    assert results[8].delete.deleted
+    assert results[9].error.startswith("INVALID_ARGUMENT")
+    listed = kv.Range(kv_pb2.RangeRequest(prefix=b"w/", limit=3), timeout=5)
+    assert [x.key for x in listed.kvs] == [b"w/0", b"w/1", b"w/2"]
+    assert [x.value for x in listed.kvs] == [b"0", b"x", b"2"]
+
+    # A retried write with the same session is applied once and answered with the first result.
+    session = kv_pb2.Session(client_id=77, sequence=1)
+    first = kv.Put(kv_pb2.PutRequest(key=b"once", value=b"1", session=session), timeout=5)
+    again = kv.Put(kv_pb2.PutRequest(key=b"once", value=b"1", session=session), timeout=5)
+    assert first.revision == again.revision
+    got = kv.Get(kv_pb2.GetRequest(key=b"once"), timeout=5)
+    assert got.kv.version == 1
+
+    seen: list[tuple[int, bytes]] = []
+    for response in watch:
+        seen.extend((e.type, e.kv.key) for e in response.events)
+        if len(seen) >= 7:  # 5 puts, the successful CAS, the delete
+            break
+    watch.cancel()
+    puts = [k for t, k in seen if t == kv_pb2.WatchEvent.PUT]
+    deletes = [k for t, k in seen if t == kv_pb2.WatchEvent.DELETE]
+    assert puts[:5] == [b"w/%d" % i for i in range(5)] and b"w/1" in puts[5:]
+    assert deletes == [b"w/4"]
