@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from dengine._core import Entry, encode_entries
-from dengine.v1 import kv_pb2, raft_pb2, raft_pb2_grpc
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, raft_pb2, raft_pb2_grpc
 
 from cluster_procs import ProcCluster, wait_for
 
@@ -214,3 +214,36 @@ def test_kv_service_batch_cas_range_watch_and_sessions(cluster: ProcCluster) -> 
     deletes = [k for t, k in seen if t == kv_pb2.WatchEvent.DELETE]
     assert puts[:5] == [b"w/%d" % i for i in range(5)] and b"w/1" in puts[5:]
     assert deletes == [b"w/4"]
+
+
+def test_dengine_cluster_starts_a_dev_cluster_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dengine", "cluster", "--nodes", "3", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    endpoints = lines[1].removeprefix("endpoints: ").strip().split(",")
+    assert len(endpoints) == 3
+    channels = [grpc.insecure_channel(e) for e in endpoints]
+
+    def leader() -> int | None:
+        for ch in channels:
+            try:
+                s = cluster_pb2_grpc.ClusterStub(ch).Status(cluster_pb2.StatusRequest(), timeout=1)  # type: ignore[no-untyped-call]
+            except grpc.RpcError:
+                continue
+            if s.role == "leader":
+                return int(s.id)
+        return None
+
+    try:
+        wait_for(leader, 20, "the dev cluster to elect a leader")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        for ch in channels:
+            ch.close()
+    assert proc.returncode == 0
+    assert "cluster stopped" in out

@@ -100,6 +100,16 @@ def _demo(seconds: float) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dengine`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # These commands own their whole argument list (their own parsers and --help).
+    if args_list[:1] == ["cluster"]:
+        from dengine.devcluster import main as cluster_main  # noqa: PLC0415
+
+        return cluster_main(args_list[1:])
+    if args_list[:2] == ["certs", "init"]:
+        from dengine.tls import certs_main  # noqa: PLC0415 - needs cryptography only here
+
+        return certs_main(args_list[2:])
     parser = argparse.ArgumentParser(
         prog="dengine", description="dengine: a Raft consensus engine for Python."
     )
@@ -131,18 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
     serve.add_argument("--log-format", choices=["text", "json"], help="log.format")
-    certs = sub.add_parser("certs", help="development certificates for TLS", add_help=True)
-    certs.add_argument("action", choices=["init"], help="init: create a CA and node certificates")
-    certs.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    sub.add_parser("cluster", help="run a local development cluster (see dengine cluster --help)")
+    certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
+    certs.add_argument("action", choices=["init"])
+    args = parser.parse_args(args_list)
     if args.command == "demo":
         return _demo(args.seconds)
     if args.command == "serve":
         return _serve(args)
-    if args.command == "certs":
-        from dengine.tls import certs_main  # noqa: PLC0415 - needs cryptography only here
-
-        return certs_main(args.rest)
     return _writer(args.path)
 
 
