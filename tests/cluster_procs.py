@@ -44,7 +44,9 @@ def wait_for(cond: Callable[[], T | None], timeout: float, what: str) -> T:
 
 
 class ProcCluster:
-    def __init__(self, root: Path, n: int = 3, *, cluster_id: str = "test-cluster") -> None:
+    def __init__(
+        self, root: Path, n: int = 3, *, cluster_id: str = "test-cluster", tls_dir: Path | None = None
+    ) -> None:
         self.root = root
         self.n = n
         self.cluster_id = cluster_id
@@ -70,8 +72,28 @@ tick_ms = 20
 heartbeat_ms = 60
 election_timeout_ms = 400
 """
+                + (
+                    f"""
+[tls]
+enabled = true
+ca_file = "{tls_dir / "ca.pem"}"
+cert_file = "{tls_dir / f"node{i}.pem"}"
+key_file = "{tls_dir / f"node{i}-key.pem"}"
+client_auth = true
+"""
+                    if tls_dir
+                    else ""
+                )
             )
-        self.channels = {i: grpc.insecure_channel(self.address(i)) for i in range(1, n + 1)}
+        if tls_dir is None:
+            self.channels = {i: grpc.insecure_channel(self.address(i)) for i in range(1, n + 1)}
+        else:
+            creds = grpc.ssl_channel_credentials(
+                (tls_dir / "ca.pem").read_bytes(),
+                (tls_dir / "client-key.pem").read_bytes(),
+                (tls_dir / "client.pem").read_bytes(),
+            )
+            self.channels = {i: grpc.secure_channel(self.address(i), creds) for i in range(1, n + 1)}
 
     def address(self, i: int) -> str:
         return f"127.0.0.1:{self.ports[i - 1]}"

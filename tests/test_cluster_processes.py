@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from dengine._core import Entry, encode_entries
+from dengine.tls import init_dev_certs
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, raft_pb2, raft_pb2_grpc
 
 from cluster_procs import ProcCluster, wait_for
@@ -247,3 +248,35 @@ def test_dengine_cluster_starts_a_dev_cluster_and_stops_it_on_ctrl_c(tmp_path: P
             ch.close()
     assert proc.returncode == 0
     assert "cluster stopped" in out
+
+
+def test_a_cluster_with_mutual_tls(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    init_dev_certs(certs, ["node1", "node2", "node3"])
+    c = ProcCluster(tmp_path, 3, tls_dir=certs)
+    c.start_all()
+    try:
+        c.wait_leader()
+        c.put(b"secure", b"yes")
+        assert c.get(c.wait_leader(), b"secure") == b"yes"
+        # Without a client certificate the server refuses the connection.
+        anonymous = grpc.secure_channel(
+            c.address(1), grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+        )
+        with pytest.raises(grpc.RpcError):
+            cluster_pb2_grpc.ClusterStub(anonymous).Status(cluster_pb2.StatusRequest(), timeout=3)  # type: ignore[no-untyped-call]
+        anonymous.close()
+    finally:
+        c.stop_all()
+
+
+def test_a_tls_misconfiguration_stops_the_node_with_a_clear_error(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    init_dev_certs(certs, ["node1", "node2", "node3"])
+    (certs / "node1-key.pem").write_bytes((certs / "node2-key.pem").read_bytes())  # wrong key
+    c = ProcCluster(tmp_path, 3, tls_dir=certs)
+    c.start(1)
+    code = c.procs[1].wait(timeout=60)
+    log = (tmp_path / "node1.log").read_text()
+    assert code != 0
+    assert "node1-key.pem" in log and "Traceback" not in log

@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
     serve.add_argument("--log-format", choices=["text", "json"], help="log.format")
+    serve.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
     sub.add_parser("cluster", help="run a local development cluster (see dengine cluster --help)")
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
     certs.add_argument("action", choices=["init"])
@@ -156,7 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - keeps `dengine --help` fast
 
     from dengine.config import Config  # noqa: PLC0415
-    from dengine.errors import ConfigError  # noqa: PLC0415
+    from dengine.errors import ConfigError, DengineError  # noqa: PLC0415
     from dengine.logs import configure_logging  # noqa: PLC0415
     from dengine.server import serve  # noqa: PLC0415
 
@@ -174,8 +175,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dengine serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log.level, config.log.format)
-    with contextlib.suppress(KeyboardInterrupt):  # the signal handler stops it; this is a fallback
-        asyncio.run(serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # the signal handler stops it; this is a fallback
+            asyncio.run(serve(config))
+    except DengineError as exc:
+        # Startup problems (TLS files, a data dir in use, a port taken) are one clear line.
+        if args.debug:
+            raise
+        print(f"dengine serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

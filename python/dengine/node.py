@@ -159,6 +159,24 @@ class Node:
         """Opens the log, starts serving peers (and any extra services) and begins ticking."""
         loop = asyncio.get_running_loop()
         self.store = await loop.run_in_executor(self._io, self._open_store)
+        try:
+            await self._start_serving()
+        except BaseException:
+            # Leave nothing behind (the data dir lock above all) so that a corrected retry works.
+            if self.server is not None:
+                await self.server.stop(grace=0)
+            await loop.run_in_executor(self._io, self.store.close)
+            raise
+        self._running = True
+        self._tasks.append(asyncio.create_task(self._ticker(), name=f"ticker-{self.id}"))
+        self._tasks.append(asyncio.create_task(self._apply_loop(), name=f"apply-{self.id}"))
+        log.info(
+            "node %d listening on %s (cluster %s)", self.id, self.config.node.listen, self.config.cluster.id
+        )
+        self._pump()
+
+    async def _start_serving(self) -> None:
+        assert self.store is not None
         self.raft = Raft(self.config.raft_config(), self.store, seed=random.getrandbits(32))
         members = dict(self.config.cluster.members)
         self.transport = PeerTransport(
@@ -186,11 +204,6 @@ class Node:
             host, _, port = self.config.node.metrics_listen.rpartition(":")
             self._metrics_server = await serve_metrics(self.metrics, host.strip("[]"), int(port))
         self.transport.start()
-        self._running = True
-        self._tasks.append(asyncio.create_task(self._ticker(), name=f"ticker-{self.id}"))
-        self._tasks.append(asyncio.create_task(self._apply_loop(), name=f"apply-{self.id}"))
-        log.info("node %d listening on %s (cluster %s)", self.id, listen, self.config.cluster.id)
-        self._pump()
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         tls = self.config.tls
