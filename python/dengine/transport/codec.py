@@ -54,7 +54,7 @@ def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Col
         if getattr(w, name) > _MAX_U63:
             raise WireError(f"{name} {getattr(w, name)} is out of range")
     try:
-        entries = decode_entries(w.entries) if w.entries else []
+        entries = decode_entries(w.entries) if w.entries else ()
     except ValueError as exc:
         raise WireError(f"damaged entries: {exc}") from None
     if kind is MsgType.APP and entries and entries[0].index != w.index + 1:
@@ -71,5 +71,5 @@ def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Col
         reject=w.reject,
         reject_hint=w.reject_hint,
         context=w.context,
-        payloads=list(w.payloads),
+        payloads=tuple(w.payloads),
     )

@@ -1,0 +1,62 @@
+"""The peer wire codec: round trips, and refusal of anything a peer should not have sent."""
+
+from __future__ import annotations
+
+import pytest
+
+from dengine._core import Entry, encode_entries
+from dengine.raft import Message, MsgType
+from dengine.transport.codec import WireError, from_wire, to_wire
+from dengine.v1 import raft_pb2
+
+MEMBERS = {1, 2, 3}
+
+
+def decode(w: raft_pb2.RaftMessage) -> Message:
+    return from_wire(w, cluster_id="c1", me=2, members=MEMBERS)
+
+
+def test_round_trip_of_an_append_with_entries() -> None:
+    entries = [Entry(6, 3, b"a"), Entry(7, 3, b""), Entry(8, 4, b"\x00" * 1000)]
+    m = Message(MsgType.APP, 1, 2, 4, index=5, log_term=3, entries=entries, commit=5, context=9)
+    back = decode(to_wire(m, "c1"))
+    assert back == Message(MsgType.APP, 1, 2, 4, index=5, log_term=3, entries=entries, commit=5, context=9)
+
+
+def test_round_trip_of_forwarded_proposals_and_rejections() -> None:
+    prop = Message(MsgType.PROP, 3, 2, 1, payloads=[b"x", b"y"])
+    assert decode(to_wire(prop, "c1")).payloads == (b"x", b"y")
+    rej = Message(MsgType.APP_RESP, 3, 2, 7, index=10, reject=True, reject_hint=4, log_term=2)
+    assert decode(to_wire(rej, "c1")) == rej
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"cluster_id": "other"}, "cluster 'other'"),
+        ({"from": 9}, "unknown node 9"),
+        ({"to": 3}, "for node 3"),
+        ({"type": 99}, "unknown message type"),
+        ({"term": 2**63}, "term"),
+    ],
+)
+def test_refusals(change: dict[str, object], reason: str) -> None:
+    w = to_wire(Message(MsgType.HEARTBEAT, 1, 2, 1), "c1")
+    for key, value in change.items():
+        setattr(w, key, value)
+    with pytest.raises(WireError, match=reason):
+        decode(w)
+
+
+def test_damaged_or_misplaced_entries_are_refused() -> None:
+    good = encode_entries([Entry(6, 3, b"payload")])
+    damaged = bytearray(good)
+    damaged[-2] ^= 1
+    w = to_wire(Message(MsgType.APP, 1, 2, 3, index=5, log_term=3), "c1")
+    w.entries = bytes(damaged)
+    with pytest.raises(WireError, match="damaged entries"):
+        decode(w)
+    w.entries = good
+    w.index = 7  # entries must follow the index they are appended after
+    with pytest.raises(WireError, match="not after index 7"):
+        decode(w)
