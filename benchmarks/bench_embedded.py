@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,21 +21,12 @@ from pathlib import Path
 import grpc
 
 from dengine.config import Config
+from dengine.devcluster import free_ports
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 VALUE = b"v" * 256
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def write_configs(root: Path) -> list[Path]:

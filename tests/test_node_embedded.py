@@ -13,10 +13,9 @@ from typing import Any, BinaryIO, TypeVar
 import pytest
 
 from dengine.config import Config
+from dengine.devcluster import free_ports
 from dengine.errors import ApplyError, NotLeaderError
 from dengine.node import Node
-
-from cluster_procs import free_ports
 
 T = TypeVar("T")
 

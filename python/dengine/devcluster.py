@@ -21,7 +21,8 @@ from pathlib import Path
 GRACE_SECONDS = 10.0
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free on 127.0.0.1 a moment ago (for local clusters and tests)."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +34,7 @@ def _free_ports(n: int) -> list[int]:
 
 def write_configs(root: Path, n: int, cluster_id: str, base_port: int | None) -> list[Path]:
     """Writes ``node<i>.toml`` for each node and returns their paths."""
-    ports = [base_port + i for i in range(n)] if base_port else _free_ports(n)
+    ports = [base_port + i for i in range(n)] if base_port else free_ports(n)
     members = ", ".join(f'{i} = "127.0.0.1:{p}"' for i, p in enumerate(ports, start=1))
     paths = []
     for i in range(1, n + 1):
