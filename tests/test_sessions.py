@@ -20,8 +20,8 @@ class Counter:
         return b"%d" % self.n
 
 
-def entry(index: int, client: int, seq: int, cmd: bytes = b"inc") -> Entry:
-    return Entry(index, 1, payload.session_command(client, seq, cmd))
+def entry(index: int, client: int, seq: int, cmd: bytes = b"inc", first_outstanding: int = 0) -> Entry:
+    return Entry(index, 1, payload.session_command(client, seq, cmd, first_outstanding))
 
 
 def test_a_retried_sequence_returns_the_first_result_without_applying_again() -> None:
@@ -34,11 +34,32 @@ def test_a_retried_sequence_returns_the_first_result_without_applying_again() ->
     assert apply_entry(entry(3, 7, 2), table, sm.run).result == b"2"
 
 
-def test_an_older_sequence_is_refused() -> None:
+def test_a_sequence_the_client_acknowledged_is_refused() -> None:
     sm, table = Counter(), SessionTable()
-    apply_entry(entry(1, 7, 5), table, sm.run)
-    stale = apply_entry(entry(2, 7, 4), table, sm.run)
-    assert stale.outcome is Outcome.STALE and stale.error and sm.n == 1
+    apply_entry(entry(1, 7, 4), table, sm.run)
+    apply_entry(entry(2, 7, 5, first_outstanding=5), table, sm.run)  # the client got 4's answer
+    stale = apply_entry(entry(3, 7, 4), table, sm.run)
+    assert stale.outcome is Outcome.STALE and stale.error and sm.n == 2
+
+
+def test_concurrent_sequences_may_arrive_out_of_order() -> None:
+    sm, table = Counter(), SessionTable()
+    # A client with requests 1..3 in flight; retries reach the log as 3, 1, 3, 2, 1.
+    outcomes = [
+        apply_entry(entry(i, 5, seq, first_outstanding=1), table, sm.run)
+        for i, seq in enumerate([3, 1, 3, 2, 1], start=1)
+    ]
+    assert [o.outcome for o in outcomes] == [
+        Outcome.APPLIED,
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+    ]
+    assert [o.result for o in outcomes] == [b"1", b"2", b"1", b"3", b"2"], (
+        "each retry gets its own first result"
+    )
+    assert sm.n == 3
 
 
 def test_plain_commands_and_noops() -> None:
@@ -64,6 +85,7 @@ def test_the_table_is_bounded_and_evicts_the_most_idle_client_deterministically(
         for index, client in enumerate([1, 2, 3, 1, 4], start=1):
             apply_entry(entry(index, client, 1 if client != 1 or index == 1 else 2), t, sm.run)
     assert [c for c, *_ in table_a.items()] == [3, 1, 4]
+    assert table_a.items()[1][3] == [(1, b"1", None), (2, b"4", None)]
     assert table_a.items() == table_b.items()
 
 

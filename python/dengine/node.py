@@ -13,6 +13,7 @@ gets :class:`~dengine.errors.ApplyError` carrying the message, and the node keep
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import logging
 import random
@@ -115,6 +116,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._client_id = random.getrandbits(62) + 1
         self._seq = 0
+        self._local_outstanding: list[int] = []  # heap of this node's own unanswered sequences
         self._pending: list[bytes] = []
         self._flush_scheduled = False
         self._waiters: dict[tuple[int, int], list[asyncio.Future[bytes]]] = {}
@@ -296,17 +298,31 @@ class Node:
         """Replicates ``command`` and returns what ``apply`` returned for it, once it is committed
         and applied on this node. Proposals made together are batched into one append."""
         self._seq += 1
-        return await self._propose(self._client_id, self._seq, command, timeout)
+        heapq.heappush(self._local_outstanding, self._seq)
+        while self._local_outstanding and (self._client_id, self._local_outstanding[0]) not in self._waiters:
+            if self._local_outstanding[0] == self._seq:
+                break
+            heapq.heappop(self._local_outstanding)
+        first = self._local_outstanding[0] if self._local_outstanding else self._seq
+        return await self._propose(self._client_id, self._seq, command, timeout, first)
 
     async def propose_session(
-        self, client_id: int, sequence: int, command: bytes, *, timeout: float | None = None
+        self,
+        client_id: int,
+        sequence: int,
+        command: bytes,
+        *,
+        first_outstanding: int = 0,
+        timeout: float | None = None,
     ) -> bytes:
         """Like :meth:`propose` for a client with its own session: a retry with the same
         ``(client_id, sequence)``, through this node or any other, is applied once and answered
         with the first result (Raft thesis §6.3)."""
-        return await self._propose(client_id, sequence, command, timeout)
+        return await self._propose(client_id, sequence, command, timeout, first_outstanding)
 
-    async def _propose(self, client_id: int, seq: int, command: bytes, timeout: float | None) -> bytes:
+    async def _propose(
+        self, client_id: int, seq: int, command: bytes, timeout: float | None, first_outstanding: int
+    ) -> bytes:
         if not self._running:
             raise DengineError("the node is not running")
         loop = asyncio.get_running_loop()
@@ -314,7 +330,7 @@ class Node:
         key = (client_id, seq)
         self._waiters.setdefault(key, []).append(fut)
         self._proposed_at.setdefault(key, time.monotonic())
-        self._pending.append(envelope.session_command(client_id, seq, command))
+        self._pending.append(envelope.session_command(client_id, seq, command, min(first_outstanding, seq)))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             linger = self.config.raft.propose_linger_ms / 1000

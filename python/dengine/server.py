@@ -95,7 +95,9 @@ class KVService(kv_pb2_grpc.KVServicer):
         try:
             if session is not None and session.client_id:
                 # A client session: exactly-once across retries, even through other nodes.
-                raw = await self.node.propose_session(session.client_id, session.sequence, command)
+                raw = await self.node.propose_session(
+                    session.client_id, session.sequence, command, first_outstanding=session.first_outstanding
+                )
             else:
                 raw = await self.node.propose(command)
         except NotLeaderError as exc:

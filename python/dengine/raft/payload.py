@@ -14,7 +14,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-_SESSION = struct.Struct("<BQQ")
+_SESSION = struct.Struct("<BQQQ")
 
 
 class Kind(enum.IntEnum):
@@ -32,6 +32,7 @@ class Decoded:
     command: bytes
     client_id: int = 0
     sequence: int = 0
+    first_outstanding: int = 0
 
 
 def command(data: bytes) -> bytes:
@@ -39,11 +40,17 @@ def command(data: bytes) -> bytes:
     return b"\x01" + data
 
 
-def session_command(client_id: int, sequence: int, data: bytes) -> bytes:
-    """Wraps a command that must be applied at most once for ``(client_id, sequence)``."""
+def session_command(client_id: int, sequence: int, data: bytes, first_outstanding: int = 0) -> bytes:
+    """Wraps a command that must be applied at most once for ``(client_id, sequence)``.
+
+    ``first_outstanding`` is the client's lowest sequence still awaiting an answer (0: unknown);
+    replicas then forget results below it.
+    """
     if client_id <= 0 or sequence <= 0:
         raise ValueError("client_id and sequence must be positive")
-    return _SESSION.pack(Kind.SESSION_COMMAND, client_id, sequence) + data
+    if not 0 <= first_outstanding <= sequence:
+        raise ValueError("first_outstanding must be between 0 and sequence")
+    return _SESSION.pack(Kind.SESSION_COMMAND, client_id, sequence, first_outstanding) + data
 
 
 def decode(payload: bytes) -> Decoded:
@@ -58,6 +65,6 @@ def decode(payload: bytes) -> Decoded:
     if kind == Kind.SESSION_COMMAND:
         if len(payload) < _SESSION.size:
             raise ValueError("truncated session command")
-        _, client_id, sequence = _SESSION.unpack_from(payload)
-        return Decoded(Kind.SESSION_COMMAND, payload[_SESSION.size :], client_id, sequence)
+        _, client_id, sequence, first_outstanding = _SESSION.unpack_from(payload)
+        return Decoded(Kind.SESSION_COMMAND, payload[_SESSION.size :], client_id, sequence, first_outstanding)
     raise ValueError(f"unknown entry kind {kind}")

@@ -26,16 +26,17 @@ AsyncRunCommand = Callable[[int, bytes], Awaitable[bytes | None]]
 
 @dataclass(slots=True)
 class _Session:
-    sequence: int
-    result: bytes | None
-    error: str | None
+    # Results of applied sequences the client may still retry, by sequence number.
+    results: dict[int, tuple[bytes | None, str | None]]
+    # Sequences below this were acknowledged by the client: a late copy of one is refused.
+    acked_below: int
     last_index: int
 
 
 class Outcome(enum.Enum):
     APPLIED = "applied"  # the command ran now
-    DUPLICATE = "duplicate"  # a retry of the last applied sequence: its stored result returned
-    STALE = "stale"  # older than the last applied sequence: refused
+    DUPLICATE = "duplicate"  # a retry of an applied sequence: its stored result returned
+    STALE = "stale"  # a sequence the client already acknowledged: refused
     NOOP = "noop"  # an entry with nothing to run
 
 
@@ -52,19 +53,28 @@ class Applied:
 
 
 class SessionTable:
-    """Per-client last sequence and result, bounded and expired deterministically.
+    """Per-client results of recently applied sequences, bounded and expired deterministically.
+
+    A client may have many requests in flight, and retries may reach the log in any order, so a
+    session keeps the result of every sequence the client may still retry. Each command carries
+    the client's lowest sequence still awaiting an answer (``first_outstanding``): results below
+    it are dropped, and a late copy of such a sequence is refused as stale. ``max_results`` caps
+    what one client can pin (oldest dropped first).
 
     ``max_clients`` bounds memory; when it is exceeded, the client that has been idle for the
-    most entries is forgotten (ties broken by client id). A client idle for more than
-    ``expire_after`` log entries is forgotten too. A forgotten client's late retry would be
-    applied again, so both limits should comfortably exceed any client's retry window.
+    most entries is forgotten. A client idle for more than ``expire_after`` log entries is
+    forgotten too. A forgotten client's late retry would be applied again, so the limits should
+    comfortably exceed any client's retry window.
     """
 
-    def __init__(self, *, max_clients: int = 100_000, expire_after: int = 10_000_000) -> None:
-        if max_clients < 1 or expire_after < 1:
-            raise ValueError("max_clients and expire_after must be positive")
+    def __init__(
+        self, *, max_clients: int = 100_000, expire_after: int = 10_000_000, max_results: int = 100_000
+    ) -> None:
+        if max_clients < 1 or expire_after < 1 or max_results < 1:
+            raise ValueError("max_clients, expire_after and max_results must be positive")
         self.max_clients = max_clients
         self.expire_after = expire_after
+        self.max_results = max_results
         # Ordered by last activity: the first item is always the most idle client.
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
 
@@ -73,19 +83,38 @@ class SessionTable:
 
     def lookup(self, client_id: int, sequence: int) -> Outcome | None:
         s = self._sessions.get(client_id)
-        if s is None or sequence > s.sequence:
+        if s is None:
             return None
-        return Outcome.DUPLICATE if sequence == s.sequence else Outcome.STALE
+        if sequence in s.results:
+            return Outcome.DUPLICATE
+        return Outcome.STALE if sequence < s.acked_below else None
 
     def record(
-        self, client_id: int, sequence: int, index: int, result: bytes | None, error: str | None
+        self,
+        client_id: int,
+        sequence: int,
+        index: int,
+        result: bytes | None,
+        error: str | None,
+        *,
+        first_outstanding: int = 0,
     ) -> None:
-        self._sessions.pop(client_id, None)
-        self._sessions[client_id] = _Session(sequence, result, error, index)
+        s = self._sessions.pop(client_id, None)
+        if s is None:
+            s = _Session({}, 0, index)
+        s.last_index = index
+        s.results[sequence] = (result, error)
+        if first_outstanding > s.acked_below:
+            s.acked_below = first_outstanding
+            for seq in [q for q in s.results if q < first_outstanding]:
+                del s.results[seq]
+        while len(s.results) > self.max_results:
+            del s.results[min(s.results)]
+        self._sessions[client_id] = s
         self._expire(index)
 
-    def stored(self, client_id: int) -> _Session:
-        return self._sessions[client_id]
+    def stored(self, client_id: int, sequence: int) -> tuple[bytes | None, str | None]:
+        return self._sessions[client_id].results[sequence]
 
     def _expire(self, index: int) -> None:
         while self._sessions:
@@ -95,9 +124,13 @@ class SessionTable:
             else:
                 break
 
-    def items(self) -> list[tuple[int, int, int, bytes | None, str | None]]:
-        """``(client, sequence, last index, result, error)`` in eviction order, for snapshots."""
-        return [(c, s.sequence, s.last_index, s.result, s.error) for c, s in self._sessions.items()]
+    def items(self) -> list[tuple[int, int, int, list[tuple[int, bytes | None, str | None]]]]:
+        """``(client, acked below, last index, [(sequence, result, error)])`` in eviction order,
+        for snapshots."""
+        return [
+            (c, s.acked_below, s.last_index, [(q, r, e) for q, (r, e) in sorted(s.results.items())])
+            for c, s in self._sessions.items()
+        ]
 
 
 def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied:
@@ -108,10 +141,10 @@ def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied
     if decoded.kind is Kind.SESSION_COMMAND:
         seen = sessions.lookup(decoded.client_id, decoded.sequence)
         if seen is Outcome.DUPLICATE:
-            s = sessions.stored(decoded.client_id)
-            return Applied(entry.index, seen, s.result, s.error, decoded.client_id, decoded.sequence)
+            result, error = sessions.stored(decoded.client_id, decoded.sequence)
+            return Applied(entry.index, seen, result, error, decoded.client_id, decoded.sequence)
         if seen is Outcome.STALE:
-            stale = f"sequence {decoded.sequence} is older than one already applied"
+            stale = f"sequence {decoded.sequence} was already acknowledged by its client"
             return Applied(entry.index, seen, None, stale, decoded.client_id, decoded.sequence)
     return decoded
 
@@ -120,7 +153,14 @@ def _record(
     entry: Entry, decoded: payload.Decoded, sessions: SessionTable, result: bytes | None, error: str | None
 ) -> Applied:
     if decoded.kind is Kind.SESSION_COMMAND:
-        sessions.record(decoded.client_id, decoded.sequence, entry.index, result, error)
+        sessions.record(
+            decoded.client_id,
+            decoded.sequence,
+            entry.index,
+            result,
+            error,
+            first_outstanding=decoded.first_outstanding,
+        )
     return Applied(entry.index, Outcome.APPLIED, result, error, decoded.client_id, decoded.sequence)
 
 

@@ -274,7 +274,8 @@ class SimCluster:
         if node.raft is None:
             return "node is down"
         try:
-            node.raft.propose([payload.session_command(client_id, sequence, command)])
+            # One operation in flight per client: everything before this sequence was answered.
+            node.raft.propose([payload.session_command(client_id, sequence, command, sequence)])
         except (NotLeaderError, ProposalDroppedError) as exc:
             return str(exc)
         node.write_waiters.setdefault((client_id, sequence), []).append(_Waiter(on_done))

@@ -17,12 +17,14 @@ LEASE: Consistency
 STALE: Consistency
 
 class Session(_message.Message):
-    __slots__ = ("client_id", "sequence")
+    __slots__ = ("client_id", "sequence", "first_outstanding")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     sequence: int
-    def __init__(self, client_id: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    first_outstanding: int
+    def __init__(self, client_id: _Optional[int] = ..., sequence: _Optional[int] = ..., first_outstanding: _Optional[int] = ...) -> None: ...
 
 class KeyValue(_message.Message):
     __slots__ = ("key", "value", "create_revision", "mod_revision", "version")

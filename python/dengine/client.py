@@ -1,0 +1,360 @@
+"""``dengine.Client``: the async client of a standalone dengine cluster (``dengine serve``).
+
+* It takes a list of endpoints, finds the leader, and follows it across leader changes.
+* Every call has a deadline; transient failures and leader changes are retried with backoff
+  within it.
+* Writes are exactly-once: each carries ``(client id, sequence)``, so a retry of a write whose
+  first attempt committed (but whose answer was lost) returns the first result instead of
+  applying again.
+* Concurrent calls from many coroutines are coalesced into ``Batch`` RPCs after a short linger:
+  one RPC per operation cannot go past what a gRPC server does per second, a batch of 128 can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import grpc
+
+from dengine.errors import DengineError
+from dengine.v1 import kv_pb2, kv_pb2_grpc
+
+__all__ = [
+    "CasResult",
+    "Client",
+    "DeadlineExceeded",
+    "DeleteResult",
+    "KeyValue",
+    "PutResult",
+    "RequestFailed",
+    "Unavailable",
+]
+
+Consistency = Literal["linearizable", "lease", "stale"]
+_CONSISTENCY = {"linearizable": kv_pb2.LINEARIZABLE, "lease": kv_pb2.LEASE, "stale": kv_pb2.STALE}
+_LEADER_HINT = re.compile(r"leader=(\d+)@(\S*)")
+_RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
+
+
+class Unavailable(DengineError):
+    """No node could serve the request before its deadline (cluster down or without a leader)."""
+
+
+class DeadlineExceeded(DengineError):
+    """The call's deadline passed. A write may or may not have been applied; retrying it through
+    the same client is safe (it carries the same session sequence)."""
+
+
+class RequestFailed(DengineError):
+    """The cluster refused the request for a reason retrying will not fix (bad argument, too
+    large); ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    revision: int
+    prev: KeyValue | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    deleted: bool
+    revision: int
+    prev: KeyValue | None
+
+
+@dataclass(frozen=True, slots=True)
+class CasResult:
+    succeeded: bool
+    revision: int
+    current: KeyValue | None
+    """On failure, the current value, so a caller can retry without a read."""
+
+
+def _kv(m: kv_pb2.KeyValue | None) -> KeyValue | None:
+    if m is None or not m.key:
+        return None
+    return KeyValue(m.key, m.value, m.create_revision, m.mod_revision, m.version)
+
+
+@dataclass(slots=True)
+class _Pending:
+    op: kv_pb2.Operation
+    future: asyncio.Future[kv_pb2.OperationResult]
+    deadline: float
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class _Endpoints:
+    addresses: list[str]
+    leader: str | None = None
+    next_try: int = 0
+    known: dict[int, str] = field(default_factory=dict)
+
+    def pick(self) -> str:
+        if self.leader is not None:
+            return self.leader
+        address = self.addresses[self.next_try % len(self.addresses)]
+        self.next_try += 1
+        return address
+
+
+class Client:
+    """An async client of a dengine cluster. Use ``async with Client([...]) as c:``."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        timeout: float = 10.0,
+        linger_ms: float = 0.2,
+        max_batch: int = 128,
+        client_id: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        addresses = (
+            [e.strip() for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
+        )
+        if not addresses or not all(addresses):
+            raise ValueError("at least one endpoint (host:port) is required")
+        if max_batch < 1 or linger_ms < 0 or timeout <= 0:
+            raise ValueError("max_batch must be >= 1, linger_ms >= 0 and timeout > 0")
+        self._endpoints = _Endpoints(addresses)
+        self.timeout = timeout
+        self.linger = linger_ms / 1000
+        self.max_batch = max_batch
+        self.client_id = client_id or random.getrandbits(62) + 1
+        self._seq = 0
+        self._outstanding: set[int] = set()
+        self._outstanding_heap: list[int] = []
+        self._credentials = credentials
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._queue: list[_Pending] = []
+        self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    @property
+    def leader(self) -> str | None:
+        """The address this client currently believes leads the cluster."""
+        return self._endpoints.leader
+
+    # --- operations -------------------------------------------------------------------------------
+
+    def _session(self) -> kv_pb2.Session:
+        self._seq += 1
+        self._outstanding.add(self._seq)
+        heapq.heappush(self._outstanding_heap, self._seq)
+        while self._outstanding_heap[0] not in self._outstanding:
+            heapq.heappop(self._outstanding_heap)
+        return kv_pb2.Session(
+            client_id=self.client_id, sequence=self._seq, first_outstanding=self._outstanding_heap[0]
+        )
+
+    def _answered(self, op: kv_pb2.Operation) -> None:
+        kind = op.WhichOneof("op")
+        if kind in ("put", "delete", "cas"):
+            self._outstanding.discard(getattr(op, kind).session.sequence)
+
+    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> PutResult:
+        op = kv_pb2.Operation(put=kv_pb2.PutRequest(key=key, value=value, session=self._session()))
+        r = (await self._submit(op, timeout)).put
+        return PutResult(r.revision, _kv(r.prev) if r.HasField("prev") else None)
+
+    async def get(
+        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+    ) -> KeyValue | None:
+        op = kv_pb2.Operation(get=kv_pb2.GetRequest(key=key, consistency=_CONSISTENCY[consistency]))
+        r = (await self._submit(op, timeout)).get
+        return _kv(r.kv) if r.found else None
+
+    async def delete(self, key: bytes, *, timeout: float | None = None) -> DeleteResult:
+        op = kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=key, session=self._session()))
+        r = (await self._submit(op, timeout)).delete
+        return DeleteResult(r.deleted, r.revision, _kv(r.prev) if r.HasField("prev") else None)
+
+    async def cas(
+        self, key: bytes, expected: bytes | None, value: bytes, *, timeout: float | None = None
+    ) -> CasResult:
+        """Sets ``key`` to ``value`` if its value is ``expected`` (``None``: if it is absent)."""
+        request = kv_pb2.CompareAndSwapRequest(
+            key=key,
+            has_expected=expected is not None,
+            expected=expected or b"",
+            value=value,
+            session=self._session(),
+        )
+        r = (await self._submit(kv_pb2.Operation(cas=request), timeout)).cas
+        return CasResult(r.succeeded, r.revision, _kv(r.current) if r.HasField("current") else None)
+
+    async def range(
+        self,
+        prefix: bytes = b"",
+        *,
+        limit: int | None = None,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+    ) -> list[KeyValue]:
+        request = kv_pb2.RangeRequest(prefix=prefix, limit=limit or 0, consistency=_CONSISTENCY[consistency])
+        response: kv_pb2.RangeResponse = await self._call_unary("Range", request, timeout)
+        return [kv for kv in (_kv(m) for m in response.kvs) if kv is not None]
+
+    # --- coalescing and retries ---------------------------------------------------------------------
+
+    async def _submit(self, op: kv_pb2.Operation, timeout: float | None) -> kv_pb2.OperationResult:
+        if self._closed:
+            raise DengineError("the client is closed")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(op, loop.create_future(), time.monotonic() + (timeout or self.timeout))
+        self._enqueue(pending)
+        try:
+            return await pending.future
+        finally:
+            # Answered (or refused outright): replicas may forget this sequence's result. A write
+            # whose deadline passed stays outstanding so that a late copy still counts as a duplicate.
+            if pending.future.done() and not isinstance(
+                pending.future.exception(), (Unavailable, DeadlineExceeded)
+            ):
+                self._answered(op)
+
+    def _enqueue(self, pending: _Pending) -> None:
+        self._queue.append(pending)
+        loop = asyncio.get_running_loop()
+        if len(self._queue) >= self.max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = (
+                loop.call_later(self.linger, self._flush) if self.linger else loop.call_soon(self._flush)
+            )
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _send_batch(self, batch: list[_Pending]) -> None:
+        address = self._endpoints.pick()
+        deadline = min(p.deadline for p in batch)
+        stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+        try:
+            response: kv_pb2.BatchResponse = await stub.Batch(
+                kv_pb2.BatchRequest(ops=[p.op for p in batch]), timeout=max(0.05, deadline - time.monotonic())
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._on_failure(address, exc.code().name, exc.details() or "")
+            for p in batch:
+                self._retry_or_fail(p, exc.code().name, exc.details() or "")
+            return
+        for p, result in zip(batch, response.results, strict=True):
+            if result.WhichOneof("result") == "error":
+                code, _, message = result.error.partition(": ")
+                self._on_failure(address, code, message)
+                self._retry_or_fail(p, code, message)
+            elif not p.future.done():
+                if self._endpoints.leader is None and p.op.WhichOneof("op") != "get":
+                    self._endpoints.leader = address
+                p.future.set_result(result)
+
+    def _on_failure(self, address: str, code: str, details: str) -> None:
+        hint = _LEADER_HINT.search(details)
+        if code == "FAILED_PRECONDITION" and hint and hint.group(2):
+            self._endpoints.leader = hint.group(2)
+        elif address == self._endpoints.leader:
+            self._endpoints.leader = None  # it stopped leading or stopped answering
+
+    def _retry_or_fail(self, p: _Pending, code: str, message: str) -> None:
+        if p.future.done():
+            return
+        if code not in _RETRYABLE:
+            p.future.set_exception(RequestFailed(code, message))
+            return
+        remaining = p.deadline - time.monotonic()
+        if remaining <= 0:
+            error: DengineError = (
+                DeadlineExceeded(
+                    f"deadline exceeded after {p.attempts + 1} attempts (last: {code} {message})"
+                )
+                if code == "DEADLINE_EXCEEDED"
+                else Unavailable(f"no node could serve the request: {code} {message}")
+            )
+            p.future.set_exception(error)
+            return
+        p.attempts += 1
+        backoff = min(0.5, 0.01 * 2 ** min(p.attempts, 6)) * random.uniform(0.5, 1.0)
+        asyncio.get_running_loop().call_later(min(backoff, remaining), self._enqueue, p)
+
+    async def _call_unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempts = 0
+        while True:
+            address = self._endpoints.pick()
+            stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+            try:
+                return await getattr(stub, method)(request, timeout=max(0.05, deadline - time.monotonic()))
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code().name, exc.details() or ""
+                self._on_failure(address, code, details)
+                if code not in _RETRYABLE:
+                    raise RequestFailed(code, details) from exc
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"no node could serve {method}: {code} {details}") from exc
+            attempts += 1
+            await asyncio.sleep(min(0.5, 0.01 * 2 ** min(attempts, 6)))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            options = [
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ]
+            ch = (
+                grpc.aio.secure_channel(address, self._credentials, options=options)
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(address, options=options)
+            )
+            self._channels[address] = ch
+        return ch
