@@ -171,3 +171,12 @@ def test_nothing_blocks_the_event_loop(tmp_path: Path, caplog: pytest.LogCapture
         run(main)
     slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
     assert not slow, f"callbacks blocked the loop: {slow[:3]}"
+
+
+def test_the_top_level_names_of_the_design() -> None:
+    import dengine  # noqa: PLC0415
+
+    assert dengine.Node is Node and dengine.Config is Config
+    assert isinstance(Counter(), dengine.StateMachine)
+    with pytest.raises(AttributeError):
+        _ = dengine.NoSuchName  # type: ignore[attr-defined]
