@@ -179,4 +179,4 @@ def test_the_top_level_names_of_the_design() -> None:
     assert dengine.Node is Node and dengine.Config is Config
     assert isinstance(Counter(), dengine.StateMachine)
     with pytest.raises(AttributeError):
-        _ = dengine.NoSuchName  # type: ignore[attr-defined]
+        _ = dengine.NoSuchName
