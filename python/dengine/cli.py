@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -101,14 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dengine`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     # These commands own their whole argument list (their own parsers and --help).
-    if args_list[:1] == ["cluster"]:
-        from dengine.devcluster import main as cluster_main  # noqa: PLC0415
-
-        return cluster_main(args_list[1:])
-    if args_list[:2] == ["certs", "init"]:
-        from dengine.tls import certs_main  # noqa: PLC0415 - needs cryptography only here
-
-        return certs_main(args_list[2:])
+    own = {
+        ("cluster",): ("dengine.devcluster", "main"),
+        ("kv",): ("dengine.kvcli", "kv_main"),
+        ("status",): ("dengine.kvcli", "status_main"),
+        ("certs", "init"): ("dengine.tls", "certs_main"),
+    }
+    for prefix, (module, function) in own.items():
+        if tuple(args_list[: len(prefix)]) == prefix:
+            handler = getattr(importlib.import_module(module), function)
+            code: int = handler(args_list[len(prefix) :])
+            return code
     parser = argparse.ArgumentParser(
         prog="dengine", description="dengine: a Raft consensus engine for Python."
     )
@@ -146,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-format", choices=["text", "json"], help="log.format")
     serve.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
     sub.add_parser("cluster", help="run a local development cluster (see dengine cluster --help)")
+    sub.add_parser("kv", help="put, get, delete, cas, range, watch (see dengine kv --help)")
+    sub.add_parser("status", help="the cluster's nodes, roles, indexes and lag (see dengine status --help)")
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
     certs.add_argument("action", choices=["init"])
     args = parser.parse_args(args_list)

@@ -17,7 +17,7 @@ import heapq
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -35,7 +35,9 @@ __all__ = [
     "KeyValue",
     "PutResult",
     "RequestFailed",
+    "SyncClient",
     "Unavailable",
+    "WatchEvent",
 ]
 
 Consistency = Literal["linearizable", "lease", "stale"]
@@ -82,6 +84,14 @@ class DeleteResult:
     deleted: bool
     revision: int
     prev: KeyValue | None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: Literal["put", "delete"]
+    kv: KeyValue
+    prev: KeyValue | None
+    revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +247,47 @@ class Client:
         response: kv_pb2.RangeResponse = await self._call_unary("Range", request, timeout)
         return [kv for kv in (_kv(m) for m in response.kvs) if kv is not None]
 
+    async def watch(self, prefix: bytes = b"", *, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
+        """Events for keys under ``prefix``, from ``start_revision`` (0: from now on), forever.
+
+        When a node goes away the watch resumes on another one from the last revision seen,
+        without gaps and without repeating an event already delivered.
+        """
+        if start_revision == 0:
+            # "From now": pin now to a revision, so that a resumed stream neither skips nor replays.
+            now: kv_pb2.RangeResponse = await self._call_unary(
+                "Range", kv_pb2.RangeRequest(prefix=prefix, limit=1), None
+            )
+            start_revision = now.revision + 1
+        next_revision = start_revision
+        delivered: set[tuple[int, bytes]] = set()  # events of ``next_revision`` already yielded
+        attempts = 0
+        while not self._closed:
+            address = self._endpoints.pick()
+            stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+            try:
+                async for response in stub.Watch(
+                    kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision)
+                ):
+                    attempts = 0
+                    for e in response.events:
+                        ident = (e.revision, e.kv.key)
+                        if e.revision < next_revision or ident in delivered:
+                            continue
+                        if e.revision > next_revision:
+                            next_revision, delivered = e.revision, set()
+                        delivered.add(ident)
+                        kv = _kv(e.kv) or KeyValue(e.kv.key, b"", 0, e.revision, 0)
+                        kind: Literal["put", "delete"] = (
+                            "put" if e.type == kv_pb2.WatchEvent.PUT else "delete"
+                        )
+                        yield WatchEvent(kind, kv, _kv(e.prev) if e.HasField("prev") else None, e.revision)
+            except grpc.aio.AioRpcError as exc:
+                self._on_failure(address, exc.code().name, exc.details() or "")
+                self._endpoints.leader = None  # any node can serve a watch: rotate
+            attempts += 1
+            await asyncio.sleep(min(1.0, 0.05 * 2 ** min(attempts, 5)))
+
     # --- coalescing and retries ---------------------------------------------------------------------
 
     async def _submit(self, op: kv_pb2.Operation, timeout: float | None) -> kv_pb2.OperationResult:
@@ -358,3 +409,72 @@ class Client:
             )
             self._channels[address] = ch
         return ch
+
+
+class SyncClient:
+    """A blocking wrapper of :class:`Client` for scripts and REPLs: the same methods, without
+    ``await``. It runs its own event loop on a background thread; ``close()`` (or ``with``)
+    stops it."""
+
+    def __init__(self, endpoints: Sequence[str] | str, **options: Any) -> None:
+        import threading  # noqa: PLC0415
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dengine-client", daemon=True)
+        self._thread.start()
+        self._client: Client = self._run(self._make(endpoints, options))
+
+    @staticmethod
+    async def _make(endpoints: Sequence[str] | str, options: dict[str, Any]) -> Client:
+        return Client(endpoints, **options)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> PutResult:
+        result: PutResult = self._run(self._client.put(key, value, timeout=timeout))
+        return result
+
+    def get(
+        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+    ) -> KeyValue | None:
+        result: KeyValue | None = self._run(self._client.get(key, consistency=consistency, timeout=timeout))
+        return result
+
+    def delete(self, key: bytes, *, timeout: float | None = None) -> DeleteResult:
+        result: DeleteResult = self._run(self._client.delete(key, timeout=timeout))
+        return result
+
+    def cas(
+        self, key: bytes, expected: bytes | None, value: bytes, *, timeout: float | None = None
+    ) -> CasResult:
+        result: CasResult = self._run(self._client.cas(key, expected, value, timeout=timeout))
+        return result
+
+    def range(
+        self,
+        prefix: bytes = b"",
+        *,
+        limit: int | None = None,
+        consistency: Consistency = "linearizable",
+        timeout: float | None = None,
+    ) -> list[KeyValue]:
+        result: list[KeyValue] = self._run(
+            self._client.range(prefix, limit=limit, consistency=consistency, timeout=timeout)
+        )
+        return result
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,244 @@
+"""``dengine kv ...`` and ``dengine status``: the key-value and cluster commands of the CLI.
+
+Exit codes: 0 ok, 1 key not found or compare-and-swap failed, 2 usage error, 3 cluster
+unavailable (or deadline exceeded). Errors are one line on stderr; ``--debug`` shows tracebacks.
+``--output json`` prints one JSON document per result, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from dengine.client import Client, DeadlineExceeded, KeyValue, RequestFailed, Unavailable
+from dengine.errors import DengineError
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc
+
+DEFAULT_ENDPOINTS = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+EXIT_OK, EXIT_FALSE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", errors="backslashreplace")
+
+
+def _kv_json(kv: KeyValue | None) -> dict[str, Any] | None:
+    if kv is None:
+        return None
+    return {
+        "key": _text(kv.key),
+        "value": _text(kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+    }
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoints",
+        default=os.environ.get("DENGINE_ENDPOINTS", DEFAULT_ENDPOINTS),
+        help="comma-separated host:port list (default: $DENGINE_ENDPOINTS, else the local dev cluster)",
+    )
+    p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def kv_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dengine kv",
+        description="Read and write the built-in key-value store of a dengine cluster.",
+        epilog="examples:\n  dengine kv put greeting hello\n  dengine kv get greeting --consistency stale\n"
+        "  dengine kv cas counter 1 2\n  dengine kv range app/ --limit 10 --output json\n"
+        "  dengine kv watch app/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="op", required=True)
+    put = sub.add_parser("put", help="set a key")
+    put.add_argument("key")
+    put.add_argument("value")
+    get = sub.add_parser("get", help="read a key (exit 1 if absent)")
+    get.add_argument("key")
+    delete = sub.add_parser("delete", help="remove a key (exit 1 if absent)")
+    delete.add_argument("key")
+    cas = sub.add_parser("cas", help="set a key only if it holds EXPECTED (exit 1 if not)")
+    cas.add_argument("key")
+    cas.add_argument("expected", nargs="?", help="the value it must hold now (omit with --absent)")
+    cas.add_argument("value")
+    cas.add_argument("--absent", action="store_true", help="succeed only if the key does not exist")
+    rng = sub.add_parser("range", help="list keys under a prefix, in key order")
+    rng.add_argument("prefix", nargs="?", default="")
+    rng.add_argument("--limit", type=int, default=0)
+    watch = sub.add_parser("watch", help="print changes under a prefix as they happen (Ctrl-C stops)")
+    watch.add_argument("prefix", nargs="?", default="")
+    watch.add_argument("--from", dest="start", type=int, default=0, help="start at this revision")
+    for p in (get, rng):
+        p.add_argument("--consistency", choices=["linearizable", "lease", "stale"], default="linearizable")
+    for p in (put, get, delete, cas, rng, watch):
+        _common(p)
+    return parser
+
+
+async def _put(client: Client, args: argparse.Namespace) -> int:
+    r = await client.put(args.key.encode(), args.value.encode())
+    print(json.dumps({"revision": r.revision}) if args.output == "json" else f"OK (revision {r.revision})")
+    return EXIT_OK
+
+
+async def _get(client: Client, args: argparse.Namespace) -> int:
+    kv = await client.get(args.key.encode(), consistency=args.consistency)
+    if args.output == "json":
+        print(json.dumps({"found": kv is not None, "kv": _kv_json(kv)}))
+    elif kv is not None:
+        print(_text(kv.value))
+    else:
+        print(f"{args.key}: not found", file=sys.stderr)
+    return EXIT_OK if kv is not None else EXIT_FALSE
+
+
+async def _delete(client: Client, args: argparse.Namespace) -> int:
+    d = await client.delete(args.key.encode())
+    if args.output == "json":
+        print(json.dumps({"deleted": d.deleted, "revision": d.revision}))
+    else:
+        print("deleted" if d.deleted else f"{args.key}: not found")
+    return EXIT_OK if d.deleted else EXIT_FALSE
+
+
+async def _cas(client: Client, args: argparse.Namespace) -> int:
+    if args.absent == (args.expected is not None):
+        print("dengine kv cas: give EXPECTED or --absent, not both", file=sys.stderr)
+        return EXIT_USAGE
+    expected = None if args.absent else args.expected.encode()
+    c = await client.cas(args.key.encode(), expected, args.value.encode())
+    if args.output == "json":
+        print(json.dumps({"succeeded": c.succeeded, "revision": c.revision, "current": _kv_json(c.current)}))
+    elif c.succeeded:
+        print(f"OK (revision {c.revision})")
+    else:
+        now = "absent" if c.current is None else repr(_text(c.current.value))
+        print(f"compare failed: {args.key} is {now}", file=sys.stderr)
+    return EXIT_OK if c.succeeded else EXIT_FALSE
+
+
+async def _range(client: Client, args: argparse.Namespace) -> int:
+    kvs = await client.range(args.prefix.encode(), limit=args.limit or None, consistency=args.consistency)
+    if args.output == "json":
+        print(json.dumps([_kv_json(kv) for kv in kvs]))
+    else:
+        for kv in kvs:
+            print(f"{_text(kv.key)}\t{_text(kv.value)}")
+    return EXIT_OK
+
+
+async def _watch(client: Client, args: argparse.Namespace) -> int:
+    async for e in client.watch(args.prefix.encode(), start_revision=args.start):
+        if args.output == "json":
+            print(json.dumps({"type": e.type, "revision": e.revision, "kv": _kv_json(e.kv)}), flush=True)
+        else:
+            shown = "" if e.type == "delete" else f" = {_text(e.kv.value)}"
+            print(f"{e.revision} {e.type} {_text(e.kv.key)}{shown}", flush=True)
+    return EXIT_OK
+
+
+_OPS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "range": _range, "watch": _watch}
+
+
+async def _kv(args: argparse.Namespace) -> int:
+    async with Client(args.endpoints, timeout=args.timeout) as client:
+        return await _OPS[args.op](client, args)
+
+
+def _run(coro_main: Any, args: argparse.Namespace, prog: str) -> int:
+    try:
+        result: int = asyncio.run(coro_main(args))
+        return result
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (Unavailable, DeadlineExceeded) as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: cluster unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except RequestFailed as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED") else EXIT_UNAVAILABLE
+    except (DengineError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def kv_main(argv: Sequence[str]) -> int:
+    args = kv_parser().parse_args(argv)
+    return _run(_kv, args, "dengine kv")
+
+
+async def _status(args: argparse.Namespace) -> int:
+    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    rows = []
+    for address in endpoints:
+        async with grpc.aio.insecure_channel(address) as ch:
+            try:
+                stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
+                s = await stub.Status(cluster_pb2.StatusRequest(), timeout=min(args.timeout, 2.0))
+                rows.append((address, s))
+            except grpc.aio.AioRpcError:
+                rows.append((address, None))
+    leader = next((s for _, s in rows if s is not None and s.role == "leader"), None)
+    lags = {p.id: p.lag for p in leader.peers} if leader else {}
+    if args.output == "json":
+        out = [
+            {"address": a, "health": "down"}
+            if s is None
+            else {
+                "id": s.id,
+                "address": a,
+                "role": s.role,
+                "term": s.term,
+                "leader": s.leader_id or None,
+                "commit": s.commit_index,
+                "applied": s.applied_index,
+                "lag": 0 if s.role == "leader" else lags.get(s.id),
+                "health": "ok",
+            }
+            for a, s in rows
+        ]
+        print(json.dumps(out))
+    else:
+        header = ("ID", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG")
+        print("{:>3}  {:<21} {:<13} {:>5} {:>8} {:>8} {:>6}  HEALTH".format(*header))
+        for a, s in rows:
+            if s is None:
+                print(f"{'-':>3}  {a:<21} {'-':<13} {'-':>5} {'-':>8} {'-':>8} {'-':>6}  down")
+            else:
+                lag = 0 if s.role == "leader" else lags.get(s.id, "?")
+                print(
+                    f"{s.id:>3}  {a:<21} {s.role:<13} {s.term:>5} {s.commit_index:>8} {s.applied_index:>8} "
+                    f"{lag!s:>6}  ok"
+                )
+    if all(s is None for _, s in rows):
+        print("dengine status: no node answered", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+def status_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dengine status",
+        description="Show every node's role, term, commit and applied index, lag and health.",
+        epilog="example: dengine status --endpoints 127.0.0.1:7001,127.0.0.1:7002 --output json",
+    )
+    _common(parser)
+    return _run(_status, parser.parse_args(argv), "dengine status")

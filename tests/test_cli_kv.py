@@ -1,0 +1,119 @@
+"""`dengine kv` and `dengine status` against a real cluster: results, JSON output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dengine.client import SyncClient
+
+from cluster_procs import ProcCluster
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcCluster]:
+    c = ProcCluster(tmp_path_factory.mktemp("cli"), 3)
+    c.start_all()
+    try:
+        c.wait_leader()
+        yield c
+    finally:
+        c.stop_all()
+
+
+def dengine(cluster: ProcCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    endpoints = ",".join(cluster.address(i) for i in range(1, 4))
+    return subprocess.run(
+        [sys.executable, "-m", "dengine", *args, "--endpoints", endpoints],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_put_get_delete_and_exit_codes(cluster: ProcCluster) -> None:
+    assert dengine(cluster, "kv", "put", "greeting", "hello").returncode == 0
+    got = dengine(cluster, "kv", "get", "greeting")
+    assert (got.returncode, got.stdout.strip()) == (0, "hello")
+    missing = dengine(cluster, "kv", "get", "nope")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    as_json = json.loads(dengine(cluster, "kv", "get", "greeting", "--output", "json").stdout)
+    assert as_json["found"] and as_json["kv"]["value"] == "hello" and as_json["kv"]["version"] == 1
+    assert dengine(cluster, "kv", "delete", "greeting").returncode == 0
+    assert dengine(cluster, "kv", "delete", "greeting").returncode == 1
+
+
+def test_cas_and_range(cluster: ProcCluster) -> None:
+    assert dengine(cluster, "kv", "cas", "counter", "1", "--absent").returncode == 0
+    failed = dengine(cluster, "kv", "cas", "counter", "7", "8")
+    assert failed.returncode == 1 and "'1'" in failed.stderr
+    assert dengine(cluster, "kv", "cas", "counter", "1", "2").returncode == 0
+    for i in range(3):
+        dengine(cluster, "kv", "put", f"app/{i}", f"v{i}")
+    listed = dengine(cluster, "kv", "range", "app/", "--limit", "2")
+    assert listed.stdout.splitlines() == ["app/0\tv0", "app/1\tv1"]
+
+
+def test_usage_errors_exit_2_and_unavailable_exits_3(cluster: ProcCluster) -> None:
+    assert dengine(cluster, "kv", "put", "only-a-key").returncode == 2
+    assert dengine(cluster, "kv", "put", "", "empty key").returncode == 2
+    down = subprocess.run(
+        [sys.executable, "-m", "dengine", "kv", "get", "k", "--endpoints", "127.0.0.1:9", "--timeout", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert down.returncode == 3 and "unavailable" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_status_table_and_json(cluster: ProcCluster) -> None:
+    table = dengine(cluster, "status")
+    assert table.returncode == 0
+    assert table.stdout.count(" ok") == 3 and "leader" in table.stdout
+    rows = json.loads(dengine(cluster, "status", "--output", "json").stdout)
+    assert sorted(r["role"] for r in rows) == ["follower", "follower", "leader"]
+    assert all(r["health"] == "ok" and r["lag"] is not None for r in rows)
+
+
+def test_watch_prints_changes(cluster: ProcCluster) -> None:
+    endpoints = ",".join(cluster.address(i) for i in range(1, 4))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dengine", "kv", "watch", "w/", "--endpoints", endpoints],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with SyncClient(endpoints) as client:
+            import time  # noqa: PLC0415
+
+            time.sleep(1.5)  # let the watch pin its starting revision
+            client.put(b"w/a", b"1")
+            client.delete(b"w/a")
+        assert proc.stdout is not None
+        first, second = proc.stdout.readline().split(), proc.stdout.readline().split()
+        assert first[1:] == ["put", "w/a", "=", "1"]
+        assert second[1:] == ["delete", "w/a"]
+        assert int(second[0]) == int(first[0]) + 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_the_sync_client(cluster: ProcCluster, tmp_path: Path) -> None:
+    endpoints = [cluster.address(i) for i in range(1, 4)]
+    with SyncClient(endpoints) as client:
+        client.put(b"sync", b"yes")
+        kv = client.get(b"sync")
+        assert kv is not None and kv.value == b"yes"
+        assert client.cas(b"sync", b"yes", b"no").succeeded
+        assert [kv.key for kv in client.range(b"sync")] == [b"sync"]
+        assert client.delete(b"sync").deleted
