@@ -180,3 +180,26 @@ def test_the_top_level_names_of_the_design() -> None:
     assert isinstance(Counter(), dengine.StateMachine)
     with pytest.raises(AttributeError):
         _ = dengine.NoSuchName
+
+
+def test_proposals_survive_the_loss_of_the_leader_exactly_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        nodes = [Node(c, Counter()) for c in configs(tmp_path)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            follower = next(n for n in nodes if n is not leader)
+            await until(lambda: follower.raft is not None and follower.raft.lead == leader.id)
+            proposals = asyncio.gather(*(follower.propose(b"1") for _ in range(2000)))
+            await asyncio.sleep(0.01)
+            await leader.stop(transfer_leadership=False)  # the leader vanishes mid-stream
+            results = await asyncio.wait_for(proposals, 30)
+            assert sorted(int(r) for r in results) == list(range(1, 2001)), "every proposal applied once"
+            rest = [n for n in nodes if n is not leader]
+            await until(lambda: all(n.sm.n == 2000 for n in rest))  # type: ignore[attr-defined]
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    run(main)

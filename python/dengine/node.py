@@ -30,7 +30,7 @@ import grpc
 from dengine._core import Entry
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
 from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
-from dengine.raft import Raft, Role
+from dengine.raft import Raft, Role, SoftState
 from dengine.raft import payload as envelope
 from dengine.raft.progress import ProgressState
 from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry, apply_entry_async
@@ -121,6 +121,10 @@ class Node:
         self._flush_scheduled = False
         self._waiters: dict[tuple[int, int], list[asyncio.Future[bytes]]] = {}
         self._proposed_at: dict[tuple[int, int], float] = {}
+        # Payloads of proposals still waiting: re-proposed when a new leader appears, since the
+        # old one may have lost them (the session makes a second copy harmless).
+        self._payloads: dict[tuple[int, int], bytes] = {}
+        self._resubmitted_for: tuple[int, int | None] = (0, None)
         self._read_ctx = 0
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._sync_wanted = 0
@@ -330,7 +334,9 @@ class Node:
         key = (client_id, seq)
         self._waiters.setdefault(key, []).append(fut)
         self._proposed_at.setdefault(key, time.monotonic())
-        self._pending.append(envelope.session_command(client_id, seq, command, min(first_outstanding, seq)))
+        wrapped = envelope.session_command(client_id, seq, command, min(first_outstanding, seq))
+        self._payloads[key] = wrapped
+        self._pending.append(wrapped)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             linger = self.config.raft.propose_linger_ms / 1000
@@ -347,6 +353,7 @@ class Node:
                 if not waiting:
                     del self._waiters[key]
                     self._proposed_at.pop(key, None)
+                    self._payloads.pop(key, None)
 
     def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception]) -> None:
         for fut in self._waiters.get(key, []):
@@ -363,6 +370,8 @@ class Node:
         try:
             self.raft.propose(batch)
         except (NotLeaderError, ProposalDroppedError) as exc:
+            if isinstance(exc, NotLeaderError) and exc.leader is None and self.config.raft.forward_proposals:
+                return  # no leader right now: proposed again as soon as one is elected
             reason = "not_leader" if isinstance(exc, NotLeaderError) else "dropped"
             self.metrics.proposals(len(batch), failed_reason=reason)
             refusal = exc
@@ -371,6 +380,16 @@ class Node:
                 self._fail_waiters((d.client_id, d.sequence), lambda: _copy_refusal(refusal))
             return
         self._pump()
+
+    def _resubmit(self) -> None:
+        """Proposes every waiting payload again, through the new leader."""
+        waiting = [p for p in self._payloads.values() if p not in self._pending]
+        if not waiting:
+            return
+        self._pending.extend(waiting)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def transfer_leadership(self, target: int | None = None) -> int:
         """Asks the leader (this node) to hand leadership to ``target`` (default: the most
@@ -437,20 +456,25 @@ class Node:
                         NotLeaderError(raft.lead, "leadership changed before the read was confirmed")
                     )
             if rd.soft_state is not None:
-                s = rd.soft_state
-                self.metrics.set_role(s.role, s.term, s.leader)
-                if s.role is not Role.LEADER:
-                    self.metrics.clear_peers()
-                if s.role is Role.LEADER:
-                    self.leader_changes += 1
-                log.info(
-                    "node %d is %s in term %d (leader %s)",
-                    self.id,
-                    s.role.value,
-                    s.term,
-                    s.leader,
-                    extra={"node_id": self.id, "term": s.term, "event": "role"},
-                )
+                self._on_soft_state(rd.soft_state)
+
+    def _on_soft_state(self, s: SoftState) -> None:
+        if s.leader is not None and (s.term, s.leader) != self._resubmitted_for:
+            self._resubmitted_for = (s.term, s.leader)
+            self._resubmit()
+        self.metrics.set_role(s.role, s.term, s.leader)
+        if s.role is not Role.LEADER:
+            self.metrics.clear_peers()
+        if s.role is Role.LEADER:
+            self.leader_changes += 1
+        log.info(
+            "node %d is %s in term %d (leader %s)",
+            self.id,
+            s.role.value,
+            s.term,
+            s.leader,
+            extra={"node_id": self.id, "term": s.term, "event": "role"},
+        )
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
