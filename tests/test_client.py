@@ -104,3 +104,36 @@ def test_an_unreachable_cluster_is_unavailable_within_the_deadline(tmp_path: Pat
                 await client.put(b"k", b"v")
 
     asyncio.run(main())
+
+
+def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(cluster: ProcCluster) -> None:
+    async def main() -> None:
+        leader = cluster.wait_leader()
+        follower = next(i for i in range(1, 4) if i != leader)
+        other = next(i for i in range(1, 4) if i not in (leader, follower))
+        async with (
+            Client(endpoints(cluster)) as writer,
+            Client([cluster.address(follower), cluster.address(other)]) as watcher,
+        ):
+            seen: list[tuple[int, bytes]] = []
+
+            async def watch() -> None:
+                async for e in watcher.watch(b"r/"):
+                    seen.append((e.revision, e.kv.key))
+                    if len(seen) == 40:
+                        return
+
+            task = asyncio.create_task(watch())
+            await asyncio.sleep(1.0)
+            for i in range(20):
+                await writer.put(b"r/%02d" % i, b"x")
+            await asyncio.sleep(0.5)
+            cluster.kill(follower)  # the node serving the watch dies
+            for i in range(20, 40):
+                await writer.put(b"r/%02d" % i, b"x")
+            await asyncio.wait_for(task, 30)
+            assert [k for _, k in seen] == [b"r/%02d" % i for i in range(40)], "no gap, no repeat"
+            revisions = [r for r, _ in seen]
+            assert revisions == sorted(revisions) and len(set(revisions)) == 40
+
+    asyncio.run(main())
