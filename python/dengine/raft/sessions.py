@@ -99,9 +99,11 @@ class SessionTable:
         *,
         first_outstanding: int = 0,
     ) -> None:
-        s = self._sessions.pop(client_id, None)
+        s = self._sessions.get(client_id)
         if s is None:
-            s = _Session({}, 0, index)
+            s = self._sessions[client_id] = _Session({}, 0, index)
+        else:
+            self._sessions.move_to_end(client_id)
         s.last_index = index
         s.results[sequence] = (result, error)
         if first_outstanding > s.acked_below:
@@ -110,7 +112,6 @@ class SessionTable:
                 del s.results[seq]
         while len(s.results) > self.max_results:
             del s.results[min(s.results)]
-        self._sessions[client_id] = s
         self._expire(index)
 
     def stored(self, client_id: int, sequence: int) -> tuple[bytes | None, str | None]:
