@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dengine.errors import NotLeaderError, ProposalDroppedError
-from dengine.raft import MsgType, Role
+from dengine.raft import Message, MsgType, Role
 from dengine.raft.payload import command
 
 from raft_harness import Cluster
@@ -93,3 +93,13 @@ def test_transfer_catches_the_target_up_first() -> None:
     c.settle()
     assert c.nodes[3].role is Role.LEADER
     assert c.log_terms(3)[:6] == c.log_terms(1)[:6]
+
+
+def test_malformed_forwarded_payloads_never_enter_the_log() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    last = c.stores[1].last_index()
+    c.nodes[1].step(Message(MsgType.PROP, 2, 1, c.nodes[1].term, payloads=[b"", b"\x09junk", command(b"ok")]))
+    c.settle()
+    entries = c.stores[1].entries(last + 1, c.stores[1].last_index() + 1)
+    assert [e.data for e in entries] == [command(b"ok")]

@@ -105,3 +105,10 @@ def test_envelopes_reject_garbage() -> None:
         payload.decode(b"\x02\x01")
     with pytest.raises(ValueError):
         payload.session_command(0, 1, b"")
+
+
+def test_an_undecodable_entry_is_skipped_alike_everywhere() -> None:
+    sm, table = Counter(), SessionTable()
+    skipped = apply_entry(Entry(1, 1, b"\x09garbage"), table, sm.run)
+    assert skipped.outcome is Outcome.NOOP and skipped.error and "undecodable" in skipped.error
+    assert sm.n == 0

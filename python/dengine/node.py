@@ -489,8 +489,24 @@ class Node:
                 self._sync_done = seq
                 raft.synced(seq, durable)
                 self._pump()
+        except DengineError as exc:
+            # After a failed fsync the page cache may have dropped writes the store cannot redo:
+            # the only safe course is to stop participating (fail-stop) and say so loudly.
+            log.critical("node %d: log sync failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+            self._fail_stop(exc)
         finally:
             self._syncing = False
+
+    def _fail_stop(self, exc: Exception) -> None:
+        self._running = False
+        for t in self._tasks:
+            t.cancel()
+        for key in list(self._waiters):
+            self._fail_waiters(key, lambda: DengineError(f"the node stopped after a storage failure: {exc}"))
+        for rf in self._reads.values():
+            if not rf.done():
+                rf.set_exception(DengineError(f"the node stopped after a storage failure: {exc}"))
+        self._stopped.set()
 
     async def _apply_loop(self) -> None:
         raft = self.raft

@@ -29,7 +29,7 @@ from dengine.raft.messages import (
     Role,
     SoftState,
 )
-from dengine.raft.payload import NOOP_PAYLOAD
+from dengine.raft.payload import NOOP_PAYLOAD, payload_is_valid
 from dengine.raft.progress import Progress, ProgressState
 from dengine.storage import LogStore
 
@@ -447,8 +447,11 @@ class Raft:
         t = m.type
         pr = self.progress.get(m.src)
         if t is MsgType.PROP:
-            if self.lead_transferee is None:
-                self._append_as_leader(m.payloads)
+            # Forwarded payloads come from the network: only well-formed envelopes enter the log,
+            # or one bad peer could make every replica trip over the same entry.
+            valid = [p for p in m.payloads if payload_is_valid(p)]
+            if valid and self.lead_transferee is None:
+                self._append_as_leader(valid)
             return
         if pr is None:
             return  # not (or no longer) a member

@@ -70,3 +70,12 @@ def decode(payload: bytes) -> Decoded:
     if kind == _NOOP_KIND:
         return Decoded(Kind.NOOP, b"")
     raise ValueError(f"unknown entry kind {kind}")
+
+
+def payload_is_valid(payload: bytes) -> bool:
+    """Whether ``payload`` is an envelope :func:`decode` accepts."""
+    try:
+        decode(payload)
+    except ValueError:
+        return False
+    return True

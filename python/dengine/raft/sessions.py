@@ -135,8 +135,12 @@ class SessionTable:
 
 
 def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied:
-    """Decodes an entry; answers at once for no-ops and for sequences already seen."""
-    decoded = payload.decode(entry.data)
+    """Decodes an entry; answers at once for no-ops, damaged envelopes and sequences already seen."""
+    try:
+        decoded = payload.decode(entry.data)
+    except ValueError as exc:
+        # Never written by dengine; skipped the same way on every replica rather than stopping.
+        return Applied(entry.index, Outcome.NOOP, error=f"undecodable entry: {exc}")
     if decoded.kind is Kind.NOOP:
         return Applied(entry.index, Outcome.NOOP)
     if decoded.kind is Kind.SESSION_COMMAND:
