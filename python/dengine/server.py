@@ -306,6 +306,12 @@ async def serve(config: Config) -> None:
         # Windows has no loop signal handlers; Ctrl-C still raises KeyboardInterrupt there.
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    signalled = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(node.wait_stopped())
+    await asyncio.wait([signalled, failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        signalled.cancel()
+        raise DengineError(f"node {config.node.id} stopped after a failure; see the log above")
+    failed.cancel()
     log.info("node %d: stopping on signal", config.node.id)
     await node.stop()
