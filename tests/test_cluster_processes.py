@@ -280,3 +280,31 @@ def test_a_tls_misconfiguration_stops_the_node_with_a_clear_error(tmp_path: Path
     log = (tmp_path / "node1.log").read_text()
     assert code != 0
     assert "node1-key.pem" in log and "Traceback" not in log
+
+
+def test_the_cli_talks_to_a_mutual_tls_cluster(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    init_dev_certs(certs, ["node1", "node2", "node3"])
+    c = ProcCluster(tmp_path, 3, tls_dir=certs)
+    c.start_all()
+    try:
+        c.wait_leader()
+        endpoints = ",".join(c.address(i) for i in range(1, 4))
+        tls = [
+            "--ca",
+            str(certs / "ca.pem"),
+            "--cert",
+            str(certs / "client.pem"),
+            "--key",
+            str(certs / "client-key.pem"),
+        ]
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            cmd = [sys.executable, "-m", "dengine", *args, "--endpoints", endpoints, *tls]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+        assert cli("kv", "put", "tls-key", "tls-value").returncode == 0
+        assert cli("kv", "get", "tls-key").stdout.strip() == "tls-value"
+        assert cli("status").stdout.count(" ok") == 3
+    finally:
+        c.stop_all()

@@ -50,6 +50,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--ca", help="TLS: CA certificate (PEM) that signed the nodes' certificates")
+    p.add_argument("--cert", help="TLS: client certificate (PEM), for clusters that require mTLS")
+    p.add_argument("--key", help="TLS: the client certificate's private key (PEM)")
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not (args.ca or args.cert or args.key):
+        return None
+    from dengine.tls import channel_credentials  # noqa: PLC0415 - only with TLS
+
+    return channel_credentials(args.ca, args.cert, args.key)
+
+
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, credentials)
 
 
 def kv_parser() -> argparse.ArgumentParser:
@@ -153,7 +170,7 @@ _OPS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "range": _rang
 
 
 async def _kv(args: argparse.Namespace) -> int:
-    async with Client(args.endpoints, timeout=args.timeout) as client:
+    async with Client(args.endpoints, timeout=args.timeout, credentials=_credentials(args)) as client:
         return await _OPS[args.op](client, args)
 
 
@@ -188,8 +205,9 @@ def kv_main(argv: Sequence[str]) -> int:
 async def _status(args: argparse.Namespace) -> int:
     endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
     rows = []
+    credentials = _credentials(args)
     for address in endpoints:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with _channel(address, credentials) as ch:
             try:
                 stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
                 s = await stub.Status(cluster_pb2.StatusRequest(), timeout=min(args.timeout, 2.0))
