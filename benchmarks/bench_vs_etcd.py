@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -42,8 +43,8 @@ import tempfile
 import time
 import urllib.request
 from array import array
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -442,8 +443,17 @@ class Runner:
         began = time.perf_counter()
         step = math.ceil(keys / PRELOAD_PROCESSES)
         jobs = [
-            Job(system, "preload", cluster.endpoints, cluster.write_target, PRELOAD_INFLIGHT, keys, i,
-                stub_dir, (lo, min(keys, lo + step)))  # fmt: skip
+            Job(
+                system=system,
+                kind="preload",
+                endpoints=cluster.endpoints,
+                write_target=cluster.write_target,
+                inflight=PRELOAD_INFLIGHT,
+                keys=keys,
+                seed=i,
+                stub_dir=stub_dir,
+                preload_range=(lo, min(keys, lo + step)),
+            )
             for i, lo in enumerate(range(0, keys, step))
         ]
         workers = self._spawn(jobs)
@@ -462,8 +472,16 @@ class Runner:
         seconds, warmup = self.args.seconds, self.args.warmup
         seed = random.getrandbits(32)
         jobs = [
-            Job(system, kind, cluster.endpoints, cluster.write_target, inflight, self.args.keys, seed + i,
-                stub_dir)  # fmt: skip
+            Job(
+                system=system,
+                kind=kind,
+                endpoints=cluster.endpoints,
+                write_target=cluster.write_target,
+                inflight=inflight,
+                keys=self.args.keys,
+                seed=seed + i,
+                stub_dir=stub_dir,
+            )
             for i in range(processes)
         ]
         workers = self._spawn(jobs)
@@ -478,7 +496,9 @@ class Runner:
             cpu0 = servers.cpu_seconds()
             time.sleep(max(0.0, end - time.time()))
             server_cpu = servers.cpu_seconds() - cpu0
-            results = [self._receive(w, "done", warmup + seconds + OP_TIMEOUT_S + 30, servers) for w in workers]
+            results = [
+                self._receive(w, "done", warmup + seconds + OP_TIMEOUT_S + 30, servers) for w in workers
+            ]
         finally:
             self._reap(workers)
         latencies = array("d")
@@ -564,40 +584,54 @@ def report(results: dict[str, dict[str, dict[str, Any]]], runner: Runner) -> dic
             "dengine": d,
             "etcd": e,
             "dengine_over_etcd": {
-                metric: ratio(d and d[metric], e and e[metric]) for metric in ("ops_per_s", "p50_ms", "p99_ms")
+                metric: ratio(d[metric] if d else None, e[metric] if e else None)
+                for metric in ("ops_per_s", "p50_ms", "p99_ms")
             },
         }
     return rows
 
 
 def print_table(rows: dict[str, Any]) -> None:
-    def cell(r: dict[str, Any] | None, metric: str, fmt: str) -> str:
-        return "-" if r is None else format(r[metric], fmt)
+    def system(r: dict[str, Any] | None, width: int) -> str:
+        if r is None:
+            return f"{'-':>{width}} {'-':>7} {'-':>7}"
+        return f"{r['ops_per_s']:>{width},.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
 
-    def rcell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}x"
+    def times(value: float | None, width: int) -> str:
+        return f"{'-' if value is None else f'{value:.2f}x':>{width}}"
 
     header = (
         f"{'workload':<10} {'P x C':>7} | {'dengine ops/s':>13} {'p50 ms':>7} {'p99 ms':>7} | "
         f"{'etcd ops/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'ops/s':>7} {'p50':>6} {'p99':>6}"
     )
     print()
-    print(" " * 77 + "dengine/etcd")
+    print(f"{'dengine / etcd':>{len(header)}}")
     print(header)
     print("-" * len(header))
     for workload, row in rows.items():
-        d, e, q = row["dengine"], row["etcd"], row["dengine_over_etcd"]
+        q = row["dengine_over_etcd"]
+        shape = f"{row['processes']}x{row['inflight']}"
         print(
-            f"{workload:<10} {f'{row["processes"]}x{row["inflight"]}':>7} | "
-            f"{cell(d, 'ops_per_s', ',.0f'):>13} {cell(d, 'p50_ms', '.2f'):>7} {cell(d, 'p99_ms', '.2f'):>7} | "
-            f"{cell(e, 'ops_per_s', ',.0f'):>10} {cell(e, 'p50_ms', '.2f'):>7} {cell(e, 'p99_ms', '.2f'):>7} | "
-            f"{rcell(q['ops_per_s']):>7} {rcell(q['p50_ms']):>6} {rcell(q['p99_ms']):>6}"
+            f"{workload:<10} {shape:>7} | {system(row['dengine'], 13)} | {system(row['etcd'], 10)} | "
+            f"{times(q['ops_per_s'], 7)} {times(q['p50_ms'], 6)} {times(q['p99_ms'], 6)}"
         )
+
+
+def client_defaults() -> dict[str, Any]:
+    """What the dengine side runs with: ``Client``'s defaults (recorded in the JSON)."""
+    params = inspect.signature(Client).parameters
+    return {
+        "client": "dengine.client.Client: put / get, coalesced into Batch RPCs",
+        "linger_ms": params["linger_ms"].default,
+        "max_batch": params["max_batch"].default,
+    }
 
 
 def etcd_version(etcd: str) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run([etcd, "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            [etcd, "--version"], check=False, capture_output=True, text=True, timeout=10
+        ).stdout
         return out.splitlines()[0] if out else ""
     return ""
 
@@ -633,19 +667,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown workload(s) {unknown}; choose among {', '.join(WORKLOADS)}")
     if args.seconds <= 0 or args.warmup < 0 or args.keys < 1:
         parser.error("--seconds must be > 0, --warmup >= 0 and --keys >= 1")
-    if (args.processes is not None and args.processes < 1) or (args.inflight is not None and args.inflight < 1):
+    if (args.processes is not None and args.processes < 1) or (
+        args.inflight is not None and args.inflight < 1
+    ):
         parser.error("--processes and --inflight must be >= 1")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Even when started with SIGINT ignored (a background job of a script), Ctrl-C / kill -INT stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     etcd = None if args.no_etcd else shutil.which(args.etcd)
     if etcd is None and not args.no_etcd:
         print(f"note: no {args.etcd!r} binary on PATH; measuring dengine only", file=sys.stderr)
     runner = Runner(args)
+    load_at_start = os.getloadavg()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(
@@ -658,6 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every cluster and worker was stopped", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        print(f"\nfailed: {exc}\n(every cluster and worker was stopped)", file=sys.stderr)
+        return 1
     rows = report(results, runner)
     print_table(rows)
     if args.out:
@@ -668,11 +710,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "keys": args.keys,
                 "value_bytes": len(VALUE),
                 "cpus": os.cpu_count(),
-                "load_average": os.getloadavg(),
+                "load_average_at_start": load_at_start,
+                "load_average_at_end": os.getloadavg(),
                 "etcd": etcd_version(etcd) if etcd else None,
                 "etcd_client": "grpc.aio, one unary RPC per operation; writes to the leader, "
                 "linearizable reads round-robin over the members",
-                "dengine_client": asdict(ClientDefaults()),
+                "dengine_client": client_defaults(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
             "workloads": rows,
@@ -680,19 +723,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(document, indent=2) + "\n")
         print(f"\nresults written to {args.out}")
     return 0
-
-
-@dataclass(frozen=True)
-class ClientDefaults:
-    """What the dengine side runs with: ``Client``'s defaults (recorded in the JSON)."""
-
-    client: str = "dengine.client.Client (put / get, coalesced into Batch RPCs)"
-    linger_ms: float = 0.2
-    max_batch: int = 128
-
-
-def _iter_unused() -> Iterator[None]:  # pragma: no cover
-    yield None
 
 
 if __name__ == "__main__":
