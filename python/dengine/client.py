@@ -25,6 +25,7 @@ from typing import Any, Literal
 import grpc
 
 from dengine.errors import DengineError
+from dengine.kv import KeyValue
 from dengine.v1 import kv_pb2, kv_pb2_grpc
 
 __all__ = [
@@ -62,15 +63,6 @@ class RequestFailed(DengineError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
 
 
 @dataclass(frozen=True, slots=True)
