@@ -50,17 +50,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=["text", "json"], default="text", help="output format")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--ca", help="TLS: CA certificate (PEM) that signed the nodes' certificates")
-    p.add_argument("--cert", help="TLS: client certificate (PEM), for clusters that require mTLS")
-    p.add_argument("--key", help="TLS: the client certificate's private key (PEM)")
+    # Distinct dests: "key" is also the positional key of the kv commands.
+    p.add_argument(
+        "--ca", dest="tls_ca", help="TLS: CA certificate (PEM) that signed the nodes' certificates"
+    )
+    p.add_argument("--cert", dest="tls_cert", help="TLS: client certificate (PEM), for mTLS clusters")
+    p.add_argument("--key", dest="tls_key", help="TLS: the client certificate's private key (PEM)")
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not (args.ca or args.cert or args.key):
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
         return None
     from dengine.tls import channel_credentials  # noqa: PLC0415 - only with TLS
 
-    return channel_credentials(args.ca, args.cert, args.key)
+    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
