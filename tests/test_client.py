@@ -56,7 +56,13 @@ def test_typed_operations(cluster: ProcCluster) -> None:
             with pytest.raises(RequestFailed) as info:
                 await client.put(b"", b"empty key")
             assert info.value.code == "INVALID_ARGUMENT"
-            assert await client.get(b"p/1", consistency="stale") is not None
+            # A stale read may lag (it may be served by a follower): it converges.
+            for _ in range(100):
+                if await client.get(b"p/1", consistency="stale") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("a stale read never saw the write")
 
     asyncio.run(main())
 
