@@ -112,7 +112,7 @@ def test_a_message_from_another_cluster_is_refused(cluster: ProcCluster) -> None
     foreign = raft_pb2.RaftMessage(cluster_id="someone-else", type=raft_pb2.HEARTBEAT, to=1, term=99)
     setattr(foreign, "from", 2)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Messages(iter([foreign]), timeout=3)
+        stub.Messages(iter([raft_pb2.RaftBatch(messages=[foreign])]), timeout=3)
     assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "someone-else" in (info.value.details() or "")
     status = cluster.status(1)
@@ -131,7 +131,7 @@ def test_a_malformed_message_is_refused_and_the_node_keeps_serving(cluster: Proc
     )
     setattr(bad, "from", leader)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Messages(iter([bad]), timeout=3)
+        stub.Messages(iter([raft_pb2.RaftBatch(messages=[bad])]), timeout=3)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     cluster.put(b"still", b"serving")
     assert cluster.get(cluster.wait_leader(), b"still") == b"serving"

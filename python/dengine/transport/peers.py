@@ -29,6 +29,7 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
 _QUEUE_LIMIT = 4096
+_MAX_BATCH_MESSAGES = 512
 
 
 class PeerTransport(raft_pb2_grpc.RaftServicer):
@@ -70,9 +71,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             q.get_nowait()  # drop the oldest: the peer is far behind or down
         q.put_nowait(to_wire(m, self.cluster_id))
 
-    async def _outgoing(self, q: asyncio.Queue[raft_pb2.RaftMessage]) -> AsyncIterator[raft_pb2.RaftMessage]:
+    async def _outgoing(self, q: asyncio.Queue[raft_pb2.RaftMessage]) -> AsyncIterator[raft_pb2.RaftBatch]:
         while True:
-            yield await q.get()
+            batch = [await q.get()]
+            # Whatever else queued up while the previous write was in flight rides along.
+            while not q.empty() and len(batch) < _MAX_BATCH_MESSAGES:
+                batch.append(q.get_nowait())
+            yield raft_pb2.RaftBatch(messages=batch)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self.credentials is not None:
@@ -112,20 +117,21 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     # --- receiving (the gRPC servicer) ----------------------------------------------------------
 
     async def Messages(
-        self, request_iterator: AsyncIterator[raft_pb2.RaftMessage], context: Any
+        self, request_iterator: AsyncIterator[raft_pb2.RaftBatch], context: Any
     ) -> raft_pb2.StreamClosed:
-        async for w in request_iterator:
-            try:
-                m = from_wire(w, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
-            except WireError as exc:
-                self.rejected += 1
-                code = (
-                    grpc.StatusCode.FAILED_PRECONDITION
-                    if "cluster" in str(exc) or "unknown node" in str(exc)
-                    else grpc.StatusCode.INVALID_ARGUMENT
-                )
-                log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
-                await context.abort(code, str(exc))
-                raise AssertionError("unreachable") from exc
-            self.on_message(m)
+        async for batch in request_iterator:
+            for w in batch.messages:
+                try:
+                    m = from_wire(w, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
+                except WireError as exc:
+                    self.rejected += 1
+                    code = (
+                        grpc.StatusCode.FAILED_PRECONDITION
+                        if "cluster" in str(exc) or "unknown node" in str(exc)
+                        else grpc.StatusCode.INVALID_ARGUMENT
+                    )
+                    log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
+                    await context.abort(code, str(exc))
+                    raise AssertionError("unreachable") from exc
+                self.on_message(m)
         return raft_pb2.StreamClosed()

@@ -36,7 +36,7 @@ class RaftStub:
         """
         self.Messages = channel.stream_unary(
                 '/dengine.v1.Raft/Messages',
-                request_serializer=dengine_dot_v1_dot_raft__pb2.RaftMessage.SerializeToString,
+                request_serializer=dengine_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
                 response_deserializer=dengine_dot_v1_dot_raft__pb2.StreamClosed.FromString,
                 _registered_method=True)
 
@@ -56,7 +56,7 @@ def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Messages': grpc.stream_unary_rpc_method_handler(
                     servicer.Messages,
-                    request_deserializer=dengine_dot_v1_dot_raft__pb2.RaftMessage.FromString,
+                    request_deserializer=dengine_dot_v1_dot_raft__pb2.RaftBatch.FromString,
                     response_serializer=dengine_dot_v1_dot_raft__pb2.StreamClosed.SerializeToString,
             ),
     }
@@ -85,7 +85,7 @@ class Raft:
             request_iterator,
             target,
             '/dengine.v1.Raft/Messages',
-            dengine_dot_v1_dot_raft__pb2.RaftMessage.SerializeToString,
+            dengine_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
             dengine_dot_v1_dot_raft__pb2.StreamClosed.FromString,
             options,
             channel_credentials,
