@@ -12,7 +12,7 @@ import pytest
 
 from dengine.client import SyncClient
 
-from cluster_procs import ProcCluster
+from cluster_procs import ProcCluster, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
 
@@ -117,3 +117,12 @@ def test_the_sync_client(cluster: ProcCluster, tmp_path: Path) -> None:
         assert client.cas(b"sync", b"yes", b"no").succeeded
         assert [kv.key for kv in client.range(b"sync")] == [b"sync"]
         assert client.delete(b"sync").deleted
+
+
+def test_leader_transfer(cluster: ProcCluster) -> None:
+    leader = cluster.wait_leader()
+    target = next(i for i in range(1, 4) if i != leader)
+    out = dengine(cluster, "leader", "transfer", str(target))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"leadership handed to node {target}"
+    assert wait_for(lambda: cluster.leader() == target, 10, f"node {target} to lead")

@@ -167,6 +167,14 @@ def test_prometheus_metrics_are_served(cluster: ProcCluster) -> None:
     assert proposals and float(proposals[0].split()[-1]) >= 5
     assert "dengine_fsync_seconds_bucket" in text
     assert "dengine_peer_match_index" in text
+    commits = [
+        line for line in text.splitlines() if line.startswith("dengine_propose_to_commit_seconds_count")
+    ]
+    assert commits and float(commits[0].split()[-1]) >= 5
+    follower = next(i for i in range(1, 4) if i != leader)
+    with pytest.raises(grpc.RpcError):
+        cluster.kv(follower).Put(kv_pb2.PutRequest(key=b"x", value=b"y"), timeout=3)
+    assert 'code="FAILED_PRECONDITION"' in cluster.scrape(follower)
 
 
 def test_kv_service_batch_cas_range_watch_and_sessions(cluster: ProcCluster) -> None:

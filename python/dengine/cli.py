@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("cluster",): ("dengine.devcluster", "main"),
         ("kv",): ("dengine.kvcli", "kv_main"),
         ("status",): ("dengine.kvcli", "status_main"),
+        ("leader", "transfer"): ("dengine.kvcli", "leader_main"),
         ("certs", "init"): ("dengine.tls", "certs_main"),
     }
     for prefix, (module, function) in own.items():
@@ -152,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("cluster", help="run a local development cluster (see dengine cluster --help)")
     sub.add_parser("kv", help="put, get, delete, cas, range, watch (see dengine kv --help)")
     sub.add_parser("status", help="the cluster's nodes, roles, indexes and lag (see dengine status --help)")
+    leader = sub.add_parser("leader", help="leadership (see dengine leader transfer --help)")
+    leader.add_argument("action", choices=["transfer"])
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
     certs.add_argument("action", choices=["init"])
     args = parser.parse_args(args_list)

@@ -263,3 +263,49 @@ def status_main(argv: Sequence[str]) -> int:
     )
     _common(parser)
     return _run(_status, parser.parse_args(argv), "dengine status")
+
+
+async def _transfer(args: argparse.Namespace) -> int:
+    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    credentials = _credentials(args)
+    leader_address = None
+    for address in endpoints:
+        async with _channel(address, credentials) as ch:
+            try:
+                stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
+                s = await stub.Status(cluster_pb2.StatusRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                continue
+            if s.role == "leader":
+                leader_address = address
+                break
+            if s.leader_address:
+                leader_address = s.leader_address
+    if leader_address is None:
+        print("dengine leader transfer: no leader found", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    async with _channel(leader_address, credentials) as ch:
+        stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
+        try:
+            r = await stub.TransferLeader(
+                cluster_pb2.TransferLeaderRequest(id=args.id or 0), timeout=args.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(exc.code().name, exc.details() or "") from exc
+    print(
+        json.dumps({"leader": r.leader_id})
+        if args.output == "json"
+        else f"leadership handed to node {r.leader_id}"
+    )
+    return EXIT_OK
+
+
+def leader_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dengine leader transfer",
+        description="Hand leadership to node ID (default: the most up-to-date voter) with TimeoutNow.",
+        epilog="example: dengine leader transfer 2",
+    )
+    parser.add_argument("id", type=int, nargs="?", help="the node to lead next")
+    _common(parser)
+    return _run(_transfer, parser.parse_args(argv), "dengine leader transfer")

@@ -13,6 +13,7 @@ gets :class:`~dengine.errors.ApplyError` carrying the message, and the node keep
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import inspect
 import logging
@@ -125,6 +126,9 @@ class Node:
         # old one may have lost them (the session makes a second copy harmless).
         self._payloads: dict[tuple[int, int], bytes] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
+        # (last index, time proposed, count) of batches proposed here as leader, oldest first:
+        # what the propose-to-commit histogram measures.
+        self._commit_clock: collections.deque[tuple[int, float, int]] = collections.deque()
         self._read_ctx = 0
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._sync_wanted = 0
@@ -368,7 +372,9 @@ class Node:
         self.metrics.proposals(len(batch))
         self.metrics.observe_append_batch(len(batch))
         try:
-            self.raft.propose(batch)
+            indexes = self.raft.propose(batch)
+            if indexes is not None:
+                self._commit_clock.append((indexes[1], time.monotonic(), len(batch)))
         except (NotLeaderError, ProposalDroppedError) as exc:
             if isinstance(exc, NotLeaderError) and exc.leader is None and self.config.raft.forward_proposals:
                 return  # no leader right now: proposed again as soon as one is elected
@@ -430,10 +436,19 @@ class Node:
 
     # --- the driver loop ----------------------------------------------------------------------------
 
+    def _observe_commits(self, commit: int) -> None:
+        now = time.monotonic()
+        clock = self._commit_clock
+        while clock and clock[0][0] <= commit:
+            _, proposed_at, count = clock.popleft()
+            self.metrics.observe_commit_latency(now - proposed_at, count)
+
     def _pump(self) -> None:
         raft = self.raft
         transport = self.transport
         assert raft is not None and transport is not None
+        if self._commit_clock:
+            self._observe_commits(raft.commit)
         while raft.has_ready():
             rd = raft.ready()
             if rd.sync is not None:

@@ -143,29 +143,31 @@ class KVService(kv_pb2_grpc.KVServicer):
         current = None if res.ok else _kv(res.prev)
         return kv_pb2.CompareAndSwapResponse(succeeded=res.ok, revision=res.revision, current=current)
 
-    async def _call(self, context: Any, work: Awaitable[T]) -> T:
+    async def _call(self, context: Any, work: Awaitable[T], method: str) -> T:
         try:
             return await work
         except RequestError as exc:
+            self.node.metrics.grpc_error(method, exc.code)
             await context.abort(exc.code, exc.details)
             raise AssertionError("unreachable") from exc
         except DengineError as exc:
+            self.node.metrics.grpc_error(method, grpc.StatusCode.UNAVAILABLE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise AssertionError("unreachable") from exc
 
     async def Put(self, request: kv_pb2.PutRequest, context: Any) -> kv_pb2.PutResponse:
-        return await self._call(context, self._put(request))
+        return await self._call(context, self._put(request), "Put")
 
     async def Get(self, request: kv_pb2.GetRequest, context: Any) -> kv_pb2.GetResponse:
-        return await self._call(context, self._get(request))
+        return await self._call(context, self._get(request), "Get")
 
     async def Delete(self, request: kv_pb2.DeleteRequest, context: Any) -> kv_pb2.DeleteResponse:
-        return await self._call(context, self._delete(request))
+        return await self._call(context, self._delete(request), "Delete")
 
     async def CompareAndSwap(
         self, request: kv_pb2.CompareAndSwapRequest, context: Any
     ) -> kv_pb2.CompareAndSwapResponse:
-        return await self._call(context, self._cas(request))
+        return await self._call(context, self._cas(request), "CompareAndSwap")
 
     async def Range(self, request: kv_pb2.RangeRequest, context: Any) -> kv_pb2.RangeResponse:
         limit = request.limit or None
@@ -176,7 +178,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             )
             return kv_pb2.RangeResponse(kvs=[_kv_of(kv) for kv in kvs], revision=rev)
 
-        return await self._call(context, run())
+        return await self._call(context, run(), "Range")
 
     async def _one(self, op: kv_pb2.Operation) -> kv_pb2.OperationResult:
         kind = op.WhichOneof("op")
