@@ -3,15 +3,16 @@ restart, and talk to them over real gRPC."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -29,6 +30,18 @@ def wait_for(cond: Callable[[], T | None], timeout: float, what: str) -> T:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, n: int = 3, **options: Any) -> Iterator[ProcCluster]:
+    """A started cluster with a leader, stopped (every process killed) on exit."""
+    c = ProcCluster(root, n, **options)
+    c.start_all()
+    try:
+        c.wait_leader()
+        yield c
+    finally:
+        c.stop_all()
 
 
 class ProcCluster:

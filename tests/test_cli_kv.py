@@ -12,20 +12,15 @@ import pytest
 
 from dengine.client import SyncClient
 
-from cluster_procs import ProcCluster, wait_for
+from cluster_procs import ProcCluster, running_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcCluster]:
-    c = ProcCluster(tmp_path_factory.mktemp("cli"), 3)
-    c.start_all()
-    try:
-        c.wait_leader()
+    with running_cluster(tmp_path_factory.mktemp("cli")) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def dengine(cluster: ProcCluster, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,20 +12,15 @@ import pytest
 
 from dengine.client import Client, RequestFailed, Unavailable
 
-from cluster_procs import ProcCluster
+from cluster_procs import ProcCluster, running_cluster
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    c = ProcCluster(tmp_path, 3)
-    c.start_all()
-    try:
-        c.wait_leader()
+    with running_cluster(tmp_path) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def endpoints(c: ProcCluster) -> list[str]:

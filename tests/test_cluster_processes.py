@@ -16,7 +16,7 @@ from dengine._core import Entry, encode_entries
 from dengine.tls import init_dev_certs
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, raft_pb2, raft_pb2_grpc
 
-from cluster_procs import ProcCluster, wait_for
+from cluster_procs import ProcCluster, running_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
 
@@ -261,10 +261,7 @@ def test_dengine_cluster_starts_a_dev_cluster_and_stops_it_on_ctrl_c(tmp_path: P
 def test_a_cluster_with_mutual_tls(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     init_dev_certs(certs, ["node1", "node2", "node3"])
-    c = ProcCluster(tmp_path, 3, tls_dir=certs)
-    c.start_all()
-    try:
-        c.wait_leader()
+    with running_cluster(tmp_path, tls_dir=certs) as c:
         c.put(b"secure", b"yes")
         assert c.get(c.wait_leader(), b"secure") == b"yes"
         # Without a client certificate the server refuses the connection.
@@ -274,8 +271,6 @@ def test_a_cluster_with_mutual_tls(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError):
             cluster_pb2_grpc.ClusterStub(anonymous).Status(cluster_pb2.StatusRequest(), timeout=3)  # type: ignore[no-untyped-call]
         anonymous.close()
-    finally:
-        c.stop_all()
 
 
 def test_a_tls_misconfiguration_stops_the_node_with_a_clear_error(tmp_path: Path) -> None:
@@ -293,10 +288,7 @@ def test_a_tls_misconfiguration_stops_the_node_with_a_clear_error(tmp_path: Path
 def test_the_cli_talks_to_a_mutual_tls_cluster(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     init_dev_certs(certs, ["node1", "node2", "node3"])
-    c = ProcCluster(tmp_path, 3, tls_dir=certs)
-    c.start_all()
-    try:
-        c.wait_leader()
+    with running_cluster(tmp_path, tls_dir=certs) as c:
         endpoints = ",".join(c.address(i) for i in range(1, 4))
         tls = [
             "--ca",
@@ -314,5 +306,3 @@ def test_the_cli_talks_to_a_mutual_tls_cluster(tmp_path: Path) -> None:
         assert cli("kv", "put", "tls-key", "tls-value").returncode == 0
         assert cli("kv", "get", "tls-key").stdout.strip() == "tls-value"
         assert cli("status").stdout.count(" ok") == 3
-    finally:
-        c.stop_all()

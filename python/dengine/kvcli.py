@@ -205,10 +205,11 @@ def kv_main(argv: Sequence[str]) -> int:
     return _run(_kv, args, "dengine kv")
 
 
-async def _status(args: argparse.Namespace) -> int:
+async def _statuses(args: argparse.Namespace) -> list[tuple[str, cluster_pb2.StatusResponse | None]]:
+    """Each endpoint's Status answer, or None where it did not answer."""
     endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
-    rows = []
     credentials = _credentials(args)
+    rows: list[tuple[str, cluster_pb2.StatusResponse | None]] = []
     for address in endpoints:
         async with _channel(address, credentials) as ch:
             try:
@@ -217,6 +218,11 @@ async def _status(args: argparse.Namespace) -> int:
                 rows.append((address, s))
             except grpc.aio.AioRpcError:
                 rows.append((address, None))
+    return rows
+
+
+async def _status(args: argparse.Namespace) -> int:
+    rows = await _statuses(args)
     leader = next((s for _, s in rows if s is not None and s.role == "leader"), None)
     lags = {p.id: p.lag for p in leader.peers} if leader else {}
     if args.output == "json":
@@ -266,21 +272,11 @@ def status_main(argv: Sequence[str]) -> int:
 
 
 async def _transfer(args: argparse.Namespace) -> int:
-    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    rows = [(a, s) for a, s in await _statuses(args) if s is not None]
+    leader_address = next((a for a, s in rows if s.role == "leader"), None) or next(
+        (s.leader_address for _, s in rows if s.leader_address), None
+    )
     credentials = _credentials(args)
-    leader_address = None
-    for address in endpoints:
-        async with _channel(address, credentials) as ch:
-            try:
-                stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
-                s = await stub.Status(cluster_pb2.StatusRequest(), timeout=2)
-            except grpc.aio.AioRpcError:
-                continue
-            if s.role == "leader":
-                leader_address = address
-                break
-            if s.leader_address:
-                leader_address = s.leader_address
     if leader_address is None:
         print("dengine leader transfer: no leader found", file=sys.stderr)
         return EXIT_UNAVAILABLE

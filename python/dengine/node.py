@@ -306,13 +306,12 @@ class Node:
         """Replicates ``command`` and returns what ``apply`` returned for it, once it is committed
         and applied on this node. Proposals made together are batched into one append."""
         self._seq += 1
-        heapq.heappush(self._local_outstanding, self._seq)
-        while self._local_outstanding and (self._client_id, self._local_outstanding[0]) not in self._waiters:
-            if self._local_outstanding[0] == self._seq:
-                break
-            heapq.heappop(self._local_outstanding)
-        first = self._local_outstanding[0] if self._local_outstanding else self._seq
-        return await self._propose(self._client_id, self._seq, command, timeout, first)
+        outstanding = self._local_outstanding
+        # Sequences no longer waiting were answered (or given up): drop them from the heap's top.
+        while outstanding and (self._client_id, outstanding[0]) not in self._waiters:
+            heapq.heappop(outstanding)
+        heapq.heappush(outstanding, self._seq)
+        return await self._propose(self._client_id, self._seq, command, timeout, outstanding[0])
 
     async def propose_session(
         self,
@@ -389,7 +388,8 @@ class Node:
 
     def _resubmit(self) -> None:
         """Proposes every waiting payload again, through the new leader."""
-        waiting = [p for p in self._payloads.values() if p not in self._pending]
+        queued = set(self._pending)
+        waiting = [p for p in self._payloads.values() if p not in queued]
         if not waiting:
             return
         self._pending.extend(waiting)
