@@ -2,6 +2,16 @@
 
 from dengine.raft.config import RaftConfig
 from dengine.raft.core import Raft
-from dengine.raft.messages import Message, MsgType, ReadState, Ready, Role, SoftState
+from dengine.raft.messages import Message, MsgType, ReadState, Ready, Role, SnapshotInfo, SoftState
 
-__all__ = ["Message", "MsgType", "Raft", "RaftConfig", "ReadState", "Ready", "Role", "SoftState"]
+__all__ = [
+    "Message",
+    "MsgType",
+    "Raft",
+    "RaftConfig",
+    "ReadState",
+    "Ready",
+    "Role",
+    "SnapshotInfo",
+    "SoftState",
+]

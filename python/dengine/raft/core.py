@@ -27,6 +27,7 @@ from dengine.raft.messages import (
     ReadState,
     Ready,
     Role,
+    SnapshotInfo,
     SoftState,
 )
 from dengine.raft.payload import NOOP_PAYLOAD, payload_is_valid
@@ -54,7 +55,25 @@ class _ReadRound:
 class Raft:
     """One Raft node's protocol state. See the module docstring for how a driver runs it."""
 
-    def __init__(self, config: RaftConfig, store: LogStore, *, seed: int = 0, applied: int = 0) -> None:
+    def __init__(
+        self,
+        config: RaftConfig,
+        store: LogStore,
+        *,
+        seed: int = 0,
+        applied: int = 0,
+        snapshot: SnapshotInfo | None = None,
+    ) -> None:
+        """``snapshot`` is the one the driver restored the state machine from (the log must
+        continue it): its membership replaces the configured one, and everything it covers
+        counts as applied."""
+        if snapshot is not None:
+            applied = max(applied, snapshot.index)
+            if store.first_index() - 1 > snapshot.index or store.last_index() < snapshot.index:
+                raise ValueError(
+                    f"the log ({store.first_index()}..{store.last_index()}) does not continue the "
+                    f"snapshot at index {snapshot.index}"
+                )
         self.cfg = config
         self.id = config.id
         self.store = store
@@ -68,8 +87,8 @@ class Raft:
         self.durable: int = last
         self.lead: int | None = None
         self.role = Role.FOLLOWER
-        self.conf = JointConfig(config.voters)
-        self.learners = config.learners
+        self.conf = JointConfig(snapshot.voters if snapshot else config.voters)
+        self.learners = snapshot.learners if snapshot else config.learners
         self.progress: dict[int, Progress] = {}
         self.lead_transferee: int | None = None
 
@@ -98,6 +117,7 @@ class Raft:
         self._forwarded_reads: set[int] = set()
 
         self._snapshot_needed: list[int] = []
+        self._restore: SnapshotInfo | None = None
         self._reported_soft: SoftState | None = None
         self._become_follower(self.term, None)
 
@@ -171,6 +191,19 @@ class Raft:
             self._send_append(target)
         return target
 
+    def report_snapshot(self, to: int, index: int, *, ok: bool) -> None:
+        """The driver finished sending the snapshot at ``index`` to ``to`` (``ok``) or gave up.
+
+        Either way the follower is probed again, but not before its next heartbeat answer: after
+        a success its APP_RESP moves it on, after a failure that pause spaces out the retries.
+        """
+        pr = self.progress.get(to) if self.role is Role.LEADER else None
+        if pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        pr.pending_snapshot = max(pr.pending_snapshot, index) if ok else 0
+        pr.become_probe()
+        pr.probe_sent = True
+
     def synced(self, seq: int, durable_index: int) -> None:
         """The driver made the store durable for sync ``seq``; the log is durable to here."""
         self._synced_seq = max(self._synced_seq, seq)
@@ -211,7 +244,11 @@ class Raft:
             else:
                 self._become_follower(m.term, m.src if m.type in LEADER_TYPES else None)
         elif m.term < self.term:
-            if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (MsgType.APP, MsgType.HEARTBEAT):
+            if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (
+                MsgType.APP,
+                MsgType.HEARTBEAT,
+                MsgType.SNAPSHOT,
+            ):
                 # Tell a stale leader about the newer term so that it steps down.
                 self._send(Message(MsgType.APP_RESP, self.id, m.src, self.term))
             elif m.type is MsgType.PRE_VOTE:
@@ -254,6 +291,7 @@ class Raft:
                 self._pending_reads = [r for r in self._pending_reads if r.index > self.applied]
         rd.failed_reads, self._failed_reads = self._failed_reads, []
         rd.snapshot_needed, self._snapshot_needed = self._snapshot_needed, []
+        rd.restore, self._restore = self._restore, None
         soft = self.soft_state()
         if soft != self._reported_soft:
             rd.soft_state = self._reported_soft = soft
@@ -268,6 +306,7 @@ class Raft:
             or any(r.index <= self.applied for r in self._pending_reads)
             or self._failed_reads
             or self._snapshot_needed
+            or self._restore is not None
             or self.soft_state() != self._reported_soft
             or (self.term, self.vote, self.commit) != self._saved_hs
         )
@@ -392,7 +431,7 @@ class Raft:
 
     def _step_candidate(self, m: Message) -> None:
         t = m.type
-        if t in (MsgType.APP, MsgType.HEARTBEAT):
+        if t in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAPSHOT):
             self._become_follower(m.term, m.src)
             self._step_follower(m)
         elif t is MsgType.PROP or t is MsgType.READ_INDEX:
@@ -420,6 +459,10 @@ class Raft:
             self._send(
                 Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term, index=m.index, context=m.context)
             )
+        elif t is MsgType.SNAPSHOT:
+            self._election_elapsed = 0
+            self.lead = m.src
+            self._handle_snapshot(m)
         elif t is MsgType.TIMEOUT_NOW:
             self._campaign(pre=False, transfer=True)
         elif t is MsgType.READ_INDEX_RESP:
@@ -538,6 +581,25 @@ class Raft:
             self._log_needs = self._sync_seq + 1
             self._writes_pending = True
 
+    def _handle_snapshot(self, m: Message) -> None:
+        snap = m.snapshot
+        if snap is None:
+            return
+        if snap.index <= self.commit:
+            ack = self.commit  # nothing new in it: everything it covers is committed here already
+        elif self._match_term(snap.index, snap.term):
+            # Our log already holds what the snapshot covers: apply those entries as usual.
+            self.commit = ack = snap.index
+        else:
+            # The log does not reach the snapshot or has diverged before its end: everything
+            # in it is either covered by the snapshot or uncommitted, so it goes (§7).
+            self.store.reset(snap.index, snap.term)
+            self.commit = self.durable = self._apply_dispatched = ack = snap.index
+            self.conf = JointConfig(snap.voters)
+            self.learners = snap.learners
+            self._restore = snap
+        self._send(Message(MsgType.APP_RESP, self.id, m.src, self.term, index=ack))
+
     def _match_term(self, index: int, term: int) -> bool:
         try:
             return self.store.term(index) == term
@@ -547,13 +609,16 @@ class Raft:
     def _find_conflict_by_term(self, index: int, term: int) -> tuple[int, int]:
         """The largest index <= ``index`` whose term is <= ``term``, and that term: where the
         two logs may agree, so the leader can skip a whole term per round trip."""
-        first = self.store.first_index()
-        while index >= first:
-            t = self.store.term(index)
-            if t <= term:
-                return index, t
-            index -= 1
-        return index, self.store.term(index) if index == first - 1 else 0
+        try:
+            first = self.store.first_index()
+            while index >= first:
+                t = self.store.term(index)
+                if t <= term:
+                    return index, t
+                index -= 1
+            return index, self.store.term(index) if index == first - 1 else 0
+        except LogCompactedError:
+            return index, 0  # compacted by the driver meanwhile: a coarser hint, still correct
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
         if m.reject:

@@ -28,11 +28,22 @@ class MsgType(enum.IntEnum):
     READ_INDEX = 10  # follower -> leader: please confirm a read, `context` identifies it
     READ_INDEX_RESP = 11  # leader -> follower: read `context` may be served at `index` (reject: no leader)
     TIMEOUT_NOW = 12  # leader -> transfer target: campaign now
-    SNAPSHOT_NEEDED = 13  # internal marker, never sent: see Ready.snapshot_needed
+    SNAPSHOT = 13  # leader -> follower: install the snapshot in `snapshot` (never on the message stream)
 
 
 VOTE_TYPES = (MsgType.VOTE, MsgType.PRE_VOTE)
-LEADER_TYPES = (MsgType.APP, MsgType.HEARTBEAT, MsgType.TIMEOUT_NOW)
+LEADER_TYPES = (MsgType.APP, MsgType.HEARTBEAT, MsgType.TIMEOUT_NOW, MsgType.SNAPSHOT)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """What the core needs to know of a snapshot: the last log entry it covers and the
+    membership configuration as of that entry. The state itself stays with the driver."""
+
+    index: int
+    term: int
+    voters: frozenset[int]
+    learners: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -50,6 +61,8 @@ class Message:
       * HEARTBEAT: ``commit``; ``context`` = read round; ``index`` = the leader's tick when sent.
         HEARTBEAT_RESP echoes ``context`` and ``index`` (the leader's lease counts from it).
       * READ_INDEX / READ_INDEX_RESP: ``context`` = the requester's read id, ``index`` = read index.
+      * SNAPSHOT: ``snapshot`` describes a snapshot the driver has already received in full and
+        made durable; the follower answers with an APP_RESP.
     """
 
     type: MsgType
@@ -64,6 +77,7 @@ class Message:
     reject_hint: int = 0
     context: int = 0
     payloads: Sequence[bytes] = ()
+    snapshot: SnapshotInfo | None = None
 
 
 class Role(enum.Enum):
@@ -99,6 +113,12 @@ class Ready:
     2. send ``messages`` (already safe to send);
     3. apply ``committed`` entries in order, then call ``raft.applied_to(last index)``;
     4. serve ``reads``; fail ``failed_reads`` (leadership was lost before they were confirmed).
+
+    ``restore`` (a follower accepted a snapshot; its log now starts after it) comes before
+    ``committed``: replace the state machine with that snapshot, in apply order, then call
+    ``raft.applied_to(restore.index)``. ``snapshot_needed`` lists followers that need the latest
+    snapshot, because the entries they lack are compacted: send it, then call
+    ``raft.report_snapshot``.
     """
 
     messages: list[Message] = field(default_factory=list)
@@ -108,6 +128,7 @@ class Ready:
     failed_reads: list[int] = field(default_factory=list)
     soft_state: SoftState | None = None
     snapshot_needed: list[int] = field(default_factory=list)
+    restore: SnapshotInfo | None = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -118,4 +139,5 @@ class Ready:
             or self.failed_reads
             or self.soft_state
             or self.snapshot_needed
+            or self.restore is not None
         )

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from dengine._core import Entry
 from dengine.raft import payload
 from dengine.raft.payload import Kind
+
+SessionItems = Sequence[tuple[int, int, int, Sequence[tuple[int, bytes | None, str | None]]]]
+"""Rows of :meth:`SessionTable.items`, as a snapshot stores them."""
 
 RunCommand = Callable[[int, bytes], bytes | None]
 """Runs one user command at a log index and returns its result."""
@@ -132,6 +135,13 @@ class SessionTable:
             (c, s.acked_below, s.last_index, [(q, r, e) for q, (r, e) in sorted(s.results.items())])
             for c, s in self._sessions.items()
         ]
+
+    def restore(self, items: SessionItems) -> None:
+        """Replaces the whole table with rows from :meth:`items` (in the same eviction order)."""
+        sessions: OrderedDict[int, _Session] = OrderedDict()
+        for client, acked_below, last_index, results in items:
+            sessions[client] = _Session({q: (r, e) for q, r, e in results}, acked_below, last_index)
+        self._sessions = sessions
 
 
 def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied:

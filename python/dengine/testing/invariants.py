@@ -7,6 +7,8 @@
 * A committed entry is never lost: it stays durable on a majority.
 * Term, commit index and applied index never go backwards within a node's life, and after a
   restart a node's term is at least that of any message it ever sent (terms are durable first).
+* Snapshots: every snapshot of index ``i`` (taken, received or restored, on any node) holds the
+  same state and session table, and ``i`` is a committed entry of that term.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dengine.errors import DengineError
 from dengine.raft import Message, MsgType, Ready, Role
 
 if TYPE_CHECKING:
-    from dengine.testing.sim import SimCluster, SimNode
+    from dengine.testing.sim import SimCluster, SimNode, SimSnapshot
 
 
 class SimulationFailure(AssertionError):
@@ -37,6 +39,7 @@ class InvariantChecker:
         self._seen: dict[int, tuple[int, int, int, int]] = {}  # node -> (incarnation, term, commit, applied)
         self._checks = 0
         self.max_sent_term: dict[int, int] = {}
+        self.snapshots: dict[int, SimSnapshot] = {}
 
     def fail(self, what: str) -> None:
         raise SimulationFailure(
@@ -115,6 +118,23 @@ class InvariantChecker:
         committed = self.committed.get(entry.index)
         if committed is not None and committed != (entry.term, entry.data):
             self.fail(f"node {node.id} applied entry {entry.index} that differs from the committed one")
+
+    def on_snapshot(self, node: SimNode, snap: SimSnapshot) -> None:
+        """A snapshot reached ``node``'s disk (taken there or received)."""
+        info = snap.info
+        committed = self.committed.get(info.index)
+        if committed is not None and committed[0] != info.term:
+            self.fail(
+                f"node {node.id} holds a snapshot at index {info.index} of term {info.term}, but the "
+                f"entry committed there has term {committed[0]}"
+            )
+        known = self.snapshots.setdefault(info.index, snap)
+        if (known.info, known.state, known.sessions) != (info, snap.state, snap.sessions):
+            self.fail(f"node {node.id} holds a snapshot at index {info.index} that differs from another's")
+
+    def on_restore(self, node: SimNode, snap: SimSnapshot) -> None:
+        """``node``'s state machine was replaced by ``snap``."""
+        self.on_snapshot(node, snap)
 
     def on_crash(self, node: SimNode) -> None:
         self.check_durable_quorum()

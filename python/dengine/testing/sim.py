@@ -12,6 +12,7 @@ While it runs, :class:`~dengine.testing.invariants.InvariantChecker` watches eve
 from __future__ import annotations
 
 import heapq
+import io
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ from typing import Any
 
 from dengine._core import Entry
 from dengine.errors import DengineError, NotLeaderError, ProposalDroppedError
-from dengine.raft import Message, Raft, RaftConfig, Role, payload
-from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry
+from dengine.raft import Message, MsgType, Raft, RaftConfig, Role, SnapshotInfo, payload
+from dengine.raft.sessions import Applied, Outcome, SessionItems, SessionTable, apply_entry
 from dengine.state_machine import StateMachine
 from dengine.testing.invariants import InvariantChecker, SimulationFailure
 from dengine.testing.simstore import SimLogStore
 
-__all__ = ["NetworkConfig", "SimCluster", "SimNode", "SimulationFailure"]
+__all__ = ["NetworkConfig", "SimCluster", "SimNode", "SimSnapshot", "SimulationFailure", "SnapshotPolicy"]
 
 
 @dataclass(slots=True)
@@ -38,6 +39,28 @@ class NetworkConfig:
     duplicate: float = 0.0
     disk_latency: float = 0.3
     tick_ms: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPolicy:
+    """When simulated nodes snapshot and how much log they keep (``every = 0``: never on their
+    own; :meth:`SimCluster.take_snapshot` still works). Times are virtual milliseconds."""
+
+    every: int = 0
+    trailing: int = 0
+    keep: int = 2
+    create_ms: float = 2.0
+    install_ms: float = 2.0
+    transfer_ms: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimSnapshot:
+    """A snapshot on a simulated disk: the state machine's bytes and the session table."""
+
+    info: SnapshotInfo
+    state: bytes
+    sessions: SessionItems
 
 
 @dataclass(slots=True)
@@ -60,6 +83,12 @@ class SimNode:
     write_waiters: dict[tuple[int, int], list[_Waiter]] = field(default_factory=dict)
     read_waiters: dict[int, Callable[[bool], None]] = field(default_factory=dict)
     next_read_ctx: int = 0
+    snapshots: list[SimSnapshot] = field(default_factory=list)  # on disk: survives crashes
+    snapshotting: bool = False
+    sending_snapshot: set[int] = field(default_factory=set)
+
+    def latest_snapshot(self) -> SimSnapshot | None:
+        return self.snapshots[-1] if self.snapshots else None
 
     @property
     def alive(self) -> bool:
@@ -78,10 +107,14 @@ class SimCluster:
         network: NetworkConfig | None = None,
         raft_options: dict[str, Any] | None = None,
         check_invariants: bool = True,
+        snapshots: SnapshotPolicy | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.net = network or NetworkConfig()
+        self.snapshot_policy = snapshots or SnapshotPolicy()
+        self.snapshots_taken = 0
+        self.snapshots_installed = 0
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -130,12 +163,31 @@ class SimCluster:
         node.sessions = SessionTable()
         node.write_waiters = {}
         node.read_waiters = {}
+        node.snapshotting = False
+        node.sending_snapshot = set()
+        snap = node.latest_snapshot()
+        if snap is not None:
+            # Restart from the latest snapshot plus the log tail; a log that does not continue
+            # it (the crash came between installing a received snapshot and resetting the log)
+            # is reset to it, exactly as the install would have done.
+            self._restore_state(node, snap)
+            s = snap.info
+            store = node.store
+            if not (
+                store.first_index() - 1 <= s.index <= store.last_index() and store.term(s.index) == s.term
+            ):
+                store.reset(s.index, s.term)
         config = node.config
         if node.store.wiped:
             # An empty disk in a cluster that exists: this node may have voted in terms it no
             # longer remembers, so it must not vote again until an operator re-adds it.
             config = RaftConfig(**{**_config_fields(config), "can_vote": False})
-        node.raft = Raft(config, node.store, seed=self.seed * 1_000_003 + node.incarnation)
+        node.raft = Raft(
+            config,
+            node.store,
+            seed=self.seed * 1_000_003 + node.incarnation,
+            snapshot=snap.info if snap is not None else None,
+        )
         incarnation = node.incarnation
         phase = self.rng.uniform(0, self.net.tick_ms)
         self.schedule(phase, lambda: self._tick(node, incarnation))
@@ -172,6 +224,7 @@ class SimCluster:
             self.crash(node_id)
         if wipe:
             node.store.wipe()
+            node.snapshots = []
         self._start(node)
 
     def leader(self) -> int | None:
@@ -231,8 +284,12 @@ class SimCluster:
                 self._schedule_sync(node, rd.sync)
             for m in rd.messages:
                 self._send(m)
+            if rd.restore is not None:
+                self._install(node, rd.restore)
             if rd.committed:
                 self._apply(node, rd.committed)
+            for peer in rd.snapshot_needed:
+                self._send_snapshot(node, peer)
             for ctx, ok in [(r.context, True) for r in rd.reads] + [(c, False) for c in rd.failed_reads]:
                 done = node.read_waiters.pop(ctx, None)
                 if done:
@@ -250,6 +307,115 @@ class SimCluster:
                     w.on_done(applied)
         assert node.raft is not None
         node.raft.applied_to(entries[-1].index)
+        policy = self.snapshot_policy
+        last = node.latest_snapshot()
+        if policy.every and node.raft.applied - (last.info.index if last else 0) >= policy.every:
+            self.take_snapshot(node.id)
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    def take_snapshot(self, node_id: int) -> bool:
+        """Starts a snapshot of ``node_id``'s applied state. It reaches the disk (and the log is
+        compacted behind it) a little later; a crash before then loses it. False if the node is
+        down, already snapshotting, or has nothing new."""
+        node = self.nodes[node_id]
+        raft = node.raft
+        last = node.latest_snapshot()
+        if raft is None or node.snapshotting or raft.applied <= (last.info.index if last else 0):
+            return False
+        sink = io.BytesIO()
+        node.sm.snapshot(sink)
+        info = SnapshotInfo(raft.applied, raft.store.term(raft.applied), raft.conf.voters, raft.learners)
+        snap = SimSnapshot(info, sink.getvalue(), node.sessions.items())
+        node.snapshotting = True
+        incarnation = node.incarnation
+        self.schedule(self.snapshot_policy.create_ms, lambda: self._snapshot_written(node, incarnation, snap))
+        return True
+
+    def _snapshot_written(self, node: SimNode, incarnation: int, snap: SimSnapshot) -> None:
+        if node.raft is None or node.incarnation != incarnation:
+            return  # crashed while writing: the snapshot never reached the disk
+        node.snapshotting = False
+        self._keep_snapshot(node, snap)
+        self.snapshots_taken += 1
+        compact_to = snap.info.index - self.snapshot_policy.trailing
+        if compact_to > node.store.first_index() - 1:
+            node.store.compact_prefix(compact_to)
+
+    def _keep_snapshot(self, node: SimNode, snap: SimSnapshot) -> None:
+        if self.checker:
+            self.checker.on_snapshot(node, snap)
+        node.snapshots.append(snap)
+        node.snapshots.sort(key=lambda s: s.info.index)
+        del node.snapshots[: -self.snapshot_policy.keep]
+
+    def _send_snapshot(self, node: SimNode, peer: int) -> None:
+        raft = node.raft
+        snap = node.latest_snapshot()
+        assert raft is not None
+        if snap is None or peer in node.sending_snapshot:
+            return
+        node.sending_snapshot.add(peer)
+        term, incarnation = raft.term, node.incarnation
+        policy = self.snapshot_policy
+        lost = (node.id, peer) in self._blocked or self.rng.random() < self.net.drop
+
+        def report(ok: bool) -> None:
+            if node.raft is None or node.incarnation != incarnation:
+                return
+            node.sending_snapshot.discard(peer)
+            node.raft.report_snapshot(peer, snap.info.index, ok=ok)
+            self._drive(node)
+
+        def arrive() -> None:
+            dst = self.nodes[peer]
+            if dst.raft is None or (node.id, peer) in self._blocked:
+                report(False)
+                return
+            dst_incarnation = dst.incarnation
+            # Writing the received file takes a while; a crash meanwhile loses it.
+            self.schedule(policy.install_ms, lambda: installed(dst, dst_incarnation))
+
+        def installed(dst: SimNode, dst_incarnation: int) -> None:
+            if dst.raft is None or dst.incarnation != dst_incarnation:
+                report(False)
+                return
+            self._keep_snapshot(dst, snap)
+            # The file is durable now; the node hands it to its core a moment later, and a crash
+            # in between must leave a node that restarts correctly from it.
+            self.schedule(policy.install_ms / 10, lambda: handed_over(dst, dst_incarnation))
+
+        def handed_over(dst: SimNode, dst_incarnation: int) -> None:
+            if dst.raft is None or dst.incarnation != dst_incarnation:
+                report(False)
+                return
+            self._deliver(Message(MsgType.SNAPSHOT, node.id, peer, term, snapshot=snap.info))
+            self.schedule(self.rng.uniform(self.net.min_delay, self.net.max_delay), lambda: report(True))
+
+        delay = policy.transfer_ms + self.rng.uniform(self.net.min_delay, self.net.max_delay)
+        if lost:
+            self.schedule(delay + 50.0, lambda: report(False))
+        else:
+            self.schedule(delay, arrive)
+
+    def _install(self, node: SimNode, info: SnapshotInfo) -> None:
+        snap = next(s for s in node.snapshots if s.info == info)
+        self._restore_state(node, snap)
+        self.snapshots_installed += 1
+        assert node.raft is not None
+        node.raft.applied_to(info.index)
+        # Writes waiting here whose entries the snapshot covers get their recorded results.
+        for key in list(node.write_waiters):
+            if node.sessions.lookup(*key) is Outcome.DUPLICATE:
+                result, error = node.sessions.stored(*key)
+                for w in node.write_waiters.pop(key):
+                    w.on_done(Applied(info.index, Outcome.DUPLICATE, result, error, *key))
+
+    def _restore_state(self, node: SimNode, snap: SimSnapshot) -> None:
+        node.sm.restore(io.BytesIO(snap.state))
+        node.sessions.restore(snap.sessions)
+        if self.checker:
+            self.checker.on_restore(node, snap)
 
     def _schedule_sync(self, node: SimNode, seq: int) -> None:
         incarnation = node.incarnation

@@ -17,7 +17,7 @@ from dengine.kv import KVStateMachine, decode_result, encode_cas, encode_delete,
 from dengine.raft.sessions import Applied, Outcome
 from dengine.testing.invariants import SimulationFailure
 from dengine.testing.linearizability import HistoryRecorder, KVInput, KVModel, check
-from dengine.testing.sim import NetworkConfig, SimCluster
+from dengine.testing.sim import NetworkConfig, SimCluster, SnapshotPolicy
 
 __all__ = ["SimReport", "run_kv_simulation"]
 
@@ -39,6 +39,9 @@ class SimReport:
     messages: int = 0
     virtual_ms: float = 0.0
     terms: int = 0
+    snapshot_every: int = 0
+    snapshots_taken: int = 0
+    snapshots_installed: int = 0
 
 
 class _Client:
@@ -177,10 +180,25 @@ class _Run:
         )
         self.lease_reads = rng.random() < 0.5
         options = {"lease_reads": self.lease_reads, "check_quorum": True, "pre_vote": rng.random() < 0.8}
-        self.cluster = SimCluster(
-            n, seed=seed, state_machine=KVStateMachine, network=network, raft_options=options
+        # Most runs snapshot often and keep little log, so that lagging and restarted nodes
+        # catch up by snapshot under the same faults as everything else.
+        every = rng.choice([0, 8, 25, 60])
+        snapshots = SnapshotPolicy(
+            every=every,
+            trailing=rng.choice([0, 0, 3, 20]),
+            create_ms=rng.choice([0.5, 5.0, 30.0]),
+            install_ms=rng.choice([0.5, 5.0, 30.0]),
+            transfer_ms=rng.choice([1.0, 10.0, 60.0]),
         )
-        self.report = SimReport(seed=seed, nodes=n)
+        self.cluster = SimCluster(
+            n,
+            seed=seed,
+            state_machine=KVStateMachine,
+            network=network,
+            raft_options=options,
+            snapshots=snapshots,
+        )
+        self.report = SimReport(seed=seed, nodes=n, snapshot_every=every)
         self.history = HistoryRecorder(clock=lambda: self.cluster.now)
         self.keys = [b"k%d" % i for i in range(rng.choice([1, 3, 5]))]
         self.last_seen: dict[bytes, bytes | None] = {}
@@ -253,6 +271,30 @@ class _Run:
                 f"(seed {cluster.seed}; nodes (role, term, commit, last): {states})"
             )
 
+    def check_convergence(self) -> None:
+        """Once healed, every node catches up with the leader's commit index (from the log or
+        by snapshot) within a bound."""
+        cluster = self.cluster
+
+        def caught_up() -> bool:
+            leader = cluster.leader()
+            if leader is None:
+                return False
+            lead = cluster.nodes[leader].raft
+            assert lead is not None
+            return all(n.raft is not None and n.raft.applied >= lead.commit for n in cluster.nodes.values())
+
+        if not cluster.run_until_true(caught_up, LIVENESS_BOUND_MS, step=20):
+            states = {
+                i: (n.raft.role.value, n.raft.commit, n.raft.applied, n.store.first_index())
+                for i, n in cluster.nodes.items()
+                if n.raft is not None
+            }
+            raise SimulationFailure(
+                f"nodes did not catch up within {LIVENESS_BOUND_MS:.0f} ms after healing "
+                f"(seed {cluster.seed}; nodes (role, commit, applied, first index): {states})"
+            )
+
 
 def run_kv_simulation(
     seed: int, *, nodes: int | None = None, duration_ms: float = 4000.0, clients: int = 4
@@ -265,6 +307,7 @@ def run_kv_simulation(
     run.inject_faults(until=duration_ms)
     run.heal_all()
     run.check_liveness()
+    run.check_convergence()
     # Let outstanding operations finish (or time out into indeterminate ones).
     cluster.run_for(OP_DEADLINE_MS + ATTEMPT_TIMEOUT_MS)
     assert cluster.checker is not None
@@ -280,4 +323,6 @@ def run_kv_simulation(
     report.messages = cluster.messages_sent
     report.virtual_ms = cluster.now
     report.terms = max(n.raft.term for n in cluster.nodes.values() if n.raft is not None)
+    report.snapshots_taken = cluster.snapshots_taken
+    report.snapshots_installed = cluster.snapshots_installed
     return report
