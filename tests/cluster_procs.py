@@ -46,8 +46,15 @@ def running_cluster(root: Path, n: int = 3, **options: Any) -> Iterator[ProcClus
 
 class ProcCluster:
     def __init__(
-        self, root: Path, n: int = 3, *, cluster_id: str = "test-cluster", tls_dir: Path | None = None
+        self,
+        root: Path,
+        n: int = 3,
+        *,
+        cluster_id: str = "test-cluster",
+        tls_dir: Path | None = None,
+        extra_toml: str = "",
     ) -> None:
+        """``extra_toml`` is appended to every node's configuration file (more sections)."""
         self.root = root
         self.n = n
         self.cluster_id = cluster_id
@@ -85,6 +92,7 @@ client_auth = true
                     if tls_dir
                     else ""
                 )
+                + extra_toml
             )
         if tls_dir is None:
             self.channels = {i: grpc.insecure_channel(self.address(i)) for i in range(1, n + 1)}

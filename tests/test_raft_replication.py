@@ -191,3 +191,17 @@ def test_a_follower_behind_the_compacted_log_needs_a_snapshot() -> None:
     assert c.snapshot_needed[1] == [3], "the driver is asked to send node 3 a snapshot, once"
     assert c.nodes[1].progress[3].state is ProgressState.SNAPSHOT
     assert c.nodes[1].progress[3].pending_snapshot == 15
+
+
+def test_a_follower_that_lost_a_full_window_of_appends_recovers() -> None:
+    # Node 3 answers heartbeats but every append to it is lost until its window is full.
+    c = Cluster(3, max_inflight=2)
+    c.elect(1)
+    c.filters.append(lambda m: None if m.type is MsgType.APP and m.dst == 3 else m)
+    for i in range(5):
+        c.propose(1, b"x%d" % i)
+    assert c.nodes[1].progress[3].state is ProgressState.REPLICATE
+    assert len(c.nodes[1].progress[3].inflight) == 2, "the window is full of lost appends"
+    c.heal()
+    c.tick_all(3)
+    assert c.stores[3].last_index() == c.stores[1].last_index(), "heartbeats reopened the window"

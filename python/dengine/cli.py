@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("kv",): ("dengine.kvcli", "kv_main"),
         ("status",): ("dengine.kvcli", "status_main"),
         ("leader", "transfer"): ("dengine.kvcli", "leader_main"),
+        ("snapshot", "create"): ("dengine.kvcli", "snapshot_main"),
         ("certs", "init"): ("dengine.tls", "certs_main"),
     }
     for prefix, (module, function) in own.items():
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("status", help="the cluster's nodes, roles, indexes and lag (see dengine status --help)")
     leader = sub.add_parser("leader", help="leadership (see dengine leader transfer --help)")
     leader.add_argument("action", choices=["transfer"])
+    snapshot = sub.add_parser("snapshot", help="snapshots (see dengine snapshot create --help)")
+    snapshot.add_argument("action", choices=["create"])
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
     certs.add_argument("action", choices=["init"])
     args = parser.parse_args(args_list)

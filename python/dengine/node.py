@@ -31,10 +31,12 @@ import grpc
 from dengine._core import Entry
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
 from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
-from dengine.raft import Raft, Role, SoftState
+from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
 from dengine.raft import payload as envelope
 from dengine.raft.progress import ProgressState
 from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry, apply_entry_async
+from dengine.snapshot_store import SnapshotFile
+from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore
 from dengine.transport.peers import GRPC_OPTIONS, PeerTransport
@@ -84,6 +86,7 @@ class NodeStatus:
     voters: tuple[int, ...]
     learners: tuple[int, ...]
     peers: tuple[PeerInfo, ...] = field(default_factory=tuple)
+    snapshot_index: int = 0
 
 
 class Node:
@@ -113,7 +116,7 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.transport: PeerTransport | None = None
         self.sessions = SessionTable()
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dengine-io-{self.id}")
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dengine-io-{self.id}")
         self._tasks: list[asyncio.Task[None]] = []
         self._client_id = random.getrandbits(62) + 1
         self._seq = 0
@@ -135,7 +138,11 @@ class Node:
         self._sync_done = 0
         self._syncing = False
         self._sync_task: asyncio.Task[None] | None = None
-        self._apply_queue: asyncio.Queue[list[Entry]] = asyncio.Queue()
+        self._apply_queue: asyncio.Queue[list[Entry] | SnapshotInfo] = asyncio.Queue()
+        # Held while a batch is applied: a snapshot freezes the state between two batches.
+        self.apply_lock = asyncio.Lock()
+        self.snapshots = SnapshotManager(self, Path(config.node.data_dir) / "snapshots")
+        self._start_snapshot: SnapshotInfo | None = None
         self._stopped = asyncio.Event()
         self._running = False
         self.leader_changes = 0
@@ -166,28 +173,57 @@ class Node:
         return engine(Path(self.config.node.data_dir) / "log")  # type: ignore[call-arg]
 
     async def start(self) -> None:
-        """Opens the log, starts serving peers (and any extra services) and begins ticking."""
+        """Opens the log, restores the newest snapshot, starts serving peers (and any extra
+        services) and begins ticking."""
         loop = asyncio.get_running_loop()
-        self.store = await loop.run_in_executor(self._io, self._open_store)
+        self.store = await loop.run_in_executor(self.io, self._open_store)
         try:
+            await self._continue_log_after(await self.snapshots.load_at_start())
             await self._start_serving()
         except BaseException:
             # Leave nothing behind (the data dir lock above all) so that a corrected retry works.
             if self.server is not None:
                 await self.server.stop(grace=0)
-            await loop.run_in_executor(self._io, self.store.close)
+            await self.snapshots.stop()
+            await loop.run_in_executor(self.io, self.store.close)
             raise
         self._running = True
+        self.snapshots.start()
         self._tasks.append(asyncio.create_task(self._ticker(), name=f"ticker-{self.id}"))
         self._tasks.append(asyncio.create_task(self._apply_loop(), name=f"apply-{self.id}"))
         log.info(
             "node %d listening on %s (cluster %s)", self.id, self.config.node.listen, self.config.cluster.id
         )
-        self._pump()
+        self.pump()
+
+    async def _continue_log_after(self, snap: SnapshotFile | None) -> None:
+        """Makes the log continue the snapshot the node restarts from (if any)."""
+        store = self.store
+        assert store is not None
+        first, last = store.first_index(), store.last_index()
+        if snap is None:
+            if first > 1:
+                raise DengineError(
+                    f"the log starts after index {first - 1} but {self.snapshots.directory} holds no "
+                    "snapshot: entries in between are missing"
+                )
+            return
+        info = self._start_snapshot = info_of(snap)
+        if first - 1 > info.index:
+            raise DengineError(
+                f"the log starts after index {first - 1} but the newest snapshot "
+                f"({snap.path}) ends at {info.index}: entries in between are missing"
+            )
+        if info.index > last or store.term(info.index) != info.term:
+            # The crash came after a received snapshot was stored but before the log was reset
+            # to it: finish what the install began.
+            await asyncio.get_running_loop().run_in_executor(self.io, store.reset, info.index, info.term)
 
     async def _start_serving(self) -> None:
         assert self.store is not None
-        self.raft = Raft(self.config.raft_config(), self.store, seed=random.getrandbits(32))
+        self.raft = Raft(
+            self.config.raft_config(), self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot
+        )
         members = dict(self.config.cluster.members)
         self.transport = PeerTransport(
             self.id,
@@ -196,6 +232,7 @@ class Node:
             self._on_message,
             channel_credentials=self._channel_credentials(),
         )
+        self.transport.snapshots = self.snapshots
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(self.transport, self.server)  # type: ignore[no-untyped-call]
         if self._extra_services is not None:
@@ -243,7 +280,7 @@ class Node:
         if transfer_leadership and raft.role is Role.LEADER and len(raft.conf.voters) > 1:
             try:
                 raft.transfer_leadership()
-                self._pump()
+                self.pump()
                 deadline = time.monotonic() + self.config.raft.election_timeout_ms / 1000
                 while raft.role is Role.LEADER and time.monotonic() < deadline:
                     await asyncio.sleep(self.config.raft.tick_ms / 1000)
@@ -255,14 +292,15 @@ class Node:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.snapshots.stop()
         assert self.transport is not None and self.server is not None
         await self.transport.close()
         await self.server.stop(grace=0.2)
         if self._metrics_server is not None:
             await self._metrics_server.close()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self.store.close)
-        self._io.shutdown(wait=True)
+        await loop.run_in_executor(self.io, self.store.close)
+        self.io.shutdown(wait=True)
         for key in list(self._waiters):
             self._fail_waiters(key, lambda: ProposalDroppedError("the node stopped"))
         for rf in self._reads.values():
@@ -285,7 +323,7 @@ class Node:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             raft.tick()
-            self._pump()
+            self.pump()
             if raft.role is Role.LEADER and raft.ticks_since_start % 10 == 0:
                 self._update_peer_metrics()
 
@@ -298,7 +336,7 @@ class Node:
         if not self._running:
             return
         self.raft.step(m)
-        self._pump()
+        self.pump()
 
     # --- proposals --------------------------------------------------------------------------------
 
@@ -384,7 +422,7 @@ class Node:
                 d = envelope.decode(p)
                 self._fail_waiters((d.client_id, d.sequence), lambda: _copy_refusal(refusal))
             return
-        self._pump()
+        self.pump()
 
     def _resubmit(self) -> None:
         """Proposes every waiting payload again, through the new leader."""
@@ -402,8 +440,17 @@ class Node:
         up-to-date voter); returns the target. Proposals are refused until it completes."""
         assert self.raft is not None
         chosen = self.raft.transfer_leadership(target)
-        self._pump()
+        self.pump()
         return chosen
+
+    # --- snapshots --------------------------------------------------------------------------------
+
+    async def snapshot(self) -> SnapshotFile | None:
+        """Takes a snapshot of the applied state now (or waits for the one being taken), compacts
+        the log behind it, and returns the newest snapshot (None if nothing was applied yet)."""
+        if not self._running:
+            raise DengineError("the node is not running")
+        return await self.snapshots.create()
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -428,7 +475,7 @@ class Node:
         self._reads[ctx] = fut
         try:
             raft.read_index(ctx, lease=consistency == "lease")
-            self._pump()
+            self.pump()
             await fut
         finally:
             self._reads.pop(ctx, None)
@@ -443,7 +490,7 @@ class Node:
             _, proposed_at, count = clock.popleft()
             self.metrics.observe_commit_latency(now - proposed_at, count)
 
-    def _pump(self) -> None:
+    def pump(self) -> None:
         raft = self.raft
         transport = self.transport
         assert raft is not None and transport is not None
@@ -458,20 +505,29 @@ class Node:
                     self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync-{self.id}")
             for m in rd.messages:
                 transport.send(m)
+            if rd.restore is not None:
+                self._apply_queue.put_nowait(rd.restore)
             if rd.committed:
                 self._apply_queue.put_nowait(rd.committed)
-            for r in rd.reads:
-                fut = self._reads.get(r.context)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            for ctx in rd.failed_reads:
-                fut = self._reads.get(ctx)
-                if fut is not None and not fut.done():
-                    fut.set_exception(
-                        NotLeaderError(raft.lead, "leadership changed before the read was confirmed")
-                    )
+            for peer in rd.snapshot_needed:
+                self.snapshots.on_snapshot_needed(peer)
+            if rd.reads or rd.failed_reads:
+                self._answer_reads(rd.reads, rd.failed_reads)
             if rd.soft_state is not None:
                 self._on_soft_state(rd.soft_state)
+
+    def _answer_reads(self, reads: list[ReadState], failed: list[int]) -> None:
+        for r in reads:
+            fut = self._reads.get(r.context)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        for ctx in failed:
+            fut = self._reads.get(ctx)
+            if fut is not None and not fut.done():
+                assert self.raft is not None
+                fut.set_exception(
+                    NotLeaderError(self.raft.lead, "leadership changed before the read was confirmed")
+                )
 
     def _on_soft_state(self, s: SoftState) -> None:
         if s.leader is not None and (s.term, s.leader) != self._resubmitted_for:
@@ -480,6 +536,7 @@ class Node:
         self.metrics.set_role(s.role, s.term, s.leader)
         if s.role is not Role.LEADER:
             self.metrics.clear_peers()
+            self.snapshots.on_leadership_lost()
         if s.role is Role.LEADER:
             self.leader_changes += 1
         log.info(
@@ -499,11 +556,11 @@ class Node:
             while self._sync_wanted > self._sync_done and self._running:
                 seq = self._sync_wanted
                 began = time.monotonic()
-                durable = await loop.run_in_executor(self._io, store.sync)
+                durable = await loop.run_in_executor(self.io, store.sync)
                 self.metrics.observe_fsync(time.monotonic() - began)
                 self._sync_done = seq
                 raft.synced(seq, durable)
-                self._pump()
+                self.pump()
         except DengineError as exc:
             # After a failed fsync the page cache may have dropped writes the store cannot redo:
             # the only safe course is to stop participating (fail-stop) and say so loudly.
@@ -527,17 +584,38 @@ class Node:
         raft = self.raft
         assert raft is not None
         while True:
-            entries = await self._apply_queue.get()
-            for entry in entries:
-                if self._async_apply:
-                    applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+            item = await self._apply_queue.get()
+            async with self.apply_lock:
+                if isinstance(item, SnapshotInfo):
+                    await self._install(item)
+                    last = item.index
                 else:
-                    applied = apply_entry(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
-                if applied.client_id:
-                    self._resolve(applied)
-            raft.applied_to(entries[-1].index)
+                    for entry in item:
+                        if self._async_apply:
+                            applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                        else:
+                            applied = apply_entry(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                        if applied.client_id:
+                            self._resolve(applied)
+                    last = item[-1].index
+                raft.applied_to(last)
             self.metrics.set_indexes(raft.commit, raft.applied)
-            self._pump()
+            self.snapshots.on_applied()
+            self.pump()
+
+    async def _install(self, info: SnapshotInfo) -> None:
+        try:
+            await self.snapshots.restore(info)
+        except Exception as exc:
+            # The log was already reset to the snapshot: without its state this node cannot go on.
+            log.critical("node %d: cannot install the snapshot at index %d: %s", self.id, info.index, exc)
+            self._fail_stop(exc)
+            raise
+        # Proposals waiting here whose entries the snapshot covers get their recorded results.
+        for key in list(self._waiters):
+            if self.sessions.lookup(*key) is Outcome.DUPLICATE:
+                result, error = self.sessions.stored(*key)
+                self._resolve(Applied(info.index, Outcome.DUPLICATE, result, error, *key))
 
     def _resolve(self, applied: Applied) -> None:
         key = (applied.client_id, applied.sequence)
@@ -587,4 +665,5 @@ class Node:
             voters=tuple(sorted(raft.conf.voters)),
             learners=tuple(sorted(raft.learners)),
             peers=peers,
+            snapshot_index=self.snapshots.latest.meta.index if self.snapshots.latest else 0,
         )

@@ -249,6 +249,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             last_index=s.last_index,
             voters=list(s.voters),
             learners=list(s.learners),
+            snapshot_index=s.snapshot_index,
             peers=[
                 cluster_pb2.PeerStatus(
                     id=p.id,
@@ -274,8 +275,18 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     async def RemoveMember(self, request: Any, context: Any) -> Any:
         return await self._unimplemented(context, "membership changes")
 
-    async def Snapshot(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented(context, "snapshots")
+    async def Snapshot(
+        self, request: cluster_pb2.SnapshotRequest, context: Any
+    ) -> cluster_pb2.SnapshotResponse:
+        try:
+            snap = await self.node.snapshot()
+        except DengineError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"snapshot failed: {exc}")
+            raise
+        if snap is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing has been applied yet")
+            raise AssertionError("unreachable")
+        return cluster_pb2.SnapshotResponse(index=snap.meta.index, term=snap.meta.term, bytes=snap.size)
 
     async def TransferLeader(
         self, request: cluster_pb2.TransferLeaderRequest, context: Any

@@ -508,6 +508,11 @@ class Raft:
             pr.last_heard_tick = max(pr.last_heard_tick, m.index)
             if pr.match < self.store.last_index():
                 pr.probe_sent = False
+                if pr.state is ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
+                    # The follower is alive but may have lost every append in flight (it
+                    # restarted, or a link dropped them): a full window would wait forever, so
+                    # each heartbeat lets one more append out, and its answer repairs the rest.
+                    pr.inflight.popleft()
                 self._send_append(m.src)
             if m.context:
                 self._ack_read_rounds(m.src, m.context)

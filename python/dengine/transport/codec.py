@@ -38,18 +38,41 @@ def to_wire(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
     )
 
 
-def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Collection[int]) -> Message:
+def _check_route(
+    w: raft_pb2.RaftMessage | raft_pb2.SnapshotHeader, cluster_id: str, me: int, members: Collection[int]
+) -> int:
     if w.cluster_id != cluster_id:
         raise WireError(f"message from cluster {w.cluster_id!r}, this node belongs to {cluster_id!r}")
-    src = getattr(w, "from")
+    src: int = getattr(w, "from")
     if src not in members:
         raise WireError(f"message from unknown node {src}")
     if w.to != me:
         raise WireError(f"message for node {w.to} reached node {me}")
+    return src
+
+
+def check_snapshot_header(
+    h: raft_pb2.SnapshotHeader, *, cluster_id: str, me: int, members: Collection[int]
+) -> None:
+    """Refuses a snapshot offer or chunk that is misrouted or makes no sense."""
+    _check_route(h, cluster_id, me, members)
+    for name in ("term", "index", "log_term", "size"):
+        if getattr(h, name) > _MAX_U63:
+            raise WireError(f"{name} {getattr(h, name)} is out of range")
+    if not (h.term and h.index and h.log_term and h.size):
+        raise WireError("a snapshot needs a term, an index, a log term and a size")
+    if len(h.sha256) != 32:
+        raise WireError(f"a snapshot's sha256 must be 32 bytes, got {len(h.sha256)}")
+
+
+def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Collection[int]) -> Message:
+    src = _check_route(w, cluster_id, me, members)
     try:
         kind = MsgType(w.type)
     except ValueError:
         raise WireError(f"unknown message type {w.type}") from None
+    if kind is MsgType.SNAPSHOT:
+        raise WireError("snapshots travel through InstallSnapshot, not the message stream")
     for name in ("term", "index", "log_term", "commit", "reject_hint", "context"):
         if getattr(w, name) > _MAX_U63:
             raise WireError(f"{name} {getattr(w, name)} is out of range")

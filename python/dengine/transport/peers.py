@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from dengine._core import SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
-from dengine.transport.codec import WireError, from_wire, to_wire
+from dengine.transport.codec import WireError, check_snapshot_header, from_wire, to_wire
 from dengine.v1 import raft_pb2, raft_pb2_grpc
+
+if TYPE_CHECKING:
+    from dengine.snapshotting import SnapshotManager
 
 log = logging.getLogger("dengine.transport")
 
@@ -54,6 +58,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.rejected = 0
+        self.snapshots: SnapshotManager | None = None
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -79,7 +84,8 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 batch.append(q.get_nowait())
             yield raft_pb2.RaftBatch(messages=batch)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A new channel to ``address`` with this node's credentials and limits."""
         if self.credentials is not None:
             return grpc.aio.secure_channel(address, self.credentials, options=GRPC_OPTIONS)
         return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
@@ -89,7 +95,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         backoff = 0.05
         while not self._closing:
             try:
-                async with self._channel(self.peers[peer]) as channel:
+                async with self.channel(self.peers[peer]) as channel:
                     stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
                     await stub.Messages(self._outgoing(q))
             except asyncio.CancelledError:
@@ -124,14 +130,57 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 try:
                     m = from_wire(w, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
                 except WireError as exc:
-                    self.rejected += 1
-                    code = (
-                        grpc.StatusCode.FAILED_PRECONDITION
-                        if "cluster" in str(exc) or "unknown node" in str(exc)
-                        else grpc.StatusCode.INVALID_ARGUMENT
-                    )
-                    log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
-                    await context.abort(code, str(exc))
-                    raise AssertionError("unreachable") from exc
+                    await self._refuse(context, exc)
                 self.on_message(m)
         return raft_pb2.StreamClosed()
+
+    async def _refuse(self, context: Any, exc: WireError) -> None:
+        self.rejected += 1
+        code = (
+            grpc.StatusCode.FAILED_PRECONDITION
+            if "cluster" in str(exc) or "unknown node" in str(exc)
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
+        await context.abort(code, str(exc))
+        raise AssertionError("unreachable") from exc
+
+    def _receiver(self) -> SnapshotManager:
+        if self.snapshots is None:
+            raise WireError("this node does not take snapshots")
+        return self.snapshots
+
+    def _check_header(self, h: raft_pb2.SnapshotHeader) -> None:
+        check_snapshot_header(h, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
+
+    async def OfferSnapshot(
+        self, request: raft_pb2.SnapshotHeader, context: Any
+    ) -> raft_pb2.SnapshotOfferResponse:
+        try:
+            self._check_header(request)
+            return await self._receiver().offer(request)
+        except WireError as exc:
+            await self._refuse(context, exc)
+            raise
+
+    async def InstallSnapshot(
+        self, request_iterator: AsyncIterator[raft_pb2.SnapshotChunk], context: Any
+    ) -> raft_pb2.InstallSnapshotResponse:
+        async def checked() -> AsyncIterator[raft_pb2.SnapshotChunk]:
+            async for chunk in request_iterator:
+                self._check_header(chunk.header)
+                yield chunk
+
+        try:
+            return await self._receiver().receive(checked())
+        except WireError as exc:
+            await self._refuse(context, exc)
+            raise
+        except (ValueError, SnapshotChunkError) as exc:
+            log.warning("refused a snapshot chunk: %s (peer %s)", exc, context.peer())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        except SnapshotIntegrityError as exc:
+            log.error("a received snapshot failed verification: %s (peer %s)", exc, context.peer())
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            raise

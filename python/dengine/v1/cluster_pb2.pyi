@@ -27,7 +27,7 @@ class PeerStatus(_message.Message):
     def __init__(self, id: _Optional[int] = ..., address: _Optional[str] = ..., match_index: _Optional[int] = ..., lag: _Optional[int] = ..., inflight: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("cluster_id", "id", "address", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "voters", "learners", "peers")
+    __slots__ = ("cluster_id", "id", "address", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "voters", "learners", "peers", "snapshot_index")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class StatusResponse(_message.Message):
     VOTERS_FIELD_NUMBER: _ClassVar[int]
     LEARNERS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     id: int
     address: str
@@ -56,7 +57,8 @@ class StatusResponse(_message.Message):
     voters: _containers.RepeatedScalarFieldContainer[int]
     learners: _containers.RepeatedScalarFieldContainer[int]
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
-    def __init__(self, cluster_id: _Optional[str] = ..., id: _Optional[int] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+    snapshot_index: int
+    def __init__(self, cluster_id: _Optional[str] = ..., id: _Optional[int] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., snapshot_index: _Optional[int] = ...) -> None: ...
 
 class AddLearnerRequest(_message.Message):
     __slots__ = ("id", "address")

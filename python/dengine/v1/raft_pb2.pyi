@@ -36,6 +36,55 @@ READ_INDEX: MessageType
 READ_INDEX_RESPONSE: MessageType
 TIMEOUT_NOW: MessageType
 
+class SnapshotHeader(_message.Message):
+    __slots__ = ("cluster_id", "to", "term", "index", "log_term", "size", "sha256")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOG_TERM_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    to: int
+    term: int
+    index: int
+    log_term: int
+    size: int
+    sha256: bytes
+    def __init__(self, cluster_id: _Optional[str] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., **kwargs) -> None: ...
+
+class SnapshotOfferResponse(_message.Message):
+    __slots__ = ("term", "needed", "next_offset")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    needed: bool
+    next_offset: int
+    def __init__(self, term: _Optional[int] = ..., needed: _Optional[bool] = ..., next_offset: _Optional[int] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("header", "offset", "data", "crc32c")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    header: SnapshotHeader
+    offset: int
+    data: bytes
+    crc32c: int
+    def __init__(self, header: _Optional[_Union[SnapshotHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+
+class InstallSnapshotResponse(_message.Message):
+    __slots__ = ("term", "installed")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    installed: bool
+    def __init__(self, term: _Optional[int] = ..., installed: _Optional[bool] = ...) -> None: ...
+
 class RaftMessage(_message.Message):
     __slots__ = ("cluster_id", "type", "to", "term", "index", "log_term", "commit", "reject", "reject_hint", "context", "entries", "payloads")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,16 @@ class RaftStub:
                 request_serializer=dengine_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
                 response_deserializer=dengine_dot_v1_dot_raft__pb2.StreamClosed.FromString,
                 _registered_method=True)
+        self.OfferSnapshot = channel.unary_unary(
+                '/dengine.v1.Raft/OfferSnapshot',
+                request_serializer=dengine_dot_v1_dot_raft__pb2.SnapshotHeader.SerializeToString,
+                response_deserializer=dengine_dot_v1_dot_raft__pb2.SnapshotOfferResponse.FromString,
+                _registered_method=True)
+        self.InstallSnapshot = channel.stream_unary(
+                '/dengine.v1.Raft/InstallSnapshot',
+                request_serializer=dengine_dot_v1_dot_raft__pb2.SnapshotChunk.SerializeToString,
+                response_deserializer=dengine_dot_v1_dot_raft__pb2.InstallSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -51,6 +61,23 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OfferSnapshot(self, request, context):
+        """A leader about to send a snapshot to a follower announces it; the answer says from which
+        byte to send (a transfer cut short resumes instead of starting over) or that it is not
+        needed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InstallSnapshot(self, request_iterator, context):
+        """The snapshot's bytes, in CRC-checked chunks from the offered offset. The follower verifies
+        the whole file's SHA-256, publishes it atomically and installs it before answering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +85,16 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.Messages,
                     request_deserializer=dengine_dot_v1_dot_raft__pb2.RaftBatch.FromString,
                     response_serializer=dengine_dot_v1_dot_raft__pb2.StreamClosed.SerializeToString,
+            ),
+            'OfferSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.OfferSnapshot,
+                    request_deserializer=dengine_dot_v1_dot_raft__pb2.SnapshotHeader.FromString,
+                    response_serializer=dengine_dot_v1_dot_raft__pb2.SnapshotOfferResponse.SerializeToString,
+            ),
+            'InstallSnapshot': grpc.stream_unary_rpc_method_handler(
+                    servicer.InstallSnapshot,
+                    request_deserializer=dengine_dot_v1_dot_raft__pb2.SnapshotChunk.FromString,
+                    response_serializer=dengine_dot_v1_dot_raft__pb2.InstallSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +124,60 @@ class Raft:
             '/dengine.v1.Raft/Messages',
             dengine_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
             dengine_dot_v1_dot_raft__pb2.StreamClosed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OfferSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dengine.v1.Raft/OfferSnapshot',
+            dengine_dot_v1_dot_raft__pb2.SnapshotHeader.SerializeToString,
+            dengine_dot_v1_dot_raft__pb2.SnapshotOfferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dengine.v1.Raft/InstallSnapshot',
+            dengine_dot_v1_dot_raft__pb2.SnapshotChunk.SerializeToString,
+            dengine_dot_v1_dot_raft__pb2.InstallSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

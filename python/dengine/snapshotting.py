@@ -1,0 +1,500 @@
+"""Snapshots on a running node: when to take one, taking it without stopping the node, shipping it
+to a follower that needs it, and installing one that a leader sends.
+
+* **Policy** (``[snapshot]``): after ``entries`` applied entries, once the log directory holds
+  ``bytes``, or ``interval_s`` seconds after the last snapshot if anything was applied since; or on
+  demand with :meth:`Node.snapshot`. After each snapshot the log is compacted up to
+  ``trailing_entries`` before it (so a slightly lagging follower still catches up from the log)
+  and only the newest ``keep`` snapshot files stay.
+* **Creating**: the state is frozen between two applied batches. A state machine with
+  ``begin_snapshot()`` (the built-in KV store) hands back a writer that serializes the frozen view
+  on a worker thread while applies go on; any other state machine's ``snapshot`` runs on a worker
+  thread (or is awaited, if async) while applies wait, the event loop keeps serving Raft.
+* **Sending**: the file leaves in CRC-checked chunks read by the Rust chunker, optionally capped at
+  ``bandwidth_mb_s``; an interrupted transfer resumes from the follower's last good offset.
+* **Receiving**: chunks go to the Rust assembler, which checks each CRC and the whole file's
+  SHA-256 and publishes the file atomically; only then does the Raft core decide whether to
+  install it. Partial files of an abandoned transfer (a new leader, a silent one) are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from dengine._core import SnapshotAssembler, SnapshotChunker
+from dengine.errors import DengineError
+from dengine.raft import Message, MsgType, Role, SnapshotInfo
+from dengine.snapshot_store import SnapshotFile, SnapshotMeta, SnapshotStore
+from dengine.v1 import raft_pb2, raft_pb2_grpc
+
+if TYPE_CHECKING:
+    from dengine.node import Node
+
+__all__ = ["SnapshotManager", "info_of"]
+
+log = logging.getLogger("dengine.snapshot")
+T = TypeVar("T")
+
+MAX_CHUNK_BYTES = 16 << 20
+"""Chunks stay well below the transport's 64 MiB message limit whatever ``chunk_bytes`` says."""
+_RETRY_AFTER_FAILURE_S = 1.0
+_POLICY_PERIOD_S = 0.5
+
+
+def info_of(snap: SnapshotFile) -> SnapshotInfo:
+    """What the Raft core needs to know of a snapshot file."""
+    m = snap.meta
+    return SnapshotInfo(m.index, m.term, frozenset(m.voters), frozenset(m.learners))
+
+
+@dataclass(slots=True)
+class _Incoming:
+    """A snapshot being received: which one, from whom, and the assembler writing it."""
+
+    key: tuple[int, int, int, int, bytes]  # (leader, term, index, log term, sha256)
+    assembler: SnapshotAssembler
+    last_activity: float
+
+
+class SnapshotManager:
+    """Owns the node's snapshot directory and every snapshot task of one node."""
+
+    def __init__(self, node: Node, directory: Path) -> None:
+        self.node = node
+        self.cfg = node.config.snapshot
+        self.directory = directory
+        self.store: SnapshotStore | None = None
+        self.latest: SnapshotFile | None = None
+        # Snapshot files must outlive the work on them: one pool thread writes or reads a
+        # snapshot, the other serves chunks, so a 1 GB snapshot never holds up log syncs.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"dengine-snap-{node.id}")
+        self._creating: asyncio.Future[SnapshotFile | None] | None = None
+        self._pinned: collections.Counter[Path] = collections.Counter()
+        self._senders: dict[int, asyncio.Task[None]] = {}
+        self._chunker: tuple[Path, SnapshotChunker] | None = None
+        self._incoming: _Incoming | None = None
+        self._received: dict[Path, SnapshotFile] = {}
+        self._last_snapshot_at = time.monotonic()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.created = 0
+        self.installed = 0
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # --- start and stop -----------------------------------------------------------------------
+
+    async def load_at_start(self) -> SnapshotFile | None:
+        """Removes leftovers of a crash, then restores the state machine and the session table
+        from the newest snapshot (verified end to end). A corrupt one stops the start."""
+        self.store = store = await self._run(SnapshotStore, self.directory)
+        removed = await self._run(store.cleanup)
+        for path in removed:
+            log.info("node %d: removed %s, left over from an interrupted snapshot", self.node.id, path)
+        snap = await self._run(lambda: store.latest(verify=True))
+        if snap is not None:
+            began = time.monotonic()
+            await self._restore_state(snap)
+            log.info(
+                "node %d: restored snapshot at index %d (term %d, %d bytes) in %.2f s",
+                self.node.id,
+                snap.meta.index,
+                snap.meta.term,
+                snap.size,
+                time.monotonic() - began,
+                extra={"node_id": self.node.id, "index": snap.meta.index, "event": "snapshot"},
+            )
+        self.latest = snap
+        return snap
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._policy_loop(), name=f"snapshot-policy-{self.node.id}"))
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._senders.values()]
+        if self._creating is not None:
+            self._creating.cancel()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._senders.clear()
+        # A transfer in progress keeps its partial file until the next start cleans it up.
+        self._pool.shutdown(wait=True)
+
+    # --- creating ---------------------------------------------------------------------------------
+
+    def on_applied(self) -> None:
+        """Checks the entry-count policy after each applied batch."""
+        every = self.cfg.entries
+        raft = self.node.raft
+        if not self.cfg.enabled or not every or raft is None or self._creating is not None:
+            return
+        if raft.applied - self._latest_index() >= every:
+            self._begin_create()
+
+    def _latest_index(self) -> int:
+        return self.latest.meta.index if self.latest is not None else 0
+
+    def _begin_create(self) -> asyncio.Future[SnapshotFile | None]:
+        if self._creating is None:
+            self._creating = asyncio.ensure_future(self._create())
+            self._creating.add_done_callback(self._created)
+        return self._creating
+
+    def _created(self, fut: asyncio.Future[SnapshotFile | None]) -> None:
+        self._creating = None
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("node %d: snapshot failed: %s", self.node.id, fut.exception())
+
+    async def create(self) -> SnapshotFile | None:
+        """Takes a snapshot now (or joins the one being taken); returns the newest snapshot, or
+        None when nothing has been applied yet."""
+        await asyncio.shield(self._begin_create())
+        return self.latest
+
+    async def _create(self) -> SnapshotFile | None:
+        node, store = self.node, self.store
+        raft, sm = node.raft, node.sm
+        assert raft is not None and store is not None and node.store is not None
+        began = time.monotonic()
+        async with node.apply_lock:
+            index = raft.applied
+            if index <= self._latest_index():
+                return self.latest
+            meta = SnapshotMeta(
+                index,
+                node.store.term(index),
+                tuple(sorted(raft.conf.voters)),
+                tuple(sorted(raft.learners)),
+                tuple((c, a, i, tuple(r)) for c, a, i, r in node.sessions.items()),
+            )
+            writer = await self._run(store.create, meta)
+            try:
+                begin = getattr(sm, "begin_snapshot", None)
+                background: Callable[[Any], None] | None = None
+                if callable(begin):
+                    background = begin()  # a frozen view: applies may go on while it is written
+                elif inspect.iscoroutinefunction(sm.snapshot):
+                    await sm.snapshot(writer.sink)
+                else:
+                    await self._run(sm.snapshot, writer.sink)
+            except BaseException:
+                await self._run(writer.abort)
+                raise
+        try:
+            if background is not None:
+                await self._run(background, writer.sink)
+            snap = await self._run(writer.commit)
+        except BaseException:
+            await self._run(writer.abort)
+            raise
+        self._adopt(snap)
+        self.created += 1
+        elapsed = time.monotonic() - began
+        node.metrics.snapshot_done(snap.size, elapsed)
+        log.info(
+            "node %d: snapshot at index %d (term %d): %d bytes in %.2f s",
+            node.id,
+            index,
+            meta.term,
+            snap.size,
+            elapsed,
+            extra={"node_id": node.id, "term": raft.term, "index": index, "event": "snapshot"},
+        )
+        await self._compact(index)
+        return snap
+
+    def _adopt(self, snap: SnapshotFile) -> None:
+        if self.latest is None or snap.meta.index > self.latest.meta.index:
+            self.latest = snap
+        self._last_snapshot_at = time.monotonic()
+
+    async def _compact(self, index: int) -> None:
+        node = self.node
+        log_store = node.store
+        assert log_store is not None
+        upto = index - self.cfg.trailing_entries
+        if upto > log_store.first_index() - 1:
+            # On the log's own I/O thread: a compaction never races a sync.
+            await asyncio.get_running_loop().run_in_executor(node.io, log_store.compact_prefix, upto)
+        await self._prune()
+
+    async def _prune(self) -> None:
+        store = self.store
+        assert store is not None
+        keep = self.cfg.keep
+        pinned = set(self._pinned)
+        if self.latest is not None:
+            pinned.add(self.latest.path)
+
+        def prune() -> list[Path]:
+            snaps = store.list()
+            doomed = [s.path for s in snaps[: max(0, len(snaps) - keep)] if s.path not in pinned]
+            for path in doomed:
+                os.remove(path)
+            return doomed
+
+        for path in await self._run(prune):
+            log.debug("node %d: removed old snapshot %s", self.node.id, path)
+
+    async def _policy_loop(self) -> None:
+        cfg = self.cfg
+        while True:
+            await asyncio.sleep(_POLICY_PERIOD_S)
+            self._drop_stale_incoming()
+            raft = self.node.raft
+            if not cfg.enabled or raft is None or self._creating is not None:
+                continue
+            fresh = raft.applied > self._latest_index()
+            if not fresh:
+                continue
+            due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
+            if not due and cfg.bytes:
+                due = (
+                    await self._run(_directory_bytes, Path(self.node.config.node.data_dir) / "log")
+                    >= cfg.bytes
+                )
+            if due:
+                self._begin_create()
+
+    # --- sending (leader) ---------------------------------------------------------------------------
+
+    def on_snapshot_needed(self, peer: int) -> None:
+        """The core found ``peer``'s next entries compacted: send it the newest snapshot."""
+        running = self._senders.get(peer)
+        if running is None or running.done():
+            self._senders[peer] = asyncio.create_task(self._send(peer), name=f"snapshot-to-{peer}")
+
+    def on_leadership_lost(self) -> None:
+        for task in self._senders.values():
+            task.cancel()
+        self._senders.clear()
+
+    async def _send(self, peer: int) -> None:
+        node, snap = self.node, self.latest
+        raft = node.raft
+        assert raft is not None and node.transport is not None
+        ok = False
+        began = time.monotonic()
+        try:
+            if snap is None:
+                raise DengineError("no snapshot to send")
+            self._pinned[snap.path] += 1
+            chunker = await self._chunker_for(snap)
+            header = raft_pb2.SnapshotHeader(
+                cluster_id=node.config.cluster.id,
+                to=peer,
+                term=raft.term,
+                index=snap.meta.index,
+                log_term=snap.meta.term,
+                size=chunker.size,
+                sha256=chunker.sha256,
+                **{"from": node.id},
+            )
+            async with node.transport.channel(node.transport.peers[peer]) as channel:
+                stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
+                offer = await stub.OfferSnapshot(header, timeout=30)
+                if offer.term > raft.term:
+                    raise DengineError(f"node {peer} is in a newer term {offer.term}")
+                if not offer.needed:
+                    ok = True
+                else:
+                    start = offer.next_offset
+                    reply = await stub.InstallSnapshot(self._chunks(chunker, header, start))
+                    ok = reply.installed
+                    log.info(
+                        "node %d: sent snapshot at index %d to node %d: %d bytes from offset %d in %.2f s",
+                        node.id,
+                        snap.meta.index,
+                        peer,
+                        chunker.size - start,
+                        start,
+                        time.monotonic() - began,
+                        extra={"node_id": node.id, "index": snap.meta.index, "event": "snapshot"},
+                    )
+        except asyncio.CancelledError:
+            raise
+        except (grpc.aio.AioRpcError, DengineError, OSError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.warning("node %d: sending a snapshot to node %d failed: %s", node.id, peer, detail)
+        finally:
+            if snap is not None:
+                self._pinned[snap.path] -= 1
+                if self._pinned[snap.path] <= 0:
+                    del self._pinned[snap.path]
+        if not ok:
+            await asyncio.sleep(_RETRY_AFTER_FAILURE_S)
+        if node.raft is not None and node.raft.role is Role.LEADER and snap is not None:
+            node.raft.report_snapshot(peer, snap.meta.index, ok=ok)
+            node.pump()
+
+    async def _chunker_for(self, snap: SnapshotFile) -> SnapshotChunker:
+        # Hashing a large file takes a while: one chunker per snapshot, shared by every follower.
+        if self._chunker is None or self._chunker[0] != snap.path:
+            size = max(1, min(self.cfg.chunk_bytes, MAX_CHUNK_BYTES))
+            self._chunker = (snap.path, await self._run(SnapshotChunker, snap.path, size))
+        return self._chunker[1]
+
+    async def _chunks(
+        self, chunker: SnapshotChunker, header: raft_pb2.SnapshotHeader, start: int
+    ) -> AsyncIterator[raft_pb2.SnapshotChunk]:
+        rate = self.cfg.bandwidth_mb_s * 1e6
+        began = time.monotonic()
+        offset, sent = start, 0
+        while offset < chunker.size:
+            chunk = await self._run(chunker.chunk_at, offset)
+            yield raft_pb2.SnapshotChunk(
+                header=header, offset=chunk.offset, data=chunk.data, crc32c=chunk.crc32c
+            )
+            offset += len(chunk.data)
+            sent += len(chunk.data)
+            if rate:
+                ahead = sent / rate - (time.monotonic() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+
+    # --- receiving (follower) ---------------------------------------------------------------------
+
+    async def offer(self, h: raft_pb2.SnapshotHeader) -> raft_pb2.SnapshotOfferResponse:
+        """A leader announces a snapshot: say whether it is needed and from where to send it."""
+        raft, store = self.node.raft, self.store
+        assert raft is not None and store is not None
+        if h.term < raft.term or h.index <= raft.commit:
+            return raft_pb2.SnapshotOfferResponse(term=raft.term, needed=False)
+        key = (getattr(h, "from"), h.term, h.index, h.log_term, bytes(h.sha256))
+        inc = self._incoming
+        if inc is not None and inc.key != key:
+            await self._abandon("another snapshot was offered")
+            inc = None
+        if inc is None:
+            path = store.incoming_path(h.index, h.log_term)
+            assembler = await self._run(SnapshotAssembler, path, h.size, bytes(h.sha256))
+            inc = self._incoming = _Incoming(key, assembler, time.monotonic())
+        next_offset = await self._run(lambda: inc.assembler.next_offset)
+        return raft_pb2.SnapshotOfferResponse(term=raft.term, needed=True, next_offset=next_offset)
+
+    async def receive(
+        self, chunks: AsyncIterator[raft_pb2.SnapshotChunk]
+    ) -> raft_pb2.InstallSnapshotResponse:
+        """Writes the offered snapshot's chunks; once complete and verified, hands it to the core.
+        Raises ValueError for chunks that do not belong to the offered snapshot."""
+        node, store = self.node, self.store
+        raft = node.raft
+        assert raft is not None and store is not None
+        inc: _Incoming | None = None
+        header: raft_pb2.SnapshotHeader | None = None
+        async for c in chunks:
+            h = c.header
+            key = (getattr(h, "from"), h.term, h.index, h.log_term, bytes(h.sha256))
+            if inc is None:
+                inc, header = self._incoming, h
+                if inc is None or inc.key != key:
+                    raise ValueError("chunks of a snapshot that was not offered (or was abandoned)")
+            elif inc.key != key:
+                raise ValueError("chunks of two different snapshots in one stream")
+            await self._run(inc.assembler.accept_raw, c.offset, c.data, c.crc32c)
+            inc.last_activity = time.monotonic()
+        if inc is None or header is None:
+            raise ValueError("an empty snapshot stream")
+        if not await self._run(lambda: inc.assembler.is_complete):
+            return raft_pb2.InstallSnapshotResponse(term=raft.term, installed=False)
+        self._incoming = None
+        try:
+            path = Path(await self._run(inc.assembler.finish))
+            snap = await self._run(lambda: store.load(path, verify=False))
+        except Exception:
+            await self._run(inc.assembler.abort)
+            raise
+        if (snap.meta.index, snap.meta.term) != (header.index, header.log_term):
+            raise ValueError(
+                f"the snapshot's metadata says index {snap.meta.index} term {snap.meta.term}, "
+                f"the offer said index {header.index} term {header.log_term}"
+            )
+        self._received[path] = snap
+        self._pinned[path] += 1
+        raft.step(
+            Message(MsgType.SNAPSHOT, getattr(header, "from"), node.id, header.term, snapshot=info_of(snap))
+        )
+        node.pump()
+        return raft_pb2.InstallSnapshotResponse(term=raft.term, installed=True)
+
+    async def restore(self, info: SnapshotInfo) -> None:
+        """Replaces the state machine with the received snapshot the core accepted."""
+        store = self.store
+        assert store is not None
+        began = time.monotonic()
+        path = store.incoming_path(info.index, info.term)
+        snap = self._received.pop(path, None)
+        if snap is None:  # not received in this process: verify it before trusting it
+            snap = await self._run(lambda: store.load(path, verify=True))
+        try:
+            await self._restore_state(snap)
+        finally:
+            if self._pinned.get(path, 0) > 0:
+                self._pinned[path] -= 1
+                if self._pinned[path] <= 0:
+                    del self._pinned[path]
+        self._adopt(snap)
+        self.installed += 1
+        elapsed = time.monotonic() - began
+        self.node.metrics.snapshot_done(snap.size, elapsed)
+        log.info(
+            "node %d: installed snapshot at index %d (term %d) from the leader in %.2f s",
+            self.node.id,
+            info.index,
+            info.term,
+            elapsed,
+            extra={"node_id": self.node.id, "index": info.index, "event": "snapshot"},
+        )
+        await self._prune()
+
+    async def _restore_state(self, snap: SnapshotFile) -> None:
+        store, sm = self.store, self.node.sm
+        assert store is not None
+        source = await self._run(store.open_data, snap)
+        try:
+            if inspect.iscoroutinefunction(sm.restore):
+                await sm.restore(source)
+            else:
+                await self._run(sm.restore, source)
+        finally:
+            source.close()
+        self.node.sessions.restore(snap.meta.sessions)
+
+    def _drop_stale_incoming(self) -> None:
+        inc, raft = self._incoming, self.node.raft
+        if inc is None or raft is None:
+            return
+        idle = time.monotonic() - inc.last_activity
+        if raft.term > inc.key[1] or idle > max(10.0, 4 * self.node.config.raft.election_timeout_ms / 1000):
+            task = asyncio.ensure_future(self._abandon("its leader moved on or went silent"))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+
+    async def _abandon(self, why: str) -> None:
+        inc, self._incoming = self._incoming, None
+        if inc is not None:
+            log.info("node %d: abandoned a snapshot transfer (%s)", self.node.id, why)
+            await self._run(inc.assembler.abort)
+
+
+def _directory_bytes(path: Path) -> int:
+    total = 0
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total

@@ -1,0 +1,140 @@
+"""Snapshots on real nodes (embedded, real gRPC on 127.0.0.1, real WAL and snapshot files): taken
+by policy and on demand, the log compacted behind them, a lagging follower caught up over
+InstallSnapshot, restarts from a snapshot plus the log tail, and corrupt or foreign snapshots
+refused with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dengine.config import Config
+from dengine.errors import DengineError
+from dengine.node import Node
+from dengine.snapshot_store import SnapshotError, SnapshotStore
+from test_node_embedded import Counter, configs, leader_of, run, until
+
+
+def with_snapshots(cfgs: list[Config], **snapshot: Any) -> list[Config]:
+    out = []
+    for c in cfgs:
+        d = c.to_dict()
+        d["snapshot"] = {**d.get("snapshot", {}), **snapshot}
+        out.append(Config.from_dict(d))
+    return out
+
+
+async def propose_all(node: Node, n: int, start: int = 0) -> None:
+    await asyncio.gather(*(node.propose(b"1") for _ in range(start, start + n)))
+
+
+def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None:
+    cfgs = with_snapshots(configs(tmp_path), entries=100, trailing_entries=10, chunk_bytes=64)
+
+    async def main() -> None:
+        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            lagging = next(n for n in nodes if n is not leader)
+            index = nodes.index(lagging)
+            await lagging.stop()
+            for _ in range(5):
+                await propose_all(leader, 100)
+            assert leader.store is not None and leader.store.first_index() > 100, "compacted"
+            assert leader.snapshots.created >= 1
+            nodes[index] = back = Node(cfgs[index], state_machine=Counter())
+            await back.start()
+            await until(lambda: back.raft is not None and back.raft.applied >= 500)
+            assert back.snapshots.installed == 1, "it caught up by snapshot, not from the log"
+            assert isinstance(back.sm, Counter) and back.sm.n == 500
+            assert back.store is not None and back.store.first_index() > 100
+            # The transfer left no partial files behind, and the received snapshot is durable.
+            files = sorted(p.name for p in (tmp_path / f"n{index + 1}" / "snapshots").iterdir())
+            assert files and all(f.endswith(".snap") for f in files), files
+            # Replication goes on from the log after the snapshot.
+            await propose_all(leader, 10)
+            await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 510)
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_restart_from_a_snapshot_plus_the_log_tail(tmp_path: Path) -> None:
+    (cfg,) = with_snapshots(configs(tmp_path, 1), entries=0, trailing_entries=5)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 40)
+            snap = await node.snapshot()
+            assert snap is not None and snap.meta.index == node.raft.applied  # type: ignore[union-attr]
+            assert node.store is not None and node.store.first_index() == snap.meta.index - 5 + 1
+            assert await node.snapshot() == snap, "nothing new applied: the same snapshot"
+            await propose_all(node, 7)  # the tail after the snapshot
+        async with Node(cfg, state_machine=Counter()) as again:
+            assert isinstance(again.sm, Counter) and again.sm.n >= 40, "restored from the snapshot"
+            assert again.status().snapshot_index == snap.meta.index
+            await until(lambda: leader_of([again]))
+            assert await again.propose(b"1") == b"48", "and the tail re-applied on top of it"
+
+    run(main)
+
+
+def test_a_corrupt_snapshot_file_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    (cfg,) = configs(tmp_path, 1)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 10)
+            snap = await node.snapshot()
+        assert snap is not None
+        data = bytearray(snap.path.read_bytes())
+        data[snap.data_offset] ^= 0xFF
+        snap.path.write_bytes(bytes(data))
+        with pytest.raises(SnapshotError, match=snap.path.name):
+            await Node(cfg, state_machine=Counter()).start()
+        # The failed start released the data dir: with the damage repaired it starts again.
+        data[snap.data_offset] ^= 0xFF
+        snap.path.write_bytes(bytes(data))
+        async with Node(cfg, state_machine=Counter()) as again:
+            assert isinstance(again.sm, Counter) and again.sm.n == 10
+
+    run(main)
+
+
+def test_leftovers_of_an_interrupted_snapshot_are_removed_at_start(tmp_path: Path) -> None:
+    (cfg,) = configs(tmp_path, 1)
+    store = SnapshotStore(tmp_path / "n1" / "snapshots")
+    (store.directory / "snap-00000000000000000009-00000000000000000002.snap.partial").write_bytes(b"x")
+    (store.directory / "snap-00000000000000000009-00000000000000000002.snap.progress").write_bytes(b"x")
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()):
+            pass
+
+    run(main)
+    assert list(store.directory.iterdir()) == []
+
+
+def test_a_log_compacted_past_the_newest_snapshot_is_refused(tmp_path: Path) -> None:
+    (cfg,) = with_snapshots(configs(tmp_path, 1), trailing_entries=0)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 10)
+            snap = await node.snapshot()
+        assert snap is not None
+        snap.path.unlink()  # an operator deleted the only snapshot the log depends on
+        with pytest.raises(DengineError, match="entries in between are missing"):
+            await Node(cfg, state_machine=Counter()).start()
+
+    run(main)
