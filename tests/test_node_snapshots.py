@@ -6,15 +6,18 @@ refused with a clear error."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dengine._core import SnapshotChunker
 from dengine.config import Config
 from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
+from dengine.v1 import raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, until
 
 
@@ -136,5 +139,69 @@ def test_a_log_compacted_past_the_newest_snapshot_is_refused(tmp_path: Path) -> 
         snap.path.unlink()  # an operator deleted the only snapshot the log depends on
         with pytest.raises(DengineError, match="entries in between are missing"):
             await Node(cfg, state_machine=Counter()).start()
+
+    run(main)
+
+
+def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp_path: Path) -> None:
+    cfgs = with_snapshots(configs(tmp_path), entries=0, chunk_bytes=100)
+
+    async def main() -> None:
+        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            follower = next(n for n in nodes if n is not leader)
+            await propose_all(leader, 50)
+            snap = await leader.snapshot()
+            assert snap is not None and leader.raft is not None and follower.raft is not None
+            chunker = SnapshotChunker(snap.path, 100)
+            header = raft_pb2.SnapshotHeader(
+                cluster_id="embedded",
+                to=follower.id,
+                term=leader.raft.term,
+                index=snap.meta.index + 1000,  # beyond the follower's commit, so it is wanted
+                log_term=snap.meta.term,
+                size=chunker.size,
+                sha256=chunker.sha256,
+                **{"from": leader.id},
+            )
+
+            async def chunks(start: int, stop: int) -> AsyncIterator[raft_pb2.SnapshotChunk]:
+                offset = start
+                while offset < stop:
+                    c = chunker.chunk_at(offset)
+                    yield raft_pb2.SnapshotChunk(header=header, offset=c.offset, data=c.data, crc32c=c.crc32c)
+                    offset += len(c.data)
+
+            offer = await follower.snapshots.offer(header)
+            assert offer.needed and offer.next_offset == 0
+            cut = chunker.size // 2 // 100 * 100
+            reply = await follower.snapshots.receive(chunks(0, cut))
+            assert not reply.installed, "half a snapshot is not installed"
+            again = await follower.snapshots.offer(header)
+            assert again.next_offset == cut, "the second attempt resumes where the first stopped"
+            # A chunk for another snapshot is refused.
+            other = raft_pb2.SnapshotHeader()
+            other.CopyFrom(header)
+            other.index += 1
+
+            async def foreign() -> AsyncIterator[raft_pb2.SnapshotChunk]:
+                c = chunker.chunk_at(cut)
+                yield raft_pb2.SnapshotChunk(header=other, offset=c.offset, data=c.data, crc32c=c.crc32c)
+
+            with pytest.raises(ValueError, match="not offered"):
+                await follower.snapshots.receive(foreign())
+            # The leader moves on (a new term): the half-received files are removed.
+            directory = follower.snapshots.directory
+            assert any(p.name.endswith(".partial") for p in directory.iterdir())
+            follower.raft.term += 1
+            await until(
+                lambda: not any(p.name.endswith((".partial", ".progress")) for p in directory.iterdir())
+            )
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
 
     run(main)

@@ -9,6 +9,15 @@ machines). Any method may be ``async``.
 read back from such a snapshot. Together they let dengine compact the log and bring a lagging or
 new replica up to date.
 
+How a snapshot is taken: between two applied batches, so it sees a consistent state. A
+synchronous ``snapshot`` runs on a worker thread while applies wait (the node keeps serving Raft
+meanwhile); an async one is awaited. A state machine that can freeze its state cheaply may also
+define ``begin_snapshot() -> Callable[[BinaryIO], None]``: it is called on the event loop, must
+return quickly, and returns a writer that the node runs on a worker thread while applies go on;
+the writer must write the state as it was when ``begin_snapshot`` returned (the built-in KV store
+does this with copy-on-write). ``restore`` runs on a worker thread too (or is awaited), while
+nothing is applied.
+
 An exception raised by ``apply`` is contained: the entry still counts as applied (on every replica
 the same way, since the failure is deterministic too), the proposer receives the error, and the
 node keeps running.
