@@ -80,6 +80,12 @@ def test_restart_from_a_snapshot_plus_the_log_tail(tmp_path: Path) -> None:
             assert snap is not None and snap.meta.index == node.raft.applied  # type: ignore[union-attr]
             assert node.store is not None and node.store.first_index() == snap.meta.index - 5 + 1
             assert await node.snapshot() == snap, "nothing new applied: the same snapshot"
+            metrics = node.metrics.render().decode()
+            assert "dengine_snapshots_total" in metrics and "dengine_snapshot_duration_seconds" in metrics
+            snapshots_total = next(
+                line for line in metrics.splitlines() if line.startswith("dengine_snapshots_total")
+            )
+            assert snapshots_total.endswith(" 1.0"), snapshots_total
             await propose_all(node, 7)  # the tail after the snapshot
         async with Node(cfg, state_machine=Counter()) as again:
             assert isinstance(again.sm, Counter) and again.sm.n >= 40, "restored from the snapshot"

@@ -587,3 +587,12 @@ def test_a_snapshot_sent_through_the_rust_transfer_loads_at_the_receiver(tmp_pat
     assert follower.latest() == received
     with follower.open_data(received) as stream:
         assert stream.read() == data
+
+
+def test_the_whole_file_hash_is_known_after_commit_and_verify(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    snap = make(store, META, payload(300_000), pieces=3)
+    whole = hashlib.sha256(snap.path.read_bytes()).digest()
+    assert snap.file_sha256 == whole, "commit derives it from the running hash"
+    assert store.load(snap.path).file_sha256 == whole, "a verifying load derives it too"
+    assert store.load(snap.path, verify=False).file_sha256 is None

@@ -57,7 +57,7 @@ import os
 import re
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, TypeAlias, cast
@@ -334,6 +334,9 @@ class SnapshotFile:
     """Number of state machine bytes."""
     size: int
     """Size of the whole file."""
+    file_sha256: bytes | None = field(default=None, compare=False)
+    """SHA-256 of the whole file (trailer included), when known without another pass: after
+    ``commit`` and after ``load(verify=True)``. The transfer layer sends it along."""
 
 
 def _final_name(index: int, term: int) -> str:
@@ -422,7 +425,10 @@ class SnapshotWriter:
             data_len = self._sink.count
             length = _DATA_LEN.pack(data_len)
             self._hasher.update(length)
-            file.write(length + self._hasher.digest())
+            digest = self._hasher.digest()
+            whole = self._hasher.copy()
+            whole.update(digest)
+            file.write(length + digest)
             file.flush()
             os.fsync(file.fileno())
             size = file.tell()
@@ -434,7 +440,7 @@ class SnapshotWriter:
             self.abort()
             raise
         self._file = None
-        return SnapshotFile(self.final_path, self.meta, self._data_offset, data_len, size)
+        return SnapshotFile(self.final_path, self.meta, self._data_offset, data_len, size, whole.digest())
 
     def abort(self) -> None:
         """Discards the snapshot: closes and removes the temp file. Idempotent; does nothing
@@ -601,8 +607,7 @@ class SnapshotStore:
                     offset=trailer_at,
                 )
             meta = _decode_meta(_read_exact(file, _HEADER.size, meta_len, path), what, path, _HEADER.size)
-            if verify:
-                _verify_hash(file, trailer_at + _DATA_LEN.size, digest, path)
+            whole = _verify_hash(file, trailer_at + _DATA_LEN.size, digest, path) if verify else None
         named = _FINAL_RE.fullmatch(path.name)
         if named and (int(named[1]), int(named[2])) != (meta.index, meta.term):
             raise SnapshotError(
@@ -610,7 +615,7 @@ class SnapshotStore:
                 f"says index {meta.index} term {meta.term}",
                 path=path,
             )
-        return SnapshotFile(path, meta, data_offset, data_len, size)
+        return SnapshotFile(path, meta, data_offset, data_len, size, whole)
 
     def _published(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if _FINAL_RE.fullmatch(p.name))
@@ -664,7 +669,8 @@ def _read_exact(file: io.BufferedReader, offset: int, n: int, path: Path) -> byt
     return data
 
 
-def _verify_hash(file: io.BufferedReader, hashed_len: int, expected: bytes, path: Path) -> None:
+def _verify_hash(file: io.BufferedReader, hashed_len: int, expected: bytes, path: Path) -> bytes:
+    """Checks the trailer's digest; returns the whole file's SHA-256 (digest included)."""
     hasher = hashlib.sha256()
     buffer = bytearray(_HASH_PIECE)
     view = memoryview(buffer)
@@ -685,3 +691,5 @@ def _verify_hash(file: io.BufferedReader, hashed_len: int, expected: bytes, path
             path=path,
             offset=hashed_len,
         )
+    hasher.update(expected)
+    return hasher.digest()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from dengine._core import SnapshotAssembler, SnapshotChunker
+from dengine._core import SnapshotAssembler, SnapshotChunk, SnapshotChunker
 from dengine.errors import DengineError
 from dengine.raft import Message, MsgType, Role, SnapshotInfo
 from dengine.snapshot_store import SnapshotFile, SnapshotMeta, SnapshotStore
@@ -345,7 +345,9 @@ class SnapshotManager:
         # Hashing a large file takes a while: one chunker per snapshot, shared by every follower.
         if self._chunker is None or self._chunker[0] != snap.path:
             size = max(1, min(self.cfg.chunk_bytes, MAX_CHUNK_BYTES))
-            self._chunker = (snap.path, await self._run(SnapshotChunker, snap.path, size))
+            # A hash known from writing or verifying the file spares a whole pass over it.
+            chunker = await self._run(SnapshotChunker, snap.path, size, snap.file_sha256)
+            self._chunker = (snap.path, chunker)
         return self._chunker[1]
 
     async def _chunks(
@@ -353,18 +355,25 @@ class SnapshotManager:
     ) -> AsyncIterator[raft_pb2.SnapshotChunk]:
         rate = self.cfg.bandwidth_mb_s * 1e6
         began = time.monotonic()
-        offset, sent = start, 0
-        while offset < chunker.size:
-            chunk = await self._run(chunker.chunk_at, offset)
+        size, sent = chunker.size, 0
+        loop = asyncio.get_running_loop()
+
+        def read(offset: int) -> asyncio.Future[SnapshotChunk] | None:
+            return loop.run_in_executor(self._pool, chunker.chunk_at, offset) if offset < size else None
+
+        # The next chunk is read from disk while the current one is on the wire.
+        ahead = read(start)
+        while ahead is not None:
+            chunk = await ahead
+            ahead = read(chunk.offset + len(chunk.data))
             yield raft_pb2.SnapshotChunk(
                 header=header, offset=chunk.offset, data=chunk.data, crc32c=chunk.crc32c
             )
-            offset += len(chunk.data)
             sent += len(chunk.data)
             if rate:
-                ahead = sent / rate - (time.monotonic() - began)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+                early = sent / rate - (time.monotonic() - began)
+                if early > 0:
+                    await asyncio.sleep(early)
 
     # --- receiving (follower) ---------------------------------------------------------------------
 
@@ -396,17 +405,29 @@ class SnapshotManager:
         assert raft is not None and store is not None
         inc: _Incoming | None = None
         header: raft_pb2.SnapshotHeader | None = None
-        async for c in chunks:
-            h = c.header
-            key = (getattr(h, "from"), h.term, h.index, h.log_term, bytes(h.sha256))
-            if inc is None:
-                inc, header = self._incoming, h
-                if inc is None or inc.key != key:
-                    raise ValueError("chunks of a snapshot that was not offered (or was abandoned)")
-            elif inc.key != key:
-                raise ValueError("chunks of two different snapshots in one stream")
-            await self._run(inc.assembler.accept_raw, c.offset, c.data, c.crc32c)
-            inc.last_activity = time.monotonic()
+        loop = asyncio.get_running_loop()
+        # Each chunk is written while the next one arrives; writes still happen one at a time,
+        # in order.
+        writing: asyncio.Future[None] | None = None
+        try:
+            async for c in chunks:
+                h = c.header
+                key = (getattr(h, "from"), h.term, h.index, h.log_term, bytes(h.sha256))
+                if inc is None:
+                    inc, header = self._incoming, h
+                    if inc is None or inc.key != key:
+                        raise ValueError("chunks of a snapshot that was not offered (or was abandoned)")
+                elif inc.key != key:
+                    raise ValueError("chunks of two different snapshots in one stream")
+                if writing is not None:
+                    await writing
+                writing = loop.run_in_executor(
+                    self._pool, inc.assembler.accept_raw, c.offset, c.data, c.crc32c
+                )
+                inc.last_activity = time.monotonic()
+        finally:
+            if writing is not None:
+                await writing
         if inc is None or header is None:
             raise ValueError("an empty snapshot stream")
         if not await self._run(lambda: inc.assembler.is_complete):
