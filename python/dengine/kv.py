@@ -46,12 +46,14 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import threading
+import weakref
 import zlib
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import BinaryIO, Final, Literal, TypeAlias
 
 from dengine.errors import DengineError
@@ -70,7 +72,9 @@ __all__ = [
     "KVCompactedError",
     "KVResult",
     "KVResultError",
+    "KVSnapshotCancelledError",
     "KVSnapshotError",
+    "KVSnapshotWriter",
     "KVStateMachine",
     "KeyValue",
     "PutCommand",
@@ -122,6 +126,13 @@ _RESULT_PREV_HEAD: Final = struct.Struct("<BBQQQQQII")  # _RESULT_HEAD then _KV_
 _SNAP_HEAD: Final = struct.Struct("<8sIQQQ")  # magic, version, revision, last_applied, count
 
 _WRITE_BUFFER: Final = 1 << 20  # snapshot bytes gathered before each sink.write
+# A background writer hands the GIL over at each piece (crc32 and write release it) and then waits
+# up to a switch interval to get it back from a busy apply loop: bigger pieces, fewer waits.
+_BACKGROUND_WRITE_BUFFER: Final = 4 << 20
+# A background snapshot's overlay is split by key hash so that no single dict grows big: growing
+# (or freeing) a dict of a million entries holds the GIL for some 30 ms, a stall of every apply.
+_OVERLAY_SHARDS: Final = 256
+_OVERLAY_MASK: Final = _OVERLAY_SHARDS - 1
 
 
 class KVCommandError(ValueError):
@@ -138,6 +149,13 @@ class KVResultError(ValueError):
 
 class KVSnapshotError(DengineError):
     """A KV snapshot is corrupt, truncated or of an unknown format; the state was left untouched."""
+
+
+class KVSnapshotCancelledError(DengineError):
+    """A background snapshot was abandoned (``cancel()`` or a ``restore``) before it was fully written.
+
+    Whatever the writer already gave the sink is an incomplete snapshot: discard it.
+    """
 
 
 class KVCompactedError(DengineError):
@@ -512,6 +530,10 @@ class _SortedKeys:
     A plain sorted list costs O(n) per insert (the memmove); chunks of at most ``2 * _LOAD`` keys
     keep an insert or removal at O(log n + _LOAD) plus O(n / _LOAD) for the rare split or merge,
     and ``iter_from`` at O(log n) to the first key. ``_maxes[i]`` is the largest key of chunk ``i``.
+
+    :meth:`freeze` hands out the current chunks for another thread to read while this one keeps
+    mutating: until :meth:`thaw`, a chunk the frozen list shares is copied before its first change
+    (per-chunk copy-on-write), so the frozen chunks never change.
     """
 
     _LOAD: Final = 512
@@ -521,6 +543,30 @@ class _SortedKeys:
         keys = list(sorted_keys)
         self._chunks: list[list[bytes]] = [keys[i : i + self._LOAD] for i in range(0, len(keys), self._LOAD)]
         self._maxes: list[bytes] = [chunk[-1] for chunk in self._chunks]
+        # ids of the chunks a frozen list may still share, or None when nothing is frozen. A chunk
+        # the frozen list still holds is alive, so no other chunk can have its id; the id of one
+        # it dropped may be reused by a new chunk, which then costs a needless copy, no more.
+        self._shared: set[int] | None = None
+
+    def freeze(self) -> list[list[bytes]]:
+        """The chunks as of now, in order; they stay unchanged until :meth:`thaw`. O(n / _LOAD)."""
+        chunks = self._chunks.copy()
+        self._shared = {id(chunk) for chunk in chunks}
+        return chunks
+
+    def thaw(self) -> None:
+        """Ends copy-on-write: the frozen list is no longer read. Safe from any thread."""
+        self._shared = None
+
+    def _own(self, i: int) -> list[bytes]:
+        """Chunk ``i``, first replaced by a private copy if a frozen list shares it."""
+        chunk = self._chunks[i]
+        shared = self._shared
+        if shared is not None and id(chunk) in shared:
+            shared.discard(id(chunk))
+            chunk = chunk.copy()
+            self._chunks[i] = chunk
+        return chunk
 
     def add(self, key: bytes) -> None:
         """Inserts ``key``, which must not be present."""
@@ -532,11 +578,11 @@ class _SortedKeys:
         i = bisect_left(maxes, key)
         if i == len(maxes):
             i -= 1
-            chunk = self._chunks[i]
+            chunk = self._chunks[i] if self._shared is None else self._own(i)
             chunk.append(key)
             maxes[i] = key
         else:
-            chunk = self._chunks[i]
+            chunk = self._chunks[i] if self._shared is None else self._own(i)
             insort(chunk, key)
         if len(chunk) > 2 * self._LOAD:
             tail = chunk[self._LOAD :]
@@ -548,7 +594,7 @@ class _SortedKeys:
         """Removes ``key``, which must be present."""
         maxes = self._maxes
         i = bisect_left(maxes, key)
-        chunk = self._chunks[i]
+        chunk = self._chunks[i] if self._shared is None else self._own(i)
         j = bisect_left(chunk, key)
         del chunk[j]
         if not chunk:
@@ -558,6 +604,7 @@ class _SortedKeys:
         if j == len(chunk):
             maxes[i] = chunk[-1]
         # Merge a thin chunk into its right neighbour so mass deletions do not leave many tiny chunks.
+        # Only ``chunk`` (already private) changes; the neighbour is read, then dropped from the list.
         if len(chunk) < self._LOAD // 4 and i + 1 < len(self._chunks):
             chunk.extend(self._chunks[i + 1])
             del self._chunks[i + 1]
@@ -567,6 +614,10 @@ class _SortedKeys:
                 del chunk[self._LOAD :]
                 self._chunks.insert(i + 1, tail)
                 maxes.insert(i, chunk[-1])
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Yields every key in order. The index must not change during the iteration."""
+        return chain.from_iterable(self._chunks)
 
     def iter_from(self, start: bytes) -> Iterator[bytes]:
         """Yields the keys >= ``start`` in order. The index must not change during the iteration."""
@@ -587,6 +638,115 @@ class _SortedKeys:
 _RawEvent: TypeAlias = tuple[KeyValue | None, KeyValue | None, int]
 
 
+class _View:
+    """What an open background snapshot shares with the store (see ``KVStateMachine.begin_snapshot``)."""
+
+    __slots__ = ("cancelled", "keys", "overlay")
+
+    def __init__(self, keys: _SortedKeys) -> None:
+        self.keys = keys
+        # Every key changed or deleted since the freeze, with its snapshot entry as of the freeze,
+        # in shard hash(key) & _OVERLAY_MASK. The apply thread writes an entry before the key's
+        # first change; the writer thread only reads. Encoded bytes rather than the old KeyValue:
+        # bytes are not tracked by the garbage collector, so keeping a million of them does not
+        # bring on a full collection (seconds, with millions of keys).
+        self.overlay: list[dict[bytes, bytes]] = [{} for _ in range(_OVERLAY_SHARDS)]
+        self.cancelled = False
+
+    def record(self, kv: KeyValue) -> None:
+        """Keeps ``kv``'s entry, unless its key changed before: the first change holds the frozen one."""
+        shard = self.overlay[hash(kv.key) & _OVERLAY_MASK]
+        if kv.key not in shard:
+            shard[kv.key] = _encode_entry(kv)
+
+
+class KVSnapshotWriter:
+    """Writes the state frozen by :meth:`KVStateMachine.begin_snapshot`, on any thread, once.
+
+    ``writer(sink)`` streams to ``sink`` exactly the bytes :meth:`KVStateMachine.snapshot` would
+    have written at the freeze, while the store's own thread keeps applying. When it returns or
+    raises, the view is released and the store stops recording pre-freeze values. ``cancel()``
+    abandons the view without writing. A writer dropped without either is released when it is
+    garbage-collected, so a forgotten view cannot make the overlay grow forever.
+    """
+
+    def __init__(
+        self,
+        store: KVStateMachine,
+        view: _View,
+        *,
+        chunks: list[list[bytes]],
+        data: dict[bytes, KeyValue],
+        revision: int,
+        last_applied: int,
+    ) -> None:
+        """Internal: use :meth:`KVStateMachine.begin_snapshot`."""
+        self._view = view
+        self._chunks = chunks
+        self._data = data
+        self._count = len(data)
+        self._revision = revision
+        self._last_applied = last_applied
+        self._used = False
+        # Calling a finalize runs it at most once, even from two threads at the same time.
+        self._release = weakref.finalize(self, store._end_view, view)
+        self._release.atexit = False
+
+    @property
+    def revision(self) -> int:
+        """The store revision at the freeze, which the snapshot records."""
+        return self._revision
+
+    @property
+    def last_applied(self) -> int:
+        """The log index of the last command applied before the freeze, which the snapshot records."""
+        return self._last_applied
+
+    def __call__(self, sink: BinaryIO) -> None:
+        """Streams the frozen state to ``sink`` (the format of :meth:`KVStateMachine.snapshot`).
+
+        Raises :class:`KVSnapshotCancelledError` if the view was cancelled before or while
+        writing (the sink then holds a partial snapshot), ``RuntimeError`` on a second call, and
+        whatever ``sink.write`` raises. The view is released in every case.
+        """
+        if self._used:
+            raise RuntimeError("this KV snapshot writer already ran; call begin_snapshot() for another")
+        self._used = True
+        view = self._view
+        try:
+            if view.cancelled:
+                raise KVSnapshotCancelledError("the KV snapshot was cancelled before it was written")
+            _write_snapshot(
+                sink,
+                revision=self._revision,
+                last_applied=self._last_applied,
+                count=self._count,
+                keys=_drain(self._chunks),
+                data=self._data,
+                view=view,
+                piece=_BACKGROUND_WRITE_BUFFER,
+            )
+        finally:
+            self._release()
+            self._forget()
+
+    def _forget(self) -> None:
+        """Drops the frozen state, so a writer kept after its use holds no old chunks or old dict."""
+        self._chunks = []
+        self._data = {}
+
+    def cancel(self) -> None:
+        """Abandons the view: a writer running now raises soon, one not yet run raises at once.
+
+        Safe from any thread; does nothing once the writer has finished.
+        """
+        # The flag goes up before the view is released, so a writer that still sees it down has
+        # built its pending bytes while every change was being recorded (see _write_snapshot).
+        self._view.cancelled = True
+        self._release()
+        self._forget()
+
+
 def _watch_event(raw: _RawEvent) -> WatchEvent:
     kv, prev, revision = raw
     if kv is not None:
@@ -604,11 +764,14 @@ class KVStateMachine:
 
     Complexity with n keys: ``get`` O(1); a put of an existing key O(1); a put of a new key or a
     delete O(log n + 512) for the ordered key index (a sorted list of sorted chunks, stdlib only);
-    ``range`` and delete-range O(log n + keys visited); ``snapshot`` and ``restore`` O(n), streaming.
+    ``range`` and delete-range O(log n + keys visited); ``snapshot`` and ``restore`` O(n), streaming;
+    ``begin_snapshot`` O(n / 512), after which the first change of each frozen key or index chunk
+    costs one overlay entry or one chunk copy until the view is released.
     ``restore`` builds the new state before dropping the old one, so it briefly needs both.
 
     ``history`` bounds the watch events kept for :meth:`events_since` (0 keeps none). Not
-    thread-safe: one thread (the node's apply loop) calls everything.
+    thread-safe: one thread (the node's apply loop) calls everything, except that the writer
+    returned by :meth:`begin_snapshot` runs on another thread while that one keeps applying.
     """
 
     def __init__(self, *, history: int = DEFAULT_HISTORY) -> None:
@@ -624,6 +787,10 @@ class KVStateMachine:
         self._compacted = 0
         self._subscribers: dict[int, Callable[[WatchEvent], None]] = {}
         self._next_token = 0
+        self._view: _View | None = None  # the open background snapshot, if any
+        # Orders begin_snapshot with a release on the writer's thread. Reentrant because a garbage
+        # collection inside begin_snapshot may finalize an old writer, whose release takes it too.
+        self._view_lock = threading.RLock()
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -715,6 +882,9 @@ class KVStateMachine:
             kv = _new_kv(key, value, revision, revision, 1)
             self._keys.add(key)
         else:
+            view = self._view
+            if view is not None:  # a background snapshot needs the entry as of its freeze
+                view.record(prev)
             kv = _new_kv(key, value, prev.create_revision, revision, prev.version + 1)
         self._data[key] = kv
         events.append((kv, prev, revision))
@@ -722,6 +892,9 @@ class KVStateMachine:
 
     def _delete(self, prev: KeyValue, events: list[_RawEvent]) -> None:
         """Removes ``prev.key`` at the current revision (already incremented by the caller)."""
+        view = self._view
+        if view is not None:  # a background snapshot needs the entry as of its freeze
+            view.record(prev)
         del self._data[prev.key]
         self._keys.remove(prev.key)
         events.append((None, prev, self._revision))
@@ -810,28 +983,62 @@ class KVStateMachine:
 
         The bytes depend only on the keys, their metadata, ``revision`` and ``last_applied``, so
         replicas that applied the same commands write identical snapshots. The watch history is
-        not included. Output is written in pieces of about 1 MiB, never as one large object.
+        not included. Output is written in pieces of about 1 MiB, never as one large object. Nothing
+        may be applied meanwhile (use :meth:`begin_snapshot` for that); an open background snapshot
+        does not matter here.
         """
-        crc = 0
-        buf = bytearray(
-            _SNAP_HEAD.pack(
-                SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, self._revision, self._last_applied, len(self._data)
-            )
+        _write_snapshot(
+            sink,
+            revision=self._revision,
+            last_applied=self._last_applied,
+            count=len(self._data),
+            keys=self._keys,
+            data=self._data,
+            view=None,
+            piece=_WRITE_BUFFER,
         )
-        data = self._data
-        for key in self._keys.iter_from(b""):
-            kv = data[key]
-            buf += _KV_HEAD.pack(kv.create_revision, kv.mod_revision, kv.version, len(key), len(kv.value))
-            buf += key
-            buf += kv.value
-            if len(buf) >= _WRITE_BUFFER:
-                chunk = bytes(buf)
-                buf.clear()
-                crc = zlib.crc32(chunk, crc)
-                _write_all(sink, chunk)
-        chunk = bytes(buf)
-        crc = zlib.crc32(chunk, crc)
-        _write_all(sink, chunk + _U32.pack(crc))
+
+    def begin_snapshot(self) -> KVSnapshotWriter:
+        """Freezes the current state cheaply and returns a writer for it, to run on another thread.
+
+        The freeze costs O(n / 512) (the key index's chunk list is copied, not the keys). The
+        returned :class:`KVSnapshotWriter`, called with a sink on any thread, writes exactly what
+        :meth:`snapshot` would write now, however much is applied meanwhile on this thread.
+
+        How concurrent applies stay invisible to it: until the view is released, a put or delete
+        of a key that existed at the freeze first records the key's snapshot entry as of the
+        freeze in an overlay, and the key index copies any chunk the frozen chunk list shares before
+        changing it. For each frozen key the writer reads the live dict and then the overlay, and
+        the overlay wins: a change that came before the dict read was recorded before it
+        happened, so the overlay read sees it; one that came after left the dict read correct.
+
+        Only one view is open at a time: this raises ``RuntimeError`` while one is (run or cancel
+        its writer first). A :meth:`restore` cancels the open view. Must be called on the thread
+        that applies.
+        """
+        with self._view_lock:
+            if self._view is not None:
+                raise RuntimeError("a KV background snapshot is already open: run or cancel its writer first")
+            view = _View(self._keys)
+            writer = KVSnapshotWriter(
+                self,
+                view,
+                chunks=self._keys.freeze(),
+                data=self._data,
+                revision=self._revision,
+                last_applied=self._last_applied,
+            )
+            self._view = view
+        return writer
+
+    def _end_view(self, view: _View) -> None:
+        """Stops recording for ``view`` and frees its overlay, if it is still the open one; any thread."""
+        with self._view_lock:
+            if self._view is view:
+                self._view = None
+                view.keys.thaw()
+        for shard in view.overlay:
+            shard.clear()
 
     def restore(self, source: BinaryIO) -> None:
         """Replaces the state with a snapshot read from ``source``, which must hold nothing after it.
@@ -893,12 +1100,81 @@ class KVStateMachine:
             )
         if reader.has_more():
             raise KVSnapshotError(f"KV snapshot has trailing bytes after its CRC at byte {reader.offset}")
+        view = self._view
+        if view is not None:  # its state is about to vanish: make its writer stop
+            view.cancelled = True
+            self._end_view(view)
         self._data = data
         self._keys = _SortedKeys(keys)
         self._revision = revision
         self._last_applied = last_applied
         self._history.clear()
         self._compacted = revision
+
+
+def _write_snapshot(
+    sink: BinaryIO,
+    *,
+    revision: int,
+    last_applied: int,
+    count: int,
+    keys: Iterable[bytes],
+    data: Mapping[bytes, KeyValue],
+    view: _View | None,
+    piece: int,
+) -> None:
+    """Writes a snapshot of ``count`` ``keys`` in writes of about ``piece`` bytes.
+
+    Each key's entry is the one the ``view`` recorded, if any, else the one built from ``data``.
+    With a ``view``, every write first checks that it was not cancelled: bytes built before a
+    check that passes were read while every change was still being recorded, so they are right.
+    """
+    shards = view.overlay if view is not None else None
+    crc = 0
+    buf = bytearray(_SNAP_HEAD.pack(SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, revision, last_applied, count))
+    for key in keys:
+        # This order is what makes a concurrent change safe: the live dict first, then the
+        # overlay, which holds the entry as of the freeze if the key changed meanwhile.
+        kv = data.get(key)
+        frozen = None if shards is None else shards[hash(key) & _OVERLAY_MASK].get(key)
+        if frozen is not None:
+            buf += frozen
+        else:
+            assert kv is not None  # a frozen key is in the dict, or was recorded before it left
+            buf += _KV_HEAD.pack(kv.create_revision, kv.mod_revision, kv.version, len(key), len(kv.value))
+            buf += key
+            buf += kv.value
+        if len(buf) >= piece:
+            chunk = bytes(buf)
+            buf.clear()
+            crc = zlib.crc32(chunk, crc)
+            _check_open(view)
+            _write_all(sink, chunk)
+    buf += _U32.pack(zlib.crc32(buf, crc))
+    _check_open(view)
+    _write_all(sink, bytes(buf))
+
+
+def _drain(chunks: list[list[bytes]]) -> Iterator[bytes]:
+    """Yields the keys of ``chunks`` in order, dropping each chunk from the list once walked.
+
+    The chunks the apply thread replaced meanwhile (often all of them) are then freed one at a
+    time; freed together at the end they would hold the GIL for tens of milliseconds.
+    """
+    chunks.reverse()
+    while chunks:
+        yield from chunks.pop()
+
+
+def _encode_entry(kv: KeyValue) -> bytes:
+    """One snapshot entry (the ``kv`` layout of the module docstring)."""
+    head = _KV_HEAD.pack(kv.create_revision, kv.mod_revision, kv.version, len(kv.key), len(kv.value))
+    return b"".join((head, kv.key, kv.value))
+
+
+def _check_open(view: _View | None) -> None:
+    if view is not None and view.cancelled:
+        raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
 
 
 def _write_all(sink: BinaryIO, data: bytes) -> None:
