@@ -67,6 +67,15 @@ class Cluster:
         self.nodes[i] = Raft(cfg, self.stores[i], seed=i)
         return self.nodes[i]
 
+    def add_node(self, i: int) -> Raft:
+        """Starts an empty node that belongs to no configuration (it waits to be added)."""
+        self.stores[i] = make_store()
+        cfg = RaftConfig(id=i, voters=frozenset(), **self.options)
+        self.nodes[i] = Raft(cfg, self.stores[i], seed=i)
+        for table in (self.applied, self.reads, self.failed_reads, self.snapshot_needed):
+            table.setdefault(i, [])
+        return self.nodes[i]
+
     def crash_and_restart(self, i: int, **overrides: Any) -> Raft:
         self.stores[i].crash()
         self.held_syncs.pop(i, None)

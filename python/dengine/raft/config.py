@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 class RaftConfig:
     """How one Raft node behaves.
 
+    ``voters`` and ``learners`` are the configuration a new cluster starts with. A node that is
+    in neither (one joining a running cluster) starts with no configuration and never campaigns;
+    it learns the cluster's configuration from the leader's log or snapshot.
+
     ``election_ticks`` is the minimum election timeout; each node draws its timeout uniformly
     from ``[election_ticks, 2 * election_ticks)`` after every reset, so that split votes resolve.
     Lease reads are only allowed with ``check_quorum``, and the lease lasts
@@ -36,8 +40,6 @@ class RaftConfig:
     def __post_init__(self) -> None:
         if self.id <= 0:
             raise ValueError(f"id must be a positive integer, got {self.id}")
-        if self.id not in self.voters and self.id not in self.learners:
-            raise ValueError(f"node {self.id} is neither a voter nor a learner of {sorted(self.voters)}")
         if self.voters & self.learners:
             raise ValueError(f"nodes {sorted(self.voters & self.learners)} are both voters and learners")
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from dengine._core import Entry, HardState, JointConfig, VoteResult
 from dengine.errors import LogCompactedError, LogIndexError, NotLeaderError, ProposalDroppedError
+from dengine.raft import membership
 from dengine.raft.config import RaftConfig
+from dengine.raft.membership import ConfChange, ConfChangeError, ConfOp
 from dengine.raft.messages import (
     LEADER_TYPES,
     VOTE_TYPES,
@@ -30,7 +32,7 @@ from dengine.raft.messages import (
     SnapshotInfo,
     SoftState,
 )
-from dengine.raft.payload import NOOP_PAYLOAD, payload_is_valid
+from dengine.raft.payload import NOOP_PAYLOAD, conf_change, is_conf_change, payload_is_valid
 from dengine.raft.progress import Progress, ProgressState
 from dengine.storage import LogStore
 
@@ -52,6 +54,14 @@ class _ReadRound:
     acks: set[int]
 
 
+def _check_log_continues(store: LogStore, snapshot: SnapshotInfo) -> None:
+    if store.first_index() - 1 > snapshot.index or store.last_index() < snapshot.index:
+        raise ValueError(
+            f"the log ({store.first_index()}..{store.last_index()}) does not continue the "
+            f"snapshot at index {snapshot.index}"
+        )
+
+
 class Raft:
     """One Raft node's protocol state. See the module docstring for how a driver runs it."""
 
@@ -68,12 +78,8 @@ class Raft:
         continue it): its membership replaces the configured one, and everything it covers
         counts as applied."""
         if snapshot is not None:
+            _check_log_continues(store, snapshot)
             applied = max(applied, snapshot.index)
-            if store.first_index() - 1 > snapshot.index or store.last_index() < snapshot.index:
-                raise ValueError(
-                    f"the log ({store.first_index()}..{store.last_index()}) does not continue the "
-                    f"snapshot at index {snapshot.index}"
-                )
         self.cfg = config
         self.id = config.id
         self.store = store
@@ -87,8 +93,13 @@ class Raft:
         self.durable: int = last
         self.lead: int | None = None
         self.role = Role.FOLLOWER
-        self.conf = JointConfig(snapshot.voters if snapshot else config.voters)
-        self.learners = snapshot.learners if snapshot else config.learners
+        # The configuration in force is the latest one in the log, committed or not (thesis
+        # §4.1): the one at the snapshot (or the initial one), then each change entry after it.
+        base = snapshot or SnapshotInfo(0, 0, config.voters, config.learners)
+        self._conf_base = (base.index, base.voters, base.learners)
+        self._conf_entries: list[tuple[int, ConfChange]] = []
+        self.conf = JointConfig(base.voters)
+        self.learners = base.learners
         self.progress: dict[int, Progress] = {}
         self.lead_transferee: int | None = None
 
@@ -118,6 +129,7 @@ class Raft:
 
         self._snapshot_needed: list[int] = []
         self._restore: SnapshotInfo | None = None
+        self._scan_log_for_conf_changes()
         self._reported_soft: SoftState | None = None
         self._become_follower(self.term, None)
 
@@ -152,7 +164,113 @@ class Raft:
             raise NotLeaderError(self.lead)
         if self.lead_transferee is not None:
             raise ProposalDroppedError(f"leadership is being transferred to node {self.lead_transferee}")
+        if any(is_conf_change(p) for p in payloads):
+            raise ValueError("membership changes go through propose_conf_change")
         return self._append_as_leader(payloads)
+
+    def propose_conf_change(
+        self,
+        op: ConfOp,
+        node_id: int,
+        *,
+        address: str = "",
+        addresses: dict[int, str] | None = None,
+        nonce: int = 0,
+    ) -> int:
+        """Appends a membership change on the leader and returns its log index. Every node uses
+        the new configuration as soon as the entry is in its log (thesis §4.1).
+
+        ``addresses`` is every member's address (the driver's business; the entry carries it to
+        every node). Raises :class:`NotLeaderError` off the leader, and
+        :class:`~dengine.raft.membership.ConfChangeError` for a change that is refused: another
+        one is not committed yet, this leader has not committed an entry of its own term yet, or
+        :func:`~dengine.raft.membership.check` finds it unsafe.
+        """
+        if self.role is not Role.LEADER:
+            raise NotLeaderError(self.lead)
+        if self.lead_transferee is not None:
+            raise ProposalDroppedError(f"leadership is being transferred to node {self.lead_transferee}")
+        pending = self.conf_index
+        if pending > self.commit:
+            raise ConfChangeError(f"another membership change (log index {pending}) is not committed yet")
+        if not self._committed_in_term():
+            raise ConfChangeError("the new leader has not committed an entry of its term yet; retry shortly")
+        voters, learners = self.conf.voters, self.learners
+        recent = self.cfg.election_ticks
+        active = frozenset(
+            p for p, pr in self.progress.items() if p == self.id or self._ticks - pr.last_heard_tick < recent
+        )
+        membership.check(voters, learners, op, node_id, active=active, address=address, addresses=addresses)
+        cc = membership.propose(op, node_id, voters, learners, addresses or {}, address=address, nonce=nonce)
+        _, index = self._append_as_leader([conf_change(cc)], conf=True)
+        return index
+
+    @property
+    def conf_index(self) -> int:
+        """Log index of the configuration in force (0: the initial one)."""
+        return self._conf_entries[-1][0] if self._conf_entries else self._conf_base[0]
+
+    @property
+    def conf_change(self) -> ConfChange | None:
+        """The change entry whose configuration is in force, if it is still in the log."""
+        return self._conf_entries[-1][1] if self._conf_entries else None
+
+    def conf_at(self, index: int) -> tuple[frozenset[int], frozenset[int]]:
+        """``(voters, learners)`` as of log index ``index`` (for a snapshot taken there)."""
+        for at, cc in reversed(self._conf_entries):
+            if at <= index:
+                return cc.voters, cc.learners
+        return self._conf_base[1], self._conf_base[2]
+
+    def _scan_log_for_conf_changes(self) -> None:
+        lo = max(self._conf_base[0], self.store.first_index() - 1) + 1
+        last = self.store.last_index()
+        while lo <= last:
+            batch = self.store.entries(lo, last + 1, _MAX_APPLY_BYTES)
+            self._note_conf_changes(batch)
+            lo = batch[-1].index + 1
+
+    def _note_conf_changes(self, entries: Sequence[Entry]) -> None:
+        changed = False
+        for e in entries:
+            data = e.data
+            if is_conf_change(data):
+                self._conf_entries.append((e.index, membership.decode(data)))
+                changed = True
+        if changed:
+            self._adopt_conf()
+
+    def _forget_conf_changes_from(self, index: int) -> None:
+        if self._conf_entries and self._conf_entries[-1][0] >= index:
+            self._conf_entries = [(i, cc) for i, cc in self._conf_entries if i < index]
+            self._adopt_conf()
+
+    def _adopt_conf(self) -> None:
+        voters, learners = self.conf_at(self.store.last_index())
+        self.conf = JointConfig(voters)
+        self.learners = learners
+        if self.role is not Role.LEADER:
+            return
+        members = voters | learners | {self.id}
+        last = self.store.last_index()
+        for p in members - set(self.progress):
+            pr = self.progress[p] = Progress(next=last + 1)
+            pr.recent_active = True
+            pr.last_heard_tick = self._ticks
+        for p in set(self.progress) - members:
+            del self.progress[p]
+        if self.lead_transferee is not None and self.lead_transferee not in voters:
+            self.lead_transferee = None
+
+    def _step_down_if_removed(self) -> None:
+        """A leader outside the configuration hands over once that configuration commits."""
+        if self.id in self.conf.voters or self.commit < self.conf_index:
+            return
+        last = self.store.last_index()
+        caught_up = [v for v in self.conf.voters if v in self.progress and self.progress[v].match == last]
+        if caught_up:
+            self._send(Message(MsgType.TIMEOUT_NOW, self.id, min(caught_up), self.term))
+        self._become_follower(self.term, None)
 
     def read_index(self, context: int, *, lease: bool = False) -> None:
         """Asks for a linearizable read identified by ``context`` (unique per node).
@@ -220,6 +338,7 @@ class Raft:
             self.progress[self.id].match = durable_index
             if self._maybe_commit():
                 self._broadcast_append()
+                self._step_down_if_removed()
 
     def applied_to(self, index: int) -> None:
         """The state machine has applied every entry up to ``index``."""
@@ -492,7 +611,8 @@ class Raft:
         if t is MsgType.PROP:
             # Forwarded payloads come from the network: only well-formed envelopes enter the log,
             # or one bad peer could make every replica trip over the same entry.
-            valid = [p for p in m.payloads if payload_is_valid(p)]
+            # Membership changes are proposed on the leader only, where they are checked.
+            valid = [p for p in m.payloads if payload_is_valid(p) and not is_conf_change(p)]
             if valid and self.lead_transferee is None:
                 self._append_as_leader(valid)
             return
@@ -523,10 +643,13 @@ class Raft:
     # Replication
     # ------------------------------------------------------------------------------------------
 
-    def _append_as_leader(self, payloads: Sequence[bytes]) -> tuple[int, int]:
+    def _append_as_leader(self, payloads: Sequence[bytes], *, conf: bool = False) -> tuple[int, int]:
         first = self.store.last_index() + 1
         term = self.term
-        self.store.append([Entry(first + i, term, p) for i, p in enumerate(payloads)])
+        entries = [Entry(first + i, term, p) for i, p in enumerate(payloads)]
+        self.store.append(entries)
+        if conf:
+            self._note_conf_changes(entries)
         self._log_needs = self._sync_seq + 1
         self._writes_pending = True
         last = first + len(payloads) - 1
@@ -577,12 +700,15 @@ class Raft:
                             f"node {self.id}: leader {m.src} conflicts with committed entry {e.index}"
                         )
                     self.store.truncate_suffix(e.index)
+                    self._forget_conf_changes_from(e.index)
                     self.durable = min(self.durable, e.index - 1)
                     self._apply_dispatched = min(self._apply_dispatched, e.index - 1)
                     break
                 start += 1
         if start < len(entries):
-            self.store.append(entries[start:] if start else entries)
+            appended = entries[start:] if start else entries
+            self.store.append(appended)
+            self._note_conf_changes(appended)
             self._log_needs = self._sync_seq + 1
             self._writes_pending = True
 
@@ -600,8 +726,9 @@ class Raft:
             # in it is either covered by the snapshot or uncommitted, so it goes (§7).
             self.store.reset(snap.index, snap.term)
             self.commit = self.durable = self._apply_dispatched = ack = snap.index
-            self.conf = JointConfig(snap.voters)
-            self.learners = snap.learners
+            self._conf_base = (snap.index, snap.voters, snap.learners)
+            self._conf_entries = []
+            self._adopt_conf()
             self._restore = snap
         self._send(Message(MsgType.APP_RESP, self.id, m.src, self.term, index=ack))
 
@@ -625,21 +752,24 @@ class Raft:
         except LogCompactedError:
             return index, 0  # compacted by the driver meanwhile: a coarser hint, still correct
 
+    def _handle_append_rejection(self, m: Message, pr: Progress) -> None:
+        if m.context == LOG_LOST_CONTEXT and m.reject_hint < pr.match:
+            pr.match = m.reject_hint
+            pr.become_probe()
+        elif pr.state is ProgressState.REPLICATE and m.index <= pr.match:
+            return  # stale rejection of something already acked
+        if pr.state is ProgressState.PROBE and m.index != pr.next - 1:
+            return  # answer to an older probe
+        probe = m.reject_hint
+        if m.log_term > 0:
+            probe, _ = self._find_conflict_by_term(m.reject_hint, m.log_term)
+        pr.become_probe()
+        pr.next = max(min(m.index, probe + 1), pr.match + 1)
+        self._send_append(m.src)
+
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
         if m.reject:
-            if m.context == LOG_LOST_CONTEXT and m.reject_hint < pr.match:
-                pr.match = m.reject_hint
-                pr.become_probe()
-            elif pr.state is ProgressState.REPLICATE and m.index <= pr.match:
-                return  # stale rejection of something already acked
-            if pr.state is ProgressState.PROBE and m.index != pr.next - 1:
-                return  # answer to an older probe
-            probe = m.reject_hint
-            if m.log_term > 0:
-                probe, _ = self._find_conflict_by_term(m.reject_hint, m.log_term)
-            pr.become_probe()
-            pr.next = max(min(m.index, probe + 1), pr.match + 1)
-            self._send_append(m.src)
+            self._handle_append_rejection(m, pr)
             return
         was_paused = pr.is_paused(self.cfg.max_inflight)
         if not pr.maybe_update(m.index):
@@ -651,6 +781,9 @@ class Raft:
             pr.become_replicate()
         if self._maybe_commit():
             self._broadcast_append()
+            self._step_down_if_removed()
+            if self.role is not Role.LEADER:
+                return
         elif was_paused:
             self._send_append(m.src)
         while self._send_append(m.src, allow_empty=False):

@@ -6,6 +6,8 @@ The first byte says how to read the rest. It is an explicit binary format, never
 * ``COMMAND``: a user command, passed to the state machine as is.
 * ``SESSION_COMMAND``: a command carrying ``(client id, sequence)``, applied at most once per
   sequence number (Raft thesis §6.3): a retried proposal gets the first result back.
+* ``CONF_CHANGE``: a membership change (:mod:`dengine.raft.membership`), never passed to the
+  state machine.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import enum
 import struct
 from typing import NamedTuple
 
+from dengine.raft import membership
+
 _SESSION = struct.Struct("<BQQQ")
 
 
@@ -21,11 +25,13 @@ class Kind(enum.IntEnum):
     NOOP = 0
     COMMAND = 1
     SESSION_COMMAND = 2
+    CONF_CHANGE = 3
 
 
 NOOP_PAYLOAD = bytes([Kind.NOOP])
 # Plain ints: comparing a byte with an IntEnum member is several times slower.
 _NOOP_KIND, _COMMAND_KIND, _SESSION_KIND = int(Kind.NOOP), int(Kind.COMMAND), int(Kind.SESSION_COMMAND)
+CONF_CHANGE_KIND = int(Kind.CONF_CHANGE)
 
 
 class Decoded(NamedTuple):
@@ -55,6 +61,15 @@ def session_command(client_id: int, sequence: int, data: bytes, first_outstandin
     return _SESSION.pack(Kind.SESSION_COMMAND, client_id, sequence, first_outstanding) + data
 
 
+def conf_change(cc: membership.ConfChange) -> bytes:
+    """Wraps a membership change."""
+    return membership.encode(cc, CONF_CHANGE_KIND)
+
+
+def is_conf_change(payload: bytes) -> bool:
+    return bool(payload) and payload[0] == CONF_CHANGE_KIND
+
+
 def decode(payload: bytes) -> Decoded:
     """Reads an envelope; raises ValueError on a payload no dengine version wrote."""
     if not payload:
@@ -69,6 +84,9 @@ def decode(payload: bytes) -> Decoded:
         return Decoded(Kind.COMMAND, payload[1:])
     if kind == _NOOP_KIND:
         return Decoded(Kind.NOOP, b"")
+    if kind == CONF_CHANGE_KIND:
+        membership.decode(payload)
+        return Decoded(Kind.CONF_CHANGE, payload)
     raise ValueError(f"unknown entry kind {kind}")
 
 

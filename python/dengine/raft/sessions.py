@@ -151,7 +151,7 @@ def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied
     except ValueError as exc:
         # Never written by dengine; skipped the same way on every replica rather than stopping.
         return Applied(entry.index, Outcome.NOOP, error=f"undecodable entry: {exc}")
-    if decoded.kind is Kind.NOOP:
+    if decoded.kind is Kind.NOOP or decoded.kind is Kind.CONF_CHANGE:
         return Applied(entry.index, Outcome.NOOP)
     if decoded.kind is Kind.SESSION_COMMAND:
         seen = sessions.lookup(decoded.client_id, decoded.sequence)

@@ -141,17 +141,26 @@ class InvariantChecker:
 
     def check_durable_quorum(self) -> None:
         """Every committed entry must survive on a majority of the disks, whatever crashes next."""
-        nodes = list(self.cluster.nodes.values())
-        majority = len(nodes) // 2 + 1
+        live = [n for n in self.cluster.nodes.values() if n.raft is not None]
+        if not live:
+            return
+        # Every majority of the newest configuration must include a node that holds each
+        # committed entry (or a snapshot covering it): at least ceil(n / 2) of its n voters.
+        newest = max(live, key=lambda n: (n.raft.commit, n.raft.conf_index))  # type: ignore[union-attr]
+        assert newest.raft is not None
+        voters = [self.cluster.nodes[v] for v in newest.raft.conf.voters if v in self.cluster.nodes]
+        needed = len(voters) - len(voters) // 2
         durable = []
-        for n in nodes:
+        for n in voters:
             entries = n.store.durable_entries()
             durable.append({e.index: (e.term, e.data) for e in entries})
         for index, value in self.committed.items():
             holders = sum(1 for d in durable if d.get(index) == value)
-            compacted = sum(1 for n in nodes if index < n.store.first_index())
-            if holders + compacted < majority:
-                self.fail(f"committed entry {index} is durable on only {holders} of {len(nodes)} disks")
+            compacted = sum(1 for n in voters if index < n.store.first_index())
+            if holders + compacted < needed:
+                self.fail(
+                    f"committed entry {index} is durable on only {holders} of {len(voters)} voters' disks"
+                )
 
     def check_log_matching(self) -> None:
         logs = []

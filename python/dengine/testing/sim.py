@@ -21,6 +21,7 @@ from typing import Any
 from dengine._core import Entry
 from dengine.errors import DengineError, NotLeaderError, ProposalDroppedError
 from dengine.raft import Message, MsgType, Raft, RaftConfig, Role, SnapshotInfo, payload
+from dengine.raft.membership import ConfChangeError, ConfOp
 from dengine.raft.sessions import Applied, Outcome, SessionItems, SessionTable, apply_entry
 from dengine.state_machine import StateMachine
 from dengine.testing.invariants import InvariantChecker, SimulationFailure
@@ -127,8 +128,37 @@ class SimCluster:
         }
         self.checker = InvariantChecker(self) if check_invariants else None
         self.messages_sent = 0
+        self._raft_options = opts
+        self._make_state_machine = state_machine
         for node in self.nodes.values():
             self._start(node)
+
+    def add_node(self, node_id: int) -> SimNode:
+        """Starts a new, empty machine that belongs to no configuration yet: it waits for the
+        leader to add it (see :meth:`change_membership`) and learns everything from the log or a
+        snapshot."""
+        if node_id in self.nodes:
+            raise ValueError(f"node {node_id} exists")
+        config = RaftConfig(id=node_id, voters=frozenset(), **self._raft_options)
+        node = self.nodes[node_id] = SimNode(node_id, SimLogStore(), self._make_state_machine, config)
+        self._start(node)
+        return node
+
+    def change_membership(self, node_id: int, op: ConfOp, target: int) -> str | None:
+        """Proposes a membership change at ``node_id`` (which must lead); returns the refusal,
+        if any. Addresses are simulated as ``sim:<id>``."""
+        raft = self.nodes[node_id].raft
+        if raft is None:
+            return "node is down"
+        members = raft.conf.voters | raft.learners
+        try:
+            raft.propose_conf_change(
+                op, target, address=f"sim:{target}", addresses={m: f"sim:{m}" for m in members}
+            )
+        except (NotLeaderError, ProposalDroppedError, ConfChangeError) as exc:
+            return str(exc)
+        self._drive(self.nodes[node_id])
+        return None
 
     # --- event queue ----------------------------------------------------------------------------
 
@@ -323,9 +353,12 @@ class SimCluster:
         last = node.latest_snapshot()
         if raft is None or node.snapshotting or raft.applied <= (last.info.index if last else 0):
             return False
+        voters, learners = raft.conf_at(raft.applied)
+        if not voters:
+            return False  # a joining node before the entry that added it: no configuration known
         sink = io.BytesIO()
         node.sm.snapshot(sink)
-        info = SnapshotInfo(raft.applied, raft.store.term(raft.applied), raft.conf.voters, raft.learners)
+        info = SnapshotInfo(raft.applied, raft.store.term(raft.applied), voters, learners)
         snap = SimSnapshot(info, sink.getvalue(), node.sessions.items())
         node.snapshotting = True
         incarnation = node.incarnation

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 from dengine.kv import KVStateMachine, decode_result, encode_cas, encode_delete, encode_put
+from dengine.raft.membership import ConfOp
 from dengine.raft.sessions import Applied, Outcome
 from dengine.testing.invariants import SimulationFailure
 from dengine.testing.linearizability import HistoryRecorder, KVInput, KVModel, check
@@ -42,6 +43,7 @@ class SimReport:
     snapshot_every: int = 0
     snapshots_taken: int = 0
     snapshots_installed: int = 0
+    membership_changes: int = 0
 
 
 class _Client:
@@ -204,6 +206,44 @@ class _Run:
         self.last_seen: dict[bytes, bytes | None] = {}
         self.stop_at = duration_ms
         self.clients = [_Client(self, i + 1) for i in range(clients)]
+        # Membership churn in some runs: grow from 3 voters to 5, then shrink back to 3 (removing
+        # whichever voters, the leader included), all under the same faults.
+        self.churn: list[tuple[ConfOp, int]] = []
+        if n == 3 and rng.random() < 0.5:
+            removed = rng.sample([1, 2, 3, 4, 5], 2)
+            self.churn = [
+                (ConfOp.ADD_LEARNER, 4),
+                (ConfOp.PROMOTE, 4),
+                (ConfOp.ADD_LEARNER, 5),
+                (ConfOp.PROMOTE, 5),
+                *[(ConfOp.REMOVE, r) for r in removed],
+            ]
+        self.report.membership_changes = 0
+
+    def drive_membership(self) -> None:
+        """Takes the next churn step once the previous one is committed; retries refusals."""
+        cluster = self.cluster
+        if not self.churn or cluster.now >= self.stop_at:
+            return
+        leader = cluster.leader()
+        raft = cluster.nodes[leader].raft if leader is not None else None
+        if raft is not None:
+            op, target = self.churn[0]
+            voters, learners = raft.conf.voters, raft.learners
+            done = (
+                (op is ConfOp.ADD_LEARNER and target in voters | learners)
+                or (op is ConfOp.PROMOTE and target in voters)
+                or (op is ConfOp.REMOVE and target not in voters | learners)
+            )
+            if done and raft.conf_index <= raft.commit:
+                self.churn.pop(0)
+                self.report.membership_changes += 1
+                self.report.faults.append(f"{cluster.now:.0f}ms {op.name.lower()} {target} done")
+            elif not done:
+                if op is ConfOp.ADD_LEARNER and target not in cluster.nodes:
+                    cluster.add_node(target)
+                cluster.change_membership(leader, op, target)  # type: ignore[arg-type]
+        cluster.schedule(self.rng.uniform(50, 300), self.drive_membership)
 
     def inject_faults(self, until: float) -> None:
         cluster, rng, faults = self.cluster, self.rng, self.report.faults
@@ -282,7 +322,12 @@ class _Run:
                 return False
             lead = cluster.nodes[leader].raft
             assert lead is not None
-            return all(n.raft is not None and n.raft.applied >= lead.commit for n in cluster.nodes.values())
+            members = lead.conf.voters | lead.learners
+            return all(
+                n.raft is not None and n.raft.applied >= lead.commit
+                for i, n in cluster.nodes.items()
+                if i in members
+            )
 
         if not cluster.run_until_true(caught_up, LIVENESS_BOUND_MS, step=20):
             states = {
@@ -304,6 +349,8 @@ def run_kv_simulation(
     cluster = run.cluster
     for client in run.clients:
         cluster.schedule(run.rng.uniform(0, 50), client.next_op)
+    if run.churn:
+        cluster.schedule(run.rng.uniform(100, 500), run.drive_membership)
     run.inject_faults(until=duration_ms)
     run.heal_all()
     run.check_liveness()

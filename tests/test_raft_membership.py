@@ -1,0 +1,172 @@
+"""Membership changes in the protocol core: one server at a time, in force as soon as the entry is
+in a node's log (Raft thesis §4.1), with the safety checks an operator relies on."""
+
+from __future__ import annotations
+
+import pytest
+
+from dengine.raft import MsgType, Role
+from dengine.raft.membership import ConfChangeError, ConfOp
+
+from raft_harness import Cluster
+
+ADDRS = {1: "h:1", 2: "h:2", 3: "h:3"}
+
+
+def change(c: Cluster, leader: int, op: ConfOp, node: int, address: str = "") -> int:
+    raft = c.nodes[leader]
+    members = raft.conf.voters | raft.learners
+    addresses = {m: ADDRS.get(m, f"h:{m}") for m in members}
+    index = raft.propose_conf_change(op, node, address=address or f"h:{node}", addresses=addresses)
+    c.settle()
+    return index
+
+
+def test_a_learner_receives_the_log_but_neither_votes_nor_counts() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    assert c.nodes[4].learners == frozenset({4}) and c.nodes[4].conf.voters == frozenset({1, 2, 3})
+    c.propose(1, b"a")
+    assert c.stores[4].last_index() == c.stores[1].last_index(), "the learner gets the log"
+    # With two voters down, the leader and the learner are not a quorum.
+    c.down |= {2, 3}
+    before = c.nodes[1].commit
+    c.propose(1, b"b")
+    assert c.nodes[1].commit == before, "a learner's acknowledgement does not count"
+    c.tick(4, 100)
+    c.settle()
+    assert c.nodes[4].role is Role.FOLLOWER, "a learner never campaigns"
+
+
+def test_a_promoted_learner_counts_towards_commitment() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    change(c, 1, ConfOp.PROMOTE, 4)
+    assert c.nodes[1].conf.voters == frozenset({1, 2, 3, 4})
+    c.down.add(2)
+    before = c.nodes[1].commit
+    c.propose(1, b"x")  # 1, 3, 4 are three of four voters
+    assert c.nodes[1].commit > before
+    c.down.add(3)
+    before = c.nodes[1].commit
+    c.propose(1, b"y")  # 1 and 4 are two of four: not a majority
+    assert c.nodes[1].commit == before
+
+
+def test_only_one_change_at_a_time() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.add_node(4)
+    c.add_node(5)
+    c.down.update({2, 3})  # nothing commits
+    raft = c.nodes[1]
+    raft.propose_conf_change(ConfOp.ADD_LEARNER, 4, address="h:4", addresses=dict(ADDRS))
+    with pytest.raises(ConfChangeError, match="not committed yet"):
+        raft.propose_conf_change(ConfOp.ADD_LEARNER, 5, address="h:5", addresses=dict(ADDRS))
+
+
+def test_a_new_leader_changes_nothing_before_committing_in_its_term() -> None:
+    c = Cluster(3)
+    c.drop_type(MsgType.APP)  # the new leader's no-op cannot commit
+    raft = c.elect(1)
+    with pytest.raises(ConfChangeError, match="not committed an entry of its term"):
+        raft.propose_conf_change(ConfOp.ADD_LEARNER, 4, address="h:4", addresses=dict(ADDRS))
+
+
+def test_refused_changes_say_why() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    raft = c.nodes[1]
+    cases = [
+        (ConfOp.ADD_LEARNER, 2, "h:9", "already a member"),
+        (ConfOp.ADD_LEARNER, 4, "h:2", "already used by node 2"),
+        (ConfOp.ADD_LEARNER, 4, "", "needs its address"),
+        (ConfOp.PROMOTE, 4, "", "not a learner"),
+        (ConfOp.PROMOTE, 2, "", "already a voter"),
+        (ConfOp.REMOVE, 7, "", "not a member"),
+    ]
+    for op, node, address, why in cases:
+        with pytest.raises(ConfChangeError, match=why):
+            raft.propose_conf_change(op, node, address=address, addresses=dict(ADDRS))
+
+
+def test_a_removal_that_would_lose_quorum_is_refused() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.down.add(3)
+    c.tick_all(30)  # the leader stops hearing from node 3
+    with pytest.raises(ConfChangeError, match="less than a majority"):
+        c.nodes[1].propose_conf_change(ConfOp.REMOVE, 2, addresses=dict(ADDRS))
+    # Removing the unreachable node itself is fine: 1 and 2 are a majority of {1, 2}.
+    change(c, 1, ConfOp.REMOVE, 3)
+    assert c.nodes[1].conf.voters == frozenset({1, 2})
+
+
+def test_the_leader_removes_itself_then_hands_over() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    change(c, 1, ConfOp.REMOVE, 1)
+    assert c.nodes[1].role is Role.FOLLOWER, "stepped down once its removal committed"
+    assert any(m.type is MsgType.TIMEOUT_NOW and m.src == 1 for m in c.sent), "handed over at once"
+    c.settle()
+    new = c.leaders()
+    assert len(new) == 1 and new[0] in (2, 3)
+    c.propose(new[0], b"after")
+    assert c.nodes[new[0]].commit == c.stores[new[0]].last_index()
+    c.tick(1, 100)
+    c.settle()
+    assert c.nodes[1].role is Role.FOLLOWER, "a removed node does not campaign"
+
+
+def test_a_configuration_in_the_log_takes_effect_at_once_and_is_undone_by_truncation() -> None:
+    c = Cluster(5, pre_vote=False, check_quorum=False)
+    c.elect(1)
+    c.add_node(6)
+    # The change reaches node 2 only and never commits.
+    c.cut({1, 2}, {3, 4, 5})
+    c.nodes[1].propose_conf_change(ConfOp.ADD_LEARNER, 6, address="h:6", addresses=dict(ADDRS))
+    c.settle()
+    assert c.nodes[2].learners == frozenset({6}), "in force on append, before commitment"
+    # Node 3 leads a newer term (votes of 4 and 5) without that entry and overwrites it on 2.
+    c.heal()
+    c.isolate(1)
+    c.filters.append(lambda m: None if m.type is MsgType.VOTE and m.dst == 2 else m)
+    c.elect(3)
+    c.filters.pop()
+    c.propose(3, b"x")
+    assert c.nodes[2].learners == frozenset(), "the truncated change no longer applies"
+
+
+def test_a_restarted_node_uses_the_latest_configuration_in_its_log() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    change(c, 1, ConfOp.PROMOTE, 4)
+    restarted = c.crash_and_restart(2)
+    assert restarted.conf.voters == frozenset({1, 2, 3, 4})
+    assert restarted.conf_index == c.nodes[1].conf_index
+
+
+def test_a_node_outside_every_configuration_never_campaigns() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    joiner = c.add_node(4)
+    c.tick(4, 100)
+    assert joiner.role is Role.FOLLOWER and not any(m.src == 4 for m in c.sent)
+
+
+def test_conf_at_gives_the_configuration_a_snapshot_records() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.add_node(4)
+    first = change(c, 1, ConfOp.ADD_LEARNER, 4)
+    second = change(c, 1, ConfOp.PROMOTE, 4)
+    raft = c.nodes[1]
+    assert raft.conf_at(first - 1) == (frozenset({1, 2, 3}), frozenset())
+    assert raft.conf_at(first) == (frozenset({1, 2, 3}), frozenset({4}))
+    assert raft.conf_at(second) == (frozenset({1, 2, 3, 4}), frozenset())
