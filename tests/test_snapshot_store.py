@@ -114,11 +114,22 @@ def test_meta_round_trips(meta: SnapshotMeta) -> None:
 
 
 def test_meta_encoding_is_the_documented_layout() -> None:
-    expected = struct.pack("<QQI2QIQIQQQIQB", 5, 1, 2, 1, 2, 1, 3, 1, 4, 0, 5, 1, 1, 0)
+    expected = struct.pack("<QQI2QIQIQQQIQBI", 5, 1, 2, 1, 2, 1, 3, 1, 4, 0, 5, 1, 1, 0, 0)
     assert encode_meta(SMALL) == expected
-    with_values = SnapshotMeta(5, 1, (1,), (), ((4, 0, 5, ((1, b"ab", "é"),)),))
+    with_values = SnapshotMeta(5, 1, (1,), (), ((4, 0, 5, ((1, b"ab", "é"),)),), ((1, "h:1"),))
     tail = struct.pack("<QBI", 1, 3, 2) + b"ab" + struct.pack("<I", 2) + "é".encode()
-    assert encode_meta(with_values).endswith(tail)
+    addresses = struct.pack("<IQI", 1, 1, 3) + b"h:1"
+    assert encode_meta(with_values).endswith(tail + addresses)
+
+
+def test_member_addresses_round_trip_and_must_belong_to_members() -> None:
+    meta = SnapshotMeta(5, 1, (1, 2), (3,), addresses=((3, "h:3"), (1, "h:1")))
+    assert meta.addresses == ((1, "h:1"), (3, "h:3")), "sorted by id"
+    assert decode_meta(encode_meta(meta)) == meta
+    with pytest.raises(ValueError, match="not a member"):
+        SnapshotMeta(5, 1, (1,), addresses=((2, "h:2"),))
+    with pytest.raises(ValueError, match="two addresses"):
+        SnapshotMeta(5, 1, (1,), addresses=((1, "h:1"), (1, "h:2")))
 
 
 def test_meta_from_a_session_table_round_trips() -> None:
@@ -203,9 +214,9 @@ def test_decode_meta_refuses_zero_ids(field: str) -> None:
         ("learner count", 0xFFFFFFFF, "learner count 4294967295 does not fit"),
         ("session count", 0xFFFFFFFF, "session count 4294967295 does not fit"),
         ("result count", 0xFFFFFFFF, "result count 4294967295 does not fit"),
-        ("voter count", 0, "unexpected bytes after the metadata at byte 36"),  # the rest is misread
+        ("voter count", 0, "unexpected bytes after the metadata at byte 53"),  # the rest is misread
         ("flags", 0x04, "unknown result flags 0x04 at byte 88"),
-        ("flags", 0x01, "result length needs 4 bytes but only 0 remain"),
+        ("flags", 0x01, "address count needs 4 bytes but only 0 remain"),
         ("second voter id", 1, "duplicate voter id"),
         ("learner id", 2, "both voter and learner"),
         ("last index", 6, "last_index"),
@@ -223,7 +234,7 @@ def test_decode_meta_refuses_hostile_fields(field: str, value: int, problem: str
 def test_decode_meta_refuses_a_huge_result_length_and_bad_utf8() -> None:
     meta = SnapshotMeta(5, 1, (1,), (), ((4, 0, 5, ((1, b"ab", "xy"),)),))
     data = bytearray(encode_meta(meta))
-    error_at = len(data) - 2
+    error_at = len(data) - 2 - 4  # before the (empty) address list
     data[error_at] = 0xFF  # not UTF-8
     with pytest.raises(SnapshotError, match=f"error text is not UTF-8 .* at byte {error_at}"):
         decode_meta(bytes(data))

@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("status",): ("dengine.kvcli", "status_main"),
         ("leader", "transfer"): ("dengine.kvcli", "leader_main"),
         ("snapshot", "create"): ("dengine.kvcli", "snapshot_main"),
+        ("member",): ("dengine.kvcli", "member_main"),
         ("certs", "init"): ("dengine.tls", "certs_main"),
     }
     for prefix, (module, function) in own.items():
@@ -148,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback listen address without TLS"
     )
+    serve.add_argument(
+        "--join",
+        metavar="ADDR",
+        help="join the running cluster that ADDR belongs to: ask its leader to add this node as a learner",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
     serve.add_argument("--log-format", choices=["text", "json"], help="log.format")
     serve.add_argument("--debug", action="store_true", help="show tracebacks for startup errors")
@@ -156,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("status", help="the cluster's nodes, roles, indexes and lag (see dengine status --help)")
     leader = sub.add_parser("leader", help="leadership (see dengine leader transfer --help)")
     leader.add_argument("action", choices=["transfer"])
+    sub.add_parser("member", help="add-learner, promote, remove, list (see dengine member --help)")
     snapshot = sub.add_parser("snapshot", help="snapshots (see dengine snapshot create --help)")
     snapshot.add_argument("action", choices=["create"])
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
@@ -185,6 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         "node.listen": args.listen,
         "node.data_dir": args.data_dir,
         "node.insecure": True if args.insecure else None,
+        "cluster.initial_state": "existing" if args.join else None,
         "log.level": args.log_level,
         "log.format": args.log_format,
     }
@@ -196,7 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log.level, config.log.format)
     try:
         with contextlib.suppress(KeyboardInterrupt):  # the signal handler stops it; this is a fallback
-            asyncio.run(serve(config))
+            asyncio.run(serve(config, join=args.join))
     except DengineError as exc:
         # Startup problems (TLS files, a data dir in use, a port taken) are one clear line.
         if args.debug:

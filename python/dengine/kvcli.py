@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -349,3 +349,79 @@ def snapshot_main(argv: Sequence[str]) -> int:
     )
     _common(parser)
     return _run(_snapshot, parser.parse_args(argv), "dengine snapshot create")
+
+
+async def _leader_stub_call(args: argparse.Namespace, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Runs ``call(stub)`` against the leader, found through any endpoint's Status."""
+    rows = [(a, s) for a, s in await _statuses(args) if s is not None]
+    leader_address = next((a for a, s in rows if s.role == "leader"), None) or next(
+        (s.leader_address for _, s in rows if s.leader_address), None
+    )
+    if leader_address is None:
+        raise Unavailable("no leader found")
+    async with _channel(leader_address, _credentials(args)) as ch:
+        stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
+        try:
+            return await call(stub)
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(exc.code().name, exc.details() or "") from exc
+
+
+async def _member(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        rows = [s for _, s in await _statuses(args) if s is not None]
+        if not rows:
+            raise Unavailable("no node answered")
+        s = next((r for r in rows if r.role == "leader"), rows[0])
+        members = {p.id: p.address for p in s.peers}
+        members[s.id] = s.address
+        out = [
+            {"id": m, "role": "voter" if m in s.voters else "learner", "address": members.get(m, "")}
+            for m in sorted({*s.voters, *s.learners})
+        ]
+        if args.output == "json":
+            print(json.dumps(out))
+        else:
+            for r in out:
+                print(f"{r['id']:>3}  {r['role']:<8} {r['address']}")
+        return EXIT_OK
+    timeout = args.timeout
+    if args.action == "add-learner":
+        request: Any = cluster_pb2.AddLearnerRequest(id=args.id, address=args.address)
+        reply = await _leader_stub_call(args, lambda stub: stub.AddLearner(request, timeout=timeout))
+    elif args.action == "promote":
+        request = cluster_pb2.PromoteRequest(id=args.id, force=args.force)
+        reply = await _leader_stub_call(args, lambda stub: stub.Promote(request, timeout=timeout))
+    else:
+        request = cluster_pb2.RemoveMemberRequest(id=args.id)
+        reply = await _leader_stub_call(args, lambda stub: stub.RemoveMember(request, timeout=timeout))
+    voters, learners = sorted(reply.voters), sorted(reply.learners)
+    if args.output == "json":
+        print(json.dumps({"voters": voters, "learners": learners}))
+    else:
+        print(f"voters {voters}, learners {learners}")
+    return EXIT_OK
+
+
+def member_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dengine member",
+        description="Change the cluster's membership, one server at a time, through the leader.",
+        epilog="examples:\n  dengine member add-learner 4 10.0.0.4:7001\n  dengine member promote 4\n"
+        "  dengine member remove 2\n  dengine member list --output json\n"
+        "replacing node 2 by node 4: add-learner 4 ADDR, wait for it to catch up, promote 4, remove 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add-learner", help="add a node that receives the log but does not vote yet")
+    add.add_argument("id", type=int)
+    add.add_argument("address", help="host:port the node listens on")
+    promote = sub.add_parser("promote", help="make a learner a voter (refused while it lags, unless --force)")
+    promote.add_argument("id", type=int)
+    promote.add_argument("--force", action="store_true", help="promote even if it is far behind")
+    remove = sub.add_parser("remove", help="remove a voter or learner (the leader too: it hands over)")
+    remove.add_argument("id", type=int)
+    listing = sub.add_parser("list", help="the members and their roles")
+    for p in (add, promote, remove, listing):
+        _common(p)
+    return _run(_member, parser.parse_args(argv), "dengine member")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import inspect
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -29,10 +31,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import grpc
 
 from dengine._core import Entry
+from dengine.cluster_service import ClusterService
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.members import MembershipManager
 from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
 from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
 from dengine.raft import payload as envelope
+from dengine.raft.membership import ConfOp
 from dengine.raft.progress import ProgressState
 from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry, apply_entry_async
 from dengine.snapshot_store import SnapshotFile
@@ -40,7 +45,7 @@ from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore
 from dengine.transport.peers import GRPC_OPTIONS, PeerTransport
-from dengine.v1 import raft_pb2_grpc
+from dengine.v1 import cluster_pb2_grpc, raft_pb2_grpc
 
 if TYPE_CHECKING:
     from dengine.config import Config
@@ -104,11 +109,16 @@ class Node:
         *,
         log_store: LogStore | None = None,
         extra_services: Callable[[grpc.aio.Server, Node], None] | None = None,
+        join: str | None = None,
     ) -> None:
+        """``join``: the address of any member of a running cluster this new node asks to be
+        added to (as a learner); it then learns the cluster's configuration from the leader."""
         self.config = config
         self.id = config.node.id
         self.sm = state_machine
         self._store_override = log_store
+        self._join = join
+        self._join_marker = Path(config.node.data_dir) / "joined"
         self._extra_services = extra_services
         self._async_apply = inspect.iscoroutinefunction(state_machine.apply)
         self.raft: Raft | None = None
@@ -142,6 +152,7 @@ class Node:
         # Held while a batch is applied: a snapshot freezes the state between two batches.
         self.apply_lock = asyncio.Lock()
         self.snapshots = SnapshotManager(self, Path(config.node.data_dir) / "snapshots")
+        self.members = MembershipManager(self)
         self._start_snapshot: SnapshotInfo | None = None
         self._stopped = asyncio.Event()
         self._running = False
@@ -189,6 +200,18 @@ class Node:
             raise
         self._running = True
         self.snapshots.start()
+        if (
+            self._join is not None
+            and self.raft is not None
+            and not (self.raft.conf.voters | self.raft.learners)
+        ):
+            advertise = self.config.node.advertise or self.config.node.listen
+            self._tasks.append(
+                asyncio.create_task(
+                    self.members.join(self._join, advertise, credentials=self._channel_credentials()),
+                    name=f"join-{self.id}",
+                )
+            )
         self._tasks.append(asyncio.create_task(self._ticker(), name=f"ticker-{self.id}"))
         self._tasks.append(asyncio.create_task(self._apply_loop(), name=f"apply-{self.id}"))
         log.info(
@@ -221,10 +244,15 @@ class Node:
 
     async def _start_serving(self) -> None:
         assert self.store is not None
-        self.raft = Raft(
-            self.config.raft_config(), self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot
-        )
-        members = dict(self.config.cluster.members)
+        raft_config = self.config.raft_config()
+        if self._join is not None or self._join_marker.exists():
+            # A node that joined (or is joining) a running cluster knows no configuration of its
+            # own: it learns the cluster's from the log or a snapshot, never from its config file.
+            raft_config = dataclasses.replace(raft_config, voters=frozenset(), learners=frozenset())
+            if self._join is not None and not self._join_marker.exists():
+                await asyncio.get_running_loop().run_in_executor(self.io, _write_marker, self._join_marker)
+        self.raft = Raft(raft_config, self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot)
+        members = dict(self.members.addresses)
         self.transport = PeerTransport(
             self.id,
             self.config.cluster.id,
@@ -235,6 +263,7 @@ class Node:
         self.transport.snapshots = self.snapshots
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(self.transport, self.server)  # type: ignore[no-untyped-call]
+        cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self), self.server)  # type: ignore[no-untyped-call]
         if self._extra_services is not None:
             self._extra_services(self.server, self)
         listen = self.config.node.listen
@@ -324,8 +353,11 @@ class Node:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             raft.tick()
             self.pump()
-            if raft.role is Role.LEADER and raft.ticks_since_start % 10 == 0:
-                self._update_peer_metrics()
+            if raft.ticks_since_start % 10 == 0:
+                self.members.expire()
+                if raft.role is Role.LEADER:
+                    self._update_peer_metrics()
+                    self.members.tick()
 
     def _update_peer_metrics(self) -> None:
         for p in self.status().peers:
@@ -443,6 +475,28 @@ class Node:
         self.pump()
         return chosen
 
+    # --- membership -------------------------------------------------------------------------------
+
+    async def add_learner(self, node_id: int, address: str) -> None:
+        """Adds ``node_id`` at ``address`` as a learner (it receives the log, does not vote);
+        returns once the change is committed. Only on the leader (``NotLeaderError``)."""
+        await self.members.change(ConfOp.ADD_LEARNER, node_id, address=address)
+
+    async def promote(self, node_id: int, *, force: bool = False) -> None:
+        """Makes learner ``node_id`` a voter; refused while it lags more than
+        ``membership.max_lag_entries`` behind, unless ``force``."""
+        await self.members.promote(node_id, force=force)
+
+    async def remove_member(self, node_id: int) -> None:
+        """Removes a voter or learner; removing the leader (this node) commits the change, then
+        hands leadership to the most up-to-date remaining voter."""
+        await self.members.change(ConfOp.REMOVE, node_id)
+
+    async def replace_member(self, old_id: int, new_id: int, address: str, *, timeout: float = 120.0) -> None:
+        """Replaces voter ``old_id`` with a new node: adds it as a learner, waits until it has
+        caught up, promotes it, then removes ``old_id``."""
+        await self.members.replace(old_id, new_id, address, timeout=timeout)
+
     # --- snapshots --------------------------------------------------------------------------------
 
     async def snapshot(self) -> SnapshotFile | None:
@@ -515,6 +569,7 @@ class Node:
                 self._answer_reads(rd.reads, rd.failed_reads)
             if rd.soft_state is not None:
                 self._on_soft_state(rd.soft_state)
+        self.members.sync()
 
     def _answer_reads(self, reads: list[ReadState], failed: list[int]) -> None:
         for r in reads:
@@ -637,7 +692,7 @@ class Node:
     def status(self) -> NodeStatus:
         raft, store = self.raft, self.store
         assert raft is not None and store is not None
-        members = self.config.cluster.members
+        members = self.members.addresses
         last = store.last_index()
         peers = tuple(
             PeerInfo(
@@ -667,3 +722,11 @@ class Node:
             peers=peers,
             snapshot_index=self.snapshots.latest.meta.index if self.snapshots.latest else 0,
         )
+
+
+def _write_marker(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("this node joined a running cluster: it takes its configuration from the cluster\n")
+        f.flush()
+        os.fsync(f.fileno())

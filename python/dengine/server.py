@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from dengine.cluster_service import leader_details
 from dengine.config import Config
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
 from dengine.kv import (
@@ -31,7 +32,7 @@ from dengine.kv import (
     encode_put,
 )
 from dengine.node import Node
-from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+from dengine.v1 import kv_pb2, kv_pb2_grpc
 
 log = logging.getLogger("dengine.server")
 T = TypeVar("T")
@@ -83,8 +84,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.sm = sm
 
     def _leader_details(self, leader: int | None) -> str:
-        address = self.node.config.cluster.members.get(leader, "") if leader else ""
-        return f"not leader; leader={leader or 0}@{address}"
+        return leader_details(self.node, leader)
 
     async def _write(self, command: bytes, session: kv_pb2.Session | None) -> KVResult:
         raft = self.node.raft
@@ -228,90 +228,18 @@ def _event(e: Any) -> kv_pb2.WatchEvent:
     return kv_pb2.WatchEvent(type=kind, kv=_kv(e.kv), prev=_kv(e.prev), revision=e.revision)
 
 
-class ClusterService(cluster_pb2_grpc.ClusterServicer):
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    async def Status(self, request: cluster_pb2.StatusRequest, context: Any) -> cluster_pb2.StatusResponse:
-        s = self.node.status()
-        members = self.node.config.cluster.members
-        return cluster_pb2.StatusResponse(
-            cluster_id=s.cluster_id,
-            id=s.id,
-            address=s.address,
-            role=s.role,
-            term=s.term,
-            leader_id=s.leader or 0,
-            leader_address=members.get(s.leader, "") if s.leader else "",
-            commit_index=s.commit,
-            applied_index=s.applied,
-            first_index=s.first_index,
-            last_index=s.last_index,
-            voters=list(s.voters),
-            learners=list(s.learners),
-            snapshot_index=s.snapshot_index,
-            peers=[
-                cluster_pb2.PeerStatus(
-                    id=p.id,
-                    address=p.address,
-                    match_index=p.match,
-                    lag=p.lag,
-                    inflight=p.inflight,
-                    state=p.state,
-                )
-                for p in s.peers
-            ],
-        )
-
-    async def _unimplemented(self, context: Any, what: str) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not available yet")
-
-    async def AddLearner(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented(context, "membership changes")
-
-    async def Promote(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented(context, "membership changes")
-
-    async def RemoveMember(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented(context, "membership changes")
-
-    async def Snapshot(
-        self, request: cluster_pb2.SnapshotRequest, context: Any
-    ) -> cluster_pb2.SnapshotResponse:
-        try:
-            snap = await self.node.snapshot()
-        except DengineError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"snapshot failed: {exc}")
-            raise
-        if snap is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing has been applied yet")
-            raise AssertionError("unreachable")
-        return cluster_pb2.SnapshotResponse(index=snap.meta.index, term=snap.meta.term, bytes=snap.size)
-
-    async def TransferLeader(
-        self, request: cluster_pb2.TransferLeaderRequest, context: Any
-    ) -> cluster_pb2.TransferLeaderResponse:
-        try:
-            target = self.node.transfer_leadership(request.id or None)
-        except NotLeaderError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not leader; leader={exc.leader or 0}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return cluster_pb2.TransferLeaderResponse(leader_id=target)
-
-
 def kv_services(sm: KVStateMachine) -> Callable[[grpc.aio.Server, Node], None]:
     def add(server: grpc.aio.Server, node: Node) -> None:
         kv_pb2_grpc.add_KVServicer_to_server(KVService(node, sm), server)  # type: ignore[no-untyped-call]
-        cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)  # type: ignore[no-untyped-call]
 
     return add
 
 
-async def serve(config: Config) -> None:
-    """Runs a KV node until SIGTERM or SIGINT, then stops it gracefully."""
+async def serve(config: Config, *, join: str | None = None) -> None:
+    """Runs a KV node until SIGTERM or SIGINT, then stops it gracefully. ``join``: the address
+    of a member of a running cluster to join as a learner."""
     sm = KVStateMachine()
-    node = Node(config, sm, extra_services=kv_services(sm))
+    node = Node(config, sm, extra_services=kv_services(sm), join=join)
     await node.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ Meta::
     voter count u32   | voter id u64 ...
     learner count u32 | learner id u64 ...
     session count u32 | session ...
+    address count u32 | member id u64 | address length u32 | address, UTF-8 ...
 
     session := client id u64 | acked below u64 | last index u64 | result count u32 | result ...
     result  := sequence u64 | flags u8 (bit 0: a result follows, bit 1: an error follows)
@@ -90,6 +91,7 @@ _HAS_RESULT = 0x01
 _HAS_ERROR = 0x02
 
 _U32_MAX = 2**32 - 1
+_MAX_ADDRESS_BYTES = 1024
 _U64_MAX = 2**64 - 1
 _HASH_PIECE = 1 << 20  # 1 MiB: large enough that hashlib releases the GIL, small enough for memory
 
@@ -150,6 +152,8 @@ class SnapshotMeta:
     """Non-voting members of that configuration."""
     sessions: tuple[SessionRow, ...] = ()
     """The exactly-once client session table at ``index``."""
+    addresses: tuple[tuple[int, str], ...] = ()
+    """``(member id, address)`` of the members of that configuration, sorted by id."""
 
     def __post_init__(self) -> None:
         # Normalise to tuples so the value is immutable and compares equal however it was built.
@@ -157,6 +161,7 @@ class SnapshotMeta:
         object.__setattr__(self, "learners", tuple(self.learners))
         rows = tuple((c, a, i, tuple(tuple(r) for r in rs)) for c, a, i, rs in self.sessions)
         object.__setattr__(self, "sessions", rows)
+        object.__setattr__(self, "addresses", tuple(sorted((int(i), str(a)) for i, a in self.addresses)))
         _check_int(self.index, "index", 1)
         _check_int(self.term, "term", 1)
         if not self.voters:
@@ -165,6 +170,14 @@ class SnapshotMeta:
         _check_ids(self.learners, "learner")
         if both := set(self.voters) & set(self.learners):
             raise ValueError(f"node(s) {sorted(both)} are both voter and learner")
+        members = set(self.voters) | set(self.learners)
+        for node, address in self.addresses:
+            if node not in members:
+                raise ValueError(f"an address for node {node}, which is not a member")
+            if not address or len(address.encode()) > _MAX_ADDRESS_BYTES:
+                raise ValueError(f"node {node}'s address must be 1 to {_MAX_ADDRESS_BYTES} bytes")
+        if len({node for node, _ in self.addresses}) != len(self.addresses):
+            raise ValueError("a member has two addresses")
         clients: set[int] = set()
         for client, acked_below, last_index, results in self.sessions:
             _check_session(client, acked_below, last_index, results, self.index)
@@ -222,6 +235,10 @@ def encode_meta(meta: SnapshotMeta) -> bytes:
                 parts.append(_length_prefixed(result, "a session result"))
             if error is not None:
                 parts.append(_length_prefixed(error.encode("utf-8"), "a session error"))
+    parts.append(_U32.pack(len(meta.addresses)))
+    for node, address in meta.addresses:
+        parts.append(_U64.pack(node))
+        parts.append(_length_prefixed(address.encode(), "an address"))
     return b"".join(parts)
 
 
@@ -285,6 +302,15 @@ class _Reader:
                 raise self.fail(f"error text is not UTF-8 ({exc.reason})", error_at + exc.start) from None
         return sequence, result, error
 
+    def address(self) -> tuple[int, str]:
+        node = self.uint(_U64, "member id", 1)
+        at = self.pos + _U32.size
+        raw = self.take(self.uint(_U32, "address length"), "address")
+        try:
+            return node, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"address is not UTF-8 ({exc.reason})", at + exc.start) from None
+
     def session(self) -> SessionRow:
         client = self.uint(_U64, "client id", 1)
         acked_below = self.uint(_U64, "acked_below")
@@ -301,10 +327,11 @@ def _decode_meta(data: bytes, source: str, path: Path | None, base: int) -> Snap
     voters = r.ids("voter")
     learners = r.ids("learner")
     sessions = tuple(r.session() for _ in range(r.count("session", _SESSION.size)))
+    addresses = tuple(r.address() for _ in range(r.count("address", _U64.size + _U32.size)))
     if r.pos != len(data):
         raise r.fail(f"{len(data) - r.pos} unexpected bytes after the metadata")
     try:
-        return SnapshotMeta(index, term, voters, learners, sessions)
+        return SnapshotMeta(index, term, voters, learners, sessions, addresses)
     except ValueError as exc:  # well-formed bytes, inconsistent content (duplicates and the like)
         raise SnapshotError(f"{source}: invalid metadata: {exc}", path=path) from None
 

@@ -105,6 +105,9 @@ class SnapshotManager:
             log.info("node %d: removed %s, left over from an interrupted snapshot", self.node.id, path)
         snap = await self._run(lambda: store.latest(verify=True))
         if snap is not None:
+            if snap.meta.addresses:
+                self.node.members.base_addresses = dict(snap.meta.addresses)
+                self.node.members.addresses = dict(snap.meta.addresses)
             began = time.monotonic()
             await self._restore_state(snap)
             log.info(
@@ -172,14 +175,18 @@ class SnapshotManager:
         began = time.monotonic()
         async with node.apply_lock:
             index = raft.applied
-            if index <= self._latest_index():
+            voters, learners = raft.conf_at(index)
+            if index <= self._latest_index() or not voters:
+                # Nothing new, or a joining node before the entry that added it: it does not
+                # know the configuration at this point yet.
                 return self.latest
             meta = SnapshotMeta(
                 index,
                 node.store.term(index),
-                tuple(sorted(raft.conf.voters)),
-                tuple(sorted(raft.learners)),
+                tuple(sorted(voters)),
+                tuple(sorted(learners)),
                 tuple((c, a, i, tuple(r)) for c, a, i, r in node.sessions.items()),
+                tuple(node.members.addresses_at(index).items()),
             )
             writer = await self._run(store.create, meta)
             try:
@@ -468,6 +475,8 @@ class SnapshotManager:
                 self._pinned[path] -= 1
                 if self._pinned[path] <= 0:
                     del self._pinned[path]
+        if snap.meta.addresses:
+            self.node.members.base_addresses = dict(snap.meta.addresses)
         self._adopt(snap)
         self.installed += 1
         elapsed = time.monotonic() - began

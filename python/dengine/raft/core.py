@@ -20,7 +20,7 @@ from dengine._core import Entry, HardState, JointConfig, VoteResult
 from dengine.errors import LogCompactedError, LogIndexError, NotLeaderError, ProposalDroppedError
 from dengine.raft import membership
 from dengine.raft.config import RaftConfig
-from dengine.raft.membership import ConfChange, ConfChangeError, ConfOp
+from dengine.raft.membership import ConfChange, ConfChangePendingError, ConfOp
 from dengine.raft.messages import (
     LEADER_TYPES,
     VOTE_TYPES,
@@ -192,13 +192,17 @@ class Raft:
             raise ProposalDroppedError(f"leadership is being transferred to node {self.lead_transferee}")
         pending = self.conf_index
         if pending > self.commit:
-            raise ConfChangeError(f"another membership change (log index {pending}) is not committed yet")
+            raise ConfChangePendingError(
+                f"another membership change (log index {pending}) is not committed yet"
+            )
         if not self._committed_in_term():
-            raise ConfChangeError("the new leader has not committed an entry of its term yet; retry shortly")
+            raise ConfChangePendingError(
+                "the new leader has not committed an entry of its term yet; retry shortly"
+            )
         voters, learners = self.conf.voters, self.learners
         recent = self.cfg.election_ticks
         active = frozenset(
-            p for p, pr in self.progress.items() if p == self.id or self._ticks - pr.last_heard_tick < recent
+            p for p, pr in self.progress.items() if p == self.id or self._ticks - pr.responded_tick < recent
         )
         membership.check(voters, learners, op, node_id, active=active, address=address, addresses=addresses)
         cc = membership.propose(op, node_id, voters, learners, addresses or {}, address=address, nonce=nonce)
@@ -215,12 +219,18 @@ class Raft:
         """The change entry whose configuration is in force, if it is still in the log."""
         return self._conf_entries[-1][1] if self._conf_entries else None
 
-    def conf_at(self, index: int) -> tuple[frozenset[int], frozenset[int]]:
-        """``(voters, learners)`` as of log index ``index`` (for a snapshot taken there)."""
+    def conf_entry_at(self, index: int) -> ConfChange | None:
+        """The change entry in force at log index ``index`` (None: the base configuration, that
+        of the snapshot or the initial one)."""
         for at, cc in reversed(self._conf_entries):
             if at <= index:
-                return cc.voters, cc.learners
-        return self._conf_base[1], self._conf_base[2]
+                return cc
+        return None
+
+    def conf_at(self, index: int) -> tuple[frozenset[int], frozenset[int]]:
+        """``(voters, learners)`` as of log index ``index`` (for a snapshot taken there)."""
+        cc = self.conf_entry_at(index)
+        return (cc.voters, cc.learners) if cc is not None else (self._conf_base[1], self._conf_base[2])
 
     def _scan_log_for_conf_changes(self) -> None:
         lo = max(self._conf_base[0], self.store.first_index() - 1) + 1
@@ -620,6 +630,7 @@ class Raft:
             return  # not (or no longer) a member
         if t in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP, MsgType.READ_INDEX):
             pr.recent_active = True
+            pr.responded_tick = self._ticks
         if t is MsgType.APP_RESP:
             self._handle_append_response(m, pr)
         elif t is MsgType.HEARTBEAT_RESP:

@@ -23,7 +23,16 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["ConfChange", "ConfChangeError", "ConfOp", "check", "decode", "encode", "propose"]
+__all__ = [
+    "ConfChange",
+    "ConfChangeError",
+    "ConfChangePendingError",
+    "ConfOp",
+    "check",
+    "decode",
+    "encode",
+    "propose",
+]
 
 _HEAD = struct.Struct("<BBQQHHH")  # kind byte, op, node id, nonce, voters, learners, addresses
 _ID = struct.Struct("<Q")
@@ -42,6 +51,11 @@ class ConfOp(enum.IntEnum):
 
 class ConfChangeError(ValueError):
     """A membership change was refused; the message says why."""
+
+
+class ConfChangePendingError(ConfChangeError):
+    """Refused for now: an earlier change or the new leader's first entry is not committed yet.
+    Retrying shortly succeeds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +132,8 @@ def check(
     live = len(new_voters & active)
     if live < len(new_voters) // 2 + 1:
         raise ConfChangeError(
-            f"after this change only {live} of its {len(new_voters)} voters would be reachable, "
-            "less than a majority: the cluster could not make progress"
+            f"after this change only {live} of its {len(new_voters)} voters would be reachable "
+            f"({sorted(new_voters & active)}), less than a majority: the cluster could not make progress"
         )
 
 

@@ -23,6 +23,7 @@ class Progress:
     recent_active: bool = False
     last_heard_tick: int = -(10**9)
     pending_snapshot: int = 0
+    responded_tick: int = -(10**9)  # when it last answered: only real answers count
 
     def become_probe(self) -> None:
         # After a snapshot the follower is known to hold everything up to the snapshot index.

@@ -55,7 +55,8 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self.on_message = on_message
         self.credentials = channel_credentials
         self._queues: dict[int, asyncio.Queue[raft_pb2.RaftMessage]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._peer_tasks: dict[int, asyncio.Task[None]] = {}
+        self._started = False
         self._closing = False
         self.rejected = 0
         self.snapshots: SnapshotManager | None = None
@@ -63,10 +64,34 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     # --- sending ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._started = True
+        self._start_peers()
+
+    def _start_peers(self) -> None:
         for peer in self.peers:
-            if peer != self.node_id:
+            if peer != self.node_id and peer not in self._queues:
                 self._queues[peer] = asyncio.Queue()
-                self._tasks.append(asyncio.create_task(self._run_peer(peer), name=f"peer-{peer}"))
+                self._peer_tasks[peer] = asyncio.create_task(self._run_peer(peer), name=f"peer-{peer}")
+
+    def set_peers(self, peers: Mapping[int, str]) -> None:
+        """Follows a membership change: streams to new members, stops streaming to removed ones,
+        and accepts messages from exactly the new set (plus this node)."""
+        peers = dict(peers)
+        for peer in set(self._queues) - set(peers):
+            self._queues.pop(peer)
+            task = self._peer_tasks.pop(peer, None)
+            if task is not None:
+                task.cancel()
+        changed = {p for p, a in peers.items() if self.peers.get(p) != a and p in self._queues}
+        self.peers = peers
+        self.members = frozenset(peers) | {self.node_id}
+        for peer in changed:  # a member that moved: reconnect to its new address
+            task = self._peer_tasks.pop(peer, None)
+            if task is not None:
+                task.cancel()
+            self._queues.pop(peer, None)
+        if self._started:
+            self._start_peers()
 
     def send(self, m: Message) -> None:
         q = self._queues.get(m.dst)
@@ -93,7 +118,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     async def _run_peer(self, peer: int) -> None:
         q = self._queues[peer]
         backoff = 0.05
-        while not self._closing:
+        while not self._closing and peer in self.peers:
             try:
                 async with self.channel(self.peers[peer]) as channel:
                     stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
@@ -115,10 +140,11 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     async def close(self) -> None:
         self._closing = True
-        for t in self._tasks:
+        tasks = list(self._peer_tasks.values())
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._peer_tasks.clear()
 
     # --- receiving (the gRPC servicer) ----------------------------------------------------------
 

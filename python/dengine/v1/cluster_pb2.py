@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65ngine/v1/cluster.proto\x12\ndengine.v1\"\x0f\n\rStatusRequest\"l\n\nPeerStatus\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bmatch_index\x18\x03 \x01(\x04\x12\x0b\n\x03lag\x18\x04 \x01(\x04\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\r\n\x05state\x18\x06 \x01(\t\"\xbf\x02\n\x0eStatusResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x11\n\tleader_id\x18\x06 \x01(\x04\x12\x16\n\x0eleader_address\x18\x07 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x04\x12\x15\n\rapplied_index\x18\t \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\n \x01(\x04\x12\x12\n\nlast_index\x18\x0b \x01(\x04\x12\x0e\n\x06voters\x18\x0c \x03(\x04\x12\x10\n\x08learners\x18\r \x03(\x04\x12%\n\x05peers\x18\x0e \x03(\x0b\x32\x16.dengine.v1.PeerStatus\x12\x16\n\x0esnapshot_index\x18\x0f \x01(\x04\"0\n\x11\x41\x64\x64LearnerRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"+\n\x0ePromoteRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"!\n\x13RemoveMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"6\n\x12MembershipResponse\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x10\n\x08learners\x18\x02 \x03(\x04\"#\n\x15TransferLeaderRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"+\n\x16TransferLeaderResponse\x12\x11\n\tleader_id\x18\x01 \x01(\x04\"\x11\n\x0fSnapshotRequest\">\n\x10SnapshotResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x32\xcf\x03\n\x07\x43luster\x12?\n\x06Status\x12\x19.dengine.v1.StatusRequest\x1a\x1a.dengine.v1.StatusResponse\x12K\n\nAddLearner\x12\x1d.dengine.v1.AddLearnerRequest\x1a\x1e.dengine.v1.MembershipResponse\x12\x45\n\x07Promote\x12\x1a.dengine.v1.PromoteRequest\x1a\x1e.dengine.v1.MembershipResponse\x12O\n\x0cRemoveMember\x12\x1f.dengine.v1.RemoveMemberRequest\x1a\x1e.dengine.v1.MembershipResponse\x12W\n\x0eTransferLeader\x12!.dengine.v1.TransferLeaderRequest\x1a\".dengine.v1.TransferLeaderResponse\x12\x45\n\x08Snapshot\x12\x1b.dengine.v1.SnapshotRequest\x1a\x1c.dengine.v1.SnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65ngine/v1/cluster.proto\x12\ndengine.v1\"\x0f\n\rStatusRequest\"l\n\nPeerStatus\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bmatch_index\x18\x03 \x01(\x04\x12\x0b\n\x03lag\x18\x04 \x01(\x04\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\r\n\x05state\x18\x06 \x01(\t\"\xbf\x02\n\x0eStatusResponse\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x11\n\tleader_id\x18\x06 \x01(\x04\x12\x16\n\x0eleader_address\x18\x07 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x08 \x01(\x04\x12\x15\n\rapplied_index\x18\t \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\n \x01(\x04\x12\x12\n\nlast_index\x18\x0b \x01(\x04\x12\x0e\n\x06voters\x18\x0c \x03(\x04\x12\x10\n\x08learners\x18\r \x03(\x04\x12%\n\x05peers\x18\x0e \x03(\x0b\x32\x16.dengine.v1.PeerStatus\x12\x16\n\x0esnapshot_index\x18\x0f \x01(\x04\"0\n\x11\x41\x64\x64LearnerRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"+\n\x0ePromoteRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"!\n\x13RemoveMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"\xa4\x01\n\x12MembershipResponse\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x10\n\x08learners\x18\x02 \x03(\x04\x12<\n\x07members\x18\x03 \x03(\x0b\x32+.dengine.v1.MembershipResponse.MembersEntry\x1a.\n\x0cMembersEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x15TransferLeaderRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"+\n\x16TransferLeaderResponse\x12\x11\n\tleader_id\x18\x01 \x01(\x04\"\x11\n\x0fSnapshotRequest\">\n\x10SnapshotResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x32\xcf\x03\n\x07\x43luster\x12?\n\x06Status\x12\x19.dengine.v1.StatusRequest\x1a\x1a.dengine.v1.StatusResponse\x12K\n\nAddLearner\x12\x1d.dengine.v1.AddLearnerRequest\x1a\x1e.dengine.v1.MembershipResponse\x12\x45\n\x07Promote\x12\x1a.dengine.v1.PromoteRequest\x1a\x1e.dengine.v1.MembershipResponse\x12O\n\x0cRemoveMember\x12\x1f.dengine.v1.RemoveMemberRequest\x1a\x1e.dengine.v1.MembershipResponse\x12W\n\x0eTransferLeader\x12!.dengine.v1.TransferLeaderRequest\x1a\".dengine.v1.TransferLeaderResponse\x12\x45\n\x08Snapshot\x12\x1b.dengine.v1.SnapshotRequest\x1a\x1c.dengine.v1.SnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dengine.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MEMBERSHIPRESPONSE_MEMBERSENTRY']._loaded_options = None
+  _globals['_MEMBERSHIPRESPONSE_MEMBERSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREQUEST']._serialized_start=40
   _globals['_STATUSREQUEST']._serialized_end=55
   _globals['_PEERSTATUS']._serialized_start=57
@@ -43,16 +45,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMOTEREQUEST']._serialized_end=582
   _globals['_REMOVEMEMBERREQUEST']._serialized_start=584
   _globals['_REMOVEMEMBERREQUEST']._serialized_end=617
-  _globals['_MEMBERSHIPRESPONSE']._serialized_start=619
-  _globals['_MEMBERSHIPRESPONSE']._serialized_end=673
-  _globals['_TRANSFERLEADERREQUEST']._serialized_start=675
-  _globals['_TRANSFERLEADERREQUEST']._serialized_end=710
-  _globals['_TRANSFERLEADERRESPONSE']._serialized_start=712
-  _globals['_TRANSFERLEADERRESPONSE']._serialized_end=755
-  _globals['_SNAPSHOTREQUEST']._serialized_start=757
-  _globals['_SNAPSHOTREQUEST']._serialized_end=774
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=776
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=838
-  _globals['_CLUSTER']._serialized_start=841
-  _globals['_CLUSTER']._serialized_end=1304
+  _globals['_MEMBERSHIPRESPONSE']._serialized_start=620
+  _globals['_MEMBERSHIPRESPONSE']._serialized_end=784
+  _globals['_MEMBERSHIPRESPONSE_MEMBERSENTRY']._serialized_start=738
+  _globals['_MEMBERSHIPRESPONSE_MEMBERSENTRY']._serialized_end=784
+  _globals['_TRANSFERLEADERREQUEST']._serialized_start=786
+  _globals['_TRANSFERLEADERREQUEST']._serialized_end=821
+  _globals['_TRANSFERLEADERRESPONSE']._serialized_start=823
+  _globals['_TRANSFERLEADERRESPONSE']._serialized_end=866
+  _globals['_SNAPSHOTREQUEST']._serialized_start=868
+  _globals['_SNAPSHOTREQUEST']._serialized_end=885
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=887
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=949
+  _globals['_CLUSTER']._serialized_start=952
+  _globals['_CLUSTER']._serialized_end=1415
 # @@protoc_insertion_point(module_scope)

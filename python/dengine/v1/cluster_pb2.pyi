@@ -83,12 +83,21 @@ class RemoveMemberRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class MembershipResponse(_message.Message):
-    __slots__ = ("voters", "learners")
+    __slots__ = ("voters", "learners", "members")
+    class MembersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     VOTERS_FIELD_NUMBER: _ClassVar[int]
     LEARNERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     voters: _containers.RepeatedScalarFieldContainer[int]
     learners: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ...) -> None: ...
+    members: _containers.ScalarMap[int, str]
+    def __init__(self, voters: _Optional[_Iterable[int]] = ..., learners: _Optional[_Iterable[int]] = ..., members: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
 class TransferLeaderRequest(_message.Message):
     __slots__ = ("id",)

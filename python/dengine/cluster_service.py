@@ -1,0 +1,126 @@
+"""The Cluster gRPC service every node serves, embedded or standalone: status, membership
+changes, leader transfer and snapshots (``proto/dengine/v1/cluster.proto``).
+
+Requests that only the leader can serve are answered FAILED_PRECONDITION with
+``not leader; leader=<id>@<address>`` when they reach another node, like the KV service's writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from dengine.errors import DengineError, NotLeaderError
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc
+
+if TYPE_CHECKING:
+    from dengine.node import Node
+
+__all__ = ["ClusterService", "leader_details"]
+
+
+def leader_details(node: Node, leader: int | None) -> str:
+    """The FAILED_PRECONDITION text that points a client at the leader."""
+    address = node.members.addresses.get(leader, "") if leader else ""
+    return f"not leader; leader={leader or 0}@{address}"
+
+
+class ClusterService(cluster_pb2_grpc.ClusterServicer):
+    """Serves one node's Cluster RPCs."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def Status(self, request: cluster_pb2.StatusRequest, context: Any) -> cluster_pb2.StatusResponse:
+        s = self.node.status()
+        members = self.node.members.addresses
+        return cluster_pb2.StatusResponse(
+            cluster_id=s.cluster_id,
+            id=s.id,
+            address=s.address,
+            role=s.role,
+            term=s.term,
+            leader_id=s.leader or 0,
+            leader_address=members.get(s.leader, "") if s.leader else "",
+            commit_index=s.commit,
+            applied_index=s.applied,
+            first_index=s.first_index,
+            last_index=s.last_index,
+            voters=list(s.voters),
+            learners=list(s.learners),
+            snapshot_index=s.snapshot_index,
+            peers=[
+                cluster_pb2.PeerStatus(
+                    id=p.id,
+                    address=p.address,
+                    match_index=p.match,
+                    lag=p.lag,
+                    inflight=p.inflight,
+                    state=p.state,
+                )
+                for p in s.peers
+            ],
+        )
+
+    async def _unimplemented(self, context: Any, what: str) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not available yet")
+
+    async def _membership(self, change: Awaitable[None], context: Any) -> cluster_pb2.MembershipResponse:
+        try:
+            await change
+        except NotLeaderError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, leader_details(self.node, exc.leader))
+        except ValueError as exc:  # ConfChangeError: refused, with the reason
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except DengineError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raft = self.node.raft
+        assert raft is not None
+        return cluster_pb2.MembershipResponse(
+            voters=sorted(raft.conf.voters),
+            learners=sorted(raft.learners),
+            members=self.node.members.addresses,
+        )
+
+    async def AddLearner(
+        self, request: cluster_pb2.AddLearnerRequest, context: Any
+    ) -> cluster_pb2.MembershipResponse:
+        if not request.id or not request.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new member needs an id and an address")
+        return await self._membership(self.node.add_learner(request.id, request.address), context)
+
+    async def Promote(
+        self, request: cluster_pb2.PromoteRequest, context: Any
+    ) -> cluster_pb2.MembershipResponse:
+        return await self._membership(self.node.promote(request.id, force=request.force), context)
+
+    async def RemoveMember(
+        self, request: cluster_pb2.RemoveMemberRequest, context: Any
+    ) -> cluster_pb2.MembershipResponse:
+        return await self._membership(self.node.remove_member(request.id), context)
+
+    async def Snapshot(
+        self, request: cluster_pb2.SnapshotRequest, context: Any
+    ) -> cluster_pb2.SnapshotResponse:
+        try:
+            snap = await self.node.snapshot()
+        except DengineError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"snapshot failed: {exc}")
+            raise
+        if snap is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing has been applied yet")
+            raise AssertionError("unreachable")
+        return cluster_pb2.SnapshotResponse(index=snap.meta.index, term=snap.meta.term, bytes=snap.size)
+
+    async def TransferLeader(
+        self, request: cluster_pb2.TransferLeaderRequest, context: Any
+    ) -> cluster_pb2.TransferLeaderResponse:
+        try:
+            target = self.node.transfer_leadership(request.id or None)
+        except NotLeaderError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not leader; leader={exc.leader or 0}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return cluster_pb2.TransferLeaderResponse(leader_id=target)
