@@ -61,6 +61,7 @@ class ProcCluster:
         ports = free_ports(2 * n)
         self.ports, self.metrics_ports = ports[:n], ports[n:]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.extra_ports: dict[int, int] = {}
         members = ", ".join(f'{i} = "127.0.0.1:{p}"' for i, p in enumerate(self.ports, start=1))
         for i in range(1, n + 1):
             (root / f"node{i}.toml").write_text(
@@ -105,12 +106,29 @@ client_auth = true
             self.channels = {i: grpc.secure_channel(self.address(i), creds) for i in range(1, n + 1)}
 
     def address(self, i: int) -> str:
-        return f"127.0.0.1:{self.ports[i - 1]}"
+        port = self.ports[i - 1] if i <= self.n else self.extra_ports[i]
+        return f"127.0.0.1:{port}"
 
-    def start(self, i: int) -> None:
+    def add_joiner(self, i: int) -> str:
+        """Writes the configuration of a new node ``i`` that will join the running cluster
+        (``start(i, join=...)``); returns its address."""
+        (port,) = free_ports(1)
+        self.extra_ports[i] = port
+        text = (self.root / "node1.toml").read_text()
+        text = text.replace("id = 1\n", f"id = {i}\n", 1)
+        text = text.replace(f'listen = "127.0.0.1:{self.ports[0]}"', f'listen = "127.0.0.1:{port}"')
+        text = text.replace(f'data_dir = "{self.root / "data1"}"', f'data_dir = "{self.root / f"data{i}"}"')
+        text = text.replace(f'metrics_listen = "127.0.0.1:{self.metrics_ports[0]}"', 'metrics_listen = ""')
+        text = text.replace("[cluster]\n", '[cluster]\ninitial_state = "existing"\n', 1)
+        (self.root / f"node{i}.toml").write_text(text)
+        self.channels[i] = grpc.insecure_channel(self.address(i))
+        return self.address(i)
+
+    def start(self, i: int, *, join: str | None = None) -> None:
         log = open(self.root / f"node{i}.log", "ab")  # noqa: SIM115 - owned by the process
+        extra = ["--join", join] if join else []
         self.procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "dengine", "serve", "--config", str(self.root / f"node{i}.toml")],
+            [sys.executable, "-m", "dengine", "serve", "--config", str(self.root / f"node{i}.toml"), *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

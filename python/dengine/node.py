@@ -278,7 +278,12 @@ class Node:
         await self.server.start()
         if self.config.node.metrics_listen:
             host, _, port = self.config.node.metrics_listen.rpartition(":")
-            self._metrics_server = await serve_metrics(self.metrics, host.strip("[]"), int(port))
+            try:
+                self._metrics_server = await serve_metrics(self.metrics, host.strip("[]"), int(port))
+            except OSError as exc:
+                raise DengineError(
+                    f"cannot serve metrics on {self.config.node.metrics_listen}: {exc.strerror or exc}"
+                ) from exc
         self.transport.start()
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:

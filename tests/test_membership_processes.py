@@ -1,0 +1,169 @@
+"""Membership with real `dengine serve` processes while a client writes without pause: grow 3 voters
+to 5 (nodes joining with --join, promoted automatically) and shrink back to 3 (the leader removed
+too), hand leadership over under load, and replace a node whose disk was wiped. No acknowledged
+write may be lost, and the client may see no error: leader changes are retried inside it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from dengine.client import Client
+
+from cluster_procs import ProcCluster, running_cluster, wait_for
+
+MEMBERSHIP = """
+[membership]
+promote = "auto"
+caught_up_for_ms = 300
+max_lag_entries = 200
+"""
+
+
+class Writer(threading.Thread):
+    """Writes keys continuously (16 in flight) through dengine.Client; records what was acked."""
+
+    def __init__(self, endpoints: str) -> None:
+        super().__init__(daemon=True)
+        self.endpoints = endpoints
+        self.acked: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        async with Client(self.endpoints, timeout=30) as client:
+            n = 0
+            while not self.stopping.is_set():
+                keys = [b"w%07d" % (n + i) for i in range(16)]
+                n += 16
+                results = await asyncio.gather(*(client.put(k, k) for k in keys), return_exceptions=True)
+                for k, r in zip(keys, results, strict=True):
+                    if isinstance(r, BaseException):
+                        self.errors.append(r)
+                    else:
+                        self.acked.append(k)
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.join(timeout=60)
+
+
+def member_cli(cluster: ProcCluster, endpoints: list[int], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dengine",
+            "member",
+            *args,
+            "--endpoints",
+            ",".join(cluster.address(i) for i in endpoints),
+            "--timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def voters(cluster: ProcCluster, among: list[int]) -> set[int]:
+    leader = cluster.wait_leader(among=among)
+    status = cluster.status(leader)
+    assert status is not None
+    return set(status.voters)
+
+
+def assert_all_readable(cluster: ProcCluster, among: list[int], keys: list[bytes]) -> None:
+    endpoints = ",".join(cluster.address(i) for i in among)
+
+    async def main() -> None:
+        async with Client(endpoints, timeout=30) as client:
+            for k in keys:
+                kv = await client.get(k)
+                assert kv is not None and kv.value == k, f"acknowledged write {k!r} is lost"
+
+    asyncio.run(main())
+
+
+def test_grow_to_five_and_shrink_to_three_while_writing(tmp_path: Path) -> None:
+    with running_cluster(tmp_path, extra_toml=MEMBERSHIP) as cluster:
+        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
+        writer.start()
+        try:
+            for new in (4, 5):
+                cluster.add_joiner(new)
+                cluster.start(new, join=cluster.address(1))
+                wait_for(lambda n=new: n in voters(cluster, [1, 2, 3]), 60, f"node {new} to be promoted")
+            assert voters(cluster, [1, 2, 3, 4, 5]) == {1, 2, 3, 4, 5}
+            # Hand leadership over under load, then remove the (new) leader and one more voter.
+            moved = subprocess.run(
+                [sys.executable, "-m", "dengine", "leader", "transfer", "--endpoints", cluster.address(4)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert moved.returncode == 0, moved.stderr
+            everyone = [1, 2, 3, 4, 5]
+            leader = cluster.wait_leader(among=everyone)
+            result = member_cli(cluster, everyone, "remove", str(leader))
+            assert result.returncode == 0, result.stderr
+            rest = [i for i in everyone if i != leader]
+            wait_for(lambda: cluster.leader(among=rest) is not None, 30, "a leader among the others")
+            other = next(i for i in rest if i != cluster.leader(among=rest))
+            result = member_cli(cluster, rest, "remove", str(other))
+            assert result.returncode == 0, result.stderr
+            remaining = [i for i in rest if i != other]
+            listed = member_cli(cluster, remaining, "list", "--output", "json")
+            assert listed.returncode == 0, listed.stderr
+            assert sorted(m["id"] for m in json.loads(listed.stdout) if m["role"] == "voter") == remaining
+            before = len(writer.acked)
+            wait_for(lambda: len(writer.acked) > before + 100, 30, "writes to go on after the changes")
+        finally:
+            writer.finish()
+        assert not writer.errors, writer.errors[:3]
+        assert len(writer.acked) > 500
+        assert_all_readable(cluster, remaining, writer.acked)
+
+
+def test_replace_a_node_whose_disk_was_wiped(tmp_path: Path) -> None:
+    extra = MEMBERSHIP.replace('"auto"', '"manual"') + "\n[snapshot]\nentries = 500\ntrailing_entries = 50\n"
+    with running_cluster(tmp_path, extra_toml=extra) as cluster:
+        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
+        writer.start()
+        try:
+            leader = cluster.wait_leader()
+            victim = next(i for i in (1, 2, 3) if i != leader)
+            wait_for(lambda: len(writer.acked) > 1000, 60, "some writes")
+            cluster.kill(victim)
+            shutil.rmtree(tmp_path / f"data{victim}")  # the disk is gone
+            address = cluster.add_joiner(6)
+            survivors = [i for i in (1, 2, 3) if i != victim]
+            cluster.start(6, join=cluster.address(survivors[0]))
+            wait_for(
+                lambda: (s := cluster.status(6)) is not None and s.applied_index > 1000,
+                60,
+                "node 6 to catch up",
+            )
+            result = member_cli(cluster, survivors, "promote", "6")
+            assert result.returncode == 0, result.stderr
+            result = member_cli(cluster, survivors, "remove", str(victim))
+            assert result.returncode == 0, result.stderr
+            assert voters(cluster, [*survivors, 6]) == {*survivors, 6}
+            assert address == cluster.address(6)
+            before = len(writer.acked)
+            wait_for(lambda: len(writer.acked) > before + 100, 30, "writes to go on")
+        finally:
+            writer.finish()
+        assert not writer.errors, writer.errors[:3]
+        assert_all_readable(cluster, [*survivors, 6], writer.acked)
