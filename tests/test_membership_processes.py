@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from dengine.client import Client
@@ -83,6 +84,10 @@ def voters(cluster: ProcCluster, among: list[int]) -> set[int]:
     return set(status.voters)
 
 
+def promoted(cluster: ProcCluster, node: int) -> Callable[[], bool]:
+    return lambda: node in voters(cluster, [1, 2, 3])
+
+
 def assert_all_readable(cluster: ProcCluster, among: list[int], keys: list[bytes]) -> None:
     endpoints = ",".join(cluster.address(i) for i in among)
 
@@ -103,7 +108,7 @@ def test_grow_to_five_and_shrink_to_three_while_writing(tmp_path: Path) -> None:
             for new in (4, 5):
                 cluster.add_joiner(new)
                 cluster.start(new, join=cluster.address(1))
-                wait_for(lambda n=new: n in voters(cluster, [1, 2, 3]), 60, f"node {new} to be promoted")
+                wait_for(promoted(cluster, new), 60, f"node {new} to be promoted")
             assert voters(cluster, [1, 2, 3, 4, 5]) == {1, 2, 3, 4, 5}
             # Hand leadership over under load, then remove the (new) leader and one more voter.
             moved = subprocess.run(

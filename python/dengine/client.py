@@ -135,14 +135,19 @@ class Client:
         max_batch: int = 128,
         client_id: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        attempt_timeout: float = 5.0,
     ) -> None:
         addresses = (
             [e.strip() for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
         )
         if not addresses or not all(addresses):
             raise ValueError("at least one endpoint (host:port) is required")
-        if max_batch < 1 or linger_ms < 0 or timeout <= 0:
-            raise ValueError("max_batch must be >= 1, linger_ms >= 0 and timeout > 0")
+        if max_batch < 1 or linger_ms < 0 or timeout <= 0 or attempt_timeout <= 0:
+            raise ValueError("max_batch must be >= 1, linger_ms >= 0, timeout and attempt_timeout > 0")
+        # One attempt stuck on a node that can no longer answer (removed, cut off) must not use up
+        # the whole deadline: after this long the request is retried elsewhere (exactly-once, by
+        # its session).
+        self.attempt_timeout = attempt_timeout
         self._endpoints = _Endpoints(addresses)
         self.timeout = timeout
         self.linger = linger_ms / 1000
@@ -324,7 +329,8 @@ class Client:
         stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
         try:
             response: kv_pb2.BatchResponse = await stub.Batch(
-                kv_pb2.BatchRequest(ops=[p.op for p in batch]), timeout=max(0.05, deadline - time.monotonic())
+                kv_pb2.BatchRequest(ops=[p.op for p in batch]),
+                timeout=max(0.05, min(self.attempt_timeout, deadline - time.monotonic())),
             )
         except grpc.aio.AioRpcError as exc:
             self._on_failure(address, exc.code().name, exc.details() or "")

@@ -74,6 +74,8 @@ class MembershipManager:
         for m in self.addresses:
             self._departed.pop(m, None)
         self._update_transport()
+        if self.node.id not in members and self.addresses:
+            self.node.on_removed()
         if not first:
             self.node.metrics.membership_change(cc.op.name.lower() if cc is not None else "restore")
             log.info(

@@ -482,6 +482,15 @@ class Node:
 
     # --- membership -------------------------------------------------------------------------------
 
+    def on_removed(self) -> None:
+        """This node is no longer a member: nothing waiting here will be answered by it, so the
+        callers hear it now and retry elsewhere (sessions keep their writes exactly-once)."""
+        for key in list(self._waiters):
+            self._fail_waiters(key, lambda: ProposalDroppedError("this node was removed from the cluster"))
+        for rf in self._reads.values():
+            if not rf.done():
+                rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
+
     async def add_learner(self, node_id: int, address: str) -> None:
         """Adds ``node_id`` at ``address`` as a learner (it receives the log, does not vote);
         returns once the change is committed. Only on the leader (``NotLeaderError``)."""
