@@ -61,6 +61,9 @@ def test_a_node_joins_is_promoted_automatically_and_the_leader_removes_itself(tm
             await until(
                 lambda: joiner.raft is not None and joiner.raft.conf.voters == frozenset({1, 2, 3, 4})
             )
+            metrics = leader.metrics.render().decode()
+            assert "dengine_membership_changes_total{" in metrics and 'kind="auto_promote"' in metrics
+            assert "dengine_learner_lag_entries" in metrics
             # The leader removes itself: the change commits, then another voter leads.
             await leader.remove_member(leader.id)
             new = await until(lambda: leader_of([n for n in nodes if n is not leader]))

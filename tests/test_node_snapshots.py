@@ -211,3 +211,42 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
                 await n.stop(transfer_leadership=False)
 
     run(main)
+
+
+def test_policies_by_age_and_by_log_size_and_disabled_snapshots(tmp_path: Path) -> None:
+    by_age = with_snapshots(configs(tmp_path / "age", 1), entries=0, interval_s=1, keep=1)[0]
+    by_size = with_snapshots(configs(tmp_path / "size", 1), entries=0, bytes=20_000, keep=1)[0]
+    never = with_snapshots(configs(tmp_path / "off", 1), enabled=False, entries=10)[0]
+
+    async def main() -> None:
+        for cfg, expect in ((by_age, True), (by_size, True), (never, False)):
+            node = Node(cfg, state_machine=Counter())
+            async with node:
+                await until(lambda n=node: leader_of([n]))  # type: ignore[misc]
+                for _ in range(3):
+                    await propose_all(node, 200)
+                    await asyncio.sleep(0.7)
+                assert (node.snapshots.created > 0) is expect, cfg.snapshot
+                files = list(node.snapshots.directory.glob("*.snap"))
+                assert len(files) == (1 if expect else 0), "keep = 1 leaves one file"
+
+    run(main)
+
+
+def test_a_bandwidth_cap_spaces_out_the_chunks(tmp_path: Path) -> None:
+    (cfg,) = with_snapshots(configs(tmp_path, 1), chunk_bytes=10_000, bandwidth_mb_s=0.2)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            big = tmp_path / "big.bin"
+            big.write_bytes(bytes(100_000))
+            chunker = SnapshotChunker(big, 10_000)
+            began = asyncio.get_running_loop().time()
+            sent = [c async for c in node.snapshots._chunks(chunker, raft_pb2.SnapshotHeader(), 0)]
+            elapsed = asyncio.get_running_loop().time() - began
+            assert sum(len(c.data) for c in sent) == 100_000
+            # 100 kB at 0.2 MB/s cannot leave in less than half a second (a lower bound only).
+            assert elapsed >= 0.45, elapsed
+
+    run(main)
