@@ -120,6 +120,29 @@ impl LogStoreBase {
         Ok(got.into_iter().map(|e| Entry::from_core(py, e)).collect())
     }
 
+    /// Indexes in `[lo, hi)` whose payload starts with `first_byte`, found without building
+    /// a Python object per entry (a restart scans the whole log for membership changes).
+    fn indexes_with_first_byte(
+        &self,
+        py: Python<'_>,
+        lo: u64,
+        hi: u64,
+        first_byte: u8,
+    ) -> PyResult<Vec<u64>> {
+        let inner = Arc::clone(&self.inner);
+        detach(py, move || {
+            let mut found = Vec::new();
+            let mut next = lo;
+            while next < hi {
+                let batch = inner.entries(next, hi, 8 << 20)?;
+                let Some(last) = batch.last() else { break };
+                next = last.index + 1;
+                found.extend(batch.iter().filter(|e| e.data.first() == Some(&first_byte)).map(|e| e.index));
+            }
+            Ok(found)
+        })
+    }
+
     fn append(&self, py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<()> {
         // Framing happens here, with the GIL held, straight from each payload's bytes: one copy
         // per entry into the buffer that is written to disk. Only the write releases the GIL.
