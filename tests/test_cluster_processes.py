@@ -108,6 +108,8 @@ def test_sigstop_of_the_leader_then_sigcont(cluster: ProcCluster) -> None:
 
 def test_a_message_from_another_cluster_is_refused(cluster: ProcCluster) -> None:
     cluster.wait_leader()
+    # The channel may still be backing off from before node 1 listened: wait until it answers.
+    wait_for(lambda: cluster.status(1), 10, "node 1 to serve")
     stub = raft_pb2_grpc.RaftStub(cluster.channels[1])  # type: ignore[no-untyped-call]
     foreign = raft_pb2.RaftMessage(cluster_id="someone-else", type=raft_pb2.HEARTBEAT, to=1, term=99)
     setattr(foreign, "from", 2)
