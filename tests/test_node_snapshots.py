@@ -17,6 +17,7 @@ from dengine.config import Config
 from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
+from dengine.snapshotting import _field, encode_chunk
 from dengine.v1 import raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, until
 
@@ -223,10 +224,14 @@ def test_policies_by_age_and_by_log_size_and_disabled_snapshots(tmp_path: Path) 
             node = Node(cfg, state_machine=Counter())
             async with node:
                 await until(lambda n=node: leader_of([n]))  # type: ignore[misc]
-                for _ in range(3):
-                    await propose_all(node, 200)
-                    await asyncio.sleep(0.7)
-                assert (node.snapshots.created > 0) is expect, cfg.snapshot
+                await propose_all(node, 600)
+                if expect:
+                    await until(lambda n=node: n.snapshots.created > 0, timeout=10)  # type: ignore[misc]
+                    await propose_all(node, 600)
+                    await until(lambda n=node: n.snapshots.created > 1, timeout=10)  # type: ignore[misc]
+                else:
+                    await asyncio.sleep(1.5)  # several policy checks
+                    assert node.snapshots.created == 0
                 files = list(node.snapshots.directory.glob("*.snap"))
                 assert len(files) == (1 if expect else 0), "keep = 1 leaves one file"
 
@@ -245,8 +250,23 @@ def test_a_bandwidth_cap_spaces_out_the_chunks(tmp_path: Path) -> None:
             began = asyncio.get_running_loop().time()
             sent = [c async for c in node.snapshots._chunks(chunker, raft_pb2.SnapshotHeader(), 0)]
             elapsed = asyncio.get_running_loop().time() - began
-            assert sum(len(c.data) for c in sent) == 100_000
+            assert sum(len(raft_pb2.SnapshotChunk.FromString(c).data) for c in sent) == 100_000
             # 100 kB at 0.2 MB/s cannot leave in less than half a second (a lower bound only).
             assert elapsed >= 0.45, elapsed
 
     run(main)
+
+
+def test_hand_encoded_chunks_are_what_protobuf_would_send(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 4000)
+    chunker = SnapshotChunker(path, 300_000)
+    header = raft_pb2.SnapshotHeader(cluster_id="c", to=2, term=7, index=9, log_term=3, size=chunker.size)
+    header_field = _field(1, header.SerializeToString())
+    for offset in (0, 300_000, 900_000):
+        chunk = chunker.chunk_at(offset)
+        decoded = raft_pb2.SnapshotChunk.FromString(encode_chunk(header_field, chunk))
+        expected = raft_pb2.SnapshotChunk(
+            header=header, offset=chunk.offset, data=chunk.data, crc32c=chunk.crc32c
+        )
+        assert decoded == expected

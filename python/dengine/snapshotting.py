@@ -87,6 +87,8 @@ class SnapshotManager:
         self._incoming: _Incoming | None = None
         self._received: dict[Path, SnapshotFile] = {}
         self._last_snapshot_at = time.monotonic()
+        self._log_dir = Path(node.config.node.data_dir) / "log"
+        self._log_bytes_at_snapshot = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self.created = 0
         self.installed = 0
@@ -237,6 +239,9 @@ class SnapshotManager:
         if upto > log_store.first_index() - 1:
             # On the log's own I/O thread: a compaction never races a sync.
             await asyncio.get_running_loop().run_in_executor(node.io, log_store.compact_prefix, upto)
+        # The size policy counts what the log grew by since this point (whole segments are only
+        # freed once every entry in them is compacted, so the directory rarely shrinks to zero).
+        self._log_bytes_at_snapshot = await self._run(_directory_bytes, self._log_dir)
         await self._prune()
 
     async def _prune(self) -> None:
@@ -270,10 +275,8 @@ class SnapshotManager:
                 continue
             due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
             if not due and cfg.bytes:
-                due = (
-                    await self._run(_directory_bytes, Path(self.node.config.node.data_dir) / "log")
-                    >= cfg.bytes
-                )
+                grown = await self._run(_directory_bytes, self._log_dir) - self._log_bytes_at_snapshot
+                due = grown >= cfg.bytes
             if due:
                 self._begin_create()
 
@@ -320,7 +323,13 @@ class SnapshotManager:
                     ok = True
                 else:
                     start = offer.next_offset
-                    reply = await stub.InstallSnapshot(self._chunks(chunker, header, start))
+                    # Chunks go out pre-encoded (see encode_chunk): no protobuf object per MiB.
+                    install = channel.stream_unary(
+                        "/dengine.v1.Raft/InstallSnapshot",
+                        request_serializer=_as_is,
+                        response_deserializer=raft_pb2.InstallSnapshotResponse.FromString,
+                    )
+                    reply = await install(self._chunks(chunker, header, start))
                     ok = reply.installed
                     log.info(
                         "node %d: sent snapshot at index %d to node %d: %d bytes from offset %d in %.2f s",
@@ -359,24 +368,30 @@ class SnapshotManager:
 
     async def _chunks(
         self, chunker: SnapshotChunker, header: raft_pb2.SnapshotHeader, start: int
-    ) -> AsyncIterator[raft_pb2.SnapshotChunk]:
+    ) -> AsyncIterator[bytes]:
+        """The snapshot's chunks from ``start``, each already encoded as a SnapshotChunk message."""
         rate = self.cfg.bandwidth_mb_s * 1e6
         began = time.monotonic()
         size, sent = chunker.size, 0
         loop = asyncio.get_running_loop()
+        header_field = _field(1, header.SerializeToString())
 
-        def read(offset: int) -> asyncio.Future[SnapshotChunk] | None:
-            return loop.run_in_executor(self._pool, chunker.chunk_at, offset) if offset < size else None
+        def read_and_encode(offset: int) -> tuple[int, bytes]:
+            chunk = chunker.chunk_at(offset)
+            return len(chunk.data), encode_chunk(header_field, chunk)
 
-        # The next chunk is read from disk while the current one is on the wire.
-        ahead = read(start)
+        def read(offset: int) -> asyncio.Future[tuple[int, bytes]] | None:
+            return loop.run_in_executor(self._pool, read_and_encode, offset) if offset < size else None
+
+        # The next chunk is read and encoded off the loop while the current one is on the wire.
+        offset = start
+        ahead = read(offset)
         while ahead is not None:
-            chunk = await ahead
-            ahead = read(chunk.offset + len(chunk.data))
-            yield raft_pb2.SnapshotChunk(
-                header=header, offset=chunk.offset, data=chunk.data, crc32c=chunk.crc32c
-            )
-            sent += len(chunk.data)
+            length, encoded = await ahead
+            offset += length
+            ahead = read(offset)
+            yield encoded
+            sent += length
             if rate:
                 early = sent / rate - (time.monotonic() - began)
                 if early > 0:
@@ -521,8 +536,46 @@ class SnapshotManager:
             await self._run(inc.assembler.abort)
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_chunk(header_field: bytes, chunk: SnapshotChunk) -> bytes:
+    """A ``SnapshotChunk`` message in protobuf wire format, built with one copy of the data
+    (protobuf would copy a MiB into a message object and again to serialize it).
+    ``header_field`` is field 1, encoded once per transfer with :func:`_field`."""
+    return b"".join(
+        (
+            header_field,
+            b"\x10",  # field 2, offset (varint)
+            _varint(chunk.offset),
+            _varint(3 << 3 | 2),  # field 3, data
+            _varint(len(chunk.data)),
+            chunk.data,
+            b"\x20",  # field 4, crc32c (varint)
+            _varint(chunk.crc32c),
+        )
+    )
+
+
 def _directory_bytes(path: Path) -> int:
     total = 0
+    if not path.is_dir():
+        return 0  # an in-memory or custom log store keeps nothing there
     with os.scandir(path) as it:
         for entry in it:
             if entry.is_file(follow_symlinks=False):
