@@ -17,7 +17,6 @@ from dengine.config import Config
 from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
-from dengine.snapshotting import _field, encode_chunk
 from dengine.v1 import raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, until
 
@@ -53,13 +52,13 @@ def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None
             assert leader.snapshots.created >= 1
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()
-            await until(lambda: back.raft is not None and back.raft.applied >= 500)
+            await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 500)
             assert back.snapshots.installed == 1, "it caught up by snapshot, not from the log"
-            assert isinstance(back.sm, Counter) and back.sm.n == 500
             assert back.store is not None and back.store.first_index() > 100
             # The transfer left no partial files behind, and the received snapshot is durable.
             files = sorted(p.name for p in (tmp_path / f"n{index + 1}" / "snapshots").iterdir())
-            assert files and all(f.endswith(".snap") for f in files), files
+            assert any(f.endswith(".snap") for f in files), files
+            assert not any(f.endswith((".partial", ".progress")) for f in files), files
             # Replication goes on from the log after the snapshot.
             await propose_all(leader, 10)
             await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 510)
@@ -232,8 +231,11 @@ def test_policies_by_age_and_by_log_size_and_disabled_snapshots(tmp_path: Path) 
                 else:
                     await asyncio.sleep(1.5)  # several policy checks
                     assert node.snapshots.created == 0
-                files = list(node.snapshots.directory.glob("*.snap"))
-                assert len(files) == (1 if expect else 0), "keep = 1 leaves one file"
+                directory = node.snapshots.directory
+                if expect:  # keep = 1: older files go once the new one is in place
+                    await until(lambda d=directory: len(list(d.glob("*.snap"))) == 1)  # type: ignore[misc]
+                else:
+                    assert not list(directory.glob("*.snap"))
 
     run(main)
 
@@ -250,23 +252,8 @@ def test_a_bandwidth_cap_spaces_out_the_chunks(tmp_path: Path) -> None:
             began = asyncio.get_running_loop().time()
             sent = [c async for c in node.snapshots._chunks(chunker, raft_pb2.SnapshotHeader(), 0)]
             elapsed = asyncio.get_running_loop().time() - began
-            assert sum(len(raft_pb2.SnapshotChunk.FromString(c).data) for c in sent) == 100_000
+            assert sum(len(c.data) for c in sent) == 100_000
             # 100 kB at 0.2 MB/s cannot leave in less than half a second (a lower bound only).
             assert elapsed >= 0.45, elapsed
 
     run(main)
-
-
-def test_hand_encoded_chunks_are_what_protobuf_would_send(tmp_path: Path) -> None:
-    path = tmp_path / "f.bin"
-    path.write_bytes(bytes(range(256)) * 4000)
-    chunker = SnapshotChunker(path, 300_000)
-    header = raft_pb2.SnapshotHeader(cluster_id="c", to=2, term=7, index=9, log_term=3, size=chunker.size)
-    header_field = _field(1, header.SerializeToString())
-    for offset in (0, 300_000, 900_000):
-        chunk = chunker.chunk_at(offset)
-        decoded = raft_pb2.SnapshotChunk.FromString(encode_chunk(header_field, chunk))
-        expected = raft_pb2.SnapshotChunk(
-            header=header, offset=chunk.offset, data=chunk.data, crc32c=chunk.crc32c
-        )
-        assert decoded == expected

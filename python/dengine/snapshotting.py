@@ -323,13 +323,7 @@ class SnapshotManager:
                     ok = True
                 else:
                     start = offer.next_offset
-                    # Chunks go out pre-encoded (see encode_chunk): no protobuf object per MiB.
-                    install = channel.stream_unary(
-                        "/dengine.v1.Raft/InstallSnapshot",
-                        request_serializer=_as_is,
-                        response_deserializer=raft_pb2.InstallSnapshotResponse.FromString,
-                    )
-                    reply = await install(self._chunks(chunker, header, start))
+                    reply = await stub.InstallSnapshot(self._chunks(chunker, header, start))
                     ok = reply.installed
                     log.info(
                         "node %d: sent snapshot at index %d to node %d: %d bytes from offset %d in %.2f s",
@@ -368,30 +362,24 @@ class SnapshotManager:
 
     async def _chunks(
         self, chunker: SnapshotChunker, header: raft_pb2.SnapshotHeader, start: int
-    ) -> AsyncIterator[bytes]:
-        """The snapshot's chunks from ``start``, each already encoded as a SnapshotChunk message."""
+    ) -> AsyncIterator[raft_pb2.SnapshotChunk]:
         rate = self.cfg.bandwidth_mb_s * 1e6
         began = time.monotonic()
         size, sent = chunker.size, 0
         loop = asyncio.get_running_loop()
-        header_field = _field(1, header.SerializeToString())
 
-        def read_and_encode(offset: int) -> tuple[int, bytes]:
-            chunk = chunker.chunk_at(offset)
-            return len(chunk.data), encode_chunk(header_field, chunk)
+        def read(offset: int) -> asyncio.Future[SnapshotChunk] | None:
+            return loop.run_in_executor(self._pool, chunker.chunk_at, offset) if offset < size else None
 
-        def read(offset: int) -> asyncio.Future[tuple[int, bytes]] | None:
-            return loop.run_in_executor(self._pool, read_and_encode, offset) if offset < size else None
-
-        # The next chunk is read and encoded off the loop while the current one is on the wire.
-        offset = start
-        ahead = read(offset)
+        # The next chunk is read from disk while the current one is on the wire.
+        ahead = read(start)
         while ahead is not None:
-            length, encoded = await ahead
-            offset += length
-            ahead = read(offset)
-            yield encoded
-            sent += length
+            chunk = await ahead
+            ahead = read(chunk.offset + len(chunk.data))
+            yield raft_pb2.SnapshotChunk(
+                header=header, offset=chunk.offset, data=chunk.data, crc32c=chunk.crc32c
+            )
+            sent += len(chunk.data)
             if rate:
                 early = sent / rate - (time.monotonic() - began)
                 if early > 0:
@@ -534,42 +522,6 @@ class SnapshotManager:
         if inc is not None:
             log.info("node %d: abandoned a snapshot transfer (%s)", self.node.id, why)
             await self._run(inc.assembler.abort)
-
-
-def _as_is(data: bytes) -> bytes:
-    return data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_chunk(header_field: bytes, chunk: SnapshotChunk) -> bytes:
-    """A ``SnapshotChunk`` message in protobuf wire format, built with one copy of the data
-    (protobuf would copy a MiB into a message object and again to serialize it).
-    ``header_field`` is field 1, encoded once per transfer with :func:`_field`."""
-    return b"".join(
-        (
-            header_field,
-            b"\x10",  # field 2, offset (varint)
-            _varint(chunk.offset),
-            _varint(3 << 3 | 2),  # field 3, data
-            _varint(len(chunk.data)),
-            chunk.data,
-            b"\x20",  # field 4, crc32c (varint)
-            _varint(chunk.crc32c),
-        )
-    )
 
 
 def _directory_bytes(path: Path) -> int:
