@@ -57,6 +57,16 @@ def configs(root: Path, n: int = 3) -> list[Config]:
     ]
 
 
+def with_section(cfgs: list[Config], section: str, **values: Any) -> list[Config]:
+    """The same configurations with ``values`` set in ``[section]``."""
+    out = []
+    for c in cfgs:
+        d = c.to_dict()
+        d[section] = {**d.get(section, {}), **values}
+        out.append(Config.from_dict(d))
+    return out
+
+
 async def until(cond: Callable[[], T | None], timeout: float = 10.0) -> T:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -13,7 +13,7 @@ from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.node import Node
 from dengine.raft.membership import ConfChangeError
-from test_node_embedded import Counter, configs, leader_of, run, until
+from test_node_embedded import Counter, configs, leader_of, run, until, with_section
 
 
 def joiner_config(root: Path, node_id: int, seed: Config, **membership: object) -> Config:
@@ -32,12 +32,7 @@ def joiner_config(root: Path, node_id: int, seed: Config, **membership: object) 
 
 
 def with_membership(cfgs: list[Config], **membership: object) -> list[Config]:
-    out = []
-    for c in cfgs:
-        d = c.to_dict()
-        d["membership"] = {**d.get("membership", {}), **membership}
-        out.append(Config.from_dict(d))
-    return out
+    return with_section(cfgs, "membership", **membership)
 
 
 def test_a_node_joins_is_promoted_automatically_and_the_leader_removes_itself(tmp_path: Path) -> None:

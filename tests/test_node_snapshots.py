@@ -18,16 +18,11 @@ from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
 from dengine.v1 import raft_pb2
-from test_node_embedded import Counter, configs, leader_of, run, until
+from test_node_embedded import Counter, configs, leader_of, run, until, with_section
 
 
 def with_snapshots(cfgs: list[Config], **snapshot: Any) -> list[Config]:
-    out = []
-    for c in cfgs:
-        d = c.to_dict()
-        d["snapshot"] = {**d.get("snapshot", {}), **snapshot}
-        out.append(Config.from_dict(d))
-    return out
+    return with_section(cfgs, "snapshot", **snapshot)
 
 
 async def propose_all(node: Node, n: int, start: int = 0) -> None:

@@ -21,22 +21,11 @@ def change(cluster: SimCluster, op: ConfOp, target: int, timeout: float = 3000) 
     """Retries the change at whoever leads until the leader's configuration shows it committed."""
 
     def done() -> bool:
+        state = cluster.membership_change_done(op, target)
         leader = cluster.leader()
-        if leader is None:
-            return False
-        raft = cluster.nodes[leader].raft
-        assert raft is not None
-        members = raft.conf.voters | raft.learners
-        applied = (
-            (op is ConfOp.ADD_LEARNER and target in members)
-            or (op is ConfOp.PROMOTE and target in raft.conf.voters)
-            or (op is ConfOp.REMOVE and target not in members)
-        )
-        if applied and raft.conf_index <= raft.commit:
-            return True
-        if not applied:
+        if state is False and leader is not None:
             cluster.change_membership(leader, op, target)
-        return False
+        return bool(state)
 
     assert cluster.run_until_true(done, timeout, step=20), f"{op.name} {target} did not complete"
 

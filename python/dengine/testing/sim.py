@@ -144,6 +144,23 @@ class SimCluster:
         self._start(node)
         return node
 
+    def membership_change_done(self, op: ConfOp, target: int) -> bool | None:
+        """Whether the current leader's configuration shows ``op`` of ``target`` committed:
+        True, False (not in its configuration yet), or None (no leader, or not committed)."""
+        leader = self.leader()
+        raft = self.nodes[leader].raft if leader is not None else None
+        if raft is None:
+            return None
+        members = raft.conf.voters | raft.learners
+        done = (
+            (op is ConfOp.ADD_LEARNER and target in members)
+            or (op is ConfOp.PROMOTE and target in raft.conf.voters)
+            or (op is ConfOp.REMOVE and target not in members)
+        )
+        if done and raft.conf_index > raft.commit:
+            return None
+        return done
+
     def change_membership(self, node_id: int, op: ConfOp, target: int) -> str | None:
         """Proposes a membership change at ``node_id`` (which must lead); returns the refusal,
         if any. Addresses are simulated as ``sim:<id>``."""

@@ -225,24 +225,18 @@ class _Run:
         cluster = self.cluster
         if not self.churn or cluster.now >= self.stop_at:
             return
-        leader = cluster.leader()
-        raft = cluster.nodes[leader].raft if leader is not None else None
-        if raft is not None:
-            op, target = self.churn[0]
-            voters, learners = raft.conf.voters, raft.learners
-            done = (
-                (op is ConfOp.ADD_LEARNER and target in voters | learners)
-                or (op is ConfOp.PROMOTE and target in voters)
-                or (op is ConfOp.REMOVE and target not in voters | learners)
-            )
-            if done and raft.conf_index <= raft.commit:
-                self.churn.pop(0)
-                self.report.membership_changes += 1
-                self.report.faults.append(f"{cluster.now:.0f}ms {op.name.lower()} {target} done")
-            elif not done:
-                if op is ConfOp.ADD_LEARNER and target not in cluster.nodes:
-                    cluster.add_node(target)
-                cluster.change_membership(leader, op, target)  # type: ignore[arg-type]
+        op, target = self.churn[0]
+        done = cluster.membership_change_done(op, target)
+        if done:
+            self.churn.pop(0)
+            self.report.membership_changes += 1
+            self.report.faults.append(f"{cluster.now:.0f}ms {op.name.lower()} {target} done")
+        elif done is False:
+            if op is ConfOp.ADD_LEARNER and target not in cluster.nodes:
+                cluster.add_node(target)
+            leader = cluster.leader()
+            assert leader is not None
+            cluster.change_membership(leader, op, target)
         cluster.schedule(self.rng.uniform(50, 300), self.drive_membership)
 
     def inject_faults(self, until: float) -> None:
