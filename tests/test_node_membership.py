@@ -158,3 +158,19 @@ def test_a_wiped_node_is_replaced_and_the_configuration_survives_restarts(tmp_pa
                 await n.stop(transfer_leadership=False)
 
     run(main)
+
+
+def test_join_given_to_a_member_that_holds_data_changes_nothing(tmp_path: Path) -> None:
+    (cfg,) = configs(tmp_path, 1)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await node.propose(b"1")
+        # Restarted with --join by mistake: it still leads its own cluster and never "joins".
+        async with Node(cfg, state_machine=Counter(), join="127.0.0.1:1") as again:
+            await until(lambda: leader_of([again]))
+            assert await again.propose(b"1") == b"2"
+        assert not (tmp_path / "n1" / "joined").exists()
+
+    run(main)

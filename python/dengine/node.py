@@ -245,12 +245,15 @@ class Node:
     async def _start_serving(self) -> None:
         assert self.store is not None
         raft_config = self.config.raft_config()
-        if self._join is not None or self._join_marker.exists():
-            # A node that joined (or is joining) a running cluster knows no configuration of its
-            # own: it learns the cluster's from the log or a snapshot, never from its config file.
+        # Only a node with nothing on disk joins; --join given again to a member that already
+        # holds data (an original member, or a joined one restarting) changes nothing.
+        fresh = self.store.last_index() == 0 and self._start_snapshot is None
+        if self._join is not None and fresh and not self._join_marker.exists():
+            await asyncio.get_running_loop().run_in_executor(self.io, _write_marker, self._join_marker)
+        if self._join_marker.exists():
+            # A node that joined a running cluster knows no configuration of its own: it learns
+            # the cluster's from the log or a snapshot, never from its config file.
             raft_config = dataclasses.replace(raft_config, voters=frozenset(), learners=frozenset())
-            if self._join is not None and not self._join_marker.exists():
-                await asyncio.get_running_loop().run_in_executor(self.io, _write_marker, self._join_marker)
         self.raft = Raft(raft_config, self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot)
         members = dict(self.members.addresses)
         self.transport = PeerTransport(
