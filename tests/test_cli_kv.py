@@ -121,3 +121,18 @@ def test_leader_transfer(cluster: ProcCluster) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"leadership handed to node {target}"
     assert wait_for(lambda: cluster.leader() == target, 10, f"node {target} to lead")
+
+
+def test_the_consistency_commands_of_the_docs(cluster: ProcCluster) -> None:
+    """Every command docs/consistency.md shows, run as written (plus the endpoints)."""
+    doc = (Path(__file__).parent.parent / "docs" / "consistency.md").read_text()
+    commands = [line.split("#")[0].split() for line in doc.splitlines() if line.startswith("dengine kv ")]
+    assert len(commands) == 3
+    assert dengine(cluster, "kv", "put", "greeting", "hello").returncode == 0
+    for words in commands:
+        # A stale read may lag the write by a moment (the page says so): wait for it.
+        wait_for(
+            lambda w=words: (g := dengine(cluster, *w[1:])).returncode == 0 and g.stdout.strip() == "hello",  # type: ignore[misc]
+            10,
+            " ".join(words),
+        )
