@@ -5,8 +5,9 @@ contained, a graceful stop hands leadership over, and nothing blocks the event l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -65,6 +66,20 @@ def with_section(cfgs: list[Config], section: str, **values: Any) -> list[Config
         d[section] = {**d.get(section, {}), **values}
         out.append(Config.from_dict(d))
     return out
+
+
+@contextlib.asynccontextmanager
+async def started(cfgs: list[Config]) -> AsyncIterator[list[Node]]:
+    """Starts one Counter node per config; on exit stops every node in the list it gave (a test
+    may add nodes to it)."""
+    nodes = [Node(c, state_machine=Counter()) for c in cfgs]
+    for n in nodes:
+        await n.start()
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            await n.stop(transfer_leadership=False)
 
 
 async def until(cond: Callable[[], T | None], timeout: float = 10.0) -> T:

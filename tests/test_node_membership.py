@@ -13,7 +13,7 @@ from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.node import Node
 from dengine.raft.membership import ConfChangeError
-from test_node_embedded import Counter, configs, leader_of, run, until, with_section
+from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
 
 
 def joiner_config(root: Path, node_id: int, seed: Config, **membership: object) -> Config:
@@ -39,10 +39,7 @@ def test_a_node_joins_is_promoted_automatically_and_the_leader_removes_itself(tm
     cfgs = with_membership(configs(tmp_path), promote="auto", caught_up_for_ms=200, max_lag_entries=10)
 
     async def main() -> None:
-        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
-        for n in nodes:
-            await n.start()
-        try:
+        async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
             await asyncio.gather(*(leader.propose(b"1") for _ in range(50)))
             cfg4 = joiner_config(
@@ -68,9 +65,6 @@ def test_a_node_joins_is_promoted_automatically_and_the_leader_removes_itself(tm
             await asyncio.sleep(1.0)  # several election timeouts: the removed node stays quiet
             assert leader.raft is not None and leader.raft.role.value == "follower"
             assert leader_of([n for n in nodes if n is not leader]) is new
-        finally:
-            for n in nodes:
-                await n.stop(transfer_leadership=False)
 
     run(main)
 
@@ -79,10 +73,7 @@ def test_manual_promotion_refuses_a_learner_far_behind(tmp_path: Path) -> None:
     cfgs = with_membership(configs(tmp_path), promote="manual", max_lag_entries=5)
 
     async def main() -> None:
-        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
-        for n in nodes:
-            await n.start()
-        try:
+        async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
             await asyncio.gather(*(leader.propose(b"1") for _ in range(20)))
             # The safety checks count only voters that answered lately: wait until all have.
@@ -106,9 +97,6 @@ def test_manual_promotion_refuses_a_learner_far_behind(tmp_path: Path) -> None:
                 await leader.remove_member(next(n.id for n in nodes if n is not leader and n.id in voters))
             await leader.remove_member(7)
             assert leader.raft is not None and 7 not in leader.raft.conf.voters
-        finally:
-            for n in nodes:
-                await n.stop(transfer_leadership=False)
 
     run(main)
 
@@ -123,10 +111,7 @@ def test_a_wiped_node_is_replaced_and_the_configuration_survives_restarts(tmp_pa
     )
 
     async def main() -> None:
-        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
-        for n in nodes:
-            await n.start()
-        try:
+        async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
             await asyncio.gather(*(leader.propose(b"1") for _ in range(100)))
             victim = next(n for n in nodes if n is not leader)
@@ -147,15 +132,12 @@ def test_a_wiped_node_is_replaced_and_the_configuration_survives_restarts(tmp_pa
             for n in list(nodes):
                 await n.stop(transfer_leadership=False)
             cfg_by_id = {c.node.id: c for c in [*cfgs, cfg5]}
-            nodes = [Node(cfg_by_id[n.id], state_machine=Counter()) for n in nodes]
+            nodes[:] = [Node(cfg_by_id[n.id], state_machine=Counter()) for n in nodes]
             for n in nodes:
                 await n.start()
             again = await until(lambda: leader_of(nodes))
             assert again.raft is not None and again.raft.conf.voters == frozenset({1, 2, 3, 5} - {victim.id})
             assert await again.propose(b"1") == b"101"
-        finally:
-            for n in nodes:
-                await n.stop(transfer_leadership=False)
 
     run(main)
 

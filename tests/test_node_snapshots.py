@@ -18,7 +18,7 @@ from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
 from dengine.v1 import raft_pb2
-from test_node_embedded import Counter, configs, leader_of, run, until, with_section
+from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
 
 
 def with_snapshots(cfgs: list[Config], **snapshot: Any) -> list[Config]:
@@ -33,10 +33,7 @@ def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None
     cfgs = with_snapshots(configs(tmp_path), entries=100, trailing_entries=10, chunk_bytes=64)
 
     async def main() -> None:
-        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
-        for n in nodes:
-            await n.start()
-        try:
+        async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
             lagging = next(n for n in nodes if n is not leader)
             index = nodes.index(lagging)
@@ -57,9 +54,6 @@ def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None
             # Replication goes on from the log after the snapshot.
             await propose_all(leader, 10)
             await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 510)
-        finally:
-            for n in nodes:
-                await n.stop(transfer_leadership=False)
 
     run(main)
 
@@ -148,10 +142,7 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
     cfgs = with_snapshots(configs(tmp_path), entries=0, chunk_bytes=100)
 
     async def main() -> None:
-        nodes = [Node(c, state_machine=Counter()) for c in cfgs]
-        for n in nodes:
-            await n.start()
-        try:
+        async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
             follower = next(n for n in nodes if n is not leader)
             await propose_all(leader, 50)
@@ -201,9 +192,6 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
             await until(
                 lambda: not any(p.name.endswith((".partial", ".progress")) for p in directory.iterdir())
             )
-        finally:
-            for n in nodes:
-                await n.stop(transfer_leadership=False)
 
     run(main)
 
