@@ -179,6 +179,28 @@ def test_prometheus_metrics_are_served(cluster: ProcCluster) -> None:
     assert 'code="FAILED_PRECONDITION"' in cluster.scrape(follower)
 
 
+def test_a_batch_of_gets_on_a_follower_answers_each_in_place(cluster: ProcCluster) -> None:
+    leader = cluster.wait_leader()
+    follower = next(i for i in range(1, 4) if i != leader)
+    cluster.kv(leader).Batch(
+        kv_pb2.BatchRequest(
+            ops=[kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"g/%d" % i, value=b"%d" % i)) for i in range(3)]
+        ),
+        timeout=5,
+    )
+
+    def get(key: bytes, consistency: kv_pb2.Consistency = kv_pb2.LINEARIZABLE) -> kv_pb2.Operation:
+        return kv_pb2.Operation(get=kv_pb2.GetRequest(key=key, consistency=consistency))
+
+    ops = [get(b"g/2"), get(b""), get(b"g/missing"), get(b"g/0", kv_pb2.STALE), get(b"g/1")]
+    results = cluster.kv(follower).Batch(kv_pb2.BatchRequest(ops=ops), timeout=5).results
+    assert [r.WhichOneof("result") for r in results] == ["get", "error", "get", "get", "get"]
+    assert results[1].error.startswith("INVALID_ARGUMENT")
+    assert (results[0].get.kv.value, results[2].get.found, results[4].get.kv.value) == (b"2", False, b"1")
+    # The linearizable gets were confirmed with the leader, so they saw the batch written above.
+    assert results[0].get.revision == results[4].get.revision >= 3
+
+
 def test_kv_service_batch_cas_range_watch_and_sessions(cluster: ProcCluster) -> None:
     leader = cluster.wait_leader()
     kv = cluster.kv(leader)

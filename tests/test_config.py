@@ -80,7 +80,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "max_batch_entries": 4096,
             "max_batch_bytes": 1048576,
             "forward_proposals": True,
-            "propose_linger_ms": 0.5,
+            "propose_linger_ms": 0.0,
         },
         "storage": {"engine": "file", "segment_bytes": 64 * 1024 * 1024, "preallocate": False},
         "snapshot": {

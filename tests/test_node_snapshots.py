@@ -40,7 +40,10 @@ def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None
             await lagging.stop()
             for _ in range(5):
                 await propose_all(leader, 100)
-            assert leader.store is not None and leader.store.first_index() > 100, "compacted"
+            store = leader.store
+            assert store is not None
+            # Policy snapshots are taken in the background: wait for one past index 100.
+            await until(lambda: store.first_index() > 100)
             assert leader.snapshots.created >= 1
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()

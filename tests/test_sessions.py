@@ -112,3 +112,27 @@ def test_an_undecodable_entry_is_skipped_alike_everywhere() -> None:
     skipped = apply_entry(Entry(1, 1, b"\x09garbage"), table, sm.run)
     assert skipped.outcome is Outcome.NOOP and skipped.error and "undecodable" in skipped.error
     assert sm.n == 0
+
+
+def test_results_below_the_first_outstanding_sequence_are_dropped_in_any_arrival_order() -> None:
+    sm, table = Counter(), SessionTable()
+    for index, seq in enumerate([5, 2, 9, 1, 7], start=1):
+        apply_entry(entry(index, 4, seq, first_outstanding=1), table, sm.run)
+    apply_entry(entry(6, 4, 10, first_outstanding=6), table, sm.run)  # answers up to 5 were read
+    assert [q for q, *_ in table.items()[0][3]] == [7, 9, 10]
+    assert table.lookup(4, 5) is Outcome.STALE and table.lookup(4, 9) is Outcome.DUPLICATE
+    restored = SessionTable()
+    restored.restore(table.items())
+    apply_entry(entry(7, 4, 11, first_outstanding=9), restored, sm.run)
+    assert [q for q, *_ in restored.items()[0][3]] == [9, 10, 11]
+
+
+def test_one_client_pins_at_most_max_results_results_lowest_dropped_first() -> None:
+    sm, table = Counter(), SessionTable(max_results=3)
+    for index, seq in enumerate([4, 8, 2, 6, 5], start=1):
+        apply_entry(entry(index, 9, seq, first_outstanding=1), table, sm.run)
+    assert [q for q, *_ in table.items()[0][3]] == [5, 6, 8]
+    # A retry of a dropped sequence that the client never acknowledged runs again: the cap is
+    # the documented limit of what one client can pin.
+    assert apply_entry(entry(6, 9, 2, first_outstanding=1), table, sm.run).outcome is Outcome.APPLIED
+    assert [q for q, *_ in table.items()[0][3]] == [5, 6, 8]

@@ -6,8 +6,10 @@
 * Writes are exactly-once: each carries ``(client id, sequence)``, so a retry of a write whose
   first attempt committed (but whose answer was lost) returns the first result instead of
   applying again.
-* Concurrent calls from many coroutines are coalesced into ``Batch`` RPCs after a short linger:
-  one RPC per operation cannot go past what a gRPC server does per second, a batch of 128 can.
+* Concurrent calls from many coroutines are coalesced into ``Batch`` RPCs: everything issued in
+  the same event-loop turn leaves together (``linger_ms`` waits longer, but asyncio timers round
+  up to a millisecond). One RPC per operation cannot go past what a gRPC server does per second,
+  a batch of 128 can.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class Client:
         endpoints: Sequence[str] | str,
         *,
         timeout: float = 10.0,
-        linger_ms: float = 0.2,
+        linger_ms: float = 0.0,
         max_batch: int = 128,
         client_id: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,

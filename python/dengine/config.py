@@ -393,7 +393,7 @@ class RaftSection(_Section):
     max_batch_entries: int = _opt(4096, _int(1))
     max_batch_bytes: int = _opt(1 << 20, _int(1))
     forward_proposals: bool = _opt(True, _BOOL)
-    propose_linger_ms: float = _opt(0.5, _float(0))
+    propose_linger_ms: float = _opt(0.0, _float(0))
 
     def _check(self) -> None:
         if self.tick_ms > self.heartbeat_ms:

@@ -574,12 +574,14 @@ class Node:
                 if not self._syncing:
                     self._syncing = True
                     self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync-{self.id}")
-            for m in rd.messages:
-                transport.send(m)
+            # The apply loop is woken before the peer streams: the callers waiting for these
+            # entries are answered without waiting behind the gRPC writes of this round.
             if rd.restore is not None:
                 self._apply_queue.put_nowait(rd.restore)
             if rd.committed:
                 self._apply_queue.put_nowait(rd.committed)
+            for m in rd.messages:
+                transport.send(m)
             for peer in rd.snapshot_needed:
                 self.snapshots.on_snapshot_needed(peer)
             if rd.reads or rd.failed_reads:

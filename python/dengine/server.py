@@ -197,14 +197,70 @@ class KVService(kv_pb2_grpc.KVServicer):
         except DengineError as exc:
             return kv_pb2.OperationResult(error=f"UNAVAILABLE: {exc}")
 
+    async def _gets(self, gets: list[kv_pb2.GetRequest], consistency: int) -> list[kv_pb2.OperationResult]:
+        """Answers many gets of one consistency with a single read: one ReadIndex round (or
+        lease check) and one visit to the state machine for all of them."""
+        answers: list[kv_pb2.OperationResult | None] = [None] * len(gets)
+        valid: list[int] = []
+        for i, r in enumerate(gets):
+            try:
+                _check_key(r.key)
+                valid.append(i)
+            except RequestError as exc:
+                answers[i] = kv_pb2.OperationResult(error=f"{exc.code.name}: {exc.details}")
+
+        def read_all(sm: KVStateMachine) -> tuple[list[KeyValue | None], int]:
+            return [sm.get(gets[i].key) for i in valid], sm.revision
+
+        if valid:
+            try:
+                found, rev = await self._read(read_all, consistency)
+            except (RequestError, DengineError) as exc:
+                error = (
+                    f"{exc.code.name}: {exc.details}"
+                    if isinstance(exc, RequestError)
+                    else f"UNAVAILABLE: {exc}"
+                )
+                for i in valid:
+                    answers[i] = kv_pb2.OperationResult(error=error)
+            else:
+                for i, kv in zip(valid, found, strict=True):
+                    answers[i] = kv_pb2.OperationResult(
+                        get=kv_pb2.GetResponse(found=kv is not None, kv=_kv(kv), revision=rev)
+                    )
+        done = [a for a in answers if a is not None]
+        assert len(done) == len(answers), "every get is answered"
+        return done
+
     async def Batch(self, request: kv_pb2.BatchRequest, context: Any) -> kv_pb2.BatchResponse:
         if len(request.ops) > MAX_BATCH:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch holds at most {MAX_BATCH} operations"
             )
+        results: list[kv_pb2.OperationResult | None] = [None] * len(request.ops)
+        gets: dict[int, list[int]] = {}  # consistency -> positions of its gets
+        others: list[int] = []
+        for i, op in enumerate(request.ops):
+            if op.WhichOneof("op") == "get":
+                gets.setdefault(op.get.consistency, []).append(i)
+            else:
+                others.append(i)
+        work: list[Awaitable[list[kv_pb2.OperationResult]]] = [
+            self._gets([request.ops[i].get for i in where], consistency)
+            for consistency, where in gets.items()
+        ]
         # All writes of the batch are proposed together: one append, one fsync.
-        results = await asyncio.gather(*(self._one(op) for op in request.ops))
-        return kv_pb2.BatchResponse(results=results)
+        work.extend(self._one_list(request.ops[i]) for i in others)
+        positions = [*(where for where in gets.values()), *([i] for i in others)]
+        for where, answers in zip(positions, await asyncio.gather(*work), strict=True):
+            for i, answer in zip(where, answers, strict=True):
+                results[i] = answer
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results), "every operation of a batch is answered"
+        return kv_pb2.BatchResponse(results=done)
+
+    async def _one_list(self, op: kv_pb2.Operation) -> list[kv_pb2.OperationResult]:
+        return [await self._one(op)]
 
     async def Watch(self, request: kv_pb2.WatchRequest, context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
         queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -86,7 +86,9 @@ class LogStore(Protocol):
         ...
 
     def save_hard_state(self, hard_state: HardState) -> None:
-        """Records term, vote and commit index; durable after the next ``sync()``."""
+        """Records term, vote and commit index. Term and vote must be durable after the next
+        ``sync()``; an engine may let a change of the commit index alone wait for a later flush
+        (the core clamps a restored commit index to the log, so losing it is harmless)."""
         ...
 
     def hard_state(self) -> HardState:

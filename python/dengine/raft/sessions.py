@@ -11,6 +11,7 @@ same on every replica.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,14 @@ class _Session:
     # Sequences below this were acknowledged by the client: a late copy of one is refused.
     acked_below: int
     last_index: int
+    # The keys of ``results`` as a min-heap (entries already dropped are skipped when popped):
+    # dropping the lowest sequences costs O(log n) each, not a scan of every stored result
+    # per applied command, which was quadratic in a client's requests in flight.
+    order: list[int]
+
+    def drop_lowest(self) -> None:
+        seq = heapq.heappop(self.order)
+        self.results.pop(seq, None)
 
 
 class Outcome(enum.Enum):
@@ -104,17 +113,19 @@ class SessionTable:
     ) -> None:
         s = self._sessions.get(client_id)
         if s is None:
-            s = self._sessions[client_id] = _Session({}, 0, index)
+            s = self._sessions[client_id] = _Session({}, 0, index, [])
         else:
             self._sessions.move_to_end(client_id)
         s.last_index = index
+        if sequence not in s.results:
+            heapq.heappush(s.order, sequence)
         s.results[sequence] = (result, error)
         if first_outstanding > s.acked_below:
             s.acked_below = first_outstanding
-            for seq in [q for q in s.results if q < first_outstanding]:
-                del s.results[seq]
+            while s.order and s.order[0] < first_outstanding:
+                s.drop_lowest()
         while len(s.results) > self.max_results:
-            del s.results[min(s.results)]
+            s.drop_lowest()
         self._expire(index)
 
     def stored(self, client_id: int, sequence: int) -> tuple[bytes | None, str | None]:
@@ -140,7 +151,9 @@ class SessionTable:
         """Replaces the whole table with rows from :meth:`items` (in the same eviction order)."""
         sessions: OrderedDict[int, _Session] = OrderedDict()
         for client, acked_below, last_index, results in items:
-            sessions[client] = _Session({q: (r, e) for q, r, e in results}, acked_below, last_index)
+            stored = {q: (r, e) for q, r, e in results}
+            order = sorted(stored)  # a sorted list is already a min-heap
+            sessions[client] = _Session(stored, acked_below, last_index, order)
         self._sessions = sessions
 
 

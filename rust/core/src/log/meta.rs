@@ -32,7 +32,10 @@ pub struct MetaFile {
     seq: u64,
     /// Slot holding the newest state known durable; writes go to the other one.
     durable_slot: usize,
+    /// A write waits for the next [`MetaFile::sync`].
     dirty: bool,
+    /// A write only [`MetaFile::close_sync`] flushes (a commit-index-only change).
+    lazy: bool,
     current: Meta,
 }
 
@@ -50,8 +53,15 @@ impl MetaFile {
             .map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if !existed || len == 0 {
-            let mut mf =
-                MetaFile { path, file, seq: 0, durable_slot: 1, dirty: false, current: Meta::default() };
+            let mut mf = MetaFile {
+                path,
+                file,
+                seq: 0,
+                durable_slot: 1,
+                dirty: false,
+                lazy: false,
+                current: Meta::default(),
+            };
             mf.write(Meta::default())?;
             mf.sync()?;
             pio::sync_dir(dir).map_err(|e| Error::io(dir, e))?;
@@ -70,7 +80,7 @@ impl MetaFile {
         let Some((slot, (seq, meta))) = best else {
             return Err(Error::corrupt(&path, 0, "neither hard-state slot has a valid checksum"));
         };
-        Ok(MetaFile { path, file, seq, durable_slot: slot, dirty: false, current: meta })
+        Ok(MetaFile { path, file, seq, durable_slot: slot, dirty: false, lazy: false, current: meta })
     }
 
     pub fn get(&self) -> Meta {
@@ -79,13 +89,29 @@ impl MetaFile {
 
     /// Writes `meta` into the spare slot; durable after [`MetaFile::sync`].
     pub fn write(&mut self, meta: Meta) -> Result<()> {
+        self.write_spare(meta)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Writes `meta` into the spare slot without asking the next [`MetaFile::sync`] to flush
+    /// it: for state whose loss in a crash is harmless (a commit index, which a restarted node
+    /// clamps to its log and otherwise relearns from the leader). It becomes durable with the
+    /// next flushing write, at close, or whenever the kernel writes the page back; since it
+    /// goes to the spare slot, a torn write leaves the durable slot intact.
+    pub fn write_lazy(&mut self, meta: Meta) -> Result<()> {
+        self.write_spare(meta)?;
+        self.lazy = true;
+        Ok(())
+    }
+
+    fn write_spare(&mut self, meta: Meta) -> Result<()> {
         self.seq += 1;
         let slot = 1 - self.durable_slot;
         let bytes = encode(self.seq, &meta);
         pio::write_all_at(&self.file, &bytes, (slot * SLOT_LEN) as u64)
             .map_err(|e| Error::io(&self.path, e))?;
         self.current = meta;
-        self.dirty = true;
         Ok(())
     }
 
@@ -95,10 +121,24 @@ impl MetaFile {
     /// a write racing an fsync could otherwise tear the very state the fsync reports durable.
     pub fn sync(&mut self) -> Result<()> {
         if self.dirty {
-            self.file.sync_data().map_err(|e| Error::io(&self.path, e))?;
-            self.dirty = false;
-            self.durable_slot = 1 - self.durable_slot;
+            self.flush()?;
         }
+        Ok(())
+    }
+
+    /// Like [`MetaFile::sync`], but lazy writes are flushed too: the last sync before closing.
+    pub fn close_sync(&mut self) -> Result<()> {
+        if self.dirty || self.lazy {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))?;
+        self.dirty = false;
+        self.lazy = false;
+        self.durable_slot = 1 - self.durable_slot;
         Ok(())
     }
 }
@@ -181,6 +221,56 @@ mod tests {
         let mut buf = [0u8; SLOT_LEN];
         pio::read_exact_at(&m.file, &mut buf, (durable * SLOT_LEN) as u64).unwrap();
         assert_eq!(decode(&buf).unwrap().1, sample(5));
+    }
+
+    fn with_commit(commit: u64) -> Meta {
+        Meta { hard_state: HardState { commit, ..sample(5).hard_state }, ..sample(5) }
+    }
+
+    #[test]
+    fn a_lazy_write_waits_for_close_not_for_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        m.write(sample(5)).unwrap();
+        m.sync().unwrap();
+        let durable = m.durable_slot;
+        m.write_lazy(with_commit(50)).unwrap();
+        m.sync().unwrap();
+        assert_eq!(m.durable_slot, durable, "a commit-only change must not cost an fsync");
+        assert!(m.lazy);
+        m.close_sync().unwrap();
+        assert_ne!(m.durable_slot, durable);
+        drop(m);
+        assert_eq!(MetaFile::open(dir.path()).unwrap().get(), with_commit(50));
+    }
+
+    #[test]
+    fn a_flushing_write_after_a_lazy_one_carries_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        m.write(sample(5)).unwrap();
+        m.sync().unwrap();
+        m.write_lazy(with_commit(50)).unwrap();
+        m.write(Meta { hard_state: HardState { term: 6, vote: None, commit: 50 }, ..sample(5) }).unwrap();
+        m.sync().unwrap();
+        assert!(!m.lazy);
+        drop(m);
+        let got = MetaFile::open(dir.path()).unwrap().get().hard_state;
+        assert_eq!(got, HardState { term: 6, vote: None, commit: 50 });
+    }
+
+    #[test]
+    fn a_torn_lazy_write_falls_back_to_the_durable_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        m.write(sample(5)).unwrap();
+        m.sync().unwrap();
+        let spare = 1 - m.durable_slot;
+        m.write_lazy(with_commit(50)).unwrap();
+        drop(m);
+        let f = OpenOptions::new().write(true).open(dir.path().join("meta")).unwrap();
+        pio::write_all_at(&f, &[0xAB; 7], (spare * SLOT_LEN + 30) as u64).unwrap();
+        assert_eq!(MetaFile::open(dir.path()).unwrap().get(), sample(5));
     }
 
     #[test]

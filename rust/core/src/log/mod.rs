@@ -83,7 +83,9 @@ pub trait LogStore: Send + Sync {
     /// Drops the whole log and restarts it after a snapshot at (`index`, `term`): afterwards
     /// `first_index() == index + 1` and `term(index) == term`. Durable on return.
     fn reset(&self, index: u64, term: u64) -> Result<()>;
-    /// Records the hard state; durable after the next `sync`.
+    /// Records the hard state. Term and vote are durable after the next `sync`; a change of the
+    /// commit index alone may wait for a later flushing write or `close` (losing it in a crash
+    /// is harmless: a restarted node clamps it to its log and relearns it from the leader).
     fn save_hard_state(&self, hs: HardState) -> Result<()>;
     /// The last saved hard state (the default one for a fresh store).
     fn hard_state(&self) -> Result<HardState>;

@@ -461,8 +461,16 @@ impl LogStore for WalLogStore {
         drop(self.live()?);
         let mut meta = lock(&self.meta);
         let mut m = meta.get();
+        // Term and vote must be durable before any message of the term leaves; the commit index
+        // need not be (a restart clamps it to the log), and flushing it on every sync would
+        // double the fsyncs on the write path.
+        let commit_only = m.hard_state.term == hs.term && m.hard_state.vote == hs.vote;
         m.hard_state = hs;
-        meta.write(m)
+        if commit_only {
+            meta.write_lazy(m)
+        } else {
+            meta.write(m)
+        }
     }
 
     fn hard_state(&self) -> Result<HardState> {
@@ -501,7 +509,10 @@ impl LogStore for WalLogStore {
         if lock(&self.state).closed {
             return Ok(());
         }
-        let result = self.sync();
+        let result = self.sync().and_then(|durable| {
+            lock(&self.meta).close_sync().map_err(|e| self.fail(e))?;
+            Ok(durable)
+        });
         let mut st = lock(&self.state);
         st.closed = true;
         // Release files and the directory lock now, not at drop: Python may keep the object
