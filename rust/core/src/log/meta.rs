@@ -87,6 +87,12 @@ impl MetaFile {
         self.current
     }
 
+    /// Whether the next [`MetaFile::sync`] has a write to flush.
+    #[cfg(test)]
+    pub fn needs_sync(&self) -> bool {
+        self.dirty
+    }
+
     /// Writes `meta` into the spare slot; durable after [`MetaFile::sync`].
     pub fn write(&mut self, meta: Meta) -> Result<()> {
         self.write_spare(meta)?;

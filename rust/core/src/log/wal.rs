@@ -524,3 +524,27 @@ impl LogStore for WalLogStore {
         result.map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_term_and_vote_changes_wait_for_the_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
+        s.save_hard_state(HardState { term: 2, vote: Some(1), commit: 0 }).unwrap();
+        assert!(lock(&s.meta).needs_sync());
+        s.sync().unwrap();
+        s.save_hard_state(HardState { term: 2, vote: Some(1), commit: 7 }).unwrap();
+        assert!(!lock(&s.meta).needs_sync(), "a commit-only change must not cost an fsync");
+        s.save_hard_state(HardState { term: 2, vote: None, commit: 7 }).unwrap();
+        assert!(lock(&s.meta).needs_sync(), "a vote change must be flushed");
+        s.sync().unwrap();
+        s.save_hard_state(HardState { term: 3, vote: None, commit: 7 }).unwrap();
+        assert!(lock(&s.meta).needs_sync(), "a term change must be flushed");
+        s.close().unwrap();
+        let reopened = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(reopened.hard_state().unwrap(), HardState { term: 3, vote: None, commit: 7 });
+    }
+}
