@@ -383,13 +383,7 @@ class Node:
     async def propose(self, command: bytes, *, timeout: float | None = None) -> bytes:
         """Replicates ``command`` and returns what ``apply`` returned for it, once it is committed
         and applied on this node. Proposals made together are batched into one append."""
-        self._seq += 1
-        outstanding = self._local_outstanding
-        # Sequences no longer waiting were answered (or given up): drop them from the heap's top.
-        while outstanding and (self._client_id, outstanding[0]) not in self._waiters:
-            heapq.heappop(outstanding)
-        heapq.heappush(outstanding, self._seq)
-        return await self._propose(self._client_id, self._seq, command, timeout, outstanding[0])
+        return await self._wait(self.submit(command), timeout)
 
     async def propose_session(
         self,
@@ -403,19 +397,36 @@ class Node:
         """Like :meth:`propose` for a client with its own session: a retry with the same
         ``(client_id, sequence)``, through this node or any other, is applied once and answered
         with the first result (Raft thesis §6.3)."""
-        return await self._propose(client_id, sequence, command, timeout, first_outstanding)
+        return await self._wait(self.submit_session(client_id, sequence, command, first_outstanding), timeout)
 
-    async def _propose(
-        self, client_id: int, seq: int, command: bytes, timeout: float | None, first_outstanding: int
-    ) -> bytes:
+    @staticmethod
+    async def _wait(fut: asyncio.Future[bytes], timeout: float | None) -> bytes:
+        return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+
+    def submit(self, command: bytes) -> asyncio.Future[bytes]:
+        """:meth:`propose` without the coroutine: returns the future of the result at once, for
+        callers that propose many commands together and await them all (cancelling the future
+        gives up waiting; the command may still be applied)."""
+        self._seq += 1
+        outstanding = self._local_outstanding
+        # Sequences no longer waiting were answered (or given up): drop them from the heap's top.
+        while outstanding and (self._client_id, outstanding[0]) not in self._waiters:
+            heapq.heappop(outstanding)
+        heapq.heappush(outstanding, self._seq)
+        return self.submit_session(self._client_id, self._seq, command, outstanding[0])
+
+    def submit_session(
+        self, client_id: int, sequence: int, command: bytes, first_outstanding: int = 0
+    ) -> asyncio.Future[bytes]:
+        """:meth:`propose_session` without the coroutine (see :meth:`submit`)."""
         if not self._running:
             raise DengineError("the node is not running")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
-        key = (client_id, seq)
+        key = (client_id, sequence)
         self._waiters.setdefault(key, []).append(fut)
         self._proposed_at.setdefault(key, time.monotonic())
-        wrapped = envelope.session_command(client_id, seq, command, min(first_outstanding, seq))
+        wrapped = envelope.session_command(client_id, sequence, command, min(first_outstanding, sequence))
         self._payloads[key] = wrapped
         self._pending.append(wrapped)
         if not self._flush_scheduled:
@@ -425,16 +436,18 @@ class Node:
                 loop.call_later(linger, self._flush)
             else:
                 loop.call_soon(self._flush)
-        try:
-            return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
-        finally:
-            waiting = self._waiters.get(key)
-            if waiting is not None:
-                waiting.remove(fut)
-                if not waiting:
-                    del self._waiters[key]
-                    self._proposed_at.pop(key, None)
-                    self._payloads.pop(key, None)
+        fut.add_done_callback(lambda f: self._forget(key, f))
+        return fut
+
+    def _forget(self, key: tuple[int, int], fut: asyncio.Future[bytes]) -> None:
+        """A waiter is answered or gave up: once nobody waits on ``key``, its bookkeeping goes."""
+        waiting = self._waiters.get(key)
+        if waiting is not None and fut in waiting:
+            waiting.remove(fut)
+            if not waiting:
+                del self._waiters[key]
+                self._proposed_at.pop(key, None)
+                self._payloads.pop(key, None)
 
     def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception]) -> None:
         for fut in self._waiters.get(key, []):

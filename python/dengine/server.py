@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -78,6 +79,79 @@ def _check_value(value: bytes) -> None:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"value exceeds {MAX_VALUE} bytes")
 
 
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A validated write: the command to propose and how to answer once it is applied."""
+
+    kind: str  # the Operation field: put, delete or cas
+    command: bytes
+    session: kv_pb2.Session | None
+    respond: Callable[[KVResult], Any]
+
+
+def _session(
+    r: kv_pb2.PutRequest | kv_pb2.DeleteRequest | kv_pb2.CompareAndSwapRequest,
+) -> kv_pb2.Session | None:
+    return r.session if r.HasField("session") else None
+
+
+def _prepare_put(r: kv_pb2.PutRequest) -> _Write:
+    _check_key(r.key)
+    _check_value(r.value)
+    return _Write(
+        "put",
+        encode_put(r.key, r.value),
+        _session(r),
+        lambda res: kv_pb2.PutResponse(revision=res.revision, prev=_kv(res.prev)),
+    )
+
+
+def _prepare_delete(r: kv_pb2.DeleteRequest) -> _Write:
+    _check_key(r.key)
+    return _Write(
+        "delete",
+        encode_delete(r.key),
+        _session(r),
+        lambda res: kv_pb2.DeleteResponse(deleted=res.ok, revision=res.revision, prev=_kv(res.prev)),
+    )
+
+
+def _prepare_cas(r: kv_pb2.CompareAndSwapRequest) -> _Write:
+    _check_key(r.key)
+    _check_value(r.value)
+    return _Write(
+        "cas",
+        encode_cas(r.key, r.expected if r.has_expected else None, r.value),
+        _session(r),
+        lambda res: kv_pb2.CompareAndSwapResponse(
+            succeeded=res.ok, revision=res.revision, current=None if res.ok else _kv(res.prev)
+        ),
+    )
+
+
+def _prepare(op: kv_pb2.Operation) -> _Write:
+    kind = op.WhichOneof("op")
+    if kind == "put":
+        return _prepare_put(op.put)
+    if kind == "delete":
+        return _prepare_delete(op.delete)
+    if kind == "cas":
+        return _prepare_cas(op.cas)
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty operation")
+
+
+def _error_result(exc: RequestError | DengineError) -> kv_pb2.OperationResult:
+    if isinstance(exc, RequestError):
+        return kv_pb2.OperationResult(error=f"{exc.code.name}: {exc.details}")
+    return kv_pb2.OperationResult(error=f"UNAVAILABLE: {exc}")
+
+
+def _all_answered(answers: list[kv_pb2.OperationResult | None]) -> list[kv_pb2.OperationResult]:
+    done = [a for a in answers if a is not None]
+    assert len(done) == len(answers), "every operation of a batch is answered"
+    return done
+
+
 class KVService(kv_pb2_grpc.KVServicer):
     def __init__(self, node: Node, sm: KVStateMachine) -> None:
         self.node = node
@@ -86,27 +160,68 @@ class KVService(kv_pb2_grpc.KVServicer):
     def _leader_details(self, leader: int | None) -> str:
         return leader_details(self.node, leader)
 
-    async def _write(self, command: bytes, session: kv_pb2.Session | None) -> KVResult:
+    def _check_leader(self) -> None:
         raft = self.node.raft
         if raft is None or raft.lead != self.node.id:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(raft.lead if raft else None)
             )
+
+    def _submit(self, w: _Write) -> asyncio.Future[bytes]:
+        if w.session is not None and w.session.client_id:
+            # A client session: exactly-once across retries, even through other nodes.
+            s = w.session
+            return self.node.submit_session(s.client_id, s.sequence, w.command, s.first_outstanding)
+        return self.node.submit(w.command)
+
+    def _write_error(self, exc: BaseException) -> RequestError | BaseException:
+        """The status a failed proposal is answered with."""
+        if isinstance(exc, NotLeaderError):
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader))
+        if isinstance(exc, ProposalDroppedError):
+            return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if isinstance(exc, ApplyError):
+            return RequestError(grpc.StatusCode.INTERNAL, str(exc))
+        return exc
+
+    async def _write(self, w: _Write) -> Any:
+        self._check_leader()
         try:
-            if session is not None and session.client_id:
-                # A client session: exactly-once across retries, even through other nodes.
-                raw = await self.node.propose_session(
-                    session.client_id, session.sequence, command, first_outstanding=session.first_outstanding
-                )
+            raw = await self._submit(w)
+        except (NotLeaderError, ProposalDroppedError, ApplyError) as exc:
+            raise self._write_error(exc) from exc
+        return w.respond(decode_result(raw))
+
+    async def _writes(self, ops: list[kv_pb2.Operation]) -> list[kv_pb2.OperationResult]:
+        """Proposes every write of a batch together (one append, one fsync) and waits for all of
+        them on their futures, without a task per operation."""
+        if not ops:
+            return []
+        answers: list[kv_pb2.OperationResult | None] = [None] * len(ops)
+        prepared: list[tuple[int, _Write, asyncio.Future[bytes]]] = []
+        try:
+            self._check_leader()
+            for i, op in enumerate(ops):
+                try:
+                    w = _prepare(op)
+                except RequestError as exc:
+                    answers[i] = _error_result(exc)
+                    continue
+                prepared.append((i, w, self._submit(w)))
+        except (RequestError, DengineError) as exc:
+            for i in range(len(ops)):
+                if answers[i] is None:
+                    answers[i] = _error_result(exc)
+        outcomes = await asyncio.gather(*(f for _, _, f in prepared), return_exceptions=True)
+        for (i, w, _), outcome in zip(prepared, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = self._write_error(outcome)
+                if not isinstance(failure, (RequestError, DengineError)):
+                    raise failure
+                answers[i] = _error_result(failure)
             else:
-                raw = await self.node.propose(command)
-        except NotLeaderError as exc:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader)) from exc
-        except ProposalDroppedError as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-        except ApplyError as exc:
-            raise RequestError(grpc.StatusCode.INTERNAL, str(exc)) from exc
-        return decode_result(raw)
+                answers[i] = kv_pb2.OperationResult(**{w.kind: w.respond(decode_result(outcome))})
+        return _all_answered(answers)
 
     async def _read(self, fn: Callable[[KVStateMachine], T], consistency: int) -> T:
         mode = _CONSISTENCY.get(consistency)
@@ -118,10 +233,8 @@ class KVService(kv_pb2_grpc.KVServicer):
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader)) from exc
 
     async def _put(self, r: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
-        _check_key(r.key)
-        _check_value(r.value)
-        res = await self._write(encode_put(r.key, r.value), r.session if r.HasField("session") else None)
-        return kv_pb2.PutResponse(revision=res.revision, prev=_kv(res.prev))
+        response: kv_pb2.PutResponse = await self._write(_prepare_put(r))
+        return response
 
     async def _get(self, r: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
         _check_key(r.key)
@@ -129,19 +242,12 @@ class KVService(kv_pb2_grpc.KVServicer):
         return kv_pb2.GetResponse(found=kv is not None, kv=_kv(kv), revision=rev)
 
     async def _delete(self, r: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
-        _check_key(r.key)
-        res = await self._write(encode_delete(r.key), r.session if r.HasField("session") else None)
-        return kv_pb2.DeleteResponse(deleted=res.ok, revision=res.revision, prev=_kv(res.prev))
+        response: kv_pb2.DeleteResponse = await self._write(_prepare_delete(r))
+        return response
 
     async def _cas(self, r: kv_pb2.CompareAndSwapRequest) -> kv_pb2.CompareAndSwapResponse:
-        _check_key(r.key)
-        _check_value(r.value)
-        expected = r.expected if r.has_expected else None
-        res = await self._write(
-            encode_cas(r.key, expected, r.value), r.session if r.HasField("session") else None
-        )
-        current = None if res.ok else _kv(res.prev)
-        return kv_pb2.CompareAndSwapResponse(succeeded=res.ok, revision=res.revision, current=current)
+        response: kv_pb2.CompareAndSwapResponse = await self._write(_prepare_cas(r))
+        return response
 
     async def _call(self, context: Any, work: Awaitable[T], method: str) -> T:
         try:
@@ -180,23 +286,6 @@ class KVService(kv_pb2_grpc.KVServicer):
 
         return await self._call(context, run(), "Range")
 
-    async def _one(self, op: kv_pb2.Operation) -> kv_pb2.OperationResult:
-        kind = op.WhichOneof("op")
-        handlers: dict[str, Callable[[], Awaitable[Any]]] = {
-            "put": lambda: self._put(op.put),
-            "get": lambda: self._get(op.get),
-            "delete": lambda: self._delete(op.delete),
-            "cas": lambda: self._cas(op.cas),
-        }
-        if kind is None:
-            return kv_pb2.OperationResult(error="INVALID_ARGUMENT: empty operation")
-        try:
-            return kv_pb2.OperationResult(**{kind: await handlers[kind]()})
-        except RequestError as exc:
-            return kv_pb2.OperationResult(error=f"{exc.code.name}: {exc.details}")
-        except DengineError as exc:
-            return kv_pb2.OperationResult(error=f"UNAVAILABLE: {exc}")
-
     async def _gets(self, gets: list[kv_pb2.GetRequest], consistency: int) -> list[kv_pb2.OperationResult]:
         """Answers many gets of one consistency with a single read: one ReadIndex round (or
         lease check) and one visit to the state machine for all of them."""
@@ -207,7 +296,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                 _check_key(r.key)
                 valid.append(i)
             except RequestError as exc:
-                answers[i] = kv_pb2.OperationResult(error=f"{exc.code.name}: {exc.details}")
+                answers[i] = _error_result(exc)
 
         def read_all(sm: KVStateMachine) -> tuple[list[KeyValue | None], int]:
             return [sm.get(gets[i].key) for i in valid], sm.revision
@@ -216,21 +305,14 @@ class KVService(kv_pb2_grpc.KVServicer):
             try:
                 found, rev = await self._read(read_all, consistency)
             except (RequestError, DengineError) as exc:
-                error = (
-                    f"{exc.code.name}: {exc.details}"
-                    if isinstance(exc, RequestError)
-                    else f"UNAVAILABLE: {exc}"
-                )
                 for i in valid:
-                    answers[i] = kv_pb2.OperationResult(error=error)
+                    answers[i] = _error_result(exc)
             else:
                 for i, kv in zip(valid, found, strict=True):
                     answers[i] = kv_pb2.OperationResult(
                         get=kv_pb2.GetResponse(found=kv is not None, kv=_kv(kv), revision=rev)
                     )
-        done = [a for a in answers if a is not None]
-        assert len(done) == len(answers), "every get is answered"
-        return done
+        return _all_answered(answers)
 
     async def Batch(self, request: kv_pb2.BatchRequest, context: Any) -> kv_pb2.BatchResponse:
         if len(request.ops) > MAX_BATCH:
@@ -239,28 +321,21 @@ class KVService(kv_pb2_grpc.KVServicer):
             )
         results: list[kv_pb2.OperationResult | None] = [None] * len(request.ops)
         gets: dict[int, list[int]] = {}  # consistency -> positions of its gets
-        others: list[int] = []
+        writes: list[int] = []
         for i, op in enumerate(request.ops):
             if op.WhichOneof("op") == "get":
                 gets.setdefault(op.get.consistency, []).append(i)
             else:
-                others.append(i)
-        work: list[Awaitable[list[kv_pb2.OperationResult]]] = [
-            self._gets([request.ops[i].get for i in where], consistency)
-            for consistency, where in gets.items()
+                writes.append(i)
+        positions = [*gets.values(), writes]
+        work = [
+            *(self._gets([request.ops[i].get for i in where], c) for c, where in gets.items()),
+            self._writes([request.ops[i] for i in writes]),
         ]
-        # All writes of the batch are proposed together: one append, one fsync.
-        work.extend(self._one_list(request.ops[i]) for i in others)
-        positions = [*(where for where in gets.values()), *([i] for i in others)]
         for where, answers in zip(positions, await asyncio.gather(*work), strict=True):
             for i, answer in zip(where, answers, strict=True):
                 results[i] = answer
-        done = [r for r in results if r is not None]
-        assert len(done) == len(results), "every operation of a batch is answered"
-        return kv_pb2.BatchResponse(results=done)
-
-    async def _one_list(self, op: kv_pb2.Operation) -> list[kv_pb2.OperationResult]:
-        return [await self._one(op)]
+        return kv_pb2.BatchResponse(results=_all_answered(results))
 
     async def Watch(self, request: kv_pb2.WatchRequest, context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
