@@ -199,19 +199,24 @@ mod tests {
         assert_eq!(MetaFile::open(dir.path()).unwrap().get(), sample(5));
     }
 
-    #[test]
-    fn a_torn_newer_slot_falls_back_to_the_durable_one() {
+    /// Makes `sample(5)` durable, lets `then` write once more, tears the spare slot as a crash
+    /// mid-write would, and returns what a reopen finds.
+    fn reopen_after_a_torn_write(then: impl FnOnce(&mut MetaFile)) -> Meta {
         let dir = tempfile::tempdir().unwrap();
         let mut m = MetaFile::open(dir.path()).unwrap();
         m.write(sample(5)).unwrap();
         m.sync().unwrap();
         let spare = 1 - m.durable_slot;
-        m.write(sample(6)).unwrap();
+        then(&mut m);
         drop(m);
-        // Tear the slot holding term 6 as a crash mid-write would.
         let f = OpenOptions::new().write(true).open(dir.path().join("meta")).unwrap();
         pio::write_all_at(&f, &[0xAB; 7], (spare * SLOT_LEN + 20) as u64).unwrap();
-        assert_eq!(MetaFile::open(dir.path()).unwrap().get(), sample(5));
+        MetaFile::open(dir.path()).unwrap().get()
+    }
+
+    #[test]
+    fn a_torn_newer_slot_falls_back_to_the_durable_one() {
+        assert_eq!(reopen_after_a_torn_write(|m| m.write(sample(6)).unwrap()), sample(5));
     }
 
     #[test]
@@ -267,16 +272,7 @@ mod tests {
 
     #[test]
     fn a_torn_lazy_write_falls_back_to_the_durable_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut m = MetaFile::open(dir.path()).unwrap();
-        m.write(sample(5)).unwrap();
-        m.sync().unwrap();
-        let spare = 1 - m.durable_slot;
-        m.write_lazy(with_commit(50)).unwrap();
-        drop(m);
-        let f = OpenOptions::new().write(true).open(dir.path().join("meta")).unwrap();
-        pio::write_all_at(&f, &[0xAB; 7], (spare * SLOT_LEN + 30) as u64).unwrap();
-        assert_eq!(MetaFile::open(dir.path()).unwrap().get(), sample(5));
+        assert_eq!(reopen_after_a_torn_write(|m| m.write_lazy(with_commit(50)).unwrap()), sample(5));
     }
 
     #[test]
