@@ -60,6 +60,7 @@ class Cluster:
         self.failed_reads: dict[int, list[int]] = {i: [] for i in self.nodes}
         self.snapshot_needed: dict[int, list[int]] = {i: [] for i in self.nodes}
         self.sent: list[Message] = []
+        self.announce = True  # announce new commit indexes, as a runtime does soon after one
 
     def start(self, i: int, **overrides: Any) -> Raft:
         options = {**self.options, **overrides}
@@ -86,6 +87,8 @@ class Cluster:
 
     def process(self, i: int) -> Ready | None:
         raft = self.nodes[i]
+        if self.announce and i not in self.down and raft.commit_unannounced:
+            raft.announce_commit()
         if i in self.down or not raft.has_ready():
             return None
         rd = raft.ready()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dengine.raft import Message, MsgType, Role
+from dengine.raft.membership import ConfOp
 from dengine.raft.progress import ProgressState
 
 from raft_harness import Cluster, make_store
@@ -205,3 +206,33 @@ def test_a_follower_that_lost_a_full_window_of_appends_recovers() -> None:
     c.heal()
     c.tick_all(3)
     assert c.stores[3].last_index() == c.stores[1].last_index(), "heartbeats reopened the window"
+
+
+def test_a_new_commit_index_rides_on_the_next_append_or_waits_for_an_announcement() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.announce = False
+    c.sent.clear()
+    c.propose(1, b"a")
+    leader = c.nodes[1]
+    assert leader.commit == 2 and [c.nodes[i].commit for i in (2, 3)] == [1, 1]
+    assert all(m.entries for m in c.sent if m.type is MsgType.APP), "no append only to carry a commit"
+    assert leader.commit_unannounced
+    c.propose(1, b"b")
+    assert [c.nodes[i].commit for i in (2, 3)] == [2, 2], "the next append carried the commit index"
+    leader.announce_commit()
+    c.settle()
+    assert [c.nodes[i].commit for i in (2, 3)] == [3, 3]
+    assert not leader.commit_unannounced
+
+
+def test_a_leader_removing_itself_announces_the_commit_before_it_steps_down() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.announce = False
+    leader = c.nodes[1]
+    leader.propose_conf_change(ConfOp.REMOVE, 1)
+    c.settle()
+    assert leader.role is not Role.LEADER
+    committed = leader.commit
+    assert all(c.nodes[i].commit >= committed for i in (2, 3))

@@ -353,8 +353,16 @@ class Raft:
         if self.role is Role.LEADER:
             self.progress[self.id].match = durable_index
             if self._maybe_commit():
-                self._broadcast_append()
-                self._step_down_if_removed()
+                self._after_commit()
+
+    def _after_commit(self) -> None:
+        # New entries go out now and carry the new commit index; a message only to announce it
+        # waits for announce_commit(), so that under load the next append carries it instead
+        # (halving the messages per write), and the leader answers its own callers first.
+        self._broadcast_new_entries()
+        if self.id not in self.conf.voters:
+            self.announce_commit()  # the followers must learn it before this leader leaves
+        self._step_down_if_removed()
 
     def applied_to(self, index: int) -> None:
         """The state machine has applied every entry up to ``index``."""
@@ -797,8 +805,7 @@ class Raft:
             pr.become_probe()
             pr.become_replicate()
         if self._maybe_commit():
-            self._broadcast_append()
-            self._step_down_if_removed()
+            self._after_commit()
             if self.role is not Role.LEADER:
                 return
         elif was_paused:
@@ -838,6 +845,7 @@ class Raft:
                 commit=self.commit,
             )
         )
+        pr.commit_sent = max(pr.commit_sent, self.commit)
         if pr.state is ProgressState.REPLICATE:
             if entries:
                 pr.next = entries[-1].index + 1
@@ -845,6 +853,33 @@ class Raft:
         else:
             pr.probe_sent = True
         return True
+
+    @property
+    def commit_unannounced(self) -> bool:
+        """Whether a follower that could take a message has not been sent the commit index yet:
+        the driver then calls :meth:`announce_commit` soon (a few milliseconds later)."""
+        if self.role is not Role.LEADER:
+            return False
+        return any(
+            pr.commit_sent < self.commit and not pr.is_paused(self.cfg.max_inflight)
+            for p, pr in self.progress.items()
+            if p != self.id
+        )
+
+    def announce_commit(self) -> None:
+        """Sends the commit index to every follower that has not been sent it (an empty append,
+        or the next entries if any are waiting)."""
+        if self.role is not Role.LEADER:
+            return
+        for p, pr in self.progress.items():
+            if p != self.id and pr.commit_sent < self.commit:
+                self._send_append(p)
+
+    def _broadcast_new_entries(self) -> None:
+        for p in self.progress:
+            if p != self.id:
+                while self._send_append(p, allow_empty=False):
+                    pass
 
     def _broadcast_append(self) -> None:
         for p in self.progress:
@@ -857,6 +892,7 @@ class Raft:
         for p, pr in self.progress.items():
             if p != self.id:
                 commit = min(pr.match, self.commit)
+                pr.commit_sent = max(pr.commit_sent, commit)
                 self._send(
                     Message(
                         MsgType.HEARTBEAT,

@@ -24,6 +24,7 @@ class Progress:
     last_heard_tick: int = -(10**9)
     pending_snapshot: int = 0
     responded_tick: int = -(10**9)  # when it last answered: only real answers count
+    commit_sent: int = 0  # the highest commit index sent to it (the follower may know more)
 
     def become_probe(self) -> None:
         # After a snapshot the follower is known to hold everything up to the snapshot index.

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from dengine._core import Entry
 from dengine.errors import DengineError
-from dengine.raft import Message, MsgType, Ready, Role
+from dengine.raft import Message, MsgType, Ready, Role, membership
+from dengine.raft.payload import is_conf_change
 
 if TYPE_CHECKING:
     from dengine.testing.sim import SimCluster, SimNode, SimSnapshot
@@ -146,9 +147,10 @@ class InvariantChecker:
             return
         # Every majority of the newest configuration must include a node that holds each
         # committed entry (or a snapshot covering it): at least ceil(n / 2) of its n voters.
-        newest = max(live, key=lambda n: (n.raft.commit, n.raft.conf_index))  # type: ignore[union-attr]
-        assert newest.raft is not None
-        voters = [self.cluster.nodes[v] for v in newest.raft.conf.voters if v in self.cluster.nodes]
+        # The newest configuration is the one at the end of the most up-to-date durable log
+        # (down nodes included): only a log at least that up-to-date can win an election.
+        _, newest = max(self._disk_view(n) for n in self.cluster.nodes.values())
+        voters = [self.cluster.nodes[v] for v in sorted(newest) if v in self.cluster.nodes]
         needed = len(voters) - len(voters) // 2
         durable = []
         for n in voters:
@@ -161,6 +163,21 @@ class InvariantChecker:
                 self.fail(
                     f"committed entry {index} is durable on only {holders} of {len(voters)} voters' disks"
                 )
+
+    @staticmethod
+    def _disk_view(node: SimNode) -> tuple[tuple[int, int], frozenset[int]]:
+        """``((term, index) of the last durable entry, voters in force there)`` from what
+        ``node``'s disk holds (its log, else its newest snapshot, else its initial config)."""
+        entries = node.store.durable_entries()
+        snap = node.latest_snapshot()
+        if entries:
+            last = (entries[-1].term, entries[-1].index)
+        else:
+            last = (snap.info.term, snap.info.index) if snap is not None else (0, 0)
+        for e in reversed(entries):
+            if is_conf_change(e.data):
+                return last, membership.decode(e.data).voters
+        return last, snap.info.voters if snap is not None else node.config.voters
 
     def check_log_matching(self) -> None:
         logs = []

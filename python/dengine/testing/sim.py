@@ -40,6 +40,7 @@ class NetworkConfig:
     duplicate: float = 0.0
     disk_latency: float = 0.3
     tick_ms: float = 10.0
+    announce_delay: float = 2.0  # how long a leader lets a new commit index wait for an append
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ class SimNode:
     snapshots: list[SimSnapshot] = field(default_factory=list)  # on disk: survives crashes
     snapshotting: bool = False
     sending_snapshot: set[int] = field(default_factory=set)
+    announcing: bool = False  # an announce_commit() is scheduled
 
     def latest_snapshot(self) -> SimSnapshot | None:
         return self.snapshots[-1] if self.snapshots else None
@@ -211,6 +213,7 @@ class SimCluster:
         node.write_waiters = {}
         node.read_waiters = {}
         node.snapshotting = False
+        node.announcing = False
         node.sending_snapshot = set()
         snap = node.latest_snapshot()
         if snap is not None:
@@ -343,6 +346,18 @@ class SimCluster:
                     done(ok)
             if self.checker:
                 self.checker.on_ready(node, rd)
+        if raft.commit_unannounced and not node.announcing:
+            node.announcing = True
+            incarnation = node.incarnation
+            self.schedule(self.net.announce_delay, lambda: self._announce(node, incarnation))
+
+    def _announce(self, node: SimNode, incarnation: int) -> None:
+        if node.incarnation != incarnation:
+            return
+        node.announcing = False
+        if node.raft is not None:
+            node.raft.announce_commit()
+            self._drive(node)
 
     def _apply(self, node: SimNode, entries: list[Entry]) -> None:
         for entry in entries:
