@@ -98,24 +98,22 @@ def _demo(seconds: float) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dengine`` console script."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    # These commands own their whole argument list (their own parsers and --help).
-    own = {
-        ("cluster",): ("dengine.devcluster", "main"),
-        ("kv",): ("dengine.kvcli", "kv_main"),
-        ("status",): ("dengine.kvcli", "status_main"),
-        ("leader", "transfer"): ("dengine.kvcli", "leader_main"),
-        ("snapshot", "create"): ("dengine.kvcli", "snapshot_main"),
-        ("member",): ("dengine.kvcli", "member_main"),
-        ("certs", "init"): ("dengine.tls", "certs_main"),
-    }
-    for prefix, (module, function) in own.items():
-        if tuple(args_list[: len(prefix)]) == prefix:
-            handler = getattr(importlib.import_module(module), function)
-            code: int = handler(args_list[len(prefix) :])
-            return code
+# These commands own their whole argument list (their own parsers and --help):
+# (module, main function, parser function).
+OWN_PARSERS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("cluster",): ("dengine.devcluster", "main", "cluster_parser"),
+    ("kv",): ("dengine.kvcli", "kv_main", "kv_parser"),
+    ("status",): ("dengine.kvcli", "status_main", "status_parser"),
+    ("leader", "transfer"): ("dengine.kvcli", "leader_main", "leader_parser"),
+    ("snapshot", "create"): ("dengine.kvcli", "snapshot_main", "snapshot_parser"),
+    ("member",): ("dengine.kvcli", "member_main", "member_parser"),
+    ("certs", "init"): ("dengine.tls", "certs_main", "certs_parser"),
+    ("completion",): ("dengine.completion", "main", "completion_parser"),
+}
+
+
+def main_parser() -> argparse.ArgumentParser:
+    """The top-level parser (the commands in :data:`OWN_PARSERS` appear as placeholders)."""
     parser = argparse.ArgumentParser(
         prog="dengine", description="dengine: a Raft consensus engine for Python."
     )
@@ -167,6 +165,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     snapshot.add_argument("action", choices=["create"])
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
     certs.add_argument("action", choices=["init"])
+    sub.add_parser("completion", help="a shell completion script (see dengine completion --help)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dengine`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    for prefix, (module, function, _) in OWN_PARSERS.items():
+        if tuple(args_list[: len(prefix)]) == prefix:
+            handler = getattr(importlib.import_module(module), function)
+            code: int = handler(args_list[len(prefix) :])
+            return code
+    parser = main_parser()
     args = parser.parse_args(args_list)
     if args.command == "demo":
         if args.log_store:

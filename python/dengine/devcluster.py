@@ -48,7 +48,7 @@ def write_configs(root: Path, n: int, cluster_id: str, base_port: int | None) ->
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cluster_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine cluster",
         description="Start a local development cluster in child processes; Ctrl-C stops it.",
@@ -58,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="keep configs and data here (default: a temp dir)")
     parser.add_argument("--cluster-id", default="dev", help="cluster id (default dev)")
     parser.add_argument("--base-port", type=int, help="first port (default: free ports)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cluster_parser()
     args = parser.parse_args(argv)
 
     with contextlib.ExitStack() as stack:

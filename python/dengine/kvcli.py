@@ -261,13 +261,18 @@ async def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def status_main(argv: Sequence[str]) -> int:
+def status_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine status",
         description="Show every node's role, term, commit and applied index, lag and health.",
         epilog="example: dengine status --endpoints 127.0.0.1:7001,127.0.0.1:7002 --output json",
     )
     _common(parser)
+    return parser
+
+
+def status_main(argv: Sequence[str]) -> int:
+    parser = status_parser()
     return _run(_status, parser.parse_args(argv), "dengine status")
 
 
@@ -296,7 +301,7 @@ async def _transfer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def leader_main(argv: Sequence[str]) -> int:
+def leader_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine leader transfer",
         description="Hand leadership to node ID (default: the most up-to-date voter) with TimeoutNow.",
@@ -304,6 +309,11 @@ def leader_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("id", type=int, nargs="?", help="the node to lead next")
     _common(parser)
+    return parser
+
+
+def leader_main(argv: Sequence[str]) -> int:
+    parser = leader_parser()
     return _run(_transfer, parser.parse_args(argv), "dengine leader transfer")
 
 
@@ -340,7 +350,7 @@ async def _snapshot(args: argparse.Namespace) -> int:
     return EXIT_OK if not failed else EXIT_UNAVAILABLE
 
 
-def snapshot_main(argv: Sequence[str]) -> int:
+def snapshot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine snapshot create",
         description="Ask each node (every endpoint) to snapshot its applied state now and compact its "
@@ -348,6 +358,11 @@ def snapshot_main(argv: Sequence[str]) -> int:
         epilog="example: dengine snapshot create --endpoints 127.0.0.1:7001 --output json",
     )
     _common(parser)
+    return parser
+
+
+def snapshot_main(argv: Sequence[str]) -> int:
+    parser = snapshot_parser()
     return _run(_snapshot, parser.parse_args(argv), "dengine snapshot create")
 
 
@@ -403,7 +418,7 @@ async def _member(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def member_main(argv: Sequence[str]) -> int:
+def member_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine member",
         description="Change the cluster's membership, one server at a time, through the leader.",
@@ -424,4 +439,9 @@ def member_main(argv: Sequence[str]) -> int:
     listing = sub.add_parser("list", help="the members and their roles")
     for p in (add, promote, remove, listing):
         _common(p)
+    return parser
+
+
+def member_main(argv: Sequence[str]) -> int:
+    parser = member_parser()
     return _run(_member, parser.parse_args(argv), "dengine member")

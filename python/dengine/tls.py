@@ -305,8 +305,7 @@ def init_dev_certs(
     return result
 
 
-def certs_main(argv: Sequence[str] | None = None) -> int:
-    """``dengine certs init``: write a development CA and certificates; returns the exit status."""
+def certs_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine certs init",
         description=(
@@ -328,6 +327,12 @@ def certs_main(argv: Sequence[str] | None = None) -> int:
         f"(default: {' '.join(DEFAULT_HOSTS)})",
     )
     parser.add_argument("--force", action="store_true", help="replace existing files")
+    return parser
+
+
+def certs_main(argv: Sequence[str] | None = None) -> int:
+    """``dengine certs init``: write a development CA and certificates; returns the exit status."""
+    parser = certs_parser()
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error(f"--nodes must be at least 1, got {args.nodes}")
