@@ -143,3 +143,21 @@ def test_a_log_that_does_not_continue_the_snapshot_is_refused_at_start() -> None
     info = SnapshotInfo(50, 3, frozenset({1, 2, 3}))
     with pytest.raises(ValueError, match="does not continue the snapshot"):
         Raft(RaftConfig(id=1, voters=frozenset({1, 2, 3})), store, snapshot=info)
+
+
+def test_a_cluster_restored_from_a_backup_snapshot_continues_in_a_later_term() -> None:
+    # Every node starts with an empty data directory holding only a snapshot of term 5 (a backup
+    # restored): the saved term is 0, but terms never go back, so the first election is for a
+    # term after 5 and the new leader's no-op continues the log.
+    voters = frozenset({1, 2, 3})
+    stores = {i: make_store() for i in voters}
+    for store in stores.values():
+        store.reset(10, 5)
+    c = Cluster(3, stores=stores)
+    for i in voters:
+        cfg = RaftConfig(id=i, voters=voters)
+        c.nodes[i] = Raft(cfg, stores[i], seed=i, snapshot=SnapshotInfo(10, 5, voters))
+    assert all(c.nodes[i].term == 5 and c.nodes[i].vote is None for i in voters)
+    leader = c.elect(1)
+    assert leader.term > 5
+    assert c.stores[1].term(11) == leader.term and leader.commit == 11

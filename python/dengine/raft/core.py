@@ -62,6 +62,15 @@ def _check_log_continues(store: LogStore, snapshot: SnapshotInfo) -> None:
         )
 
 
+def _start_term(store: LogStore, term: int, vote: int | None) -> tuple[int, int | None]:
+    last_term = store.term(store.last_index())
+    if last_term > term:
+        # A log newer than the saved term: a node restored from a backup snapshot into an empty
+        # data directory. Terms never go back, so start from the log's (with no vote in it).
+        return last_term, None
+    return term, vote
+
+
 class Raft:
     """One Raft node's protocol state. See the module docstring for how a driver runs it."""
 
@@ -85,8 +94,7 @@ class Raft:
         self.store = store
         self._rng = random.Random(f"{seed}/{config.id}")
         hs = store.hard_state()
-        self.term: int = hs.term
-        self.vote: int | None = hs.vote
+        self.term, self.vote = _start_term(store, hs.term, hs.vote)
         last = store.last_index()
         self.commit: int = max(min(hs.commit, last), applied)
         self.applied: int = applied
