@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dengine.client import Client, RequestFailed, Unavailable
+from dengine.client import Client, KeyValue
+from dengine.errors import CompareFailed, NotFound, RequestFailed, Unavailable
 
 from cluster_procs import ProcCluster, running_cluster
 
@@ -48,6 +49,18 @@ def test_typed_operations(cluster: ProcCluster) -> None:
             deleted = await client.delete(b"a")
             assert deleted.deleted and deleted.prev is not None
             assert not (await client.delete(b"a")).deleted
+            # Strict calls raise instead of returning "absent" or "not swapped".
+            with pytest.raises(NotFound) as missing:
+                await client.get(b"missing", strict=True)
+            assert missing.value.key == b"missing" and isinstance(missing.value, KeyError)
+            with pytest.raises(NotFound):
+                await client.delete(b"a", strict=True)
+            with pytest.raises(CompareFailed) as mismatch:
+                await client.cas(b"new", b"nope", b"y", strict=True)
+            assert isinstance(mismatch.value.current, KeyValue) and mismatch.value.current.value == b"x"
+            assert (await client.cas(b"new", b"x", b"y", strict=True)).succeeded
+            p1 = await client.get(b"p/1", strict=True)
+            assert p1 is not None and p1.value == b"x"
             with pytest.raises(RequestFailed) as info:
                 await client.put(b"", b"empty key")
             assert info.value.code == "INVALID_ARGUMENT"

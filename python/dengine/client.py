@@ -26,16 +26,25 @@ from typing import Any, Literal
 
 import grpc
 
-from dengine.errors import DengineError
+from dengine.errors import (
+    CompareFailed,
+    DeadlineExceeded,
+    DengineError,
+    NotFound,
+    RequestFailed,
+    Unavailable,
+)
 from dengine.kv import KeyValue
 from dengine.v1 import kv_pb2, kv_pb2_grpc
 
 __all__ = [
     "CasResult",
     "Client",
+    "CompareFailed",
     "DeadlineExceeded",
     "DeleteResult",
     "KeyValue",
+    "NotFound",
     "PutResult",
     "RequestFailed",
     "SyncClient",
@@ -47,24 +56,6 @@ Consistency = Literal["linearizable", "lease", "stale"]
 _CONSISTENCY = {"linearizable": kv_pb2.LINEARIZABLE, "lease": kv_pb2.LEASE, "stale": kv_pb2.STALE}
 _LEADER_HINT = re.compile(r"leader=(\d+)@(\S*)")
 _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
-
-
-class Unavailable(DengineError):
-    """No node could serve the request before its deadline (cluster down or without a leader)."""
-
-
-class DeadlineExceeded(DengineError):
-    """The call's deadline passed. A write may or may not have been applied; retrying it through
-    the same client is safe (it carries the same session sequence)."""
-
-
-class RequestFailed(DengineError):
-    """The cluster refused the request for a reason retrying will not fix (bad argument, too
-    large); ``code`` is the gRPC status name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,21 +200,42 @@ class Client:
         return PutResult(r.revision, _kv(r.prev) if r.HasField("prev") else None)
 
     async def get(
-        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        strict: bool = False,
+        timeout: float | None = None,
     ) -> KeyValue | None:
+        """The key's value and metadata, or ``None`` when it is absent (``strict``: raises
+        :class:`~dengine.errors.NotFound` instead)."""
         op = kv_pb2.Operation(get=kv_pb2.GetRequest(key=key, consistency=_CONSISTENCY[consistency]))
         r = (await self._submit(op, timeout)).get
+        if not r.found and strict:
+            raise NotFound(key, r.revision)
         return _kv(r.kv) if r.found else None
 
-    async def delete(self, key: bytes, *, timeout: float | None = None) -> DeleteResult:
+    async def delete(self, key: bytes, *, strict: bool = False, timeout: float | None = None) -> DeleteResult:
+        """Removes ``key``; ``deleted`` says whether it existed (``strict``: a missing key raises
+        :class:`~dengine.errors.NotFound`)."""
         op = kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=key, session=self._session()))
         r = (await self._submit(op, timeout)).delete
+        if not r.deleted and strict:
+            raise NotFound(key, r.revision)
         return DeleteResult(r.deleted, r.revision, _kv(r.prev) if r.HasField("prev") else None)
 
     async def cas(
-        self, key: bytes, expected: bytes | None, value: bytes, *, timeout: float | None = None
+        self,
+        key: bytes,
+        expected: bytes | None,
+        value: bytes,
+        *,
+        strict: bool = False,
+        timeout: float | None = None,
     ) -> CasResult:
-        """Sets ``key`` to ``value`` if its value is ``expected`` (``None``: if it is absent)."""
+        """Sets ``key`` to ``value`` if its value is ``expected`` (``None``: if it is absent).
+        ``succeeded`` says whether it did (``strict``: a mismatch raises
+        :class:`~dengine.errors.CompareFailed`, which carries the current value)."""
         request = kv_pb2.CompareAndSwapRequest(
             key=key,
             has_expected=expected is not None,
@@ -232,7 +244,10 @@ class Client:
             session=self._session(),
         )
         r = (await self._submit(kv_pb2.Operation(cas=request), timeout)).cas
-        return CasResult(r.succeeded, r.revision, _kv(r.current) if r.HasField("current") else None)
+        current = _kv(r.current) if r.HasField("current") else None
+        if not r.succeeded and strict:
+            raise CompareFailed(key, current, r.revision)
+        return CasResult(r.succeeded, r.revision, current)
 
     async def range(
         self,
@@ -436,19 +451,32 @@ class SyncClient:
         return result
 
     def get(
-        self, key: bytes, *, consistency: Consistency = "linearizable", timeout: float | None = None
+        self,
+        key: bytes,
+        *,
+        consistency: Consistency = "linearizable",
+        strict: bool = False,
+        timeout: float | None = None,
     ) -> KeyValue | None:
-        result: KeyValue | None = self._run(self._client.get(key, consistency=consistency, timeout=timeout))
+        result: KeyValue | None = self._run(
+            self._client.get(key, consistency=consistency, strict=strict, timeout=timeout)
+        )
         return result
 
-    def delete(self, key: bytes, *, timeout: float | None = None) -> DeleteResult:
-        result: DeleteResult = self._run(self._client.delete(key, timeout=timeout))
+    def delete(self, key: bytes, *, strict: bool = False, timeout: float | None = None) -> DeleteResult:
+        result: DeleteResult = self._run(self._client.delete(key, strict=strict, timeout=timeout))
         return result
 
     def cas(
-        self, key: bytes, expected: bytes | None, value: bytes, *, timeout: float | None = None
+        self,
+        key: bytes,
+        expected: bytes | None,
+        value: bytes,
+        *,
+        strict: bool = False,
+        timeout: float | None = None,
     ) -> CasResult:
-        result: CasResult = self._run(self._client.cas(key, expected, value, timeout=timeout))
+        result: CasResult = self._run(self._client.cas(key, expected, value, strict=strict, timeout=timeout))
         return result
 
     def range(

@@ -17,6 +17,11 @@ are instances of the same classes. Storage errors come from Rust, the others are
     ApplyError                       the state machine raised applying a committed command
     ConfigError                      invalid configuration: names the key and allowed values
     TLSConfigError                   a TLS file is missing, malformed or not valid now
+    Unavailable                      (client) no node could serve the request before its deadline
+    DeadlineExceeded                 (client) the call's deadline passed
+    RequestFailed                    (client) refused for a reason retrying will not fix
+    NotFound                         (client, strict calls) the key does not exist
+    CompareFailed                    (client, strict cas) the key did not hold the expected value
 
 Invalid arguments (a zero chunk size, a negative index) raise the built-in ``ValueError`` or
 ``OverflowError``, as any Python API does.
@@ -93,4 +98,58 @@ class TLSConfigError(DengineError, ValueError):
         self.path = path
 
 
-__all__ += ["ApplyError", "ConfigError", "NotLeaderError", "ProposalDroppedError", "TLSConfigError"]
+class Unavailable(DengineError):
+    """No node could serve the request before its deadline (cluster down or without a leader)."""
+
+
+class DeadlineExceeded(DengineError):
+    """The call's deadline passed. A write may or may not have been applied; retrying it through
+    the same client is safe (it carries the same session sequence)."""
+
+
+class RequestFailed(DengineError):
+    """The cluster refused the request for a reason retrying will not fix (bad argument, too
+    large); ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class NotFound(DengineError, KeyError):
+    """A strict ``get`` or ``delete`` found no such key; ``key`` is the key and ``revision`` the
+    store's revision when it was looked up."""
+
+    def __init__(self, key: bytes, revision: int) -> None:
+        super().__init__(f"key {key!r} not found (revision {revision})")
+        self.key = key
+        self.revision = revision
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+class CompareFailed(DengineError):
+    """A strict ``cas`` found another value than the one expected; ``current`` is the key's
+    value now (``None`` when absent), so a caller can retry without a read."""
+
+    def __init__(self, key: bytes, current: object, revision: int) -> None:
+        held = "absent" if current is None else "holding another value"
+        super().__init__(f"compare-and-swap on {key!r} failed: the key is {held} (revision {revision})")
+        self.key = key
+        self.current = current
+        self.revision = revision
+
+
+__all__ += [
+    "ApplyError",
+    "CompareFailed",
+    "ConfigError",
+    "DeadlineExceeded",
+    "NotFound",
+    "NotLeaderError",
+    "ProposalDroppedError",
+    "RequestFailed",
+    "TLSConfigError",
+    "Unavailable",
+]
