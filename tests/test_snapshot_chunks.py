@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,31 @@ def test_final_file_absent_until_finish(tmp_path: Path) -> None:
         assert not final.exists()
     asm.finish()
     assert final.read_bytes() == data
+
+
+def test_flushing_from_another_thread_while_chunks_arrive(tmp_path: Path) -> None:
+    src, data = make_source(tmp_path, 64 * CHUNK)
+    final = tmp_path / "out.snap"
+    chunker = SnapshotChunker(src, CHUNK)
+    asm = new_assembler(final, chunker)
+    stop = threading.Event()
+
+    def flush_until_stopped() -> None:
+        while not stop.is_set():
+            asm.flush_received()
+
+    flusher = threading.Thread(target=flush_until_stopped)
+    flusher.start()
+    try:
+        send(chunker, asm)
+    finally:
+        stop.set()
+        flusher.join()
+    asm.flush_received()
+    asm.finish()
+    assert final.read_bytes() == data
+    with pytest.raises(ValueError, match="closed"):
+        asm.flush_received()
 
 
 def test_resume_after_dropping_the_assembler(tmp_path: Path) -> None:

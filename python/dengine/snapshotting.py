@@ -51,6 +51,10 @@ MAX_CHUNK_BYTES = 16 << 20
 """Chunks stay well below the transport's 64 MiB message limit whatever ``chunk_bytes`` says."""
 _RETRY_AFTER_FAILURE_S = 1.0
 _POLICY_PERIOD_S = 0.5
+# A received snapshot is flushed to disk every this many bytes while it arrives: on virtual
+# disks one flush of a whole large file at the end costs about 1 s per GB, spread out it
+# overlaps the transfer.
+_FLUSH_EVERY_BYTES = 64 << 20
 
 
 def info_of(snap: SnapshotFile) -> SnapshotInfo:
@@ -405,20 +409,20 @@ class SnapshotManager:
         next_offset = await self._run(lambda: inc.assembler.next_offset)
         return raft_pb2.SnapshotOfferResponse(term=raft.term, needed=True, next_offset=next_offset)
 
-    async def receive(
+    async def _write_stream(
         self, chunks: AsyncIterator[raft_pb2.SnapshotChunk]
-    ) -> raft_pb2.InstallSnapshotResponse:
-        """Writes the offered snapshot's chunks; once complete and verified, hands it to the core.
-        Raises ValueError for chunks that do not belong to the offered snapshot."""
-        node, store = self.node, self.store
-        raft = node.raft
-        assert raft is not None and store is not None
+    ) -> tuple[_Incoming | None, raft_pb2.SnapshotHeader | None]:
+        """Writes a stream of chunks through the offered snapshot's assembler; returns it and the
+        stream's header (None for an empty stream)."""
         inc: _Incoming | None = None
         header: raft_pb2.SnapshotHeader | None = None
         loop = asyncio.get_running_loop()
         # Each chunk is written while the next one arrives; writes still happen one at a time,
-        # in order.
+        # in order. What has arrived is flushed to disk now and then on the pool's other thread,
+        # so that the last flush (before the reply) stays short.
         writing: asyncio.Future[None] | None = None
+        flushing: asyncio.Future[None] | None = None
+        unflushed = 0
         try:
             async for c in chunks:
                 h = c.header
@@ -435,9 +439,28 @@ class SnapshotManager:
                     self._pool, inc.assembler.accept_raw, c.offset, c.data, c.crc32c
                 )
                 inc.last_activity = time.monotonic()
+                unflushed += len(c.data)
+                if unflushed >= _FLUSH_EVERY_BYTES and (flushing is None or flushing.done()):
+                    if flushing is not None:
+                        await flushing  # raises what a failed flush raised
+                    flushing = loop.run_in_executor(self._pool, inc.assembler.flush_received)
+                    unflushed = 0
         finally:
             if writing is not None:
                 await writing
+            if flushing is not None:
+                await flushing
+        return inc, header
+
+    async def receive(
+        self, chunks: AsyncIterator[raft_pb2.SnapshotChunk]
+    ) -> raft_pb2.InstallSnapshotResponse:
+        """Writes the offered snapshot's chunks; once complete and verified, hands it to the core.
+        Raises ValueError for chunks that do not belong to the offered snapshot."""
+        node, store = self.node, self.store
+        raft = node.raft
+        assert raft is not None and store is not None
+        inc, header = await self._write_stream(chunks)
         if inc is None or header is None:
             raise ValueError("an empty snapshot stream")
         if not await self._run(lambda: inc.assembler.is_complete):

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::hashing::BackgroundHasher;
 use super::progress::{Header, ProgressFile, Record};
 use super::{hex, Chunk, IO_BLOCK};
 use crate::pio;
@@ -44,7 +45,7 @@ pub struct SnapshotAssembler {
     next_offset: u64,
     /// SHA-256 of exactly the bytes `[0, next_offset)`: chunks are only ever appended in order,
     /// so the digest is built as they arrive and `finish` never re-reads the file.
-    hasher: Sha256,
+    hasher: BackgroundHasher,
 }
 
 impl std::fmt::Debug for SnapshotAssembler {
@@ -80,15 +81,8 @@ impl SnapshotAssembler {
             .open(&partial_path)
             .map_err(|e| Error::io(&partial_path, e))?;
         let progress = ProgressFile::create(&progress_path, &header)?;
-        Ok(SnapshotAssembler {
-            final_path,
-            partial_path,
-            partial,
-            progress,
-            header,
-            next_offset: 0,
-            hasher: Sha256::new(),
-        })
+        let hasher = BackgroundHasher::start(Sha256::new()).map_err(|e| Error::io(&partial_path, e))?;
+        Ok(SnapshotAssembler { final_path, partial_path, partial, progress, header, next_offset: 0, hasher })
     }
 
     /// Picks up an earlier attempt, or returns `None` when there is nothing trustworthy to keep.
@@ -133,6 +127,7 @@ impl SnapshotAssembler {
         }
         partial.set_len(next_offset).map_err(|e| Error::io(partial_path, e))?;
         progress.truncate_to(kept)?;
+        let hasher = BackgroundHasher::start(hasher).map_err(|e| Error::io(partial_path, e))?;
         Ok(Some(SnapshotAssembler {
             final_path: final_path.to_owned(),
             partial_path: partial_path.to_owned(),
@@ -172,6 +167,14 @@ impl SnapshotAssembler {
     /// True once every byte has been received (the SHA-256 is checked by `finish`).
     pub fn is_complete(&self) -> bool {
         self.next_offset == self.header.total_size
+    }
+
+    /// A second handle on the file being written: another thread can flush what has arrived
+    /// (`sync_data`) while chunks keep coming, so that `finish` has little left to flush. On
+    /// virtual disks a flush costs in proportion to what it flushes, and one flush of a whole
+    /// large snapshot at the end would hold up the reply for a long time.
+    pub fn data_file(&self) -> Result<File> {
+        self.partial.try_clone().map_err(|e| Error::io(&self.partial_path, e))
     }
 
     /// Accepts a chunk produced by a [`SnapshotChunker`](super::SnapshotChunker).
@@ -278,17 +281,20 @@ impl SnapshotAssembler {
     /// and the progress file removed. On a digest mismatch the received bytes are garbage: both
     /// files are removed and [`Error::SnapshotIntegrity`] is returned. If the transfer is
     /// incomplete the files are kept (a new assembler resumes them).
-    pub fn finish(self) -> Result<PathBuf> {
+    pub fn finish(mut self) -> Result<PathBuf> {
         self.check_complete()?;
-        match self.integrity_problem()? {
+        let digest = std::mem::replace(&mut self.hasher, BackgroundHasher::idle()).finalize();
+        match self.integrity_problem(digest)? {
             Some(problem) => Err(self.discard(problem)),
             None => self.publish(),
         }
     }
 
     /// Describes why the received bytes are not the declared snapshot, if they are not.
-    fn integrity_problem(&self) -> Result<Option<String>> {
-        let digest: [u8; 32] = self.hasher.clone().finalize().into();
+    fn integrity_problem(&self, digest: Option<[u8; 32]>) -> Result<Option<String>> {
+        let Some(digest) = digest else {
+            return Ok(Some(format!("hashing {} failed", self.final_path.display())));
+        };
         if digest != self.header.sha256 {
             return Ok(Some(format!(
                 "SHA-256 mismatch for {}: expected {}, got {}",

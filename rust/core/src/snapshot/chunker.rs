@@ -161,6 +161,21 @@ impl SnapshotChunker {
         Ok(self.chunk_size.min(self.size - offset))
     }
 
+    /// Reads the chunk that starts at `offset` into `buf`, which must be exactly
+    /// [`chunk_len`](Self::chunk_len) bytes, and returns its CRC-32C: for a caller that owns the
+    /// buffer the bytes must end up in (the Python bindings fill a `bytes` object directly).
+    pub fn read_chunk_into(&self, offset: u64, buf: &mut [u8]) -> Result<u32> {
+        let len = self.chunk_len(offset)?;
+        if buf.len() as u64 != len {
+            return Err(Error::InvalidArgument(format!(
+                "the chunk at offset {offset} has {len} bytes, the buffer {}",
+                buf.len()
+            )));
+        }
+        self.read_at(buf, offset)?;
+        Ok(crc32c::crc32c(buf))
+    }
+
     /// Reads the chunk that starts at `offset` (a multiple of the chunk size below the file size,
     /// or 0 for an empty file).
     pub fn chunk_at(&self, offset: u64) -> Result<Chunk> {

@@ -18,6 +18,7 @@
 
 mod assembler;
 mod chunker;
+mod hashing;
 mod progress;
 
 #[cfg(test)]

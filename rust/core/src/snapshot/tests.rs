@@ -407,3 +407,30 @@ proptest! {
         prop_assert!(!s.partial().exists() && !s.progress().exists());
     }
 }
+
+#[test]
+fn reading_a_chunk_into_a_caller_buffer_matches_chunk_at() {
+    let s = setup(10_000, 4096, 7);
+    for offset in [0u64, 4096, 8192] {
+        let chunk = s.chunker.chunk_at(offset).unwrap();
+        let mut buf = vec![0u8; s.chunker.chunk_len(offset).unwrap() as usize];
+        let crc = s.chunker.read_chunk_into(offset, &mut buf).unwrap();
+        assert_eq!((buf, crc), (chunk.data, chunk.crc32c));
+    }
+    let mut wrong = vec![0u8; 100];
+    assert!(matches!(s.chunker.read_chunk_into(0, &mut wrong), Err(Error::InvalidArgument(_))));
+    assert!(matches!(s.chunker.read_chunk_into(100, &mut wrong), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn a_digest_mismatch_is_still_caught_with_hashing_on_its_own_thread() {
+    let s = setup(3 * 4096 + 5, 4096, 9);
+    let mut wrong = *s.chunker.sha256();
+    wrong[0] ^= 1;
+    let mut asm = SnapshotAssembler::create(&s.dest, s.chunker.size(), wrong).unwrap();
+    for chunk in s.chunker.chunks(0).unwrap() {
+        asm.accept_chunk(&chunk.unwrap()).unwrap();
+    }
+    assert!(matches!(asm.finish(), Err(Error::SnapshotIntegrity(_))));
+    assert!(!s.dest.exists());
+}
