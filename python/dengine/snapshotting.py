@@ -435,11 +435,10 @@ class SnapshotManager:
                     raise ValueError("chunks of two different snapshots in one stream")
                 if writing is not None:
                     await writing
-                writing = loop.run_in_executor(
-                    self._pool, inc.assembler.accept_raw, c.offset, c.data, c.crc32c
-                )
+                data = c.data  # each read of a bytes field copies it: read it once
+                writing = loop.run_in_executor(self._pool, inc.assembler.accept_raw, c.offset, data, c.crc32c)
                 inc.last_activity = time.monotonic()
-                unflushed += len(c.data)
+                unflushed += len(data)
                 if unflushed >= _FLUSH_EVERY_BYTES and (flushing is None or flushing.done()):
                     if flushing is not None:
                         await flushing  # raises what a failed flush raised
