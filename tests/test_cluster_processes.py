@@ -139,6 +139,24 @@ def test_a_malformed_message_is_refused_and_the_node_keeps_serving(cluster: Proc
     assert cluster.get(cluster.wait_leader(), b"still") == b"serving"
 
 
+def test_a_malformed_snapshot_chunk_is_refused_and_the_node_keeps_serving(cluster: ProcCluster) -> None:
+    leader = cluster.wait_leader()
+    target = next(i for i in range(1, 4) if i != leader)
+    wait_for(lambda: cluster.status(target), 10, f"node {target} to serve")
+    # InstallSnapshot reads each message in place; send bytes no protobuf encoder would write.
+    install = cluster.channels[target].stream_unary(
+        "/dengine.v1.Raft/InstallSnapshot",
+        request_serializer=None,
+        response_deserializer=raft_pb2.InstallSnapshotResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        install(iter([b"\x1a\xff\xff\x03"]), timeout=3)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed snapshot chunk" in (info.value.details() or "")
+    cluster.put(b"after", b"chunk")
+    assert cluster.get(cluster.wait_leader(), b"after") == b"chunk"
+
+
 def test_a_config_error_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(

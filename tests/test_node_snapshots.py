@@ -17,6 +17,7 @@ from dengine.config import Config
 from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
+from dengine.transport.codec import ReceivedChunk
 from dengine.v1 import raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
 
@@ -163,11 +164,14 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
                 **{"from": leader.id},
             )
 
-            async def chunks(start: int, stop: int) -> AsyncIterator[raft_pb2.SnapshotChunk]:
+            async def chunks(start: int, stop: int) -> AsyncIterator[ReceivedChunk]:
                 offset = start
                 while offset < stop:
                     c = chunker.chunk_at(offset)
-                    yield raft_pb2.SnapshotChunk(header=header, offset=c.offset, data=c.data, crc32c=c.crc32c)
+                    message = raft_pb2.SnapshotChunk(
+                        header=header, offset=c.offset, data=c.data, crc32c=c.crc32c
+                    )
+                    yield ReceivedChunk.parse(message.SerializeToString())
                     offset += len(c.data)
 
             offer = await follower.snapshots.offer(header)
@@ -182,9 +186,11 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
             other.CopyFrom(header)
             other.index += 1
 
-            async def foreign() -> AsyncIterator[raft_pb2.SnapshotChunk]:
+            async def foreign() -> AsyncIterator[ReceivedChunk]:
                 c = chunker.chunk_at(cut)
-                yield raft_pb2.SnapshotChunk(header=other, offset=c.offset, data=c.data, crc32c=c.crc32c)
+                yield ReceivedChunk.of(
+                    raft_pb2.SnapshotChunk(header=other, offset=c.offset, data=c.data, crc32c=c.crc32c)
+                )
 
             with pytest.raises(ValueError, match="not offered"):
                 await follower.snapshots.receive(foreign())

@@ -6,7 +6,7 @@ import pytest
 
 from dengine._core import Entry, encode_entries
 from dengine.raft import Message, MsgType
-from dengine.transport.codec import WireError, from_wire, to_wire
+from dengine.transport.codec import ReceivedChunk, WireError, from_wire, to_wire
 from dengine.v1 import raft_pb2
 
 MEMBERS = {1, 2, 3}
@@ -60,3 +60,23 @@ def test_damaged_or_misplaced_entries_are_refused() -> None:
     w.index = 7  # entries must follow the index they are appended after
     with pytest.raises(WireError, match="not after index 7"):
         decode(w)
+
+
+def test_a_received_snapshot_chunk_is_read_in_place() -> None:
+    header = raft_pb2.SnapshotHeader(cluster_id="c", term=3, index=9, log_term=2, size=100, sha256=b"s" * 32)
+    data = bytes(range(256)) * 4
+    message = raft_pb2.SnapshotChunk(header=header, offset=1 << 33, data=data, crc32c=0xFFFFFFFF)
+    raw = message.SerializeToString()
+    chunk = ReceivedChunk.parse(raw)
+    assert chunk.header == header and (chunk.offset, chunk.crc32c) == (1 << 33, 0xFFFFFFFF)
+    assert chunk.buffer is raw and raw[chunk.start : chunk.start + chunk.length] == data
+    assert ReceivedChunk.of(message).buffer == data
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\x0b", b"\x1a\xff\xff\x03", b"\x20\x80\x80\x80\x80\x10", b"\x0a\x02\xff\xff", b"\x11" + b"\0" * 8],
+)
+def test_a_malformed_snapshot_chunk_is_refused(raw: bytes) -> None:
+    with pytest.raises(WireError, match="malformed snapshot chunk"):
+        ReceivedChunk.parse(raw)

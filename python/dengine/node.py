@@ -44,8 +44,8 @@ from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore
-from dengine.transport.peers import GRPC_OPTIONS, PeerTransport
-from dengine.v1 import cluster_pb2_grpc, raft_pb2_grpc
+from dengine.transport.peers import GRPC_OPTIONS, PeerTransport, add_raft_service
+from dengine.v1 import cluster_pb2_grpc
 
 if TYPE_CHECKING:
     from dengine.config import Config
@@ -270,7 +270,7 @@ class Node:
         )
         self.transport.snapshots = self.snapshots
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
-        raft_pb2_grpc.add_RaftServicer_to_server(self.transport, self.server)  # type: ignore[no-untyped-call]
+        add_raft_service(self.server, self.transport)
         cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self), self.server)  # type: ignore[no-untyped-call]
         if self._extra_services is not None:
             self._extra_services(self.server, self)

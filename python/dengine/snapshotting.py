@@ -37,6 +37,7 @@ from dengine._core import SnapshotAssembler, SnapshotChunk, SnapshotChunker
 from dengine.errors import DengineError
 from dengine.raft import Message, MsgType, Role, SnapshotInfo
 from dengine.snapshot_store import SnapshotFile, SnapshotMeta, SnapshotStore
+from dengine.transport.codec import ReceivedChunk
 from dengine.v1 import raft_pb2, raft_pb2_grpc
 
 if TYPE_CHECKING:
@@ -410,7 +411,7 @@ class SnapshotManager:
         return raft_pb2.SnapshotOfferResponse(term=raft.term, needed=True, next_offset=next_offset)
 
     async def _write_stream(
-        self, chunks: AsyncIterator[raft_pb2.SnapshotChunk]
+        self, chunks: AsyncIterator[ReceivedChunk]
     ) -> tuple[_Incoming | None, raft_pb2.SnapshotHeader | None]:
         """Writes a stream of chunks through the offered snapshot's assembler; returns it and the
         stream's header (None for an empty stream)."""
@@ -435,10 +436,11 @@ class SnapshotManager:
                     raise ValueError("chunks of two different snapshots in one stream")
                 if writing is not None:
                     await writing
-                data = c.data  # each read of a bytes field copies it: read it once
-                writing = loop.run_in_executor(self._pool, inc.assembler.accept_raw, c.offset, data, c.crc32c)
+                writing = loop.run_in_executor(
+                    self._pool, inc.assembler.accept_slice, c.buffer, c.start, c.length, c.offset, c.crc32c
+                )
                 inc.last_activity = time.monotonic()
-                unflushed += len(data)
+                unflushed += c.length
                 if unflushed >= _FLUSH_EVERY_BYTES and (flushing is None or flushing.done()):
                     if flushing is not None:
                         await flushing  # raises what a failed flush raised
@@ -451,9 +453,7 @@ class SnapshotManager:
                 await flushing
         return inc, header
 
-    async def receive(
-        self, chunks: AsyncIterator[raft_pb2.SnapshotChunk]
-    ) -> raft_pb2.InstallSnapshotResponse:
+    async def receive(self, chunks: AsyncIterator[ReceivedChunk]) -> raft_pb2.InstallSnapshotResponse:
         """Writes the offered snapshot's chunks; once complete and verified, hands it to the core.
         Raises ValueError for chunks that do not belong to the offered snapshot."""
         node, store = self.node, self.store

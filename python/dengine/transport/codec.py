@@ -8,8 +8,11 @@ not a member, a message for another node or another cluster is refused with a cl
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
-from dengine._core import decode_entries, encode_entries
+from google.protobuf.message import DecodeError
+
+from dengine._core import SnapshotChunkError, decode_entries, encode_entries, split_snapshot_chunk
 from dengine.raft import Message, MsgType
 from dengine.v1 import raft_pb2
 
@@ -96,3 +99,32 @@ def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Col
         context=w.context,
         payloads=tuple(w.payloads),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedChunk:
+    """A snapshot chunk as it arrived. Its bytes are ``buffer[start:start + length]``: the
+    serialized message itself, so that large chunks are never copied out of it on their way to
+    disk (every read of a protobuf bytes field makes a copy)."""
+
+    header: raft_pb2.SnapshotHeader
+    offset: int
+    crc32c: int
+    buffer: bytes
+    start: int
+    length: int
+
+    @classmethod
+    def parse(cls, message: bytes) -> ReceivedChunk:
+        """Reads a serialized ``SnapshotChunk``; a malformed one is a :class:`WireError`."""
+        try:
+            header, offset, crc32c, start, length = split_snapshot_chunk(message)
+            return cls(raft_pb2.SnapshotHeader.FromString(header), offset, crc32c, message, start, length)
+        except (SnapshotChunkError, DecodeError) as exc:
+            raise WireError(f"a malformed snapshot chunk: {exc}") from None
+
+    @classmethod
+    def of(cls, chunk: raft_pb2.SnapshotChunk) -> ReceivedChunk:
+        """The same, from a message already decoded."""
+        data = chunk.data
+        return cls(chunk.header, chunk.offset, chunk.crc32c, data, 0, len(data))

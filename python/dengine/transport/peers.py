@@ -17,7 +17,7 @@ import grpc
 
 from dengine._core import SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
-from dengine.transport.codec import WireError, check_snapshot_header, from_wire, to_wire
+from dengine.transport.codec import ReceivedChunk, WireError, check_snapshot_header, from_wire, to_wire
 from dengine.v1 import raft_pb2, raft_pb2_grpc
 
 if TYPE_CHECKING:
@@ -190,10 +190,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             raise
 
     async def InstallSnapshot(
-        self, request_iterator: AsyncIterator[raft_pb2.SnapshotChunk], context: Any
+        self, request_iterator: AsyncIterator[bytes], context: Any
     ) -> raft_pb2.InstallSnapshotResponse:
-        async def checked() -> AsyncIterator[raft_pb2.SnapshotChunk]:
-            async for chunk in request_iterator:
+        """Receives a snapshot's chunks, each as the serialized message (see :func:`add_raft_service`)."""
+
+        async def checked() -> AsyncIterator[ReceivedChunk]:
+            async for message in request_iterator:
+                chunk = ReceivedChunk.parse(message)
                 self._check_header(chunk.header)
                 yield chunk
 
@@ -210,3 +213,31 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             log.error("a received snapshot failed verification: %s (peer %s)", exc, context.peer())
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             raise
+
+
+def add_raft_service(server: grpc.aio.Server, transport: PeerTransport) -> None:
+    """Serves ``transport`` as the ``dengine.v1.Raft`` service. Unlike the generated
+    ``add_RaftServicer_to_server``, InstallSnapshot takes each message as raw bytes, so that a
+    chunk's data goes from the received buffer to disk without being copied out of it."""
+    handlers = {
+        "Messages": grpc.stream_unary_rpc_method_handler(
+            transport.Messages,
+            request_deserializer=raft_pb2.RaftBatch.FromString,
+            response_serializer=raft_pb2.StreamClosed.SerializeToString,
+        ),
+        "OfferSnapshot": grpc.unary_unary_rpc_method_handler(
+            transport.OfferSnapshot,
+            request_deserializer=raft_pb2.SnapshotHeader.FromString,
+            response_serializer=raft_pb2.SnapshotOfferResponse.SerializeToString,
+        ),
+        "InstallSnapshot": grpc.stream_unary_rpc_method_handler(
+            transport.InstallSnapshot,
+            request_deserializer=None,
+            response_serializer=raft_pb2.InstallSnapshotResponse.SerializeToString,
+        ),
+    }
+    service = raft_pb2.DESCRIPTOR.services_by_name["Raft"]
+    # A method added to raft.proto must be served here too: fail at startup, not at the first call.
+    assert set(handlers) == {m.name for m in service.methods}, "add_raft_service is behind raft.proto"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

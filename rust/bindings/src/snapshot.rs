@@ -24,6 +24,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySnapshotChunker>()?;
     m.add_class::<PySnapshotChunkIterator>()?;
     m.add_class::<PySnapshotAssembler>()?;
+    m.add_function(wrap_pyfunction!(split_snapshot_chunk, m)?)?;
     Ok(())
 }
 
@@ -299,6 +300,26 @@ impl PySnapshotAssembler {
         self.with_open(py, |a| a.accept(offset, data, crc32c))
     }
 
+    /// Like `accept_raw`, for a chunk whose bytes are `buffer[start:start + length]` (the
+    /// serialized message it arrived in, see `split_snapshot_chunk`): nothing is copied out.
+    fn accept_slice(
+        &self,
+        py: Python<'_>,
+        buffer: &[u8],
+        start: usize,
+        length: usize,
+        offset: u64,
+        crc32c: u32,
+    ) -> PyResult<()> {
+        let data = start.checked_add(length).and_then(|end| buffer.get(start..end)).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "bytes {start}..+{length} lie outside a buffer of {} bytes",
+                buffer.len()
+            ))
+        })?;
+        self.with_open(py, |a| a.accept(offset, data, crc32c))
+    }
+
     /// Verifies the SHA-256 and atomically publishes the file; returns the final path.
     ///
     /// An incomplete transfer raises `SnapshotIntegrityError` and leaves the assembler open. A
@@ -345,4 +366,17 @@ impl PySnapshotAssembler {
             self.total_size
         ))
     }
+}
+
+/// Finds the parts of a serialized `dengine.v1.SnapshotChunk` message without copying its data:
+/// returns `(header bytes, offset, crc32c, data start, data length)`. Raises
+/// `SnapshotChunkError` for a malformed message.
+#[pyfunction]
+pub fn split_snapshot_chunk<'py>(
+    py: Python<'py>,
+    message: &[u8],
+) -> PyResult<(Bound<'py, PyBytes>, u64, u32, usize, usize)> {
+    let fields = dengine_core::snapshot::parse_chunk_message(message).map_err(crate::errors::to_py)?;
+    let header = PyBytes::new(py, &message[fields.header]);
+    Ok((header, fields.offset, fields.crc32c, fields.data.start, fields.data.len()))
 }

@@ -20,12 +20,14 @@ mod assembler;
 mod chunker;
 mod hashing;
 mod progress;
+mod wire;
 
 #[cfg(test)]
 mod tests;
 
 pub use assembler::{partial_path_for, progress_path_for, SnapshotAssembler};
 pub use chunker::{Chunk, ChunkCursor, Chunks, SnapshotChunker};
+pub use wire::{parse_chunk_message, ChunkFields};
 
 /// Size of the buffer used when streaming a file for hashing or verification. Large enough to
 /// amortise system calls, small enough that a huge chunk never has to sit in memory twice.
