@@ -192,8 +192,11 @@ def test_prometheus_metrics_are_served(cluster: ProcCluster) -> None:
     ]
     assert commits and float(commits[0].split()[-1]) >= 5
     follower = next(i for i in range(1, 4) if i != leader)
-    with pytest.raises(grpc.RpcError):
+    # A node slow to start would refuse the connection instead (UNAVAILABLE, counted nowhere).
+    wait_for(lambda: cluster.status(follower), 10, f"node {follower} to serve")
+    with pytest.raises(grpc.RpcError) as refused:
         cluster.kv(follower).Put(kv_pb2.PutRequest(key=b"x", value=b"y"), timeout=3)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert 'code="FAILED_PRECONDITION"' in cluster.scrape(follower)
 
 
