@@ -338,6 +338,23 @@ def test_duplicates(tmp_path: Path) -> None:
     assert final.read_bytes() == data
 
 
+def test_accept_slice_writes_a_window_of_the_received_buffer(tmp_path: Path) -> None:
+    final = tmp_path / "out.snap"
+    payload = b"hello snapshot"
+    asm = SnapshotAssembler(final, len(payload), hashlib.sha256(payload).digest())
+    received = b"<header>" + payload + b"<trailer>"
+    for start, length in ((8, len(received)), (len(received) + 1, 0), (-1, 3)):
+        with pytest.raises((ValueError, OverflowError)):
+            asm.accept_slice(received, start, length, 0, crc32c(payload))
+    assert asm.next_offset == 0, "a refused slice changes nothing"
+    with pytest.raises(SnapshotChunkError, match="CRC"):
+        asm.accept_slice(received, 8, 5, 0, crc32c(payload[:4]))
+    asm.accept_slice(received, 8, 5, 0, crc32c(payload[:5]))
+    asm.accept_slice(received, 13, len(payload) - 5, 5, crc32c(payload[5:]))
+    assert asm.finish() == str(final)
+    assert final.read_bytes() == payload
+
+
 def test_accept_raw_and_chunk_past_the_end(tmp_path: Path) -> None:
     final = tmp_path / "out.snap"
     payload = b"hello snapshot"
