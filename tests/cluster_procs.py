@@ -34,11 +34,12 @@ def wait_for(cond: Callable[[], T | None], timeout: float, what: str) -> T:
 
 @contextlib.contextmanager
 def running_cluster(root: Path, n: int = 3, **options: Any) -> Iterator[ProcCluster]:
-    """A started cluster with a leader, stopped (every process killed) on exit."""
+    """A started cluster whose every node serves and knows the leader, stopped (every process
+    killed) on exit."""
     c = ProcCluster(root, n, **options)
     c.start_all()
     try:
-        c.wait_leader()
+        c.wait_ready()
         yield c
     finally:
         c.stop_all()
@@ -176,6 +177,22 @@ client_auth = true
 
     def wait_leader(self, timeout: float = 15.0, among: list[int] | None = None) -> int:
         return wait_for(lambda: self.leader(among), timeout, "a leader")
+
+    def wait_ready(self, timeout: float = 20.0) -> int:
+        """Waits until every running node answers and names the same leader; returns it.
+
+        A majority agreeing on a leader is not enough for a test that talks to a follower next:
+        under load the last node may still be starting, and its port refuses connections.
+        """
+
+        def ready() -> int | None:
+            views = [self.status(i) for i, p in self.procs.items() if p.poll() is None]
+            if not views or any(v is None or v.leader_id == 0 for v in views):
+                return None
+            leaders = {v.leader_id for v in views if v is not None}
+            return leaders.pop() if len(leaders) == 1 else None
+
+        return wait_for(ready, timeout, "every node serving under one leader")
 
     def put(self, key: bytes, value: bytes, timeout: float = 10.0) -> int:
         """Puts through whoever leads, retrying across leader changes; returns the node used."""

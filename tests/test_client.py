@@ -4,14 +4,17 @@ a leader crash, exactly-once writes, typed results."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dengine.client import Client, KeyValue
 from dengine.errors import CompareFailed, NotFound, RequestFailed, Unavailable
+from dengine.kv import DEFAULT_HISTORY
 
 from cluster_procs import ProcCluster, running_cluster
 
@@ -26,6 +29,13 @@ def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
 
 def endpoints(c: ProcCluster) -> list[str]:
     return [c.address(i) for i in range(1, 4)]
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s"
+        await asyncio.sleep(0.02)
 
 
 def test_typed_operations(cluster: ProcCluster) -> None:
@@ -120,34 +130,68 @@ def test_an_unreachable_cluster_is_unavailable_within_the_deadline(tmp_path: Pat
     asyncio.run(main())
 
 
-def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(cluster: ProcCluster) -> None:
+@pytest.mark.parametrize("failure", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(
+    cluster: ProcCluster, failure: signal.Signals
+) -> None:
+    """The node serving a watch dies (its connection closes) or freezes (only the client's
+    keepalive pings can tell): the watch resumes on another node from the last revision seen."""
+
     async def main() -> None:
         leader = cluster.wait_leader()
         follower = next(i for i in range(1, 4) if i != leader)
         other = next(i for i in range(1, 4) if i not in (leader, follower))
         async with (
             Client(endpoints(cluster)) as writer,
-            Client([cluster.address(follower), cluster.address(other)]) as watcher,
+            Client([cluster.address(follower), cluster.address(other)], watch_idle_timeout=2) as watcher,
         ):
             seen: list[tuple[int, bytes]] = []
+            # An explicit start revision sends the watch straight to the first endpoint, the
+            # follower that is about to fail.
+            start = (await writer.put(b"start", b"")).revision + 1
 
             async def watch() -> None:
-                async for e in watcher.watch(b"r/"):
+                async for e in watcher.watch(b"r/", start_revision=start):
                     seen.append((e.revision, e.kv.key))
                     if len(seen) == 40:
                         return
 
             task = asyncio.create_task(watch())
-            await asyncio.sleep(1.0)
             for i in range(20):
                 await writer.put(b"r/%02d" % i, b"x")
-            await asyncio.sleep(0.5)
-            cluster.kill(follower)  # the node serving the watch dies
+            await wait_until(lambda: len(seen) == 20, 10)
+            cluster.kill(follower, failure)  # the node serving the watch
             for i in range(20, 40):
                 await writer.put(b"r/%02d" % i, b"x")
-            await asyncio.wait_for(task, 30)
+            try:
+                await asyncio.wait_for(task, 30)
+            except TimeoutError:
+                views = {i: cluster.status(i) for i in range(1, 4) if i != follower}
+                lag = {i: (v.commit_index, v.applied_index) if v else None for i, v in views.items()}
+                raise AssertionError(f"the watch stalled after {seen}; (commit, applied) {lag}") from None
             assert [k for _, k in seen] == [b"r/%02d" % i for i in range(40)], "no gap, no repeat"
             revisions = [r for r, _ in seen]
             assert revisions == sorted(revisions) and len(set(revisions)) == 40
+
+    asyncio.run(main())
+
+
+def test_a_watch_from_a_revision_no_node_still_holds_fails_clearly(cluster: ProcCluster) -> None:
+    """Every node keeps the last 10,000 events; a watch from before them cannot be served without
+    a gap, so it fails (OUT_OF_RANGE) rather than silently skipping events."""
+
+    async def main() -> None:
+        async with Client(endpoints(cluster)) as client:
+            writes = (client.put(b"h/%d" % (i % 100), b"x") for i in range(DEFAULT_HISTORY + 50))
+            await asyncio.gather(*writes)
+            with pytest.raises(RequestFailed) as failed:
+                async for _ in client.watch(b"h/", start_revision=1):
+                    pass
+            assert failed.value.code == "OUT_OF_RANGE" and "compacted" in str(failed.value)
+            # From a revision still held, the same watch works.
+            latest = (await client.put(b"h/last", b"x")).revision
+            async for e in client.watch(b"h/", start_revision=latest - 10):
+                if e.revision == latest:
+                    break
 
     asyncio.run(main())

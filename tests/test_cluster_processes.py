@@ -3,6 +3,7 @@ killed with SIGKILL, frozen with SIGSTOP, restarted. Every acknowledged write mu
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from dengine._core import Entry, encode_entries
 from dengine.tls import init_dev_certs
-from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, raft_pb2, raft_pb2_grpc
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, raft_pb2_grpc
 
 from cluster_procs import ProcCluster, running_cluster, wait_for
 
@@ -23,12 +24,8 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX sign
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    c = ProcCluster(tmp_path, 3)
-    c.start_all()
-    try:
+    with running_cluster(tmp_path) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def write_many(c: ProcCluster, n: int, prefix: str) -> dict[bytes, bytes]:
@@ -351,3 +348,36 @@ def test_the_cli_talks_to_a_mutual_tls_cluster(tmp_path: Path) -> None:
         assert cli("kv", "put", "tls-key", "tls-value").returncode == 0
         assert cli("kv", "get", "tls-key").stdout.strip() == "tls-value"
         assert cli("status").stdout.count(" ok") == 3
+
+
+def test_a_watch_hears_progress_while_its_node_follows_a_leader_and_silence_after(
+    cluster: ProcCluster,
+) -> None:
+    """Progress notices (responses without events) let a client tell an idle watch from a dead
+    or cut-off node; a node that lost its leader stops sending them."""
+    leader = cluster.wait_ready()
+    follower = next(i for i in range(1, 4) if i != leader)
+    revision = cluster.kv(leader).Put(kv_pb2.PutRequest(key=b"p", value=b"1"), timeout=5).revision
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(cluster.address(follower)) as ch:
+            call = kv_pb2_grpc.KVStub(ch).Watch(kv_pb2.WatchRequest(prefix=b"q/", start_revision=1))  # type: ignore[no-untyped-call]
+            first = await asyncio.wait_for(call.read(), 5)  # the (empty) backlog
+            assert not first.events and first.revision >= revision
+            notice = await asyncio.wait_for(call.read(), 5)
+            assert not notice.events and notice.revision >= revision
+            for i in range(1, 4):
+                if i != follower:
+                    cluster.kill(i)
+            # Once the follower's election timeout passes it has no leader, and falls silent.
+            await asyncio.sleep(2.0)
+            while True:
+                try:
+                    await asyncio.wait_for(call.read(), 3)
+                except TimeoutError:
+                    break
+                status = cluster.status(follower)
+                assert status is not None and status.leader_id != 0, "a notice without a leader"
+            call.cancel()
+
+    asyncio.run(main())

@@ -34,7 +34,7 @@ from dengine.errors import (
     RequestFailed,
     Unavailable,
 )
-from dengine.kv import KeyValue
+from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue
 from dengine.v1 import kv_pb2, kv_pb2_grpc
 
 __all__ = [
@@ -117,7 +117,14 @@ class _Endpoints:
 
 
 class Client:
-    """An async client of a dengine cluster. Use ``async with Client([...]) as c:``."""
+    """An async client of a dengine cluster. Use ``async with Client([...]) as c:``.
+
+    ``timeout`` is the default deadline of a call, retries included; ``attempt_timeout`` bounds
+    one attempt on one node. Concurrent calls are coalesced into batches of up to ``max_batch``
+    operations, after waiting ``linger_ms`` for company. A watch that hears nothing from its node
+    for ``watch_idle_timeout`` seconds resumes on another node: nodes that follow a leader send a
+    progress notice every second, so silence means the node froze or was cut off.
+    """
 
     def __init__(
         self,
@@ -129,6 +136,7 @@ class Client:
         client_id: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         attempt_timeout: float = 5.0,
+        watch_idle_timeout: float = 5.0,
     ) -> None:
         addresses = (
             [e.strip() for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
@@ -137,6 +145,10 @@ class Client:
             raise ValueError("at least one endpoint (host:port) is required")
         if max_batch < 1 or linger_ms < 0 or timeout <= 0 or attempt_timeout <= 0:
             raise ValueError("max_batch must be >= 1, linger_ms >= 0, timeout and attempt_timeout > 0")
+        if watch_idle_timeout <= WATCH_PROGRESS_INTERVAL_S:
+            raise ValueError(
+                f"watch_idle_timeout must exceed the {WATCH_PROGRESS_INTERVAL_S:g} s between progress notices"
+            )
         # One attempt stuck on a node that can no longer answer (removed, cut off) must not use up
         # the whole deadline: after this long the request is retried elsewhere (exactly-once, by
         # its session).
@@ -150,6 +162,7 @@ class Client:
         self._outstanding: set[int] = set()
         self._outstanding_heap: list[int] = []
         self._credentials = credentials
+        self.watch_idle_timeout = watch_idle_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -264,8 +277,12 @@ class Client:
     async def watch(self, prefix: bytes = b"", *, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
         """Events for keys under ``prefix``, from ``start_revision`` (0: from now on), forever.
 
-        When a node goes away the watch resumes on another one from the last revision seen,
-        without gaps and without repeating an event already delivered.
+        When a node goes away, freezes or is cut off from its leader (it then stops sending the
+        progress notices, and ``watch_idle_timeout`` runs out), the watch resumes on another one
+        from the last revision seen, without gaps and without repeating an event already
+        delivered. Raises :class:`~dengine.errors.RequestFailed` (``OUT_OF_RANGE``) when no node
+        still holds the history from that revision (each restored a later snapshot or dropped
+        the events from its bounded history): read the current state and watch again from there.
         """
         if start_revision == 0:
             # "From now": pin now to a revision, so that a resumed stream neither skips nor replays.
@@ -276,14 +293,23 @@ class Client:
         next_revision = start_revision
         delivered: set[tuple[int, bytes]] = set()  # events of ``next_revision`` already yielded
         attempts = 0
+        compacted: set[str] = set()  # nodes whose history no longer reaches ``next_revision``
         while not self._closed:
             address = self._endpoints.pick()
             stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+            call = stub.Watch(kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision))
             try:
-                async for response in stub.Watch(
-                    kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision)
-                ):
+                while True:
+                    try:
+                        response = await asyncio.wait_for(call.read(), self.watch_idle_timeout)
+                    except TimeoutError:
+                        # Not even a progress notice: the node froze, or lost the cluster.
+                        self._endpoints.leader = None
+                        break
+                    if response is grpc.aio.EOF:
+                        break
                     attempts = 0
+                    compacted.clear()
                     for e in response.events:
                         ident = (e.revision, e.kv.key)
                         if e.revision < next_revision or ident in delivered:
@@ -297,8 +323,17 @@ class Client:
                         )
                         yield WatchEvent(kind, kv, _kv(e.prev) if e.HasField("prev") else None, e.revision)
             except grpc.aio.AioRpcError as exc:
-                self._on_failure(address, exc.code().name, exc.details() or "")
+                code, details = exc.code().name, exc.details() or ""
+                self._on_failure(address, code, details)
                 self._endpoints.leader = None  # any node can serve a watch: rotate
+                if code == "OUT_OF_RANGE":
+                    # That node restored a snapshot past our revision; another may still hold
+                    # the history. When none does, the events in between are gone for good.
+                    compacted.add(address)
+                    if compacted >= set(self._endpoints.addresses):
+                        raise RequestFailed(code, details) from exc
+            finally:
+                call.cancel()
             attempts += 1
             await asyncio.sleep(min(1.0, 0.05 * 2 ** min(attempts, 5)))
 

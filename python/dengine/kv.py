@@ -64,6 +64,7 @@ __all__ = [
     "MAX_KEY_SIZE",
     "MAX_VALUE_SIZE",
     "SNAPSHOT_MAGIC",
+    "WATCH_PROGRESS_INTERVAL_S",
     "CasCommand",
     "DeleteCommand",
     "DeleteRangeCommand",
@@ -101,6 +102,10 @@ MAX_VALUE_SIZE: Final = 16 * 1024 * 1024
 
 DEFAULT_HISTORY: Final = 10_000
 """Watch events kept in memory by default, so a watcher that fell briefly behind can catch up."""
+
+WATCH_PROGRESS_INTERVAL_S: Final = 1.0
+"""Seconds between the progress notices a node that knows a leader sends on each watch stream;
+a client hearing nothing for several of them moves the watch to another node."""
 
 SNAPSHOT_MAGIC: Final = b"DNGKVSN\x00"
 """First eight bytes of every KV snapshot, so a wrong file is refused before anything is parsed."""

@@ -736,6 +736,12 @@ class Node:
 
     # --- status -------------------------------------------------------------------------------------
 
+    @property
+    def leader_id(self) -> int | None:
+        """The leader this node currently follows (itself when leading); None while there is none
+        or the node has not started."""
+        return self.raft.lead if self.raft is not None else None
+
     def status(self) -> NodeStatus:
         raft, store = self.raft, self.store
         assert raft is not None and store is not None

@@ -24,9 +24,12 @@ from dengine.cluster_service import leader_details
 from dengine.config import Config
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
 from dengine.kv import (
+    WATCH_PROGRESS_INTERVAL_S,
     KeyValue,
+    KVCompactedError,
     KVResult,
     KVStateMachine,
+    WatchEvent,
     decode_result,
     encode_cas,
     encode_delete,
@@ -338,20 +341,47 @@ class KVService(kv_pb2_grpc.KVServicer):
         return kv_pb2.BatchResponse(results=_all_answered(results))
 
     async def Watch(self, request: kv_pb2.WatchRequest, context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        """Events under the prefix from ``start_revision``, then live ones as they apply, bundled
+        as they queue up; every second a progress notice while this node knows a leader."""
+        queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
         unsubscribe = self.sm.subscribe(queue.put_nowait)
+        loop = asyncio.get_running_loop()
+        ticker: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal ticker
+            # A node cut off from the cluster, or one that lost its leader, goes quiet, so that
+            # its watchers move to a node that still hears the cluster.
+            if self.node.leader_id is not None:
+                queue.put_nowait(None)
+            ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
+
+        floor = request.start_revision  # queued events below it were already sent
         try:
             if request.start_revision:
-                backlog = self.sm.events_since(request.start_revision - 1)
-                events = [e for e in backlog if e.kv.key.startswith(request.prefix)]
-                if events:
-                    yield kv_pb2.WatchResponse(events=[_event(e) for e in events])
+                try:
+                    backlog = self.sm.events_since(request.start_revision - 1)
+                except KVCompactedError as exc:
+                    await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+                floor = max(floor, self.sm.revision + 1)
+                events = [_event(e) for e in backlog if e.kv.key.startswith(request.prefix)]
+                yield kv_pb2.WatchResponse(events=events, revision=self.sm.revision)
+            ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
             while True:
-                e = await queue.get()
-                if e.kv.key.startswith(request.prefix) and e.revision >= request.start_revision:
-                    yield kv_pb2.WatchResponse(events=[_event(e)])
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                events = [
+                    _event(e)
+                    for e in batch
+                    if e is not None and e.revision >= floor and e.kv.key.startswith(request.prefix)
+                ]
+                if events or None in batch:
+                    yield kv_pb2.WatchResponse(events=events, revision=self.sm.revision)
         finally:
             unsubscribe()
+            if ticker is not None:
+                ticker.cancel()
 
 
 def _event(e: Any) -> kv_pb2.WatchEvent:
