@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from dengine._core import Entry
 from dengine.raft import payload
-from dengine.raft.sessions import Outcome, SessionTable, apply_entry
+from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entries, apply_entry
 
 
 class Counter:
@@ -136,3 +138,37 @@ def test_one_client_pins_at_most_max_results_results_lowest_dropped_first() -> N
     # the documented limit of what one client can pin.
     assert apply_entry(entry(6, 9, 2, first_outstanding=1), table, sm.run).outcome is Outcome.APPLIED
     assert [q for q, *_ in table.items()[0][3]] == [5, 6, 8]
+
+
+def test_applying_a_batch_matches_applying_entry_by_entry() -> None:
+    """apply_entries' inline path must leave the same table and state and give the same answers
+    as apply_entry, whatever the batch boundaries, for every kind of entry."""
+    rng = random.Random(11)
+    log: list[Entry] = []
+    for index in range(1, 3001):
+        roll = rng.random()
+        client, seq = rng.randint(1, 6), rng.randint(1, 40)
+        if roll < 0.03:
+            log.append(Entry(index, 1, payload.NOOP_PAYLOAD))
+        elif roll < 0.05:
+            log.append(Entry(index, 1, payload.command(b"inc")))
+        elif roll < 0.06:
+            log.append(Entry(index, 1, b"\xff garbage"))
+        else:  # retries, out-of-order and stale sequences, failing commands, moving acks
+            cmd = b"boom" if roll < 0.08 else b"inc"
+            log.append(entry(index, client, seq, cmd, first_outstanding=rng.randint(0, seq)))
+    small = dict(max_clients=4, expire_after=500, max_results=8)  # evictions happen too
+    one_sm, one_table = Counter(), SessionTable(**small)
+    expected = [apply_entry(e, one_table, one_sm.run) for e in log]
+    wanted = {(a.client_id, a.sequence) for a in expected if a.client_id and a.index % 3 == 0}
+
+    batch_sm, batch_table = Counter(), SessionTable(**small)
+    answered: list[Applied] = []
+    i = 0
+    while i < len(log):
+        size = rng.randint(1, 200)
+        answered += apply_entries(log[i : i + size], batch_table, batch_sm.run, wanted)
+        i += size
+    assert batch_table.items() == one_table.items() and batch_sm.n == one_sm.n
+    assert answered == [a for a in expected if a.client_id and (a.client_id, a.sequence) in wanted]
+    assert {a.outcome for a in answered} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}

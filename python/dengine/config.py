@@ -465,7 +465,7 @@ class SnapshotSection(_Section):
 
     SECTION: ClassVar[str] = "snapshot"
     enabled: bool = _opt(True, _BOOL)
-    entries: int = _opt(10000, _int(0))
+    entries: int = _opt(100_000, _int(0))
     bytes: int = _opt(0, _int(0))
     interval_s: int = _opt(0, _int(0))
     keep: int = _opt(2, _int(1))

@@ -39,7 +39,7 @@ from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
 from dengine.raft import payload as envelope
 from dengine.raft.membership import ConfOp
 from dengine.raft.progress import ProgressState
-from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entry, apply_entry_async
+from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entries, apply_entry_async
 from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
@@ -142,6 +142,7 @@ class Node:
         # Payloads of proposals still waiting: re-proposed when a new leader appears, since the
         # old one may have lost them (the session makes a second copy harmless).
         self._payloads: dict[tuple[int, int], bytes] = {}
+        self._keys: dict[asyncio.Future[bytes], tuple[int, int]] = {}  # waiter -> its proposal
         self._resubmitted_for: tuple[int, int | None] = (0, None)
         # (last index, time proposed, count) of batches proposed here as leader, oldest first:
         # what the propose-to-commit histogram measures.
@@ -406,14 +407,18 @@ class Node:
         with the first result (Raft thesis §6.3)."""
         return await self._wait(self.submit_session(client_id, sequence, command, first_outstanding), timeout)
 
-    @staticmethod
-    async def _wait(fut: asyncio.Future[bytes], timeout: float | None) -> bytes:
-        return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+    async def _wait(self, fut: asyncio.Future[bytes], timeout: float | None) -> bytes:
+        try:
+            return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        except BaseException:
+            if not fut.done() or fut.cancelled():
+                self._forget(fut)
+            raise
 
     def submit(self, command: bytes) -> asyncio.Future[bytes]:
         """:meth:`propose` without the coroutine: returns the future of the result at once, for
-        callers that propose many commands together and await them all (cancelling the future
-        gives up waiting; the command may still be applied)."""
+        callers that propose many commands together and await them all. A caller that gives up
+        waiting cancels the future; the command may still be applied."""
         self._seq += 1
         outstanding = self._local_outstanding
         # Sequences no longer waiting were answered (or given up): drop them from the heap's top.
@@ -443,21 +448,31 @@ class Node:
                 loop.call_later(linger, self._flush)
             else:
                 loop.call_soon(self._flush)
-        fut.add_done_callback(lambda f: self._forget(key, f))
+        self._keys[fut] = key
         return fut
 
-    def _forget(self, key: tuple[int, int], fut: asyncio.Future[bytes]) -> None:
-        """A waiter is answered or gave up: once nobody waits on ``key``, its bookkeeping goes."""
-        waiting = self._waiters.get(key)
-        if waiting is not None and fut in waiting:
+    def _forget(self, fut: asyncio.Future[bytes]) -> None:
+        """A waiter gave up: once nobody waits on its proposal, the bookkeeping goes (the entry
+        is no longer proposed again after a leader change)."""
+        key = self._keys.pop(fut, None)
+        waiting = self._waiters.get(key) if key is not None else None
+        if key is not None and waiting is not None and fut in waiting:
             waiting.remove(fut)
             if not waiting:
-                del self._waiters[key]
-                self._proposed_at.pop(key, None)
-                self._payloads.pop(key, None)
+                self._settle(key)
+
+    def _settle(self, key: tuple[int, int]) -> list[asyncio.Future[bytes]]:
+        """Drops the bookkeeping of an answered proposal; returns its waiters. Done inline rather
+        than from a done-callback on each future, which cost an event-loop turn per proposal."""
+        self._proposed_at.pop(key, None)
+        self._payloads.pop(key, None)
+        waiting = self._waiters.pop(key, [])
+        for fut in waiting:
+            self._keys.pop(fut, None)
+        return waiting
 
     def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception]) -> None:
-        for fut in self._waiters.get(key, []):
+        for fut in self._settle(key):
             if not fut.done():
                 fut.set_exception(make())
 
@@ -691,14 +706,15 @@ class Node:
                 if isinstance(item, SnapshotInfo):
                     await self._install(item)
                     last = item.index
-                else:
+                elif self._async_apply:
                     for entry in item:
-                        if self._async_apply:
-                            applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
-                        else:
-                            applied = apply_entry(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                        applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
                         if applied.client_id:
                             self._resolve(applied)
+                    last = item[-1].index
+                else:
+                    for applied in apply_entries(item, self.sessions, self.sm.apply, self._waiters):  # type: ignore[arg-type]
+                        self._resolve(applied)
                     last = item[-1].index
                 raft.applied_to(last)
             self.metrics.set_indexes(raft.commit, raft.applied)
@@ -724,7 +740,7 @@ class Node:
         started = self._proposed_at.get(key)
         if started is not None:
             self.metrics.observe_apply_latency(time.monotonic() - started)
-        for fut in self._waiters.get(key, []):
+        for fut in self._settle(key):
             if fut.done():
                 continue
             if applied.outcome is Outcome.STALE:

@@ -667,7 +667,9 @@ class SnapshotStore:
         """Deletes all but the newest ``keep`` (at least 1) snapshots; returns what it deleted."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
-        doomed = [snap.path for snap in self.list()[:-keep]]
+        # By name alone: reading every file's metadata (session tables included) on each prune
+        # cost a few percent of a busy node's time.
+        doomed = self._published()[:-keep]
         for path in doomed:
             path.unlink()
         return doomed

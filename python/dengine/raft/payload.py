@@ -19,6 +19,9 @@ from typing import NamedTuple
 from dengine.raft import membership
 
 _SESSION = struct.Struct("<BQQQ")
+SESSION_HEADER = _SESSION
+"""The head of a ``SESSION_COMMAND`` (kind, client id, sequence, first outstanding): the apply
+loop's fast path reads it directly."""
 
 
 class Kind(enum.IntEnum):
@@ -31,6 +34,7 @@ class Kind(enum.IntEnum):
 NOOP_PAYLOAD = bytes([Kind.NOOP])
 # Plain ints: comparing a byte with an IntEnum member is several times slower.
 _NOOP_KIND, _COMMAND_KIND, _SESSION_KIND = int(Kind.NOOP), int(Kind.COMMAND), int(Kind.SESSION_COMMAND)
+SESSION_KIND = _SESSION_KIND
 CONF_CHANGE_KIND = int(Kind.CONF_CHANGE)
 
 
