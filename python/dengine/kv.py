@@ -790,6 +790,7 @@ class KVStateMachine:
         self._last_applied = 0
         self._history: deque[_RawEvent] = deque()
         self._compacted = 0
+        self._restores = 0
         self._subscribers: dict[int, Callable[[WatchEvent], None]] = {}
         self._next_token = 0
         self._view: _View | None = None  # the open background snapshot, if any
@@ -813,6 +814,12 @@ class KVStateMachine:
     def compacted_revision(self) -> int:
         """``events_since(r)`` works for ``r >= compacted_revision``; older revisions are gone."""
         return self._compacted
+
+    @property
+    def restores(self) -> int:
+        """How many times :meth:`restore` replaced the state. Subscribers get no events for what
+        a restore changed, so a watcher that sees this number move has missed changes."""
+        return self._restores
 
     def __len__(self) -> int:
         """The number of keys."""
@@ -1115,6 +1122,7 @@ class KVStateMachine:
         self._last_applied = last_applied
         self._history.clear()
         self._compacted = revision
+        self._restores += 1
 
 
 def _write_snapshot(

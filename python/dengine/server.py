@@ -357,6 +357,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
 
         floor = request.start_revision  # queued events below it were already sent
+        restores = self.sm.restores
         try:
             if request.start_revision:
                 try:
@@ -371,6 +372,14 @@ class KVService(kv_pb2_grpc.KVServicer):
                 batch = [await queue.get()]
                 while not queue.empty():
                     batch.append(queue.get_nowait())
+                if self.sm.restores != restores:
+                    # The state jumped to a snapshot without events for what it changed: end the
+                    # stream so the client resumes where the history still reaches, or learns
+                    # that nowhere does, instead of silently missing changes.
+                    await context.abort(
+                        grpc.StatusCode.OUT_OF_RANGE,
+                        "this node installed a snapshot; resume the watch from the last revision seen",
+                    )
                 events = [
                     _event(e)
                     for e in batch
