@@ -85,7 +85,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         "storage": {"engine": "file", "segment_bytes": 64 * 1024 * 1024, "preallocate": False},
         "snapshot": {
             "enabled": True,
-            "entries": 10000,
+            "entries": 100000,
             "bytes": 0,
             "interval_s": 0,
             "keep": 2,
