@@ -22,6 +22,7 @@ import grpc
 
 from dengine.config import Config
 from dengine.devcluster import free_ports
+from dengine.gc_tuning import tune_gc
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
@@ -53,6 +54,7 @@ async def run(seconds: float, inflight: int) -> dict[str, float]:
         ]
         node = Node(Config.load(paths[0]), KVStateMachine())
         await node.start()
+        tune_gc()  # what the embedding guide recommends for a process that runs a busy node
         try:
             while node.raft is None or node.raft.lead is None:
                 await asyncio.sleep(0.05)

@@ -23,6 +23,7 @@ import grpc
 from dengine.cluster_service import leader_details
 from dengine.config import Config
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.gc_tuning import tune_gc
 from dengine.kv import (
     WATCH_PROGRESS_INTERVAL_S,
     KeyValue,
@@ -411,6 +412,7 @@ async def serve(config: Config, *, join: str | None = None) -> None:
     sm = KVStateMachine()
     node = Node(config, sm, extra_services=kv_services(sm), join=join)
     await node.start()
+    tune_gc()  # this process is the node's: collect rarely, and never walk the restored state
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
