@@ -923,3 +923,40 @@ def test_snapshot_writes_to_a_real_file(tmp_path: Path) -> None:
     with path.open("rb") as source:
         copy.restore(source)
     assert copy.range() == store.sm.range()
+
+
+def test_the_fast_result_decoder_agrees_with_the_checked_one() -> None:
+    """decode_result's fast path (successful writes) must give exactly what the checked decoder
+    gives, for every result apply produces and for damaged copies of them."""
+    rng = random.Random(5)
+    sm = KVStateMachine()
+    results: list[bytes] = []
+    for index in range(1, 2001):
+        key = b"k%d" % rng.randint(0, 30)
+        roll = rng.random()
+        if roll < 0.5:
+            command = encode_put(key, bytes(rng.randint(0, 40)))
+        elif roll < 0.7:
+            command = encode_delete(key)
+        elif roll < 0.9:
+            command = encode_cas(key, rng.choice([None, b"", bytes(3)]), b"new")
+        elif roll < 0.97:
+            command = encode_delete_range(b"k1")
+        else:
+            command = b"\x01\x09 not a command"
+        results.append(sm.apply(index, command))
+    assert any(decode_result(r).prev is not None for r in results)
+    for raw in results:
+        expected = kv._decode_result_checked(raw)
+        assert decode_result(raw) == expected
+        assert decode_result(memoryview(raw)) == expected == decode_result(bytearray(raw))
+        for damaged in (raw[:-1], raw + b"\x00", bytes([raw[0] + 1]) + raw[1:]):
+            try:
+                checked: KVResult | str = kv._decode_result_checked(damaged)
+            except KVResultError as exc:
+                checked = str(exc)
+            try:
+                fast: KVResult | str = decode_result(damaged)
+            except KVResultError as exc:
+                fast = str(exc)
+            assert fast == checked

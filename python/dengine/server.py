@@ -15,8 +15,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
@@ -83,14 +82,50 @@ def _check_value(value: bytes) -> None:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"value exceeds {MAX_VALUE} bytes")
 
 
-@dataclass(frozen=True, slots=True)
-class _Write:
+def _fill_kv(m: kv_pb2.KeyValue, kv: KeyValue) -> None:
+    m.key = kv.key
+    m.value = kv.value
+    m.create_revision = kv.create_revision
+    m.mod_revision = kv.mod_revision
+    m.version = kv.version
+
+
+# Answers are filled in place: building a message and passing it to its parent's constructor
+# copies it, which made answering a write cost 2.5 times as much.
+def _fill_put(m: kv_pb2.PutResponse, res: KVResult) -> None:
+    m.revision = res.revision
+    if res.prev is not None:
+        _fill_kv(m.prev, res.prev)
+
+
+def _fill_delete(m: kv_pb2.DeleteResponse, res: KVResult) -> None:
+    m.deleted = res.ok
+    m.revision = res.revision
+    if res.prev is not None:
+        _fill_kv(m.prev, res.prev)
+
+
+def _fill_cas(m: kv_pb2.CompareAndSwapResponse, res: KVResult) -> None:
+    m.succeeded = res.ok
+    m.revision = res.revision
+    if not res.ok and res.prev is not None:  # a failed swap reports the current key-value
+        _fill_kv(m.current, res.prev)
+
+
+class _Write(NamedTuple):
     """A validated write: the command to propose and how to answer once it is applied."""
 
-    kind: str  # the Operation field: put, delete or cas
+    kind: str  # the Operation field and response: put, delete or cas
     command: bytes
     session: kv_pb2.Session | None
-    respond: Callable[[KVResult], Any]
+    fill: Callable[[Any, KVResult], None]  # writes the result into the response message
+
+
+_RESPONSES: dict[str, Callable[[], Any]] = {
+    "put": kv_pb2.PutResponse,
+    "delete": kv_pb2.DeleteResponse,
+    "cas": kv_pb2.CompareAndSwapResponse,
+}
 
 
 def _session(
@@ -102,34 +137,19 @@ def _session(
 def _prepare_put(r: kv_pb2.PutRequest) -> _Write:
     _check_key(r.key)
     _check_value(r.value)
-    return _Write(
-        "put",
-        encode_put(r.key, r.value),
-        _session(r),
-        lambda res: kv_pb2.PutResponse(revision=res.revision, prev=_kv(res.prev)),
-    )
+    return _Write("put", encode_put(r.key, r.value), _session(r), _fill_put)
 
 
 def _prepare_delete(r: kv_pb2.DeleteRequest) -> _Write:
     _check_key(r.key)
-    return _Write(
-        "delete",
-        encode_delete(r.key),
-        _session(r),
-        lambda res: kv_pb2.DeleteResponse(deleted=res.ok, revision=res.revision, prev=_kv(res.prev)),
-    )
+    return _Write("delete", encode_delete(r.key), _session(r), _fill_delete)
 
 
 def _prepare_cas(r: kv_pb2.CompareAndSwapRequest) -> _Write:
     _check_key(r.key)
     _check_value(r.value)
     return _Write(
-        "cas",
-        encode_cas(r.key, r.expected if r.has_expected else None, r.value),
-        _session(r),
-        lambda res: kv_pb2.CompareAndSwapResponse(
-            succeeded=res.ok, revision=res.revision, current=None if res.ok else _kv(res.prev)
-        ),
+        "cas", encode_cas(r.key, r.expected if r.has_expected else None, r.value), _session(r), _fill_cas
     )
 
 
@@ -194,7 +214,9 @@ class KVService(kv_pb2_grpc.KVServicer):
             raw = await self._submit(w)
         except (NotLeaderError, ProposalDroppedError, ApplyError) as exc:
             raise self._write_error(exc) from exc
-        return w.respond(decode_result(raw))
+        response = _RESPONSES[w.kind]()
+        w.fill(response, decode_result(raw))
+        return response
 
     async def _writes(self, ops: list[kv_pb2.Operation]) -> list[kv_pb2.OperationResult]:
         """Proposes every write of a batch together (one append, one fsync) and waits for all of
@@ -216,15 +238,20 @@ class KVService(kv_pb2_grpc.KVServicer):
             for i in range(len(ops)):
                 if answers[i] is None:
                     answers[i] = _error_result(exc)
-        outcomes = await asyncio.gather(*(f for _, _, f in prepared), return_exceptions=True)
-        for (i, w, _), outcome in zip(prepared, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failure = self._write_error(outcome)
+        for i, w, f in prepared:
+            # One by one rather than gathered: they complete together, so this suspends about
+            # once, where gather adds a callback and an event-loop turn per future.
+            try:
+                raw = await f
+            except Exception as exc:
+                failure = self._write_error(exc)
                 if not isinstance(failure, (RequestError, DengineError)):
-                    raise failure
+                    raise
                 answers[i] = _error_result(failure)
-            else:
-                answers[i] = kv_pb2.OperationResult(**{w.kind: w.respond(decode_result(outcome))})
+                continue
+            answer = kv_pb2.OperationResult()
+            w.fill(getattr(answer, w.kind), decode_result(raw))
+            answers[i] = answer
         return _all_answered(answers)
 
     async def _read(self, fn: Callable[[KVStateMachine], T], consistency: int) -> T:
