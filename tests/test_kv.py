@@ -890,7 +890,7 @@ def test_kv_state_machine_implements_the_protocol() -> None:
 
 
 def test_fast_keyvalue_constructor_builds_ordinary_frozen_keyvalues() -> None:
-    fast = kv._new_kv(b"k", b"v", 1, 2, 3)
+    fast = kv.new_key_value(b"k", b"v", 1, 2, 3)
     assert fast == KeyValue(b"k", b"v", 1, 2, 3)
     assert hash(fast) == hash(KeyValue(b"k", b"v", 1, 2, 3))
     assert type(fast) is KeyValue

@@ -34,7 +34,7 @@ from dengine.errors import (
     RequestFailed,
     Unavailable,
 )
-from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue
+from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue, new_key_value
 from dengine.v1 import kv_pb2, kv_pb2_grpc
 
 __all__ = [
@@ -90,7 +90,7 @@ class CasResult:
 def _kv(m: kv_pb2.KeyValue | None) -> KeyValue | None:
     if m is None or not m.key:
         return None
-    return KeyValue(m.key, m.value, m.create_revision, m.mod_revision, m.version)
+    return new_key_value(m.key, m.value, m.create_revision, m.mod_revision, m.version)
 
 
 @dataclass(slots=True)
@@ -98,6 +98,7 @@ class _Pending:
     op: kv_pb2.Operation
     future: asyncio.Future[kv_pb2.OperationResult]
     deadline: float
+    sequence: int  # the write's session sequence; 0 for a read
     attempts: int = 0
 
 
@@ -164,6 +165,7 @@ class Client:
         self._credentials = credentials
         self.watch_idle_timeout = watch_idle_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, kv_pb2_grpc.KVStub] = {}
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -184,6 +186,7 @@ class Client:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        self._stubs.clear()
 
     @property
     def leader(self) -> str | None:
@@ -192,24 +195,27 @@ class Client:
 
     # --- operations -------------------------------------------------------------------------------
 
-    def _session(self) -> kv_pb2.Session:
-        self._seq += 1
-        self._outstanding.add(self._seq)
-        heapq.heappush(self._outstanding_heap, self._seq)
-        while self._outstanding_heap[0] not in self._outstanding:
-            heapq.heappop(self._outstanding_heap)
-        return kv_pb2.Session(
-            client_id=self.client_id, sequence=self._seq, first_outstanding=self._outstanding_heap[0]
-        )
-
-    def _answered(self, op: kv_pb2.Operation) -> None:
-        kind = op.WhichOneof("op")
-        if kind in ("put", "delete", "cas"):
-            self._outstanding.discard(getattr(op, kind).session.sequence)
+    def _open_session(self, session: kv_pb2.Session) -> int:
+        """Fills a write's session (in place: messages handed to a parent's constructor are
+        copied) with the next sequence, and returns it."""
+        self._seq = seq = self._seq + 1
+        self._outstanding.add(seq)
+        heap = self._outstanding_heap
+        heapq.heappush(heap, seq)
+        while heap[0] not in self._outstanding:
+            heapq.heappop(heap)
+        session.client_id = self.client_id
+        session.sequence = seq
+        session.first_outstanding = heap[0]
+        return seq
 
     async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> PutResult:
-        op = kv_pb2.Operation(put=kv_pb2.PutRequest(key=key, value=value, session=self._session()))
-        r = (await self._submit(op, timeout)).put
+        op = kv_pb2.Operation()
+        request = op.put
+        request.key = key
+        request.value = value
+        seq = self._open_session(request.session)
+        r = (await self._submit(op, timeout, seq)).put
         return PutResult(r.revision, _kv(r.prev) if r.HasField("prev") else None)
 
     async def get(
@@ -231,8 +237,10 @@ class Client:
     async def delete(self, key: bytes, *, strict: bool = False, timeout: float | None = None) -> DeleteResult:
         """Removes ``key``; ``deleted`` says whether it existed (``strict``: a missing key raises
         :class:`~dengine.errors.NotFound`)."""
-        op = kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=key, session=self._session()))
-        r = (await self._submit(op, timeout)).delete
+        op = kv_pb2.Operation()
+        op.delete.key = key
+        seq = self._open_session(op.delete.session)
+        r = (await self._submit(op, timeout, seq)).delete
         if not r.deleted and strict:
             raise NotFound(key, r.revision)
         return DeleteResult(r.deleted, r.revision, _kv(r.prev) if r.HasField("prev") else None)
@@ -249,14 +257,14 @@ class Client:
         """Sets ``key`` to ``value`` if its value is ``expected`` (``None``: if it is absent).
         ``succeeded`` says whether it did (``strict``: a mismatch raises
         :class:`~dengine.errors.CompareFailed`, which carries the current value)."""
-        request = kv_pb2.CompareAndSwapRequest(
-            key=key,
-            has_expected=expected is not None,
-            expected=expected or b"",
-            value=value,
-            session=self._session(),
-        )
-        r = (await self._submit(kv_pb2.Operation(cas=request), timeout)).cas
+        op = kv_pb2.Operation()
+        request = op.cas
+        request.key = key
+        request.has_expected = expected is not None
+        request.expected = expected or b""
+        request.value = value
+        seq = self._open_session(request.session)
+        r = (await self._submit(op, timeout, seq)).cas
         current = _kv(r.current) if r.HasField("current") else None
         if not r.succeeded and strict:
             raise CompareFailed(key, current, r.revision)
@@ -296,7 +304,7 @@ class Client:
         compacted: set[str] = set()  # nodes whose history no longer reaches ``next_revision``
         while not self._closed:
             address = self._endpoints.pick()
-            stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+            stub = self._stub(address)
             call = stub.Watch(kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision))
             try:
                 while True:
@@ -339,21 +347,27 @@ class Client:
 
     # --- coalescing and retries ---------------------------------------------------------------------
 
-    async def _submit(self, op: kv_pb2.Operation, timeout: float | None) -> kv_pb2.OperationResult:
+    async def _submit(
+        self, op: kv_pb2.Operation, timeout: float | None, sequence: int = 0
+    ) -> kv_pb2.OperationResult:
         if self._closed:
             raise DengineError("the client is closed")
         loop = asyncio.get_running_loop()
-        pending = _Pending(op, loop.create_future(), time.monotonic() + (timeout or self.timeout))
-        self._enqueue(pending)
+        future: asyncio.Future[kv_pb2.OperationResult] = loop.create_future()
+        self._enqueue(_Pending(op, future, time.monotonic() + (timeout or self.timeout), sequence))
         try:
-            return await pending.future
+            return await future
         finally:
             # Answered (or refused outright): replicas may forget this sequence's result. A write
-            # whose deadline passed stays outstanding so that a late copy still counts as a duplicate.
-            if pending.future.done() and not isinstance(
-                pending.future.exception(), (Unavailable, DeadlineExceeded)
+            # whose deadline passed, or whose caller gave up, stays outstanding so that a late copy
+            # still counts as a duplicate.
+            if (
+                sequence
+                and future.done()
+                and not future.cancelled()
+                and not isinstance(future.exception(), (Unavailable, DeadlineExceeded))
             ):
-                self._answered(op)
+                self._outstanding.discard(sequence)
 
     def _enqueue(self, pending: _Pending) -> None:
         self._queue.append(pending)
@@ -378,7 +392,7 @@ class Client:
     async def _send_batch(self, batch: list[_Pending]) -> None:
         address = self._endpoints.pick()
         deadline = min(p.deadline for p in batch)
-        stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+        stub = self._stub(address)
         try:
             response: kv_pb2.BatchResponse = await stub.Batch(
                 kv_pb2.BatchRequest(ops=[p.op for p in batch]),
@@ -432,7 +446,7 @@ class Client:
         attempts = 0
         while True:
             address = self._endpoints.pick()
-            stub = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+            stub = self._stub(address)
             try:
                 return await getattr(stub, method)(request, timeout=max(0.05, deadline - time.monotonic()))
             except grpc.aio.AioRpcError as exc:
@@ -444,6 +458,13 @@ class Client:
                     raise Unavailable(f"no node could serve {method}: {code} {details}") from exc
             attempts += 1
             await asyncio.sleep(min(0.5, 0.01 * 2 ** min(attempts, 6)))
+
+    def _stub(self, address: str) -> kv_pb2_grpc.KVStub:
+        # Cached: a stub registers every method of the service with the channel when built.
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = kv_pb2_grpc.KVStub(self._channel(address))  # type: ignore[no-untyped-call]
+        return stub
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)

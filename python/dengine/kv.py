@@ -87,6 +87,7 @@ __all__ = [
     "encode_delete",
     "encode_delete_range",
     "encode_put",
+    "new_key_value",
 ]
 
 _log = logging.getLogger(__name__)
@@ -267,8 +268,10 @@ _set_version = _kv_slots["version"].__set__
 del _kv_slots
 
 
-def _new_kv(key: bytes, value: bytes, create_revision: int, mod_revision: int, version: int) -> KeyValue:
-    """Equivalent to ``KeyValue(...)``, faster; for apply's hot path only."""
+def new_key_value(
+    key: bytes, value: bytes, create_revision: int, mod_revision: int, version: int
+) -> KeyValue:
+    """Equivalent to ``KeyValue(...)``, faster, for hot paths (apply, the client's answers)."""
     kv: KeyValue = object.__new__(KeyValue)
     _set_key(kv, key)
     _set_value(kv, value)
@@ -490,7 +493,7 @@ del _result_slots
 
 
 def _new_result(ok: bool, revision: int, prev: KeyValue | None, deleted: int) -> KVResult:
-    """Equivalent to ``KVResult(ok, revision, prev, deleted)``, faster (see :func:`_new_kv`)."""
+    """Equivalent to ``KVResult(ok, revision, prev, deleted)``, faster (see :func:`new_key_value`)."""
     result: KVResult = object.__new__(KVResult)
     _set_ok(result, ok)
     _set_revision(result, revision)
@@ -521,7 +524,7 @@ def decode_result(data: bytes | bytearray | memoryview) -> KVResult:
                     and pos + key_len + value_len == size
                 ):
                     key_end = pos + key_len
-                    prev = _new_kv(buf[pos:key_end], buf[key_end:], create, mod, ver)
+                    prev = new_key_value(buf[pos:key_end], buf[key_end:], create, mod, ver)
                     return _new_result(bool(flags & _FLAG_OK), revision, prev, deleted)
     return _decode_result_checked(buf)
 
@@ -936,13 +939,13 @@ class KVStateMachine:
         self._revision = revision = self._revision + 1
         prev = self._data.get(key)
         if prev is None:
-            kv = _new_kv(key, value, revision, revision, 1)
+            kv = new_key_value(key, value, revision, revision, 1)
             self._keys.add(key)
         else:
             view = self._view
             if view is not None:  # a background snapshot needs the entry as of its freeze
                 view.record(prev)
-            kv = _new_kv(key, value, prev.create_revision, revision, prev.version + 1)
+            kv = new_key_value(key, value, prev.create_revision, revision, prev.version + 1)
         self._data[key] = kv
         events.append((kv, prev, revision))
         return prev
@@ -1148,7 +1151,7 @@ class KVStateMachine:
                 )
             previous = key
             keys.append(key)
-            data[key] = _new_kv(key, body[key_len:], create, mod, ver)
+            data[key] = new_key_value(key, body[key_len:], create, mod, ver)
         computed = reader.crc
         (stored,) = _U32.unpack(reader.read(4, "the CRC"))
         if stored != computed:
