@@ -140,6 +140,11 @@ class InvariantChecker:
     def on_crash(self, node: SimNode) -> None:
         self.check_durable_quorum()
 
+    def on_wipe(self, node: SimNode) -> None:
+        """A node restarted on an empty disk forgot its term on purpose (it may not vote until it
+        catches up, see RaftConfig.can_vote): the terms it used before are no longer its own."""
+        self.max_sent_term.pop(node.id, None)
+
     def check_durable_quorum(self) -> None:
         """Every committed entry must survive on a majority of the disks, whatever crashes next."""
         live = [n for n in self.cluster.nodes.values() if n.raft is not None]

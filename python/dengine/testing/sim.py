@@ -275,6 +275,8 @@ class SimCluster:
         if wipe:
             node.store.wipe()
             node.snapshots = []
+            if self.checker is not None:
+                self.checker.on_wipe(node)
         self._start(node)
 
     def leader(self) -> int | None:
