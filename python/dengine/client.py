@@ -133,7 +133,7 @@ class Client:
         *,
         timeout: float = 10.0,
         linger_ms: float = 0.0,
-        max_batch: int = 128,
+        max_batch: int = 512,
         client_id: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         attempt_timeout: float = 5.0,
