@@ -232,6 +232,37 @@ def test_policies_by_age_and_by_log_size_and_disabled_snapshots(tmp_path: Path) 
     run(main)
 
 
+def test_the_size_policy_counts_entries_written_while_the_last_snapshot_was_taken(
+    tmp_path: Path,
+) -> None:
+    """Log growth is measured from the snapshot's own point. A burst written while the previous
+    snapshot was being taken and the log compacted still counts, and triggers the next snapshot
+    even when nothing is written after it."""
+    (cfg,) = with_snapshots(configs(tmp_path, 1), entries=0, bytes=20_000, trailing_entries=0, keep=1)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 600)  # about 32 KB of log: the policy takes a snapshot
+            await until(lambda: node.snapshots.created == 1)
+            compact = node.snapshots._compact
+            bursts: list[int] = []
+
+            async def burst_then_compact(*args: Any) -> None:
+                if not bursts:  # the next snapshot: another 32 KB lands before its compaction
+                    bursts.append(1)
+                    await propose_all(node, 600)
+                await compact(*args)
+
+            node.snapshots._compact = burst_then_compact  # type: ignore[method-assign, assignment]
+            await propose_all(node, 10)  # something new to snapshot
+            await node.snapshot()
+            assert node.snapshots.created == 2 and bursts
+            await until(lambda: node.snapshots.created == 3, timeout=10)
+
+    run(main)
+
+
 def test_a_bandwidth_cap_spaces_out_the_chunks(tmp_path: Path) -> None:
     (cfg,) = with_snapshots(configs(tmp_path, 1), chunk_bytes=10_000, bandwidth_mb_s=0.2)
 

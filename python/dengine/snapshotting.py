@@ -182,6 +182,9 @@ class SnapshotManager:
         began = time.monotonic()
         async with node.apply_lock:
             index = raft.applied
+            # The size policy counts growth from here: entries appended while this snapshot is
+            # written and the log compacted belong to the next one.
+            log_bytes = await self._run(_directory_bytes, self._log_dir)
             voters, learners = raft.conf_at(index)
             if index <= self._latest_index() or not voters:
                 # Nothing new, or a joining node before the entry that added it: it does not
@@ -228,7 +231,7 @@ class SnapshotManager:
             elapsed,
             extra={"node_id": node.id, "term": raft.term, "index": index, "event": "snapshot"},
         )
-        await self._compact(index)
+        await self._compact(index, log_bytes)
         return snap
 
     def _adopt(self, snap: SnapshotFile) -> None:
@@ -236,17 +239,24 @@ class SnapshotManager:
             self.latest = snap
         self._last_snapshot_at = time.monotonic()
 
-    async def _compact(self, index: int) -> None:
+    async def _compact(self, index: int, log_bytes: int) -> None:
+        """Compacts the log up to ``index`` less the trailing entries. ``log_bytes``: the log
+        directory's size when the snapshot at ``index`` was taken."""
         node = self.node
         log_store = node.store
         assert log_store is not None
         upto = index - self.cfg.trailing_entries
+        freed = 0
         if upto > log_store.first_index() - 1:
+            before = await self._run(_directory_bytes, self._log_dir)
             # On the log's own I/O thread: a compaction never races a sync.
             await asyncio.get_running_loop().run_in_executor(node.io, log_store.compact_prefix, upto)
-        # The size policy counts what the log grew by since this point (whole segments are only
-        # freed once every entry in them is compacted, so the directory rarely shrinks to zero).
-        self._log_bytes_at_snapshot = await self._run(_directory_bytes, self._log_dir)
+            freed = max(0, before - await self._run(_directory_bytes, self._log_dir))
+        # The size policy counts what the log grew by since the snapshot, less what compaction
+        # freed (whole segments are only freed once every entry in them is compacted, so the
+        # directory rarely shrinks to zero). Measuring only now would count the entries appended
+        # meanwhile as old, and a burst that ended then would never trigger the next snapshot.
+        self._log_bytes_at_snapshot = log_bytes - freed
         await self._prune()
 
     async def _prune(self) -> None:
