@@ -62,14 +62,18 @@ def _kv(kv: KeyValue | None) -> kv_pb2.KeyValue | None:
     return None if kv is None else _kv_of(kv)
 
 
+def _fill_kv(m: kv_pb2.KeyValue, kv: KeyValue) -> None:
+    m.key = kv.key
+    m.value = kv.value
+    m.create_revision = kv.create_revision
+    m.mod_revision = kv.mod_revision
+    m.version = kv.version
+
+
 def _kv_of(kv: KeyValue) -> kv_pb2.KeyValue:
-    return kv_pb2.KeyValue(
-        key=kv.key,
-        value=kv.value,
-        create_revision=kv.create_revision,
-        mod_revision=kv.mod_revision,
-        version=kv.version,
-    )
+    m = kv_pb2.KeyValue()
+    _fill_kv(m, kv)
+    return m
 
 
 def _check_key(key: bytes) -> None:
@@ -80,14 +84,6 @@ def _check_key(key: bytes) -> None:
 def _check_value(value: bytes) -> None:
     if len(value) > MAX_VALUE:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"value exceeds {MAX_VALUE} bytes")
-
-
-def _fill_kv(m: kv_pb2.KeyValue, kv: KeyValue) -> None:
-    m.key = kv.key
-    m.value = kv.value
-    m.create_revision = kv.create_revision
-    m.mod_revision = kv.mod_revision
-    m.version = kv.version
 
 
 # Answers are filled in place: building a message and passing it to its parent's constructor
