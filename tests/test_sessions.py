@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
 
+from dengine import kv
 from dengine._core import Entry
 from dengine.raft import payload
 from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entries, apply_entry
@@ -19,6 +21,8 @@ class Counter:
         if command == b"boom":
             raise RuntimeError("bad command")
         self.n += 1
+        if command == b"int":  # not bytes: the command's error, the same on every path
+            return self.n  # type: ignore[return-value]
         return b"%d" % self.n
 
 
@@ -155,7 +159,7 @@ def test_applying_a_batch_matches_applying_entry_by_entry() -> None:
         elif roll < 0.06:
             log.append(Entry(index, 1, b"\xff garbage"))
         else:  # retries, out-of-order and stale sequences, failing commands, moving acks
-            cmd = b"boom" if roll < 0.08 else b"inc"
+            cmd = b"boom" if roll < 0.08 else b"int" if roll < 0.09 else b"inc"
             log.append(entry(index, client, seq, cmd, first_outstanding=rng.randint(0, seq)))
     small = dict(max_clients=4, expire_after=500, max_results=8)  # evictions happen too
     one_sm, one_table = Counter(), SessionTable(**small)
@@ -172,3 +176,53 @@ def test_applying_a_batch_matches_applying_entry_by_entry() -> None:
     assert batch_table.items() == one_table.items() and batch_sm.n == one_sm.n
     assert answered == [a for a in expected if a.client_id and (a.client_id, a.sequence) in wanted]
     assert {a.outcome for a in answered} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
+
+
+def test_the_builtin_store_answers_alike_through_every_path() -> None:
+    """The batch loop applies to the Rust KV store directly (no Python call per entry); it must
+    leave the same store, table and answers as KVStateMachine.apply, batched or one by one."""
+    rng = random.Random(5)
+    log: list[Entry] = []
+    for index in range(1, 2001):
+        key = b"k%d" % rng.randint(1, 30)
+        command = rng.choice(
+            [
+                kv.encode_put(key, rng.randbytes(rng.randint(0, 20))),
+                kv.encode_delete(key),
+                kv.encode_cas(key, None, b"fresh"),
+                kv.encode_delete_range(b"k1"),
+                b"\x01\x09 not a command",
+            ]
+        )
+        client, seq = rng.randint(1, 5), rng.randint(1, 30)
+        log.append(entry(index, client, seq, command, first_outstanding=rng.randint(0, seq)))
+    wanted = {(c, q) for c in range(1, 6) for q in range(1, 31) if (c + q) % 2}
+
+    def run(native: bool, batched: bool) -> tuple[bytes, object, list[Applied]]:
+        sm, table = kv.KVStateMachine(), SessionTable(max_results=6)
+        answers: list[Applied] = []
+        size = rng.randint(1, 300) if batched else 1
+        for i in range(0, len(log), size):
+            target = sm.native_target() if native else None
+            answers += apply_entries(log[i : i + size], table, target or sm.apply, wanted)
+        sink = io.BytesIO()
+        sm.snapshot(sink)
+        return sink.getvalue(), table.items(), answers
+
+    reference = run(native=False, batched=False)
+    assert run(native=True, batched=True) == reference
+    assert run(native=False, batched=True) == reference
+    assert {a.outcome for a in reference[2]} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
+    assert any(a.error for a in reference[2]) and any(a.result for a in reference[2])
+
+
+def test_a_subscribed_store_is_applied_through_its_python_method() -> None:
+    sm = kv.KVStateMachine()
+    assert sm.native_target() is not None
+    seen: list[kv.WatchEvent] = []
+    unsubscribe = sm.subscribe(seen.append)
+    assert sm.native_target() is None  # watchers need apply() to publish their events
+    apply_entries([entry(1, 1, 1, kv.encode_put(b"a", b"1"))], SessionTable(), sm.apply, set())
+    assert [e.kv.key for e in seen] == [b"a"]
+    unsubscribe()
+    assert sm.native_target() is not None

@@ -12,6 +12,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
         ├── LogClosedError           the store was closed
         ├── SnapshotChunkError       a snapshot chunk was refused
         └── SnapshotIntegrityError   an assembled snapshot has the wrong size or SHA-256
+    KVSnapshotError                  a KV snapshot is corrupt, truncated or of an unknown format
     NotLeaderError                   this node cannot take the request; carries the leader hint
     ProposalDroppedError             a proposal was refused without being appended; retry
     ApplyError                       the state machine raised applying a committed command
@@ -23,6 +24,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     NotFound                         (client, strict calls) the key does not exist
     CompareFailed                    (client, strict cas) the key did not hold the expected value
 
+``KVCommandError`` (malformed KV command bytes) is a ``ValueError``, since it is always bad input.
 Invalid arguments (a zero chunk size, a negative index) raise the built-in ``ValueError`` or
 ``OverflowError``, as any Python API does.
 """
@@ -32,6 +34,8 @@ from pathlib import Path
 from dengine._core import (
     CorruptLogError,
     DengineError,
+    KVCommandError,
+    KVSnapshotError,
     LogClosedError,
     LogCompactedError,
     LogIndexError,
@@ -43,6 +47,8 @@ from dengine._core import (
 __all__ = [
     "CorruptLogError",
     "DengineError",
+    "KVCommandError",
+    "KVSnapshotError",
     "LogClosedError",
     "LogCompactedError",
     "LogIndexError",

@@ -33,6 +33,7 @@ import grpc
 from dengine._core import Entry
 from dengine.cluster_service import ClusterService
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.kv import KVStateMachine
 from dengine.members import MembershipManager
 from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
 from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
@@ -713,7 +714,9 @@ class Node:
                             self._resolve(applied)
                     last = item[-1].index
                 else:
-                    for applied in apply_entries(item, self.sessions, self.sm.apply, self._waiters):  # type: ignore[arg-type]
+                    target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
+                    run = self.sm.apply if target is None else target
+                    for applied in apply_entries(item, self.sessions, run, self._waiters):  # type: ignore[arg-type]
                         self._resolve(applied)
                     last = item[-1].index
                 raft.applied_to(last)

@@ -11,11 +11,11 @@ same on every replica.
 from __future__ import annotations
 
 import enum
-import heapq
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Final
 
+from dengine import _core
 from dengine._core import Entry
 from dengine.raft import payload
 from dengine.raft.payload import Kind
@@ -28,28 +28,16 @@ RunCommand = Callable[[int, bytes], bytes | None]
 AsyncRunCommand = Callable[[int, bytes], Awaitable[bytes | None]]
 
 
-@dataclass(slots=True)
-class _Session:
-    # Results of applied sequences the client may still retry, by sequence number.
-    results: dict[int, tuple[bytes | None, str | None]]
-    # Sequences below this were acknowledged by the client: a late copy of one is refused.
-    acked_below: int
-    last_index: int
-    # The keys of ``results`` as a min-heap (entries already dropped are skipped when popped):
-    # dropping the lowest sequences costs O(log n) each, not a scan of every stored result
-    # per applied command, which was quadratic in a client's requests in flight.
-    order: list[int]
-
-    def drop_lowest(self) -> None:
-        seq = heapq.heappop(self.order)
-        self.results.pop(seq, None)
-
-
 class Outcome(enum.Enum):
     APPLIED = "applied"  # the command ran now
     DUPLICATE = "duplicate"  # a retry of an applied sequence: its stored result returned
     STALE = "stale"  # a sequence the client already acknowledged: refused
     NOOP = "noop"  # an entry with nothing to run
+
+
+# Codes of dengine._core.SessionTable: lookup gives 0 (neither), 1 or 2; apply_batch's answers 0 to 2.
+_LOOKUP: Final = (None, Outcome.DUPLICATE, Outcome.STALE)
+_ANSWERED: Final = (Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE)
 
 
 @dataclass(slots=True)
@@ -79,6 +67,9 @@ class SessionTable:
     most entries is forgotten. A client idle for more than ``expire_after`` log entries is
     forgotten too. A forgotten client's late retry would be applied again, so the limits should
     comfortably exceed any client's retry window.
+
+    The table itself is ``dengine._core.SessionTable`` (Rust), which :func:`apply_entries` drives
+    a whole batch at a time.
     """
 
     def __init__(
@@ -86,22 +77,26 @@ class SessionTable:
     ) -> None:
         if max_clients < 1 or expire_after < 1 or max_results < 1:
             raise ValueError("max_clients, expire_after and max_results must be positive")
-        self.max_clients = max_clients
-        self.expire_after = expire_after
-        self.max_results = max_results
-        # Ordered by last activity: the first item is always the most idle client.
-        self._sessions: OrderedDict[int, _Session] = OrderedDict()
+        self._table = _core.SessionTable(max_clients, expire_after, max_results)
+
+    @property
+    def max_clients(self) -> int:
+        return self._table.max_clients
+
+    @property
+    def expire_after(self) -> int:
+        return self._table.expire_after
+
+    @property
+    def max_results(self) -> int:
+        return self._table.max_results
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._table)
 
     def lookup(self, client_id: int, sequence: int) -> Outcome | None:
-        s = self._sessions.get(client_id)
-        if s is None:
-            return None
-        if sequence in s.results:
-            return Outcome.DUPLICATE
-        return Outcome.STALE if sequence < s.acked_below else None
+        """DUPLICATE for a sequence applied before, STALE for one the client acknowledged, else None."""
+        return _LOOKUP[self._table.lookup(client_id, sequence)]
 
     def record(
         self,
@@ -113,50 +108,21 @@ class SessionTable:
         *,
         first_outstanding: int = 0,
     ) -> None:
-        s = self._sessions.get(client_id)
-        if s is None:
-            s = self._sessions[client_id] = _Session({}, 0, index, [])
-        else:
-            self._sessions.move_to_end(client_id)
-        s.last_index = index
-        if sequence not in s.results:
-            heapq.heappush(s.order, sequence)
-        s.results[sequence] = (result, error)
-        if first_outstanding > s.acked_below:
-            s.acked_below = first_outstanding
-            while s.order and s.order[0] < first_outstanding:
-                s.drop_lowest()
-        while len(s.results) > self.max_results:
-            s.drop_lowest()
-        self._expire(index)
+        """Remembers what ``sequence`` produced when applied at log ``index``."""
+        self._table.record(client_id, sequence, index, result, error, first_outstanding)
 
     def stored(self, client_id: int, sequence: int) -> tuple[bytes | None, str | None]:
-        return self._sessions[client_id].results[sequence]
-
-    def _expire(self, index: int) -> None:
-        while self._sessions:
-            oldest_id, oldest = next(iter(self._sessions.items()))
-            if len(self._sessions) > self.max_clients or index - oldest.last_index > self.expire_after:
-                del self._sessions[oldest_id]
-            else:
-                break
+        """The ``(result, error)`` of an applied sequence (``lookup`` gave DUPLICATE)."""
+        return self._table.stored(client_id, sequence)
 
     def items(self) -> list[tuple[int, int, int, list[tuple[int, bytes | None, str | None]]]]:
         """``(client, acked below, last index, [(sequence, result, error)])`` in eviction order,
         for snapshots."""
-        return [
-            (c, s.acked_below, s.last_index, [(q, r, e) for q, (r, e) in sorted(s.results.items())])
-            for c, s in self._sessions.items()
-        ]
+        return self._table.items()
 
     def restore(self, items: SessionItems) -> None:
         """Replaces the whole table with rows from :meth:`items` (in the same eviction order)."""
-        sessions: OrderedDict[int, _Session] = OrderedDict()
-        for client, acked_below, last_index, results in items:
-            stored = {q: (r, e) for q, r, e in results}
-            order = sorted(stored)  # a sorted list is already a min-heap
-            sessions[client] = _Session(stored, acked_below, last_index, order)
-        self._sessions = sessions
+        self._table.restore([(c, a, i, list(r)) for c, a, i, r in items])
 
 
 def _precheck(entry: Entry, sessions: SessionTable) -> payload.Decoded | Applied:
@@ -198,6 +164,14 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _checked(result: object) -> tuple[bytes | None, str | None]:
+    """A state machine's return value as ``(result, error)``: anything but bytes or None is the
+    command's error (the words match the Rust apply loop's, so every path answers alike)."""
+    if result is None or isinstance(result, bytes):
+        return result, None
+    return None, f"TypeError: apply must return bytes or None, not {type(result).__name__}"
+
+
 def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applied:
     """Applies one committed entry: decodes its envelope, consults the session table, runs the
     command through ``run(index, command)`` and contains any exception it raises (the same on
@@ -208,7 +182,7 @@ def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applie
     result: bytes | None = None
     error: str | None = None
     try:
-        result = run(entry.index, decoded.command)
+        result, error = _checked(run(entry.index, decoded.command))
     except Exception as exc:  # a failing command must not stop the node or fork replicas
         error = _describe(exc)
     return _record(entry, decoded, sessions, result, error)
@@ -222,47 +196,39 @@ async def apply_entry_async(entry: Entry, sessions: SessionTable, run: AsyncRunC
     result: bytes | None = None
     error: str | None = None
     try:
-        result = await run(entry.index, decoded.command)
+        result, error = _checked(await run(entry.index, decoded.command))
     except Exception as exc:  # a failing command must not stop the node or fork replicas
         error = _describe(exc)
     return _record(entry, decoded, sessions, result, error)
 
 
 def apply_entries(
-    entries: Sequence[Entry], sessions: SessionTable, run: RunCommand, wanted: Container[tuple[int, int]]
+    entries: Sequence[Entry],
+    sessions: SessionTable,
+    run: RunCommand | _core.KvStore,
+    wanted: Collection[tuple[int, int]],
 ) -> list[Applied]:
     """:func:`apply_entry` for each of ``entries`` in order, with the same effects, returning only
     the outcomes of session commands whose ``(client id, sequence)`` is in ``wanted`` (those
     someone waits for).
 
-    The common case, a session command not seen before, runs inline here: at tens of thousands
-    of entries a second, per-entry calls and tuples are a large share of a replica's time.
-    Everything else (duplicates, stale or damaged entries, other kinds) takes apply_entry's path.
+    The Rust session table runs the batch (at tens of thousands of entries a second, Python
+    work per entry is a large share of a replica's time); only entries it leaves aside, such as
+    membership changes and damaged envelopes, take apply_entry's path here. ``run`` may be the
+    built-in store's ``KvStore`` itself, which the loop then applies to without a Python call.
     """
+    batch = entries if type(entries) is list else list(entries)
+    raw: list[tuple[int, int, bytes | None, str | None, int, int]] = []
     answered: list[Applied] = []
-    table = sessions._sessions
-    unpack = payload.SESSION_HEADER.unpack_from
-    head = payload.SESSION_HEADER.size
-    session_kind = payload.SESSION_KIND
-    record = sessions.record
-    for entry in entries:
-        data = entry.data
-        if len(data) >= head and data[0] == session_kind:
-            _, client, seq, first = unpack(data)
-            s = table.get(client)
-            if s is None or (seq not in s.results and seq >= s.acked_below):
-                index = entry.index
-                result: bytes | None = None
-                error: str | None = None
-                try:
-                    result = run(index, data[head:])
-                except Exception as exc:  # a failing command must not stop the node or fork replicas
-                    error = _describe(exc)
-                record(client, seq, index, result, error, first_outstanding=first)
-                if (client, seq) in wanted:
-                    answered.append(Applied(index, Outcome.APPLIED, result, error, client, seq))
-                continue
-        applied = apply_entry(entry, sessions, run)
-        if applied.client_id and (applied.client_id, applied.sequence) in wanted:
-            answered.append(applied)
+    table = sessions._table
+    at = 0
+    while at < len(batch):
+        at = table.apply_batch(batch, at, run, wanted, raw)
+        if at < len(batch):
+            # Left aside: a membership change or a damaged envelope, no session command, so
+            # nobody waits for its outcome.
+            apply_entry(batch[at], sessions, run.apply if isinstance(run, _core.KvStore) else run)
+            at += 1
+    for index, outcome, result, error, client, sequence in raw:
+        answered.append(Applied(index, _ANSWERED[outcome], result, error, client, sequence))
     return answered

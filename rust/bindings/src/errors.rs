@@ -8,6 +8,8 @@
 //!     ├── LogClosedError      (use after close)
 //!     ├── SnapshotChunkError  (out-of-order, duplicate-with-different-bytes or corrupt chunk)
 //!     └── SnapshotIntegrityError (assembled file has the wrong size or SHA-256)
+//! └── KVSnapshotError         (a KV snapshot is corrupt, truncated or of an unknown format)
+//! KVCommandError (a ValueError) (KV command bytes are malformed or break a limit)
 //!
 //! Bad arguments map to the built-in `ValueError`, as any Python API would.
 
@@ -49,6 +51,19 @@ pyo3::create_exception!(
     "An assembled snapshot does not match its declared size or SHA-256."
 );
 
+pyo3::create_exception!(
+    dengine._core,
+    KVSnapshotError,
+    DengineError,
+    "A KV snapshot is corrupt, truncated or of an unknown format; the state was left untouched."
+);
+pyo3::create_exception!(
+    dengine._core,
+    KVCommandError,
+    PyValueError,
+    "A KV command is malformed or breaks a limit; always bad input, hence a ValueError."
+);
+
 /// Converts a core error into the matching Python exception.
 pub fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
@@ -61,6 +76,7 @@ pub fn to_py(err: Error) -> PyErr {
         Error::SnapshotIntegrity(_) => SnapshotIntegrityError::new_err(msg),
         Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Closed => LogClosedError::new_err(msg),
+        Error::KvSnapshot(_) => KVSnapshotError::new_err(msg),
     }
 }
 
@@ -75,5 +91,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LogClosedError", py.get_type::<LogClosedError>())?;
     m.add("SnapshotChunkError", py.get_type::<SnapshotChunkError>())?;
     m.add("SnapshotIntegrityError", py.get_type::<SnapshotIntegrityError>())?;
+    m.add("KVSnapshotError", py.get_type::<KVSnapshotError>())?;
+    m.add("KVCommandError", py.get_type::<KVCommandError>())?;
     Ok(())
 }

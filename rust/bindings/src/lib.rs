@@ -5,8 +5,10 @@
 
 mod errors;
 mod gil;
+mod kv;
 mod log;
 mod quorum;
+mod sessions;
 mod snapshot;
 
 #[pyo3::pymodule]
@@ -17,8 +19,10 @@ mod _core {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         crate::errors::register(m)?;
+        crate::kv::register(m)?;
         crate::log::register(m)?;
         crate::quorum::register(m)?;
+        crate::sessions::register(m)?;
         crate::snapshot::register(m)?;
         Ok(())
     }

@@ -18,11 +18,11 @@ use crate::gil::detach;
 #[pyclass(frozen, eq, module = "dengine._core")]
 pub struct Entry {
     #[pyo3(get)]
-    index: u64,
+    pub(crate) index: u64,
     #[pyo3(get)]
     term: u64,
     #[pyo3(get)]
-    data: Py<PyBytes>,
+    pub(crate) data: Py<PyBytes>,
 }
 
 impl PartialEq for Entry {

@@ -31,6 +31,8 @@ pub enum Error {
     InvalidArgument(String),
     /// The store was closed and can no longer be used.
     Closed,
+    /// KV snapshot bytes are corrupt, truncated or of an unknown format; the message says where.
+    KvSnapshot(String),
 }
 
 impl Error {
@@ -64,6 +66,7 @@ impl fmt::Display for Error {
             Error::SnapshotIntegrity(msg) => write!(f, "snapshot failed verification: {msg}"),
             Error::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
             Error::Closed => write!(f, "the log store is closed"),
+            Error::KvSnapshot(msg) => f.write_str(msg),
         }
     }
 }

@@ -1,0 +1,242 @@
+//! The built-in KV store for Python: `KvStore`, `KvSnapshotPieces`, `KvSnapshotReader` and
+//! `parse_kv_command`. `dengine.kv.KVStateMachine` wraps them with the public API.
+//!
+//! Conversion only; every rule lives in `dengine_core::kv`. Records cross as tuples
+//! `(value, create_revision, mod_revision, version)` and events as
+//! `(key, record after a put or None, record before or None, revision)`, which Python turns
+//! into its frozen dataclasses. Building snapshot pieces and validating snapshot bytes run with
+//! the GIL released.
+
+use dengine_core::kv::store::IndexNotAfter;
+use dengine_core::kv::{Command, Event, KvStore, Record, SnapshotPieces, SnapshotReader};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use crate::errors::KVCommandError;
+use crate::gil;
+
+/// Adds the KV classes to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyKvStore>()?;
+    m.add_class::<PyKvSnapshotPieces>()?;
+    m.add_class::<PyKvSnapshotReader>()?;
+    m.add_function(wrap_pyfunction!(parse_kv_command, m)?)?;
+    Ok(())
+}
+
+fn record<'py>(py: Python<'py>, r: &Record) -> PyResult<Bound<'py, PyTuple>> {
+    (PyBytes::new(py, &r.value), r.create_revision, r.mod_revision, r.version).into_pyobject(py)
+}
+
+fn event<'py>(py: Python<'py>, e: &Event) -> PyResult<Bound<'py, PyTuple>> {
+    let kv = e.kv.as_ref().map(|r| record(py, r)).transpose()?;
+    let prev = e.prev.as_ref().map(|r| record(py, r)).transpose()?;
+    (PyBytes::new(py, &e.key), kv, prev, e.revision).into_pyobject(py)
+}
+
+fn events<'py>(py: Python<'py>, list: &[Event]) -> PyResult<Bound<'py, PyList>> {
+    let items = list.iter().map(|e| event(py, e)).collect::<PyResult<Vec<_>>>()?;
+    PyList::new(py, items)
+}
+
+/// Validates KV command bytes into `(op, key or prefix, expected or None, value)`; raises
+/// `KVCommandError` saying what is wrong.
+#[pyfunction]
+fn parse_kv_command<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+    let command = dengine_core::kv::command::parse(data).map_err(KVCommandError::new_err)?;
+    let op = command.op();
+    let (key, expected, value): (&[u8], Option<&[u8]>, &[u8]) = match command {
+        Command::Put { key, value } => (key, None, value),
+        Command::Delete { key } => (key, None, b""),
+        Command::Cas { key, expected, value } => (key, expected, value),
+        Command::DeleteRange { prefix } => (prefix, None, b""),
+    };
+    (op, PyBytes::new(py, key), expected.map(|e| PyBytes::new(py, e)), PyBytes::new(py, value))
+        .into_pyobject(py)
+}
+
+/// The replicated KV store: keys in byte order, etcd-style revisions, a bounded watch history.
+/// One thread applies; frozen snapshot views may be written on others.
+#[pyclass(name = "KvStore", module = "dengine._core")]
+pub struct PyKvStore {
+    inner: KvStore,
+}
+
+impl PyKvStore {
+    /// Applies a command for the session loop; the error is `apply`'s `ValueError` message.
+    pub fn apply_bytes(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
+        self.inner.apply(index, command).map_err(index_error)
+    }
+}
+
+fn index_error(IndexNotAfter { index, last_applied }: IndexNotAfter) -> String {
+    format!(
+        "index {index} is not after last_applied {last_applied}: \
+         entries must be applied once each, in increasing index order"
+    )
+}
+
+#[pymethods]
+impl PyKvStore {
+    #[new]
+    #[pyo3(signature = (history), text_signature = "(history)")]
+    fn new(history: usize) -> Self {
+        Self { inner: KvStore::new(history) }
+    }
+
+    /// The number of state-changing commands applied so far.
+    #[getter]
+    fn revision(&self) -> u64 {
+        self.inner.revision()
+    }
+
+    /// The log index of the last applied command (0 if none).
+    #[getter]
+    fn last_applied(&self) -> u64 {
+        self.inner.last_applied()
+    }
+
+    /// Events after this revision are retained; older ones were dropped.
+    #[getter]
+    fn compacted_revision(&self) -> u64 {
+        self.inner.compacted_revision()
+    }
+
+    /// How many times a snapshot replaced the state.
+    #[getter]
+    fn restores(&self) -> u64 {
+        self.inner.restores()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, key: &[u8]) -> bool {
+        self.inner.get(key).is_some()
+    }
+
+    /// Applies the committed `command` at log `index`; returns the encoded result. Raises
+    /// `ValueError`, changing nothing, if `index` is not above `last_applied`.
+    fn apply<'py>(&mut self, py: Python<'py>, index: u64, command: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        match self.inner.apply(index, command) {
+            Ok(result) => Ok(PyBytes::new(py, &result)),
+            Err(err) => Err(PyValueError::new_err(index_error(err))),
+        }
+    }
+
+    /// `(value, create_revision, mod_revision, version)` of `key`, or None.
+    fn get<'py>(&self, py: Python<'py>, key: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        self.inner.get(key).map(|r| record(py, r)).transpose()
+    }
+
+    /// `[(key, value, create_revision, mod_revision, version)]` of the keys starting with
+    /// `prefix`, in byte order, at most `limit` of them.
+    #[pyo3(signature = (prefix, limit = None))]
+    fn range<'py>(
+        &self,
+        py: Python<'py>,
+        prefix: &[u8],
+        limit: Option<usize>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .inner
+            .range(prefix, limit)
+            .iter()
+            .map(|(k, r)| {
+                (
+                    PyBytes::new(py, k),
+                    PyBytes::new(py, &r.value),
+                    r.create_revision,
+                    r.mod_revision,
+                    r.version,
+                )
+                    .into_pyobject(py)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// The events of the latest `apply`, in order.
+    fn latest_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        events(py, self.inner.latest_events())
+    }
+
+    /// The retained events with a revision above `revision`, oldest first. Raises `ValueError`
+    /// if some were dropped (check `compacted_revision` first).
+    fn events_since<'py>(&self, py: Python<'py>, revision: u64) -> PyResult<Bound<'py, PyList>> {
+        match self.inner.events_since(revision) {
+            Ok(list) => events(py, &list),
+            Err(compacted) => Err(PyValueError::new_err(format!(
+                "revision {revision} is compacted (history starts after {compacted})"
+            ))),
+        }
+    }
+
+    /// Freezes the store as it is now, for writing as a snapshot while applies go on. O(1).
+    fn freeze(&self) -> PyKvSnapshotPieces {
+        PyKvSnapshotPieces { inner: SnapshotPieces::new(&self.inner) }
+    }
+
+    /// Replaces the state with the snapshot `reader` validated. Raises `KVSnapshotError`,
+    /// changing nothing, if the snapshot was not whole; the reader cannot be used again.
+    fn install(&mut self, reader: &mut PyKvSnapshotReader) -> PyResult<()> {
+        let Some(inner) = reader.inner.take() else {
+            return Err(PyValueError::new_err("this snapshot reader was already finished"));
+        };
+        let restored = inner.finish().map_err(crate::errors::to_py)?;
+        self.inner.install(restored);
+        Ok(())
+    }
+}
+
+/// A frozen store written as snapshot bytes, a piece at a time, on any thread.
+#[pyclass(name = "KvSnapshotPieces", module = "dengine._core")]
+pub struct PyKvSnapshotPieces {
+    inner: SnapshotPieces,
+}
+
+#[pymethods]
+impl PyKvSnapshotPieces {
+    /// The store revision at the freeze.
+    #[getter]
+    fn revision(&self) -> u64 {
+        self.inner.revision()
+    }
+
+    /// The last applied log index at the freeze.
+    #[getter]
+    fn last_applied(&self) -> u64 {
+        self.inner.last_applied()
+    }
+
+    /// The next piece of about `size` bytes, or None once the whole snapshot was returned.
+    fn next_piece<'py>(&mut self, py: Python<'py>, size: usize) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let inner = &mut self.inner;
+        let piece = gil::detach(py, || Ok(inner.next_piece(size)))?;
+        Ok(piece.map(|p| PyBytes::new(py, &p)))
+    }
+}
+
+/// Validates snapshot bytes fed in any pieces; `KvStore.install` takes the result.
+#[pyclass(name = "KvSnapshotReader", module = "dengine._core")]
+pub struct PyKvSnapshotReader {
+    inner: Option<SnapshotReader>,
+}
+
+#[pymethods]
+impl PyKvSnapshotReader {
+    #[new]
+    fn new() -> Self {
+        Self { inner: Some(SnapshotReader::new()) }
+    }
+
+    /// Takes the next bytes; raises `KVSnapshotError` at the first thing wrong with them.
+    fn feed(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(PyValueError::new_err("this snapshot reader was already finished"));
+        };
+        gil::detach(py, || inner.feed(data))
+    }
+}

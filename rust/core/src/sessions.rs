@@ -1,0 +1,313 @@
+//! Exactly-once application of client writes (Raft thesis §6.3): the session table.
+//!
+//! A client that retries a write after a timeout cannot know whether the first attempt
+//! committed, so every write carries `(client id, sequence)`. Each replica keeps, per client, the
+//! results of the sequences the client may still retry: a retry gets the stored result without
+//! the command running again, and a sequence the client already acknowledged is refused as
+//! stale. The table is part of the replicated state (snapshots carry it), and every eviction
+//! depends only on log indexes, so it is identical on every replica.
+//!
+//! `dengine.raft.sessions` documents the rules for Python users; this module is their one
+//! implementation.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+/// The first byte of a session command's envelope.
+pub const SESSION_KIND: u8 = 2;
+/// Envelope head of a session command: kind u8, client id u64, sequence u64, first outstanding u64.
+pub const SESSION_HEADER_LEN: usize = 25;
+
+/// A session command's envelope, read from the head of an entry's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionHeader {
+    /// The client's id.
+    pub client: u64,
+    /// The write's sequence number within the client's session.
+    pub sequence: u64,
+    /// The client's lowest sequence still awaiting an answer (0: unknown).
+    pub first_outstanding: u64,
+}
+
+impl SessionHeader {
+    /// Reads the header of `payload` if it is a session command, else `None`.
+    pub fn parse(payload: &[u8]) -> Option<Self> {
+        if payload.len() < SESSION_HEADER_LEN || payload[0] != SESSION_KIND {
+            return None;
+        }
+        let u64_at = |pos: usize| u64::from_le_bytes(payload[pos..pos + 8].try_into().expect("eight bytes"));
+        Some(Self { client: u64_at(1), sequence: u64_at(9), first_outstanding: u64_at(17) })
+    }
+}
+
+/// What a command produced: its result, or the error it raised (a failed command is remembered
+/// too, so a retry gets the same error).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stored {
+    /// What the state machine returned, if it returned something.
+    pub result: Option<Vec<u8>>,
+    /// Why the command failed, if it did.
+    pub error: Option<String>,
+}
+
+/// How a sequence stands in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen<'a> {
+    /// Never applied, not refused: run it.
+    New,
+    /// Applied before: answer with its stored outcome.
+    Duplicate(&'a Stored),
+    /// Below what the client acknowledged: refuse it.
+    Stale,
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    results: HashMap<u64, Stored>,
+    // Sequences below this were acknowledged by the client: a late copy of one is stale.
+    acked_below: u64,
+    last_index: u64,
+    // The keys of `results` as a min-heap, so dropping the lowest costs O(log n).
+    order: BinaryHeap<Reverse<u64>>,
+    // Position in the activity order (see `SessionTable::by_activity`).
+    stamp: u64,
+}
+
+impl Session {
+    fn drop_lowest(&mut self) {
+        if let Some(Reverse(sequence)) = self.order.pop() {
+            self.results.remove(&sequence);
+        }
+    }
+}
+
+/// One client's row as a snapshot stores it: client, acked below, last index, and the stored
+/// outcomes by increasing sequence.
+pub type SessionRow = (u64, u64, u64, Vec<(u64, Stored)>);
+
+/// Per-client results of recently applied sequences, bounded and expired deterministically.
+///
+/// `max_results` caps what one client can pin (its lowest sequences go first). When more than
+/// `max_clients` clients are known, the most idle one is forgotten, and so is any client idle for
+/// more than `expire_after` log entries. A forgotten client's late retry would run again, so the
+/// limits should comfortably exceed any client's retry window.
+#[derive(Debug, Clone)]
+pub struct SessionTable {
+    max_clients: usize,
+    expire_after: u64,
+    max_results: usize,
+    sessions: HashMap<u64, Session>,
+    // Clients by last activity, most idle first.
+    by_activity: BTreeMap<u64, u64>,
+    next_stamp: u64,
+}
+
+impl SessionTable {
+    /// An empty table; every limit must be positive.
+    pub fn new(max_clients: usize, expire_after: u64, max_results: usize) -> crate::Result<Self> {
+        if max_clients == 0 || expire_after == 0 || max_results == 0 {
+            return Err(crate::Error::InvalidArgument(
+                "max_clients, expire_after and max_results must be positive".into(),
+            ));
+        }
+        Ok(Self {
+            max_clients,
+            expire_after,
+            max_results,
+            sessions: HashMap::new(),
+            by_activity: BTreeMap::new(),
+            next_stamp: 0,
+        })
+    }
+
+    /// Most clients kept.
+    pub fn max_clients(&self) -> usize {
+        self.max_clients
+    }
+
+    /// Log entries after which an idle client is forgotten.
+    pub fn expire_after(&self) -> u64 {
+        self.expire_after
+    }
+
+    /// Most results kept for one client.
+    pub fn max_results(&self) -> usize {
+        self.max_results
+    }
+
+    /// The number of clients known.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no client is known.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// How `sequence` of `client` stands.
+    pub fn lookup(&self, client: u64, sequence: u64) -> Seen<'_> {
+        match self.sessions.get(&client) {
+            None => Seen::New,
+            Some(s) => match s.results.get(&sequence) {
+                Some(stored) => Seen::Duplicate(stored),
+                None if sequence < s.acked_below => Seen::Stale,
+                None => Seen::New,
+            },
+        }
+    }
+
+    /// Remembers the outcome of `sequence`, applied at log `index`, and applies the limits.
+    pub fn record(
+        &mut self,
+        client: u64,
+        sequence: u64,
+        index: u64,
+        outcome: Stored,
+        first_outstanding: u64,
+    ) {
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        let s = match self.sessions.get_mut(&client) {
+            Some(s) => {
+                self.by_activity.remove(&s.stamp);
+                s
+            }
+            None => self.sessions.entry(client).or_insert_with(|| Session {
+                results: HashMap::new(),
+                acked_below: 0,
+                last_index: index,
+                order: BinaryHeap::new(),
+                stamp,
+            }),
+        };
+        s.stamp = stamp;
+        self.by_activity.insert(stamp, client);
+        s.last_index = index;
+        if s.results.insert(sequence, outcome).is_none() {
+            s.order.push(Reverse(sequence));
+        }
+        if first_outstanding > s.acked_below {
+            s.acked_below = first_outstanding;
+            while s.order.peek().is_some_and(|Reverse(q)| *q < first_outstanding) {
+                s.drop_lowest();
+            }
+        }
+        while s.results.len() > self.max_results {
+            s.drop_lowest();
+        }
+        self.expire(index);
+    }
+
+    /// Forgets the most idle clients while there are too many, or while the most idle one has
+    /// been idle for more than `expire_after` entries at `index`.
+    fn expire(&mut self, index: u64) {
+        while let Some((&stamp, &client)) = self.by_activity.first_key_value() {
+            let idle = index.saturating_sub(self.sessions[&client].last_index);
+            if self.sessions.len() <= self.max_clients && idle <= self.expire_after {
+                break;
+            }
+            self.by_activity.remove(&stamp);
+            self.sessions.remove(&client);
+        }
+    }
+
+    /// Every client's row, most idle first, for a snapshot.
+    pub fn rows(&self) -> Vec<SessionRow> {
+        self.by_activity
+            .values()
+            .map(|client| {
+                let s = &self.sessions[client];
+                let mut results: Vec<(u64, Stored)> =
+                    s.results.iter().map(|(q, o)| (*q, o.clone())).collect();
+                results.sort_unstable_by_key(|(q, _)| *q);
+                (*client, s.acked_below, s.last_index, results)
+            })
+            .collect()
+    }
+
+    /// Replaces the whole table with `rows` (most idle first, as [`rows`](Self::rows) gives them).
+    pub fn restore(&mut self, rows: Vec<SessionRow>) {
+        self.sessions.clear();
+        self.by_activity.clear();
+        self.next_stamp = 0;
+        for (client, acked_below, last_index, results) in rows {
+            let stamp = self.next_stamp;
+            self.next_stamp += 1;
+            let order = results.iter().map(|(q, _)| Reverse(*q)).collect();
+            let session =
+                Session { results: results.into_iter().collect(), acked_below, last_index, order, stamp };
+            if let Some(old) = self.sessions.insert(client, session) {
+                self.by_activity.remove(&old.stamp);
+            }
+            self.by_activity.insert(stamp, client);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(n: u8) -> Stored {
+        Stored { result: Some(vec![n]), error: None }
+    }
+
+    #[test]
+    fn a_retry_is_a_duplicate_and_an_acknowledged_sequence_is_stale() {
+        let mut t = SessionTable::new(10, 100, 10).unwrap();
+        assert_eq!(t.lookup(7, 1), Seen::New);
+        t.record(7, 1, 1, ok(1), 0);
+        assert_eq!(t.lookup(7, 1), Seen::Duplicate(&ok(1)));
+        t.record(7, 3, 2, ok(3), 3);
+        assert_eq!(t.lookup(7, 1), Seen::Stale, "dropped below first outstanding");
+        assert_eq!(t.lookup(7, 2), Seen::Stale);
+        assert_eq!(t.lookup(7, 4), Seen::New);
+    }
+
+    #[test]
+    fn limits_evict_the_most_idle_and_the_lowest_sequences() {
+        let mut t = SessionTable::new(2, 5, 2).unwrap();
+        t.record(1, 1, 1, ok(1), 0);
+        t.record(2, 1, 2, ok(1), 0);
+        t.record(1, 2, 3, ok(2), 0); // client 1 is now the most recent
+        t.record(3, 1, 4, ok(1), 0); // three clients: the most idle (2) goes
+        assert_eq!(t.rows().iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 3]);
+        t.record(1, 3, 5, ok(3), 0); // client 1 keeps two results: sequence 1 goes
+        assert_eq!(t.lookup(1, 1), Seen::New);
+        assert_eq!(t.lookup(1, 2), Seen::Duplicate(&ok(2)));
+        t.record(1, 4, 10, ok(4), 0); // client 3 idle for 6 > 5 entries: expired
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn rows_round_trip_in_activity_order() {
+        let mut t = SessionTable::new(10, 100, 10).unwrap();
+        t.record(5, 2, 1, Stored { result: None, error: Some("boom".into()) }, 0);
+        t.record(9, 1, 2, ok(1), 0);
+        t.record(5, 1, 3, ok(1), 1);
+        let rows = t.rows();
+        assert_eq!(rows[0].0, 9);
+        assert_eq!(rows[1].3.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![1, 2]);
+        let mut back = SessionTable::new(10, 100, 10).unwrap();
+        back.restore(rows.clone());
+        assert_eq!(back.rows(), rows);
+        back.record(9, 2, 4, ok(2), 0);
+        assert_eq!(back.rows()[0].0, 5, "restored activity order is kept");
+    }
+
+    #[test]
+    fn session_headers_are_read_from_payload_heads() {
+        let mut payload = vec![SESSION_KIND];
+        for n in [7u64, 9, 3] {
+            payload.extend_from_slice(&n.to_le_bytes());
+        }
+        payload.extend_from_slice(b"cmd");
+        assert_eq!(
+            SessionHeader::parse(&payload),
+            Some(SessionHeader { client: 7, sequence: 9, first_outstanding: 3 })
+        );
+        assert_eq!(SessionHeader::parse(&payload[..24]), None);
+        assert_eq!(SessionHeader::parse(b"\x01cmd"), None);
+    }
+}
