@@ -138,13 +138,12 @@ impl KvStore {
                 result
             }
             Command::Delete { key } => {
-                let Some((key, prev)) = self.map.get_key_value(key).map(|(k, r)| (k.clone(), r.clone()))
-                else {
+                let Some((key, prev)) = self.map.remove_with_key(key) else {
                     return Ok(command::encode_result(false, self.revision, None, 0));
                 };
                 self.revision += 1;
-                self.delete(key.clone(), prev.clone());
                 let result = command::encode_result(true, self.revision, Some((&key, &prev)), 1);
+                self.latest.push(Event { key, kv: None, prev: Some(prev), revision: self.revision });
                 self.publish();
                 result
             }
@@ -187,24 +186,23 @@ impl KvStore {
         self.revision += 1;
         let revision = self.revision;
         let value: Arc<[u8]> = Arc::from(value);
-        let (key, prev, record) = match self.map.get_key_value(key) {
-            Some((k, prev)) => {
-                let record = Record {
-                    value,
-                    create_revision: prev.create_revision,
-                    mod_revision: revision,
-                    version: prev.version + 1,
-                };
-                (k.clone(), Some(prev.clone()), record)
-            }
-            None => {
-                let record = Record { value, create_revision: revision, mod_revision: revision, version: 1 };
-                (Key::from(key), None, record)
-            }
-        };
-        self.latest.push(Event { key: key.clone(), kv: Some(record.clone()), prev: prev.clone(), revision });
+        // An existing key is changed where it is found: one walk down the tree, not two.
+        if let Some((k, record)) = self.map.get_key_value_mut(key) {
+            let next = Record {
+                value,
+                create_revision: record.create_revision,
+                mod_revision: revision,
+                version: record.version + 1,
+            };
+            let prev = std::mem::replace(record, next.clone());
+            self.latest.push(Event { key: k.clone(), kv: Some(next), prev: Some(prev.clone()), revision });
+            return Some(prev);
+        }
+        let key = Key::from(key);
+        let record = Record { value, create_revision: revision, mod_revision: revision, version: 1 };
+        self.latest.push(Event { key: key.clone(), kv: Some(record.clone()), prev: None, revision });
         self.map.insert(key, record);
-        prev
+        None
     }
 
     /// Removes `key` at the current revision (already incremented by the caller).
