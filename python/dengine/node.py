@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import heapq
 import inspect
 import logging
 import os
@@ -99,6 +98,22 @@ class NodeStatus:
     snapshot_index: int = 0
 
 
+APPLY_CHUNK = 512
+"""Committed entries applied between two turns of the event loop (see ``Node._apply_chunks``)."""
+
+
+class _Proposal:
+    """A write someone on this node waits for. Its payload is proposed again when a new leader
+    appears, since the old one may have lost it (the session makes a second copy harmless)."""
+
+    __slots__ = ("futures", "payload", "started")
+
+    def __init__(self, payload: bytes, started: float, fut: asyncio.Future[bytes]) -> None:
+        self.payload = payload
+        self.started = started  # time.monotonic() of the first proposal, for the latency metric
+        self.futures = [fut]
+
+
 class Node:
     """One dengine node, embedded in an asyncio program::
 
@@ -135,15 +150,12 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._client_id = random.getrandbits(62) + 1
         self._seq = 0
-        self._local_outstanding: list[int] = []  # heap of this node's own unanswered sequences
+        # This node's own lowest sequence that may still be waiting: every lower one was answered.
+        self._local_low = 1
         self._pending: list[bytes] = []
         self._flush_scheduled = False
-        self._waiters: dict[tuple[int, int], list[asyncio.Future[bytes]]] = {}
-        self._proposed_at: dict[tuple[int, int], float] = {}
-        # Payloads of proposals still waiting: re-proposed when a new leader appears, since the
-        # old one may have lost them (the session makes a second copy harmless).
-        self._payloads: dict[tuple[int, int], bytes] = {}
-        self._keys: dict[asyncio.Future[bytes], tuple[int, int]] = {}  # waiter -> its proposal
+        # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
+        self._waiters: dict[tuple[int, int], _Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
         # (last index, time proposed, count) of batches proposed here as leader, oldest first:
         # what the propose-to-commit histogram measures.
@@ -392,7 +404,7 @@ class Node:
     async def propose(self, command: bytes, *, timeout: float | None = None) -> bytes:
         """Replicates ``command`` and returns what ``apply`` returned for it, once it is committed
         and applied on this node. Proposals made together are batched into one append."""
-        return await self._wait(self.submit(command), timeout)
+        return await self._wait(*self._submit(command), timeout)
 
     async def propose_session(
         self,
@@ -406,27 +418,32 @@ class Node:
         """Like :meth:`propose` for a client with its own session: a retry with the same
         ``(client_id, sequence)``, through this node or any other, is applied once and answered
         with the first result (Raft thesis §6.3)."""
-        return await self._wait(self.submit_session(client_id, sequence, command, first_outstanding), timeout)
+        fut = self.submit_session(client_id, sequence, command, first_outstanding)
+        return await self._wait(fut, (client_id, sequence), timeout)
 
-    async def _wait(self, fut: asyncio.Future[bytes], timeout: float | None) -> bytes:
+    async def _wait(self, fut: asyncio.Future[bytes], key: tuple[int, int], timeout: float | None) -> bytes:
         try:
             return await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
         except BaseException:
             if not fut.done() or fut.cancelled():
-                self._forget(fut)
+                self._forget(fut, key)
             raise
 
     def submit(self, command: bytes) -> asyncio.Future[bytes]:
         """:meth:`propose` without the coroutine: returns the future of the result at once, for
         callers that propose many commands together and await them all. A caller that gives up
         waiting cancels the future; the command may still be applied."""
-        self._seq += 1
-        outstanding = self._local_outstanding
-        # Sequences no longer waiting were answered (or given up): drop them from the heap's top.
-        while outstanding and (self._client_id, outstanding[0]) not in self._waiters:
-            heapq.heappop(outstanding)
-        heapq.heappush(outstanding, self._seq)
-        return self.submit_session(self._client_id, self._seq, command, outstanding[0])
+        return self._submit(command)[0]
+
+    def _submit(self, command: bytes) -> tuple[asyncio.Future[bytes], tuple[int, int]]:
+        self._seq = seq = self._seq + 1
+        client, low, waiters = self._client_id, self._local_low, self._waiters
+        # Sequences no longer waiting were answered (or given up); sequences only grow, so the
+        # lowest one still waiting only moves up.
+        while low < seq and (client, low) not in waiters:
+            low += 1
+        self._local_low = low
+        return self.submit_session(client, seq, command, low), (client, seq)
 
     def submit_session(
         self, client_id: int, sequence: int, command: bytes, first_outstanding: int = 0
@@ -437,10 +454,12 @@ class Node:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
         key = (client_id, sequence)
-        self._waiters.setdefault(key, []).append(fut)
-        self._proposed_at.setdefault(key, time.monotonic())
         wrapped = envelope.session_command(client_id, sequence, command, min(first_outstanding, sequence))
-        self._payloads[key] = wrapped
+        proposal = self._waiters.get(key)
+        if proposal is None:
+            self._waiters[key] = _Proposal(wrapped, time.monotonic(), fut)
+        else:  # the same write again, say a client's retry: one answer serves every waiter
+            proposal.futures.append(fut)
         self._pending.append(wrapped)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -449,33 +468,23 @@ class Node:
                 loop.call_later(linger, self._flush)
             else:
                 loop.call_soon(self._flush)
-        self._keys[fut] = key
         return fut
 
-    def _forget(self, fut: asyncio.Future[bytes]) -> None:
+    def _forget(self, fut: asyncio.Future[bytes], key: tuple[int, int]) -> None:
         """A waiter gave up: once nobody waits on its proposal, the bookkeeping goes (the entry
         is no longer proposed again after a leader change)."""
-        key = self._keys.pop(fut, None)
-        waiting = self._waiters.get(key) if key is not None else None
-        if key is not None and waiting is not None and fut in waiting:
-            waiting.remove(fut)
-            if not waiting:
-                self._settle(key)
-
-    def _settle(self, key: tuple[int, int]) -> list[asyncio.Future[bytes]]:
-        """Drops the bookkeeping of an answered proposal; returns its waiters. Done inline rather
-        than from a done-callback on each future, which cost an event-loop turn per proposal."""
-        self._proposed_at.pop(key, None)
-        self._payloads.pop(key, None)
-        waiting = self._waiters.pop(key, [])
-        for fut in waiting:
-            self._keys.pop(fut, None)
-        return waiting
+        proposal = self._waiters.get(key)
+        if proposal is not None and fut in proposal.futures:
+            proposal.futures.remove(fut)
+            if not proposal.futures:
+                del self._waiters[key]
 
     def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception]) -> None:
-        for fut in self._settle(key):
-            if not fut.done():
-                fut.set_exception(make())
+        proposal = self._waiters.pop(key, None)
+        if proposal is not None:
+            for fut in proposal.futures:
+                if not fut.done():
+                    fut.set_exception(make())
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -503,7 +512,7 @@ class Node:
     def _resubmit(self) -> None:
         """Proposes every waiting payload again, through the new leader."""
         queued = set(self._pending)
-        waiting = [p for p in self._payloads.values() if p not in queued]
+        waiting = [p.payload for p in self._waiters.values() if p.payload not in queued]
         if not waiting:
             return
         self._pending.extend(waiting)
@@ -711,18 +720,36 @@ class Node:
                     for entry in item:
                         applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
                         if applied.client_id:
-                            self._resolve(applied)
+                            self._resolve(applied, time.monotonic())
                     last = item[-1].index
                 else:
-                    target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
-                    run = self.sm.apply if target is None else target
-                    for applied in apply_entries(item, self.sessions, run, self._waiters):  # type: ignore[arg-type]
-                        self._resolve(applied)
+                    await self._apply_chunks(item)
                     last = item[-1].index
                 raft.applied_to(last)
             self.metrics.set_indexes(raft.commit, raft.applied)
             self.snapshots.on_applied()
             self.pump()
+
+    async def _apply_chunks(self, entries: list[Entry]) -> None:
+        """Applies committed entries a chunk at a time, answering each chunk's waiters before the
+        next. Between chunks the loop lets the answered callers run, so the writes they make next
+        are proposed while the rest is applied: answering a whole commit at once would make
+        callers with many writes in flight wait for each other, one round trip per batch."""
+        raft = self.raft
+        assert raft is not None
+        target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
+        run = self.sm.apply if target is None else target
+        for start in range(0, len(entries), APPLY_CHUNK):
+            chunk = entries[start : start + APPLY_CHUNK]
+            answered = apply_entries(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
+            if not answered:
+                continue
+            now = time.monotonic()
+            for applied in answered:
+                self._resolve(applied, now)
+            if start + APPLY_CHUNK < len(entries):
+                raft.applied_to(chunk[-1].index)
+                await asyncio.sleep(0)
 
     async def _install(self, info: SnapshotInfo) -> None:
         try:
@@ -736,14 +763,14 @@ class Node:
         for key in list(self._waiters):
             if self.sessions.lookup(*key) is Outcome.DUPLICATE:
                 result, error = self.sessions.stored(*key)
-                self._resolve(Applied(info.index, Outcome.DUPLICATE, result, error, *key))
+                self._resolve(Applied(info.index, Outcome.DUPLICATE, result, error, *key), time.monotonic())
 
-    def _resolve(self, applied: Applied) -> None:
-        key = (applied.client_id, applied.sequence)
-        started = self._proposed_at.get(key)
-        if started is not None:
-            self.metrics.observe_apply_latency(time.monotonic() - started)
-        for fut in self._settle(key):
+    def _resolve(self, applied: Applied, now: float) -> None:
+        proposal = self._waiters.pop((applied.client_id, applied.sequence), None)
+        if proposal is None:
+            return
+        self.metrics.observe_apply_latency(now - proposal.started)
+        for fut in proposal.futures:
             if fut.done():
                 continue
             if applied.outcome is Outcome.STALE:
