@@ -37,6 +37,7 @@ __all__ = [
     "crc32c",
     "decode_entries",
     "encode_entries",
+    "encode_kv_command",
     "parse_kv_command",
     "split_snapshot_chunk",
 ]
@@ -240,6 +241,7 @@ _Record = tuple[bytes, int, int, int]  # value, create_revision, mod_revision, v
 _Event = tuple[bytes, _Record | None, _Record | None, int]  # key, after a put, before, revision
 
 def parse_kv_command(data: bytes) -> tuple[int, bytes, bytes | None, bytes]: ...
+def encode_kv_command(op: int, key: bytes, expected: bytes | None, value: bytes) -> bytes: ...
 
 @final
 class KvStore:

@@ -119,7 +119,6 @@ _FLAG_ERROR: Final = 0x04
 _KNOWN_FLAGS: Final = _FLAG_OK | _FLAG_PREV | _FLAG_ERROR
 
 _U32: Final = struct.Struct("<I")
-_CMD_HEAD: Final = struct.Struct("<BBI")  # version, op, length of the first field
 _RESULT_HEAD: Final = struct.Struct("<BBQQ")  # version, flags, revision, deleted
 _KV_HEAD: Final = struct.Struct("<QQQII")  # create_revision, mod_revision, version, key len, value len
 
@@ -276,33 +275,18 @@ def _as_bytes(data: object, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
 
 
-def _check_key(key: object, what: str = "key", *, allow_empty: bool = False) -> bytes:
-    data = _as_bytes(key, what)
-    if not data and not allow_empty:
-        raise KVCommandError(f"{what} must not be empty")
-    if len(data) > MAX_KEY_SIZE:
-        raise KVCommandError(f"{what} is {len(data)} bytes, over the {MAX_KEY_SIZE}-byte limit")
-    return data
-
-
-def _check_value(value: object, what: str = "value") -> bytes:
-    data = _as_bytes(value, what)
-    if len(data) > MAX_VALUE_SIZE:
-        raise KVCommandError(f"{what} is {len(data)} bytes, over the {MAX_VALUE_SIZE}-byte limit")
-    return data
+def _bytes(data: object, what: str) -> bytes:
+    return data if type(data) is bytes else _as_bytes(data, what)
 
 
 def encode_put(key: bytes, value: bytes) -> bytes:
     """Encodes "set ``key`` to ``value``" as command bytes for the Raft log."""
-    k = _check_key(key)
-    v = _check_value(value)
-    return b"".join((_CMD_HEAD.pack(FORMAT_VERSION, _OP_PUT, len(k)), k, _U32.pack(len(v)), v))
+    return _core.encode_kv_command(_OP_PUT, _bytes(key, "key"), None, _bytes(value, "value"))
 
 
 def encode_delete(key: bytes) -> bytes:
     """Encodes "remove ``key``" as command bytes for the Raft log."""
-    k = _check_key(key)
-    return _CMD_HEAD.pack(FORMAT_VERSION, _OP_DELETE, len(k)) + k
+    return _core.encode_kv_command(_OP_DELETE, _bytes(key, "key"), None, b"")
 
 
 def encode_cas(key: bytes, expected: bytes | None, value: bytes) -> bytes:
@@ -311,22 +295,16 @@ def encode_cas(key: bytes, expected: bytes | None, value: bytes) -> bytes:
     ``expected=None`` means "only if the key is absent" (create-if-missing), which differs from
     ``expected=b""`` ("only if the key exists with an empty value").
     """
-    k = _check_key(key)
-    v = _check_value(value)
-    parts = [_CMD_HEAD.pack(FORMAT_VERSION, _OP_CAS, len(k)), k]
-    if expected is None:
-        parts.append(b"\x00")
-    else:
-        e = _check_value(expected, "expected value")
-        parts += (b"\x01", _U32.pack(len(e)), e)
-    parts += (_U32.pack(len(v)), v)
-    return b"".join(parts)
+    key = _bytes(key, "key")
+    value = _bytes(value, "value")
+    if expected is not None:
+        expected = _bytes(expected, "expected value")
+    return _core.encode_kv_command(_OP_CAS, key, expected, value)
 
 
 def encode_delete_range(prefix: bytes) -> bytes:
     """Encodes "remove every key starting with ``prefix``"; ``b""`` removes every key."""
-    p = _check_key(prefix, "prefix", allow_empty=True)
-    return _CMD_HEAD.pack(FORMAT_VERSION, _OP_DELETE_RANGE, len(p)) + p
+    return _core.encode_kv_command(_OP_DELETE_RANGE, _bytes(prefix, "prefix"), None, b"")
 
 
 def encode_command(command: KVCommand) -> bytes:

@@ -22,6 +22,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvSnapshotPieces>()?;
     m.add_class::<PyKvSnapshotReader>()?;
     m.add_function(wrap_pyfunction!(parse_kv_command, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_kv_command, m)?)?;
     Ok(())
 }
 
@@ -38,6 +39,29 @@ fn event<'py>(py: Python<'py>, e: &Event) -> PyResult<Bound<'py, PyTuple>> {
 fn events<'py>(py: Python<'py>, list: &[Event]) -> PyResult<Bound<'py, PyList>> {
     let items = list.iter().map(|e| event(py, e)).collect::<PyResult<Vec<_>>>()?;
     PyList::new(py, items)
+}
+
+/// Encodes a KV command (`op` 1 put, 2 delete, 3 cas, 4 delete-range; `key` is the prefix for
+/// a delete-range); raises `KVCommandError` when a field breaks a limit.
+#[pyfunction]
+#[pyo3(signature = (op, key, expected, value))]
+fn encode_kv_command<'py>(
+    py: Python<'py>,
+    op: u8,
+    key: &[u8],
+    expected: Option<&[u8]>,
+    value: &[u8],
+) -> PyResult<Bound<'py, PyBytes>> {
+    use dengine_core::kv::command::{encode, OP_CAS, OP_DELETE, OP_DELETE_RANGE, OP_PUT};
+    let command = match op {
+        OP_PUT => Command::Put { key, value },
+        OP_DELETE => Command::Delete { key },
+        OP_CAS => Command::Cas { key, expected, value },
+        OP_DELETE_RANGE => Command::DeleteRange { prefix: key },
+        _ => return Err(PyValueError::new_err(format!("unknown KV op {op}"))),
+    };
+    let data = encode(&command).map_err(KVCommandError::new_err)?;
+    Ok(PyBytes::new(py, &data))
 }
 
 /// Validates KV command bytes into `(op, key or prefix, expected or None, value)`; raises

@@ -150,6 +150,63 @@ pub fn parse(data: &[u8]) -> Result<Command<'_>, String> {
     Ok(command)
 }
 
+fn check(what: &str, data: &[u8], limit: usize, allow_empty: bool) -> Result<(), String> {
+    if data.is_empty() && !allow_empty {
+        return Err(format!("{what} must not be empty"));
+    }
+    if data.len() > limit {
+        return Err(format!("{what} is {} bytes, over the {limit}-byte limit", data.len()));
+    }
+    Ok(())
+}
+
+fn push_field(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Encodes a command, checking the limits first: the error names the field and the limit, in
+/// the words the Python encoders have always used.
+pub fn encode(command: &Command<'_>) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    match *command {
+        Command::Put { key, value } => {
+            check("key", key, MAX_KEY_SIZE, false)?;
+            check("value", value, MAX_VALUE_SIZE, true)?;
+            out.reserve(10 + key.len() + value.len());
+            out.extend_from_slice(&[FORMAT_VERSION, OP_PUT]);
+            push_field(&mut out, key);
+            push_field(&mut out, value);
+        }
+        Command::Delete { key } => {
+            check("key", key, MAX_KEY_SIZE, false)?;
+            out.extend_from_slice(&[FORMAT_VERSION, OP_DELETE]);
+            push_field(&mut out, key);
+        }
+        Command::Cas { key, expected, value } => {
+            check("key", key, MAX_KEY_SIZE, false)?;
+            check("value", value, MAX_VALUE_SIZE, true)?;
+            out.extend_from_slice(&[FORMAT_VERSION, OP_CAS]);
+            push_field(&mut out, key);
+            match expected {
+                None => out.push(0),
+                Some(expected) => {
+                    check("expected value", expected, MAX_VALUE_SIZE, true)?;
+                    out.push(1);
+                    push_field(&mut out, expected);
+                }
+            }
+            push_field(&mut out, value);
+        }
+        Command::DeleteRange { prefix } => {
+            check("prefix", prefix, MAX_KEY_SIZE, true)?;
+            out.extend_from_slice(&[FORMAT_VERSION, OP_DELETE_RANGE]);
+            push_field(&mut out, prefix);
+        }
+    }
+    Ok(out)
+}
+
 /// Encodes a result: `ok`, the store revision after the command, the key before it (if any),
 /// how many keys it removed. Error results go through [`encode_error`].
 pub fn encode_result(ok: bool, revision: u64, prev: Option<(&[u8], &Record)>, deleted: u64) -> Vec<u8> {

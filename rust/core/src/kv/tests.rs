@@ -104,6 +104,28 @@ fn commands_parse_and_malformed_ones_say_why() {
 }
 
 #[test]
+fn encoding_checks_limits_and_parses_back() {
+    use super::command::encode;
+    let commands = [
+        Command::Put { key: b"k", value: b"" },
+        Command::Delete { key: b"k" },
+        Command::Cas { key: b"k", expected: None, value: b"v" },
+        Command::Cas { key: b"k", expected: Some(b""), value: b"v" },
+        Command::DeleteRange { prefix: b"" },
+    ];
+    for command in commands {
+        assert_eq!(parse(&encode(&command).unwrap()).unwrap(), command);
+    }
+    assert_eq!(encode(&Command::Put { key: b"k", value: b"v" }).unwrap(), put(b"k", b"v"));
+    assert_eq!(encode(&Command::Delete { key: b"" }).unwrap_err(), "key must not be empty");
+    let big = vec![0; super::MAX_KEY_SIZE + 1];
+    assert_eq!(
+        encode(&Command::DeleteRange { prefix: &big }).unwrap_err(),
+        "prefix is 65537 bytes, over the 65536-byte limit"
+    );
+}
+
+#[test]
 fn revisions_versions_and_results_follow_etcd() {
     let mut log = Log::new(100);
     assert_eq!(head(&log.apply(&put(b"a", b"1"))), (0x01, 1, 0));
