@@ -318,5 +318,5 @@ class SessionTable:
         start: int,
         run: Callable[[int, bytes], object] | KvStore,
         wanted: Collection[tuple[int, int]],
-        answered: list[tuple[int, int, bytes | None, str | None, int, int]],
+        answered: list[tuple[tuple[int, int], int, bytes | None, str | None, int]],
     ) -> int: ...

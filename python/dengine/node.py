@@ -39,7 +39,7 @@ from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
 from dengine.raft import payload as envelope
 from dengine.raft.membership import ConfOp
 from dengine.raft.progress import ProgressState
-from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entries, apply_entry_async
+from dengine.raft.sessions import Outcome, SessionTable, apply_committed, apply_entry_async
 from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
@@ -739,9 +739,10 @@ class Node:
                     last = item.index
                 elif self._async_apply:
                     for entry in item:
-                        applied = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
-                        if applied.client_id:
-                            self._resolve(applied, time.monotonic())
+                        a = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                        if a.client_id:
+                            key = (a.client_id, a.sequence)
+                            self._answer(key, a.outcome, a.result, a.error, time.monotonic())
                     last = item[-1].index
                 else:
                     await self._apply_chunks(item)
@@ -762,12 +763,12 @@ class Node:
         run = self.sm.apply if target is None else target
         for start in range(0, len(entries), APPLY_CHUNK):
             chunk = entries[start : start + APPLY_CHUNK]
-            answered = apply_entries(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
+            answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
             if not answered:
                 continue
             now = time.monotonic()
-            for applied in answered:
-                self._resolve(applied, now)
+            for key, outcome, result, error in answered:
+                self._answer(key, outcome, result, error, now)
             if start + APPLY_CHUNK < len(entries):
                 raft.applied_to(chunk[-1].index)
                 await asyncio.sleep(0)
@@ -784,22 +785,25 @@ class Node:
         for key in list(self._waiters):
             if self.sessions.lookup(*key) is Outcome.DUPLICATE:
                 result, error = self.sessions.stored(*key)
-                self._resolve(Applied(info.index, Outcome.DUPLICATE, result, error, *key), time.monotonic())
+                self._answer(key, Outcome.DUPLICATE, result, error, time.monotonic())
 
-    def _resolve(self, applied: Applied, now: float) -> None:
-        proposal = self._waiters.pop((applied.client_id, applied.sequence), None)
+    def _answer(
+        self, key: tuple[int, int], outcome: Outcome, result: bytes | None, error: str | None, now: float
+    ) -> None:
+        """Hands the outcome of the proposal ``key`` to everyone waiting for it here."""
+        proposal = self._waiters.pop(key, None)
         if proposal is None:
             return
         self.metrics.observe_apply_latency(now - proposal.started)
         for fut in proposal.futures:
             if fut.done():
                 continue
-            if applied.outcome is Outcome.STALE:
-                fut.set_exception(ProposalDroppedError(applied.error or "proposal overtaken; retry"))
-            elif applied.error is not None:
-                fut.set_exception(ApplyError(applied.error))
+            if outcome is Outcome.STALE:
+                fut.set_exception(ProposalDroppedError(error or "proposal overtaken; retry"))
+            elif error is not None:
+                fut.set_exception(ApplyError(error))
             else:
-                fut.set_result(applied.result if applied.result is not None else b"")
+                fut.set_result(result if result is not None else b"")
 
     # --- status -------------------------------------------------------------------------------------
 

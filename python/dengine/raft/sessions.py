@@ -202,6 +202,10 @@ async def apply_entry_async(entry: Entry, sessions: SessionTable, run: AsyncRunC
     return _record(entry, decoded, sessions, result, error)
 
 
+Answer = tuple[tuple[int, int], Outcome, bytes | None, str | None]
+"""``((client id, sequence), outcome, result, error)`` of a proposal someone waits for."""
+
+
 def apply_entries(
     entries: Sequence[Entry],
     sessions: SessionTable,
@@ -210,16 +214,37 @@ def apply_entries(
 ) -> list[Applied]:
     """:func:`apply_entry` for each of ``entries`` in order, with the same effects, returning only
     the outcomes of session commands whose ``(client id, sequence)`` is in ``wanted`` (those
-    someone waits for).
+    someone waits for). See :func:`apply_committed`."""
+    return [
+        Applied(index, _ANSWERED[outcome], result, error, *key)
+        for key, outcome, result, error, index in _apply(entries, sessions, run, wanted)
+    ]
 
-    The Rust session table runs the batch (at tens of thousands of entries a second, Python
-    work per entry is a large share of a replica's time); only entries it leaves aside, such as
+
+def apply_committed(
+    entries: Sequence[Entry],
+    sessions: SessionTable,
+    run: RunCommand | _core.KvStore,
+    wanted: Collection[tuple[int, int]],
+) -> list[Answer]:
+    """:func:`apply_entries` answering in plain tuples: what the node's apply loop uses, since it
+    only needs the key and the outcome of each answered proposal."""
+    raw = _apply(entries, sessions, run, wanted)
+    return [(key, _ANSWERED[outcome], result, error) for key, outcome, result, error, _ in raw]
+
+
+def _apply(
+    entries: Sequence[Entry],
+    sessions: SessionTable,
+    run: RunCommand | _core.KvStore,
+    wanted: Collection[tuple[int, int]],
+) -> list[tuple[tuple[int, int], int, bytes | None, str | None, int]]:
+    """Runs the batch through the Rust session table (at tens of thousands of entries a second,
+    Python work per entry is a large share of a replica's time); only entries it leaves aside,
     membership changes and damaged envelopes, take apply_entry's path here. ``run`` may be the
-    built-in store's ``KvStore`` itself, which the loop then applies to without a Python call.
-    """
+    built-in store's ``KvStore`` itself, which the loop then applies to without a Python call."""
     batch = entries if type(entries) is list else list(entries)
-    raw: list[tuple[int, int, bytes | None, str | None, int, int]] = []
-    answered: list[Applied] = []
+    raw: list[tuple[tuple[int, int], int, bytes | None, str | None, int]] = []
     table = sessions._table
     at = 0
     while at < len(batch):
@@ -229,6 +254,4 @@ def apply_entries(
             # nobody waits for its outcome.
             apply_entry(batch[at], sessions, run.apply if isinstance(run, _core.KvStore) else run)
             at += 1
-    for index, outcome, result, error, client, sequence in raw:
-        answered.append(Applied(index, _ANSWERED[outcome], result, error, client, sequence))
-    return answered
+    return raw

@@ -63,16 +63,17 @@ enum Run<'a, 'py> {
     Python(&'a Bound<'py, PyAny>),
 }
 
+/// `(key, outcome, result, error, index)`: the key is the `(client, sequence)` tuple already
+/// built to look the entry up in `wanted`, so the caller can use it again as it is.
 fn answer<'py>(
     py: Python<'py>,
-    index: u64,
+    key: &Bound<'py, PyTuple>,
     outcome: u8,
     stored: &Stored,
-    client: u64,
-    sequence: u64,
+    index: u64,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let result = stored.result.as_ref().map(|r| PyBytes::new(py, r));
-    (index, outcome, result, stored.error.as_deref(), client, sequence).into_pyobject(py)
+    (key, outcome, result, stored.error.as_deref(), index).into_pyobject(py)
 }
 
 /// Per-client results of recently applied sequences (see `dengine.raft.sessions.SessionTable`).
@@ -184,7 +185,7 @@ impl PySessionTable {
     ///
     /// `run` is the state machine's `apply(index, command)`, or a `KvStore` to apply to directly.
     /// For each session command whose `(client, sequence)` is in `wanted`, appends
-    /// `(index, outcome, result, error, client, sequence)` to `answered` (outcome 0 applied,
+    /// `((client, sequence), outcome, result, error, index)` to `answered` (outcome 0 applied,
     /// 1 duplicate, 2 stale).
     fn apply_batch(
         &mut self,
@@ -210,25 +211,20 @@ impl PySessionTable {
             match data.first() {
                 Some(&SESSION_KIND) => {
                     let Some(h) = SessionHeader::parse(data) else { return Ok(i) };
-                    let waited = any_wanted && wanted.contains((h.client, h.sequence))?;
+                    let key = (h.client, h.sequence).into_pyobject(py)?;
+                    let waited = any_wanted && wanted.contains(&key)?;
                     match self.inner.lookup(h.client, h.sequence) {
                         Seen::New => {
-                            let stored = run_command(
-                                py,
-                                &run,
-                                index,
-                                &data[dengine_core::sessions::SESSION_HEADER_LEN..],
-                            )?;
+                            let command = &data[dengine_core::sessions::SESSION_HEADER_LEN..];
+                            let stored = run_command(py, &run, index, command)?;
                             if waited {
-                                answered
-                                    .append(answer(py, index, APPLIED, &stored, h.client, h.sequence)?)?;
+                                answered.append(answer(py, &key, APPLIED, &stored, index)?)?;
                             }
                             self.inner.record(h.client, h.sequence, index, stored, h.first_outstanding);
                         }
                         Seen::Duplicate(stored) => {
                             if waited {
-                                answered
-                                    .append(answer(py, index, DUPLICATE, stored, h.client, h.sequence)?)?;
+                                answered.append(answer(py, &key, DUPLICATE, stored, index)?)?;
                             }
                         }
                         Seen::Stale => {
@@ -236,7 +232,7 @@ impl PySessionTable {
                                 let error =
                                     format!("sequence {} was already acknowledged by its client", h.sequence);
                                 let stale = Stored { result: None, error: Some(error) };
-                                answered.append(answer(py, index, STALE, &stale, h.client, h.sequence)?)?;
+                                answered.append(answer(py, &key, STALE, &stale, index)?)?;
                             }
                         }
                     }

@@ -38,8 +38,76 @@ pub const SNAPSHOT_MAGIC: &[u8; 8] = b"DNGKVSN\x00";
 /// Version of the snapshot layout.
 pub const SNAPSHOT_VERSION: u32 = 1;
 
-/// A key, shared between the map, the watch history and frozen snapshot views.
-pub type Key = Arc<[u8]>;
+/// A key. Short keys (most of them) are stored inline, so comparing keys while walking the tree
+/// reads the tree's own memory instead of chasing a pointer per comparison; longer ones are
+/// shared between the map, the watch history and frozen snapshot views.
+#[derive(Clone)]
+pub enum Key {
+    /// Up to [`INLINE_KEY`] bytes, kept in place.
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    /// A longer key on the heap.
+    Shared(Arc<[u8]>),
+}
+
+/// Longest key stored inline: what fits beside the length in the size of a shared pointer plus
+/// one word (24 bytes in all).
+pub const INLINE_KEY: usize = 22;
+
+impl From<&[u8]> for Key {
+    fn from(data: &[u8]) -> Self {
+        if data.len() <= INLINE_KEY {
+            let mut bytes = [0; INLINE_KEY];
+            bytes[..data.len()].copy_from_slice(data);
+            Key::Inline { len: data.len() as u8, bytes }
+        } else {
+            Key::Shared(Arc::from(data))
+        }
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Shared(data) => data,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self
+    }
+}
+
+// Ordering and equality are those of the bytes, as `Borrow<[u8]>` requires.
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({:?})", &**self)
+    }
+}
 
 /// A key's value and revision metadata (see `dengine.kv.KeyValue`).
 #[derive(Debug, Clone, PartialEq, Eq)]

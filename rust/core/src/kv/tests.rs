@@ -157,6 +157,22 @@ fn revisions_versions_and_results_follow_etcd() {
 }
 
 #[test]
+fn inline_and_shared_keys_order_as_their_bytes() {
+    use super::{Key, INLINE_KEY};
+    assert_eq!(std::mem::size_of::<Key>(), 24);
+    let long = vec![b'a'; INLINE_KEY + 1];
+    let keys = [&b""[..], b"a", &long[..INLINE_KEY], &long, b"b", b"\xff"];
+    for a in keys {
+        for b in keys {
+            assert_eq!(Key::from(a).cmp(&Key::from(b)), a.cmp(b), "{a:?} vs {b:?}");
+        }
+        assert_eq!(&*Key::from(a), a);
+    }
+    assert!(matches!(Key::from(&long[..INLINE_KEY]), Key::Inline { .. }));
+    assert!(matches!(Key::from(&long[..]), Key::Shared(_)));
+}
+
+#[test]
 fn ranges_are_prefixed_ordered_and_limited() {
     let mut log = Log::new(0);
     for key in [&b"b"[..], b"a\xff", b"a", b"ab", b"\x00", b"a\x00"] {
