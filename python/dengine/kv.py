@@ -85,6 +85,7 @@ __all__ = [
     "encode_delete_range",
     "encode_put",
     "new_key_value",
+    "unpack_result",
 ]
 
 _log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ _KNOWN_FLAGS: Final = _FLAG_OK | _FLAG_PREV | _FLAG_ERROR
 _U32: Final = struct.Struct("<I")
 _RESULT_HEAD: Final = struct.Struct("<BBQQ")  # version, flags, revision, deleted
 _KV_HEAD: Final = struct.Struct("<QQQII")  # create_revision, mod_revision, version, key len, value len
+_RESULT_PREV_HEAD: Final = struct.Struct("<BBQQQQQII")  # _RESULT_HEAD then _KV_HEAD
 
 _WRITE_BUFFER: Final = 1 << 20  # snapshot bytes gathered before each sink.write
 # A background writer hands the GIL over at each piece (building one and writing it release it)
@@ -366,30 +368,47 @@ def _new_result(ok: bool, revision: int, prev: KeyValue | None, deleted: int) ->
     return result
 
 
+ResultFields: TypeAlias = tuple[bool, int, int, bytes | None, bytes, int, int, int]
+"""A result as one flat tuple: ok, revision, deleted, then the previous key-value's key (None
+when absent), value, create_revision, mod_revision and version."""
+
+_NO_PREV: Final = (None, b"", 0, 0, 0)
+
+
+def unpack_result(data: bytes) -> ResultFields | None:
+    """The fields of a well-formed result that carries no error, without building objects (the
+    leader answers every write from them); None for anything else, which :func:`decode_result`
+    decodes or explains."""
+    size = len(data)
+    if size == _RESULT_HEAD.size:
+        version, flags, revision, deleted = _RESULT_HEAD.unpack(data)
+        if version == FORMAT_VERSION and flags & ~_FLAG_OK == 0:
+            return (flags == _FLAG_OK, revision, deleted, *_NO_PREV)
+    elif size >= _RESULT_PREV_HEAD.size:
+        head = _RESULT_PREV_HEAD.unpack_from(data)
+        version, flags, revision, deleted, create, mod, ver, key_len, value_len = head
+        if (
+            version == FORMAT_VERSION
+            and flags & ~_FLAG_OK == _FLAG_PREV
+            and key_len <= MAX_KEY_SIZE
+            and value_len <= MAX_VALUE_SIZE
+            and _RESULT_PREV_HEAD.size + key_len + value_len == size
+        ):
+            key_end = _RESULT_PREV_HEAD.size + key_len
+            key = data[_RESULT_PREV_HEAD.size : key_end]
+            return (flags & _FLAG_OK == _FLAG_OK, revision, deleted, key, data[key_end:], create, mod, ver)
+    return None
+
+
 def decode_result(data: bytes | bytearray | memoryview) -> KVResult:
     """Decodes the bytes ``apply`` returned (e.g. after they travelled to a client)."""
     buf = data if type(data) is bytes else _as_bytes(data, "result")
-    size = len(buf)
-    head = _RESULT_HEAD.size
-    if size >= head:
-        # Fast path for the answers of successful writes, which the leader decodes for every one;
-        # anything else (and anything malformed) goes the checked way below.
-        version, flags, revision, deleted = _RESULT_HEAD.unpack_from(buf, 0)
-        if version == FORMAT_VERSION and flags & ~(_FLAG_OK | _FLAG_PREV) == 0:
-            if size == head and not flags & _FLAG_PREV:
-                return _new_result(bool(flags), revision, None, deleted)
-            if flags & _FLAG_PREV and size >= head + _KV_HEAD.size:
-                create, mod, ver, key_len, value_len = _KV_HEAD.unpack_from(buf, head)
-                pos = head + _KV_HEAD.size
-                if (
-                    key_len <= MAX_KEY_SIZE
-                    and value_len <= MAX_VALUE_SIZE
-                    and pos + key_len + value_len == size
-                ):
-                    key_end = pos + key_len
-                    prev = new_key_value(buf[pos:key_end], buf[key_end:], create, mod, ver)
-                    return _new_result(bool(flags & _FLAG_OK), revision, prev, deleted)
-    return _decode_result_checked(buf)
+    fields = unpack_result(buf)
+    if fields is None:  # an error result, or malformed bytes: the checked way says which
+        return _decode_result_checked(buf)
+    ok, revision, deleted, key, value, create, mod, version = fields
+    prev = None if key is None else new_key_value(key, value, create, mod, version)
+    return _new_result(ok, revision, prev, deleted)
 
 
 def _decode_result_checked(buf: bytes) -> KVResult:
