@@ -29,7 +29,9 @@ const STALE: u8 = 2;
 const NOOP_KIND: u8 = 0;
 const COMMAND_KIND: u8 = 1;
 
-type Row = (u64, u64, u64, Vec<(u64, Option<Vec<u8>>, Option<String>)>);
+// Results arrive as bytes objects: read as slices, since extracting a `Vec<u8>` would walk
+// them as a sequence, one object per byte.
+type Row<'py> = (u64, u64, u64, Vec<(u64, Option<Bound<'py, PyBytes>>, Option<String>)>);
 
 /// Runs one command; a Python exception (not a BaseException such as KeyboardInterrupt) becomes
 /// the command's recorded error, as `TypeName: message`, the same on every replica.
@@ -142,10 +144,11 @@ impl PySessionTable {
         client: u64,
         sequence: u64,
         index: u64,
-        result: Option<Vec<u8>>,
+        result: Option<&[u8]>,
         error: Option<String>,
         first_outstanding: u64,
     ) {
+        let result = result.map(<[u8]>::to_vec);
         self.inner.record(client, sequence, index, Stored { result, error }, first_outstanding);
     }
 
@@ -167,12 +170,16 @@ impl PySessionTable {
     }
 
     /// Replaces the whole table with rows as `items` gives them.
-    fn restore(&mut self, rows: Vec<Row>) {
+    fn restore(&mut self, rows: Vec<Row<'_>>) {
         let rows = rows
             .into_iter()
             .map(|(client, acked_below, last_index, results)| {
-                let results =
-                    results.into_iter().map(|(q, result, error)| (q, Stored { result, error })).collect();
+                let results = results
+                    .into_iter()
+                    .map(|(q, result, error)| {
+                        (q, Stored { result: result.map(|r| r.as_bytes().to_vec()), error })
+                    })
+                    .collect();
                 (client, acked_below, last_index, results)
             })
             .collect();
