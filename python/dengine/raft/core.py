@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dengine._core import Entry, HardState, JointConfig, LogStoreBase, VoteResult
+from dengine._core import Entry, HardState, JointConfig, LogStoreBase, VoteResult, entries_from_payloads
 from dengine.errors import LogCompactedError, LogIndexError, NotLeaderError, ProposalDroppedError
 from dengine.raft import membership
 from dengine.raft.config import RaftConfig
@@ -172,7 +172,7 @@ class Raft:
             raise NotLeaderError(self.lead)
         if self.lead_transferee is not None:
             raise ProposalDroppedError(f"leadership is being transferred to node {self.lead_transferee}")
-        if any(is_conf_change(p) for p in payloads):
+        if CONF_CHANGE_KIND in {p[0] for p in payloads if p}:  # is_conf_change, without a call each
             raise ValueError("membership changes go through propose_conf_change")
         return self._append_as_leader(payloads)
 
@@ -679,7 +679,7 @@ class Raft:
     def _append_as_leader(self, payloads: Sequence[bytes], *, conf: bool = False) -> tuple[int, int]:
         first = self.store.last_index() + 1
         term = self.term
-        entries = [Entry(first + i, term, p) for i, p in enumerate(payloads)]
+        entries = entries_from_payloads(first, term, payloads)
         self.store.append(entries)
         if conf:
             self._note_conf_changes(entries)
