@@ -99,9 +99,10 @@ class NodeStatus:
 
 
 APPLY_CHUNK = 512
+"""Committed entries applied between two turns of the event loop (see ``Node._apply_chunks``)."""
+
 _SESSION_HEAD = envelope.SESSION_HEADER
 _SESSION_KIND = envelope.SESSION_KIND
-"""Committed entries applied between two turns of the event loop (see ``Node._apply_chunks``)."""
 
 
 class _Proposal:

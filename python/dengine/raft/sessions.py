@@ -75,9 +75,7 @@ class SessionTable:
     def __init__(
         self, *, max_clients: int = 100_000, expire_after: int = 10_000_000, max_results: int = 100_000
     ) -> None:
-        if max_clients < 1 or expire_after < 1 or max_results < 1:
-            raise ValueError("max_clients, expire_after and max_results must be positive")
-        self._table = _core.SessionTable(max_clients, expire_after, max_results)
+        self._table = _core.SessionTable(max_clients, expire_after, max_results)  # checks the limits
 
     @property
     def max_clients(self) -> int:
