@@ -232,6 +232,28 @@ def test_policies_by_age_and_by_log_size_and_disabled_snapshots(tmp_path: Path) 
     run(main)
 
 
+def test_members_spread_their_entry_count_snapshots(tmp_path: Path) -> None:
+    # Node n waits (n mod 3) / 8 of the interval longer: here 225, 250 and 200 entries for nodes
+    # 1, 2 and 3, so that a cluster's members do not all write and fsync their state at once.
+    cfgs = with_snapshots(configs(tmp_path), entries=200)
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            assert [n.id for n in nodes] == [1, 2, 3]
+            leader = await until(lambda: leader_of(nodes))
+            await propose_all(leader, 235)  # 236 entries with the leader's first one, under 250
+            await until(lambda: nodes[0].snapshots.created == 1 and nodes[2].snapshots.created == 1)
+            assert all(n.raft is not None and n.raft.applied < 250 for n in nodes)
+            assert nodes[1].snapshots.created == 0
+            third, first = nodes[2].snapshots.latest, nodes[0].snapshots.latest
+            assert third is not None and third.meta.index >= 200
+            assert first is not None and first.meta.index >= 225
+            await propose_all(leader, 20)
+            await until(lambda: nodes[1].snapshots.created == 1)
+
+    run(main)
+
+
 def test_the_size_policy_counts_entries_written_while_the_last_snapshot_was_taken(
     tmp_path: Path,
 ) -> None:

@@ -152,7 +152,9 @@ class SnapshotManager:
         raft = self.node.raft
         if not self.cfg.enabled or not every or raft is None or self._creating is not None:
             return
-        if raft.applied - self._latest_index() >= every:
+        # Members spread their snapshots (node n waits (n mod 3) / 8 of the interval longer) so
+        # that the whole cluster does not write its state and fsync it at the same moment.
+        if raft.applied - self._latest_index() >= every + every * (self.node.id % 3) // 8:
             self._begin_create()
 
     def _latest_index(self) -> int:
