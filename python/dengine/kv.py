@@ -242,7 +242,8 @@ KVCommand: TypeAlias = PutCommand | DeleteCommand | CasCommand | DeleteRangeComm
 
 
 # Frozen dataclasses pay for immutability with a slow __init__ (one object.__setattr__ per field).
-# apply builds a KeyValue per put, so it fills the slots directly: about half the cost, same object.
+# Reads and answers build a KeyValue per key, so they fill the slots directly: about half the
+# cost, same object.
 _kv_slots = KeyValue.__dict__
 _set_key = _kv_slots["key"].__set__
 _set_value = _kv_slots["value"].__set__
@@ -277,18 +278,14 @@ def _as_bytes(data: object, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
 
 
-def _bytes(data: object, what: str) -> bytes:
-    return data if type(data) is bytes else _as_bytes(data, what)
-
-
 def encode_put(key: bytes, value: bytes) -> bytes:
     """Encodes "set ``key`` to ``value``" as command bytes for the Raft log."""
-    return _core.encode_kv_command(_OP_PUT, _bytes(key, "key"), None, _bytes(value, "value"))
+    return _core.encode_kv_command(_OP_PUT, _as_bytes(key, "key"), None, _as_bytes(value, "value"))
 
 
 def encode_delete(key: bytes) -> bytes:
     """Encodes "remove ``key``" as command bytes for the Raft log."""
-    return _core.encode_kv_command(_OP_DELETE, _bytes(key, "key"), None, b"")
+    return _core.encode_kv_command(_OP_DELETE, _as_bytes(key, "key"), None, b"")
 
 
 def encode_cas(key: bytes, expected: bytes | None, value: bytes) -> bytes:
@@ -297,16 +294,16 @@ def encode_cas(key: bytes, expected: bytes | None, value: bytes) -> bytes:
     ``expected=None`` means "only if the key is absent" (create-if-missing), which differs from
     ``expected=b""`` ("only if the key exists with an empty value").
     """
-    key = _bytes(key, "key")
-    value = _bytes(value, "value")
+    key = _as_bytes(key, "key")
+    value = _as_bytes(value, "value")
     if expected is not None:
-        expected = _bytes(expected, "expected value")
+        expected = _as_bytes(expected, "expected value")
     return _core.encode_kv_command(_OP_CAS, key, expected, value)
 
 
 def encode_delete_range(prefix: bytes) -> bytes:
     """Encodes "remove every key starting with ``prefix``"; ``b""`` removes every key."""
-    return _core.encode_kv_command(_OP_DELETE_RANGE, _bytes(prefix, "prefix"), None, b"")
+    return _core.encode_kv_command(_OP_DELETE_RANGE, _as_bytes(prefix, "prefix"), None, b"")
 
 
 def encode_command(command: KVCommand) -> bytes:
@@ -332,9 +329,7 @@ def decode_command(data: bytes | bytearray | memoryview) -> KVCommand:
     A leader can call it on client input before proposing, so bad commands never reach the log.
     It is the parser ``apply`` uses, so it accepts exactly what replicas apply.
     """
-    op, key, expected, value = _core.parse_kv_command(
-        data if type(data) is bytes else _as_bytes(data, "command")
-    )
+    op, key, expected, value = _core.parse_kv_command(_as_bytes(data, "command"))
     if op == _OP_PUT:
         return PutCommand(key, value)
     if op == _OP_DELETE:
@@ -402,7 +397,7 @@ def unpack_result(data: bytes) -> ResultFields | None:
 
 def decode_result(data: bytes | bytearray | memoryview) -> KVResult:
     """Decodes the bytes ``apply`` returned (e.g. after they travelled to a client)."""
-    buf = data if type(data) is bytes else _as_bytes(data, "result")
+    buf = _as_bytes(data, "result")
     fields = unpack_result(buf)
     if fields is None:  # an error result, or malformed bytes: the checked way says which
         return _decode_result_checked(buf)
@@ -583,7 +578,6 @@ class KVStateMachine:
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be an int >= 0, got {history!r}")
         self._store = _core.KvStore(history)
-        self._history_limit = history
         self._subscribers: dict[int, Callable[[WatchEvent], None]] = {}
         self._next_token = 0
         self._view: _View | None = None  # the open background snapshot, if any

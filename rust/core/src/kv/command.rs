@@ -211,7 +211,7 @@ pub fn encode(command: &Command<'_>) -> Result<Vec<u8>, String> {
 /// how many keys it removed. Error results go through [`encode_error`].
 pub fn encode_result(ok: bool, revision: u64, prev: Option<(&[u8], &Record)>, deleted: u64) -> Vec<u8> {
     let mut flags = if ok { FLAG_OK } else { 0 };
-    let extra = prev.map_or(0, |(key, rec)| 28 + key.len() + rec.value.len());
+    let extra = prev.map_or(0, |(key, rec)| 32 + key.len() + rec.value.len());
     let mut out = Vec::with_capacity(18 + extra);
     if prev.is_some() {
         flags |= FLAG_PREV;
