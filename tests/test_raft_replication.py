@@ -226,6 +226,27 @@ def test_a_new_commit_index_rides_on_the_next_append_or_waits_for_an_announcemen
     assert not leader.commit_unannounced
 
 
+def test_an_announcement_skips_a_commit_index_an_append_already_carried() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.announce = False
+    leader = c.nodes[1]
+    c.propose(1, b"a")
+    armed_for = leader.commit  # what a driver's announce timer remembers when it is armed
+    c.propose(1, b"b")  # its append carries armed_for; its own commit is newer
+    assert leader.commit == armed_for + 1 and leader.commit_unannounced
+    c.sent.clear()
+    leader.announce_commit(armed_for)
+    assert not [m for m in leader.ready().messages if m.type is MsgType.APP], (
+        "an index already carried by an append got a round of messages of its own"
+    )
+    assert leader.commit_unannounced, "the newer index still waits for its own announcement"
+    leader.announce_commit(leader.commit)
+    c.settle()
+    assert [c.nodes[i].commit for i in (2, 3)] == [leader.commit] * 2
+    assert not leader.commit_unannounced
+
+
 def test_a_leader_removing_itself_announces_the_commit_before_it_steps_down() -> None:
     c = Cluster(3)
     c.elect(1)

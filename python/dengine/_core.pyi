@@ -8,6 +8,7 @@ from typing import ClassVar, final
 from typing_extensions import Self, disjoint_base
 
 __all__ = [
+    "BackgroundSync",
     "CorruptLogError",
     "DengineError",
     "Entry",
@@ -86,6 +87,16 @@ class HardState:
     @property
     def commit(self) -> int: ...
     def __new__(cls, term: int = 0, vote: int | None = None, commit: int = 0) -> Self: ...
+
+@final
+class BackgroundSync:
+    """Syncs a built-in log store on a thread of its own (POSIX only)."""
+
+    def __new__(cls, store: LogStoreBase) -> Self: ...
+    def fileno(self) -> int: ...
+    def request(self) -> None: ...
+    def take(self) -> int | None: ...
+    def close(self) -> None: ...
 
 @disjoint_base
 class LogStoreBase:

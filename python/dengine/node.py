@@ -33,6 +33,7 @@ from dengine._core import Entry
 from dengine.cluster_service import ClusterService
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
 from dengine.kv import KVStateMachine
+from dengine.log_sync import LogSyncer
 from dengine.members import MembershipManager
 from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
 from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
@@ -165,12 +166,10 @@ class Node:
         self._commit_clock: collections.deque[tuple[int, float, int]] = collections.deque()
         self._read_ctx = 0
         self._reads: dict[int, asyncio.Future[None]] = {}
-        self._sync_wanted = 0
-        self._sync_done = 0
-        self._syncing = False
-        self._sync_task: asyncio.Task[None] | None = None
+        self._syncer: LogSyncer | None = None
         self._apply_queue: asyncio.Queue[list[Entry] | SnapshotInfo] = asyncio.Queue()
         self._announce_timer: asyncio.TimerHandle | None = None
+        self._announce_for = 0  # the commit index the announce timer was armed for
         # Held while a batch is applied: a snapshot freezes the state between two batches.
         self.apply_lock = asyncio.Lock()
         self.snapshots = SnapshotManager(self, Path(config.node.data_dir) / "snapshots")
@@ -217,6 +216,8 @@ class Node:
             # Leave nothing behind (the data dir lock above all) so that a corrected retry works.
             if self.server is not None:
                 await self.server.stop(grace=0)
+            if self._syncer is not None:
+                await self._syncer.close()
             await self.snapshots.stop()
             await loop.run_in_executor(self.io, self.store.close)
             raise
@@ -277,6 +278,9 @@ class Node:
             # the cluster's from the log or a snapshot, never from its config file.
             raft_config = dataclasses.replace(raft_config, voters=frozenset(), learners=frozenset())
         self.raft = Raft(raft_config, self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot)
+        self._syncer = LogSyncer(
+            self.store, self.io, self._on_synced, self._on_sync_failed, self.metrics.observe_fsync
+        )
         members = dict(self.members.addresses)
         self.transport = PeerTransport(
             self.id,
@@ -348,12 +352,14 @@ class Node:
         self._running = False
         if self._announce_timer is not None:
             self._announce_timer.cancel()
-        tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
+        tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         await self.snapshots.stop()
+        if self._syncer is not None:
+            await self._syncer.close()
         assert self.transport is not None and self.server is not None
         await self.transport.close()
         await self.server.stop(grace=0.2)
@@ -636,11 +642,8 @@ class Node:
             self._observe_commits(raft.commit)
         while raft.has_ready():
             rd = raft.ready()
-            if rd.sync is not None:
-                self._sync_wanted = max(self._sync_wanted, rd.sync)
-                if not self._syncing:
-                    self._syncing = True
-                    self._sync_task = asyncio.create_task(self._sync_loop(), name=f"sync-{self.id}")
+            if rd.sync is not None and self._syncer is not None:
+                self._syncer.want(rd.sync)
             # The apply loop is woken before the peer streams: the callers waiting for these
             # entries are answered without waiting behind the gRPC writes of this round.
             if rd.restore is not None:
@@ -656,13 +659,14 @@ class Node:
             if rd.soft_state is not None:
                 self._on_soft_state(rd.soft_state)
         if self._announce_timer is None and raft.commit_unannounced:
+            self._announce_for = raft.commit
             self._announce_timer = asyncio.get_running_loop().call_later(_ANNOUNCE_DELAY_S, self._announce)
         self.members.sync()
 
     def _announce(self) -> None:
         self._announce_timer = None
         if self._running and self.raft is not None:
-            self.raft.announce_commit()
+            self.raft.announce_commit(self._announce_for)
             self.pump()
 
     def _answer_reads(self, reads: list[ReadState], failed: list[int]) -> None:
@@ -697,26 +701,16 @@ class Node:
             extra={"node_id": self.id, "term": s.term, "event": "role"},
         )
 
-    async def _sync_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        raft, store = self.raft, self.store
-        assert raft is not None and store is not None
-        try:
-            while self._sync_wanted > self._sync_done and self._running:
-                seq = self._sync_wanted
-                began = time.monotonic()
-                durable = await loop.run_in_executor(self.io, store.sync)
-                self.metrics.observe_fsync(time.monotonic() - began)
-                self._sync_done = seq
-                raft.synced(seq, durable)
-                self.pump()
-        except DengineError as exc:
-            # After a failed fsync the page cache may have dropped writes the store cannot redo:
-            # the only safe course is to stop participating (fail-stop) and say so loudly.
-            log.critical("node %d: log sync failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
-            self._fail_stop(exc)
-        finally:
-            self._syncing = False
+    def _on_synced(self, seq: int, durable: int) -> None:
+        if self._running and self.raft is not None:
+            self.raft.synced(seq, durable)
+            self.pump()
+
+    def _on_sync_failed(self, exc: DengineError) -> None:
+        # After a failed fsync the page cache may have dropped writes the store cannot redo:
+        # the only safe course is to stop participating (fail-stop) and say so loudly.
+        log.critical("node %d: log sync failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+        self._fail_stop(exc)
 
     def _fail_stop(self, exc: Exception) -> None:
         self._running = False

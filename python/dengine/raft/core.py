@@ -874,13 +874,19 @@ class Raft:
             if p != self.id
         )
 
-    def announce_commit(self) -> None:
-        """Sends the commit index to every follower that has not been sent it (an empty append,
-        or the next entries if any are waiting)."""
+    def announce_commit(self, up_to: int | None = None) -> None:
+        """Sends the commit index to every follower that has not been sent ``up_to`` yet (default:
+        the current commit index), as an empty append or the next entries if any are waiting.
+
+        A driver passes the commit index it saw when it armed its announce timer: an index that
+        an append carried meanwhile needs no message of its own, and a newer one gets its own
+        delay. Announcing the newest index instead would send an extra round of messages per
+        write whenever writes come a little slower than the delay."""
         if self.role is not Role.LEADER:
             return
+        wanted = self.commit if up_to is None else min(up_to, self.commit)
         for p, pr in self.progress.items():
-            if p != self.id and pr.commit_sent < self.commit:
+            if p != self.id and pr.commit_sent < wanted:
                 self._send_append(p)
 
     def _broadcast_new_entries(self) -> None:

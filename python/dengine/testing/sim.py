@@ -350,15 +350,15 @@ class SimCluster:
                 self.checker.on_ready(node, rd)
         if raft.commit_unannounced and not node.announcing:
             node.announcing = True
-            incarnation = node.incarnation
-            self.schedule(self.net.announce_delay, lambda: self._announce(node, incarnation))
+            incarnation, up_to = node.incarnation, raft.commit
+            self.schedule(self.net.announce_delay, lambda: self._announce(node, incarnation, up_to))
 
-    def _announce(self, node: SimNode, incarnation: int) -> None:
+    def _announce(self, node: SimNode, incarnation: int, up_to: int) -> None:
         if node.incarnation != incarnation:
             return
         node.announcing = False
         if node.raft is not None:
-            node.raft.announce_commit()
+            node.raft.announce_commit(up_to)
             self._drive(node)
 
     def _apply(self, node: SimNode, entries: list[Entry]) -> None:

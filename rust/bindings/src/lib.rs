@@ -10,6 +10,8 @@ mod log;
 mod quorum;
 mod sessions;
 mod snapshot;
+#[cfg(unix)]
+mod syncer;
 
 #[pyo3::pymodule]
 mod _core {
@@ -24,6 +26,8 @@ mod _core {
         crate::quorum::register(m)?;
         crate::sessions::register(m)?;
         crate::snapshot::register(m)?;
+        #[cfg(unix)]
+        crate::syncer::register(m)?;
         Ok(())
     }
 }

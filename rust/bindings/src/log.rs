@@ -99,6 +99,13 @@ pub struct LogStoreBase {
     inner: Arc<dyn LogStore>,
 }
 
+impl LogStoreBase {
+    /// The engine itself, for Rust code that works on it off the GIL.
+    pub(crate) fn store(&self) -> Arc<dyn LogStore> {
+        Arc::clone(&self.inner)
+    }
+}
+
 #[pymethods]
 impl LogStoreBase {
     fn first_index(&self) -> PyResult<u64> {
