@@ -39,8 +39,10 @@ __all__ = [
     "decode_entries",
     "encode_entries",
     "encode_kv_command",
+    "encode_kv_write_answers",
     "entries_from_payloads",
     "parse_kv_command",
+    "parse_kv_session_writes",
     "split_snapshot_chunk",
 ]
 
@@ -253,6 +255,8 @@ class SnapshotAssembler:
 _Record = tuple[bytes, int, int, int]  # value, create_revision, mod_revision, version
 _Event = tuple[bytes, _Record | None, _Record | None, int]  # key, after a put, before, revision
 
+def parse_kv_session_writes(request: bytes) -> tuple[bytes, list[tuple[int, int]], list[bytes]] | None: ...
+def encode_kv_write_answers(ops: bytes, answers: list[bytes | str]) -> bytes | None: ...
 def parse_kv_command(data: bytes) -> tuple[int, bytes, bytes | None, bytes]: ...
 def encode_kv_command(op: int, key: bytes, expected: bytes | None, value: bytes) -> bytes: ...
 

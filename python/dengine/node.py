@@ -36,6 +36,7 @@ from dengine.kv import KVStateMachine
 from dengine.log_sync import LogSyncer
 from dengine.members import MembershipManager
 from dengine.metrics import MetricsServer, NodeMetrics, serve_metrics
+from dengine.proposals import Proposal, Waiter, WriteGroup
 from dengine.raft import Raft, ReadState, Role, SnapshotInfo, SoftState
 from dengine.raft import payload as envelope
 from dengine.raft.membership import ConfOp
@@ -106,18 +107,6 @@ _SESSION_HEAD = envelope.SESSION_HEADER
 _SESSION_KIND = envelope.SESSION_KIND
 
 
-class _Proposal:
-    """A write someone on this node waits for. Its payload is proposed again when a new leader
-    appears, since the old one may have lost it (the session makes a second copy harmless)."""
-
-    __slots__ = ("futures", "payload", "started")
-
-    def __init__(self, payload: bytes, started: float, fut: asyncio.Future[bytes]) -> None:
-        self.payload = payload
-        self.started = started  # time.monotonic() of the first proposal, for the latency metric
-        self.futures = [fut]
-
-
 class Node:
     """One dengine node, embedded in an asyncio program::
 
@@ -159,7 +148,7 @@ class Node:
         self._pending: list[bytes] = []
         self._flush_scheduled = False
         # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
-        self._waiters: dict[tuple[int, int], _Proposal] = {}
+        self._waiters: dict[tuple[int, int], Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
         # (last index, time proposed, count) of batches proposed here as leader, oldest first:
         # what the propose-to-commit histogram measures.
@@ -481,13 +470,29 @@ class Node:
         self._enqueue((client_id, sequence), wrapped, fut)
         return fut
 
-    def _enqueue(self, key: tuple[int, int], payload: bytes, fut: asyncio.Future[bytes]) -> None:
-        """Records ``fut`` as waiting for ``key`` and queues ``payload`` for the next append."""
+    def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:
+        """Proposes session writes together, ``keys[i]`` being ``(client id, sequence)`` of the
+        session envelope ``payloads[i]`` already wraps; the group's future gives one answer per
+        write. A caller that gives up calls :meth:`forget_group`."""
+        if not self._running:
+            raise DengineError("the node is not running")
+        group = WriteGroup(len(keys))
+        for key, payload, slot in zip(keys, payloads, group.slots, strict=True):
+            self._enqueue(key, payload, slot)
+        return group
+
+    def forget_group(self, keys: list[tuple[int, int]], group: WriteGroup) -> None:
+        """Nobody waits for ``group`` any more (see :meth:`_forget`)."""
+        for key, slot in zip(keys, group.slots, strict=True):
+            self._forget(slot, key)
+
+    def _enqueue(self, key: tuple[int, int], payload: bytes, waiter: Waiter) -> None:
+        """Records ``waiter`` as waiting for ``key`` and queues ``payload`` for the next append."""
         proposal = self._waiters.get(key)
         if proposal is None:
-            self._waiters[key] = _Proposal(payload, time.monotonic(), fut)
+            self._waiters[key] = Proposal(payload, time.monotonic(), waiter)
         else:  # the same write again, say a client's retry: one answer serves every waiter
-            proposal.futures.append(fut)
+            proposal.futures.append(waiter)
         self._pending.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -498,7 +503,7 @@ class Node:
             else:
                 loop.call_soon(self._flush)
 
-    def _forget(self, fut: asyncio.Future[bytes], key: tuple[int, int]) -> None:
+    def _forget(self, fut: Waiter, key: tuple[int, int]) -> None:
         """A waiter gave up: once nobody waits on its proposal, the bookkeeping goes (the entry
         is no longer proposed again after a leader change)."""
         proposal = self._waiters.get(key)

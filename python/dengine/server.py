@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.cluster_service import leader_details
 from dengine.config import Config
 from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
@@ -184,11 +186,32 @@ def _prepare(op: kv_pb2.Operation) -> _Write:
     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty operation")
 
 
-def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError) -> None:
+def _error_text(exc: RequestError | DengineError) -> str:
+    """How a failed operation of a batch is answered: ``CODE: details``."""
     if isinstance(exc, RequestError):
-        slot.error = f"{exc.code.name}: {exc.details}"
-    else:
-        slot.error = f"UNAVAILABLE: {exc}"
+        return f"{exc.code.name}: {exc.details}"
+    return f"UNAVAILABLE: {exc}"
+
+
+def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError) -> None:
+    slot.error = _error_text(exc)
+
+
+_OP_KINDS = {1: "put", 2: "delete", 3: "cas"}  # by the command op codes of dengine.kv
+_FILLS: dict[str, Callable[[Any, bytes], None]] = {"put": _fill_put, "delete": _fill_delete, "cas": _fill_cas}
+
+
+def _answers_message(ops: bytes, answers: list[bytes | str]) -> kv_pb2.BatchResponse:
+    """The response for writes answered with results the Rust encoder left to this one."""
+    response = kv_pb2.BatchResponse()
+    for op, answer in zip(ops, answers, strict=True):
+        slot = response.results.add()
+        if isinstance(answer, str):
+            slot.error = answer
+        else:
+            kind = _OP_KINDS[op]
+            _FILLS[kind](getattr(slot, kind), answer)
+    return response
 
 
 class KVService(kv_pb2_grpc.KVServicer):
@@ -358,7 +381,48 @@ class KVService(kv_pb2_grpc.KVServicer):
             if kv is not None:
                 _fill_kv(answer.kv, kv)
 
-    async def Batch(self, request: kv_pb2.BatchRequest, context: Any) -> kv_pb2.BatchResponse:
+    async def Batch(self, request: bytes, context: Any) -> bytes:
+        """Takes and answers raw bytes (see :func:`add_kv_service`). A batch of session writes,
+        what a client under load sends, goes from request bytes to log payloads and from results
+        to response bytes in Rust, with one waiter for the whole batch; any other batch goes
+        through the protobuf messages. Both paths answer alike (``tests/test_kv_batch_wire.py``)."""
+        writes = parse_kv_session_writes(request)
+        if writes is None or len(writes[1]) > MAX_BATCH:
+            try:
+                message = kv_pb2.BatchRequest.FromString(request)
+            except DecodeError:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed BatchRequest")
+                raise AssertionError("unreachable") from None
+            return (await self._batch(message, context)).SerializeToString()
+        ops, keys, payloads = writes
+        answers = await self._group_answers(keys, payloads)
+        encoded = encode_kv_write_answers(ops, answers)
+        return encoded if encoded is not None else _answers_message(ops, answers).SerializeToString()
+
+    async def _group_answers(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> list[bytes | str]:
+        try:
+            self._check_leader()
+            group = self.node.submit_group(keys, payloads)
+        except (RequestError, DengineError) as exc:
+            return [_error_text(exc)] * len(keys)
+        try:
+            settled = await group.future
+        except BaseException:
+            self.node.forget_group(keys, group)
+            raise
+        answers: list[bytes | str] = []
+        for a in settled:
+            if isinstance(a, bytes):
+                answers.append(a)
+                continue
+            assert a is not None, "the group completes once every write is answered"
+            failure = self._write_error(a)
+            if not isinstance(failure, (RequestError, DengineError)):
+                raise failure
+            answers.append(_error_text(failure))
+        return answers
+
+    async def _batch(self, request: kv_pb2.BatchRequest, context: Any) -> kv_pb2.BatchResponse:
         if len(request.ops) > MAX_BATCH:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch holds at most {MAX_BATCH} operations"
@@ -444,9 +508,32 @@ def _event(e: Any) -> kv_pb2.WatchEvent:
     return kv_pb2.WatchEvent(type=kind, kv=_kv(e.kv), prev=_kv(e.prev), revision=e.revision)
 
 
+def add_kv_service(server: grpc.aio.Server, service: KVService) -> None:
+    """Serves ``service`` as ``dengine.v1.KV``. Unlike the generated ``add_KVServicer_to_server``,
+    Batch takes and returns raw bytes, so that its fast path never builds the messages."""
+    descriptor = kv_pb2.DESCRIPTOR.services_by_name["KV"]
+    handlers = {}
+    for method in descriptor.methods:
+        raw = method.name == "Batch"
+        request = getattr(kv_pb2, method.input_type.name)
+        response = getattr(kv_pb2, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=None if raw else request.FromString,
+            response_serializer=None if raw else response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
 def kv_services(sm: KVStateMachine) -> Callable[[grpc.aio.Server, Node], None]:
     def add(server: grpc.aio.Server, node: Node) -> None:
-        kv_pb2_grpc.add_KVServicer_to_server(KVService(node, sm), server)  # type: ignore[no-untyped-call]
+        add_kv_service(server, KVService(node, sm))
 
     return add
 

@@ -11,7 +11,7 @@ use dengine_core::kv::store::IndexNotAfter;
 use dengine_core::kv::{Command, Event, KvStore, Record, SnapshotPieces, SnapshotReader};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use crate::errors::KVCommandError;
 use crate::gil;
@@ -23,6 +23,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvSnapshotReader>()?;
     m.add_function(wrap_pyfunction!(parse_kv_command, m)?)?;
     m.add_function(wrap_pyfunction!(encode_kv_command, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_kv_session_writes, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_kv_write_answers, m)?)?;
     Ok(())
 }
 
@@ -263,4 +265,39 @@ impl PyKvSnapshotReader {
         };
         gil::detach(py, || inner.feed(data))
     }
+}
+
+/// The writes of a serialized `BatchRequest` as `(op codes, [(client id, sequence)], [payload])`
+/// when it holds only session writes in canonical form, else None (see `dengine_core::kv::wire`).
+#[pyfunction]
+fn parse_kv_session_writes<'py>(py: Python<'py>, request: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let Some(writes) = dengine_core::kv::wire::parse_session_writes(request) else {
+        return Ok(None);
+    };
+    let ops: Vec<u8> = writes.iter().map(|w| w.op).collect();
+    let keys = PyList::new(py, writes.iter().map(|w| (w.client, w.sequence)))?;
+    let payloads = PyList::new(py, writes.iter().map(|w| PyBytes::new(py, &w.payload)))?;
+    Ok(Some((PyBytes::new(py, &ops), keys, payloads).into_pyobject(py)?))
+}
+
+/// A serialized `BatchResponse` answering write `i` (op code `ops[i]`) with `answers[i]`: result
+/// bytes, or an error string `CODE: details`. None when a result is not a plain one.
+#[pyfunction]
+fn encode_kv_write_answers<'py>(
+    py: Python<'py>,
+    ops: &[u8],
+    answers: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    use dengine_core::kv::wire::{encode_write_answers, Answer};
+    if ops.len() != answers.len() {
+        return Err(PyValueError::new_err("one answer per write"));
+    }
+    let mut items = Vec::with_capacity(answers.len());
+    for (op, a) in ops.iter().zip(&answers) {
+        items.push(match a.cast::<PyString>() {
+            Ok(text) => Answer::Error(text.to_str()?),
+            Err(_) => Answer::Result(*op, a.cast::<PyBytes>()?.as_bytes()),
+        });
+    }
+    Ok(encode_write_answers(&items).map(|out| PyBytes::new(py, &out)))
 }

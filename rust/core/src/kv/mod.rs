@@ -9,6 +9,7 @@
 //!   history of watch events.
 //! - [`snapshot`]: writing a frozen store as snapshot bytes, and validating snapshot bytes back
 //!   into a store.
+//! - [`wire`]: the `Batch` RPC's request and response bytes, for the leader's fast path.
 //!
 //! The map is a persistent B-tree (`imbl::OrdMap`): freezing it for a snapshot is a clone that
 //! shares every node, and the first later change to a node copies just that node. A snapshot is
@@ -17,6 +18,7 @@
 pub mod command;
 pub mod snapshot;
 pub mod store;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;

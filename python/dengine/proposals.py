@@ -1,0 +1,78 @@
+"""What the node keeps for writes someone waits for, and the two kinds of waiter.
+
+A caller of ``Node.propose`` waits on an asyncio future. The KV service's batch of writes waits
+as one :class:`WriteGroup`: each write answers into its slot, and one future completes when the
+last does, so a batch of a hundred writes costs one future and one wake-up, not a hundred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+__all__ = ["GroupSlot", "Proposal", "Waiter", "WriteGroup"]
+
+
+class Waiter(Protocol):
+    """The part of an asyncio future the node uses to answer a write."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: bytes, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class Proposal:
+    """A write someone on this node waits for. Its payload is proposed again when a new leader
+    appears, since the old one may have lost it (the session makes a second copy harmless)."""
+
+    __slots__ = ("futures", "payload", "started")
+
+    def __init__(self, payload: bytes, started: float, waiter: Waiter) -> None:
+        self.payload = payload
+        self.started = started  # time.monotonic() of the first proposal, for the latency metric
+        self.futures = [waiter]
+
+
+class WriteGroup:
+    """Writes proposed together whose answers are wanted together: ``future`` completes with one
+    answer per write, in order, each the result bytes or the exception the write failed with."""
+
+    __slots__ = ("answers", "future", "remaining", "slots")
+
+    def __init__(self, size: int) -> None:
+        self.answers: list[bytes | BaseException | None] = [None] * size
+        self.remaining = size
+        self.future: asyncio.Future[list[bytes | BaseException | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.slots = [GroupSlot(self, i) for i in range(size)]
+
+    def settle(self, position: int, answer: bytes | BaseException) -> None:
+        if self.answers[position] is not None:
+            return
+        self.answers[position] = answer
+        self.remaining -= 1
+        if not self.remaining and not self.future.done():
+            self.future.set_result(self.answers)
+
+
+class GroupSlot:
+    """One write's place in a :class:`WriteGroup`, standing where a future stands for a caller
+    of ``propose``."""
+
+    __slots__ = ("group", "position")
+
+    def __init__(self, group: WriteGroup, position: int) -> None:
+        self.group = group
+        self.position = position
+
+    def done(self) -> bool:
+        return self.group.answers[self.position] is not None
+
+    def set_result(self, result: bytes, /) -> None:
+        self.group.settle(self.position, result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.group.settle(self.position, exception)

@@ -1,0 +1,281 @@
+"""The KV service's Batch fast path (Rust, ``dengine_core::kv::wire``) against the general path
+(the protobuf messages and ``dengine.server``'s per-operation code): whatever the fast path takes,
+it proposes the same payloads and answers the same response; whatever it cannot vouch for, it
+leaves to the general path. Plus the raw Batch handler end to end on a real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dengine._core import encode_kv_write_answers, parse_kv_session_writes
+from dengine.kv import KVStateMachine, encode_cas, encode_delete, encode_put
+from dengine.raft import payload as envelope
+from dengine.server import _answers_message
+from dengine.v1 import kv_pb2
+
+from cluster_procs import ProcCluster, running_cluster
+
+OPS = {"put": 1, "delete": 2, "cas": 3}
+
+
+def session(rng: random.Random) -> kv_pb2.Session:
+    seq = rng.choice([1, 2, 7, 1 << 40, (1 << 64) - 1])
+    return kv_pb2.Session(
+        client_id=rng.choice([1, 99, (1 << 62) + 5, (1 << 64) - 1]),
+        sequence=seq,
+        first_outstanding=rng.choice([0, 1, seq, seq + 5 if seq < (1 << 63) else seq]),
+    )
+
+
+def random_write(rng: random.Random) -> kv_pb2.Operation:
+    key = bytes(rng.randrange(256) for _ in range(rng.choice([1, 5, 22, 23, 300])))
+    value = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 256, 1000])))
+    kind = rng.choice(list(OPS))
+    if kind == "put":
+        return kv_pb2.Operation(put=kv_pb2.PutRequest(key=key, value=value, session=session(rng)))
+    if kind == "delete":
+        return kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=key, session=session(rng)))
+    has = rng.random() < 0.5
+    expected = value[:3] if has and rng.random() < 0.5 else b""
+    cas = kv_pb2.CompareAndSwapRequest(
+        key=key, has_expected=has, expected=expected, value=value, session=session(rng)
+    )
+    return kv_pb2.Operation(cas=cas)
+
+
+def expected_payloads(request: kv_pb2.BatchRequest) -> tuple[bytes, list[tuple[int, int]], list[bytes]]:
+    """What the general path proposes for each write (``KVService._prepare`` then
+    ``Node.submit_session``)."""
+    ops, keys, payloads = bytearray(), [], []
+    for op in request.ops:
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        r = getattr(op, kind)
+        if kind == "put":
+            command = encode_put(r.key, r.value)
+        elif kind == "delete":
+            command = encode_delete(r.key)
+        else:
+            command = encode_cas(r.key, r.expected if r.has_expected else None, r.value)
+        s = r.session
+        ops.append(OPS[kind])
+        keys.append((s.client_id, s.sequence))
+        fo = min(s.first_outstanding, s.sequence)
+        payloads.append(envelope.session_command(s.client_id, s.sequence, command, fo))
+    return bytes(ops), keys, payloads
+
+
+def test_canonical_batches_of_session_writes_become_the_general_paths_payloads() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        request = kv_pb2.BatchRequest(ops=[random_write(rng) for _ in range(rng.randint(1, 20))])
+        got = parse_kv_session_writes(request.SerializeToString())
+        assert got is not None
+        assert got == expected_payloads(request)
+
+
+def _one_put(**fields: object) -> kv_pb2.BatchRequest:
+    put = kv_pb2.PutRequest(key=b"k", value=b"v", session=kv_pb2.Session(client_id=1, sequence=1))
+    for name, value in fields.items():
+        if value is None:
+            put.ClearField(name)
+        else:
+            setattr(put, name, value)
+    return kv_pb2.BatchRequest(ops=[kv_pb2.Operation(put=put)])
+
+
+def _raw(request: kv_pb2.BatchRequest) -> bytes:
+    return request.SerializeToString()
+
+
+VALID = _raw(_one_put())
+
+
+@pytest.mark.parametrize(
+    "request_bytes, why",
+    [
+        (b"", "an empty batch"),
+        (_raw(kv_pb2.BatchRequest(ops=[kv_pb2.Operation(get=kv_pb2.GetRequest(key=b"k"))])), "a get"),
+        (
+            _raw(
+                kv_pb2.BatchRequest(
+                    ops=[_one_put().ops[0], kv_pb2.Operation(get=kv_pb2.GetRequest(key=b"k"))]
+                )
+            ),
+            "writes mixed with a get",
+        ),
+        (_raw(_one_put(session=None)), "a write without a session"),
+        (_raw(_one_put(key=b"")), "an empty key"),
+        (_raw(_one_put(key=b"k" * (64 * 1024 + 1))), "a key over the limit"),
+        (_raw(kv_pb2.BatchRequest(ops=[kv_pb2.Operation()])), "an empty operation"),
+        (VALID[:-1], "a truncated request"),
+        (VALID + b"\x10\x01", "an unknown top-level field"),
+        (VALID + VALID[:0] + b"\x0a\x00", "an empty operation after a valid one"),
+        (
+            _raw(
+                kv_pb2.BatchRequest(
+                    ops=[
+                        kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"k", session=kv_pb2.Session(client_id=1)))
+                    ]
+                )
+            ),
+            "sequence 0",
+        ),
+        (
+            _raw(
+                kv_pb2.BatchRequest(
+                    ops=[
+                        kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"k", session=kv_pb2.Session(sequence=1)))
+                    ]
+                )
+            ),
+            "client id 0",
+        ),
+    ],
+)
+def test_anything_else_is_left_to_the_general_path(request_bytes: bytes, why: str) -> None:
+    assert parse_kv_session_writes(request_bytes) is None, why
+
+
+def test_a_field_given_twice_is_left_to_the_general_path() -> None:
+    # The protobuf library merges or overrides repeated fields; the fast path does not guess.
+    op = _one_put().ops[0].SerializeToString()  # b"\x0a" + len + PutRequest
+    put = _one_put().ops[0].put.SerializeToString()
+    twice_key = b"\x0a\x01x" + put
+    patched = b"\x0a" + bytes([len(twice_key)]) + twice_key
+    assert kv_pb2.Operation.FromString(patched).put.key == b"k", "the library keeps the last key"
+    assert parse_kv_session_writes(b"\x0a" + bytes([len(op)]) + op) is not None
+    assert parse_kv_session_writes(b"\x0a" + bytes([len(patched)]) + patched) is None
+
+
+def test_random_damage_never_passes_as_a_different_batch() -> None:
+    """Every damaged request the fast path still takes must mean, to the protobuf library, the
+    very writes the fast path read from it."""
+    rng = random.Random(11)
+    taken = 0
+    for _ in range(3000):
+        request = kv_pb2.BatchRequest(ops=[random_write(rng) for _ in range(rng.randint(1, 4))])
+        data = bytearray(request.SerializeToString())
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(data))
+            data[i] = rng.randrange(256) if rng.random() < 0.7 else data[i] ^ (1 << rng.randrange(8))
+        got = parse_kv_session_writes(bytes(data))
+        if got is None:
+            continue
+        taken += 1
+        assert got == expected_payloads(kv_pb2.BatchRequest.FromString(bytes(data)))
+    assert taken > 0, "no damaged request was still canonical: the check above checked nothing"
+
+
+def results_of_real_writes(rng: random.Random) -> tuple[bytes, list[bytes | str]]:
+    """Write results as the built-in store returns them: puts with and without a previous value,
+    deletes of present and missing keys, swaps that succeed and fail; and error answers."""
+    sm = KVStateMachine()
+    ops, answers = bytearray(), list[bytes | str]()
+    for i in range(200):
+        key = b"k%d" % rng.randrange(8)
+        value = b"v" * rng.choice([0, 1, 300])
+        kind = rng.choice(["put", "delete", "cas", "error"])
+        if kind == "error":
+            ops.append(rng.choice(list(OPS.values())))
+            answers.append(
+                rng.choice(["UNAVAILABLE: the node stopped", "FAILED_PRECONDITION: not leader; leader=2@h:1"])
+            )
+            continue
+        if kind == "put":
+            command = encode_put(key, value)
+        elif kind == "delete":
+            command = encode_delete(key)
+        else:
+            command = encode_cas(key, rng.choice([None, b"", b"v", value]), value)
+        ops.append(OPS[kind])
+        answers.append(sm.apply(i + 1, command))
+    return bytes(ops), answers
+
+
+def test_answers_encode_to_the_general_paths_response() -> None:
+    rng = random.Random(3)
+    for _ in range(20):
+        ops, answers = results_of_real_writes(rng)
+        encoded = encode_kv_write_answers(ops, answers)
+        assert encoded is not None
+        expected = _answers_message(ops, answers)
+        got = kv_pb2.BatchResponse.FromString(encoded)
+        assert got == expected
+        assert [r.WhichOneof("result") for r in got.results] == [
+            r.WhichOneof("result") for r in expected.results
+        ]
+
+
+def test_a_result_that_is_not_plain_is_left_to_the_general_path() -> None:
+    sm = KVStateMachine()
+    error_result = sm.apply(1, b"\x01\x09")  # an unknown op: the store answers an error result
+    assert encode_kv_write_answers(b"\x01", [error_result]) is None
+    assert encode_kv_write_answers(b"\x02", [b"not a result"]) is None
+    with pytest.raises(ValueError, match="one answer per write"):
+        encode_kv_write_answers(b"\x01\x01", [error_result])
+
+
+# --- the raw Batch handler on a real cluster --------------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
+    with running_cluster(tmp_path) as c:
+        yield c
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
+def test_the_batch_rpc_answers_both_paths_and_refuses_malformed_bytes(cluster: ProcCluster) -> None:
+    async def main() -> None:
+        leader = cluster.wait_leader()
+        async with grpc.aio.insecure_channel(cluster.address(leader)) as channel:
+            raw = channel.unary_unary("/dengine.v1.KV/Batch")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await raw(b"\x0a\xff\xff\xff", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            fast = kv_pb2.BatchRequest(
+                ops=[
+                    kv_pb2.Operation(
+                        put=kv_pb2.PutRequest(
+                            key=b"a", value=b"1", session=kv_pb2.Session(client_id=5, sequence=1)
+                        )
+                    ),
+                    kv_pb2.Operation(
+                        cas=kv_pb2.CompareAndSwapRequest(
+                            key=b"a",
+                            has_expected=True,
+                            expected=b"0",
+                            value=b"2",
+                            session=kv_pb2.Session(client_id=5, sequence=2),
+                        )
+                    ),
+                ]
+            ).SerializeToString()
+            assert parse_kv_session_writes(fast) is not None
+            first = kv_pb2.BatchResponse.FromString(await raw(fast, timeout=5))
+            assert [r.WhichOneof("result") for r in first.results] == ["put", "cas"]
+            assert not first.results[1].cas.succeeded and first.results[1].cas.current.value == b"1"
+            again = kv_pb2.BatchResponse.FromString(await raw(fast, timeout=5))
+            assert again == first, "a retried batch is answered from the session table, applied once"
+            general = kv_pb2.BatchRequest(
+                ops=[
+                    kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"b", value=b"x")),  # no session
+                    kv_pb2.Operation(get=kv_pb2.GetRequest(key=b"a")),
+                    kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"", value=b"x")),
+                ]
+            ).SerializeToString()
+            assert parse_kv_session_writes(general) is None
+            mixed = kv_pb2.BatchResponse.FromString(await raw(general, timeout=5))
+            assert mixed.results[0].put.revision > first.results[0].put.revision
+            assert mixed.results[1].get.found and mixed.results[1].get.kv.value == b"1"
+            assert mixed.results[2].error.startswith("INVALID_ARGUMENT: key must be 1 to")
+
+    asyncio.run(main())
