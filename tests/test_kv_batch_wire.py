@@ -14,7 +14,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dengine._core import encode_kv_write_answers, parse_kv_session_writes
+from dengine._core import (
+    decode_kv_batch_response,
+    encode_kv_get_operation,
+    encode_kv_write_answers,
+    encode_kv_write_operation,
+    join_kv_operations,
+    parse_kv_session_writes,
+)
+from dengine.client import _answer_of
 from dengine.kv import KVStateMachine, encode_cas, encode_delete, encode_put
 from dengine.raft import payload as envelope
 from dengine.server import _answers_message
@@ -221,6 +229,103 @@ def test_a_result_that_is_not_plain_is_left_to_the_general_path() -> None:
     assert encode_kv_write_answers(b"\x02", [b"not a result"]) is None
     with pytest.raises(ValueError, match="one answer per write"):
         encode_kv_write_answers(b"\x01\x01", [error_result])
+
+
+# --- the client's side ------------------------------------------------------------------------
+
+
+def test_the_clients_operation_bytes_mean_what_the_protobuf_library_builds() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        op = random_write(rng) if rng.random() < 0.8 else None
+        if op is None:
+            get = kv_pb2.GetRequest(
+                key=b"k%d" % rng.randrange(100),
+                consistency=rng.choice([kv_pb2.LINEARIZABLE, kv_pb2.LEASE, kv_pb2.STALE]),
+            )
+            built = encode_kv_get_operation(get.key, get.consistency)
+            assert kv_pb2.Operation.FromString(built) == kv_pb2.Operation(get=get)
+            continue
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        r = getattr(op, kind)
+        s = r.session
+        expected = (r.expected if r.has_expected else None) if kind == "cas" else None
+        value = b"" if kind == "delete" else r.value
+        built = encode_kv_write_operation(
+            OPS[kind], r.key, value, expected, (s.client_id, s.sequence, s.first_outstanding)
+        )
+        assert kv_pb2.Operation.FromString(built) == op
+    ops = [encode_kv_get_operation(b"a", 0), encode_kv_get_operation(b"b", 2)]
+    assert kv_pb2.BatchRequest.FromString(join_kv_operations(ops)) == kv_pb2.BatchRequest(
+        ops=[kv_pb2.Operation.FromString(o) for o in ops]
+    )
+
+
+def random_response(rng: random.Random) -> kv_pb2.BatchResponse:
+    def kv() -> kv_pb2.KeyValue:
+        return kv_pb2.KeyValue(
+            key=rng.choice([b"", b"k", b"key" * 9]),
+            value=rng.choice([b"", b"v" * 300]),
+            create_revision=rng.choice([0, 1, 1 << 40]),
+            mod_revision=rng.choice([0, 5]),
+            version=rng.choice([0, 3]),
+        )
+
+    response = kv_pb2.BatchResponse()
+    for _ in range(rng.randint(0, 12)):
+        slot = response.results.add()
+        kind = rng.choice(["put", "get", "delete", "cas", "error"])
+        rev = rng.choice([0, 1, (1 << 64) - 1])
+        with_kv = rng.random() < 0.5
+        if kind == "error":
+            slot.error = rng.choice(["", "UNAVAILABLE: x", "FAILED_PRECONDITION: not leader; leader=2@h:1 é"])
+        elif kind == "put":
+            slot.put.revision = rev
+            if with_kv:
+                slot.put.prev.CopyFrom(kv())
+        elif kind == "get":
+            slot.get.found = rng.random() < 0.5
+            slot.get.revision = rev
+            if with_kv:
+                slot.get.kv.CopyFrom(kv())
+        elif kind == "delete":
+            slot.delete.deleted = rng.random() < 0.5
+            slot.delete.revision = rev
+            if with_kv:
+                slot.delete.prev.CopyFrom(kv())
+        else:
+            slot.cas.succeeded = rng.random() < 0.5
+            slot.cas.revision = rev
+            if with_kv:
+                slot.cas.current.CopyFrom(kv())
+    return response
+
+
+def test_the_client_reads_answers_as_the_protobuf_library_does() -> None:
+    rng = random.Random(9)
+    for _ in range(500):
+        response = random_response(rng)
+        got = decode_kv_batch_response(response.SerializeToString())
+        assert got == [_answer_of(r) for r in response.results]
+
+
+def test_a_damaged_answer_is_read_as_the_protobuf_library_reads_it_or_left_to_it() -> None:
+    rng = random.Random(13)
+    taken = 0
+    for _ in range(3000):
+        data = bytearray(random_response(rng).SerializeToString())
+        if not data:
+            continue
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        got = decode_kv_batch_response(bytes(data))
+        if got is None:
+            continue
+        taken += 1
+        parsed = kv_pb2.BatchResponse.FromString(bytes(data))
+        assert got == [_answer_of(r) for r in parsed.results]
+    assert taken > 0
 
 
 # --- the raw Batch handler on a real cluster --------------------------------------------------

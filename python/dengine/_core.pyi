@@ -37,10 +37,14 @@ __all__ = [
     "__version__",
     "crc32c",
     "decode_entries",
+    "decode_kv_batch_response",
     "encode_entries",
     "encode_kv_command",
+    "encode_kv_get_operation",
     "encode_kv_write_answers",
+    "encode_kv_write_operation",
     "entries_from_payloads",
+    "join_kv_operations",
     "parse_kv_command",
     "parse_kv_session_writes",
     "split_snapshot_chunk",
@@ -255,6 +259,14 @@ class SnapshotAssembler:
 _Record = tuple[bytes, int, int, int]  # value, create_revision, mod_revision, version
 _Event = tuple[bytes, _Record | None, _Record | None, int]  # key, after a put, before, revision
 
+def encode_kv_write_operation(
+    op: int, key: bytes, value: bytes, expected: bytes | None, session: tuple[int, int, int]
+) -> bytes: ...
+def encode_kv_get_operation(key: bytes, consistency: int) -> bytes: ...
+def join_kv_operations(operations: list[bytes]) -> bytes: ...
+def decode_kv_batch_response(
+    response: bytes,
+) -> list[tuple[int, bool, int, tuple[bytes, bytes, int, int, int] | None] | str] | None: ...
 def parse_kv_session_writes(request: bytes) -> tuple[bytes, list[tuple[int, int]], list[bytes]] | None: ...
 def encode_kv_write_answers(ops: bytes, answers: list[bytes | str]) -> bytes | None: ...
 def parse_kv_command(data: bytes) -> tuple[int, bytes, bytes | None, bytes]: ...

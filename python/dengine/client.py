@@ -25,7 +25,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from dengine._core import (
+    decode_kv_batch_response,
+    encode_kv_get_operation,
+    encode_kv_write_operation,
+    join_kv_operations,
+)
 from dengine.errors import (
     CompareFailed,
     DeadlineExceeded,
@@ -93,10 +100,56 @@ def _kv(m: kv_pb2.KeyValue | None) -> KeyValue | None:
     return new_key_value(m.key, m.value, m.create_revision, m.mod_revision, m.version)
 
 
+# A batch's operations travel as bytes built and read by Rust (dengine_core::kv::wire): a write's
+# answer is (op code, flag, revision, key-value fields or None), the flag being found, deleted or
+# succeeded (False for a put), the key-value the previous, current or read one; or "CODE: details".
+_PUT, _DELETE, _CAS, _GET = 1, 2, 3, 4
+KVFields = tuple[bytes, bytes, int, int, int]
+Answer = tuple[int, bool, int, KVFields | None]
+_RESULT_OPS = {"put": _PUT, "delete": _DELETE, "cas": _CAS, "get": _GET}
+
+
+def _kv_of(fields: KVFields | None) -> KeyValue | None:
+    if fields is None or not fields[0]:
+        return None
+    return new_key_value(*fields)
+
+
+def _fields(m: kv_pb2.KeyValue) -> KVFields:
+    return (m.key, m.value, m.create_revision, m.mod_revision, m.version)
+
+
+def _answer_of(r: kv_pb2.OperationResult) -> Answer | str:
+    """An answer read by the protobuf library, as the Rust reader gives it: for responses that
+    are not in the canonical form the Rust reader takes."""
+    kind = r.WhichOneof("result")
+    if kind is None:
+        return "INTERNAL: the server sent an empty result"
+    if kind == "error":
+        return r.error
+    if kind == "put":
+        return (_PUT, False, r.put.revision, _fields(r.put.prev) if r.put.HasField("prev") else None)
+    if kind == "get":
+        return (_GET, r.get.found, r.get.revision, _fields(r.get.kv) if r.get.HasField("kv") else None)
+    if kind == "delete":
+        m = r.delete
+        return (_DELETE, m.deleted, m.revision, _fields(m.prev) if m.HasField("prev") else None)
+    c = r.cas
+    return (_CAS, c.succeeded, c.revision, _fields(c.current) if c.HasField("current") else None)
+
+
+def _read_answers(raw: bytes) -> list[Answer | str]:
+    answers = decode_kv_batch_response(raw)
+    if answers is not None:
+        return answers
+    return [_answer_of(r) for r in kv_pb2.BatchResponse.FromString(raw).results]
+
+
 @dataclass(slots=True)
 class _Pending:
-    op: kv_pb2.Operation
-    future: asyncio.Future[kv_pb2.OperationResult]
+    op: bytes  # the Operation message, serialized
+    kind: int  # _PUT, _DELETE, _CAS or _GET: the answer it expects
+    future: asyncio.Future[Answer]
     deadline: float
     sequence: int  # the write's session sequence; 0 for a read
     attempts: int = 0
@@ -166,6 +219,7 @@ class Client:
         self.watch_idle_timeout = watch_idle_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, kv_pb2_grpc.KVStub] = {}
+        self._batch_calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -187,6 +241,7 @@ class Client:
             await ch.close()
         self._channels.clear()
         self._stubs.clear()
+        self._batch_calls.clear()
 
     @property
     def leader(self) -> str | None:
@@ -195,28 +250,26 @@ class Client:
 
     # --- operations -------------------------------------------------------------------------------
 
-    def _open_session(self, session: kv_pb2.Session) -> int:
-        """Fills a write's session (in place: messages handed to a parent's constructor are
-        copied) with the next sequence, and returns it."""
+    def _open_session(self) -> tuple[int, int, int]:
+        """The session of the next write: (client id, its sequence, lowest sequence outstanding)."""
         self._seq = seq = self._seq + 1
         self._outstanding.add(seq)
         heap = self._outstanding_heap
         heapq.heappush(heap, seq)
         while heap[0] not in self._outstanding:
             heapq.heappop(heap)
-        session.client_id = self.client_id
-        session.sequence = seq
-        session.first_outstanding = heap[0]
-        return seq
+        return (self.client_id, seq, heap[0])
+
+    async def _write(
+        self, kind: int, key: bytes, value: bytes, expected: bytes | None, timeout: float | None
+    ) -> Answer:
+        session = self._open_session()
+        op = encode_kv_write_operation(kind, key, value, expected, session)
+        return await self._submit(op, kind, timeout, session[1])
 
     async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> PutResult:
-        op = kv_pb2.Operation()
-        request = op.put
-        request.key = key
-        request.value = value
-        seq = self._open_session(request.session)
-        r = (await self._submit(op, timeout, seq)).put
-        return PutResult(r.revision, _kv(r.prev) if r.HasField("prev") else None)
+        _, _, revision, prev = await self._write(_PUT, key, value, None, timeout)
+        return PutResult(revision, _kv_of(prev))
 
     async def get(
         self,
@@ -228,22 +281,19 @@ class Client:
     ) -> KeyValue | None:
         """The key's value and metadata, or ``None`` when it is absent (``strict``: raises
         :class:`~dengine.errors.NotFound` instead)."""
-        op = kv_pb2.Operation(get=kv_pb2.GetRequest(key=key, consistency=_CONSISTENCY[consistency]))
-        r = (await self._submit(op, timeout)).get
-        if not r.found and strict:
-            raise NotFound(key, r.revision)
-        return _kv(r.kv) if r.found else None
+        op = encode_kv_get_operation(key, _CONSISTENCY[consistency])
+        _, found, revision, kv = await self._submit(op, _GET, timeout)
+        if not found and strict:
+            raise NotFound(key, revision)
+        return _kv_of(kv) if found else None
 
     async def delete(self, key: bytes, *, strict: bool = False, timeout: float | None = None) -> DeleteResult:
         """Removes ``key``; ``deleted`` says whether it existed (``strict``: a missing key raises
         :class:`~dengine.errors.NotFound`)."""
-        op = kv_pb2.Operation()
-        op.delete.key = key
-        seq = self._open_session(op.delete.session)
-        r = (await self._submit(op, timeout, seq)).delete
-        if not r.deleted and strict:
-            raise NotFound(key, r.revision)
-        return DeleteResult(r.deleted, r.revision, _kv(r.prev) if r.HasField("prev") else None)
+        _, deleted, revision, prev = await self._write(_DELETE, key, b"", None, timeout)
+        if not deleted and strict:
+            raise NotFound(key, revision)
+        return DeleteResult(deleted, revision, _kv_of(prev))
 
     async def cas(
         self,
@@ -257,18 +307,11 @@ class Client:
         """Sets ``key`` to ``value`` if its value is ``expected`` (``None``: if it is absent).
         ``succeeded`` says whether it did (``strict``: a mismatch raises
         :class:`~dengine.errors.CompareFailed`, which carries the current value)."""
-        op = kv_pb2.Operation()
-        request = op.cas
-        request.key = key
-        request.has_expected = expected is not None
-        request.expected = expected or b""
-        request.value = value
-        seq = self._open_session(request.session)
-        r = (await self._submit(op, timeout, seq)).cas
-        current = _kv(r.current) if r.HasField("current") else None
-        if not r.succeeded and strict:
-            raise CompareFailed(key, current, r.revision)
-        return CasResult(r.succeeded, r.revision, current)
+        _, succeeded, revision, fields = await self._write(_CAS, key, value, expected, timeout)
+        current = _kv_of(fields)
+        if not succeeded and strict:
+            raise CompareFailed(key, current, revision)
+        return CasResult(succeeded, revision, current)
 
     async def range(
         self,
@@ -347,14 +390,12 @@ class Client:
 
     # --- coalescing and retries ---------------------------------------------------------------------
 
-    async def _submit(
-        self, op: kv_pb2.Operation, timeout: float | None, sequence: int = 0
-    ) -> kv_pb2.OperationResult:
+    async def _submit(self, op: bytes, kind: int, timeout: float | None, sequence: int = 0) -> Answer:
         if self._closed:
             raise DengineError("the client is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[kv_pb2.OperationResult] = loop.create_future()
-        self._enqueue(_Pending(op, future, time.monotonic() + (timeout or self.timeout), sequence))
+        future: asyncio.Future[Answer] = loop.create_future()
+        self._enqueue(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
         try:
             return await future
         finally:
@@ -392,10 +433,10 @@ class Client:
     async def _send_batch(self, batch: list[_Pending]) -> None:
         address = self._endpoints.pick()
         deadline = min(p.deadline for p in batch)
-        stub = self._stub(address)
+        call = self._batch_call(address)
         try:
-            response: kv_pb2.BatchResponse = await stub.Batch(
-                kv_pb2.BatchRequest(ops=[p.op for p in batch]),
+            raw = await call(
+                join_kv_operations([p.op for p in batch]),
                 timeout=max(0.05, min(self.attempt_timeout, deadline - time.monotonic())),
             )
         except grpc.aio.AioRpcError as exc:
@@ -403,15 +444,24 @@ class Client:
             for p in batch:
                 self._retry_or_fail(p, exc.code().name, exc.details() or "")
             return
-        for p, result in zip(batch, response.results, strict=True):
-            if result.WhichOneof("result") == "error":
-                code, _, message = result.error.partition(": ")
+        try:
+            answers = _read_answers(raw)
+        except DecodeError:
+            answers = []
+        if len(answers) != len(batch):
+            answers = ["INTERNAL: the server's answer to a batch does not match it"] * len(batch)
+        for p, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, str) or answer[0] != p.kind:
+                text = (
+                    answer if isinstance(answer, str) else "INTERNAL: the server answered another operation"
+                )
+                code, _, message = text.partition(": ")
                 self._on_failure(address, code, message)
                 self._retry_or_fail(p, code, message)
             elif not p.future.done():
-                if self._endpoints.leader is None and p.op.WhichOneof("op") != "get":
+                if self._endpoints.leader is None and p.kind != _GET:
                     self._endpoints.leader = address
-                p.future.set_result(result)
+                p.future.set_result(answer)
 
     def _on_failure(self, address: str, code: str, details: str) -> None:
         hint = _LEADER_HINT.search(details)
@@ -458,6 +508,13 @@ class Client:
                     raise Unavailable(f"no node could serve {method}: {code} {details}") from exc
             attempts += 1
             await asyncio.sleep(min(0.5, 0.01 * 2 ** min(attempts, 6)))
+
+    def _batch_call(self, address: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        """The Batch method taking and giving raw bytes (cached like the stubs)."""
+        call = self._batch_calls.get(address)
+        if call is None:
+            call = self._batch_calls[address] = self._channel(address).unary_unary("/dengine.v1.KV/Batch")
+        return call
 
     def _stub(self, address: str) -> kv_pb2_grpc.KVStub:
         # Cached: a stub registers every method of the service with the channel when built.

@@ -25,6 +25,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_kv_command, m)?)?;
     m.add_function(wrap_pyfunction!(parse_kv_session_writes, m)?)?;
     m.add_function(wrap_pyfunction!(encode_kv_write_answers, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_kv_write_operation, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_kv_get_operation, m)?)?;
+    m.add_function(wrap_pyfunction!(join_kv_operations, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_kv_batch_response, m)?)?;
     Ok(())
 }
 
@@ -300,4 +304,50 @@ fn encode_kv_write_answers<'py>(
         });
     }
     Ok(encode_write_answers(&items).map(|out| PyBytes::new(py, &out)))
+}
+
+/// The `Operation` bytes of a write with its session `(client id, sequence, first outstanding)`.
+#[pyfunction]
+fn encode_kv_write_operation<'py>(
+    py: Python<'py>,
+    op: u8,
+    key: &[u8],
+    value: &[u8],
+    expected: Option<&[u8]>,
+    session: (u64, u64, u64),
+) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &dengine_core::kv::wire::encode_write_operation(op, key, value, expected, session))
+}
+
+/// The `Operation` bytes of a get.
+#[pyfunction]
+fn encode_kv_get_operation<'py>(py: Python<'py>, key: &[u8], consistency: u64) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &dengine_core::kv::wire::encode_get_operation(key, consistency))
+}
+
+/// A `BatchRequest` carrying the given `Operation` bytes.
+#[pyfunction]
+fn join_kv_operations<'py>(py: Python<'py>, operations: Vec<Vec<u8>>) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &dengine_core::kv::wire::join_operations(operations.iter().map(Vec::as_slice)))
+}
+
+/// The results of a serialized `BatchResponse`: `(op code, flag, revision, key-value or None)`
+/// or an error string each; None when it is not in canonical form.
+#[pyfunction]
+fn decode_kv_batch_response<'py>(py: Python<'py>, response: &[u8]) -> PyResult<Option<Bound<'py, PyList>>> {
+    use dengine_core::kv::wire::{decode_batch_response, OperationResult};
+    let Some(results) = decode_batch_response(response) else {
+        return Ok(None);
+    };
+    let mut items = Vec::with_capacity(results.len());
+    for r in results {
+        items.push(match r {
+            OperationResult::Error(text) => PyString::new(py, text).into_any(),
+            OperationResult::Answer(op, flag, revision, kv) => {
+                let kv = kv.map(|(k, v, c, m, ver)| (PyBytes::new(py, k), PyBytes::new(py, v), c, m, ver));
+                (op, flag, revision, kv).into_pyobject(py)?.into_any()
+            }
+        });
+    }
+    Ok(Some(PyList::new(py, items)?))
 }

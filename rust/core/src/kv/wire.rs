@@ -393,6 +393,153 @@ pub fn encode_write_answers(answers: &[Answer<'_>]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+// --- the client's side ---------------------------------------------------------------------
+
+/// The `Operation` bytes of a write with its session, as a client sends it (`op`: `OP_PUT`,
+/// `OP_DELETE` or `OP_CAS`; `expected` only for a swap, `None` meaning "must be absent").
+pub fn encode_write_operation(
+    op: u8,
+    key: &[u8],
+    value: &[u8],
+    expected: Option<&[u8]>,
+    session: (u64, u64, u64),
+) -> Vec<u8> {
+    let (client, sequence, first) = session;
+    let session_len = uint_len(1, client) + uint_len(2, sequence) + uint_len(3, first);
+    let mut body = Vec::with_capacity(24 + key.len() + value.len() + expected.map_or(0, <[u8]>::len));
+    put_bytes(&mut body, 1, key);
+    let session_field = match op {
+        OP_PUT => {
+            put_bytes(&mut body, 2, value);
+            3
+        }
+        OP_DELETE => 2,
+        _ => {
+            put_uint(&mut body, 2, u64::from(expected.is_some()));
+            put_bytes(&mut body, 3, expected.unwrap_or_default());
+            put_bytes(&mut body, 4, value);
+            5
+        }
+    };
+    put_len(&mut body, session_field, session_len);
+    put_uint(&mut body, 1, client);
+    put_uint(&mut body, 2, sequence);
+    put_uint(&mut body, 3, first);
+    let oneof = match op {
+        OP_PUT => 1,
+        OP_DELETE => 3,
+        _ => 4,
+    };
+    let mut out = Vec::with_capacity(body.len() + 6);
+    put_len(&mut out, oneof, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The `Operation` bytes of a get (`consistency`: the `Consistency` enum's number).
+pub fn encode_get_operation(key: &[u8], consistency: u64) -> Vec<u8> {
+    let mut body = Vec::with_capacity(key.len() + 8);
+    put_bytes(&mut body, 1, key);
+    put_uint(&mut body, 2, consistency);
+    let mut out = Vec::with_capacity(body.len() + 6);
+    put_len(&mut out, 2, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A `BatchRequest` carrying the given `Operation` bytes.
+pub fn join_operations<'a>(operations: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for op in operations {
+        put_len(&mut out, 1, op.len());
+        out.extend_from_slice(op);
+    }
+    out
+}
+
+/// A key-value of a response: key, value, create revision, mod revision, version.
+pub type KeyValueFields<'a> = (&'a [u8], &'a [u8], u64, u64, u64);
+
+/// One `OperationResult`, flattened: which response, its flag (found, deleted or succeeded;
+/// false for a put), its revision and its key-value (prev, current or the value read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperationResult<'a> {
+    /// `(op code, flag, revision, key-value)`; op code 4 is a get.
+    Answer(u8, bool, u64, Option<KeyValueFields<'a>>),
+    /// The operation failed: `CODE: details`.
+    Error(&'a str),
+}
+
+/// The op code a client sees for a get's answer.
+pub const OP_GET_ANSWER: u8 = 4;
+
+fn key_value(buf: &[u8]) -> Option<KeyValueFields<'_>> {
+    let mut kv: KeyValueFields<'_> = (b"", b"", 0, 0, 0);
+    fields(buf, |number, wire, r| {
+        match number {
+            1 => kv.0 = len_field(wire, r)?,
+            2 => kv.1 = len_field(wire, r)?,
+            3 => kv.2 = varint_field(wire, r)?,
+            4 => kv.3 = varint_field(wire, r)?,
+            5 => kv.4 = varint_field(wire, r)?,
+            _ => return None,
+        }
+        Some(())
+    })?;
+    Some(kv)
+}
+
+/// Reads a Put/Get/Delete/CompareAndSwap response whose flag, revision and key-value fields have
+/// the given numbers (0: the response has no such field).
+fn answer(op: u8, buf: &[u8], flag: u64, revision: u64, kv_field: u64) -> Option<OperationResult<'_>> {
+    let (mut f, mut rev, mut kv) = (false, 0, None);
+    fields(buf, |number, wire, r| {
+        if number == flag && flag != 0 {
+            f = bool_field(wire, r)?;
+        } else if number == revision {
+            rev = varint_field(wire, r)?;
+        } else if number == kv_field {
+            kv = Some(key_value(len_field(wire, r)?)?);
+        } else {
+            return None;
+        }
+        Some(())
+    })?;
+    Some(OperationResult::Answer(op, f, rev, kv))
+}
+
+/// The results of a `BatchResponse` in canonical form, or `None` for anything else (the client
+/// then reads it with the protobuf library).
+pub fn decode_batch_response(response: &[u8]) -> Option<Vec<OperationResult<'_>>> {
+    let mut out = Vec::new();
+    let mut r = Reader::new(response);
+    while !r.done() {
+        let (number, wire) = r.tag()?;
+        if number != 1 {
+            return None;
+        }
+        let item = len_field(wire, &mut r)?;
+        let mut one = None;
+        fields(item, |number, wire, r| {
+            if one.is_some() {
+                return None;
+            }
+            let body = len_field(wire, r)?;
+            one = Some(match number {
+                1 => answer(OP_PUT, body, 0, 1, 2)?,
+                2 => answer(OP_GET_ANSWER, body, 1, 3, 2)?,
+                3 => answer(OP_DELETE, body, 1, 2, 3)?,
+                4 => answer(OP_CAS, body, 1, 2, 3)?,
+                5 => OperationResult::Error(std::str::from_utf8(body).ok()?),
+                _ => return None,
+            });
+            Some(())
+        })?;
+        out.push(one?);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,5 +626,55 @@ mod tests {
         expected.extend(len_prefixed(1, &len_prefixed(5, b"UNAVAILABLE: x")));
         assert_eq!(out, expected);
         assert!(encode_write_answers(&[Answer::Result(OP_DELETE, b"junk")]).is_none());
+    }
+
+    #[test]
+    fn what_a_client_sends_the_leader_reads_back() {
+        let ops = [
+            encode_write_operation(OP_PUT, b"k", b"v", None, (3, 4, 2)),
+            encode_write_operation(OP_DELETE, b"k", b"", None, (3, 5, 2)),
+            encode_write_operation(OP_CAS, b"k", b"v2", Some(b"v"), (3, 6, 2)),
+            encode_write_operation(OP_CAS, b"k", b"v3", None, (3, 7, 2)),
+        ];
+        let request = join_operations(ops.iter().map(Vec::as_slice));
+        let writes = parse_session_writes(&request).expect("canonical");
+        let seen: Vec<_> = writes.iter().map(|w| (w.op, w.client, w.sequence)).collect();
+        assert_eq!(seen, [(OP_PUT, 3, 4), (OP_DELETE, 3, 5), (OP_CAS, 3, 6), (OP_CAS, 3, 7)]);
+        let cas = encode(&Command::Cas { key: b"k", expected: Some(b"v"), value: b"v2" }).unwrap();
+        assert!(writes[2].payload.ends_with(&cas));
+        let absent = encode(&Command::Cas { key: b"k", expected: None, value: b"v3" }).unwrap();
+        assert!(writes[3].payload.ends_with(&absent));
+        let with_get = join_operations([ops[0].as_slice(), &encode_get_operation(b"k", 2)]);
+        assert!(parse_session_writes(&with_get).is_none(), "a get takes the general path");
+    }
+
+    #[test]
+    fn what_the_leader_answers_a_client_reads_back() {
+        let mut prev = vec![FORMAT_VERSION, FLAG_OK | FLAG_PREV];
+        prev.extend_from_slice(&8u64.to_le_bytes());
+        prev.extend_from_slice(&0u64.to_le_bytes());
+        for v in [2u64, 7, 3] {
+            prev.extend_from_slice(&v.to_le_bytes());
+        }
+        prev.extend_from_slice(&1u32.to_le_bytes());
+        prev.extend_from_slice(&2u32.to_le_bytes());
+        prev.extend_from_slice(b"kvv");
+        let out = encode_write_answers(&[
+            Answer::Result(OP_PUT, &prev),
+            Answer::Result(OP_DELETE, &prev),
+            Answer::Error("UNAVAILABLE: gone"),
+        ])
+        .unwrap();
+        let got = decode_batch_response(&out).expect("canonical");
+        let kv = Some((&b"k"[..], &b"vv"[..], 2, 7, 3));
+        assert_eq!(
+            got,
+            [
+                OperationResult::Answer(OP_PUT, false, 8, kv),
+                OperationResult::Answer(OP_DELETE, true, 8, kv),
+                OperationResult::Error("UNAVAILABLE: gone"),
+            ]
+        );
+        assert!(decode_batch_response(&out[..out.len() - 1]).is_none());
     }
 }
