@@ -182,6 +182,21 @@ def test_weighted_latency_histogram_counts_every_proposal() -> None:
     assert value(m, "dengine_propose_to_apply_seconds_count") == 5
 
 
+def test_latencies_recorded_together_count_as_if_one_by_one() -> None:
+    one, many = NodeMetrics(1, "c1"), NodeMetrics(1, "c1")
+    now, starts = 10.0, [9.9995, 9.999, 9.5, 10.0, 10.5]  # the last is in the future: dropped
+    for t in starts:
+        one.observe_apply_latency(now - t)
+    many.observe_apply_latencies(now, starts)
+    name = "dengine_propose_to_apply_seconds"
+    buckets = [value(many, f"{name}_bucket", le=le) for le in ("0.0005", "0.001", "0.5", "+Inf")]
+    assert buckets == [1, 3, 4, 4]  # 0.0, then 0.0005 and 0.001 plus float noise, then 0.5
+    for le in ("0.0005", "0.001", "0.5", "+Inf"):
+        assert value(many, f"{name}_bucket", le=le) == value(one, f"{name}_bucket", le=le), le
+    assert value(many, f"{name}_count") == 4
+    assert value(many, f"{name}_sum") == pytest.approx(value(one, f"{name}_sum"))
+
+
 def test_fsync_and_append_batch_buckets() -> None:
     assert FSYNC_BUCKETS[0] == 0.00005
     assert FSYNC_BUCKETS[-1] == 1.0

@@ -169,6 +169,17 @@ class _Histogram:
         self._counts[bisect_left(self._bounds, value)] += n
         self._sum += value * n
 
+    def observe_since(self, now: float, starts: Sequence[float]) -> None:
+        """``observe(now - t)`` for each ``t`` in ``starts``, in one call: the apply loop records
+        every answered proposal's latency."""
+        bounds, counts, total = self._bounds, self._counts, 0.0
+        for t in starts:
+            value = now - t
+            if value >= 0.0:
+                counts[bisect_left(bounds, value)] += 1
+                total += value
+        self._sum += total
+
     def family(self, name: str, documentation: str, labelvalues: Sequence[str]) -> HistogramMetricFamily:
         counts = list(self._counts)  # one snapshot, so the buckets agree with each other
         total_sum = self._sum
@@ -262,6 +273,10 @@ class NodeMetrics:
     def observe_apply_latency(self, seconds: float, n: int = 1) -> None:
         """Records ``n`` proposals that took ``seconds`` from propose to applied."""
         self._apply_latency.observe(seconds, n)
+
+    def observe_apply_latencies(self, now: float, started: Sequence[float]) -> None:
+        """Records proposals made at the ``started`` times and applied at ``now``."""
+        self._apply_latency.observe_since(now, started)
 
     def observe_fsync(self, seconds: float) -> None:
         """Records the duration of one log sync (one group commit)."""
