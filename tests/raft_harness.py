@@ -13,8 +13,19 @@ from dengine._core import Entry, HardState
 from dengine.raft import Message, MsgType, Raft, RaftConfig, Ready, Role
 from dengine.raft.payload import command
 from dengine.testing.simstore import SimLogStore
+from dengine.transport.codec import from_wire, to_wire
 
 Filter = Callable[[Message], Message | None]
+
+WIRE_CLUSTER_ID = "harness"
+
+
+def through_the_wire(m: Message, members: Iterable[int]) -> Message:
+    """``m`` as a peer receives it from the gRPC transport: encoded and decoded by the real codec,
+    entries framed (an EntryBatch). Snapshots travel on their own stream and are left as they are."""
+    if m.type is MsgType.SNAPSHOT:
+        return m
+    return from_wire(to_wire(m, WIRE_CLUSTER_ID), cluster_id=WIRE_CLUSTER_ID, me=m.dst, members=set(members))
 
 
 def make_store(
@@ -61,6 +72,11 @@ class Cluster:
         self.snapshot_needed: dict[int, list[int]] = {i: [] for i in self.nodes}
         self.sent: list[Message] = []
         self.announce = True  # announce new commit indexes, as a runtime does soon after one
+        if Cluster.wire:
+            self.filters.append(lambda m: through_the_wire(m, self.nodes))
+
+    wire = False
+    """Whether every cluster delivers its messages through the wire codec (see ``wire`` fixtures)."""
 
     def start(self, i: int, **overrides: Any) -> Raft:
         options = {**self.options, **overrides}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
+
 from dengine.raft import Message, MsgType, Role
 from dengine.raft.membership import ConfOp
 from dengine.raft.progress import ProgressState
@@ -17,6 +21,17 @@ FIGURE_7_FOLLOWERS = {
     "e": [1, 1, 1, 4, 4, 4, 4],
     "f": [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],
 }
+
+
+@pytest.fixture(autouse=True, params=["direct", "wire"])
+def delivery(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every scenario runs twice: messages handed over as objects, and through the gRPC codec
+    (entries then arrive framed, as an EntryBatch, the way a real follower appends them)."""
+    Cluster.wire = request.param == "wire"
+    try:
+        yield request.param
+    finally:
+        Cluster.wire = False
 
 
 def test_figure_7_the_leader_repairs_every_divergent_follower() -> None:

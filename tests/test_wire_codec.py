@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from dengine._core import Entry, encode_entries
+from dengine._core import Entry, EntryBatch, encode_entries
 from dengine.raft import Message, MsgType
 from dengine.transport.codec import ReceivedChunk, WireError, from_wire, to_wire
 from dengine.v1 import raft_pb2
@@ -20,7 +22,9 @@ def test_round_trip_of_an_append_with_entries() -> None:
     entries = [Entry(6, 3, b"a"), Entry(7, 3, b""), Entry(8, 4, b"\x00" * 1000)]
     m = Message(MsgType.APP, 1, 2, 4, index=5, log_term=3, entries=entries, commit=5, context=9)
     back = decode(to_wire(m, "c1"))
-    assert back == Message(MsgType.APP, 1, 2, 4, index=5, log_term=3, entries=entries, commit=5, context=9)
+    assert isinstance(back.entries, EntryBatch), "a follower gets them framed, not as an object each"
+    assert list(back.entries) == entries
+    assert dataclasses.replace(back, entries=entries) == m
 
 
 def test_round_trip_of_forwarded_proposals_and_rejections() -> None:

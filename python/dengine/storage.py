@@ -22,7 +22,11 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 
-from dengine._core import Entry, HardState, LogStoreBase, MemoryLogStore, WalLogStore
+from dengine._core import Entry, EntryBatch, HardState, LogStoreBase, MemoryLogStore, WalLogStore
+
+# A batch a follower received stays framed (EntryBatch) on its way to append(): it reads like the
+# Sequence[Entry] the protocol names, and says so to isinstance checks.
+Sequence.register(EntryBatch)
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",

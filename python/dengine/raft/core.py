@@ -16,7 +16,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dengine._core import Entry, HardState, JointConfig, LogStoreBase, VoteResult, entries_from_payloads
+from dengine._core import (
+    Entry,
+    EntryBatch,
+    HardState,
+    JointConfig,
+    LogStoreBase,
+    VoteResult,
+    entries_from_payloads,
+)
 from dengine.errors import LogCompactedError, LogIndexError, NotLeaderError, ProposalDroppedError
 from dengine.raft import membership
 from dengine.raft.config import RaftConfig
@@ -256,6 +264,11 @@ class Raft:
 
     def _note_conf_changes(self, entries: Sequence[Entry]) -> None:
         changed = False
+        if isinstance(entries, EntryBatch):
+            # Framed entries (a follower's append): only the few membership changes become
+            # objects, not the whole batch.
+            first = entries.first_index
+            entries = [entries[i - first] for i in entries.indexes_with_first_byte(CONF_CHANGE_KIND)]
         for e in entries:
             data = e.data
             if is_conf_change(data):
@@ -831,10 +844,14 @@ class Raft:
         prev = pr.next - 1
         try:
             prev_term = self.store.term(prev)
-            entries: list[Entry] = []
+            entries: Sequence[Entry] = ()
             if pr.next <= last:
                 hi = min(last + 1, pr.next + self.cfg.max_batch_entries)
-                entries = self.store.entries(pr.next, hi, self.cfg.max_batch_bytes)
+                if isinstance(self.store, LogStoreBase):
+                    # Read already framed, the way they travel: no object per entry.
+                    entries = self.store.entry_batch(pr.next, hi, self.cfg.max_batch_bytes)
+                else:
+                    entries = self.store.entries(pr.next, hi, self.cfg.max_batch_bytes)
         except LogCompactedError:
             pr.become_snapshot(self.store.first_index() - 1)
             self._snapshot_needed.append(to)

@@ -7,12 +7,12 @@ not a member, a message for another node or another cluster is refused with a cl
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from dengine._core import SnapshotChunkError, decode_entries, encode_entries, split_snapshot_chunk
+from dengine._core import Entry, EntryBatch, SnapshotChunkError, encode_entries, split_snapshot_chunk
 from dengine.raft import Message, MsgType
 from dengine.v1 import raft_pb2
 
@@ -79,12 +79,15 @@ def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Col
     for name in ("term", "index", "log_term", "commit", "reject_hint", "context"):
         if getattr(w, name) > _MAX_U63:
             raise WireError(f"{name} {getattr(w, name)} is out of range")
-    try:
-        entries = decode_entries(w.entries) if w.entries else ()
-    except ValueError as exc:
-        raise WireError(f"damaged entries: {exc}") from None
-    if kind is MsgType.APP and entries and entries[0].index != w.index + 1:
-        raise WireError(f"entries start at {entries[0].index}, not after index {w.index}")
+    entries: Sequence[Entry] = ()
+    if w.entries:
+        # Kept framed: the follower appends the records as they came, without an object each.
+        try:
+            entries = batch = EntryBatch.from_bytes(w.entries)
+        except ValueError as exc:
+            raise WireError(f"damaged entries: {exc}") from None
+        if kind is MsgType.APP and batch.first_index != w.index + 1:
+            raise WireError(f"entries start at {batch.first_index}, not after index {w.index}")
     return Message(
         kind,
         src,

@@ -3,6 +3,7 @@
 //! Nothing here decides behaviour; each file converts arguments, releases the GIL through
 //! [`gil::detach`] around anything slow, and maps errors through [`errors::to_py`].
 
+mod entry_batch;
 mod errors;
 mod gil;
 mod kv;
@@ -21,6 +22,7 @@ mod _core {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         crate::errors::register(m)?;
+        crate::entry_batch::register(m)?;
         crate::kv::register(m)?;
         crate::log::register(m)?;
         crate::quorum::register(m)?;

@@ -12,6 +12,7 @@ use dengine_core::log::{
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple, PyType};
 
+use crate::entry_batch::EntryBatch;
 use crate::gil::detach;
 
 /// One Raft log entry: index, term and an opaque payload.
@@ -20,7 +21,7 @@ pub struct Entry {
     #[pyo3(get)]
     pub(crate) index: u64,
     #[pyo3(get)]
-    term: u64,
+    pub(crate) term: u64,
     #[pyo3(get)]
     pub(crate) data: Py<PyBytes>,
 }
@@ -151,11 +152,33 @@ impl LogStoreBase {
     }
 
     fn append(&self, py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<()> {
+        let inner = Arc::clone(&self.inner);
+        if let Ok(framed) = entries.cast::<EntryBatch>() {
+            // Already framed (say, as a leader sent it): written as it is.
+            let batch = &framed.get().batch;
+            return detach(py, move || inner.append_batch(batch));
+        }
         // Framing happens here, with the GIL held, straight from each payload's bytes: one copy
         // per entry into the buffer that is written to disk. Only the write releases the GIL.
         let batch = batch_from_entries(py, entries)?;
-        let inner = Arc::clone(&self.inner);
         detach(py, move || inner.append_batch(&batch))
+    }
+
+    /// `entries(lo, hi, max_bytes)` as an `EntryBatch`: what a leader sends a follower, read
+    /// and framed without a Python object per entry.
+    #[pyo3(signature = (lo, hi, max_bytes = None))]
+    fn entry_batch(&self, py: Python<'_>, lo: u64, hi: u64, max_bytes: Option<u64>) -> PyResult<EntryBatch> {
+        let inner = Arc::clone(&self.inner);
+        let batch = detach(py, move || {
+            let entries = inner.entries(lo, hi, max_bytes.unwrap_or(u64::MAX))?;
+            let mut batch =
+                EncodedBatch::with_capacity(entries.len(), entries.iter().map(|e| e.data.len()).sum());
+            for e in &entries {
+                batch.push(e.index, e.term, &e.data)?;
+            }
+            Ok(batch)
+        })?;
+        Ok(EntryBatch { batch })
     }
 
     fn truncate_suffix(&self, py: Python<'_>, index: u64) -> PyResult<()> {
@@ -292,6 +315,9 @@ fn batch_from_entries(py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<En
 /// Frames entries as one bytes value (the WAL record format) for the wire.
 #[pyfunction]
 fn encode_entries<'py>(py: Python<'py>, entries: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    if let Ok(framed) = entries.cast::<EntryBatch>() {
+        return Ok(PyBytes::new(py, framed.get().batch.as_bytes()));
+    }
     let batch = batch_from_entries(py, entries)?;
     Ok(PyBytes::new(py, batch.as_bytes()))
 }

@@ -148,22 +148,56 @@ impl EncodedBatch {
 
     /// `(index, term, payload)` of every entry, in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
-        self.starts.iter().enumerate().map(move |(i, &start)| {
-            let at = start as usize;
-            let header: &[u8; HEADER_LEN] = self.buf[at..at + HEADER_LEN].try_into().expect("framed record");
-            let h = record::decode_header(header).expect("records in a batch are framed by push");
-            (
-                self.first_index + i as u64,
-                h.term,
-                &self.buf[at + HEADER_LEN..at + HEADER_LEN + h.len as usize],
-            )
-        })
+        (0..self.starts.len()).map(move |i| self.record_at(i))
+    }
+
+    fn record_at(&self, position: usize) -> (u64, u64, &[u8]) {
+        let at = self.starts[position] as usize;
+        let header: &[u8; HEADER_LEN] = self.buf[at..at + HEADER_LEN].try_into().expect("framed record");
+        let h = record::decode_header(header).expect("records in a batch are framed by push");
+        (
+            self.first_index + position as u64,
+            h.term,
+            &self.buf[at + HEADER_LEN..at + HEADER_LEN + h.len as usize],
+        )
+    }
+
+    /// `(index, term, payload)` of the entry at `position` (0 is the first).
+    pub fn get(&self, position: usize) -> Option<(u64, u64, &[u8])> {
+        (position < self.starts.len()).then(|| self.record_at(position))
+    }
+
+    /// The entries at positions `start..end` as a batch of their own.
+    pub fn range(&self, start: usize, end: usize) -> EncodedBatch {
+        let end = end.min(self.starts.len());
+        let mut out = EncodedBatch::new();
+        for position in start..end {
+            let (index, term, data) = self.record_at(position);
+            out.push(index, term, data).expect("a slice of a valid batch is valid");
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_and_range_read_single_entries_and_sub_batches() {
+        let mut b = EncodedBatch::new();
+        for (i, term) in [(5u64, 1u64), (6, 1), (7, 2), (8, 2)] {
+            b.push(i, term, format!("e{i}").as_bytes()).unwrap();
+        }
+        assert_eq!(b.get(2), Some((7, 2, &b"e7"[..])));
+        assert_eq!(b.get(4), None);
+        let tail = b.range(1, 10);
+        assert_eq!(tail.iter().map(|(i, t, _)| (i, t)).collect::<Vec<_>>(), [(6, 1), (7, 2), (8, 2)]);
+        assert_eq!(tail.term_runs(), &[(6, 1), (7, 2)]);
+        let again = EncodedBatch::from_bytes(tail.as_bytes().to_vec()).unwrap();
+        assert_eq!(again.len(), 3);
+        assert!(b.range(3, 3).is_empty());
+    }
 
     #[test]
     fn push_frames_and_iter_reads_back() {
