@@ -3,8 +3,6 @@ in a node's log (Raft thesis §4.1), with the safety checks an operator relies o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from dengine.raft import MsgType, Role
@@ -15,15 +13,7 @@ from raft_harness import Cluster
 ADDRS = {1: "h:1", 2: "h:2", 3: "h:3"}
 
 
-@pytest.fixture(autouse=True, params=["direct", "wire"])
-def delivery(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every scenario runs twice: messages handed over as objects, and through the gRPC codec
-    (entries then arrive framed, as an EntryBatch, the way a real follower appends them)."""
-    Cluster.wire = request.param == "wire"
-    try:
-        yield request.param
-    finally:
-        Cluster.wire = False
+pytestmark = pytest.mark.usefixtures("both_deliveries")
 
 
 def change(c: Cluster, leader: int, op: ConfOp, node: int, address: str = "") -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from dengine.raft import Message, MsgType, Role
@@ -23,15 +21,7 @@ FIGURE_7_FOLLOWERS = {
 }
 
 
-@pytest.fixture(autouse=True, params=["direct", "wire"])
-def delivery(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every scenario runs twice: messages handed over as objects, and through the gRPC codec
-    (entries then arrive framed, as an EntryBatch, the way a real follower appends them)."""
-    Cluster.wire = request.param == "wire"
-    try:
-        yield request.param
-    finally:
-        Cluster.wire = False
+pytestmark = pytest.mark.usefixtures("both_deliveries")
 
 
 def test_figure_7_the_leader_repairs_every_divergent_follower() -> None:

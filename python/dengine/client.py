@@ -106,7 +106,6 @@ def _kv(m: kv_pb2.KeyValue | None) -> KeyValue | None:
 _PUT, _DELETE, _CAS, _GET = 1, 2, 3, 4
 KVFields = tuple[bytes, bytes, int, int, int]
 Answer = tuple[int, bool, int, KVFields | None]
-_RESULT_OPS = {"put": _PUT, "delete": _DELETE, "cas": _CAS, "get": _GET}
 
 
 def _kv_of(fields: KVFields | None) -> KeyValue | None:
