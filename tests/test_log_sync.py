@@ -188,3 +188,17 @@ async def test_a_node_whose_log_sync_fails_stops_and_fails_its_waiting_proposals
         assert node.server is not None
         await node.server.stop(grace=0)
         store.close()
+
+
+@pytest.mark.skipif(not OWN_THREAD, reason="the store's sync thread is POSIX-only")
+def test_a_sync_thread_that_is_gone_is_reported_rather_than_polled(tmp_path: Path) -> None:
+    # Once the thread has exited its socket reads as end-of-file, readable forever: the syncer
+    # must hear an error (and stop watching), not an endless stream of empty wake-ups.
+    store = WalLogStore(tmp_path / "log")
+    thread = _core.BackgroundSync(store)
+    thread.close()
+    with pytest.raises(StorageError, match="sync thread stopped"):
+        thread.take()
+    with pytest.raises(RuntimeError, match="closed"):
+        thread.request()
+    store.close()

@@ -98,6 +98,9 @@ class LogSyncer:
     def _fail(self, exc: DengineError) -> None:
         self._stopped = True
         self._running_for = 0
+        if self._background is not None:
+            # Nothing more will be synced; a thread that died leaves its socket readable forever.
+            self._loop.remove_reader(self._background.fileno())
         self._on_failed(exc)
 
     def _on_background_done(self) -> None:
@@ -122,7 +125,7 @@ class LogSyncer:
         """Stops syncing; a sync under way completes first (its result is not reported)."""
         self._stopped = True
         if self._background is not None:
-            self._loop.remove_reader(self._background.fileno())
+            self._loop.remove_reader(self._background.fileno())  # harmless if _fail did already
             syncer, self._background = self._background, None
             await self._loop.run_in_executor(self._executor, syncer.close)
         if self._task is not None and not self._task.done():

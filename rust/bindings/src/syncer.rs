@@ -17,6 +17,7 @@ use dengine_core::Error;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
+use crate::errors::StorageError;
 use crate::log::LogStoreBase;
 
 #[derive(Default)]
@@ -109,14 +110,27 @@ impl BackgroundSync {
     }
 
     /// The durable index from the last completed sync, or None if none completed since the last
-    /// call; raises the store's error if a sync failed. Also drains the wake-up bytes.
+    /// call; raises the store's error if a sync failed, and StorageError once the thread is gone
+    /// (the socket then stays readable: the caller must stop watching it). Also drains the
+    /// wake-up bytes.
     fn take(&self) -> PyResult<Option<u64>> {
         let mut buf = [0u8; 64];
-        while matches!((&self.reader).read(&mut buf), Ok(n) if n > 0) {}
+        let mut gone = false;
+        loop {
+            match (&self.reader).read(&mut buf) {
+                Ok(0) => {
+                    gone = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break, // WouldBlock: drained
+            }
+        }
         match self.shared.lock().outcome.take() {
-            None => Ok(None),
             Some(Ok(durable)) => Ok(Some(durable)),
             Some(Err(e)) => Err(crate::errors::to_py(e)),
+            None if gone => Err(StorageError::new_err("the log's sync thread stopped")),
+            None => Ok(None),
         }
     }
 
