@@ -37,7 +37,6 @@ __all__ = [
     "WalLogStore",
     "__version__",
     "crc32c",
-    "decode_entries",
     "decode_kv_batch_response",
     "encode_entries",
     "encode_kv_command",
@@ -70,7 +69,6 @@ class KVCommandError(ValueError): ...
 
 def crc32c(data: bytes) -> int: ...
 def encode_entries(entries: Sequence[Entry]) -> bytes: ...
-def decode_entries(data: bytes) -> list[Entry]: ...
 
 @final
 class EntryBatch(Sequence[Entry]):

@@ -312,7 +312,8 @@ fn batch_from_entries(py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<En
     Ok(batch)
 }
 
-/// Frames entries as one bytes value (the WAL record format) for the wire.
+/// Frames entries as one bytes value (the WAL record format) for the wire; `EntryBatch.from_bytes`
+/// reads it back.
 #[pyfunction]
 fn encode_entries<'py>(py: Python<'py>, entries: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
     if let Ok(framed) = entries.cast::<EntryBatch>() {
@@ -327,17 +328,6 @@ fn encode_entries<'py>(py: Python<'py>, entries: &Bound<'py, PyAny>) -> PyResult
 #[pyfunction]
 fn entries_from_payloads(first: u64, term: u64, payloads: Vec<Bound<'_, PyBytes>>) -> Vec<Entry> {
     (first..).zip(payloads).map(|(index, data)| Entry { index, term, data: data.unbind() }).collect()
-}
-
-/// Verifies and unpacks what `encode_entries` produced; raises ValueError on any damage.
-#[pyfunction]
-fn decode_entries(py: Python<'_>, data: &[u8]) -> PyResult<Vec<Entry>> {
-    let owned = data.to_vec();
-    let batch = detach(py, move || EncodedBatch::from_bytes(owned))?;
-    Ok(batch
-        .iter()
-        .map(|(index, term, payload)| Entry { index, term, data: PyBytes::new(py, payload).unbind() })
-        .collect())
 }
 
 /// CRC32C (Castagnoli) of `data`, the checksum used by the WAL and snapshot chunks.
@@ -355,6 +345,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(crc32c_of, m)?)?;
     m.add_function(wrap_pyfunction!(encode_entries, m)?)?;
     m.add_function(wrap_pyfunction!(entries_from_payloads, m)?)?;
-    m.add_function(wrap_pyfunction!(decode_entries, m)?)?;
     Ok(())
 }
