@@ -218,7 +218,7 @@ def apply_entries(
     someone waits for). See :func:`apply_committed`."""
     return [
         Applied(index, _ANSWERED[outcome], result, error, *key)
-        for key, outcome, result, error, index in _apply(entries, sessions, run, wanted)
+        for key, outcome, result, error, index in apply_committed(entries, sessions, run, wanted)
     ]
 
 
@@ -229,20 +229,12 @@ def apply_committed(
     wanted: Collection[tuple[int, int]],
 ) -> list[Answer]:
     """:func:`apply_entries` answering in the plain tuples the Rust table builds (see
-    :data:`Answer`): what the node's apply loop uses, at tens of thousands a second."""
-    return _apply(entries, sessions, run, wanted)
+    :data:`Answer`): what the node's apply loop uses, at tens of thousands a second.
 
-
-def _apply(
-    entries: Sequence[Entry],
-    sessions: SessionTable,
-    run: RunCommand | _core.KvStore,
-    wanted: Collection[tuple[int, int]],
-) -> list[Answer]:
-    """Runs the batch through the Rust session table (at tens of thousands of entries a second,
-    Python work per entry is a large share of a replica's time); only entries it leaves aside,
-    membership changes and damaged envelopes, take apply_entry's path here. ``run`` may be the
-    built-in store's ``KvStore`` itself, which the loop then applies to without a Python call."""
+    The batch runs through the Rust session table (at that rate, Python work per entry is a
+    large share of a replica's time); only entries it leaves aside, membership changes and
+    damaged envelopes, take apply_entry's path here. ``run`` may be the built-in store's
+    ``KvStore`` itself, which the loop then applies to without a Python call."""
     batch = entries if type(entries) is list else list(entries)
     raw: list[Answer] = []
     table = sessions._table
