@@ -42,8 +42,17 @@ def test_put_get_delete_and_exit_codes(cluster: ProcCluster) -> None:
     assert missing.returncode == 1 and "not found" in missing.stderr
     as_json = json.loads(dengine(cluster, "kv", "get", "greeting", "--output", "json").stdout)
     assert as_json["found"] and as_json["kv"]["value"] == "hello" and as_json["kv"]["version"] == 1
+    replaced = dengine(cluster, "kv", "put", "greeting", "hi", "--prev-kv")
+    assert replaced.stdout.splitlines()[1:] == ["was hello"]
+    replaced = dengine(cluster, "kv", "put", "greeting", "hey", "--prev-kv", "--output", "json")
+    as_json = json.loads(replaced.stdout)
+    assert as_json["prev"]["value"] == "hi" and as_json["prev"]["version"] == 2
+    plain = dengine(cluster, "kv", "put", "greeting", "yo", "--output", "json")
+    assert "prev" not in json.loads(plain.stdout)
     assert dengine(cluster, "kv", "delete", "greeting").returncode == 0
     assert dengine(cluster, "kv", "delete", "greeting").returncode == 1
+    created = dengine(cluster, "kv", "put", "greeting", "hello", "--prev-kv")
+    assert created.stdout.splitlines()[1:] == ["was absent"]
 
 
 def test_cas_and_range(cluster: ProcCluster) -> None:

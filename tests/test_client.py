@@ -41,12 +41,15 @@ async def wait_until(cond: Callable[[], bool], timeout: float) -> None:
 def test_typed_operations(cluster: ProcCluster) -> None:
     async def main() -> None:
         async with Client(endpoints(cluster)) as client:
-            first = await client.put(b"a", b"1")
+            first = await client.put(b"a", b"1", prev_kv=True)
             assert first.prev is None and first.revision >= 1
-            second = await client.put(b"a", b"2")
+            second = await client.put(b"a", b"2", prev_kv=True)
             assert second.prev is not None and second.prev.value == b"1"
+            assert second.prev.mod_revision == first.revision
+            plain = await client.put(b"a", b"2")
+            assert plain.prev is None and plain.revision == second.revision + 1, "asked for no prev"
             kv = await client.get(b"a")
-            assert kv is not None and (kv.value, kv.version) == (b"2", 2)
+            assert kv is not None and (kv.value, kv.version) == (b"2", 3)
             assert await client.get(b"missing") is None
             assert (await client.cas(b"a", b"2", b"3")).succeeded
             failed = await client.cas(b"a", b"nope", b"4")

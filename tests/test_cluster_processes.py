@@ -55,6 +55,11 @@ def test_election_replication_and_reads(cluster: ProcCluster) -> None:
             return cluster.try_get(node, b"k49") == b"v49"
 
         wait_for(caught_up, 5, f"node {i} to catch up")
+    # A put answers with the key-value it replaced only when asked to (etcd's prev_kv).
+    plain = cluster.kv(leader).Put(kv_pb2.PutRequest(key=b"k0", value=b"w0"), timeout=3)
+    assert not plain.HasField("prev")
+    asked = cluster.kv(leader).Put(kv_pb2.PutRequest(key=b"k0", value=b"x0", prev_kv=True), timeout=3)
+    assert asked.prev.value == b"w0" and asked.prev.mod_revision == plain.revision
     follower = next(i for i in range(1, 4) if i != leader)
     with pytest.raises(grpc.RpcError) as info:
         cluster.kv(follower).Put(kv_pb2.PutRequest(key=b"x", value=b"y"), timeout=3)

@@ -63,8 +63,8 @@ class Store:
     def do(self, command: bytes) -> KVResult:
         return decode_result(self.raw(command))
 
-    def put(self, key: bytes, value: bytes) -> KVResult:
-        return self.do(encode_put(key, value))
+    def put(self, key: bytes, value: bytes, *, prev_kv: bool = False) -> KVResult:
+        return self.do(encode_put(key, value, prev_kv=prev_kv))
 
     def delete(self, key: bytes) -> KVResult:
         return self.do(encode_delete(key))
@@ -103,6 +103,7 @@ def snap_entry(key: bytes, value: bytes, create: int, mod: int, version: int) ->
 def test_command_encodings_match_the_documented_format() -> None:
     assert encode_put(b"k", b"vv") == b"\x01\x01" + u32(1) + b"k" + u32(2) + b"vv"
     assert encode_put(b"k", b"") == b"\x01\x01" + u32(1) + b"k" + u32(0)
+    assert encode_put(b"k", b"vv", prev_kv=True) == b"\x01\x05" + u32(1) + b"k" + u32(2) + b"vv"
     assert encode_delete(b"key") == b"\x01\x02" + u32(3) + b"key"
     assert encode_cas(b"k", None, b"v") == b"\x01\x03" + u32(1) + b"k" + b"\x00" + u32(1) + b"v"
     assert encode_cas(b"k", b"", b"v") == b"\x01\x03" + u32(1) + b"k" + b"\x01" + u32(0) + u32(1) + b"v"
@@ -118,6 +119,7 @@ def test_command_encodings_match_the_documented_format() -> None:
     [
         PutCommand(b"k", b"v"),
         PutCommand(b"\x00\xff", b""),
+        PutCommand(b"k", b"v", prev_kv=True),
         DeleteCommand(b"k"),
         CasCommand(b"k", None, b"v"),
         CasCommand(b"k", b"", b"v"),
@@ -232,12 +234,13 @@ def test_apply_rejects_non_bytes_commands_as_a_caller_bug() -> None:
 def test_result_encoding_matches_the_documented_format() -> None:
     store = Store()
     assert store.raw(encode_put(b"a", b"1")) == b"\x01\x01" + u64(1) + u64(0)
-    with_prev = store.raw(encode_put(b"a", b"22"))
+    with_prev = store.raw(encode_put(b"a", b"22", prev_kv=True))
     assert with_prev == b"\x01\x03" + u64(2) + u64(0) + u64(1) + u64(1) + u64(1) + u32(1) + u32(1) + b"a1"
-    assert store.raw(encode_delete(b"missing")) == b"\x01\x00" + u64(2) + u64(0)
+    assert store.raw(encode_put(b"a", b"3")) == b"\x01\x01" + u64(3) + u64(0), "a plain put has no prev"
+    assert store.raw(encode_delete(b"missing")) == b"\x01\x00" + u64(3) + u64(0)
     error = store.raw(b"\x01\x07")
-    message = b"unknown command op 7; known ops are 1 to 4"
-    assert error == b"\x01\x04" + u64(2) + u64(0) + u32(len(message)) + message
+    message = b"unknown command op 7; known ops are 1 to 5"
+    assert error == b"\x01\x04" + u64(3) + u64(0) + u32(len(message)) + message
 
 
 def test_decode_result_rejects_malformed_results() -> None:
@@ -273,9 +276,10 @@ def test_put_get_and_revision_bookkeeping() -> None:
     assert sm.get(b"a") == KeyValue(b"a", b"1", create_revision=1, mod_revision=1, version=1)
     assert store.put(b"b", b"x") == KVResult(ok=True, revision=2)
     first = sm.get(b"a")
-    assert store.put(b"a", b"2") == KVResult(ok=True, revision=3, prev=first)
+    assert store.put(b"a", b"2", prev_kv=True) == KVResult(ok=True, revision=3, prev=first)
     assert sm.get(b"a") == KeyValue(b"a", b"2", 1, 3, 2)
-    assert store.put(b"a", b"2") == KVResult(ok=True, revision=4, prev=KeyValue(b"a", b"2", 1, 3, 2))
+    again = KVResult(ok=True, revision=4, prev=KeyValue(b"a", b"2", 1, 3, 2))
+    assert store.put(b"a", b"2", prev_kv=True) == again
     assert sm.get(b"a") == KeyValue(b"a", b"2", 1, 4, 3)  # a put with the same value still counts
     assert sm.get(b"b") == KeyValue(b"b", b"x", 2, 2, 1)
     assert sm.revision == 4 and len(sm) == 2 and b"a" in sm and b"zz" not in sm
@@ -414,18 +418,18 @@ class Model:
         self.data: dict[bytes, KeyValue] = {}
         self.revision = 0
 
-    def put(self, key: bytes, value: bytes) -> KVResult:
+    def put(self, key: bytes, value: bytes, report_prev: bool = True) -> KVResult:
         prev = self.data.get(key)
         self.revision += 1
         create = prev.create_revision if prev else self.revision
         version = prev.version + 1 if prev else 1
         self.data[key] = KeyValue(key, value, create, self.revision, version)
-        return KVResult(True, self.revision, prev)
+        return KVResult(True, self.revision, prev if report_prev else None)
 
     def apply(self, op: tuple[str, bytes, bytes | None, bytes]) -> KVResult:
         kind, key, expected, value = op
-        if kind == "put":
-            return self.put(key, value)
+        if kind in ("put", "put_prev"):
+            return self.put(key, value, report_prev=kind == "put_prev")
         if kind == "delete":
             if key not in self.data:
                 return KVResult(False, self.revision)
@@ -452,7 +456,7 @@ def random_op(rng: random.Random, keys: list[bytes], model: Model) -> tuple[str,
     value = rng.choice([b"", b"x", b"y", rng.randbytes(rng.randint(0, 40))])
     roll = rng.random()
     if roll < 0.45:
-        return ("put", key, None, value)
+        return ("put" if roll < 0.3 else "put_prev", key, None, value)
     if roll < 0.65:
         return ("delete", key, None, b"")
     if roll < 0.95:
@@ -470,8 +474,8 @@ def random_op(rng: random.Random, keys: list[bytes], model: Model) -> tuple[str,
 
 def encode_op(op: tuple[str, bytes, bytes | None, bytes]) -> bytes:
     kind, key, expected, value = op
-    if kind == "put":
-        return encode_put(key, value)
+    if kind in ("put", "put_prev"):
+        return encode_put(key, value, prev_kv=kind == "put_prev")
     if kind == "delete":
         return encode_delete(key)
     if kind == "cas":
@@ -805,7 +809,7 @@ def test_restore_accepts_a_valid_hand_built_snapshot() -> None:
     )
     assert sm.revision == 5 and sm.last_applied == 9
     assert sm.range() == [KeyValue(b"a", b"x", 2, 4, 3), KeyValue(b"b", b"", 5, 5, 1)]
-    assert decode_result(sm.apply(10, encode_put(b"a", b"y"))) == KVResult(
+    assert decode_result(sm.apply(10, encode_put(b"a", b"y", prev_kv=True))) == KVResult(
         True, 6, KeyValue(b"a", b"x", 2, 4, 3)
     )
     assert sm.get(b"a") == KeyValue(b"a", b"y", 2, 6, 4)

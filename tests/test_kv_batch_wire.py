@@ -31,6 +31,7 @@ from dengine.v1 import kv_pb2
 from cluster_procs import ProcCluster, running_cluster
 
 OPS = {"put": 1, "delete": 2, "cas": 3}
+PUT_PREV = 5  # the client's code for a put with prev_kv set
 
 
 def session(rng: random.Random) -> kv_pb2.Session:
@@ -47,7 +48,8 @@ def random_write(rng: random.Random) -> kv_pb2.Operation:
     value = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 256, 1000])))
     kind = rng.choice(list(OPS))
     if kind == "put":
-        return kv_pb2.Operation(put=kv_pb2.PutRequest(key=key, value=value, session=session(rng)))
+        put = kv_pb2.PutRequest(key=key, value=value, session=session(rng), prev_kv=rng.random() < 0.3)
+        return kv_pb2.Operation(put=put)
     if kind == "delete":
         return kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=key, session=session(rng)))
     has = rng.random() < 0.5
@@ -67,7 +69,7 @@ def expected_payloads(request: kv_pb2.BatchRequest) -> tuple[bytes, list[tuple[i
         assert kind is not None
         r = getattr(op, kind)
         if kind == "put":
-            command = encode_put(r.key, r.value)
+            command = encode_put(r.key, r.value, prev_kv=r.prev_kv)
         elif kind == "delete":
             command = encode_delete(r.key)
         else:
@@ -198,7 +200,7 @@ def results_of_real_writes(rng: random.Random) -> tuple[bytes, list[bytes | str]
             )
             continue
         if kind == "put":
-            command = encode_put(key, value)
+            command = encode_put(key, value, prev_kv=rng.random() < 0.5)
         elif kind == "delete":
             command = encode_delete(key)
         else:
@@ -252,8 +254,9 @@ def test_the_clients_operation_bytes_mean_what_the_protobuf_library_builds() -> 
         s = r.session
         expected = (r.expected if r.has_expected else None) if kind == "cas" else None
         value = b"" if kind == "delete" else r.value
+        code = PUT_PREV if kind == "put" and r.prev_kv else OPS[kind]
         built = encode_kv_write_operation(
-            OPS[kind], r.key, value, expected, (s.client_id, s.sequence, s.first_outstanding)
+            code, r.key, value, expected, (s.client_id, s.sequence, s.first_outstanding)
         )
         assert kv_pb2.Operation.FromString(built) == op
     ops = [encode_kv_get_operation(b"a", 0), encode_kv_get_operation(b"b", 2)]

@@ -67,6 +67,8 @@ _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCEL
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
+    """A put's store revision, and the key-value it replaced when asked for (``prev_kv``)."""
+
     revision: int
     prev: KeyValue | None
 
@@ -104,6 +106,7 @@ def _kv(m: kv_pb2.KeyValue | None) -> KeyValue | None:
 # answer is (op code, flag, revision, key-value fields or None), the flag being found, deleted or
 # succeeded (False for a put), the key-value the previous, current or read one; or "CODE: details".
 _PUT, _DELETE, _CAS, _GET = 1, 2, 3, 4
+_PUT_PREV = 5  # a put with prev_kv set, answered as a put
 KVFields = tuple[bytes, bytes, int, int, int]
 Answer = tuple[int, bool, int, KVFields | None]
 
@@ -260,14 +263,19 @@ class Client:
         return (self.client_id, seq, heap[0])
 
     async def _write(
-        self, kind: int, key: bytes, value: bytes, expected: bytes | None, timeout: float | None
+        self, op: int, key: bytes, value: bytes, expected: bytes | None, timeout: float | None
     ) -> Answer:
         session = self._open_session()
-        op = encode_kv_write_operation(kind, key, value, expected, session)
-        return await self._submit(op, kind, timeout, session[1])
+        operation = encode_kv_write_operation(op, key, value, expected, session)
+        return await self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, session[1])
 
-    async def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> PutResult:
-        _, _, revision, prev = await self._write(_PUT, key, value, None, timeout)
+    async def put(
+        self, key: bytes, value: bytes, *, prev_kv: bool = False, timeout: float | None = None
+    ) -> PutResult:
+        """Sets ``key`` to ``value``, once, however often the request is retried. With
+        ``prev_kv`` the result's ``prev`` is the key-value the put replaced (None for a new key);
+        without it, always None, and no replica copies the old value for the answer."""
+        _, _, revision, prev = await self._write(_PUT_PREV if prev_kv else _PUT, key, value, None, timeout)
         return PutResult(revision, _kv_of(prev))
 
     async def get(
@@ -558,8 +566,11 @@ class SyncClient:
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def put(self, key: bytes, value: bytes, *, timeout: float | None = None) -> PutResult:
-        result: PutResult = self._run(self._client.put(key, value, timeout=timeout))
+    def put(
+        self, key: bytes, value: bytes, *, prev_kv: bool = False, timeout: float | None = None
+    ) -> PutResult:
+        """:meth:`Client.put`."""
+        result: PutResult = self._run(self._client.put(key, value, prev_kv=prev_kv, timeout=timeout))
         return result
 
     def get(

@@ -23,6 +23,8 @@ Command format (all integers little-endian; ``field`` = u32 length followed by t
     op 3 CAS           field key, u8 has_expected (0: key must be absent, 1: a field follows),
                        [field expected], field value
     op 4 DELETE_RANGE  field prefix (may be empty: every key)
+    op 5 PUT_PREV      field key, field value: a put whose result carries the key-value it
+                       replaced (etcd's prev_kv); a plain put's result never does
 
 Result format (what ``apply`` returns; read it with :func:`decode_result`)::
 
@@ -113,6 +115,7 @@ _OP_PUT: Final = 1
 _OP_DELETE: Final = 2
 _OP_CAS: Final = 3
 _OP_DELETE_RANGE: Final = 4
+_OP_PUT_PREV: Final = 5
 
 _FLAG_OK: Final = 0x01
 _FLAG_PREV: Final = 0x02
@@ -208,10 +211,12 @@ class WatchEvent:
 
 @dataclass(frozen=True, slots=True)
 class PutCommand:
-    """Set ``key`` to ``value``, creating the key if needed."""
+    """Set ``key`` to ``value``, creating the key if needed; with ``prev_kv``, the result
+    carries the key-value it replaced."""
 
     key: bytes
     value: bytes
+    prev_kv: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +283,12 @@ def _as_bytes(data: object, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
 
 
-def encode_put(key: bytes, value: bytes) -> bytes:
-    """Encodes "set ``key`` to ``value``" as command bytes for the Raft log."""
-    return _core.encode_kv_command(_OP_PUT, _as_bytes(key, "key"), None, _as_bytes(value, "value"))
+def encode_put(key: bytes, value: bytes, *, prev_kv: bool = False) -> bytes:
+    """Encodes "set ``key`` to ``value``" as command bytes for the Raft log. With ``prev_kv``
+    the result reports the key-value the put replaced (``KVResult.prev``); without it, never:
+    every replica would otherwise build and keep a copy of the old value for each write."""
+    op = _OP_PUT_PREV if prev_kv else _OP_PUT
+    return _core.encode_kv_command(op, _as_bytes(key, "key"), None, _as_bytes(value, "value"))
 
 
 def encode_delete(key: bytes) -> bytes:
@@ -309,7 +317,7 @@ def encode_delete_range(prefix: bytes) -> bytes:
 def encode_command(command: KVCommand) -> bytes:
     """Encodes a command object; the inverse of :func:`decode_command`."""
     if isinstance(command, PutCommand):
-        return encode_put(command.key, command.value)
+        return encode_put(command.key, command.value, prev_kv=command.prev_kv)
     if isinstance(command, DeleteCommand):
         return encode_delete(command.key)
     if isinstance(command, CasCommand):
@@ -330,8 +338,8 @@ def decode_command(data: bytes | bytearray | memoryview) -> KVCommand:
     It is the parser ``apply`` uses, so it accepts exactly what replicas apply.
     """
     op, key, expected, value = _core.parse_kv_command(_as_bytes(data, "command"))
-    if op == _OP_PUT:
-        return PutCommand(key, value)
+    if op in (_OP_PUT, _OP_PUT_PREV):
+        return PutCommand(key, value, op == _OP_PUT_PREV)
     if op == _OP_DELETE:
         return DeleteCommand(key)
     if op == _OP_CAS:

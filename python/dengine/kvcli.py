@@ -76,7 +76,8 @@ def kv_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine kv",
         description="Read and write the built-in key-value store of a dengine cluster.",
-        epilog="examples:\n  dengine kv put greeting hello\n  dengine kv get greeting --consistency stale\n"
+        epilog="examples:\n  dengine kv put greeting hello\n  dengine kv put greeting hi --prev-kv\n"
+        "  dengine kv get greeting --consistency stale\n"
         "  dengine kv cas counter 1 2\n  dengine kv range app/ --limit 10 --output json\n"
         "  dengine kv watch app/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,6 +86,7 @@ def kv_parser() -> argparse.ArgumentParser:
     put = sub.add_parser("put", help="set a key")
     put.add_argument("key")
     put.add_argument("value")
+    put.add_argument("--prev-kv", action="store_true", help="also print the value the put replaced")
     get = sub.add_parser("get", help="read a key (exit 1 if absent)")
     get.add_argument("key")
     delete = sub.add_parser("delete", help="remove a key (exit 1 if absent)")
@@ -108,8 +110,19 @@ def kv_parser() -> argparse.ArgumentParser:
 
 
 async def _put(client: Client, args: argparse.Namespace) -> int:
-    r = await client.put(args.key.encode(), args.value.encode())
-    print(json.dumps({"revision": r.revision}) if args.output == "json" else f"OK (revision {r.revision})")
+    r = await client.put(args.key.encode(), args.value.encode(), prev_kv=args.prev_kv)
+    if args.output == "json":
+        print(
+            json.dumps(
+                {"revision": r.revision, "prev": _kv_json(r.prev)}
+                if args.prev_kv
+                else {"revision": r.revision}
+            )
+        )
+    else:
+        print(f"OK (revision {r.revision})")
+        if args.prev_kv:
+            print("was absent" if r.prev is None else f"was {_text(r.prev.value)}")
     return EXIT_OK
 
 

@@ -159,7 +159,7 @@ def _session(
 def _prepare_put(r: kv_pb2.PutRequest) -> _Write:
     _check_key(r.key)
     _check_value(r.value)
-    return _Write("put", encode_put(r.key, r.value), _session(r), _fill_put)
+    return _Write("put", encode_put(r.key, r.value, prev_kv=r.prev_kv), _session(r), _fill_put)
 
 
 def _prepare_delete(r: kv_pb2.DeleteRequest) -> _Write:

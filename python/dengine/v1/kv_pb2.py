@@ -24,55 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x65ngine/v1/kv.proto\x12\ndengine.v1\"I\n\x07Session\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x19\n\x11\x66irst_outstanding\x18\x03 \x01(\x04\"f\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x17\n\x0f\x63reate_revision\x18\x03 \x01(\x04\x12\x14\n\x0cmod_revision\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\x04\"N\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12$\n\x07session\x18\x03 \x01(\x0b\x32\x13.dengine.v1.Session\"C\n\x0bPutResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\"\n\x04prev\x18\x02 \x01(\x0b\x32\x14.dengine.v1.KeyValue\"G\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12,\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x17.dengine.v1.Consistency\"P\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12 \n\x02kv\x18\x02 \x01(\x0b\x32\x14.dengine.v1.KeyValue\x12\x10\n\x08revision\x18\x03 \x01(\x04\"B\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12$\n\x07session\x18\x02 \x01(\x0b\x32\x13.dengine.v1.Session\"W\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\"\n\x04prev\x18\x03 \x01(\x0b\x32\x14.dengine.v1.KeyValue\"\x81\x01\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x14\n\x0chas_expected\x18\x02 \x01(\x08\x12\x10\n\x08\x65xpected\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12$\n\x07session\x18\x05 \x01(\x0b\x32\x13.dengine.v1.Session\"d\n\x16\x43ompareAndSwapResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12%\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x14.dengine.v1.KeyValue\"[\n\x0cRangeRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\r\x12,\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x17.dengine.v1.Consistency\"D\n\rRangeResponse\x12!\n\x03kvs\x18\x01 \x03(\x0b\x32\x14.dengine.v1.KeyValue\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\xbe\x01\n\tOperation\x12%\n\x03put\x18\x01 \x01(\x0b\x32\x16.dengine.v1.PutRequestH\x00\x12%\n\x03get\x18\x02 \x01(\x0b\x32\x16.dengine.v1.GetRequestH\x00\x12+\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x19.dengine.v1.DeleteRequestH\x00\x12\x30\n\x03\x63\x61s\x18\x04 \x01(\x0b\x32!.dengine.v1.CompareAndSwapRequestH\x00\x42\x04\n\x02op\"\xdd\x01\n\x0fOperationResult\x12&\n\x03put\x18\x01 \x01(\x0b\x32\x17.dengine.v1.PutResponseH\x00\x12&\n\x03get\x18\x02 \x01(\x0b\x32\x17.dengine.v1.GetResponseH\x00\x12,\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x1a.dengine.v1.DeleteResponseH\x00\x12\x31\n\x03\x63\x61s\x18\x04 \x01(\x0b\x32\".dengine.v1.CompareAndSwapResponseH\x00\x12\x0f\n\x05\x65rror\x18\x05 \x01(\tH\x00\x42\x08\n\x06result\"2\n\x0c\x42\x61tchRequest\x12\"\n\x03ops\x18\x01 \x03(\x0b\x32\x15.dengine.v1.Operation\"=\n\rBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.dengine.v1.OperationResult\"6\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x16\n\x0estart_revision\x18\x02 \x01(\x04\"\xac\x01\n\nWatchEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.dengine.v1.WatchEvent.Type\x12 \n\x02kv\x18\x02 \x01(\x0b\x32\x14.dengine.v1.KeyValue\x12\"\n\x04prev\x18\x03 \x01(\x0b\x32\x14.dengine.v1.KeyValue\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x1b\n\x04Type\x12\x07\n\x03PUT\x10\x00\x12\n\n\x06\x44\x45LETE\x10\x01\"I\n\rWatchResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.dengine.v1.WatchEvent\x12\x10\n\x08revision\x18\x02 \x01(\x04*5\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\t\n\x05LEASE\x10\x01\x12\t\n\x05STALE\x10\x02\x32\xca\x03\n\x02KV\x12\x36\n\x03Put\x12\x16.dengine.v1.PutRequest\x1a\x17.dengine.v1.PutResponse\x12\x36\n\x03Get\x12\x16.dengine.v1.GetRequest\x1a\x17.dengine.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.dengine.v1.DeleteRequest\x1a\x1a.dengine.v1.DeleteResponse\x12W\n\x0e\x43ompareAndSwap\x12!.dengine.v1.CompareAndSwapRequest\x1a\".dengine.v1.CompareAndSwapResponse\x12<\n\x05Range\x12\x18.dengine.v1.RangeRequest\x1a\x19.dengine.v1.RangeResponse\x12<\n\x05\x42\x61tch\x12\x18.dengine.v1.BatchRequest\x1a\x19.dengine.v1.BatchResponse\x12>\n\x05Watch\x12\x18.dengine.v1.WatchRequest\x1a\x19.dengine.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x65ngine/v1/kv.proto\x12\ndengine.v1\"I\n\x07Session\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x19\n\x11\x66irst_outstanding\x18\x03 \x01(\x04\"f\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x17\n\x0f\x63reate_revision\x18\x03 \x01(\x04\x12\x14\n\x0cmod_revision\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\x04\"_\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12$\n\x07session\x18\x03 \x01(\x0b\x32\x13.dengine.v1.Session\x12\x0f\n\x07prev_kv\x18\x04 \x01(\x08\"C\n\x0bPutResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\"\n\x04prev\x18\x02 \x01(\x0b\x32\x14.dengine.v1.KeyValue\"G\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12,\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32\x17.dengine.v1.Consistency\"P\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12 \n\x02kv\x18\x02 \x01(\x0b\x32\x14.dengine.v1.KeyValue\x12\x10\n\x08revision\x18\x03 \x01(\x04\"B\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12$\n\x07session\x18\x02 \x01(\x0b\x32\x13.dengine.v1.Session\"W\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\"\n\x04prev\x18\x03 \x01(\x0b\x32\x14.dengine.v1.KeyValue\"\x81\x01\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x14\n\x0chas_expected\x18\x02 \x01(\x08\x12\x10\n\x08\x65xpected\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12$\n\x07session\x18\x05 \x01(\x0b\x32\x13.dengine.v1.Session\"d\n\x16\x43ompareAndSwapResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12%\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x14.dengine.v1.KeyValue\"[\n\x0cRangeRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\r\x12,\n\x0b\x63onsistency\x18\x03 \x01(\x0e\x32\x17.dengine.v1.Consistency\"D\n\rRangeResponse\x12!\n\x03kvs\x18\x01 \x03(\x0b\x32\x14.dengine.v1.KeyValue\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\xbe\x01\n\tOperation\x12%\n\x03put\x18\x01 \x01(\x0b\x32\x16.dengine.v1.PutRequestH\x00\x12%\n\x03get\x18\x02 \x01(\x0b\x32\x16.dengine.v1.GetRequestH\x00\x12+\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x19.dengine.v1.DeleteRequestH\x00\x12\x30\n\x03\x63\x61s\x18\x04 \x01(\x0b\x32!.dengine.v1.CompareAndSwapRequestH\x00\x42\x04\n\x02op\"\xdd\x01\n\x0fOperationResult\x12&\n\x03put\x18\x01 \x01(\x0b\x32\x17.dengine.v1.PutResponseH\x00\x12&\n\x03get\x18\x02 \x01(\x0b\x32\x17.dengine.v1.GetResponseH\x00\x12,\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x1a.dengine.v1.DeleteResponseH\x00\x12\x31\n\x03\x63\x61s\x18\x04 \x01(\x0b\x32\".dengine.v1.CompareAndSwapResponseH\x00\x12\x0f\n\x05\x65rror\x18\x05 \x01(\tH\x00\x42\x08\n\x06result\"2\n\x0c\x42\x61tchRequest\x12\"\n\x03ops\x18\x01 \x03(\x0b\x32\x15.dengine.v1.Operation\"=\n\rBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.dengine.v1.OperationResult\"6\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\x16\n\x0estart_revision\x18\x02 \x01(\x04\"\xac\x01\n\nWatchEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.dengine.v1.WatchEvent.Type\x12 \n\x02kv\x18\x02 \x01(\x0b\x32\x14.dengine.v1.KeyValue\x12\"\n\x04prev\x18\x03 \x01(\x0b\x32\x14.dengine.v1.KeyValue\x12\x10\n\x08revision\x18\x04 \x01(\x04\"\x1b\n\x04Type\x12\x07\n\x03PUT\x10\x00\x12\n\n\x06\x44\x45LETE\x10\x01\"I\n\rWatchResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.dengine.v1.WatchEvent\x12\x10\n\x08revision\x18\x02 \x01(\x04*5\n\x0b\x43onsistency\x12\x10\n\x0cLINEARIZABLE\x10\x00\x12\t\n\x05LEASE\x10\x01\x12\t\n\x05STALE\x10\x02\x32\xca\x03\n\x02KV\x12\x36\n\x03Put\x12\x16.dengine.v1.PutRequest\x1a\x17.dengine.v1.PutResponse\x12\x36\n\x03Get\x12\x16.dengine.v1.GetRequest\x1a\x17.dengine.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.dengine.v1.DeleteRequest\x1a\x1a.dengine.v1.DeleteResponse\x12W\n\x0e\x43ompareAndSwap\x12!.dengine.v1.CompareAndSwapRequest\x1a\".dengine.v1.CompareAndSwapResponse\x12<\n\x05Range\x12\x18.dengine.v1.RangeRequest\x1a\x19.dengine.v1.RangeResponse\x12<\n\x05\x42\x61tch\x12\x18.dengine.v1.BatchRequest\x1a\x19.dengine.v1.BatchResponse\x12>\n\x05Watch\x12\x18.dengine.v1.WatchRequest\x1a\x19.dengine.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dengine.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSISTENCY']._serialized_start=1910
-  _globals['_CONSISTENCY']._serialized_end=1963
+  _globals['_CONSISTENCY']._serialized_start=1927
+  _globals['_CONSISTENCY']._serialized_end=1980
   _globals['_SESSION']._serialized_start=35
   _globals['_SESSION']._serialized_end=108
   _globals['_KEYVALUE']._serialized_start=110
   _globals['_KEYVALUE']._serialized_end=212
   _globals['_PUTREQUEST']._serialized_start=214
-  _globals['_PUTREQUEST']._serialized_end=292
-  _globals['_PUTRESPONSE']._serialized_start=294
-  _globals['_PUTRESPONSE']._serialized_end=361
-  _globals['_GETREQUEST']._serialized_start=363
-  _globals['_GETREQUEST']._serialized_end=434
-  _globals['_GETRESPONSE']._serialized_start=436
-  _globals['_GETRESPONSE']._serialized_end=516
-  _globals['_DELETEREQUEST']._serialized_start=518
-  _globals['_DELETEREQUEST']._serialized_end=584
-  _globals['_DELETERESPONSE']._serialized_start=586
-  _globals['_DELETERESPONSE']._serialized_end=673
-  _globals['_COMPAREANDSWAPREQUEST']._serialized_start=676
-  _globals['_COMPAREANDSWAPREQUEST']._serialized_end=805
-  _globals['_COMPAREANDSWAPRESPONSE']._serialized_start=807
-  _globals['_COMPAREANDSWAPRESPONSE']._serialized_end=907
-  _globals['_RANGEREQUEST']._serialized_start=909
-  _globals['_RANGEREQUEST']._serialized_end=1000
-  _globals['_RANGERESPONSE']._serialized_start=1002
-  _globals['_RANGERESPONSE']._serialized_end=1070
-  _globals['_OPERATION']._serialized_start=1073
-  _globals['_OPERATION']._serialized_end=1263
-  _globals['_OPERATIONRESULT']._serialized_start=1266
-  _globals['_OPERATIONRESULT']._serialized_end=1487
-  _globals['_BATCHREQUEST']._serialized_start=1489
-  _globals['_BATCHREQUEST']._serialized_end=1539
-  _globals['_BATCHRESPONSE']._serialized_start=1541
-  _globals['_BATCHRESPONSE']._serialized_end=1602
-  _globals['_WATCHREQUEST']._serialized_start=1604
-  _globals['_WATCHREQUEST']._serialized_end=1658
-  _globals['_WATCHEVENT']._serialized_start=1661
-  _globals['_WATCHEVENT']._serialized_end=1833
-  _globals['_WATCHEVENT_TYPE']._serialized_start=1806
-  _globals['_WATCHEVENT_TYPE']._serialized_end=1833
-  _globals['_WATCHRESPONSE']._serialized_start=1835
-  _globals['_WATCHRESPONSE']._serialized_end=1908
-  _globals['_KV']._serialized_start=1966
-  _globals['_KV']._serialized_end=2424
+  _globals['_PUTREQUEST']._serialized_end=309
+  _globals['_PUTRESPONSE']._serialized_start=311
+  _globals['_PUTRESPONSE']._serialized_end=378
+  _globals['_GETREQUEST']._serialized_start=380
+  _globals['_GETREQUEST']._serialized_end=451
+  _globals['_GETRESPONSE']._serialized_start=453
+  _globals['_GETRESPONSE']._serialized_end=533
+  _globals['_DELETEREQUEST']._serialized_start=535
+  _globals['_DELETEREQUEST']._serialized_end=601
+  _globals['_DELETERESPONSE']._serialized_start=603
+  _globals['_DELETERESPONSE']._serialized_end=690
+  _globals['_COMPAREANDSWAPREQUEST']._serialized_start=693
+  _globals['_COMPAREANDSWAPREQUEST']._serialized_end=822
+  _globals['_COMPAREANDSWAPRESPONSE']._serialized_start=824
+  _globals['_COMPAREANDSWAPRESPONSE']._serialized_end=924
+  _globals['_RANGEREQUEST']._serialized_start=926
+  _globals['_RANGEREQUEST']._serialized_end=1017
+  _globals['_RANGERESPONSE']._serialized_start=1019
+  _globals['_RANGERESPONSE']._serialized_end=1087
+  _globals['_OPERATION']._serialized_start=1090
+  _globals['_OPERATION']._serialized_end=1280
+  _globals['_OPERATIONRESULT']._serialized_start=1283
+  _globals['_OPERATIONRESULT']._serialized_end=1504
+  _globals['_BATCHREQUEST']._serialized_start=1506
+  _globals['_BATCHREQUEST']._serialized_end=1556
+  _globals['_BATCHRESPONSE']._serialized_start=1558
+  _globals['_BATCHRESPONSE']._serialized_end=1619
+  _globals['_WATCHREQUEST']._serialized_start=1621
+  _globals['_WATCHREQUEST']._serialized_end=1675
+  _globals['_WATCHEVENT']._serialized_start=1678
+  _globals['_WATCHEVENT']._serialized_end=1850
+  _globals['_WATCHEVENT_TYPE']._serialized_start=1823
+  _globals['_WATCHEVENT_TYPE']._serialized_end=1850
+  _globals['_WATCHRESPONSE']._serialized_start=1852
+  _globals['_WATCHRESPONSE']._serialized_end=1925
+  _globals['_KV']._serialized_start=1983
+  _globals['_KV']._serialized_end=2441
 # @@protoc_insertion_point(module_scope)

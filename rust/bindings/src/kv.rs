@@ -47,8 +47,9 @@ fn events<'py>(py: Python<'py>, list: &[Event]) -> PyResult<Bound<'py, PyList>> 
     PyList::new(py, items)
 }
 
-/// Encodes a KV command (`op` 1 put, 2 delete, 3 cas, 4 delete-range; `key` is the prefix for
-/// a delete-range); raises `KVCommandError` when a field breaks a limit.
+/// Encodes a KV command (`op` 1 put, 2 delete, 3 cas, 4 delete-range, 5 put reporting the
+/// key-value it replaced; `key` is the prefix for a delete-range); raises `KVCommandError` when
+/// a field breaks a limit.
 #[pyfunction]
 #[pyo3(signature = (op, key, expected, value))]
 fn encode_kv_command<'py>(
@@ -58,9 +59,9 @@ fn encode_kv_command<'py>(
     expected: Option<&[u8]>,
     value: &[u8],
 ) -> PyResult<Bound<'py, PyBytes>> {
-    use dengine_core::kv::command::{encode, OP_CAS, OP_DELETE, OP_DELETE_RANGE, OP_PUT};
+    use dengine_core::kv::command::{encode, OP_CAS, OP_DELETE, OP_DELETE_RANGE, OP_PUT, OP_PUT_PREV};
     let command = match op {
-        OP_PUT => Command::Put { key, value },
+        OP_PUT | OP_PUT_PREV => Command::Put { key, value, prev: op == OP_PUT_PREV },
         OP_DELETE => Command::Delete { key },
         OP_CAS => Command::Cas { key, expected, value },
         OP_DELETE_RANGE => Command::DeleteRange { prefix: key },
@@ -77,7 +78,7 @@ fn parse_kv_command<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, Py
     let command = dengine_core::kv::command::parse(data).map_err(KVCommandError::new_err)?;
     let op = command.op();
     let (key, expected, value): (&[u8], Option<&[u8]>, &[u8]) = match command {
-        Command::Put { key, value } => (key, None, value),
+        Command::Put { key, value, .. } => (key, None, value),
         Command::Delete { key } => (key, None, b""),
         Command::Cas { key, expected, value } => (key, expected, value),
         Command::DeleteRange { prefix } => (prefix, None, b""),
@@ -306,7 +307,8 @@ fn encode_kv_write_answers<'py>(
     Ok(encode_write_answers(&items).map(|out| PyBytes::new(py, &out)))
 }
 
-/// The `Operation` bytes of a write with its session `(client id, sequence, first outstanding)`.
+/// The `Operation` bytes of a write with its session `(client id, sequence, first outstanding)`;
+/// `op` 5 is a put with `prev_kv` set.
 #[pyfunction]
 fn encode_kv_write_operation<'py>(
     py: Python<'py>,

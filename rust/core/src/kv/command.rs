@@ -11,6 +11,9 @@ pub const OP_PUT: u8 = 1;
 pub const OP_DELETE: u8 = 2;
 pub const OP_CAS: u8 = 3;
 pub const OP_DELETE_RANGE: u8 = 4;
+/// A put whose result carries the key-value it replaced (etcd's `prev_kv`). Plain puts leave it
+/// out: most callers never read it, and every replica would build and keep it for each write.
+pub const OP_PUT_PREV: u8 = 5;
 
 const FLAG_OK: u8 = 0x01;
 const FLAG_PREV: u8 = 0x02;
@@ -19,8 +22,8 @@ const FLAG_ERROR: u8 = 0x04;
 /// One decoded command, borrowing its fields from the command bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<'a> {
-    /// Set `key` to `value`.
-    Put { key: &'a [u8], value: &'a [u8] },
+    /// Set `key` to `value`; `prev`: the result carries the key-value replaced, if any.
+    Put { key: &'a [u8], value: &'a [u8], prev: bool },
     /// Remove `key` if present.
     Delete { key: &'a [u8] },
     /// Set `key` to `value` if its value equals `expected` (`None`: only if the key is absent).
@@ -33,7 +36,8 @@ impl Command<'_> {
     /// The op code of this command.
     pub fn op(&self) -> u8 {
         match self {
-            Command::Put { .. } => OP_PUT,
+            Command::Put { prev: false, .. } => OP_PUT,
+            Command::Put { prev: true, .. } => OP_PUT_PREV,
             Command::Delete { .. } => OP_DELETE,
             Command::Cas { .. } => OP_CAS,
             Command::DeleteRange { .. } => OP_DELETE_RANGE,
@@ -47,6 +51,7 @@ fn op_name(op: u8) -> Option<&'static str> {
         OP_DELETE => Some("DELETE"),
         OP_CAS => Some("CAS"),
         OP_DELETE_RANGE => Some("DELETE_RANGE"),
+        OP_PUT_PREV => Some("PUT_PREV"),
         _ => None,
     }
 }
@@ -98,7 +103,7 @@ pub fn parse(data: &[u8]) -> Result<Command<'_>, String> {
         ));
     }
     let Some(name) = op_name(op) else {
-        return Err(format!("unknown command op {op}; known ops are 1 to 4"));
+        return Err(format!("unknown command op {op}; known ops are 1 to 5"));
     };
     let command;
     let mut pos;
@@ -136,8 +141,8 @@ pub fn parse(data: &[u8]) -> Result<Command<'_>, String> {
             _ => {
                 let (value, after) = read_field(data, pos, "value", MAX_VALUE_SIZE, name)?;
                 pos = after;
-                if op == OP_PUT {
-                    Command::Put { key, value }
+                if op == OP_PUT || op == OP_PUT_PREV {
+                    Command::Put { key, value, prev: op == OP_PUT_PREV }
                 } else {
                     Command::Cas { key, expected, value }
                 }
@@ -170,11 +175,11 @@ fn push_field(out: &mut Vec<u8>, data: &[u8]) {
 pub fn encode(command: &Command<'_>) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     match *command {
-        Command::Put { key, value } => {
+        Command::Put { key, value, .. } => {
             check("key", key, MAX_KEY_SIZE, false)?;
             check("value", value, MAX_VALUE_SIZE, true)?;
             out.reserve(10 + key.len() + value.len());
-            out.extend_from_slice(&[FORMAT_VERSION, OP_PUT]);
+            out.extend_from_slice(&[FORMAT_VERSION, command.op()]);
             push_field(&mut out, key);
             push_field(&mut out, value);
         }

@@ -131,9 +131,10 @@ impl KvStore {
             Err(message) => return Ok(command::encode_error(self.revision, &message)),
         };
         let result = match command {
-            Command::Put { key, value } => {
+            Command::Put { key, value, prev: wanted } => {
                 let prev = self.put(key, value);
-                let result = command::encode_result(true, self.revision, prev.as_ref().map(|p| (key, p)), 0);
+                let prev = prev.as_ref().filter(|_| wanted).map(|p| (key, p));
+                let result = command::encode_result(true, self.revision, prev, 0);
                 self.publish();
                 result
             }

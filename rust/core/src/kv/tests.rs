@@ -16,6 +16,10 @@ fn put(key: &[u8], value: &[u8]) -> Vec<u8> {
     [vec![1, 1], field(key), field(value)].concat()
 }
 
+fn put_prev(key: &[u8], value: &[u8]) -> Vec<u8> {
+    [vec![1, 5], field(key), field(value)].concat()
+}
+
 fn delete(key: &[u8]) -> Vec<u8> {
     [vec![1, 2], field(key)].concat()
 }
@@ -76,7 +80,8 @@ fn restore(data: &[u8], feed: usize) -> Result<KvStore, String> {
 
 #[test]
 fn commands_parse_and_malformed_ones_say_why() {
-    assert_eq!(parse(&put(b"k", b"v")).unwrap(), Command::Put { key: b"k", value: b"v" });
+    assert_eq!(parse(&put(b"k", b"v")).unwrap(), Command::Put { key: b"k", value: b"v", prev: false });
+    assert_eq!(parse(&put_prev(b"k", b"v")).unwrap(), Command::Put { key: b"k", value: b"v", prev: true });
     assert_eq!(
         parse(&cas(b"k", Some(b""), b"v")).unwrap(),
         Command::Cas { key: b"k", expected: Some(b""), value: b"v" }
@@ -87,6 +92,8 @@ fn commands_parse_and_malformed_ones_say_why() {
         (vec![2, 1], "unsupported command format version 2"),
         (vec![1, 9], "unknown command op 9"),
         ([put(b"k", b"v"), vec![0]].concat(), "PUT command has 1 trailing bytes after byte 12"),
+        ([put_prev(b"k", b"v"), vec![0]].concat(), "PUT_PREV command has 1 trailing bytes after byte 12"),
+        (vec![1, 6], "unknown command op 6; known ops are 1 to 5"),
         ([vec![1, 2], field(b"")].concat(), "DELETE command: key must not be empty"),
         ([vec![1, 2], (u32::MAX).to_le_bytes().to_vec()].concat(), "key is 4294967295 bytes"),
         ([vec![1, 3], field(b"k")].concat(), "has_expected flag is missing"),
@@ -107,7 +114,8 @@ fn commands_parse_and_malformed_ones_say_why() {
 fn encoding_checks_limits_and_parses_back() {
     use super::command::encode;
     let commands = [
-        Command::Put { key: b"k", value: b"" },
+        Command::Put { key: b"k", value: b"", prev: false },
+        Command::Put { key: b"k", value: b"v", prev: true },
         Command::Delete { key: b"k" },
         Command::Cas { key: b"k", expected: None, value: b"v" },
         Command::Cas { key: b"k", expected: Some(b""), value: b"v" },
@@ -116,7 +124,8 @@ fn encoding_checks_limits_and_parses_back() {
     for command in commands {
         assert_eq!(parse(&encode(&command).unwrap()).unwrap(), command);
     }
-    assert_eq!(encode(&Command::Put { key: b"k", value: b"v" }).unwrap(), put(b"k", b"v"));
+    assert_eq!(encode(&Command::Put { key: b"k", value: b"v", prev: false }).unwrap(), put(b"k", b"v"));
+    assert_eq!(encode(&Command::Put { key: b"k", value: b"v", prev: true }).unwrap(), put_prev(b"k", b"v"));
     assert_eq!(encode(&Command::Delete { key: b"" }).unwrap_err(), "key must not be empty");
     let big = vec![0; super::MAX_KEY_SIZE + 1];
     assert_eq!(
@@ -129,8 +138,8 @@ fn encoding_checks_limits_and_parses_back() {
 fn revisions_versions_and_results_follow_etcd() {
     let mut log = Log::new(100);
     assert_eq!(head(&log.apply(&put(b"a", b"1"))), (0x01, 1, 0));
-    let second = log.apply(&put(b"a", b"2"));
-    assert_eq!(head(&second), (0x03, 2, 0), "a put of an existing key reports the previous one");
+    let second = log.apply(&put_prev(b"a", b"2"));
+    assert_eq!(head(&second), (0x03, 2, 0), "a put asking for it reports the previous key");
     let a = log.store.get(b"a").unwrap();
     assert_eq!((a.create_revision, a.mod_revision, a.version, &*a.value), (1, 2, 2, &b"2"[..]));
     // A failed cas reports the current key and changes nothing.
@@ -147,10 +156,12 @@ fn revisions_versions_and_results_follow_etcd() {
     assert_eq!(head(&log.apply(&delete_range(b"a"))), (0x01, 8, 2), "one revision for the range");
     assert_eq!(head(&log.apply(&delete_range(b"zz"))), (0x01, 8, 0));
     assert_eq!(log.store.len(), 1);
+    assert_eq!(head(&log.apply(&put(b"b", b"plain"))), (0x01, 9, 0), "a plain put leaves it out");
+    assert_eq!(head(&log.apply(&put_prev(b"new", b""))), (0x01, 10, 0), "a new key has none");
     // Malformed commands advance last_applied only.
     let error = log.apply(&[1, 9]);
     assert_eq!(head(&error).0, 0x04);
-    assert_eq!((log.store.revision(), log.store.last_applied()), (8, log.index));
+    assert_eq!((log.store.revision(), log.store.last_applied()), (10, log.index));
     assert!(log.store.latest_events().is_empty());
     let err = log.store.apply(log.index, &put(b"z", b"")).unwrap_err();
     assert_eq!((err.index, err.last_applied), (log.index, log.index));

@@ -7,7 +7,7 @@
 //! [`parse_session_writes`] answer `None`, and the caller takes the general path (the protobuf
 //! library, field-by-field checks, per-operation error messages), so both paths always agree.
 
-use super::command::{encode, Command, OP_CAS, OP_DELETE, OP_PUT};
+use super::command::{encode, Command, OP_CAS, OP_DELETE, OP_PUT, OP_PUT_PREV};
 use super::{FORMAT_VERSION, MAX_KEY_SIZE, MAX_VALUE_SIZE};
 use crate::sessions::SESSION_HEADER_LEN;
 
@@ -130,8 +130,8 @@ fn session(buf: &[u8]) -> Option<Session> {
     Some(s)
 }
 
-/// One request's fields: `key`, `value`, `expected`, `has_expected`, `session`, by their field
-/// numbers in the given request type.
+/// One request's fields: `key`, `value`, `expected`, `has_expected`, `session`, `prev_kv`, by
+/// their field numbers in the given request type.
 #[derive(Default)]
 struct Request<'a> {
     key: &'a [u8],
@@ -139,6 +139,7 @@ struct Request<'a> {
     expected: &'a [u8],
     has_expected: bool,
     session: Option<Session>,
+    prev_kv: bool,
 }
 
 fn request(op: u8, buf: &[u8]) -> Option<Request<'_>> {
@@ -150,6 +151,7 @@ fn request(op: u8, buf: &[u8]) -> Option<Request<'_>> {
             (OP_CAS, 2) => q.has_expected = bool_field(wire, r)?,
             (OP_CAS, 3) => q.expected = len_field(wire, r)?,
             (OP_PUT, 3) | (OP_DELETE, 2) | (OP_CAS, 5) => q.session = Some(session(len_field(wire, r)?)?),
+            (OP_PUT, 4) => q.prev_kv = bool_field(wire, r)?,
             _ => return None,
         }
         Some(())
@@ -168,7 +170,7 @@ fn write(op: u8, buf: &[u8]) -> Option<SessionWrite> {
         return None;
     }
     let command = match op {
-        OP_PUT => Command::Put { key: q.key, value: q.value },
+        OP_PUT => Command::Put { key: q.key, value: q.value, prev: q.prev_kv },
         OP_DELETE => Command::Delete { key: q.key },
         _ => Command::Cas { key: q.key, expected: q.has_expected.then_some(q.expected), value: q.value },
     };
@@ -396,7 +398,8 @@ pub fn encode_write_answers(answers: &[Answer<'_>]) -> Option<Vec<u8>> {
 // --- the client's side ---------------------------------------------------------------------
 
 /// The `Operation` bytes of a write with its session, as a client sends it (`op`: `OP_PUT`,
-/// `OP_DELETE` or `OP_CAS`; `expected` only for a swap, `None` meaning "must be absent").
+/// `OP_PUT_PREV` (a put with `prev_kv` set), `OP_DELETE` or `OP_CAS`; `expected` only for a
+/// swap, `None` meaning "must be absent").
 pub fn encode_write_operation(
     op: u8,
     key: &[u8],
@@ -409,7 +412,7 @@ pub fn encode_write_operation(
     let mut body = Vec::with_capacity(24 + key.len() + value.len() + expected.map_or(0, <[u8]>::len));
     put_bytes(&mut body, 1, key);
     let session_field = match op {
-        OP_PUT => {
+        OP_PUT | OP_PUT_PREV => {
             put_bytes(&mut body, 2, value);
             3
         }
@@ -425,8 +428,9 @@ pub fn encode_write_operation(
     put_uint(&mut body, 1, client);
     put_uint(&mut body, 2, sequence);
     put_uint(&mut body, 3, first);
+    put_uint(&mut body, 4, u64::from(op == OP_PUT_PREV)); // PutRequest.prev_kv, after the session
     let oneof = match op {
-        OP_PUT => 1,
+        OP_PUT | OP_PUT_PREV => 1,
         OP_DELETE => 3,
         _ => 4,
     };
@@ -578,7 +582,7 @@ mod tests {
         for v in [7u64, 9, 9] {
             expected.extend_from_slice(&v.to_le_bytes()); // first outstanding clamped to the sequence
         }
-        expected.extend(encode(&Command::Put { key: b"key", value: b"value" }).unwrap());
+        expected.extend(encode(&Command::Put { key: b"key", value: b"value", prev: false }).unwrap());
         assert_eq!(w.payload, expected);
     }
 
@@ -635,11 +639,17 @@ mod tests {
             encode_write_operation(OP_DELETE, b"k", b"", None, (3, 5, 2)),
             encode_write_operation(OP_CAS, b"k", b"v2", Some(b"v"), (3, 6, 2)),
             encode_write_operation(OP_CAS, b"k", b"v3", None, (3, 7, 2)),
+            encode_write_operation(OP_PUT_PREV, b"k", b"v4", None, (3, 8, 2)),
         ];
         let request = join_operations(ops.iter().map(Vec::as_slice));
         let writes = parse_session_writes(&request).expect("canonical");
         let seen: Vec<_> = writes.iter().map(|w| (w.op, w.client, w.sequence)).collect();
-        assert_eq!(seen, [(OP_PUT, 3, 4), (OP_DELETE, 3, 5), (OP_CAS, 3, 6), (OP_CAS, 3, 7)]);
+        let answered_as = [(OP_PUT, 3, 4), (OP_DELETE, 3, 5), (OP_CAS, 3, 6), (OP_CAS, 3, 7), (OP_PUT, 3, 8)];
+        assert_eq!(seen, answered_as, "a put with prev_kv is answered as a put");
+        let plain = encode(&Command::Put { key: b"k", value: b"v", prev: false }).unwrap();
+        assert!(writes[0].payload.ends_with(&plain));
+        let with_prev = encode(&Command::Put { key: b"k", value: b"v4", prev: true }).unwrap();
+        assert!(writes[4].payload.ends_with(&with_prev));
         let cas = encode(&Command::Cas { key: b"k", expected: Some(b"v"), value: b"v2" }).unwrap();
         assert!(writes[2].payload.ends_with(&cas));
         let absent = encode(&Command::Cas { key: b"k", expected: None, value: b"v3" }).unwrap();
