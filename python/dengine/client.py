@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
+import collections
 import random
 import re
 import time
@@ -216,7 +216,8 @@ class Client:
         self.client_id = client_id or random.getrandbits(62) + 1
         self._seq = 0
         self._outstanding: set[int] = set()
-        self._outstanding_heap: list[int] = []
+        # The outstanding sequences in issue order, answered ones dropped lazily from the front.
+        self._in_order: collections.deque[int] = collections.deque()
         self._credentials = credentials
         self.watch_idle_timeout = watch_idle_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -256,18 +257,19 @@ class Client:
         """The session of the next write: (client id, its sequence, lowest sequence outstanding)."""
         self._seq = seq = self._seq + 1
         self._outstanding.add(seq)
-        heap = self._outstanding_heap
-        heapq.heappush(heap, seq)
-        while heap[0] not in self._outstanding:
-            heapq.heappop(heap)
-        return (self.client_id, seq, heap[0])
+        in_order, outstanding = self._in_order, self._outstanding
+        in_order.append(seq)
+        while in_order[0] not in outstanding:
+            in_order.popleft()
+        return (self.client_id, seq, in_order[0])
 
-    async def _write(
+    def _write(
         self, op: int, key: bytes, value: bytes, expected: bytes | None, timeout: float | None
-    ) -> Answer:
+    ) -> asyncio.Future[Answer]:
+        """Queues a write under the next sequence of this client's session."""
         session = self._open_session()
         operation = encode_kv_write_operation(op, key, value, expected, session)
-        return await self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, session[1])
+        return self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, session[1])
 
     async def put(
         self, key: bytes, value: bytes, *, prev_kv: bool = False, timeout: float | None = None
@@ -397,25 +399,23 @@ class Client:
 
     # --- coalescing and retries ---------------------------------------------------------------------
 
-    async def _submit(self, op: bytes, kind: int, timeout: float | None, sequence: int = 0) -> Answer:
+    def _submit(
+        self, op: bytes, kind: int, timeout: float | None, sequence: int = 0
+    ) -> asyncio.Future[Answer]:
+        """Queues an operation for the next batch; the future gives its answer. Callers await it
+        directly: at tens of thousands of operations a second, each coroutine layer counts."""
         if self._closed:
             raise DengineError("the client is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer] = loop.create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
-        try:
-            return await future
-        finally:
-            # Answered (or refused outright): replicas may forget this sequence's result. A write
-            # whose deadline passed, or whose caller gave up, stays outstanding so that a late copy
-            # still counts as a duplicate.
-            if (
-                sequence
-                and future.done()
-                and not future.cancelled()
-                and not isinstance(future.exception(), (Unavailable, DeadlineExceeded))
-            ):
-                self._outstanding.discard(sequence)
+        return future
+
+    def _settled(self, p: _Pending) -> None:
+        """``p`` was answered, or refused outright: replicas may forget its sequence's result. A
+        write whose deadline passed, or whose caller gave up, stays outstanding so that a late
+        copy still counts as a duplicate."""
+        if p.sequence:
+            self._outstanding.discard(p.sequence)
 
     def _enqueue(self, pending: _Pending) -> None:
         self._queue.append(pending)
@@ -469,6 +469,7 @@ class Client:
                 if self._endpoints.leader is None and p.kind != _GET:
                     self._endpoints.leader = address
                 p.future.set_result(answer)
+                self._settled(p)
 
     def _on_failure(self, address: str, code: str, details: str) -> None:
         hint = _LEADER_HINT.search(details)
@@ -482,6 +483,7 @@ class Client:
             return
         if code not in _RETRYABLE:
             p.future.set_exception(RequestFailed(code, message))
+            self._settled(p)
             return
         remaining = p.deadline - time.monotonic()
         if remaining <= 0:

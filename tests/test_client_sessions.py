@@ -1,0 +1,123 @@
+"""The client's session bookkeeping (Raft thesis §6.3), with the Batch RPC replaced by a script.
+
+Every write carries the lowest sequence of this client still outstanding, and replicas forget
+the results below it. So a sequence may be released only once its answer is in (or the request
+was refused outright); a write whose deadline passed, or whose caller gave up, must stay
+outstanding, or a late copy of it could be applied a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from dengine._core import encode_kv_write_answers, parse_kv_session_writes
+from dengine.client import Client
+from dengine.errors import RequestFailed, Unavailable
+from dengine.kv import KVStateMachine, encode_put
+from dengine.raft.payload import SESSION_HEADER
+
+Reply = Callable[[bytes], bytes]  # request bytes -> response bytes, or raises AioRpcError
+
+
+def _answer_all(request: bytes) -> bytes:
+    writes = parse_kv_session_writes(request)
+    assert writes is not None
+    ops, _, payloads = writes
+    result = KVStateMachine().apply(1, encode_put(b"k", b"v"))
+    return encode_kv_write_answers(ops, [result] * len(payloads)) or b""
+
+
+def _refuse(code: grpc.StatusCode) -> Reply:
+    def reply(request: bytes) -> bytes:
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
+
+    return reply
+
+
+class ScriptedClient:
+    """A client whose Batch calls answer with ``self.reply``; records (sequence, first
+    outstanding) of every write it sends."""
+
+    def __init__(self) -> None:
+        self.client = Client(["127.0.0.1:1"], timeout=0.3, attempt_timeout=0.1)
+        self.reply: Reply = _answer_all
+        self.sent: list[tuple[int, int]] = []
+        self.client._batch_call = lambda address: self._call  # type: ignore[method-assign]
+
+    async def _call(self, request: bytes, timeout: float | None = None) -> bytes:
+        writes = parse_kv_session_writes(request)
+        assert writes is not None
+        for payload in writes[2]:
+            _, _, sequence, first = SESSION_HEADER.unpack_from(payload)
+            self.sent.append((sequence, first))
+        await asyncio.sleep(0)
+        return self.reply(request)
+
+    def last_first_outstanding(self) -> int:
+        return self.sent[-1][1]
+
+
+def run(test: Callable[[ScriptedClient], Any]) -> None:
+    async def main() -> None:
+        scripted = ScriptedClient()
+        try:
+            await test(scripted)
+        finally:
+            await scripted.client.close()
+
+    asyncio.run(main())
+
+
+def test_answered_writes_are_released() -> None:
+    async def test(s: ScriptedClient) -> None:
+        await asyncio.gather(*(s.client.put(b"k%d" % i, b"v") for i in range(5)))
+        await s.client.put(b"next", b"v")
+        assert s.sent[-1] == (6, 6), "every earlier write was answered"
+
+    run(test)
+
+
+def test_a_write_whose_deadline_passed_stays_outstanding() -> None:
+    async def test(s: ScriptedClient) -> None:
+        await s.client.put(b"a", b"v")
+        s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(Unavailable):
+            await s.client.put(b"lost", b"v")  # sequence 2: may still be applied later
+        s.reply = _answer_all
+        await s.client.put(b"b", b"v")
+        await s.client.put(b"c", b"v")
+        assert s.last_first_outstanding() == 2
+
+    run(test)
+
+
+def test_a_write_whose_caller_gave_up_stays_outstanding() -> None:
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)  # retried with backoff until cancelled
+        abandoned = asyncio.ensure_future(s.client.put(b"slow", b"v", timeout=30))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        s.reply = _answer_all
+        await s.client.put(b"b", b"v")
+        assert s.sent[-1] == (2, 1)
+
+    run(test)
+
+
+def test_a_write_refused_outright_is_released() -> None:
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _refuse(grpc.StatusCode.INVALID_ARGUMENT)
+        with pytest.raises(RequestFailed):
+            await s.client.put(b"refused", b"v")
+        s.reply = _answer_all
+        await s.client.put(b"b", b"v")
+        assert s.sent[-1] == (2, 2)
+
+    run(test)
