@@ -5,7 +5,12 @@ values. Reports ops/s and latency percentiles.
 Run:  python benchmarks/bench_embedded.py [--seconds 10] [--inflight 2000]
 """
 
+# ruff: noqa: E402 (grpc's I/O manager is chosen before anything imports grpc)
 from __future__ import annotations
+
+from dengine.grpc_tuning import tune_grpc
+
+tune_grpc()  # what the README recommends for a program that runs a node
 
 import argparse
 import asyncio

@@ -20,6 +20,9 @@ pre-loaded keys. Workloads (P x C): write-1 (1 x 1), write-sat (2 x 256), write-
 (2 x 256; etcd's clients pack concurrent puts into Txn requests of up to 128, as dengine's pack
 them into Batch RPCs), read-1 (1 x 1), read-sat (2 x 256).
 
+Client processes of both systems, and dengine's nodes, run grpc with the I/O manager setting of
+``dengine.grpc_tuning`` where it applies (unless ``GRPC_EXPERIMENTS`` is set already).
+
 Run:  python benchmarks/bench_vs_etcd.py [--seconds 10] [--workloads write-sat,read-sat]
           [--processes P] [--inflight C] [--keys 100000] [--out results.json] [--no-etcd]
 """
@@ -56,6 +59,7 @@ import grpc
 
 from dengine.client import Client
 from dengine.devcluster import free_ports, write_configs
+from dengine.grpc_tuning import recommended_experiments
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 PROTO = Path(__file__).resolve().parent / "etcd_kv.proto"
@@ -734,6 +738,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     etcd = None if args.no_etcd else shutil.which(args.etcd)
     if etcd is None and not args.no_etcd:
         print(f"note: no {args.etcd!r} binary on PATH; measuring dengine only", file=sys.stderr)
+    # Every process started from here (dengine's nodes, both systems' client workers) runs grpc
+    # with the setting dengine's README recommends: the same for etcd's clients as for dengine's.
+    recommended = recommended_experiments()
+    if recommended is not None:
+        os.environ.setdefault("GRPC_EXPERIMENTS", recommended)
+    grpc_experiments = os.environ.get("GRPC_EXPERIMENTS")
     runner = Runner(args)
     load_at_start = os.getloadavg()
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -767,6 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "etcd_client": "grpc.aio, one unary RPC per operation; writes to the leader, "
                 "linearizable reads round-robin over the members",
                 "dengine_client": client_defaults(),
+                "grpc_experiments_of_clients_and_dengine_nodes": grpc_experiments,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
             "workloads": rows,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dengine import __version__
+from dengine.grpc_tuning import tune_grpc
 from dengine.storage import Entry, WalLogStore
 
 _BATCH = 256
@@ -171,6 +172,7 @@ def main_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dengine`` console script."""
+    tune_grpc()  # before any command imports grpc (see dengine.grpc_tuning)
     args_list = list(sys.argv[1:] if argv is None else argv)
     for prefix, (module, function, _) in OWN_PARSERS.items():
         if tuple(args_list[: len(prefix)]) == prefix:
