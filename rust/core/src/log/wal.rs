@@ -119,6 +119,8 @@ pub struct WalLogStore {
     meta: Mutex<MetaFile>,
     /// One sync at a time: a second caller simply waits and then flushes what arrived meanwhile.
     sync_lock: Mutex<()>,
+    /// One compaction at a time: each makes its point durable, then applies it.
+    compact_lock: Mutex<()>,
     report: RecoveryReport,
     dir_lock: File,
 }
@@ -264,6 +266,7 @@ impl WalLogStore {
             state: Mutex::new(state),
             meta: Mutex::new(meta),
             sync_lock: Mutex::new(()),
+            compact_lock: Mutex::new(()),
             report,
             dir_lock: lock_file,
         })
@@ -396,31 +399,53 @@ impl LogStore for WalLogStore {
     }
 
     fn compact_prefix(&self, index: u64) -> Result<()> {
-        let mut guard = self.live()?;
-        let st = &mut *guard;
-        bounds::check_compact(index, st.first_index(), st.last_index())?;
-        if index == st.compact_index {
-            return Ok(());
-        }
-        let term = st.term(index)?;
+        // The fsync and the unlinks happen outside the state lock: the thread that appends (a
+        // node's event loop) must not wait behind a compaction's disk work.
+        let _one_at_a_time = lock(&self.compact_lock);
+        let term = {
+            let st = self.live()?;
+            bounds::check_compact(index, st.first_index(), st.last_index())?;
+            if index == st.compact_index {
+                return Ok(());
+            }
+            st.term(index)?
+        };
         {
             let mut meta = lock(&self.meta);
             let mut m = meta.get();
-            m.compact_index = index;
-            m.compact_term = term;
-            meta.write(m)?;
-            meta.sync()?;
+            // A reset (snapshot install) in the meantime may have moved the point further: the
+            // durable compaction point never moves back.
+            if m.compact_index < index {
+                m.compact_index = index;
+                m.compact_term = term;
+                meta.write(m)?;
+                meta.sync()?;
+            }
         }
-        st.compact_index = index;
-        st.compact_term = term;
-        st.terms.compact(index);
-        while st.segments.len() > 1 && st.segments[1].first_index <= index + 1 {
-            let seg = st.segments.remove(0);
-            self.remove_segment_file(&seg)?;
-            st.unsynced.retain(|f| !Arc::ptr_eq(f, &seg.file));
+        let removed = {
+            let mut guard = self.live()?;
+            let st = &mut *guard;
+            if index <= st.compact_index || st.term(index).ok() != Some(term) {
+                return Ok(()); // reset meanwhile: that log is gone, and so is this compaction
+            }
+            st.compact_index = index;
+            st.compact_term = term;
+            st.terms.compact(index);
+            let mut removed = Vec::new();
+            while st.segments.len() > 1 && st.segments[1].first_index <= index + 1 {
+                let seg = st.segments.remove(0);
+                st.unsynced.retain(|f| !Arc::ptr_eq(f, &seg.file));
+                removed.push(seg);
+            }
+            removed
+        };
+        for seg in &removed {
+            self.remove_segment_file(seg)?;
+        }
+        if !removed.is_empty() {
             // Unlinks may be lost in a crash; that is harmless, since recovery drops segments
-            // below the durable compaction point.
-            st.dir_dirty = true;
+            // below the durable compaction point. The next sync makes them durable.
+            self.live()?.dir_dirty = true;
         }
         Ok(())
     }
@@ -546,5 +571,41 @@ mod tests {
         s.close().unwrap();
         let reopened = WalLogStore::open(dir.path(), WalOptions::default()).unwrap();
         assert_eq!(reopened.hard_state().unwrap(), HardState { term: 3, vote: None, commit: 7 });
+    }
+
+    #[test]
+    fn appends_do_not_wait_behind_a_compactions_disk_work() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 4096, preallocate: false };
+        let s = Arc::new(WalLogStore::open(dir.path(), opts.clone()).unwrap());
+        let entry = |i: u64| Entry { index: i, term: 1, data: vec![7; 200] };
+        s.append(&(1..=100).map(entry).collect::<Vec<_>>()).unwrap();
+        s.sync().unwrap();
+        // Holding the meta file stands for a compaction's fsync that takes its time.
+        let slow_disk = lock(&s.meta);
+        let compactor = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || s.compact_prefix(80))
+        };
+        std::thread::sleep(Duration::from_millis(50)); // the compaction is now at its fsync
+        let (done, appended) = mpsc::channel();
+        let appender = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || done.send(s.append(&[entry(101)])).unwrap())
+        };
+        let waited = appended.recv_timeout(Duration::from_secs(5));
+        drop(slow_disk);
+        compactor.join().unwrap().unwrap();
+        appender.join().unwrap();
+        waited.expect("the append waited for the compaction's fsync").unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (81, 101));
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        s.sync().unwrap();
+        drop(s);
+        let reopened = WalLogStore::open(dir.path(), opts).unwrap();
+        assert_eq!((reopened.first_index().unwrap(), reopened.last_index().unwrap()), (81, 101));
+        assert!(files < 20, "segments below the compaction point were removed ({files} files)");
     }
 }
