@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from dengine.errors import ProposalDroppedError
 from dengine.proposals import Proposal, WriteGroup
@@ -28,13 +29,35 @@ def test_the_group_completes_with_every_answer_in_order_once_the_last_arrives() 
 def test_a_slot_stands_in_a_proposal_beside_plain_futures() -> None:
     async def main() -> None:
         group = WriteGroup(1)
+        slot = group.slots[0]
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        proposal = Proposal(b"payload", 0.0, group.slots[0])
+        proposal = Proposal(b"payload", 0.0, slot)
         proposal.futures.append(fut)  # the same write retried by a caller of propose()
         for waiter in proposal.futures:
             if not waiter.done():
                 waiter.set_result(b"ok")
         assert await fut == b"ok" and await group.future == [b"ok"]
-        assert group.slots[0] in proposal.futures  # found by identity, as Node._forget needs
+        assert slot in proposal.futures  # found by identity, as Node._forget needs
 
     asyncio.run(main())
+
+
+def test_an_answered_group_is_freed_without_the_cyclic_collector() -> None:
+    """Slots point back at their group: if the group kept them once answered, every batch would
+    be a reference cycle, and the piles of them long pauses of the cyclic collector."""
+
+    async def main() -> int:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                group = WriteGroup(100)
+                for slot in group.slots:
+                    slot.set_result(b"ok")
+                assert await group.future == [b"ok"] * 100
+            del group, slot
+            return gc.collect()  # what only the cyclic collector could free
+        finally:
+            gc.enable()
+
+    assert asyncio.run(main()) < 100

@@ -490,9 +490,12 @@ class Node:
         return group
 
     def forget_group(self, keys: list[tuple[int, int]], group: WriteGroup) -> None:
-        """Nobody waits for ``group`` any more (see :meth:`_forget`)."""
-        for key, slot in zip(keys, group.slots, strict=True):
-            self._forget(slot, key)
+        """Nobody waits for ``group`` any more (see :meth:`_forget`). A group answered in full
+        has no slot left waiting."""
+        if group.slots:
+            for key, slot in zip(keys, group.slots, strict=True):
+                self._forget(slot, key)
+            group.release()
 
     def _enqueue(self, key: tuple[int, int], payload: bytes, waiter: Waiter) -> None:
         """Records ``waiter`` as waiting for ``key`` and queues ``payload`` for the next append."""
