@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -283,6 +283,43 @@ def test_the_size_policy_counts_entries_written_while_the_last_snapshot_was_take
             await node.snapshot()
             assert node.snapshots.created == 2 and bursts
             await until(lambda: node.snapshots.created == 3, timeout=10)
+
+    run(main)
+
+
+class Bulky(Counter):
+    """A counter whose state takes 200 KB on disk, like a store holding many keys."""
+
+    def snapshot(self, sink: BinaryIO) -> None:
+        sink.write(str(self.n).encode().ljust(200_000))
+
+    def restore(self, source: BinaryIO) -> None:
+        self.n = int(source.read().strip())
+
+
+@pytest.mark.parametrize("log_factor", [2.0, 0.0])
+def test_the_entry_count_waits_until_the_log_outgrew_the_last_snapshot(
+    tmp_path: Path, log_factor: float
+) -> None:
+    """Raft thesis §5.1.3: a snapshot writes the whole state, so with a large state the entry
+    count alone would snapshot far more bytes than the writes it saves the log from."""
+    (cfg,) = with_snapshots(configs(tmp_path, 1), entries=50, log_factor=log_factor, keep=1)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Bulky()) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 10)
+            await node.snapshot()  # 200 KB: the next waits for 400 KB of log (with the factor)
+            assert node.snapshots.created == 1
+            await propose_all(node, 120)  # over the entry count, but a few KB of log
+            if not log_factor:
+                await until(lambda: node.snapshots.created == 2)
+                return
+            await asyncio.sleep(0.5)
+            assert node.snapshots.created == 1
+            for _ in range(5):  # 5 x 20 x 5 KB: past 400 KB
+                await asyncio.gather(*(node.propose(b"1".rjust(5_000)) for _ in range(20)))
+            await until(lambda: node.snapshots.created == 2)
 
     run(main)
 

@@ -468,6 +468,7 @@ class SnapshotSection(_Section):
     entries: int = _opt(100_000, _int(0))
     bytes: int = _opt(0, _int(0))
     interval_s: int = _opt(0, _int(0))
+    log_factor: float = _opt(2.0, _float(0))
     keep: int = _opt(2, _int(1))
     trailing_entries: int = _opt(5000, _int(0))
     chunk_bytes: int = _opt(1 << 20, _int(1))

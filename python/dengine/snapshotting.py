@@ -3,7 +3,8 @@ to a follower that needs it, and installing one that a leader sends.
 
 * **Policy** (``[snapshot]``): after ``entries`` applied entries, once the log directory holds
   ``bytes``, or ``interval_s`` seconds after the last snapshot if anything was applied since; or on
-  demand with :meth:`Node.snapshot`. After each snapshot the log is compacted up to
+  demand with :meth:`Node.snapshot`. The first two wait, besides, until the log has grown by
+  ``log_factor`` times the last snapshot's size. After each snapshot the log is compacted up to
   ``trailing_entries`` before it (so a slightly lagging follower still catches up from the log)
   and only the newest ``keep`` snapshot files stay.
 * **Creating**: the state is frozen between two applied batches. A state machine with
@@ -94,6 +95,8 @@ class SnapshotManager:
         self._last_snapshot_at = time.monotonic()
         self._log_dir = Path(node.config.node.data_dir) / "log"
         self._log_bytes_at_snapshot = 0
+        self._growth_check: asyncio.Future[None] | None = None
+        self._recheck_at = 0  # the applied index before which the log growth is not measured again
         self._tasks: list[asyncio.Task[Any]] = []
         self.created = 0
         self.installed = 0
@@ -133,7 +136,9 @@ class SnapshotManager:
         self._tasks.append(asyncio.create_task(self._policy_loop(), name=f"snapshot-policy-{self.node.id}"))
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._senders.values()]
+        tasks: list[asyncio.Future[Any]] = [*self._tasks, *self._senders.values()]
+        if self._growth_check is not None:
+            tasks.append(self._growth_check)
         if self._creating is not None:
             self._creating.cancel()
         for t in tasks:
@@ -154,8 +159,37 @@ class SnapshotManager:
             return
         # Members spread their snapshots (node n waits (n mod 3) / 8 of the interval longer) so
         # that the whole cluster does not write its state and fsync it at the same moment.
-        if raft.applied - self._latest_index() >= every + every * (self.node.id % 3) // 8:
+        if raft.applied - self._latest_index() < every + every * (self.node.id % 3) // 8:
+            return
+        if self._log_factor_applies():
+            if self._growth_check is None and raft.applied >= self._recheck_at:
+                self._growth_check = asyncio.ensure_future(self._create_if_log_grew(every))
+        else:
             self._begin_create()
+
+    def _log_factor_applies(self) -> bool:
+        return bool(self.cfg.log_factor) and self.latest is not None
+
+    async def _log_growth(self) -> int:
+        """Bytes the log grew by since the newest snapshot was taken."""
+        return await self._run(_directory_bytes, self._log_dir) - self._log_bytes_at_snapshot
+
+    def _log_grew_enough(self, grown: int) -> bool:
+        """The Raft thesis' expansion factor (§5.1.3): a snapshot writes the whole state, so one
+        is worth taking once the log has outgrown the last snapshot ``log_factor`` times; with a
+        large state, snapshots then cost in proportion to the writes, not to the state."""
+        latest = self.latest
+        return latest is None or grown >= self.cfg.log_factor * latest.size
+
+    async def _create_if_log_grew(self, every: int) -> None:
+        try:
+            if self._log_grew_enough(await self._log_growth()):
+                self._begin_create()
+            elif self.node.raft is not None:
+                # Not yet: look again after another eighth of the entry count.
+                self._recheck_at = self.node.raft.applied + max(1, every // 8)
+        finally:
+            self._growth_check = None
 
     def _latest_index(self) -> int:
         return self.latest.meta.index if self.latest is not None else 0
@@ -292,8 +326,8 @@ class SnapshotManager:
                 continue
             due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
             if not due and cfg.bytes:
-                grown = await self._run(_directory_bytes, self._log_dir) - self._log_bytes_at_snapshot
-                due = grown >= cfg.bytes
+                grown = await self._log_growth()
+                due = grown >= cfg.bytes and (not self._log_factor_applies() or self._log_grew_enough(grown))
             if due:
                 self._begin_create()
 
