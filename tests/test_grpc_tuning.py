@@ -37,8 +37,8 @@ def test_the_dengine_command_chooses_before_grpc_loads_and_grpc_then_serves() ->
         "out['grpc_loaded_by_import'] = 'grpc' in sys.modules\n"
         "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
         "out['value'] = os.environ.get('GRPC_EXPERIMENTS')\n"
-        "import grpc\n"
-        "server = grpc.server(__import__('concurrent.futures').futures.ThreadPoolExecutor(1))\n"
+        "import grpc\nfrom concurrent.futures import ThreadPoolExecutor\n"
+        "server = grpc.server(ThreadPoolExecutor(1))\n"
         "out['port'] = server.add_insecure_port('127.0.0.1:0')\n"
     )
     assert out["grpc_loaded_by_import"] is False, "importing the CLI must not load grpc"

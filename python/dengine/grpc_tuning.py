@@ -4,8 +4,8 @@ grpcio does its socket I/O through its newer EventEngine by default. On Linux th
 still ships alongside (its own default until recently) costs ``grpc.aio`` fewer thread hand-offs
 per message, and every dengine write is four messages (client to leader, leader to followers and
 back, leader to client). Measured with ``benchmarks/bench_vs_etcd.py`` on the 2-core machine of
-``benchmarks/RESULTS.md``: a write at 1 in flight 3.1-3.4 -> 2.6 ms (p50), saturated writes 6-15%
-more per second.
+``benchmarks/RESULTS.md``, with and without it in alternating runs: the p50 of a write at 1 in
+flight 12-20% lower, saturated writes up to 15% more per second.
 
 The choice goes through grpc's ``GRPC_EXPERIMENTS`` environment variable, which grpc reads once,
 when it is first imported. So :func:`tune_grpc` works only before anything imports ``grpc``. Every

@@ -112,13 +112,10 @@ def kv_parser() -> argparse.ArgumentParser:
 async def _put(client: Client, args: argparse.Namespace) -> int:
     r = await client.put(args.key.encode(), args.value.encode(), prev_kv=args.prev_kv)
     if args.output == "json":
-        print(
-            json.dumps(
-                {"revision": r.revision, "prev": _kv_json(r.prev)}
-                if args.prev_kv
-                else {"revision": r.revision}
-            )
-        )
+        shown: dict[str, object] = {"revision": r.revision}
+        if args.prev_kv:
+            shown["prev"] = _kv_json(r.prev)
+        print(json.dumps(shown))
     else:
         print(f"OK (revision {r.revision})")
         if args.prev_kv:
