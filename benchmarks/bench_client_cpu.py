@@ -31,7 +31,8 @@ import grpc
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.client import Client
 from dengine.devcluster import free_ports
-from dengine.kv import KVStateMachine, encode_put
+from dengine.kv import KVStateMachine, PutCommand, decode_command, encode_put
+from dengine.raft.payload import SESSION_HEADER
 
 VALUE = b"v" * 256
 
@@ -51,8 +52,10 @@ def serve(port: int, ready: Connection) -> None:
         writes = parse_kv_session_writes(request)
         assert writes is not None, "the client sent a batch the fast path does not take"
         ops, _, payloads = writes
-        # A put asking for prev_kv carries op 5 in its command (after the 25-byte session head).
-        answers: list[bytes | str] = [with_prev if p[26] == 5 else plain for p in payloads]
+        commands = [decode_command(p[SESSION_HEADER.size :]) for p in payloads]
+        answers: list[bytes | str] = [
+            with_prev if isinstance(c, PutCommand) and c.prev_kv else plain for c in commands
+        ]
         encoded = encode_kv_write_answers(ops, answers)
         assert encoded is not None
         return encoded

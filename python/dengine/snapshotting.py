@@ -163,7 +163,7 @@ class SnapshotManager:
             return
         if self._log_factor_applies():
             if self._growth_check is None and raft.applied >= self._recheck_at:
-                self._growth_check = asyncio.ensure_future(self._create_if_log_grew(every))
+                self._growth_check = asyncio.ensure_future(self._create_if_log_grew())
         else:
             self._begin_create()
 
@@ -181,13 +181,13 @@ class SnapshotManager:
         latest = self.latest
         return latest is None or grown >= self.cfg.log_factor * latest.size
 
-    async def _create_if_log_grew(self, every: int) -> None:
+    async def _create_if_log_grew(self) -> None:
         try:
             if self._log_grew_enough(await self._log_growth()):
                 self._begin_create()
             elif self.node.raft is not None:
                 # Not yet: look again after another eighth of the entry count.
-                self._recheck_at = self.node.raft.applied + max(1, every // 8)
+                self._recheck_at = self.node.raft.applied + max(1, self.cfg.entries // 8)
         finally:
             self._growth_check = None
 
