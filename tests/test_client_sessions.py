@@ -1,4 +1,4 @@
-"""The client's session bookkeeping (Raft thesis §6.3), with the Batch RPC replaced by a script.
+"""The client's session bookkeeping (Raft thesis §6.3), with the batch call replaced by a script.
 
 Every write carries the lowest sequence of this client still outstanding, and replicas forget
 the results below it. So a sequence may be released only once its answer is in (or the request
@@ -16,12 +16,13 @@ import grpc
 import pytest
 
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
+from dengine.batch_stream import CallFailed
 from dengine.client import Client
 from dengine.errors import RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
 from dengine.raft.payload import SESSION_HEADER
 
-Reply = Callable[[bytes], bytes]  # request bytes -> response bytes, or raises AioRpcError
+Reply = Callable[[bytes], bytes]  # request bytes -> response bytes, or raises CallFailed
 
 
 def _answer_all(request: bytes) -> bytes:
@@ -34,22 +35,22 @@ def _answer_all(request: bytes) -> bytes:
 
 def _refuse(code: grpc.StatusCode) -> Reply:
     def reply(request: bytes) -> bytes:
-        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
+        raise CallFailed(code.name, "scripted")
 
     return reply
 
 
 class ScriptedClient:
-    """A client whose Batch calls answer with ``self.reply``; records (sequence, first
+    """A client whose batches are answered by ``self.reply``; records (sequence, first
     outstanding) of every write it sends."""
 
     def __init__(self) -> None:
         self.client = Client(["127.0.0.1:1"], timeout=0.3, attempt_timeout=0.1)
         self.reply: Reply = _answer_all
         self.sent: list[tuple[int, int]] = []
-        self.client._batch_call = lambda address: self._call  # type: ignore[method-assign]
+        self.client._call_batch = self._call  # type: ignore[method-assign]
 
-    async def _call(self, request: bytes, timeout: float | None = None) -> bytes:
+    async def _call(self, address: str, request: bytes, timeout: float) -> bytes:
         writes = parse_kv_session_writes(request)
         assert writes is not None
         for payload in writes[2]:

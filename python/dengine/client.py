@@ -6,10 +6,11 @@
 * Writes are exactly-once: each carries ``(client id, sequence)``, so a retry of a write whose
   first attempt committed (but whose answer was lost) returns the first result instead of
   applying again.
-* Concurrent calls from many coroutines are coalesced into ``Batch`` RPCs: everything issued in
-  the same event-loop turn leaves together (``linger_ms`` waits longer, but asyncio timers round
-  up to a millisecond). One RPC per operation cannot go past what a gRPC server does per second,
-  a batch of 128 can.
+* Concurrent calls from many coroutines are coalesced into batches: everything issued in the
+  same event-loop turn leaves together (``linger_ms`` waits longer, but asyncio timers round up
+  to a millisecond). One RPC per operation cannot go past what a gRPC server does per second, a
+  batch of 128 can. Batches travel over one long-lived ``BatchStream`` per node
+  (:mod:`dengine.batch_stream`), or as unary ``Batch`` calls to a node without it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dengine._core import (
     encode_kv_write_operation,
     join_kv_operations,
 )
+from dengine.batch_stream import BatchStream, CallFailed
 from dengine.errors import (
     CompareFailed,
     DeadlineExceeded,
@@ -223,6 +225,9 @@ class Client:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, kv_pb2_grpc.KVStub] = {}
         self._batch_calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self._batch_streams: dict[str, BatchStream] = {}
+        # Nodes that do not know BatchStream (an older version): Batch calls instead.
+        self._unary_only: set[str] = set()
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -240,6 +245,9 @@ class Client:
         self._closed = True
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        for stream in self._batch_streams.values():
+            await stream.close()
+        self._batch_streams.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -440,16 +448,16 @@ class Client:
     async def _send_batch(self, batch: list[_Pending]) -> None:
         address = self._endpoints.pick()
         deadline = min(p.deadline for p in batch)
-        call = self._batch_call(address)
         try:
-            raw = await call(
+            raw = await self._call_batch(
+                address,
                 join_kv_operations([p.op for p in batch]),
-                timeout=max(0.05, min(self.attempt_timeout, deadline - time.monotonic())),
+                max(0.05, min(self.attempt_timeout, deadline - time.monotonic())),
             )
-        except grpc.aio.AioRpcError as exc:
-            self._on_failure(address, exc.code().name, exc.details() or "")
+        except CallFailed as exc:
+            self._on_failure(address, exc.code, exc.details)
             for p in batch:
-                self._retry_or_fail(p, exc.code().name, exc.details() or "")
+                self._retry_or_fail(p, exc.code, exc.details)
             return
         try:
             answers = _read_answers(raw)
@@ -517,6 +525,26 @@ class Client:
                     raise Unavailable(f"no node could serve {method}: {code} {details}") from exc
             attempts += 1
             await asyncio.sleep(min(0.5, 0.01 * 2 ** min(attempts, 6)))
+
+    async def _call_batch(self, address: str, request: bytes, timeout: float) -> bytes:
+        """One attempt at a serialized ``BatchRequest`` on the node at ``address``: over its
+        batch stream, or a unary ``Batch`` call to a node without one. Raises
+        :class:`CallFailed`."""
+        if address not in self._unary_only:
+            stream = self._batch_streams.get(address)
+            if stream is None or stream.broken is not None:
+                stream = self._batch_streams[address] = BatchStream(self._channel(address))
+            try:
+                return await stream.call(request, timeout)
+            except CallFailed as exc:
+                if exc.code != "UNIMPLEMENTED":
+                    raise
+                self._unary_only.add(address)
+        try:
+            raw: bytes = await self._batch_call(address)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise CallFailed(exc.code().name, exc.details() or "") from None
+        return raw
 
     def _batch_call(self, address: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         """The Batch method taking and giving raw bytes (cached like the stubs)."""

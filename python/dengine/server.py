@@ -52,6 +52,8 @@ _CONSISTENCY: dict[int, str] = {
 MAX_KEY = 64 << 10
 MAX_VALUE = 16 << 20
 MAX_BATCH = 10_000
+# Batches of one BatchStream worked on at once; a client sending more waits in gRPC's flow control.
+STREAM_WINDOW = 256
 
 
 class RequestError(Exception):
@@ -382,18 +384,78 @@ class KVService(kv_pb2_grpc.KVServicer):
                 _fill_kv(answer.kv, kv)
 
     async def Batch(self, request: bytes, context: Any) -> bytes:
-        """Takes and answers raw bytes (see :func:`add_kv_service`). A batch of session writes,
-        what a client under load sends, goes from request bytes to log payloads and from results
-        to response bytes in Rust, with one waiter for the whole batch; any other batch goes
-        through the protobuf messages. Both paths answer alike (``tests/test_kv_batch_wire.py``)."""
+        """Takes and answers raw bytes (see :func:`add_kv_service`); :meth:`_answer_batch` says how."""
+        return await self._call(context, self._answer_batch(request), "Batch")
+
+    async def BatchStream(self, envelopes: AsyncIterator[bytes], context: Any) -> None:
+        """Batches over one long-lived stream, raw bytes both ways: each ``StreamedBatch`` is
+        answered by its id as soon as it completes, so a slow batch holds up no other. A refused
+        batch is answered with the status a ``Batch`` call would have failed with, and the stream
+        goes on; a malformed envelope ends the stream with INVALID_ARGUMENT. At most
+        :data:`STREAM_WINDOW` batches of one stream are worked on at once: beyond that, the
+        stream is not read, and gRPC's flow control holds the client back."""
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        sending = asyncio.Lock()  # gRPC takes one message at a time on a call
+        working: set[asyncio.Task[None]] = set()
+        handler = asyncio.current_task()
+        assert handler is not None
+        failure: list[Exception] = []
+
+        async def answer(streamed: kv_pb2.StreamedBatch) -> None:
+            try:
+                out = await self._answer_streamed(streamed)
+                async with sending:
+                    await context.write(out)
+            except Exception as exc:  # a bug, or the call ended: so does the stream
+                if not failure:
+                    failure.append(exc)
+                    handler.cancel()
+            finally:
+                window.release()
+
+        try:
+            async for envelope in envelopes:
+                try:
+                    streamed = kv_pb2.StreamedBatch.FromString(envelope)
+                except DecodeError:
+                    self.node.metrics.grpc_error("BatchStream", grpc.StatusCode.INVALID_ARGUMENT)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed StreamedBatch")
+                await window.acquire()
+                task = asyncio.get_running_loop().create_task(answer(streamed))
+                working.add(task)
+                task.add_done_callback(working.discard)
+            while working:  # the client is done sending: answer what it sent, then end
+                await asyncio.wait(list(working))
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            for task in list(working):
+                task.cancel()
+
+    async def _answer_streamed(self, streamed: kv_pb2.StreamedBatch) -> bytes:
+        try:
+            batch = await self._answer_batch(streamed.batch)
+        except (RequestError, DengineError) as exc:
+            code = exc.code if isinstance(exc, RequestError) else grpc.StatusCode.UNAVAILABLE
+            self.node.metrics.grpc_error("BatchStream", code)
+            refused = kv_pb2.StreamedBatchAnswer(id=streamed.id, code=code.value[0], message=str(exc))
+            return refused.SerializeToString()
+        return kv_pb2.StreamedBatchAnswer(id=streamed.id, batch=batch).SerializeToString()
+
+    async def _answer_batch(self, request: bytes) -> bytes:
+        """A batch of session writes, what a client under load sends, goes from request bytes to
+        log payloads and from results to response bytes in Rust, with one waiter for the whole
+        batch; any other batch goes through the protobuf messages. Both paths answer alike
+        (``tests/test_kv_batch_wire.py``). Raises :class:`RequestError` for a batch refused whole."""
         writes = parse_kv_session_writes(request)
         if writes is None or len(writes[1]) > MAX_BATCH:
             try:
                 message = kv_pb2.BatchRequest.FromString(request)
             except DecodeError:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed BatchRequest")
-                raise AssertionError("unreachable") from None
-            return (await self._batch(message, context)).SerializeToString()
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed BatchRequest") from None
+            return (await self._batch(message)).SerializeToString()
         ops, keys, payloads = writes
         answers = await self._group_answers(keys, payloads)
         encoded = encode_kv_write_answers(ops, answers)
@@ -422,9 +484,9 @@ class KVService(kv_pb2_grpc.KVServicer):
             answers.append(_error_text(failure))
         return answers
 
-    async def _batch(self, request: kv_pb2.BatchRequest, context: Any) -> kv_pb2.BatchResponse:
+    async def _batch(self, request: kv_pb2.BatchRequest) -> kv_pb2.BatchResponse:
         if len(request.ops) > MAX_BATCH:
-            await context.abort(
+            raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch holds at most {MAX_BATCH} operations"
             )
         # The answers are filled in place in the response, each operation in its own slot.
@@ -510,18 +572,19 @@ def _event(e: Any) -> kv_pb2.WatchEvent:
 
 def add_kv_service(server: grpc.aio.Server, service: KVService) -> None:
     """Serves ``service`` as ``dengine.v1.KV``. Unlike the generated ``add_KVServicer_to_server``,
-    Batch takes and returns raw bytes, so that its fast path never builds the messages."""
+    Batch and BatchStream take and return raw bytes, so that the fast path never builds the
+    messages."""
     descriptor = kv_pb2.DESCRIPTOR.services_by_name["KV"]
     handlers = {}
     for method in descriptor.methods:
-        raw = method.name == "Batch"
+        raw = method.name in ("Batch", "BatchStream")
         request = getattr(kv_pb2, method.input_type.name)
         response = getattr(kv_pb2, method.output_type.name)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(service, method.name),
             request_deserializer=None if raw else request.FromString,

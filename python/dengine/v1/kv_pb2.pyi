@@ -176,6 +176,26 @@ class BatchResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[OperationResult]
     def __init__(self, results: _Optional[_Iterable[_Union[OperationResult, _Mapping]]] = ...) -> None: ...
 
+class StreamedBatch(_message.Message):
+    __slots__ = ("id", "batch")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    batch: bytes
+    def __init__(self, id: _Optional[int] = ..., batch: _Optional[bytes] = ...) -> None: ...
+
+class StreamedBatchAnswer(_message.Message):
+    __slots__ = ("id", "batch", "code", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    batch: bytes
+    code: int
+    message: str
+    def __init__(self, id: _Optional[int] = ..., batch: _Optional[bytes] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class WatchRequest(_message.Message):
     __slots__ = ("prefix", "start_revision")
     PREFIX_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class KVStub:
                 request_serializer=dengine_dot_v1_dot_kv__pb2.BatchRequest.SerializeToString,
                 response_deserializer=dengine_dot_v1_dot_kv__pb2.BatchResponse.FromString,
                 _registered_method=True)
+        self.BatchStream = channel.stream_stream(
+                '/dengine.v1.KV/BatchStream',
+                request_serializer=dengine_dot_v1_dot_kv__pb2.StreamedBatch.SerializeToString,
+                response_deserializer=dengine_dot_v1_dot_kv__pb2.StreamedBatchAnswer.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/dengine.v1.KV/Watch',
                 request_serializer=dengine_dot_v1_dot_kv__pb2.WatchRequest.SerializeToString,
@@ -111,6 +116,14 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchStream(self, request_iterator, context):
+        """Batch over one long-lived stream: many batches in flight, each answered by its id as soon
+        as it completes. A message on an open stream costs gRPC a fraction of a unary call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Events from a revision on, as they are applied.
         """
@@ -150,6 +163,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Batch,
                     request_deserializer=dengine_dot_v1_dot_kv__pb2.BatchRequest.FromString,
                     response_serializer=dengine_dot_v1_dot_kv__pb2.BatchResponse.SerializeToString,
+            ),
+            'BatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BatchStream,
+                    request_deserializer=dengine_dot_v1_dot_kv__pb2.StreamedBatch.FromString,
+                    response_serializer=dengine_dot_v1_dot_kv__pb2.StreamedBatchAnswer.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -319,6 +337,33 @@ class KV:
             '/dengine.v1.KV/Batch',
             dengine_dot_v1_dot_kv__pb2.BatchRequest.SerializeToString,
             dengine_dot_v1_dot_kv__pb2.BatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dengine.v1.KV/BatchStream',
+            dengine_dot_v1_dot_kv__pb2.StreamedBatch.SerializeToString,
+            dengine_dot_v1_dot_kv__pb2.StreamedBatchAnswer.FromString,
             options,
             channel_credentials,
             insecure,

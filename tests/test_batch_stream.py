@@ -1,0 +1,265 @@
+"""``KV.BatchStream``: batches over one long-lived stream, each answered by its id.
+
+The server side runs on a real 3-process cluster. The client side (``dengine.batch_stream`` and
+``Client``'s use of it) runs against scripted gRPC servers in this process, which answer out of
+order, never, with a refusal, by ending the stream, or not at all because they only know the
+unary ``Batch`` of an older version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from dengine.client import Client
+from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
+from dengine.server import MAX_BATCH
+from dengine.v1 import kv_pb2
+
+from cluster_procs import ProcCluster, running_cluster
+
+
+def _put(key: bytes, value: bytes, client_id: int = 0, sequence: int = 0) -> kv_pb2.Operation:
+    s = kv_pb2.Session(client_id=client_id, sequence=sequence) if client_id else None
+    return kv_pb2.Operation(put=kv_pb2.PutRequest(key=key, value=value, session=s))
+
+
+def _get(key: bytes) -> kv_pb2.Operation:
+    return kv_pb2.Operation(get=kv_pb2.GetRequest(key=key))
+
+
+def _envelope(batch_id: int, ops: list[kv_pb2.Operation] | bytes) -> bytes:
+    batch = ops if isinstance(ops, bytes) else kv_pb2.BatchRequest(ops=ops).SerializeToString()
+    return kv_pb2.StreamedBatch(id=batch_id, batch=batch).SerializeToString()
+
+
+# --- the server, on a real cluster ------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
+    with running_cluster(tmp_path) as c:
+        yield c
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
+def test_the_stream_answers_each_batch_by_its_id_and_survives_a_refused_one(cluster: ProcCluster) -> None:
+    async def main() -> None:
+        leader = cluster.wait_leader()
+        async with grpc.aio.insecure_channel(cluster.address(leader)) as channel:
+            call = channel.stream_stream("/dengine.v1.KV/BatchStream")()
+            await call.write(_envelope(7, [_put(b"a", b"1", client_id=9, sequence=1)]))  # fast path
+            await call.write(_envelope(8, b"\x0a\xff\xff\xff"))  # not a BatchRequest
+            await call.write(_envelope(9, [_get(b"x")] * (MAX_BATCH + 1)))
+            await call.write(_envelope(10, [_put(b"b", b"2"), _get(b"a")]))  # general path
+            answers = {}
+            for _ in range(4):
+                raw = await asyncio.wait_for(call.read(), 10)
+                assert isinstance(raw, bytes)
+                answer = kv_pb2.StreamedBatchAnswer.FromString(raw)
+                answers[answer.id] = answer
+            assert sorted(answers) == [7, 8, 9, 10]
+            first = kv_pb2.BatchResponse.FromString(answers[7].batch)
+            assert first.results[0].put.revision > 0
+            assert answers[7].code == 0
+            assert answers[8].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert answers[8].message == "malformed BatchRequest" and not answers[8].batch
+            assert answers[9].code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            last = kv_pb2.BatchResponse.FromString(answers[10].batch)
+            assert last.results[0].put.revision > first.results[0].put.revision
+            assert last.results[1].get.found and last.results[1].get.kv.value == b"1"
+            # A retried batch on the same stream is answered from the session table.
+            await call.write(_envelope(11, [_put(b"a", b"1", client_id=9, sequence=1)]))
+            again = kv_pb2.StreamedBatchAnswer.FromString(await asyncio.wait_for(call.read(), 10))
+            assert again.id == 11 and kv_pb2.BatchResponse.FromString(again.batch) == first
+            await call.done_writing()
+            assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+
+            broken = channel.stream_stream("/dengine.v1.KV/BatchStream")()
+            await broken.write(b"\x0a\xff\xff\xff")  # not a StreamedBatch
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(broken.read(), 10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == "malformed StreamedBatch"
+
+        async with Client([cluster.address(leader)], timeout=10) as client:
+            assert (await client.get(b"b")) is not None, "the node serves on after the broken stream"
+
+    asyncio.run(main())
+
+
+# --- the client, against scripted servers ------------------------------------------------------
+
+StreamScript = Callable[[AsyncIterator[bytes], Any], Awaitable[None]]
+
+
+async def bounded(test: Awaitable[None]) -> None:
+    """A test that would hang (a batch nobody ever fails) fails instead."""
+    await asyncio.wait_for(test, 30)
+
+
+def _answer_puts(batch: bytes) -> bytes:
+    """Answers every put of ``batch`` with a revision read from its key: ``k<n>`` gets ``n``."""
+    request = kv_pb2.BatchRequest.FromString(batch)
+    response = kv_pb2.BatchResponse()
+    for op in request.ops:
+        response.results.add().put.revision = int(op.put.key[1:])
+    return response.SerializeToString()
+
+
+def _answered(streamed: kv_pb2.StreamedBatch) -> bytes:
+    return kv_pb2.StreamedBatchAnswer(id=streamed.id, batch=_answer_puts(streamed.batch)).SerializeToString()
+
+
+def _sequences(batch: bytes) -> list[int]:
+    return [op.put.session.sequence for op in kv_pb2.BatchRequest.FromString(batch).ops]
+
+
+class ScriptedServer:
+    """A gRPC server in this process serving ``dengine.v1.KV`` by script: ``stream`` for
+    BatchStream (left out: the server does not know the method), ``unary`` for Batch."""
+
+    def __init__(self, stream: StreamScript | None, unary: Callable[[bytes], bytes] | None = None) -> None:
+        self.stream, self.unary = stream, unary
+        self.server = grpc.aio.server()
+        self.address = ""
+
+    async def __aenter__(self) -> ScriptedServer:
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        if self.stream is not None:
+            handlers["BatchStream"] = grpc.stream_stream_rpc_method_handler(self.stream)
+        if self.unary is not None:
+            unary = self.unary
+
+            async def batch(request: bytes, context: Any) -> bytes:
+                return unary(request)
+
+            handlers["Batch"] = grpc.unary_unary_rpc_method_handler(batch)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("dengine.v1.KV", handlers),)
+        )
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(None)
+
+
+def test_answers_that_come_back_out_of_order_reach_their_own_callers() -> None:
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> None:
+        it = envelopes.__aiter__()
+        first = kv_pb2.StreamedBatch.FromString(await it.__anext__())
+        second = kv_pb2.StreamedBatch.FromString(await it.__anext__())
+        for streamed in (second, first):
+            await context.write(
+                kv_pb2.StreamedBatchAnswer(
+                    id=streamed.id, batch=_answer_puts(streamed.batch)
+                ).SerializeToString()
+            )
+        async for _ in it:
+            pass
+
+    async def main() -> None:
+        async with (
+            ScriptedServer(stream) as server,
+            Client([server.address], max_batch=1, timeout=5) as client,
+        ):
+            one, two = await asyncio.gather(client.put(b"k1", b"v"), client.put(b"k2", b"v"))
+            assert (one.revision, two.revision) == (1, 2)
+
+    asyncio.run(bounded(main()))
+
+
+def test_a_node_without_the_stream_is_sent_unary_batches() -> None:
+    calls: list[bytes] = []
+
+    def unary(batch: bytes) -> bytes:
+        calls.append(batch)
+        return _answer_puts(batch)
+
+    async def main() -> None:
+        async with ScriptedServer(None, unary) as server, Client([server.address], timeout=5) as client:
+            assert (await client.put(b"k3", b"v")).revision == 3
+            assert (await client.put(b"k4", b"v")).revision == 4
+        assert len(calls) == 2
+
+    asyncio.run(bounded(main()))
+
+
+def test_a_stream_that_never_answers_fails_the_call_within_its_deadline() -> None:
+    received: list[bytes] = []
+
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> None:
+        async for envelope in envelopes:
+            received.append(envelope)
+
+    async def main() -> None:
+        async with ScriptedServer(stream) as server:
+            client = Client([server.address], timeout=0.8, attempt_timeout=0.2)
+            try:
+                with pytest.raises((DeadlineExceeded, Unavailable)):
+                    await asyncio.wait_for(client.put(b"k1", b"v"), 10)
+            finally:
+                # Bounded too: close() waits for every batch in flight to be answered or failed.
+                await asyncio.wait_for(client.close(), 10)
+        attempts = [_sequences(kv_pb2.StreamedBatch.FromString(e).batch) for e in received]
+        assert len(attempts) >= 2, "an attempt without an answer is retried"
+        assert all(a == [1] for a in attempts), "every attempt is the same write of the same session"
+
+    asyncio.run(bounded(main()))
+
+
+def test_a_batch_on_a_stream_that_ends_is_retried_on_a_new_one() -> None:
+    streams: list[list[int]] = []
+
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> None:
+        streams.append([])
+        async for envelope in envelopes:
+            streamed = kv_pb2.StreamedBatch.FromString(envelope)
+            streams[-1].extend(_sequences(streamed.batch))
+            if len(streams) == 1:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+            await context.write(
+                kv_pb2.StreamedBatchAnswer(
+                    id=streamed.id, batch=_answer_puts(streamed.batch)
+                ).SerializeToString()
+            )
+
+    async def main() -> None:
+        async with ScriptedServer(stream) as server, Client([server.address], timeout=5) as client:
+            assert (await client.put(b"k5", b"v")).revision == 5
+        assert streams == [[1], [1]], "the same write, retried once on a second stream"
+
+    asyncio.run(bounded(main()))
+
+
+def test_a_batch_the_node_refuses_fails_without_a_retry() -> None:
+    received: list[int] = []
+
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> None:
+        async for envelope in envelopes:
+            streamed = kv_pb2.StreamedBatch.FromString(envelope)
+            received.append(streamed.id)
+            refused = kv_pb2.StreamedBatchAnswer(
+                id=streamed.id, code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="too big"
+            )
+            await context.write(refused.SerializeToString())
+
+    async def main() -> None:
+        async with ScriptedServer(stream) as server, Client([server.address], timeout=5) as client:
+            with pytest.raises(RequestFailed) as failed:
+                await client.put(b"k6", b"v")
+            assert failed.value.code == "RESOURCE_EXHAUSTED"
+            assert "too big" in str(failed.value)
+        assert received == [1]
+
+    asyncio.run(bounded(main()))
