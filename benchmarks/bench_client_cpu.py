@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import random
 import time
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,6 +34,7 @@ from dengine.client import Client
 from dengine.devcluster import free_ports
 from dengine.kv import KVStateMachine, PutCommand, decode_command, encode_put
 from dengine.raft.payload import SESSION_HEADER
+from dengine.v1 import kv_pb2
 
 VALUE = b"v" * 256
 
@@ -45,7 +47,8 @@ def _put_results() -> tuple[bytes, bytes]:
 
 
 def serve(port: int, ready: Connection) -> None:
-    """An instant KV server: every batch of session puts is answered with stored put results."""
+    """An instant KV server: every batch of session puts is answered with stored put results,
+    over the batch stream the client uses (and over unary ``Batch``, for a client without it)."""
     plain, with_prev = _put_results()
 
     async def batch(request: bytes, context: Any) -> bytes:
@@ -60,9 +63,18 @@ def serve(port: int, ready: Connection) -> None:
         assert encoded is not None
         return encoded
 
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for envelope in envelopes:
+            streamed = kv_pb2.StreamedBatch.FromString(envelope)
+            answer = await batch(streamed.batch, context)
+            yield kv_pb2.StreamedBatchAnswer(id=streamed.id, batch=answer).SerializeToString()
+
     async def main() -> None:
         server = grpc.aio.server()
-        handlers = {"Batch": grpc.unary_unary_rpc_method_handler(batch)}
+        handlers = {
+            "Batch": grpc.unary_unary_rpc_method_handler(batch),
+            "BatchStream": grpc.stream_stream_rpc_method_handler(stream),
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dengine.v1.KV", handlers),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
