@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from types import SimpleNamespace
+from typing import Any
 
 from dengine.errors import ProposalDroppedError
+from dengine.kv import KVStateMachine
 from dengine.proposals import Proposal, WriteGroup
+from dengine.server import KVService
 
 
 def test_the_group_completes_with_every_answer_in_order_once_the_last_arrives() -> None:
@@ -16,9 +20,10 @@ def test_the_group_completes_with_every_answer_in_order_once_the_last_arrives() 
         c.set_result(b"third")
         a.set_result(b"first")
         assert not group.future.done() and c.done() and not b.done()
+        assert not group.failed
         failure = ProposalDroppedError("overtaken")
         b.set_exception(failure)
-        assert group.future.done()
+        assert group.future.done() and group.failed
         assert await group.future == [b"first", failure, b"third"]
         a.set_result(b"late")  # a second answer for the same write changes nothing
         assert group.answers[0] == b"first"
@@ -61,3 +66,45 @@ def test_an_answered_group_is_freed_without_the_cyclic_collector() -> None:
             gc.enable()
 
     assert asyncio.run(main()) < 100
+
+
+def test_an_empty_group_is_complete_at_once() -> None:
+    async def main() -> None:
+        group = WriteGroup(0)
+        assert group.future.done() and await group.future == [] and not group.failed
+
+    asyncio.run(main())
+
+
+class _GroupsNode:
+    """The part of a leading node the KV service's write groups use."""
+
+    def __init__(self) -> None:
+        self.id = 1
+        self.raft = SimpleNamespace(lead=1)
+        self.groups: list[WriteGroup] = []
+
+    def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:
+        self.groups.append(WriteGroup(len(keys)))
+        return self.groups[-1]
+
+
+def test_the_kv_service_answers_a_groups_failed_writes_with_their_error() -> None:
+    """The service hands a group's answers on as they are when every write has result bytes; a
+    failed write among them must still become its error text, not an exception object."""
+
+    async def main() -> None:
+        node = _GroupsNode()
+        service = KVService(node, KVStateMachine())  # type: ignore[arg-type]
+        plain = asyncio.ensure_future(service._group_answers([(5, 1), (5, 2)], [b"p1", b"p2"]))
+        mixed = asyncio.ensure_future(service._group_answers([(5, 3), (5, 4)], [b"p3", b"p4"]))
+        await asyncio.sleep(0)
+        for slot in node.groups[0].slots:
+            slot.set_result(b"ok")
+        first, second = node.groups[1].slots
+        first.set_result(b"ok")
+        second.set_exception(ProposalDroppedError("overtaken"))
+        answers: list[Any] = [await plain, await mixed]
+        assert answers == [[b"ok", b"ok"], [b"ok", "UNAVAILABLE: overtaken"]]
+
+    asyncio.run(main())

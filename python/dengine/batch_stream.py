@@ -54,7 +54,7 @@ class BatchStream:
         ``BatchResponse``. Raises :class:`CallFailed` when the node refused the batch, the stream
         ended, or ``timeout`` seconds passed without an answer."""
         if self.broken is not None:
-            raise self.broken
+            raise CallFailed(self.broken.code, self.broken.details)
         self._last_id = batch_id = self._last_id + 1
         answer: asyncio.Future[bytes] = self._loop.create_future()
         self._waiting[batch_id] = answer
@@ -111,8 +111,8 @@ class BatchStream:
                 failure = CallFailed("UNAVAILABLE", failure.details)
             self.broken = failure
             for answer in self._waiting.values():
-                if not answer.done():
-                    answer.set_exception(failure)
+                if not answer.done():  # an exception of its own each: raising one adds to its traceback
+                    answer.set_exception(CallFailed(failure.code, failure.details))
 
     async def close(self) -> None:
         """Ends the stream; batches still waiting fail with ``CANCELLED``."""

@@ -261,23 +261,19 @@ class Client:
 
     # --- operations -------------------------------------------------------------------------------
 
-    def _open_session(self) -> tuple[int, int, int]:
-        """The session of the next write: (client id, its sequence, lowest sequence outstanding)."""
-        self._seq = seq = self._seq + 1
-        self._outstanding.add(seq)
-        in_order, outstanding = self._in_order, self._outstanding
-        in_order.append(seq)
-        while in_order[0] not in outstanding:
-            in_order.popleft()
-        return (self.client_id, seq, in_order[0])
-
     def _write(
         self, op: int, key: bytes, value: bytes, expected: bytes | None, timeout: float | None
     ) -> asyncio.Future[Answer]:
-        """Queues a write under the next sequence of this client's session."""
-        session = self._open_session()
-        operation = encode_kv_write_operation(op, key, value, expected, session)
-        return self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, session[1])
+        """Queues a write under the next sequence of this client's session, which carries (client
+        id, its sequence, lowest sequence outstanding)."""
+        self._seq = seq = self._seq + 1
+        in_order, outstanding = self._in_order, self._outstanding
+        outstanding.add(seq)
+        in_order.append(seq)
+        while in_order[0] not in outstanding:
+            in_order.popleft()
+        operation = encode_kv_write_operation(op, key, value, expected, (self.client_id, seq, in_order[0]))
+        return self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, seq)
 
     async def put(
         self, key: bytes, value: bytes, *, prev_kv: bool = False, timeout: float | None = None
@@ -286,7 +282,7 @@ class Client:
         ``prev_kv`` the result's ``prev`` is the key-value the put replaced (None for a new key);
         without it, always None, and no replica copies the old value for the answer."""
         _, _, revision, prev = await self._write(_PUT_PREV if prev_kv else _PUT, key, value, None, timeout)
-        return PutResult(revision, _kv_of(prev))
+        return PutResult(revision, None if prev is None else _kv_of(prev))
 
     async def get(
         self,
@@ -414,8 +410,17 @@ class Client:
         directly: at tens of thousands of operations a second, each coroutine layer counts."""
         if self._closed:
             raise DengineError("the client is closed")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
+        # _enqueue, inline: this runs for every operation.
+        queue = self._queue
+        queue.append(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
+        if len(queue) >= self.max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = (
+                loop.call_later(self.linger, self._flush) if self.linger else loop.call_soon(self._flush)
+            )
         return future
 
     def _settled(self, p: _Pending) -> None:
@@ -465,6 +470,7 @@ class Client:
             answers = []
         if len(answers) != len(batch):
             answers = ["INTERNAL: the server's answer to a batch does not match it"] * len(batch)
+        outstanding, wrote = self._outstanding, False
         for p, answer in zip(batch, answers, strict=True):
             if isinstance(answer, str) or answer[0] != p.kind:
                 text = (
@@ -473,11 +479,16 @@ class Client:
                 code, _, message = text.partition(": ")
                 self._on_failure(address, code, message)
                 self._retry_or_fail(p, code, message)
-            elif not p.future.done():
-                if self._endpoints.leader is None and p.kind != _GET:
-                    self._endpoints.leader = address
+                continue
+            try:  # no done() check first: this loop runs for every operation
                 p.future.set_result(answer)
-                self._settled(p)
+            except asyncio.InvalidStateError:
+                continue  # its caller gave up on it (or its deadline passed): it stays outstanding
+            if p.sequence:  # _settled, inline
+                outstanding.discard(p.sequence)
+                wrote = True
+        if wrote and self._endpoints.leader is None:
+            self._endpoints.leader = address  # it took writes: it leads
 
     def _on_failure(self, address: str, code: str, details: str) -> None:
         hint = _LEADER_HINT.search(details)

@@ -39,20 +39,25 @@ class WriteGroup:
     """Writes proposed together whose answers are wanted together: ``future`` completes with one
     answer per write, in order, each the result bytes or the exception the write failed with."""
 
-    __slots__ = ("answers", "future", "remaining", "slots")
+    __slots__ = ("answers", "failed", "future", "remaining", "slots")
 
     def __init__(self, size: int) -> None:
         self.answers: list[bytes | BaseException | None] = [None] * size
         self.remaining = size
+        self.failed = False  # whether some write's answer is an exception
         self.future: asyncio.Future[list[bytes | BaseException | None]] = (
             asyncio.get_running_loop().create_future()
         )
         self.slots = [GroupSlot(self, i) for i in range(size)]
+        if not size:
+            self.future.set_result(self.answers)
 
     def settle(self, position: int, answer: bytes | BaseException) -> None:
         if self.answers[position] is not None:
             return
         self.answers[position] = answer
+        if type(answer) is not bytes:
+            self.failed = True
         self.remaining -= 1
         if not self.remaining:
             self.release()

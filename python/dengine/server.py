@@ -472,6 +472,8 @@ class KVService(kv_pb2_grpc.KVServicer):
         except BaseException:
             self.node.forget_group(keys, group)
             raise
+        if not group.failed:  # the usual case: every answer is result bytes
+            return settled  # type: ignore[return-value]
         answers: list[bytes | str] = []
         for a in settled:
             if isinstance(a, bytes):
