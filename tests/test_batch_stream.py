@@ -218,6 +218,33 @@ def test_a_stream_that_never_answers_fails_the_call_within_its_deadline() -> Non
     asyncio.run(bounded(main()))
 
 
+def test_a_node_that_stops_reading_cannot_hold_a_call_past_its_deadline() -> None:
+    """A frozen node stops reading its streams, and gRPC's flow control then holds the client's
+    writes: the deadline must still end the call, and the stuck stream is given up."""
+    first = asyncio.Event()
+
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> None:
+        await envelopes.__aiter__().__anext__()
+        first.set()
+        await asyncio.sleep(3600)  # reads nothing more, answers nothing
+
+    async def main() -> None:
+        async with ScriptedServer(stream) as server:
+            client = Client([server.address], timeout=1.0, attempt_timeout=0.3, max_batch=1)
+            try:
+                with pytest.raises((DeadlineExceeded, Unavailable)):
+                    # Far more than a stream's flow-control window, in a few batches.
+                    big = b"v" * (3 << 20)
+                    await asyncio.wait_for(
+                        asyncio.gather(*(client.put(b"k%d" % i, big) for i in range(3))), 10
+                    )
+                assert first.is_set()
+            finally:
+                await asyncio.wait_for(client.close(), 10)
+
+    asyncio.run(bounded(main()))
+
+
 def test_a_batch_on_a_stream_that_ends_is_retried_on_a_new_one() -> None:
     streams: list[list[int]] = []
 

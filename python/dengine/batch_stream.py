@@ -12,6 +12,7 @@ call would have failed with, and the client retries it as it would have retried 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 
 import grpc
@@ -34,7 +35,11 @@ class CallFailed(Exception):
 
 class BatchStream:
     """Batches in flight on one stream to one node. Once the stream ends, ``broken`` says why
-    and every batch still waiting fails with it: open a new stream for the next one."""
+    and every batch still waiting fails with it: open a new stream for the next one.
+
+    A batch that gets no answer in time ends the stream too. The node may have stopped reading
+    it (a frozen process): gRPC's flow control then holds every later write on it, and only a
+    new stream, or another node, can go on."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         loop = asyncio.get_running_loop()
@@ -43,8 +48,11 @@ class BatchStream:
         self._call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(_METHOD)()
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
         self._last_id = 0
-        # gRPC takes one message at a time on a call.
-        self._sending = asyncio.Lock()
+        # Envelopes not yet written. gRPC takes one message at a time on a call, and a write
+        # may wait on flow control for as long as the node does not read: one writer task
+        # writes them in order, and a caller waits only for its answer.
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._writer: asyncio.Task[None] | None = None
         self.broken: CallFailed | None = None
         self._closed = False
         self._reader = loop.create_task(self._read())
@@ -59,24 +67,46 @@ class BatchStream:
         answer: asyncio.Future[bytes] = self._loop.create_future()
         self._waiting[batch_id] = answer
         expiry = self._loop.call_later(timeout, self._expire, batch_id)
-        try:
-            envelope = kv_pb2.StreamedBatch(id=batch_id, batch=batch).SerializeToString()
-            async with self._sending:
-                await self._call.write(envelope)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            # The stream ended under the write; the reader learns why from its status and fails
-            # the waiting batches with it.
-            await asyncio.wait([self._reader])
+        self._outbox.append(kv_pb2.StreamedBatch(id=batch_id, batch=batch).SerializeToString())
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._write())
         try:
             return await answer
         finally:
             expiry.cancel()
             self._waiting.pop(batch_id, None)
 
+    async def _write(self) -> None:
+        try:
+            while self._outbox and self.broken is None:
+                await self._call.write(self._outbox.popleft())
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the stream ended under the write: the reader learns why and fails the batches
+        finally:
+            self._writer = None
+
     def _expire(self, batch_id: int) -> None:
         answer = self._waiting.get(batch_id)
         if answer is not None and not answer.done():
             answer.set_exception(CallFailed("DEADLINE_EXCEEDED", "no answer to the batch in time"))
+            self._end(
+                CallFailed(
+                    "UNAVAILABLE", "the batch stream was given up: a batch on it got no answer in time"
+                )
+            )
+
+    def _end(self, failure: CallFailed) -> None:
+        """Marks the stream broken by ``failure`` (the first reason stands) and fails every
+        batch still waiting, each with an exception of its own (raising one instance again and
+        again would grow its traceback)."""
+        if self.broken is None:
+            self.broken = failure
+            self._call.cancel()
+        failure = self.broken
+        self._outbox.clear()
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(CallFailed(failure.code, failure.details))
 
     async def _read(self) -> None:
         failure = CallFailed("UNAVAILABLE", "the batch stream ended")
@@ -88,9 +118,8 @@ class BatchStream:
                 if answer is None or answer.done():
                     continue  # its caller gave up on it
                 if streamed.code:
-                    answer.set_exception(
-                        CallFailed(_CODE_NAMES.get(streamed.code, "UNKNOWN"), streamed.message)
-                    )
+                    code = _CODE_NAMES.get(streamed.code, "UNKNOWN")
+                    answer.set_exception(CallFailed(code, streamed.message))
                 else:
                     answer.set_result(streamed.batch)
             code = await self._call.code()
@@ -100,24 +129,22 @@ class BatchStream:
             failure = CallFailed(exc.code().name, exc.details() or "")
         except DecodeError:
             failure = CallFailed("INTERNAL", "malformed StreamedBatchAnswer")
-            self._call.cancel()
         except asyncio.CancelledError:
-            failure = CallFailed("CANCELLED", "the client closed the batch stream")
-            raise
+            # Our own close, or a cancelled call (given up, or a node that went away while
+            # stopping, which cancels its calls): as retryable as a lost connection.
+            failure = CallFailed("UNAVAILABLE", "the batch stream was cancelled")
+            if self._closed:
+                failure = CallFailed("CANCELLED", "the client closed the batch stream")
+                raise
         finally:
-            if failure.code == "CANCELLED" and not self._closed:
-                # The node went away mid-stream (a stopping server cancels its calls): as
-                # retryable as a lost connection.
-                failure = CallFailed("UNAVAILABLE", failure.details)
-            self.broken = failure
-            for answer in self._waiting.values():
-                if not answer.done():  # an exception of its own each: raising one adds to its traceback
-                    answer.set_exception(CallFailed(failure.code, failure.details))
+            self._end(failure)
 
     async def close(self) -> None:
         """Ends the stream; batches still waiting fail with ``CANCELLED``."""
         self._closed = True
         self._reader.cancel()
         self._call.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        for task in (self._reader, self._writer):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
