@@ -4,8 +4,12 @@ holds the fixtures several test modules share."""
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cluster_procs import ProcCluster
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -22,3 +26,13 @@ def both_deliveries(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         Cluster.wire = False
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator["ProcCluster"]:
+    """A started 3-process cluster on 127.0.0.1, every process killed afterwards (a module may
+    define its own, say one shared by the whole module)."""
+    from cluster_procs import running_cluster  # noqa: PLC0415 - after the path above is set
+
+    with running_cluster(tmp_path) as c:
+        yield c

@@ -1,6 +1,7 @@
 """``KV.BatchStream``: batches over one long-lived stream, each answered by its id.
 
-The server side runs on a real 3-process cluster. The client side (``dengine.batch_stream`` and
+The server side runs on a real 3-process cluster, and its window of batches in progress against
+a node stand-in whose writes complete when the test says. The client side (``dengine.batch_stream`` and
 ``Client``'s use of it) runs against scripted gRPC servers in this process, which answer out of
 order, never, with a refusal, by ending the stream, or not at all because they only know the
 unary ``Batch`` of an older version.
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -19,10 +20,12 @@ import pytest
 
 from dengine.client import Client
 from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
-from dengine.server import MAX_BATCH
+from dengine.kv import KVStateMachine, encode_put
+from dengine.proposals import WriteGroup
+from dengine.server import MAX_BATCH, STREAM_WINDOW, KVService
 from dengine.v1 import kv_pb2
 
-from cluster_procs import ProcCluster, running_cluster
+from cluster_procs import ProcCluster
 
 
 def _put(key: bytes, value: bytes, client_id: int = 0, sequence: int = 0) -> kv_pb2.Operation:
@@ -40,12 +43,6 @@ def _envelope(batch_id: int, ops: list[kv_pb2.Operation] | bytes) -> bytes:
 
 
 # --- the server, on a real cluster ------------------------------------------------------------
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    with running_cluster(tmp_path) as c:
-        yield c
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
@@ -91,6 +88,65 @@ def test_the_stream_answers_each_batch_by_its_id_and_survives_a_refused_one(clus
 
         async with Client([cluster.address(leader)], timeout=10) as client:
             assert (await client.get(b"b")) is not None, "the node serves on after the broken stream"
+
+    asyncio.run(main())
+
+
+class _StalledNode:
+    """The part of a leading node the KV service's write groups use; no group is ever answered
+    unless the test answers it."""
+
+    def __init__(self) -> None:
+        self.id = 1
+        self.raft = SimpleNamespace(lead=1)
+        self.metrics = SimpleNamespace(grpc_error=lambda method, code: None)
+        self.groups: list[WriteGroup] = []
+
+    def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:
+        self.groups.append(WriteGroup(len(keys)))
+        return self.groups[-1]
+
+    def forget_group(self, keys: list[tuple[int, int]], group: WriteGroup) -> None:
+        pass
+
+
+class _RecordingContext:
+    def __init__(self) -> None:
+        self.written: list[kv_pb2.StreamedBatchAnswer] = []
+
+    async def write(self, message: bytes) -> None:
+        self.written.append(kv_pb2.StreamedBatchAnswer.FromString(message))
+
+
+def test_a_stream_works_on_at_most_its_window_of_batches_at_once() -> None:
+    """A client that sends faster than its batches complete is not read further: the server's
+    memory for one stream stays bounded, and gRPC's flow control holds the client back."""
+    result = KVStateMachine().apply(1, encode_put(b"k", b"v"))
+
+    async def envelopes() -> AsyncIterator[bytes]:
+        for i in range(1, STREAM_WINDOW + 51):
+            yield _envelope(i, [_put(b"k%d" % i, b"v", client_id=7, sequence=i)])
+
+    async def main() -> None:
+        node, context = _StalledNode(), _RecordingContext()
+        service = KVService(node, KVStateMachine())  # type: ignore[arg-type]
+        handler = asyncio.ensure_future(service.BatchStream(envelopes(), context))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(node.groups) == STREAM_WINDOW, "no more batches read than the window"
+        for group in node.groups[:10]:
+            group.slots[0].set_result(result)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(context.written) == 10
+        assert len(node.groups) == STREAM_WINDOW + 10, "each answered batch lets one more in"
+        while not handler.done():  # answer the rest as they are read
+            for group in node.groups:
+                if group.slots:  # an answered group has let go of its slots
+                    group.slots[0].set_result(result)
+            await asyncio.sleep(0.001)
+        await handler
+        assert sorted(a.id for a in context.written) == list(range(1, STREAM_WINDOW + 51))
 
     asyncio.run(main())
 

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,15 +16,9 @@ from dengine.client import Client, KeyValue
 from dengine.errors import CompareFailed, NotFound, RequestFailed, Unavailable
 from dengine.kv import DEFAULT_HISTORY
 
-from cluster_procs import ProcCluster, running_cluster
+from cluster_procs import ProcCluster
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    with running_cluster(tmp_path) as c:
-        yield c
 
 
 def endpoints(c: ProcCluster) -> list[str]:

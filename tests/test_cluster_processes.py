@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,12 +20,6 @@ from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_
 from cluster_procs import ProcCluster, running_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    with running_cluster(tmp_path) as c:
-        yield c
 
 
 def write_many(c: ProcCluster, n: int, prefix: str) -> dict[bytes, bytes]:

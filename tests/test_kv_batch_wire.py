@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,7 +26,7 @@ from dengine.raft import payload as envelope
 from dengine.server import _answers_message
 from dengine.v1 import kv_pb2
 
-from cluster_procs import ProcCluster, running_cluster
+from cluster_procs import ProcCluster
 
 OPS = {"put": 1, "delete": 2, "cas": 3}
 PUT_PREV = 5  # the client's code for a put with prev_kv set
@@ -332,12 +330,6 @@ def test_a_damaged_answer_is_read_as_the_protobuf_library_reads_it_or_left_to_it
 
 
 # --- the raw Batch handler on a real cluster --------------------------------------------------
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    with running_cluster(tmp_path) as c:
-        yield c
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
