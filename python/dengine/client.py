@@ -410,17 +410,8 @@ class Client:
         directly: at tens of thousands of operations a second, each coroutine layer counts."""
         if self._closed:
             raise DengineError("the client is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer] = loop.create_future()
-        # _enqueue, inline: this runs for every operation.
-        queue = self._queue
-        queue.append(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
-        if len(queue) >= self.max_batch:
-            self._flush()
-        elif self._flush_handle is None:
-            self._flush_handle = (
-                loop.call_later(self.linger, self._flush) if self.linger else loop.call_soon(self._flush)
-            )
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
         return future
 
     def _settled(self, p: _Pending) -> None:
@@ -470,7 +461,7 @@ class Client:
             answers = []
         if len(answers) != len(batch):
             answers = ["INTERNAL: the server's answer to a batch does not match it"] * len(batch)
-        outstanding, wrote = self._outstanding, False
+        wrote = False
         for p, answer in zip(batch, answers, strict=True):
             if isinstance(answer, str) or answer[0] != p.kind:
                 text = (
@@ -484,9 +475,8 @@ class Client:
                 p.future.set_result(answer)
             except asyncio.InvalidStateError:
                 continue  # its caller gave up on it (or its deadline passed): it stays outstanding
-            if p.sequence:  # _settled, inline
-                outstanding.discard(p.sequence)
-                wrote = True
+            self._settled(p)
+            wrote = wrote or p.kind != _GET
         if wrote and self._endpoints.leader is None:
             self._endpoints.leader = address  # it took writes: it leads
 

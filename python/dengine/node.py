@@ -466,7 +466,9 @@ class Node:
         key = (client, seq)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         # The envelope of session_command, packed directly: this node's ids are valid by construction.
-        self._enqueue(key, _SESSION_HEAD.pack(_SESSION_KIND, client, seq, low) + command, fut)
+        self._enqueue(
+            key, _SESSION_HEAD.pack(_SESSION_KIND, client, seq, low) + command, fut, time.monotonic()
+        )
         return fut, key
 
     def submit_session(
@@ -477,7 +479,7 @@ class Node:
             raise DengineError("the node is not running")
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         wrapped = envelope.session_command(client_id, sequence, command, min(first_outstanding, sequence))
-        self._enqueue((client_id, sequence), wrapped, fut)
+        self._enqueue((client_id, sequence), wrapped, fut, time.monotonic())
         return fut
 
     def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:
@@ -487,17 +489,9 @@ class Node:
         if not self._running:
             raise DengineError("the node is not running")
         group = WriteGroup(len(keys))
-        # _enqueue's work, for the whole group in one loop: at tens of thousands of writes a
-        # second, a call per write shows.
-        waiters, pending, now = self._waiters, self._pending, time.monotonic()
+        now = time.monotonic()
         for key, payload, slot in zip(keys, payloads, group.slots, strict=True):
-            proposal = waiters.get(key)
-            if proposal is None:
-                waiters[key] = Proposal(payload, now, slot)
-            else:  # the same write again, say a client's retry: one answer serves every waiter
-                proposal.futures.append(slot)
-            pending.append(payload)
-        self._schedule_flush()
+            self._enqueue(key, payload, slot, now)
         return group
 
     def forget_group(self, keys: list[tuple[int, int]], group: WriteGroup) -> None:
@@ -508,27 +502,23 @@ class Node:
                 self._forget(slot, key)
             group.release()
 
-    def _enqueue(self, key: tuple[int, int], payload: bytes, waiter: Waiter) -> None:
-        """Records ``waiter`` as waiting for ``key`` and queues ``payload`` for the next append."""
+    def _enqueue(self, key: tuple[int, int], payload: bytes, waiter: Waiter, now: float) -> None:
+        """Records ``waiter`` as waiting for ``key`` (proposed at ``now``, ``time.monotonic()``)
+        and queues ``payload`` for the next append."""
         proposal = self._waiters.get(key)
         if proposal is None:
-            self._waiters[key] = Proposal(payload, time.monotonic(), waiter)
+            self._waiters[key] = Proposal(payload, now, waiter)
         else:  # the same write again, say a client's retry: one answer serves every waiter
             proposal.futures.append(waiter)
         self._pending.append(payload)
         if not self._flush_scheduled:
-            self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if self._flush_scheduled:
-            return
-        self._flush_scheduled = True
-        loop = asyncio.get_running_loop()
-        linger = self.config.raft.propose_linger_ms / 1000
-        if linger > 0:
-            loop.call_later(linger, self._flush)
-        else:
-            loop.call_soon(self._flush)
+            self._flush_scheduled = True
+            loop = asyncio.get_running_loop()
+            linger = self.config.raft.propose_linger_ms / 1000
+            if linger > 0:
+                loop.call_later(linger, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _forget(self, fut: Waiter, key: tuple[int, int]) -> None:
         """A waiter gave up: once nobody waits on its proposal, the bookkeeping goes (the entry

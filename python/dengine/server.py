@@ -188,11 +188,18 @@ def _prepare(op: kv_pb2.Operation) -> _Write:
     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty operation")
 
 
+def _status_of(exc: RequestError | DengineError) -> tuple[grpc.StatusCode, str]:
+    """The status a request refused with ``exc`` is answered with: a node's own errors (not
+    leading, stopping) are UNAVAILABLE, which clients retry."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.details
+    return grpc.StatusCode.UNAVAILABLE, str(exc)
+
+
 def _error_text(exc: RequestError | DengineError) -> str:
     """How a failed operation of a batch is answered: ``CODE: details``."""
-    if isinstance(exc, RequestError):
-        return f"{exc.code.name}: {exc.details}"
-    return f"UNAVAILABLE: {exc}"
+    code, details = _status_of(exc)
+    return f"{code.name}: {details}"
 
 
 def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError) -> None:
@@ -318,13 +325,10 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def _call(self, context: Any, work: Awaitable[T], method: str) -> T:
         try:
             return await work
-        except RequestError as exc:
-            self.node.metrics.grpc_error(method, exc.code)
-            await context.abort(exc.code, exc.details)
-            raise AssertionError("unreachable") from exc
-        except DengineError as exc:
-            self.node.metrics.grpc_error(method, grpc.StatusCode.UNAVAILABLE)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (RequestError, DengineError) as exc:
+            code, details = _status_of(exc)
+            self.node.metrics.grpc_error(method, code)
+            await context.abort(code, details)
             raise AssertionError("unreachable") from exc
 
     async def Put(self, request: kv_pb2.PutRequest, context: Any) -> kv_pb2.PutResponse:
@@ -438,9 +442,9 @@ class KVService(kv_pb2_grpc.KVServicer):
         try:
             batch = await self._answer_batch(streamed.batch)
         except (RequestError, DengineError) as exc:
-            code = exc.code if isinstance(exc, RequestError) else grpc.StatusCode.UNAVAILABLE
+            code, details = _status_of(exc)
             self.node.metrics.grpc_error("BatchStream", code)
-            refused = kv_pb2.StreamedBatchAnswer(id=streamed.id, code=code.value[0], message=str(exc))
+            refused = kv_pb2.StreamedBatchAnswer(id=streamed.id, code=code.value[0], message=details)
             return refused.SerializeToString()
         return kv_pb2.StreamedBatchAnswer(id=streamed.id, batch=batch).SerializeToString()
 
