@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from dengine import client as client_module
 from dengine.client import Client
 from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
@@ -247,6 +248,64 @@ def test_a_node_without_the_stream_is_sent_unary_batches() -> None:
             assert (await client.put(b"k3", b"v")).revision == 3
             assert (await client.put(b"k4", b"v")).revision == 4
         assert len(calls) == 2
+
+    asyncio.run(bounded(main()))
+
+
+class _Upgradable:
+    """Serves ``dengine.v1.KV``'s Batch always, and its BatchStream once ``upgraded``."""
+
+    def __init__(self, unary: Callable[[bytes], bytes], stream: StreamScript) -> None:
+        self.upgraded = False
+
+        async def batch(request: bytes, context: Any) -> bytes:
+            return unary(request)
+
+        self.batch = grpc.unary_unary_rpc_method_handler(batch)
+        self.stream = grpc.stream_stream_rpc_method_handler(stream)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if method == "/dengine.v1.KV/Batch":
+            return self.batch
+        if method == "/dengine.v1.KV/BatchStream" and self.upgraded:
+            return self.stream
+        return None
+
+
+def test_a_node_without_the_stream_is_tried_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rolling upgrade gives a node the stream while the client runs."""
+    monkeypatch.setattr(client_module, "UNARY_RECHECK_S", 0.3)
+    unary_calls: list[bytes] = []
+    streamed: list[bytes] = []
+
+    def unary(batch: bytes) -> bytes:
+        unary_calls.append(batch)
+        return _answer_puts(batch)
+
+    async def stream(envelopes: AsyncIterator[bytes], context: Any) -> None:
+        async for envelope in envelopes:
+            streamed.append(envelope)
+            await context.write(_answered(kv_pb2.StreamedBatch.FromString(envelope)))
+
+    async def main() -> None:
+        node = _Upgradable(unary, stream)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((node,))
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            async with Client([address], timeout=5) as client:
+                assert (await client.put(b"k1", b"v")).revision == 1
+                node.upgraded = True
+                assert (await client.put(b"k2", b"v")).revision == 2  # still unary: seen lately
+                assert (len(unary_calls), len(streamed)) == (2, 0)
+                await asyncio.sleep(0.4)
+                assert (await client.put(b"k3", b"v")).revision == 3
+                assert (await client.put(b"k4", b"v")).revision == 4
+                assert (len(unary_calls), len(streamed)) == (2, 2), "back on the stream for good"
+        finally:
+            await server.stop(None)
 
     asyncio.run(bounded(main()))
 

@@ -64,6 +64,9 @@ __all__ = [
 Consistency = Literal["linearizable", "lease", "stale"]
 _CONSISTENCY = {"linearizable": kv_pb2.LINEARIZABLE, "lease": kv_pb2.LEASE, "stale": kv_pb2.STALE}
 _LEADER_HINT = re.compile(r"leader=(\d+)@(\S*)")
+# How long a node that did not know BatchStream is sent unary Batch calls before the stream is
+# tried again: a rolling upgrade gives it the stream without the client's knowing.
+UNARY_RECHECK_S = 60.0
 _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
 
 
@@ -226,8 +229,9 @@ class Client:
         self._stubs: dict[str, kv_pb2_grpc.KVStub] = {}
         self._batch_calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
         self._batch_streams: dict[str, BatchStream] = {}
-        # Nodes that do not know BatchStream (an older version): Batch calls instead.
-        self._unary_only: set[str] = set()
+        # Nodes that did not know BatchStream (an older version), and when that was seen: Batch
+        # calls instead, until the stream is tried again (the node may have been upgraded).
+        self._unary_only: dict[str, float] = {}
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -531,16 +535,21 @@ class Client:
         """One attempt at a serialized ``BatchRequest`` on the node at ``address``: over its
         batch stream, or a unary ``Batch`` call to a node without one. Raises
         :class:`CallFailed`."""
-        if address not in self._unary_only:
+        seen = self._unary_only.get(address)
+        if seen is None or time.monotonic() - seen >= UNARY_RECHECK_S:
             stream = self._batch_streams.get(address)
             if stream is None or stream.broken is not None:
                 stream = self._batch_streams[address] = BatchStream(self._channel(address))
             try:
-                return await stream.call(request, timeout)
+                answer = await stream.call(request, timeout)
             except CallFailed as exc:
                 if exc.code != "UNIMPLEMENTED":
                     raise
-                self._unary_only.add(address)
+                self._unary_only[address] = time.monotonic()
+            else:
+                if seen is not None:  # it has the stream now
+                    del self._unary_only[address]
+                return answer
         try:
             raw: bytes = await self._batch_call(address)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
