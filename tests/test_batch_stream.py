@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -22,9 +21,9 @@ from dengine import client as client_module
 from dengine.client import Client
 from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
-from dengine.proposals import WriteGroup
 from dengine.server import MAX_BATCH, STREAM_WINDOW, KVService
 from dengine.v1 import kv_pb2
+from kv_leader_stand_in import LeaderStandIn
 
 from cluster_procs import ProcCluster
 
@@ -93,24 +92,6 @@ def test_the_stream_answers_each_batch_by_its_id_and_survives_a_refused_one(clus
     asyncio.run(main())
 
 
-class _StalledNode:
-    """The part of a leading node the KV service's write groups use; no group is ever answered
-    unless the test answers it."""
-
-    def __init__(self) -> None:
-        self.id = 1
-        self.raft = SimpleNamespace(lead=1)
-        self.metrics = SimpleNamespace(grpc_error=lambda method, code: None)
-        self.groups: list[WriteGroup] = []
-
-    def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:
-        self.groups.append(WriteGroup(len(keys)))
-        return self.groups[-1]
-
-    def forget_group(self, keys: list[tuple[int, int]], group: WriteGroup) -> None:
-        pass
-
-
 class _RecordingContext:
     def __init__(self) -> None:
         self.written: list[kv_pb2.StreamedBatchAnswer] = []
@@ -129,7 +110,7 @@ def test_a_stream_works_on_at_most_its_window_of_batches_at_once() -> None:
             yield _envelope(i, [_put(b"k%d" % i, b"v", client_id=7, sequence=i)])
 
     async def main() -> None:
-        node, context = _StalledNode(), _RecordingContext()
+        node, context = LeaderStandIn(), _RecordingContext()
         service = KVService(node, KVStateMachine())  # type: ignore[arg-type]
         handler = asyncio.ensure_future(service.BatchStream(envelopes(), context))
         for _ in range(50):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from types import SimpleNamespace
 from typing import Any
 
 from dengine.errors import ProposalDroppedError
 from dengine.kv import KVStateMachine
 from dengine.proposals import Proposal, WriteGroup
 from dengine.server import KVService
+from kv_leader_stand_in import LeaderStandIn
 
 
 def test_the_group_completes_with_every_answer_in_order_once_the_last_arrives() -> None:
@@ -76,25 +76,12 @@ def test_an_empty_group_is_complete_at_once() -> None:
     asyncio.run(main())
 
 
-class _GroupsNode:
-    """The part of a leading node the KV service's write groups use."""
-
-    def __init__(self) -> None:
-        self.id = 1
-        self.raft = SimpleNamespace(lead=1)
-        self.groups: list[WriteGroup] = []
-
-    def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:
-        self.groups.append(WriteGroup(len(keys)))
-        return self.groups[-1]
-
-
 def test_the_kv_service_answers_a_groups_failed_writes_with_their_error() -> None:
     """The service hands a group's answers on as they are when every write has result bytes; a
     failed write among them must still become its error text, not an exception object."""
 
     async def main() -> None:
-        node = _GroupsNode()
+        node = LeaderStandIn()
         service = KVService(node, KVStateMachine())  # type: ignore[arg-type]
         plain = asyncio.ensure_future(service._group_answers([(5, 1), (5, 2)], [b"p1", b"p2"]))
         mixed = asyncio.ensure_future(service._group_answers([(5, 3), (5, 4)], [b"p3", b"p4"]))
