@@ -15,7 +15,7 @@ import pytest
 
 from dengine.config import Config
 from dengine.devcluster import free_ports
-from dengine.errors import ApplyError, NotLeaderError
+from dengine.errors import ApplyError, LeaderOverloadedError, NotLeaderError
 from dengine.node import Node
 
 T = TypeVar("T")
@@ -229,5 +229,64 @@ def test_proposals_survive_the_loss_of_the_leader_exactly_once(tmp_path: Path) -
         finally:
             for n in nodes:
                 await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: Path) -> None:
+    """raft.max_uncommitted_bytes = 1: one batch at a time may be uncommitted. With both followers
+    stopped, the leader's first write waits and the next is refused at once, with a clear,
+    retryable error; once the followers are back, writes are taken again."""
+
+    async def main() -> None:
+        cfgs = with_section(configs(tmp_path), "raft", max_uncommitted_bytes=1, check_quorum=False)
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            assert await leader.propose(b"1") == b"1"
+            followers = [n for n in nodes if n is not leader]
+            for f in followers:
+                await f.stop(transfer_leadership=False)
+            waiting = asyncio.ensure_future(leader.propose(b"10"))
+            await until(lambda: leader.raft is not None and leader.raft.uncommitted_bytes > 0)
+            with pytest.raises(LeaderOverloadedError, match=r"raft\.max_uncommitted_bytes"):
+                await leader.propose(b"100", timeout=5)
+            assert not waiting.done()
+            assert b'reason="overloaded"} 1.0' in leader.metrics.render()
+            for i, f in enumerate(followers):
+                back = Node(cfgs[f.id - 1], state_machine=Counter())
+                await back.start()
+                nodes[nodes.index(f)] = back
+                followers[i] = back
+            assert await asyncio.wait_for(waiting, 10) == b"11"
+            assert await leader.propose(b"1000", timeout=5) == b"1011"
+
+    run(main)
+
+
+def test_a_forwarded_proposal_the_leader_dropped_is_forwarded_again(tmp_path: Path) -> None:
+    """A leader drops forwarded proposals it cannot take (overloaded, or handing over), and a
+    broken peer stream loses them; the follower proposes them again after an election timeout,
+    so a propose without a timeout still completes, once."""
+
+    async def main() -> None:
+        async with started(configs(tmp_path)) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            follower = next(n for n in nodes if n is not leader)
+            await until(lambda: follower.raft is not None and follower.raft.lead == leader.id)
+            raft = leader.raft
+            assert raft is not None
+            step = raft.step
+            dropped: list[Any] = []
+
+            def lose_the_first_forward(m: Any) -> None:
+                if m.type.name == "PROP" and not dropped:
+                    dropped.append(m)
+                    return
+                step(m)
+
+            raft.step = lose_the_first_forward  # type: ignore[method-assign]
+            assert await asyncio.wait_for(follower.propose(b"5"), 10) == b"5"
+            assert dropped, "the first forward reached the leader and was lost"
+            await until(lambda: all(n.sm.n == 5 for n in nodes))  # type: ignore[attr-defined]
 
     run(main)

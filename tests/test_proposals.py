@@ -6,10 +6,12 @@ import asyncio
 import gc
 from typing import Any
 
-from dengine.errors import ProposalDroppedError
+import grpc
+
+from dengine.errors import LeaderOverloadedError, ProposalDroppedError
 from dengine.kv import KVStateMachine
 from dengine.proposals import Proposal, WriteGroup
-from dengine.server import KVService
+from dengine.server import KVService, RequestError
 from kv_leader_stand_in import LeaderStandIn
 
 
@@ -93,5 +95,18 @@ def test_the_kv_service_answers_a_groups_failed_writes_with_their_error() -> Non
         second.set_exception(ProposalDroppedError("overtaken"))
         answers: list[Any] = [await plain, await mixed]
         assert answers == [[b"ok", b"ok"], [b"ok", "UNAVAILABLE: overtaken"]]
+
+    asyncio.run(main())
+
+
+def test_an_overloaded_leader_refusal_reaches_clients_as_retryable() -> None:
+    """A client retries UNAVAILABLE with backoff; an overloaded leader's refusal must be one, with
+    the limit named in the details."""
+
+    async def main() -> None:
+        service = KVService(LeaderStandIn(), KVStateMachine())  # type: ignore[arg-type]
+        error = service._write_error(LeaderOverloadedError(900, 200, 1000))
+        assert isinstance(error, RequestError)
+        assert error.code is grpc.StatusCode.UNAVAILABLE and "raft.max_uncommitted_bytes" in error.details
 
     asyncio.run(main())

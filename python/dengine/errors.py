@@ -15,6 +15,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     KVSnapshotError                  a KV snapshot is corrupt, truncated or of an unknown format
     NotLeaderError                   this node cannot take the request; carries the leader hint
     ProposalDroppedError             a proposal was refused without being appended; retry
+    └── LeaderOverloadedError        the leader holds too many uncommitted entries; back off
     ApplyError                       the state machine raised applying a committed command
     ConfigError                      invalid configuration: names the key and allowed values
     TLSConfigError                   a TLS file is missing, malformed or not valid now
@@ -71,6 +72,21 @@ class NotLeaderError(DengineError):
 class ProposalDroppedError(DengineError):
     """The proposal was refused and not appended (for example during a leadership transfer);
     it is safe to retry."""
+
+
+class LeaderOverloadedError(ProposalDroppedError):
+    """The leader holds ``held`` bytes of entries it appended and has not committed yet, and
+    ``size`` more would pass its ``limit`` (``raft.max_uncommitted_bytes``): its followers are
+    not keeping up, or cannot be reached. Retry after a backoff."""
+
+    def __init__(self, held: int, size: int, limit: int) -> None:
+        self.held = held
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the leader holds {held} bytes of uncommitted entries; {size} more would pass its "
+            f"limit of {limit} (raft.max_uncommitted_bytes): retry after a backoff"
+        )
 
 
 class ApplyError(DengineError):
@@ -152,6 +168,7 @@ __all__ += [
     "CompareFailed",
     "ConfigError",
     "DeadlineExceeded",
+    "LeaderOverloadedError",
     "NotFound",
     "NotLeaderError",
     "ProposalDroppedError",

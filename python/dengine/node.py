@@ -31,7 +31,13 @@ import grpc
 
 from dengine._core import Entry
 from dengine.cluster_service import ClusterService
-from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.errors import (
+    ApplyError,
+    DengineError,
+    LeaderOverloadedError,
+    NotLeaderError,
+    ProposalDroppedError,
+)
 from dengine.kv import KVStateMachine
 from dengine.log_sync import LogSyncer
 from dengine.members import MembershipManager
@@ -76,6 +82,8 @@ def _copy_refusal(exc: NotLeaderError | ProposalDroppedError) -> Exception:
     # One exception object per waiting caller: tracebacks must not be shared between them.
     if isinstance(exc, NotLeaderError):
         return NotLeaderError(exc.leader, str(exc))
+    if isinstance(exc, LeaderOverloadedError):
+        return LeaderOverloadedError(exc.held, exc.size, exc.limit)
     return ProposalDroppedError(str(exc))
 
 
@@ -160,6 +168,7 @@ class Node:
         # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
         self._waiters: dict[tuple[int, int], Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
+        self._forwarded_again_at = 0.0  # time.monotonic() of the last _forward_again
         # (last index, time proposed, count) of batches proposed here as leader, oldest first:
         # what the propose-to-commit histogram measures.
         self._commit_clock: collections.deque[tuple[int, float, int]] = collections.deque()
@@ -395,6 +404,8 @@ class Node:
                 if raft.role is Role.LEADER:
                     self._update_peer_metrics()
                     self.members.tick()
+                elif self._waiters:
+                    self._forward_again()
 
     def _update_peer_metrics(self) -> None:
         for p in self.status().peers:
@@ -550,7 +561,13 @@ class Node:
         except (NotLeaderError, ProposalDroppedError) as exc:
             if isinstance(exc, NotLeaderError) and exc.leader is None and self.config.raft.forward_proposals:
                 return  # no leader right now: proposed again as soon as one is elected
-            reason = "not_leader" if isinstance(exc, NotLeaderError) else "dropped"
+            reason = (
+                "not_leader"
+                if isinstance(exc, NotLeaderError)
+                else "overloaded"
+                if isinstance(exc, LeaderOverloadedError)
+                else "dropped"
+            )
             self.metrics.proposals(len(batch), failed_reason=reason)
             refusal = exc
             for p in batch:
@@ -569,6 +586,19 @@ class Node:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _forward_again(self) -> None:
+        """Proposes every waiting payload again when the oldest has waited an election timeout
+        on this follower (at most once per election timeout). A leader drops forwarded
+        proposals it cannot take, while it is over ``raft.max_uncommitted_bytes`` or handing
+        leadership over, and a broken peer stream loses what it carried: without this, a
+        ``propose`` without a timeout would wait forever. Sessions make a second copy harmless."""
+        now = time.monotonic()
+        wait = self.config.raft.election_timeout_ms / 1000
+        oldest = next(iter(self._waiters.values()))
+        if now - oldest.started >= wait and now - self._forwarded_again_at >= wait:
+            self._forwarded_again_at = now
+            self._resubmit()
 
     def transfer_leadership(self, target: int | None = None) -> int:
         """Asks the leader (this node) to hand leadership to ``target`` (default: the most

@@ -12,6 +12,7 @@ sent in a term not yet durable) is held back until the driver reports that sync 
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from dengine._core import (
     VoteResult,
     entries_from_payloads,
 )
-from dengine.errors import LogCompactedError, LogIndexError, NotLeaderError, ProposalDroppedError
+from dengine.errors import (
+    LeaderOverloadedError,
+    LogCompactedError,
+    LogIndexError,
+    NotLeaderError,
+    ProposalDroppedError,
+)
 from dengine.raft import membership
 from dengine.raft.config import RaftConfig
 from dengine.raft.membership import ConfChange, ConfChangePendingError, ConfOp
@@ -118,6 +125,7 @@ class Raft:
         self.learners = base.learners
         self.progress: dict[int, Progress] = {}
         self.lead_transferee: int | None = None
+        self._forget_uncommitted()
 
         self._ticks = 0
         self._election_elapsed = 0
@@ -169,7 +177,8 @@ class Raft:
 
         Returns the ``(first, last)`` indexes given to them, or ``None`` when they were forwarded
         to the leader. Raises :class:`NotLeaderError` (with the leader hint) when this node cannot
-        take them, and :class:`ProposalDroppedError` during a leadership transfer.
+        take them, :class:`ProposalDroppedError` during a leadership transfer, and its subclass
+        :class:`LeaderOverloadedError` past ``max_uncommitted_bytes``.
         """
         if not payloads:
             raise ValueError("propose needs at least one payload")
@@ -182,7 +191,27 @@ class Raft:
             raise ProposalDroppedError(f"leadership is being transferred to node {self.lead_transferee}")
         if CONF_CHANGE_KIND in {p[0] for p in payloads if p}:  # is_conf_change, without a call each
             raise ValueError("membership changes go through propose_conf_change")
+        self._admit(payloads)
         return self._append_as_leader(payloads)
+
+    def _forget_uncommitted(self) -> None:
+        # As leader: (last index, payload bytes) of each batch appended in this term and not yet
+        # committed, and their total, for ``max_uncommitted_bytes``.
+        self._uncommitted: collections.deque[tuple[int, int]] = collections.deque()
+        self.uncommitted_bytes = 0
+
+    def _admit(self, payloads: Sequence[bytes]) -> None:
+        """Counts ``payloads`` as uncommitted, or raises :class:`LeaderOverloadedError` when they
+        would take this leader past ``max_uncommitted_bytes``. Followers that cannot keep up (or
+        cannot be reached) make the leader refuse writes quickly, rather than hold more and more
+        of them in memory with callers waiting ever longer (etcd-raft's MaxUncommittedEntriesSize)."""
+        size = sum(map(len, payloads))
+        limit = self.cfg.max_uncommitted_bytes
+        held = self.uncommitted_bytes
+        if limit and held and held + size > limit:
+            raise LeaderOverloadedError(held, size, limit)
+        self.uncommitted_bytes = held + size
+        self._uncommitted.append((self.store.last_index() + len(payloads), size))
 
     def propose_conf_change(
         self,
@@ -531,6 +560,9 @@ class Raft:
         me = self.progress[self.id]
         me.match = self.durable
         me.become_replicate()
+        # Entries of earlier terms are not counted: their sizes are not known here, and they
+        # commit with this term's first entry.
+        self._forget_uncommitted()
         for p in self.progress.values():
             p.recent_active = True
             p.last_heard_tick = self._ticks
@@ -659,6 +691,10 @@ class Raft:
             # Membership changes are proposed on the leader only, where they are checked.
             valid = [p for p in m.payloads if payload_is_valid(p) and not is_conf_change(p)]
             if valid and self.lead_transferee is None:
+                try:
+                    self._admit(valid)
+                except LeaderOverloadedError:
+                    return  # as during a transfer: the forwarding node proposes them again later
                 self._append_as_leader(valid)
             return
         if pr is None:
@@ -943,6 +979,9 @@ class Raft:
         # earlier entries commit with it.
         if index > self.commit and self.store.term(index) == self.term:
             self.commit = index
+            uncommitted = self._uncommitted
+            while uncommitted and uncommitted[0][0] <= index:
+                self.uncommitted_bytes -= uncommitted.popleft()[1]
             self._on_commit_in_term()
             return True
         return False

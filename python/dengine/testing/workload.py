@@ -181,7 +181,14 @@ class _Run:
             disk_latency=rng.choice([0.3, 2.0, 10.0]),
         )
         self.lease_reads = rng.random() < 0.5
-        options = {"lease_reads": self.lease_reads, "check_quorum": True, "pre_vote": rng.random() < 0.8}
+        options: dict[str, object] = {
+            "lease_reads": self.lease_reads,
+            "check_quorum": True,
+            "pre_vote": rng.random() < 0.8,
+        }
+        if rng.random() < 0.3:
+            # An overloaded leader: it refuses writes while a few (or any) are uncommitted.
+            options["max_uncommitted_bytes"] = rng.choice([1, 1, 100])
         # Most runs snapshot often and keep little log, so that lagging and restarted nodes
         # catch up by snapshot under the same faults as everything else.
         every = rng.choice([0, 8, 25, 60])
