@@ -4,11 +4,13 @@ restart, and talk to them over real gRPC."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,6 +221,18 @@ client_auth = true
             return self.get(i, key, consistency)
         except grpc.RpcError:
             return None
+
+    def probe(self, i: int, path: str) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and JSON body of node ``i``'s ``/readyz`` or ``/health`` (status 0
+        and an empty body while the node does not answer)."""
+        url = f"http://127.0.0.1:{self.metrics_ports[i - 1]}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        except OSError:
+            return 0, {}
 
     def scrape(self, i: int) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[i - 1]}/metrics", timeout=3) as r:

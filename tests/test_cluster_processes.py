@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -194,6 +196,36 @@ def test_prometheus_metrics_are_served(cluster: ProcCluster) -> None:
         cluster.kv(follower).Put(kv_pb2.PutRequest(key=b"x", value=b"y"), timeout=3)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert 'code="FAILED_PRECONDITION"' in cluster.scrape(follower)
+
+
+def _probe_until(cluster: ProcCluster, i: int, path: str, status: int, timeout: float) -> dict[str, Any]:
+    def answered() -> dict[str, Any] | None:
+        got, body = cluster.probe(i, path)
+        return body if got == status else None
+
+    return wait_for(answered, timeout, f"node {i}'s {path} to answer {status}")
+
+
+def test_health_probes_say_whether_a_node_follows_a_leader(cluster: ProcCluster) -> None:
+    leader = cluster.wait_leader()
+    for i in range(1, 4):
+        body = _probe_until(cluster, i, "/readyz", 200, 10)
+        assert body["ready"] is True and body["leader"] == leader and body["id"] == i
+        with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_ports[i - 1]}/livez", timeout=3) as r:
+            assert r.status == 200
+    survivor = next(i for i in range(1, 4) if i != leader)
+    for i in range(1, 4):
+        if i != survivor:
+            cluster.kill(i)
+    # Alone, the survivor loses its leader within an election timeout and campaigns in vain.
+    body = _probe_until(cluster, survivor, "/readyz", 503, 10)
+    assert body["ready"] is False and body["leader"] is None and "no leader" in body["reason"]
+    status, body = cluster.probe(survivor, "/health")
+    assert status == 503 and body["health"] == "false"
+    for i in range(1, 4):
+        if i != survivor:
+            cluster.start(i)
+    assert _probe_until(cluster, survivor, "/health", 200, 20)["health"] == "true"
 
 
 def test_a_batch_of_gets_on_a_follower_answers_each_in_place(cluster: ProcCluster) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -407,6 +408,56 @@ def test_other_paths_are_404_and_other_methods_405() -> None:
         status, headers, _ = await http(server.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
         assert status == 405
         assert headers["allow"] == "GET, HEAD"
+
+    run_with_server(m, body)
+
+
+def test_health_probes_answer_from_the_readiness_function() -> None:
+    m = NodeMetrics(1, "c1")
+    state: dict[str, Any] = {"ready": True, "facts": {"id": 1, "leader": 2, "reason": ""}}
+
+    def readiness() -> tuple[bool, dict[str, object]]:
+        if state.get("broken"):
+            raise RuntimeError("status unavailable")
+        return state["ready"], state["facts"]
+
+    async def main() -> None:
+        server = await serve_metrics(m, "127.0.0.1", 0, readiness=readiness)
+        try:
+            status, headers, payload = await http(server.port, b"GET /livez HTTP/1.1\r\n\r\n")
+            assert (status, payload) == (200, b"ok\n")
+            status, headers, payload = await http(server.port, b"GET /readyz HTTP/1.1\r\n\r\n")
+            assert status == 200 and headers["content-type"] == "application/json"
+            assert json.loads(payload) == {"ready": True, "id": 1, "leader": 2, "reason": ""}
+            status, _, payload = await http(server.port, b"GET /health HTTP/1.1\r\n\r\n")
+            assert status == 200 and json.loads(payload)["health"] == "true"
+            state.update(ready=False, facts={"id": 1, "leader": None, "reason": "no leader known"})
+            status, _, payload = await http(server.port, b"GET /readyz HTTP/1.1\r\n\r\n")
+            assert status == 503 and json.loads(payload)["reason"] == "no leader known"
+            status, _, payload = await http(server.port, b"GET /health HTTP/1.1\r\n\r\n")
+            assert status == 503 and json.loads(payload)["health"] == "false"
+            status, headers, payload = await http(server.port, b"HEAD /readyz HTTP/1.1\r\n\r\n")
+            assert status == 503 and payload == b"" and int(headers["content-length"]) > 0
+            status, _, _ = await http(server.port, b"POST /readyz HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            assert status == 405
+            state["broken"] = True
+            status, _, _ = await http(server.port, b"GET /readyz HTTP/1.1\r\n\r\n")
+            assert status == 500
+            status, _, _ = await http(server.port, b"GET /livez HTTP/1.1\r\n\r\n")
+            assert status == 200
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_without_a_readiness_function_only_metrics_are_served() -> None:
+    m = NodeMetrics(1, "c1")
+
+    async def body(server: MetricsServer) -> None:
+        for path in (b"/livez", b"/readyz", b"/health"):
+            status, _, _ = await http(server.port, b"GET " + path + b" HTTP/1.1\r\n\r\n")
+            assert status == 404, path
 
     run_with_server(m, body)
 

@@ -11,7 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 from dengine.devcluster import free_ports
@@ -86,6 +88,14 @@ class Guide:
                 p.wait(timeout=30)
 
 
+def _answers_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return bool(r.status == 200)
+    except urllib.error.HTTPError:
+        return False  # 503: not ready yet
+
+
 def test_the_operations_guide(tmp_path: Path) -> None:
     commands = [line for block in blocks("sh") for line in block.splitlines() if line.startswith("dengine ")]
     certs_init, serve, status, put, snapshot, backup_snapshot, restore_serve = commands
@@ -112,6 +122,13 @@ def test_the_operations_guide(tmp_path: Path) -> None:
         # Every family is declared, with or without samples yet (no failures so far, say).
         served = set(re.findall(r"^# TYPE (dengine_\w+) ", text.decode(), flags=re.M))
         assert named <= served, f"documented but not served: {sorted(named - served)}"
+
+        # Every probe the page lists answers on a node of the running cluster.
+        probes = DOC.read_text().split("## Health probes")[1].split("## Membership")[0]
+        paths = re.findall(r"^\| `(/\w+)` \|", probes, flags=re.M)
+        assert paths == ["/livez", "/readyz", "/health"]
+        for path in paths:
+            wait_for(partial(_answers_ok, f"http://127.0.0.1:{g.metrics_ports[1]}{path}"), 10, path)
 
         # A later term than the first one, so that the restored cluster must start past it.
         assert g.run(put.replace("kv put greeting hello", "leader transfer")).returncode == 0

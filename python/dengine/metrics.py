@@ -50,9 +50,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
@@ -563,11 +564,17 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             discarded += len(chunk)
 
 
-class MetricsServer:
-    """A running ``/metrics`` endpoint; see :func:`serve_metrics`."""
+Readiness = Callable[[], tuple[bool, dict[str, object]]]
+"""Whether a node is ready to serve, and what it knows (id, role, term, leader...), for the
+``/readyz`` and ``/health`` probes; ``reason`` says why not when it is not."""
 
-    def __init__(self, metrics: NodeMetrics) -> None:
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint, with health probes; see :func:`serve_metrics`."""
+
+    def __init__(self, metrics: NodeMetrics, readiness: Readiness | None = None) -> None:
         self._metrics = metrics
+        self._readiness = readiness
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.host = ""
@@ -631,16 +638,32 @@ class MetricsServer:
                 self._handlers.discard(task)
 
     def _answer(self, method: str, path: str) -> bytes:
-        if path != "/metrics":
-            return _text(404, "not found; metrics are at /metrics")
+        probes = ("/livez", "/readyz", "/health") if self._readiness is not None else ()
+        if path != "/metrics" and path not in probes:
+            return _text(404, f"not found; served here: {', '.join(('/metrics', *probes))}")
         if method not in ("GET", "HEAD"):
             return _text(405, "method not allowed", extra="Allow: GET, HEAD\r\n")
+        head_only = method == "HEAD"
+        if path == "/livez":
+            # Answered on the node's event loop: an answer shows that the loop runs.
+            return _response(200, b"ok\n", "text/plain; charset=utf-8", head_only=head_only)
         try:
+            if path != "/metrics":
+                assert self._readiness is not None
+                ready, facts = self._readiness()
+                # etcd's /health shape, so that tools written for etcd's probe read ours.
+                doc = (
+                    {"health": "true" if ready else "false", **facts}
+                    if path == "/health"
+                    else {"ready": ready, **facts}
+                )
+                body = json.dumps(doc).encode() + b"\n"
+                return _response(200 if ready else 503, body, "application/json", head_only=head_only)
             body = self._metrics.render()
         except Exception:
-            _log.exception("rendering metrics failed")
-            return _text(500, "rendering metrics failed")
-        return _response(200, body, CONTENT_TYPE, head_only=method == "HEAD")
+            _log.exception("answering %s failed", path)
+            return _text(500, f"answering {path} failed")
+        return _response(200, body, CONTENT_TYPE, head_only=head_only)
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -649,14 +672,21 @@ class MetricsServer:
             await asyncio.wait_for(writer.drain(), _WRITE_TIMEOUT)
 
 
-async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> MetricsServer:
+async def serve_metrics(
+    metrics: NodeMetrics, host: str, port: int, *, readiness: Readiness | None = None
+) -> MetricsServer:
     """Serves ``metrics`` at ``http://host:port/metrics`` on the running event loop.
 
+    With ``readiness``, also the probes an orchestrator polls: ``/livez`` answers 200 while the
+    loop runs; ``/readyz`` answers 200 when ``readiness()`` says ready and 503 when not, with a
+    JSON body of what it returned (``ready``, ``reason`` and the node's facts); ``/health``
+    answers the same in etcd's shape (``{"health": "true", ...}``).
+
     ``port=0`` binds a free port; read the actual one from :attr:`MetricsServer.port`. Only
-    ``GET``/``HEAD /metrics`` succeed (other paths get 404, other methods 405, malformed requests
-    400); every connection is closed after one response. Stop it with ``await server.close()`` or
-    use it as ``async with``.
+    ``GET`` and ``HEAD`` of those paths succeed (other paths get 404, other methods 405,
+    malformed requests 400); every connection is closed after one response. Stop it with
+    ``await server.close()`` or use it as ``async with``.
     """
-    server = MetricsServer(metrics)
+    server = MetricsServer(metrics, readiness)
     await server._start(host, port)
     return server

@@ -316,7 +316,9 @@ class Node:
         if self.config.node.metrics_listen:
             host, _, port = self.config.node.metrics_listen.rpartition(":")
             try:
-                self._metrics_server = await serve_metrics(self.metrics, host.strip("[]"), int(port))
+                self._metrics_server = await serve_metrics(
+                    self.metrics, host.strip("[]"), int(port), readiness=self.readiness
+                )
             except OSError as exc:
                 raise DengineError(
                     f"cannot serve metrics on {self.config.node.metrics_listen}: {exc.strerror or exc}"
@@ -915,6 +917,34 @@ class Node:
             peers=peers,
             snapshot_index=self.snapshots.latest.meta.index if self.snapshots.latest else 0,
         )
+
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Whether this node is ready to serve: running, a member of the cluster (voter or
+        learner), and following a leader it knows (or leading). With what it knows, for the
+        ``/readyz`` and ``/health`` probes: ``reason`` says why not when it is not ready.
+
+        A node cut off from the leader stops being ready within an election timeout: it then
+        campaigns and knows no leader until one is elected (a leader without a quorum steps down
+        in the same time, with ``check_quorum``)."""
+        raft = self.raft
+        if not self._running or raft is None:
+            return False, {"id": self.id, "reason": "the node is not running"}
+        facts: dict[str, object] = {
+            "id": self.id,
+            "role": raft.role.value,
+            "term": raft.term,
+            "leader": raft.lead,
+            "commit": raft.commit,
+            "applied": raft.applied,
+        }
+        if self.id not in raft.conf.voters and self.id not in raft.learners:
+            reason = "not a member of the cluster (yet)"
+        elif raft.lead is None:
+            reason = "no leader known: an election is under way, or this node is cut off"
+        else:
+            reason = ""
+        return not reason, {**facts, "reason": reason}
 
 
 def _write_marker(path: Path) -> None:
