@@ -81,7 +81,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "max_batch_bytes": 1048576,
             "forward_proposals": True,
             "propose_linger_ms": 0.0,
-            "max_uncommitted_bytes": 64 << 20,
+            "max_unapplied_bytes": 64 << 20,
         },
         "storage": {"engine": "file", "segment_bytes": 64 * 1024 * 1024, "preallocate": False},
         "snapshot": {
@@ -273,7 +273,7 @@ def test_bad_environment_value_names_the_variable_and_allowed_values() -> None:
         ("storage", "segment_bytes", 1024, "an integer >= 4096"),
         ("raft", "propose_linger_ms", -0.5, "a number >= 0"),
         ("raft", "propose_linger_ms", float("nan"), "a number >= 0"),
-        ("raft", "max_uncommitted_bytes", -1, "an integer >= 0"),
+        ("raft", "max_unapplied_bytes", -1, "an integer >= 0"),
     ],
 )
 def test_out_of_range_names_key_and_range(section: str, key: str, value: object, expected: str) -> None:
@@ -552,9 +552,9 @@ def test_raft_config_with_defaults() -> None:
         max_batch_entries=4096,
         max_batch_bytes=1 << 20,
         forward_proposals=True,
-        max_uncommitted_bytes=64 << 20,
+        max_unapplied_bytes=64 << 20,
     )
-    assert config(raft={"max_uncommitted_bytes": 0}).raft_config().max_uncommitted_bytes == 0
+    assert config(raft={"max_unapplied_bytes": 0}).raft_config().max_unapplied_bytes == 0
 
 
 def test_raft_config_rounds_towards_safety() -> None:

@@ -234,12 +234,12 @@ def test_proposals_survive_the_loss_of_the_leader_exactly_once(tmp_path: Path) -
 
 
 def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: Path) -> None:
-    """raft.max_uncommitted_bytes = 1: one batch at a time may be uncommitted. With both followers
+    """raft.max_unapplied_bytes = 1: one batch at a time may be pending. With both followers
     stopped, the leader's first write waits and the next is refused at once, with a clear,
     retryable error; once the followers are back, writes are taken again."""
 
     async def main() -> None:
-        cfgs = with_section(configs(tmp_path), "raft", max_uncommitted_bytes=1, check_quorum=False)
+        cfgs = with_section(configs(tmp_path), "raft", max_unapplied_bytes=1, check_quorum=False)
         async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
             assert await leader.propose(b"1") == b"1"
@@ -247,8 +247,8 @@ def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: 
             for f in followers:
                 await f.stop(transfer_leadership=False)
             waiting = asyncio.ensure_future(leader.propose(b"10"))
-            await until(lambda: leader.raft is not None and leader.raft.uncommitted_bytes > 0)
-            with pytest.raises(LeaderOverloadedError, match=r"raft\.max_uncommitted_bytes"):
+            await until(lambda: leader.raft is not None and leader.raft.unapplied_bytes > 0)
+            with pytest.raises(LeaderOverloadedError, match=r"raft\.max_unapplied_bytes"):
                 await leader.propose(b"100", timeout=5)
             assert not waiting.done()
             assert b'reason="overloaded"} 1.0' in leader.metrics.render()

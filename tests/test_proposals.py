@@ -107,6 +107,6 @@ def test_an_overloaded_leader_refusal_reaches_clients_as_retryable() -> None:
         service = KVService(LeaderStandIn(), KVStateMachine())  # type: ignore[arg-type]
         error = service._write_error(LeaderOverloadedError(900, 200, 1000))
         assert isinstance(error, RequestError)
-        assert error.code is grpc.StatusCode.UNAVAILABLE and "raft.max_uncommitted_bytes" in error.details
+        assert error.code is grpc.StatusCode.UNAVAILABLE and "raft.max_unapplied_bytes" in error.details
 
     asyncio.run(main())

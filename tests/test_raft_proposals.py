@@ -105,41 +105,41 @@ def test_malformed_forwarded_payloads_never_enter_the_log() -> None:
     assert [e.data for e in entries] == [command(b"ok")]
 
 
-# --- an overloaded leader (raft.max_uncommitted_bytes) --------------------------------------------
+# --- an overloaded leader (raft.max_unapplied_bytes) --------------------------------------------
 
 
-def test_the_leader_refuses_proposals_past_its_uncommitted_limit_until_they_commit() -> None:
-    c = Cluster(3, max_uncommitted_bytes=100)
+def test_the_leader_refuses_proposals_past_its_limit_until_they_are_applied() -> None:
+    c = Cluster(3, max_unapplied_bytes=100)
     c.elect(1)
     leader = c.nodes[1]
     c.isolate(2)
     c.isolate(3)
-    leader.propose([command(b"a" * 59)])  # 60 payload bytes, nothing else uncommitted
-    assert leader.uncommitted_bytes == 60
-    with pytest.raises(LeaderOverloadedError, match=r"max_uncommitted_bytes"):
+    leader.propose([command(b"a" * 59)])  # 60 payload bytes, nothing else pending
+    assert leader.unapplied_bytes == 60
+    with pytest.raises(LeaderOverloadedError, match=r"max_unapplied_bytes"):
         leader.propose([command(b"b" * 59)])
     last = c.stores[1].last_index()
     leader.propose([command(b"c" * 39)])  # 40 more fit: exactly at the limit
-    assert c.stores[1].last_index() == last + 1 and leader.uncommitted_bytes == 100
+    assert c.stores[1].last_index() == last + 1 and leader.unapplied_bytes == 100
     c.heal()
     c.tick_all(2)  # heartbeats bring the followers back into the pipeline
     c.settle()
-    assert leader.commit == c.stores[1].last_index() and leader.uncommitted_bytes == 0
+    assert leader.commit == c.stores[1].last_index() and leader.unapplied_bytes == 0
     leader.propose([command(b"d" * 99)])
-    assert leader.uncommitted_bytes == 100
+    assert leader.unapplied_bytes == 100
 
 
-def test_a_batch_larger_than_the_limit_is_admitted_when_nothing_is_uncommitted() -> None:
-    c = Cluster(3, max_uncommitted_bytes=10)
+def test_a_batch_larger_than_the_limit_is_admitted_when_nothing_is_pending() -> None:
+    c = Cluster(3, max_unapplied_bytes=10)
     c.elect(1)
     indexes = c.nodes[1].propose([command(b"x" * 50), command(b"y" * 50)])
     c.settle()
     assert indexes is not None and c.nodes[1].commit == indexes[1]
-    assert c.nodes[1].uncommitted_bytes == 0
+    assert c.nodes[1].unapplied_bytes == 0
 
 
 def test_a_forwarded_proposal_past_the_limit_is_dropped_by_the_leader() -> None:
-    c = Cluster(3, max_uncommitted_bytes=100, forward_proposals=True)
+    c = Cluster(3, max_unapplied_bytes=100, forward_proposals=True)
     c.elect(1)
     c.filters.append(lambda m: None if m.type is MsgType.APP and m.dst == 2 else m)
     c.isolate(3)
@@ -151,7 +151,7 @@ def test_a_forwarded_proposal_past_the_limit_is_dropped_by_the_leader() -> None:
 
 
 def test_a_new_leader_counts_only_what_it_proposed_in_its_term() -> None:
-    c = Cluster(3, max_uncommitted_bytes=100)
+    c = Cluster(3, max_unapplied_bytes=100)
     c.elect(1)
     c.isolate(2)
     c.isolate(3)
@@ -160,20 +160,49 @@ def test_a_new_leader_counts_only_what_it_proposed_in_its_term() -> None:
     c.isolate(1)
     c.tick_all(60)  # 2 and 3 stop hearing from 1 and elect one of themselves
     new = next(c.nodes[i] for i in (2, 3) if c.nodes[i].role is Role.LEADER)
-    assert new.uncommitted_bytes == 0
+    assert new.unapplied_bytes == 0
     c.isolate(2)
     c.isolate(3)
-    new.propose([command(b"b" * 99)])  # admitted whole: nothing of this term is uncommitted
-    assert new.uncommitted_bytes == 100
+    new.propose([command(b"b" * 99)])  # admitted whole: nothing of this term is pending
+    assert new.unapplied_bytes == 100
     with pytest.raises(ProposalDroppedError):
         new.propose([command(b"c")])
 
 
 def test_a_limit_of_zero_admits_everything() -> None:
-    c = Cluster(3, max_uncommitted_bytes=0)
+    c = Cluster(3, max_unapplied_bytes=0)
     c.elect(1)
     c.isolate(2)
     c.isolate(3)
     for _ in range(100):
         c.nodes[1].propose([command(b"z" * 1000)])
-    assert c.nodes[1].uncommitted_bytes == 100 * 1001
+    assert c.nodes[1].unapplied_bytes == 100 * 1001
+
+
+def test_committed_writes_count_against_the_limit_until_the_leader_applies_them() -> None:
+    c = Cluster(3, max_unapplied_bytes=100)
+    leader = c.elect(1)
+    c.no_apply.add(1)  # a state machine that has fallen behind
+    c.propose(1, b"a" * 59)
+    assert leader.commit == c.stores[1].last_index() and leader.unapplied_bytes == 60
+    with pytest.raises(LeaderOverloadedError):
+        leader.propose([command(b"b" * 59)])
+    leader.applied_to(leader.commit)
+    assert leader.unapplied_bytes == 0
+    leader.propose([command(b"b" * 59)])
+
+
+def test_committed_entries_wait_in_the_log_while_the_state_machine_lags() -> None:
+    """At most 8 committed chunks are handed out unapplied; the rest stays in the log, and goes
+    out as one chunk once the state machine catches up."""
+    c = Cluster(3)
+    c.elect(1)
+    c.no_apply.add(2)
+    for i in range(20):
+        c.propose(1, b"%d" % i)
+    follower = c.nodes[2]
+    handed_out = c.applied[2][-1].index
+    assert follower.commit == 21 and handed_out == 9  # the noop at 1, then 2..9, a chunk each
+    follower.applied_to(handed_out)
+    c.settle()
+    assert [e.index for e in c.applied[2]] == list(range(1, 22))

@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dengine.errors import ConfigError
-from dengine.raft.config import DEFAULT_MAX_UNCOMMITTED_BYTES, RaftConfig
+from dengine.raft.config import DEFAULT_MAX_UNAPPLIED_BYTES, RaftConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -394,7 +394,7 @@ class RaftSection(_Section):
     max_batch_bytes: int = _opt(1 << 20, _int(1))
     forward_proposals: bool = _opt(True, _BOOL)
     propose_linger_ms: float = _opt(0.0, _float(0))
-    max_uncommitted_bytes: int = _opt(DEFAULT_MAX_UNCOMMITTED_BYTES, _int(0))
+    max_unapplied_bytes: int = _opt(DEFAULT_MAX_UNAPPLIED_BYTES, _int(0))
 
     def _check(self) -> None:
         if self.tick_ms > self.heartbeat_ms:
@@ -672,7 +672,7 @@ class Config:
             max_batch_entries=raft.max_batch_entries,
             max_batch_bytes=raft.max_batch_bytes,
             forward_proposals=raft.forward_proposals,
-            max_uncommitted_bytes=raft.max_uncommitted_bytes,
+            max_unapplied_bytes=raft.max_unapplied_bytes,
         )
 
     # --- building and dumping ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     KVSnapshotError                  a KV snapshot is corrupt, truncated or of an unknown format
     NotLeaderError                   this node cannot take the request; carries the leader hint
     ProposalDroppedError             a proposal was refused without being appended; retry
-    └── LeaderOverloadedError        the leader holds too many uncommitted entries; back off
+    └── LeaderOverloadedError        the leader holds too many writes not applied yet; back off
     ApplyError                       the state machine raised applying a committed command
     ConfigError                      invalid configuration: names the key and allowed values
     TLSConfigError                   a TLS file is missing, malformed or not valid now
@@ -75,17 +75,18 @@ class ProposalDroppedError(DengineError):
 
 
 class LeaderOverloadedError(ProposalDroppedError):
-    """The leader holds ``held`` bytes of entries it appended and has not committed yet, and
-    ``size`` more would pass its ``limit`` (``raft.max_uncommitted_bytes``): its followers are
-    not keeping up, or cannot be reached. Retry after a backoff."""
+    """The leader holds ``held`` bytes of writes it accepted and has not applied yet, and
+    ``size`` more would pass its ``limit`` (``raft.max_unapplied_bytes``): its followers are
+    not keeping up or cannot be reached, or its state machine is slower than the writes. Retry
+    after a backoff."""
 
     def __init__(self, held: int, size: int, limit: int) -> None:
         self.held = held
         self.size = size
         self.limit = limit
         super().__init__(
-            f"the leader holds {held} bytes of uncommitted entries; {size} more would pass its "
-            f"limit of {limit} (raft.max_uncommitted_bytes): retry after a backoff"
+            f"the leader holds {held} bytes of writes not applied yet; {size} more would pass its "
+            f"limit of {limit} (raft.max_unapplied_bytes): retry after a backoff"
         )
 
 

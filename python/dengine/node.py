@@ -592,7 +592,7 @@ class Node:
     def _forward_again(self) -> None:
         """Proposes every waiting payload again when the oldest has waited an election timeout
         on this follower (at most once per election timeout). A leader drops forwarded
-        proposals it cannot take, while it is over ``raft.max_uncommitted_bytes`` or handing
+        proposals it cannot take, while it is over ``raft.max_unapplied_bytes`` or handing
         leadership over, and a broken peer stream loses what it carried: without this, a
         ``propose`` without a timeout would wait forever. Sessions make a second copy harmless."""
         now = time.monotonic()
@@ -917,7 +917,6 @@ class Node:
             peers=peers,
             snapshot_index=self.snapshots.latest.meta.index if self.snapshots.latest else 0,
         )
-
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether this node is ready to serve: running, a member of the cluster (voter or

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_MAX_UNCOMMITTED_BYTES = 64 << 20
-"""How many payload bytes a leader holds appended but uncommitted before it refuses proposals:
-enough for any healthy pipeline (64 in-flight appends of 1 MiB each to a follower), small enough
-that an overloaded leader's memory and its callers' wait stay bounded."""
+DEFAULT_MAX_UNAPPLIED_BYTES = 64 << 20
+"""How many payload bytes a leader holds accepted but not yet applied before it refuses
+proposals: enough for any healthy pipeline (64 in-flight appends of 1 MiB each to a follower),
+small enough that an overloaded leader's memory and its callers' wait stay bounded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +38,11 @@ class RaftConfig:
     max_batch_entries: int = 4096
     max_batch_bytes: int = 1 << 20
     forward_proposals: bool = True
-    max_uncommitted_bytes: int = DEFAULT_MAX_UNCOMMITTED_BYTES
-    """The leader refuses new proposals (``ProposalDroppedError``, retryable) while the payloads
-    it appended in its term and has not committed yet add up to this many bytes or more; 0 turns
-    the limit off. A batch is admitted whole when nothing is uncommitted, however large."""
+    max_unapplied_bytes: int = DEFAULT_MAX_UNAPPLIED_BYTES
+    """The leader refuses new proposals (``LeaderOverloadedError``, retryable) while the payloads
+    it accepted in its term and has not applied yet would pass this many bytes: uncommitted ones
+    (followers slow or unreachable) and committed ones its state machine has not caught up with.
+    0 turns the limit off. A batch is admitted whole when nothing is pending, however large."""
     can_vote: bool = True
     """False for a node that lost its disk: it may have voted in terms it no longer remembers,
     so it must neither vote nor campaign until an operator re-adds it."""
@@ -59,8 +60,8 @@ class RaftConfig:
             raise ValueError("clock_drift_ticks must be in [0, election_ticks)")
         if self.max_inflight < 1 or self.max_batch_entries < 1 or self.max_batch_bytes < 1:
             raise ValueError("max_inflight, max_batch_entries and max_batch_bytes must be positive")
-        if self.max_uncommitted_bytes < 0:
-            raise ValueError("max_uncommitted_bytes must be at least 0 (0: no limit)")
+        if self.max_unapplied_bytes < 0:
+            raise ValueError("max_unapplied_bytes must be at least 0 (0: no limit)")
 
     @property
     def lease_ticks(self) -> int:

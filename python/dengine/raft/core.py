@@ -58,6 +58,10 @@ LOG_LOST_CONTEXT = 2
 """``context`` of an APP_RESP rejection from a node that lost its disk (see RaftConfig.can_vote)."""
 
 _MAX_APPLY_BYTES = 8 << 20
+# Committed chunks handed out and not yet reported applied: past this many, the next waits (the
+# entries stay in the log), so a state machine slower than the log cannot fill memory with them.
+# With a backlog, each chunk gathers everything committed up to _MAX_APPLY_BYTES.
+_MAX_APPLYING_CHUNKS = 8
 
 
 @dataclass(slots=True)
@@ -125,7 +129,7 @@ class Raft:
         self.learners = base.learners
         self.progress: dict[int, Progress] = {}
         self.lead_transferee: int | None = None
-        self._forget_uncommitted()
+        self._forget_unapplied()
 
         self._ticks = 0
         self._election_elapsed = 0
@@ -141,7 +145,8 @@ class Raft:
         self._vote_needs = 0  # sync that makes the current term and vote durable
         self._log_needs = 0  # sync that makes the last append durable
         self._saved_hs = (hs.term, hs.vote, hs.commit)
-        self._apply_dispatched = applied
+        # The last index of the committed entries handed out, and of each chunk not yet applied.
+        self._apply_dispatched, self._applying = applied, collections.deque[int]()
 
         self._read_seq = 0
         self._read_rounds: dict[int, _ReadRound] = {}
@@ -178,7 +183,7 @@ class Raft:
         Returns the ``(first, last)`` indexes given to them, or ``None`` when they were forwarded
         to the leader. Raises :class:`NotLeaderError` (with the leader hint) when this node cannot
         take them, :class:`ProposalDroppedError` during a leadership transfer, and its subclass
-        :class:`LeaderOverloadedError` past ``max_uncommitted_bytes``.
+        :class:`LeaderOverloadedError` past ``max_unapplied_bytes``.
         """
         if not payloads:
             raise ValueError("propose needs at least one payload")
@@ -194,24 +199,26 @@ class Raft:
         self._admit(payloads)
         return self._append_as_leader(payloads)
 
-    def _forget_uncommitted(self) -> None:
+    def _forget_unapplied(self) -> None:
         # As leader: (last index, payload bytes) of each batch appended in this term and not yet
-        # committed, and their total, for ``max_uncommitted_bytes``.
-        self._uncommitted: collections.deque[tuple[int, int]] = collections.deque()
-        self.uncommitted_bytes = 0
+        # applied here, and their total, for ``max_unapplied_bytes``.
+        self._unapplied: collections.deque[tuple[int, int]] = collections.deque()
+        self.unapplied_bytes = 0
 
     def _admit(self, payloads: Sequence[bytes]) -> None:
-        """Counts ``payloads`` as uncommitted, or raises :class:`LeaderOverloadedError` when they
-        would take this leader past ``max_uncommitted_bytes``. Followers that cannot keep up (or
-        cannot be reached) make the leader refuse writes quickly, rather than hold more and more
-        of them in memory with callers waiting ever longer (etcd-raft's MaxUncommittedEntriesSize)."""
+        """Counts ``payloads`` as accepted and not yet applied, or raises
+        :class:`LeaderOverloadedError` when they would take this leader past
+        ``max_unapplied_bytes``. Followers that cannot keep up (or cannot be reached), or a state
+        machine slower than the writes, make the leader refuse writes quickly, rather than hold
+        more and more of them with callers waiting ever longer (etcd-raft bounds the uncommitted
+        part alone, with MaxUncommittedEntriesSize)."""
         size = sum(map(len, payloads))
-        limit = self.cfg.max_uncommitted_bytes
-        held = self.uncommitted_bytes
+        limit = self.cfg.max_unapplied_bytes
+        held = self.unapplied_bytes
         if limit and held and held + size > limit:
             raise LeaderOverloadedError(held, size, limit)
-        self.uncommitted_bytes = held + size
-        self._uncommitted.append((self.store.last_index() + len(payloads), size))
+        self.unapplied_bytes = held + size
+        self._unapplied.append((self.store.last_index() + len(payloads), size))
 
     def propose_conf_change(
         self,
@@ -417,6 +424,12 @@ class Raft:
     def applied_to(self, index: int) -> None:
         """The state machine has applied every entry up to ``index``."""
         self.applied = max(self.applied, index)
+        applying = self._applying
+        while applying and applying[0] <= index:
+            applying.popleft()
+        unapplied = self._unapplied
+        while unapplied and unapplied[0][0] <= index:
+            self.unapplied_bytes -= unapplied.popleft()[1]
 
     def step(self, m: Message) -> None:
         """Processes one message from a peer."""
@@ -475,9 +488,10 @@ class Raft:
             rd.sync = self._sync_seq
         rd.messages, self._msgs = self._msgs, []
         hi = min(self.commit, self.durable)
-        if hi > self._apply_dispatched:
+        if hi > self._apply_dispatched and len(self._applying) < _MAX_APPLYING_CHUNKS:
             rd.committed = self.store.entries(self._apply_dispatched + 1, hi + 1, _MAX_APPLY_BYTES)
             self._apply_dispatched = rd.committed[-1].index
+            self._applying.append(self._apply_dispatched)
         if self._pending_reads:
             rd.reads = [r for r in self._pending_reads if r.index <= self.applied]
             if rd.reads:
@@ -495,7 +509,10 @@ class Raft:
         return bool(
             self._msgs
             or self._writes_pending
-            or min(self.commit, self.durable) > self._apply_dispatched
+            or (
+                min(self.commit, self.durable) > self._apply_dispatched
+                and len(self._applying) < _MAX_APPLYING_CHUNKS
+            )
             or any(r.index <= self.applied for r in self._pending_reads)
             or self._failed_reads
             or self._snapshot_needed
@@ -562,7 +579,7 @@ class Raft:
         me.become_replicate()
         # Entries of earlier terms are not counted: their sizes are not known here, and they
         # commit with this term's first entry.
-        self._forget_uncommitted()
+        self._forget_unapplied()
         for p in self.progress.values():
             p.recent_active = True
             p.last_heard_tick = self._ticks
@@ -979,9 +996,6 @@ class Raft:
         # earlier entries commit with it.
         if index > self.commit and self.store.term(index) == self.term:
             self.commit = index
-            uncommitted = self._uncommitted
-            while uncommitted and uncommitted[0][0] <= index:
-                self.uncommitted_bytes -= uncommitted.popleft()[1]
             self._on_commit_in_term()
             return True
         return False

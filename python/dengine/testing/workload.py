@@ -187,8 +187,8 @@ class _Run:
             "pre_vote": rng.random() < 0.8,
         }
         if rng.random() < 0.3:
-            # An overloaded leader: it refuses writes while a few (or any) are uncommitted.
-            options["max_uncommitted_bytes"] = rng.choice([1, 1, 100])
+            # An overloaded leader: it refuses writes while a few (or any) are not applied yet.
+            options["max_unapplied_bytes"] = rng.choice([1, 1, 100])
         # Most runs snapshot often and keep little log, so that lagging and restarted nodes
         # catch up by snapshot under the same faults as everything else.
         every = rng.choice([0, 8, 25, 60])
