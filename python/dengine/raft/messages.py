@@ -111,7 +111,9 @@ class Ready:
     1. if ``sync`` is set, make the log store durable (``store.sync()``) and then call
        ``raft.synced(sync)``; messages that depended on it come in a later Ready;
     2. send ``messages`` (already safe to send);
-    3. apply ``committed`` entries in order, then call ``raft.applied_to(last index)``;
+    3. apply ``committed`` entries in order, then call ``raft.applied_to(last index)``: a core
+       hands out a few chunks ahead of it, no more, and a leader counts its own writes against
+       ``max_unapplied_bytes`` until then;
     4. serve ``reads``; fail ``failed_reads`` (leadership was lost before they were confirmed).
 
     ``restore`` (a follower accepted a snapshot; its log now starts after it) comes before
