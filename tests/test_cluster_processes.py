@@ -16,6 +16,8 @@ import grpc
 import pytest
 
 from dengine._core import Entry, encode_entries
+from dengine.client import Client
+from dengine.errors import DeadlineExceeded, Unavailable
 from dengine.tls import init_dev_certs
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, raft_pb2_grpc
 
@@ -102,6 +104,44 @@ def test_sigstop_of_the_leader_then_sigcont(cluster: ProcCluster) -> None:
     )
     assert status
     assert_all_readable(cluster, acked)
+
+
+def test_an_overloaded_leader_refuses_writes_and_clients_retry_until_it_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """raft.max_unapplied_bytes = 1 (one write pending at a time), followers frozen: the leader
+    takes one write, refuses the next at once with UNAVAILABLE naming the limit, and a client
+    retries that refusal until its deadline; once the followers resume, everything completes."""
+    monkeypatch.setenv("DENGINE_RAFT_MAX_UNAPPLIED_BYTES", "1")
+    monkeypatch.setenv("DENGINE_RAFT_CHECK_QUORUM", "false")  # the leader stays while they are frozen
+    with running_cluster(tmp_path) as cluster:
+        leader = cluster.wait_leader()
+        followers = [i for i in range(1, 4) if i != leader]
+
+        async def main() -> None:
+            async with Client([cluster.address(leader)]) as client:
+                await client.put(b"before", b"0")
+                for f in followers:
+                    cluster.kill(f, signal.SIGSTOP)
+                pending = asyncio.ensure_future(client.put(b"pending", b"1", timeout=60))
+                await asyncio.sleep(0.5)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async with grpc.aio.insecure_channel(cluster.address(leader)) as channel:
+                        stub = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]
+                        await stub.Put(kv_pb2.PutRequest(key=b"refused", value=b"2"), timeout=5)
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert "raft.max_unapplied_bytes" in (refused.value.details() or "")
+                with pytest.raises((Unavailable, DeadlineExceeded)):
+                    await client.put(b"retried", b"3", timeout=1.0)
+                assert not pending.done()
+                for f in followers:
+                    cluster.kill(f, signal.SIGCONT)
+                assert (await asyncio.wait_for(pending, 30)).revision > 0
+                await client.put(b"after", b"4", timeout=30)
+                assert await client.get(b"pending") is not None
+
+        asyncio.run(main())
+        assert 'reason="overloaded"' in cluster.scrape(leader)
 
 
 def test_a_message_from_another_cluster_is_refused(cluster: ProcCluster) -> None:

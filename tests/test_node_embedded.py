@@ -236,7 +236,8 @@ def test_proposals_survive_the_loss_of_the_leader_exactly_once(tmp_path: Path) -
 def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: Path) -> None:
     """raft.max_unapplied_bytes = 1: one batch at a time may be pending. With both followers
     stopped, the leader's first write waits and the next is refused at once, with a clear,
-    retryable error; once the followers are back, writes are taken again."""
+    retryable error; once the followers are back, the first completes and writes are taken
+    again."""
 
     async def main() -> None:
         cfgs = with_section(configs(tmp_path), "raft", max_unapplied_bytes=1, check_quorum=False)
@@ -252,6 +253,11 @@ def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: 
                 await leader.propose(b"100", timeout=5)
             assert not waiting.done()
             assert b'reason="overloaded"} 1.0' in leader.metrics.render()
+            # After an election timeout the leader proposes its waiting write again, and refuses
+            # the copy: the first copy is in its log, so the caller must keep waiting, not hear
+            # that the write was dropped.
+            await asyncio.sleep(1.0)
+            assert not waiting.done()
             for i, f in enumerate(followers):
                 back = Node(cfgs[f.id - 1], state_machine=Counter())
                 await back.start()

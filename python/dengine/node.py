@@ -168,7 +168,7 @@ class Node:
         # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
         self._waiters: dict[tuple[int, int], Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
-        self._forwarded_again_at = 0.0  # time.monotonic() of the last _forward_again
+        self._proposed_again_at = 0.0  # time.monotonic() of the last _propose_again
         # (last index, time proposed, count) of batches proposed here as leader, oldest first:
         # what the propose-to-commit histogram measures.
         self._commit_clock: collections.deque[tuple[int, float, int]] = collections.deque()
@@ -406,8 +406,8 @@ class Node:
                 if raft.role is Role.LEADER:
                     self._update_peer_metrics()
                     self.members.tick()
-                elif self._waiters:
-                    self._forward_again()
+                if self._waiters:
+                    self._propose_again()
 
     def _update_peer_metrics(self) -> None:
         for p in self.status().peers:
@@ -523,6 +523,7 @@ class Node:
             self._waiters[key] = Proposal(payload, now, waiter)
         else:  # the same write again, say a client's retry: one answer serves every waiter
             proposal.futures.append(waiter)
+            proposal.resent = True
         self._pending.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -574,14 +575,24 @@ class Node:
             refusal = exc
             for p in batch:
                 d = envelope.decode(p)
-                self._fail_waiters((d.client_id, d.sequence), lambda: _copy_refusal(refusal))
+                key = (d.client_id, d.sequence)
+                proposal = self._waiters.get(key)
+                if proposal is not None and proposal.resent:
+                    # An earlier copy may be in the log and apply yet: its waiters keep waiting,
+                    # and it is proposed again later (_propose_again).
+                    continue
+                self._fail_waiters(key, lambda: _copy_refusal(refusal))
             return
         self.pump()
 
     def _resubmit(self) -> None:
         """Proposes every waiting payload again, through the new leader."""
         queued = set(self._pending)
-        waiting = [p.payload for p in self._waiters.values() if p.payload not in queued]
+        waiting = []
+        for p in self._waiters.values():
+            p.resent = True
+            if p.payload not in queued:
+                waiting.append(p.payload)
         if not waiting:
             return
         self._pending.extend(waiting)
@@ -589,17 +600,18 @@ class Node:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _forward_again(self) -> None:
+    def _propose_again(self) -> None:
         """Proposes every waiting payload again when the oldest has waited an election timeout
-        on this follower (at most once per election timeout). A leader drops forwarded
-        proposals it cannot take, while it is over ``raft.max_unapplied_bytes`` or handing
-        leadership over, and a broken peer stream loses what it carried: without this, a
-        ``propose`` without a timeout would wait forever. Sessions make a second copy harmless."""
+        (at most once per election timeout). A leader drops forwarded proposals it cannot take,
+        while it is over ``raft.max_unapplied_bytes`` or handing leadership over; a broken peer
+        stream loses what it carried; and a payload proposed again that this node refused
+        waits here (an earlier copy may be in the log). Without this, a ``propose`` without a
+        timeout could wait forever. Sessions make every further copy harmless."""
         now = time.monotonic()
         wait = self.config.raft.election_timeout_ms / 1000
         oldest = next(iter(self._waiters.values()))
-        if now - oldest.started >= wait and now - self._forwarded_again_at >= wait:
-            self._forwarded_again_at = now
+        if now - oldest.started >= wait and now - self._proposed_again_at >= wait:
+            self._proposed_again_at = now
             self._resubmit()
 
     def transfer_leadership(self, target: int | None = None) -> int:

@@ -27,12 +27,16 @@ class Proposal:
     """A write someone on this node waits for. Its payload is proposed again when a new leader
     appears, since the old one may have lost it (the session makes a second copy harmless)."""
 
-    __slots__ = ("futures", "payload", "started")
+    __slots__ = ("futures", "payload", "resent", "started")
 
     def __init__(self, payload: bytes, started: float, waiter: Waiter) -> None:
         self.payload = payload
         self.started = started  # time.monotonic() of the first proposal, for the latency metric
         self.futures = [waiter]
+        # Whether the payload was proposed again (a new leader, a client's retry): an earlier
+        # copy may be in the log, so a refusal of a later copy must not tell its waiters that
+        # the write was not appended.
+        self.resent = False
 
 
 class WriteGroup:
