@@ -15,7 +15,13 @@ import pytest
 
 from dengine.config import Config
 from dengine.devcluster import free_ports
-from dengine.errors import ApplyError, LeaderOverloadedError, NotLeaderError
+from dengine.errors import (
+    ApplyError,
+    LeaderOverloadedError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ProposalDroppedError,
+)
 from dengine.node import Node
 
 T = TypeVar("T")
@@ -294,5 +300,33 @@ def test_a_forwarded_proposal_the_leader_dropped_is_forwarded_again(tmp_path: Pa
             assert await asyncio.wait_for(follower.propose(b"5"), 10) == b"5"
             assert dropped, "the first forward reached the leader and was lost"
             await until(lambda: all(n.sm.n == 5 for n in nodes))  # type: ignore[attr-defined]
+
+    run(main)
+
+
+def test_a_write_pending_when_its_node_stops_has_an_unknown_outcome(tmp_path: Path) -> None:
+    """The write is in the stopped node's log, and could still be committed by the others: its
+    caller must hear that the outcome is unknown, not that it was dropped (retrying a dropped
+    write is safe; retrying this one could apply it twice)."""
+
+    async def main() -> None:
+        cfgs = with_section(configs(tmp_path), "raft", check_quorum=False)
+        nodes = [Node(c, Counter()) for c in cfgs]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            for f in nodes:
+                if f is not leader:
+                    await f.stop(transfer_leadership=False)
+            pending = asyncio.ensure_future(leader.propose(b"7"))
+            await until(lambda: leader.raft is not None and leader.raft.unapplied_bytes > 0)
+            await leader.stop(transfer_leadership=False)
+            with pytest.raises(OutcomeUnknownError, match="may still be applied") as info:
+                await pending
+            assert not isinstance(info.value, ProposalDroppedError)
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
 
     run(main)

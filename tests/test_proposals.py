@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from dengine.errors import LeaderOverloadedError, ProposalDroppedError
+from dengine.errors import LeaderOverloadedError, OutcomeUnknownError, ProposalDroppedError
 from dengine.kv import KVStateMachine
 from dengine.proposals import Proposal, WriteGroup
 from dengine.server import KVService, RequestError
@@ -99,7 +99,7 @@ def test_the_kv_service_answers_a_groups_failed_writes_with_their_error() -> Non
     asyncio.run(main())
 
 
-def test_an_overloaded_leader_refusal_reaches_clients_as_retryable() -> None:
+def test_overload_and_unknown_outcomes_reach_clients_as_retryable() -> None:
     """A client retries UNAVAILABLE with backoff; an overloaded leader's refusal must be one, with
     the limit named in the details."""
 
@@ -108,5 +108,8 @@ def test_an_overloaded_leader_refusal_reaches_clients_as_retryable() -> None:
         error = service._write_error(LeaderOverloadedError(900, 200, 1000))
         assert isinstance(error, RequestError)
         assert error.code is grpc.StatusCode.UNAVAILABLE and "raft.max_unapplied_bytes" in error.details
+        # A write whose node stopped waiting for it: the client's retry carries its session.
+        unknown = service._write_error(OutcomeUnknownError("the node stopped before..."))
+        assert isinstance(unknown, RequestError) and unknown.code is grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(main())

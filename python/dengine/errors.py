@@ -16,6 +16,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     NotLeaderError                   this node cannot take the request; carries the leader hint
     ProposalDroppedError             a proposal was refused without being appended; retry
     └── LeaderOverloadedError        the leader holds too many writes not applied yet; back off
+    OutcomeUnknownError              the node stopped waiting before a write's outcome was known
     ApplyError                       the state machine raised applying a committed command
     ConfigError                      invalid configuration: names the key and allowed values
     TLSConfigError                   a TLS file is missing, malformed or not valid now
@@ -88,6 +89,14 @@ class LeaderOverloadedError(ProposalDroppedError):
             f"the leader holds {held} bytes of writes not applied yet; {size} more would pass its "
             f"limit of {limit} (raft.max_unapplied_bytes): retry after a backoff"
         )
+
+
+class OutcomeUnknownError(DengineError):
+    """The node stopped waiting for a proposal before its outcome was known: the node stopped,
+    was removed from the cluster, or failed. The write may be in the log, and other nodes may
+    still commit and apply it. Unlike :class:`ProposalDroppedError`, proposing it again may apply
+    it twice: read the state to find out (a ``dengine.Client`` retries with its session, which
+    is safe)."""
 
 
 class ApplyError(DengineError):
@@ -172,6 +181,7 @@ __all__ += [
     "LeaderOverloadedError",
     "NotFound",
     "NotLeaderError",
+    "OutcomeUnknownError",
     "ProposalDroppedError",
     "RequestFailed",
     "TLSConfigError",

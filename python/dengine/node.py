@@ -36,6 +36,7 @@ from dengine.errors import (
     DengineError,
     LeaderOverloadedError,
     NotLeaderError,
+    OutcomeUnknownError,
     ProposalDroppedError,
 )
 from dengine.kv import KVStateMachine
@@ -76,6 +77,9 @@ T = TypeVar("T")
 # later; a linearizable read on a follower gets the commit index from its own heartbeat round.
 _ANNOUNCE_DELAY_S = 0.020
 Consistency = Literal["linearizable", "lease", "stale"]
+
+
+_UNKNOWN = "{} before the write's outcome was known: it may still be applied"
 
 
 def _copy_refusal(exc: NotLeaderError | ProposalDroppedError) -> Exception:
@@ -379,7 +383,7 @@ class Node:
         await loop.run_in_executor(self.io, self.store.close)
         self.io.shutdown(wait=True)
         for key in list(self._waiters):
-            self._fail_waiters(key, lambda: ProposalDroppedError("the node stopped"))
+            self._fail_waiters(key, lambda: OutcomeUnknownError(_UNKNOWN.format("the node stopped")))
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(DengineError("the node stopped"))
@@ -626,9 +630,11 @@ class Node:
 
     def on_removed(self) -> None:
         """This node is no longer a member: nothing waiting here will be answered by it, so the
-        callers hear it now and retry elsewhere (sessions keep their writes exactly-once)."""
+        callers hear it now (a client retries elsewhere; its session keeps the write exactly
+        once)."""
+        removed = _UNKNOWN.format("this node was removed from the cluster")
         for key in list(self._waiters):
-            self._fail_waiters(key, lambda: ProposalDroppedError("this node was removed from the cluster"))
+            self._fail_waiters(key, lambda: OutcomeUnknownError(removed))
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
@@ -783,7 +789,12 @@ class Node:
         for t in self._tasks:
             t.cancel()
         for key in list(self._waiters):
-            self._fail_waiters(key, lambda: DengineError(f"the node stopped after a storage failure: {exc}"))
+            self._fail_waiters(
+                key,
+                lambda: OutcomeUnknownError(
+                    _UNKNOWN.format(f"the node stopped after a storage failure ({exc})")
+                ),
+            )
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(DengineError(f"the node stopped after a storage failure: {exc}"))

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.cluster_service import leader_details
 from dengine.config import Config
-from dengine.errors import ApplyError, DengineError, NotLeaderError, ProposalDroppedError
+from dengine.errors import ApplyError, DengineError, NotLeaderError, OutcomeUnknownError, ProposalDroppedError
 from dengine.gc_tuning import tune_gc
 from dengine.kv import (
     WATCH_PROGRESS_INTERVAL_S,
@@ -249,7 +249,8 @@ class KVService(kv_pb2_grpc.KVServicer):
         """The status a failed proposal is answered with."""
         if isinstance(exc, NotLeaderError):
             return RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader))
-        if isinstance(exc, ProposalDroppedError):
+        if isinstance(exc, (ProposalDroppedError, OutcomeUnknownError)):
+            # Retryable: a client's retry carries the same session, so it applies at most once.
             return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
         if isinstance(exc, ApplyError):
             return RequestError(grpc.StatusCode.INTERNAL, str(exc))
@@ -259,7 +260,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         self._check_leader()
         try:
             raw = await self._submit(w)
-        except (NotLeaderError, ProposalDroppedError, ApplyError) as exc:
+        except (NotLeaderError, ProposalDroppedError, OutcomeUnknownError, ApplyError) as exc:
             raise self._write_error(exc) from exc
         response = _RESPONSES[w.kind]()
         w.fill(response, raw)
