@@ -590,7 +590,8 @@ class Node:
         self.pump()
 
     def _resubmit(self) -> None:
-        """Proposes every waiting payload again, through the new leader."""
+        """Proposes every waiting payload again (through a new leader, or because one waited too
+        long), marking each as resent: an earlier copy may be in the log."""
         queued = set(self._pending)
         waiting = []
         for p in self._waiters.values():
