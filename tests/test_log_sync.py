@@ -15,7 +15,7 @@ import pytest
 
 from dengine import _core
 from dengine._core import Entry
-from dengine.errors import DengineError, LogClosedError, StorageError
+from dengine.errors import DengineError, LogClosedError, OutcomeUnknownError, StorageError
 from dengine.log_sync import LogSyncer
 from dengine.node import Node
 from dengine.storage import LogStore, WalLogStore
@@ -179,7 +179,7 @@ async def test_a_node_whose_log_sync_fails_stops_and_fails_its_waiting_proposals
         await until(lambda: node.leader_id == node.id)
         assert await node.propose(b"1") == b"1"
         store.fail = True
-        with pytest.raises(DengineError, match="storage failure: disk on fire"):
+        with pytest.raises(OutcomeUnknownError, match="storage failure: disk on fire"):
             await asyncio.wait_for(node.propose(b"2"), 5)
         await asyncio.wait_for(node.wait_stopped(), 5)
         with pytest.raises(DengineError, match="not running"):

@@ -79,7 +79,7 @@ _ANNOUNCE_DELAY_S = 0.020
 Consistency = Literal["linearizable", "lease", "stale"]
 
 
-_UNKNOWN = "{} before the write's outcome was known: it may still be applied"
+_UNKNOWN = "{}; the write's outcome is unknown: it may still be applied"
 
 
 def _copy_refusal(exc: NotLeaderError | ProposalDroppedError) -> Exception:
@@ -793,7 +793,7 @@ class Node:
             self._fail_waiters(
                 key,
                 lambda: OutcomeUnknownError(
-                    _UNKNOWN.format(f"the node stopped after a storage failure ({exc})")
+                    _UNKNOWN.format(f"the node stopped after a storage failure: {exc}")
                 ),
             )
         for rf in self._reads.values():
