@@ -106,6 +106,12 @@ def test_sigstop_of_the_leader_then_sigcont(cluster: ProcCluster) -> None:
     assert_all_readable(cluster, acked)
 
 
+def _proposals(cluster: ProcCluster, i: int) -> float:
+    """Node ``i``'s ``dengine_proposals_total``: proposals it has taken so far."""
+    line = next(x for x in cluster.scrape(i).splitlines() if x.startswith("dengine_proposals_total{"))
+    return float(line.split()[-1])
+
+
 def test_an_overloaded_leader_refuses_writes_and_clients_retry_until_it_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,8 +129,10 @@ def test_an_overloaded_leader_refuses_writes_and_clients_retry_until_it_recovers
                 await client.put(b"before", b"0")
                 for f in followers:
                     cluster.kill(f, signal.SIGSTOP)
+                proposed = _proposals(cluster, leader)
                 pending = asyncio.ensure_future(client.put(b"pending", b"1", timeout=60))
-                await asyncio.sleep(0.5)
+                while _proposals(cluster, leader) == proposed:  # until the leader has it
+                    await asyncio.sleep(0.05)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     async with grpc.aio.insecure_channel(cluster.address(leader)) as channel:
                         stub = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]
