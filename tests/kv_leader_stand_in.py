@@ -14,6 +14,7 @@ class LeaderStandIn:
     def __init__(self) -> None:
         self.id = 1
         self.raft = SimpleNamespace(lead=1)
+        self.members = SimpleNamespace(addresses={1: "h:1"})
         self.metrics = SimpleNamespace(grpc_error=lambda method, code: None)
         self.groups: list[WriteGroup] = []
 

@@ -1,4 +1,5 @@
-"""The client's session bookkeeping (Raft thesis §6.3), with the batch call replaced by a script.
+"""The client's session bookkeeping (Raft thesis §6.3), with the batch call replaced by a script;
+and, with the same script, which node its retries go to.
 
 Every write carries the lowest sequence of this client still outstanding, and replicas forget
 the results below it. So a sequence may be released only once its answer is in (or the request
@@ -44,13 +45,15 @@ class ScriptedClient:
     """A client whose batches are answered by ``self.reply``; records (sequence, first
     outstanding) of every write it sends."""
 
-    def __init__(self) -> None:
-        self.client = Client(["127.0.0.1:1"], timeout=0.3, attempt_timeout=0.1)
+    def __init__(self, endpoints: tuple[str, ...] = ("127.0.0.1:1",)) -> None:
+        self.client = Client(list(endpoints), timeout=0.3, attempt_timeout=0.1)
         self.reply: Reply = _answer_all
         self.sent: list[tuple[int, int]] = []
+        self.addresses: list[str] = []  # where each batch went
         self.client._call_batch = self._call  # type: ignore[method-assign]
 
     async def _call(self, address: str, request: bytes, timeout: float) -> bytes:
+        self.addresses.append(address)
         writes = parse_kv_session_writes(request)
         assert writes is not None
         for payload in writes[2]:
@@ -63,9 +66,9 @@ class ScriptedClient:
         return self.sent[-1][1]
 
 
-def run(test: Callable[[ScriptedClient], Any]) -> None:
+def run(test: Callable[[ScriptedClient], Any], endpoints: tuple[str, ...] = ("127.0.0.1:1",)) -> None:
     async def main() -> None:
-        scripted = ScriptedClient()
+        scripted = ScriptedClient(endpoints)
         try:
             await test(scripted)
         finally:
@@ -122,3 +125,33 @@ def test_a_write_refused_outright_is_released() -> None:
         assert s.sent[-1] == (2, 2)
 
     run(test)
+
+
+def test_an_overloaded_leader_is_retried_and_a_silent_one_is_left() -> None:
+    """An overloaded leader names itself in its UNAVAILABLE refusal: the retries come back to it
+    after a backoff, not by way of another node. A node that fails without naming a leader is
+    left, and the next attempt goes to another."""
+    leader, other = "127.0.0.1:1", "127.0.0.1:2"
+
+    async def test(s: ScriptedClient) -> None:
+        s.client._endpoints.leader = leader
+        refusals = iter(range(2))
+
+        def overloaded(request: bytes) -> bytes:
+            if next(refusals, None) is None:
+                return _answer_all(request)
+            writes = parse_kv_session_writes(request)
+            assert writes is not None
+            text = f"UNAVAILABLE: the leader holds 900 bytes of writes not applied yet; leader=1@{leader}"
+            return encode_kv_write_answers(writes[0], [text] * len(writes[2])) or b""
+
+        s.reply = overloaded
+        await s.client.put(b"k", b"v", timeout=5)
+        assert s.addresses == [leader, leader, leader]
+        s.addresses.clear()
+        s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)  # no leader named: a node gone quiet
+        with pytest.raises(Unavailable):
+            await s.client.put(b"k2", b"v", timeout=0.3)
+        assert s.addresses[0] == leader and other in s.addresses[1:]
+
+    run(test, (leader, other))

@@ -108,6 +108,7 @@ def test_overload_and_unknown_outcomes_reach_clients_as_retryable() -> None:
         error = service._write_error(LeaderOverloadedError(900, 200, 1000))
         assert isinstance(error, RequestError)
         assert error.code is grpc.StatusCode.UNAVAILABLE and "raft.max_unapplied_bytes" in error.details
+        assert error.details.endswith("; leader=1@h:1"), "it names itself: the client comes back here"
         # A write whose node stopped waiting for it: the client's retry carries its session.
         unknown = service._write_error(OutcomeUnknownError("the node stopped before..."))
         assert isinstance(unknown, RequestError) and unknown.code is grpc.StatusCode.UNAVAILABLE

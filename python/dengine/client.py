@@ -485,8 +485,11 @@ class Client:
             self._endpoints.leader = address  # it took writes: it leads
 
     def _on_failure(self, address: str, code: str, details: str) -> None:
+        # A refusal that names the leader points there, whatever its code: a follower's NOT_LEADER
+        # names another node, an overloaded leader (UNAVAILABLE) names itself, to be retried
+        # after a backoff rather than by way of a follower.
         hint = _LEADER_HINT.search(details)
-        if code == "FAILED_PRECONDITION" and hint and hint.group(2):
+        if hint and hint.group(2):
             self._endpoints.leader = hint.group(2)
         elif address == self._endpoints.leader:
             self._endpoints.leader = None  # it stopped leading or stopped answering

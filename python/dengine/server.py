@@ -23,7 +23,14 @@ from google.protobuf.message import DecodeError
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.cluster_service import leader_details
 from dengine.config import Config
-from dengine.errors import ApplyError, DengineError, NotLeaderError, OutcomeUnknownError, ProposalDroppedError
+from dengine.errors import (
+    ApplyError,
+    DengineError,
+    LeaderOverloadedError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ProposalDroppedError,
+)
 from dengine.gc_tuning import tune_gc
 from dengine.kv import (
     WATCH_PROGRESS_INTERVAL_S,
@@ -249,6 +256,10 @@ class KVService(kv_pb2_grpc.KVServicer):
         """The status a failed proposal is answered with."""
         if isinstance(exc, NotLeaderError):
             return RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader))
+        if isinstance(exc, LeaderOverloadedError):
+            # It names this node as the leader: the client backs off and comes back here.
+            address = self.node.members.addresses.get(self.node.id, "")
+            return RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; leader={self.node.id}@{address}")
         if isinstance(exc, (ProposalDroppedError, OutcomeUnknownError)):
             # Retryable: a client's retry carries the same session, so it applies at most once.
             return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
