@@ -4,8 +4,10 @@ services (``dengine serve``).
 Writes that reach a follower are answered ``FAILED_PRECONDITION`` with the leader's address in
 the details, formatted ``not leader; leader=<id>@<address>`` (``leader=0@`` when none is known):
 clients go to the leader directly rather than paying an extra hop through a forwarding follower.
-Reads are served by any node: a linearizable read on a follower asks the leader for the read
-index (one small message), then reads locally.
+An overloaded leader (``raft.max_unapplied_bytes``) answers ``UNAVAILABLE`` naming itself the
+same way, so that clients back off and come back to it. Reads are served by any node: a
+linearizable read on a follower asks the leader for the read index (one small message), then
+reads locally.
 """
 
 from __future__ import annotations
