@@ -21,10 +21,16 @@ if TYPE_CHECKING:
 __all__ = ["ClusterService", "leader_details"]
 
 
+def leader_hint(node: Node, leader: int | None) -> str:
+    """``leader=<id>@<address>`` (``leader=0@`` when none is known): how a refusal names the
+    leader, for clients to go there."""
+    address = node.members.addresses.get(leader, "") if leader else ""
+    return f"leader={leader or 0}@{address}"
+
+
 def leader_details(node: Node, leader: int | None) -> str:
     """The FAILED_PRECONDITION text that points a client at the leader."""
-    address = node.members.addresses.get(leader, "") if leader else ""
-    return f"not leader; leader={leader or 0}@{address}"
+    return f"not leader; {leader_hint(node, leader)}"
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):

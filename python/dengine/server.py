@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
-from dengine.cluster_service import leader_details
+from dengine.cluster_service import leader_details, leader_hint
 from dengine.config import Config
 from dengine.errors import (
     ApplyError,
@@ -260,8 +260,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             return RequestError(grpc.StatusCode.FAILED_PRECONDITION, self._leader_details(exc.leader))
         if isinstance(exc, LeaderOverloadedError):
             # It names this node as the leader: the client backs off and comes back here.
-            address = self.node.members.addresses.get(self.node.id, "")
-            return RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; leader={self.node.id}@{address}")
+            return RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; {leader_hint(self.node, self.node.id)}")
         if isinstance(exc, (ProposalDroppedError, OutcomeUnknownError)):
             # Retryable: a client's retry carries the same session, so it applies at most once.
             return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
