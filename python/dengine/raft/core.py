@@ -487,8 +487,8 @@ class Raft:
             self._sync_seq += 1
             rd.sync = self._sync_seq
         rd.messages, self._msgs = self._msgs, []
-        hi = min(self.commit, self.durable)
-        if hi > self._apply_dispatched and len(self._applying) < _MAX_APPLYING_CHUNKS:
+        if self._committed_to_hand_out():
+            hi = min(self.commit, self.durable)
             rd.committed = self.store.entries(self._apply_dispatched + 1, hi + 1, _MAX_APPLY_BYTES)
             self._apply_dispatched = rd.committed[-1].index
             self._applying.append(self._apply_dispatched)
@@ -504,15 +504,19 @@ class Raft:
             rd.soft_state = self._reported_soft = soft
         return rd
 
+    def _committed_to_hand_out(self) -> bool:
+        # Durable committed entries not handed out yet, and room for another chunk of them.
+        return (
+            min(self.commit, self.durable) > self._apply_dispatched
+            and len(self._applying) < _MAX_APPLYING_CHUNKS
+        )
+
     def has_ready(self) -> bool:
         """Whether :meth:`ready` would return anything."""
         return bool(
             self._msgs
             or self._writes_pending
-            or (
-                min(self.commit, self.durable) > self._apply_dispatched
-                and len(self._applying) < _MAX_APPLYING_CHUNKS
-            )
+            or self._committed_to_hand_out()
             or any(r.index <= self.applied for r in self._pending_reads)
             or self._failed_reads
             or self._snapshot_needed
