@@ -2,7 +2,11 @@
 3 nodes in 3 processes on 127.0.0.1, real WAL with fsync, the built-in KV state machine, 256-byte
 values. Reports ops/s and latency percentiles.
 
+The leader's process and the followers' run on the event loop ``--event-loop`` names
+(``dengine.event_loop``: uvloop where installed by default).
+
 Run:  python benchmarks/bench_embedded.py [--seconds 10] [--inflight 2000]
+          [--event-loop auto|uvloop|asyncio]
 """
 
 # ruff: noqa: E402 (grpc's I/O manager is chosen before anything imports grpc)
@@ -16,17 +20,21 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from dengine import event_loop
 from dengine.config import Config
 from dengine.devcluster import free_ports
+from dengine.event_loop import EVENT_LOOPS
 from dengine.gc_tuning import tune_gc
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
@@ -50,11 +58,14 @@ def write_configs(root: Path) -> list[Path]:
     return paths
 
 
-async def run(seconds: float, inflight: int) -> dict[str, float]:
+async def run(seconds: float, inflight: int, loop: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dengine-bench-", dir=Path.cwd()) as tmp:
         paths = write_configs(Path(tmp))
         followers = [
-            subprocess.Popen([sys.executable, "-m", "dengine", "serve", "--config", str(p)])
+            subprocess.Popen(
+                [sys.executable, "-m", "dengine", "serve", "--config", str(p)],
+                env={**os.environ, "DENGINE_NODE_EVENT_LOOP": loop},
+            )
             for p in paths[1:]
         ]
         node = Node(Config.load(paths[0]), KVStateMachine())
@@ -105,6 +116,7 @@ async def run(seconds: float, inflight: int) -> dict[str, float]:
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
         "inflight": inflight,
+        "event_loop": event_loop.running_loop_name(),
     }
 
 
@@ -112,8 +124,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--inflight", type=int, default=2000)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.seconds, args.inflight)), indent=2))
+    result = event_loop.run(run(args.seconds, args.inflight, args.event_loop), loop=args.event_loop)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

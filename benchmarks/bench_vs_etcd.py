@@ -21,10 +21,12 @@ pre-loaded keys. Workloads (P x C): write-1 (1 x 1), write-sat (2 x 256), write-
 them into Batch RPCs), read-1 (1 x 1), read-sat (2 x 256).
 
 Client processes of both systems, and dengine's nodes, run grpc with the I/O manager setting of
-``dengine.grpc_tuning`` where it applies (unless ``GRPC_EXPERIMENTS`` is set already).
+``dengine.grpc_tuning`` where it applies (unless ``GRPC_EXPERIMENTS`` is set already), and
+the event loop ``--event-loop`` names (``dengine.event_loop``; uvloop where installed by default).
 
 Run:  python benchmarks/bench_vs_etcd.py [--seconds 10] [--workloads write-sat,read-sat]
           [--processes P] [--inflight C] [--keys 100000] [--out results.json] [--no-etcd]
+          [--event-loop auto|uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import json
@@ -57,8 +60,10 @@ from typing import IO, Any
 
 import grpc
 
+from dengine import event_loop
 from dengine.client import Client
 from dengine.devcluster import free_ports, write_configs
+from dengine.event_loop import EVENT_LOOPS
 from dengine.grpc_tuning import recommended_experiments
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
@@ -104,6 +109,7 @@ class Job:
     seed: int
     stub_dir: str = ""
     preload_range: tuple[int, int] = (0, 0)
+    event_loop: str = "auto"  # the worker's (dengine.event_loop), for both systems alike
 
 
 class Driver:
@@ -273,7 +279,7 @@ def worker_main(job: Job, conn: Connection) -> None:
     """Entry point of a worker process (multiprocessing, spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
     try:
-        result = asyncio.run(_work(job, conn))
+        result = event_loop.run(_work(job, conn), loop=job.event_loop)
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     else:
@@ -455,7 +461,8 @@ class Runner:
         workers = []
         for job in jobs:
             parent_end, child_end = self.ctx.Pipe()
-            proc: SpawnProcess = self.ctx.Process(target=worker_main, args=(job, child_end), daemon=True)
+            mine = dataclasses.replace(job, event_loop=self.args.event_loop)
+            proc: SpawnProcess = self.ctx.Process(target=worker_main, args=(mine, child_end), daemon=True)
             proc.start()
             child_end.close()
             workers.append((proc, parent_end))
@@ -709,6 +716,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(WORKLOADS),
         help=f"comma-separated, in order (default {','.join(WORKLOADS)})",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="event loop of dengine's nodes and both systems' client workers (auto: uvloop if installed)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--no-etcd", action="store_true", help="measure dengine only")
     parser.add_argument("--etcd", default="etcd", help="the etcd binary (default: etcd on PATH)")
@@ -744,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if recommended is not None:
         os.environ.setdefault("GRPC_EXPERIMENTS", recommended)
     grpc_experiments = os.environ.get("GRPC_EXPERIMENTS")
+    os.environ["DENGINE_NODE_EVENT_LOOP"] = args.event_loop  # dengine serve's node.event_loop
     runner = Runner(args)
     load_at_start = os.getloadavg()
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -778,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "linearizable reads round-robin over the members",
                 "dengine_client": client_defaults(),
                 "grpc_experiments_of_clients_and_dengine_nodes": grpc_experiments,
+                "event_loop_of_clients_and_dengine_nodes": event_loop.resolve(args.event_loop),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
             "workloads": rows,

@@ -127,14 +127,15 @@ client_auth = true
         self.channels[i] = grpc.insecure_channel(self.address(i))
         return self.address(i)
 
-    def start(self, i: int, *, join: str | None = None) -> None:
+    def start(self, i: int, *, join: str | None = None, env: dict[str, str] | None = None) -> None:
+        """Starts node ``i`` (its output appended to ``node<i>.log``); ``env`` adds variables."""
         log = open(self.root / f"node{i}.log", "ab")  # noqa: SIM115 - owned by the process
         extra = ["--join", join] if join else []
         self.procs[i] = subprocess.Popen(
             [sys.executable, "-m", "dengine", "serve", "--config", str(self.root / f"node{i}.toml"), *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def start_all(self) -> None:

@@ -4,6 +4,8 @@ killed with SIGKILL, frozen with SIGSTOP, restarted. Every acknowledged write mu
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import re
 import signal
 import subprocess
 import sys
@@ -220,6 +222,39 @@ def test_a_config_error_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "raft.heartbeat_ms" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+def test_nodes_on_uvloop_and_on_asyncio_serve_one_cluster(tmp_path: Path) -> None:
+    c = ProcCluster(tmp_path)
+    c.start(1)
+    c.start(2)
+    c.start(3, env={"DENGINE_NODE_EVENT_LOOP": "asyncio"})
+    try:
+        c.wait_ready()
+
+        def loop_of(i: int) -> str:
+            found = re.search(r"event loop (\w+)\)", (tmp_path / f"node{i}.log").read_text())
+            assert found, f"node {i} did not log its event loop"
+            return found.group(1)
+
+        assert [loop_of(i) for i in (1, 2, 3)] == ["uvloop", "uvloop", "asyncio"]
+        acked: dict[bytes, bytes] = {}
+        for target in (3, 1):  # a leader on each kind of loop, with followers on both
+            leader = c.wait_leader()
+            if leader != target:
+                stub = cluster_pb2_grpc.ClusterStub(c.channels[leader])  # type: ignore[no-untyped-call]
+                stub.TransferLeader(cluster_pb2.TransferLeaderRequest(id=target), timeout=5)
+            wait_for(lambda t=target: c.leader() == t or None, 10, f"node {target} to lead")  # type: ignore[misc]
+            acked |= write_many(c, 20, f"on{target}-")
+        c.kill(1)  # kill -9 of the uvloop leader: the others elect one and lose nothing
+        acked |= write_many(c, 20, "after-")
+        c.start(1)
+        assert_all_readable(c, acked)
+        for i in (1, 2, 3):
+            wait_for(lambda i=i: c.try_get(i, b"after-19") == b"v19", 10, f"node {i} to catch up")  # type: ignore[misc]
+    finally:
+        c.stop_all()
 
 
 def test_prometheus_metrics_are_served(cluster: ProcCluster) -> None:

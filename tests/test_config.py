@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import dengine.config as config_module
+import dengine.event_loop
 from dengine.config import SECTIONS, Config, ConfigError, RaftSection, TlsSection
 from dengine.errors import DengineError
 from dengine.raft import RaftConfig
@@ -68,6 +69,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "data_dir": "./dengine-data/node-1",
             "metrics_listen": "127.0.0.1:9101",
             "insecure": False,
+            "event_loop": "auto",
         },
         "cluster": {"id": "test", "members": MEMBERS, "initial_state": "new"},
         "raft": {
@@ -289,6 +291,7 @@ def test_out_of_range_names_key_and_range(section: str, key: str, value: object,
         ("read", "default_consistency", "strong", '"linearizable", "lease", "stale"'),
         ("membership", "promote", "sometimes", '"auto", "manual"'),
         ("cluster", "initial_state", "old", '"new", "existing"'),
+        ("node", "event_loop", "trio", '"auto", "uvloop", "asyncio"'),
     ],
 )
 def test_bad_enum_value_lists_the_allowed_values(section: str, key: str, value: str, allowed: str) -> None:
@@ -346,6 +349,14 @@ def test_missing_required_key_names_it_and_its_variable() -> None:
         Config.from_dict({"cluster": {"id": "c", "members": MEMBERS}})
     assert "node.id is required: an integer >= 1" in str(info.value)
     assert "DENGINE_NODE_ID" in str(info.value)
+
+
+def test_uvloop_where_it_is_not_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dengine.event_loop, "_uvloop_installed", lambda: False)
+    message = error(node={"event_loop": "uvloop"})
+    assert "node.event_loop" in message and "uvloop is not installed here" in message
+    assert "choose 'auto' or 'asyncio'" in message
+    assert config(node={"event_loop": "auto"}).node.event_loop == "auto"  # falls back, no error
 
 
 def test_heartbeat_must_be_under_half_the_election_timeout() -> None:

@@ -175,3 +175,78 @@ def test_replace_a_node_whose_disk_was_wiped(tmp_path: Path) -> None:
             writer.finish()
         assert not writer.errors, writer.errors[:3]
         assert_all_readable(cluster, [*survivors, 6], writer.acked)
+
+
+def recover_cli(cluster: ProcCluster, node: int, *args: str) -> subprocess.CompletedProcess[str]:
+    config = str(cluster.root / f"node{node}.toml")
+    return subprocess.run(
+        [sys.executable, "-m", "dengine", "recover", "--config", config, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_recover_a_cluster_that_lost_two_of_its_three_nodes_for_good(tmp_path: Path) -> None:
+    extra = MEMBERSHIP + "\n[snapshot]\nentries = 400\ntrailing_entries = 50\n"
+    with running_cluster(tmp_path, extra_toml=extra) as cluster:
+        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
+        writer.start()
+        try:
+            wait_for(lambda: len(writer.acked) > 1500, 60, "some writes")
+        finally:
+            writer.finish()
+        assert not writer.errors, writer.errors[:3]
+        leader = cluster.wait_leader()
+        survivor = next(i for i in (1, 2, 3) if i != leader)
+        lost = [i for i in (1, 2, 3) if i != survivor]
+        commit = cluster.status(leader)
+        assert commit is not None
+
+        def caught_up() -> bool:
+            s = cluster.status(survivor)
+            return s is not None and s.applied_index >= commit.commit_index
+
+        wait_for(caught_up, 30, f"node {survivor} to apply every acknowledged write")
+        for i in (1, 2, 3):
+            cluster.kill(i)
+        for i in lost:
+            shutil.rmtree(tmp_path / f"data{i}")  # two disks gone for good
+
+        # Alone, the survivor can never elect a leader; and recover refuses a running node.
+        cluster.start(survivor)
+        wait_for(lambda: cluster.status(survivor) is not None, 20, f"node {survivor} to serve")
+        running = recover_cli(cluster, survivor, "--yes")
+        assert running.returncode == 1, running.stdout
+        assert running.stderr.startswith("dengine recover: ") and "Traceback" not in running.stderr
+        assert cluster.leader(among=[survivor]) is None
+        cluster.kill(survivor)
+
+        looked = recover_cli(cluster, survivor, "--dry-run", "--output", "json")
+        assert looked.returncode == 0, looked.stderr
+        report = json.loads(looked.stdout)
+        assert report["voters_before"] == [1, 2, 3] and not report["applied"]
+        assert report["index"] == report["last_index"] + 1 and report["snapshot_index"] > 0
+        unconfirmed = recover_cli(cluster, survivor)
+        assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+        done = recover_cli(cluster, survivor, "--yes")
+        assert done.returncode == 0, done.stderr
+        assert f"node {survivor} is now the only voter" in done.stdout
+        assert "nothing to do" in recover_cli(cluster, survivor, "--yes").stdout  # twice is harmless
+
+        cluster.start(survivor)
+        assert cluster.wait_leader(among=[survivor]) == survivor
+        assert_all_readable(cluster, [survivor], writer.acked)
+        # Grow back with new members on new disks; then lose the survivor too.
+        members = [survivor]
+        for new in (4, 5):
+            cluster.add_joiner(new)
+            cluster.start(new, join=cluster.address(survivor))
+            members.append(new)
+            wait_for(lambda n=new: n in voters(cluster, members), 60, f"node {new} to be promoted")  # type: ignore[misc]
+        assert voters(cluster, [survivor, 4, 5]) == {survivor, 4, 5}
+        cluster.kill(survivor)
+        assert cluster.wait_leader(among=[4, 5]) in (4, 5)
+        assert_all_readable(cluster, [4, 5], writer.acked)

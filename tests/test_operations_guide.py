@@ -1,6 +1,7 @@
 """docs/operations.md, run as written on 127.0.0.1: three nodes with mutual TLS built from the
 page's certificate command and configuration file, the page's CLI commands, its metrics table
-checked against a real scrape, a snapshot, then a backup restored into emptied data directories."""
+checked against a real scrape, a snapshot, then a backup restored into emptied data directories,
+and last, nodes 2 and 3 lost for good and node 1 recovered alone."""
 
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ class Guide:
             timeout=60,
         )
 
-    def serve_all(self, line: str) -> None:
-        for i in range(1, 4):
+    def serve_all(self, line: str, nodes: tuple[int, ...] = (1, 2, 3)) -> None:
+        for i in nodes:
             words = shlex.split(self.local(line.replace("node1.toml", f"node{i}.toml"), i))
             log = open(self.root / f"node{i}.log", "ab")  # noqa: SIM115 - owned by the process
             self.procs[i] = subprocess.Popen(
@@ -98,7 +99,7 @@ def _answers_ok(url: str) -> bool:
 
 def test_the_operations_guide(tmp_path: Path) -> None:
     commands = [line for block in blocks("sh") for line in block.splitlines() if line.startswith("dengine ")]
-    certs_init, serve, status, put, snapshot, backup_snapshot, restore_serve = commands
+    certs_init, serve, status, put, snapshot, backup_snapshot, restore_serve, *recovery = commands
     (template,) = blocks("toml")
     export = next(line for block in blocks("sh") for line in block.splitlines() if line.startswith("export "))
     assert all(f"10.0.0.{i}:7001" in export for i in (1, 2, 3))
@@ -150,5 +151,24 @@ def test_the_operations_guide(tmp_path: Path) -> None:
         get = put.replace("kv put greeting hello", "kv get greeting")
         wait_for(lambda: g.run(get).stdout.strip() == "hello", 30, "the restored key")
         assert g.run(put.replace("greeting hello", "after restore")).returncode == 0
+    finally:
+        g.stop_all()
+
+    lose_two_and_recover(g, recovery, get, put)
+
+
+def lose_two_and_recover(g: Guide, recovery: list[str], get: str, put: str) -> None:
+    """The page's last section: nodes 2 and 3 lost with their disks, node 1 made the only voter."""
+    look, recover, serve = recovery
+    for i in (2, 3):
+        shutil.rmtree(g.data_dir(i))
+    looked = g.run(look)
+    assert looked.returncode == 0 and "voters [1, 2, 3]" in looked.stdout, looked.stderr
+    done = g.run(recover)
+    assert done.returncode == 0 and "node 1 is now the only voter" in done.stdout, done.stderr
+    g.serve_all(serve, nodes=(1,))
+    try:
+        wait_for(lambda: g.run(get).stdout.strip() == "hello", 30, "the key on the recovered node")
+        assert g.run(put.replace("greeting hello", "after recovery")).returncode == 0
     finally:
         g.stop_all()

@@ -1,4 +1,5 @@
-"""The ``dengine`` command line: ``demo``, ``serve``, ``cluster`` and ``certs init``.
+"""The ``dengine`` command line: ``demo`` and ``serve`` here, the other commands in the modules
+:data:`OWN_PARSERS` names.
 
 ``dengine demo --log-store`` (the write-ahead-log crash demo) lives here: a child process writes
 to a real WAL and is killed with SIGKILL mid-stream, then the log is reopened and every write the
@@ -108,6 +109,7 @@ OWN_PARSERS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("leader", "transfer"): ("dengine.kvcli", "leader_main", "leader_parser"),
     ("snapshot", "create"): ("dengine.kvcli", "snapshot_main", "snapshot_parser"),
     ("member",): ("dengine.kvcli", "member_main", "member_parser"),
+    ("recover",): ("dengine.recovery", "recover_main", "recover_parser"),
     ("certs", "init"): ("dengine.tls", "certs_main", "certs_parser"),
     ("completion",): ("dengine.completion", "main", "completion_parser"),
 }
@@ -162,6 +164,10 @@ def main_parser() -> argparse.ArgumentParser:
     leader = sub.add_parser("leader", help="leadership (see dengine leader transfer --help)")
     leader.add_argument("action", choices=["transfer"])
     sub.add_parser("member", help="add-learner, promote, remove, list (see dengine member --help)")
+    sub.add_parser(
+        "recover",
+        help="a majority lost for good: make a stopped node the only voter (see dengine recover --help)",
+    )
     snapshot = sub.add_parser("snapshot", help="snapshots (see dengine snapshot create --help)")
     snapshot.add_argument("action", choices=["create"])
     certs = sub.add_parser("certs", help="development certificates for TLS (see dengine certs init --help)")
@@ -193,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio  # noqa: PLC0415 - keeps `dengine --help` fast
-
+    from dengine import event_loop  # noqa: PLC0415 - keeps `dengine --help` fast
     from dengine.config import Config  # noqa: PLC0415
     from dengine.errors import ConfigError, DengineError  # noqa: PLC0415
     from dengine.logs import configure_logging  # noqa: PLC0415
@@ -217,7 +222,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log.level, config.log.format)
     try:
         with contextlib.suppress(KeyboardInterrupt):  # the signal handler stops it; this is a fallback
-            asyncio.run(serve(config, join=args.join))
+            event_loop.run(serve(config, join=args.join), loop=config.node.event_loop)
     except DengineError as exc:
         # Startup problems (TLS files, a data dir in use, a port taken) are one clear line.
         if args.debug:

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from dengine.errors import ConfigError
+from dengine.event_loop import EVENT_LOOPS, resolve
 from dengine.raft.config import DEFAULT_MAX_UNAPPLIED_BYTES, RaftConfig
 
 if sys.version_info >= (3, 11):
@@ -341,8 +342,15 @@ class NodeSection(_Section):
     """"" means ``./dengine-data/node-<id>``."""
     metrics_listen: str = _opt("127.0.0.1:9101", _addr(empty_ok=True))
     insecure: bool = _opt(False, _BOOL)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = _opt("auto", _choice(*EVENT_LOOPS))
+    """The event loop ``dengine serve`` runs on (see :mod:`dengine.event_loop`); "auto" is uvloop
+    where it is installed, else asyncio's own. An embedding program chooses its own loop."""
 
     def _check(self) -> None:
+        try:
+            resolve(self.event_loop)
+        except ImportError as exc:
+            raise ConfigError(f"node.event_loop: {exc}", key="node.event_loop") from None
         if not self.advertise:
             object.__setattr__(self, "advertise", self.listen)
         if not self.data_dir:

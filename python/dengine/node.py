@@ -39,6 +39,7 @@ from dengine.errors import (
     OutcomeUnknownError,
     ProposalDroppedError,
 )
+from dengine.event_loop import running_loop_name
 from dengine.kv import KVStateMachine
 from dengine.log_sync import LogSyncer
 from dengine.members import MembershipManager
@@ -129,6 +130,19 @@ _STALE_CODE = ANSWERED_OUTCOMES.index(Outcome.STALE)
 _SESSION_KIND = envelope.SESSION_KIND
 
 
+def open_node_log(config: Config) -> LogStore:
+    """Opens the log store ``config`` names (``storage.engine``) in the node's data directory.
+    The built-in WAL refuses a directory another process has open."""
+    storage = config.storage
+    if storage.engine == "memory":
+        return MemoryLogStore()
+    path = Path(config.node.data_dir) / "log"
+    if storage.engine == "file":
+        return WalLogStore(path, segment_bytes=storage.segment_bytes, preallocate=storage.preallocate)
+    engine = storage.load_log_store_class()
+    return engine(path)  # type: ignore[call-arg]
+
+
 class Node:
     """One dengine node, embedded in an asyncio program::
 
@@ -207,14 +221,7 @@ class Node:
     def _open_store(self) -> LogStore:
         if self._store_override is not None:
             return self._store_override
-        storage = self.config.storage
-        if storage.engine == "memory":
-            return MemoryLogStore()
-        if storage.engine == "file":
-            path = Path(self.config.node.data_dir) / "log"
-            return WalLogStore(path, segment_bytes=storage.segment_bytes, preallocate=storage.preallocate)
-        engine = storage.load_log_store_class()
-        return engine(Path(self.config.node.data_dir) / "log")  # type: ignore[call-arg]
+        return open_node_log(self.config)
 
     async def start(self) -> None:
         """Opens the log, restores the newest snapshot, starts serving peers (and any extra
@@ -249,9 +256,24 @@ class Node:
             )
         self._tasks.append(asyncio.create_task(self._ticker(), name=f"ticker-{self.id}"))
         self._tasks.append(asyncio.create_task(self._apply_loop(), name=f"apply-{self.id}"))
+        loop_name = running_loop_name()
         log.info(
-            "node %d listening on %s (cluster %s)", self.id, self.config.node.listen, self.config.cluster.id
+            "node %d listening on %s (cluster %s, event loop %s)",
+            self.id,
+            self.config.node.listen,
+            self.config.cluster.id,
+            loop_name,
         )
+        if self.config.node.event_loop not in ("auto", loop_name):
+            log.warning(
+                "node.event_loop is %r, but node %d runs on the %s loop its program started: "
+                "the key chooses the loop of dengine serve; a program that embeds a node runs it "
+                "with dengine.event_loop.run(..., loop=%r)",
+                self.config.node.event_loop,
+                self.id,
+                loop_name,
+                self.config.node.event_loop,
+            )
         self.pump()
 
     async def _continue_log_after(self, snap: SnapshotFile | None) -> None:

@@ -47,6 +47,10 @@ class ConfOp(enum.IntEnum):
     ADD_LEARNER = 1
     PROMOTE = 2
     REMOVE = 3
+    RECOVER = 4
+    """Written by ``dengine recover`` into a stopped survivor's log, never proposed: the cluster
+    lost a majority of its voters for good, and this node is now its only voter
+    (:mod:`dengine.recovery`)."""
 
 
 class ConfChangeError(ValueError):

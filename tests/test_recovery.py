@@ -1,0 +1,108 @@
+"""dengine.recovery on a real write-ahead log: the node keeps every entry it holds (past its
+commit index too), becomes its cluster's only voter, and then commits and applies them all. The
+process-level scenario (two of three disks lost) is in test_membership_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from dengine.config import Config
+from dengine.devcluster import free_ports
+from dengine.errors import StorageError
+from dengine.kv import KVStateMachine, encode_put
+from dengine.node import Node, open_node_log
+from dengine.raft import membership
+from dengine.raft.payload import command, decode
+from dengine.recovery import RecoveryError, recover
+from dengine.storage import Entry, HardState
+
+
+def node_config(tmp_path: Path, **node: str) -> Config:
+    ports = free_ports(3)
+    members = ", ".join(f'{i} = "127.0.0.1:{p}"' for i, p in enumerate(ports, start=1))
+    extra = "".join(f'{k} = "{v}"\n' for k, v in node.items())
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "node1.toml"
+    path.write_text(
+        f'[node]\nid = 1\nlisten = "127.0.0.1:{ports[0]}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'metrics_listen = ""\n{extra}[cluster]\nid = "lost"\nmembers = {{ {members} }}\n'
+        "[raft]\ntick_ms = 10\nheartbeat_ms = 30\nelection_timeout_ms = 200\n"
+    )
+    return Config.load(path)
+
+
+def write_log(config: Config, entries: int, *, term: int, commit: int) -> None:
+    """The log a follower of a 3-node cluster might hold: ``entries`` puts, ``commit`` known."""
+    with open_node_log(config) as store:
+        store.append(
+            [Entry(i, term, command(encode_put(b"k%d" % i, b"v%d" % i))) for i in range(1, entries + 1)]
+        )
+        store.save_hard_state(HardState(term, 2, commit))
+        store.sync()
+
+
+def test_recovery_keeps_every_entry_and_the_node_then_applies_them_alone(tmp_path: Path) -> None:
+    config = node_config(tmp_path)
+    write_log(config, 10, term=3, commit=4)
+    looked = recover(config, dry_run=True)
+    assert (looked.voters_before, looked.last_index, looked.commit, looked.index) == ((1, 2, 3), 10, 4, 11)
+    assert not looked.applied
+    with open_node_log(config) as store:
+        assert store.last_index() == 10  # a dry run writes nothing
+
+    done = recover(config)
+    assert done.applied and (done.index, done.term) == (11, 3)
+    with open_node_log(config) as store:
+        (entry,) = store.entries(11, 12)
+    change = membership.decode(decode(entry.data).command)
+    assert change.op is membership.ConfOp.RECOVER
+    assert (change.voters, change.learners) == (frozenset({1}), frozenset())
+    assert change.addresses == {1: config.node.advertise}
+    assert not recover(config).applied  # already the only voter: nothing more is written
+
+    async def serve() -> list[bytes | None]:
+        sm = KVStateMachine()
+        async with Node(config, sm) as node:
+
+            async def leads() -> None:
+                while node.raft is None or node.raft.lead != node.id:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(leads(), 10)
+
+            def values(m: KVStateMachine) -> list[bytes | None]:
+                return [(kv.value if (kv := m.get(b"k%d" % i)) else None) for i in range(1, 11)]
+
+            return await asyncio.wait_for(node.read(values), 10)
+
+    # Entries 5-10 were past the recorded commit index: kept, committed, applied.
+    assert asyncio.run(serve()) == [b"v%d" % i for i in range(1, 11)]
+
+
+def test_what_cannot_be_recovered_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(RecoveryError, match="holds no log: node 1 has nothing to recover from"):
+        recover(node_config(tmp_path / "a"))
+    empty = node_config(tmp_path / "b")
+    open_node_log(empty).close()
+    with pytest.raises(RecoveryError, match="no log entries and no snapshot"):
+        recover(empty)
+    memory = Config.from_dict(
+        {
+            "node": {"id": 1},
+            "cluster": {"id": "c", "members": {1: "127.0.0.1:7001", 2: "127.0.0.1:7002"}},
+            "storage": {"engine": "memory"},
+        }
+    )
+    with pytest.raises(RecoveryError, match="keeps nothing on disk"):
+        recover(memory)
+
+
+def test_a_node_whose_log_is_open_is_not_recovered(tmp_path: Path) -> None:
+    config = node_config(tmp_path)
+    write_log(config, 3, term=1, commit=3)
+    with open_node_log(config), pytest.raises(StorageError, match="already open in another process"):
+        recover(config)
+    assert recover(config).applied  # once the other holder closed it
