@@ -264,6 +264,8 @@ def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: 
             # that the write was dropped.
             await asyncio.sleep(1.0)
             assert not waiting.done()
+            assert all(p.resent for p in leader._waiters.values())  # it was proposed again
+            assert b'reason="overloaded"} 1.0' in leader.metrics.render()  # and that is no failure
             for i, f in enumerate(followers):
                 back = Node(cfgs[f.id - 1], state_machine=Counter())
                 await back.start()

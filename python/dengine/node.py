@@ -597,17 +597,20 @@ class Node:
                 if isinstance(exc, LeaderOverloadedError)
                 else "dropped"
             )
-            self.metrics.proposals(len(batch), failed_reason=reason)
             refusal = exc
+            failed = 0
             for p in batch:
                 d = envelope.decode(p)
                 key = (d.client_id, d.sequence)
                 proposal = self._waiters.get(key)
                 if proposal is not None and proposal.resent:
                     # An earlier copy may be in the log and apply yet: its waiters keep waiting,
-                    # and it is proposed again later (_propose_again).
+                    # and it is proposed again later (_propose_again). Not a failed proposal.
                     continue
+                failed += 1
                 self._fail_waiters(key, lambda: _copy_refusal(refusal))
+            if failed:
+                self.metrics.proposals(failed, failed_reason=reason)
             return
         self.pump()
 
