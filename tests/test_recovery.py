@@ -5,6 +5,7 @@ process-level scenario (two of three disks lost) is in test_membership_processes
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,17 +20,21 @@ from dengine.raft.payload import command, decode
 from dengine.recovery import RecoveryError, recover
 from dengine.storage import Entry, HardState
 
+# The custom engine of docs/storage-engines.md: recovery goes through the LogStore protocol alone.
+sys.path.insert(0, str(Path(__file__).parent.parent / "docs" / "examples"))
+ENGINES = ["file", "sqlite_log_store:SQLiteLogStore"]
 
-def node_config(tmp_path: Path, **node: str) -> Config:
+
+def node_config(tmp_path: Path, engine: str = "file") -> Config:
     ports = free_ports(3)
     members = ", ".join(f'{i} = "127.0.0.1:{p}"' for i, p in enumerate(ports, start=1))
-    extra = "".join(f'{k} = "{v}"\n' for k, v in node.items())
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "node1.toml"
     path.write_text(
         f'[node]\nid = 1\nlisten = "127.0.0.1:{ports[0]}"\ndata_dir = "{tmp_path / "data"}"\n'
-        f'metrics_listen = ""\n{extra}[cluster]\nid = "lost"\nmembers = {{ {members} }}\n'
+        f'metrics_listen = ""\n[cluster]\nid = "lost"\nmembers = {{ {members} }}\n'
         "[raft]\ntick_ms = 10\nheartbeat_ms = 30\nelection_timeout_ms = 200\n"
+        f'[storage]\nengine = "{engine}"\n'
     )
     return Config.load(path)
 
@@ -44,8 +49,9 @@ def write_log(config: Config, entries: int, *, term: int, commit: int) -> None:
         store.sync()
 
 
-def test_recovery_keeps_every_entry_and_the_node_then_applies_them_alone(tmp_path: Path) -> None:
-    config = node_config(tmp_path)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_recovery_keeps_every_entry_and_the_node_then_applies_them_alone(tmp_path: Path, engine: str) -> None:
+    config = node_config(tmp_path, engine)
     write_log(config, 10, term=3, commit=4)
     looked = recover(config, dry_run=True)
     assert (looked.voters_before, looked.last_index, looked.commit, looked.index) == ((1, 2, 3), 10, 4, 11)

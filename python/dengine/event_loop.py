@@ -5,8 +5,10 @@ in flight the loop's own overhead is a large share of the node's CPU. uvloop (li
 asyncio's API) makes that overhead about half of CPython's: one awaited future per operation costs
 2.3-2.4 µs on uvloop against 3.9-4.2 µs on the stdlib loop
 (``benchmarks/bench_asyncio_ceiling.py --loop uvloop|asyncio``, 2-core machine of
-``benchmarks/RESULTS.md``). A whole 3-node cluster gains less, since gRPC and the state machine
-keep their cost: about 7% more saturated writes (``benchmarks/bench_vs_etcd.py --event-loop``).
+``benchmarks/RESULTS.md``). A whole cluster gains less, since gRPC and the state machine keep
+their cost. Alternating runs: embedded writes +10% (``benchmarks/bench_embedded.py
+--event-loop``), saturated linearizable reads +11%, saturated writes +2-3%
+(``benchmarks/bench_vs_etcd.py --event-loop``).
 
 ``dengine serve`` runs on the loop ``node.event_loop`` names, ``"auto"`` by default: uvloop where it
 is installed (a dependency of dengine on Linux and macOS), else the stdlib loop. An embedding

@@ -82,7 +82,7 @@ def recover(config: Config, *, dry_run: bool = False) -> Recovery:
     if config.storage.engine == "memory":
         raise RecoveryError("storage.engine = 'memory' keeps nothing on disk: there is nothing to recover")
     data_dir = Path(config.node.data_dir)
-    if not (data_dir / "log").is_dir():
+    if not (data_dir / "log").exists():
         raise RecoveryError(f"{data_dir} holds no log: node {config.node.id} has nothing to recover from")
     store = open_node_log(config)
     try:
