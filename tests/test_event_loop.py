@@ -15,6 +15,7 @@ from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
+from test_node_embedded import leader_of, until
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 needs_uvloop = pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed (Windows)")
@@ -75,12 +76,7 @@ def test_a_node_elects_itself_writes_and_restarts_on_either_loop(tmp_path: Path,
     async def session(first: bool) -> tuple[str, bytes]:
         sm = KVStateMachine()
         async with Node(config, sm) as node:
-
-            async def leads() -> None:
-                while node.raft is None or node.raft.lead != node.id:
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(leads(), 10)
+            await until(lambda: leader_of([node]))
             if first:
                 await node.propose(encode_put(b"k", b"v"), timeout=10)
             value = await asyncio.wait_for(node.read(lambda m: m.get(b"k")), 10)

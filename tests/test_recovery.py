@@ -19,6 +19,7 @@ from dengine.raft import membership
 from dengine.raft.payload import command, decode
 from dengine.recovery import RecoveryError, recover
 from dengine.storage import Entry, HardState
+from test_node_embedded import leader_of, until
 
 # The custom engine of docs/storage-engines.md: recovery goes through the LogStore protocol alone.
 sys.path.insert(0, str(Path(__file__).parent.parent / "docs" / "examples"))
@@ -72,12 +73,7 @@ def test_recovery_keeps_every_entry_and_the_node_then_applies_them_alone(tmp_pat
     async def serve() -> list[bytes | None]:
         sm = KVStateMachine()
         async with Node(config, sm) as node:
-
-            async def leads() -> None:
-                while node.raft is None or node.raft.lead != node.id:
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(leads(), 10)
+            await until(lambda: leader_of([node]))
 
             def values(m: KVStateMachine) -> list[bytes | None]:
                 return [(kv.value if (kv := m.get(b"k%d" % i)) else None) for i in range(1, 11)]
