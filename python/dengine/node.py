@@ -66,6 +66,7 @@ from dengine.v1 import cluster_pb2_grpc
 
 if TYPE_CHECKING:
     from dengine.config import Config
+    from dengine.raft.config import RaftConfig
 
 __all__ = ["Node", "NodeStatus", "PeerInfo"]
 
@@ -130,6 +131,27 @@ _STALE_CODE = ANSWERED_OUTCOMES.index(Outcome.STALE)
 _SESSION_KIND = envelope.SESSION_KIND
 
 
+def join_marker(config: Config) -> Path:
+    """The file whose presence says this node joined a running cluster (``--join``)."""
+    return Path(config.node.data_dir) / "joined"
+
+
+def node_raft_config(config: Config) -> RaftConfig:
+    """The Raft core's configuration for this node. A node that joined a running cluster knows no
+    configuration of its own: it learns the cluster's from the log or a snapshot, never from its
+    config file."""
+    raft_config = config.raft_config()
+    if join_marker(config).exists():
+        raft_config = dataclasses.replace(raft_config, voters=frozenset(), learners=frozenset())
+    return raft_config
+
+
+def log_needs_reset_to(store: LogStore, snapshot: SnapshotInfo) -> bool:
+    """Whether the log does not continue ``snapshot`` yet: a crash came after a received snapshot
+    was stored but before the log was reset to it, and the reset is still to be done."""
+    return snapshot.index > store.last_index() or store.term(snapshot.index) != snapshot.term
+
+
 def open_node_log(config: Config) -> LogStore:
     """Opens the log store ``config`` names (``storage.engine``) in the node's data directory.
     The built-in WAL refuses a directory another process has open."""
@@ -167,7 +189,7 @@ class Node:
         self.sm = state_machine
         self._store_override = log_store
         self._join = join
-        self._join_marker = Path(config.node.data_dir) / "joined"
+        self._join_marker = join_marker(config)
         self._extra_services = extra_services
         self._async_apply = inspect.iscoroutinefunction(state_machine.apply)
         self.raft: Raft | None = None
@@ -280,7 +302,7 @@ class Node:
         """Makes the log continue the snapshot the node restarts from (if any)."""
         store = self.store
         assert store is not None
-        first, last = store.first_index(), store.last_index()
+        first = store.first_index()
         if snap is None:
             if first > 1:
                 raise DengineError(
@@ -294,23 +316,19 @@ class Node:
                 f"the log starts after index {first - 1} but the newest snapshot "
                 f"({snap.path}) ends at {info.index}: entries in between are missing"
             )
-        if info.index > last or store.term(info.index) != info.term:
+        if log_needs_reset_to(store, info):
             # The crash came after a received snapshot was stored but before the log was reset
             # to it: finish what the install began.
             await asyncio.get_running_loop().run_in_executor(self.io, store.reset, info.index, info.term)
 
     async def _start_serving(self) -> None:
         assert self.store is not None
-        raft_config = self.config.raft_config()
         # Only a node with nothing on disk joins; --join given again to a member that already
         # holds data (an original member, or a joined one restarting) changes nothing.
         fresh = self.store.last_index() == 0 and self._start_snapshot is None
         if self._join is not None and fresh and not self._join_marker.exists():
             await asyncio.get_running_loop().run_in_executor(self.io, _write_marker, self._join_marker)
-        if self._join_marker.exists():
-            # A node that joined a running cluster knows no configuration of its own: it learns
-            # the cluster's from the log or a snapshot, never from its config file.
-            raft_config = dataclasses.replace(raft_config, voters=frozenset(), learners=frozenset())
+        raft_config = node_raft_config(self.config)
         self.raft = Raft(raft_config, self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot)
         self._syncer = LogSyncer(
             self.store, self.io, self._on_synced, self._on_sync_failed, self.metrics.observe_fsync

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from dengine.config import Config
 from dengine.errors import ConfigError, DengineError
-from dengine.node import open_node_log
+from dengine.node import log_needs_reset_to, node_raft_config, open_node_log
 from dengine.raft import Raft
 from dengine.raft.membership import ConfChange, ConfOp
 from dengine.raft.payload import conf_change
@@ -89,12 +89,11 @@ def recover(config: Config, *, dry_run: bool = False) -> Recovery:
         snapshots = data_dir / "snapshots"
         snap = SnapshotStore(snapshots).latest(verify=True) if snapshots.is_dir() else None
         info = info_of(snap) if snap is not None else None
-        if info is not None and (info.index > store.last_index() or store.term(info.index) != info.term):
-            # A snapshot install that crashed before the log was reset to it: a start would
-            # finish it, and so does this, so that the new entry follows the snapshot.
+        if snap is not None and info is not None and log_needs_reset_to(store, info):
+            # As a start would, finish the install, so that the new entry follows the snapshot.
             if dry_run:
                 raise RecoveryError(
-                    f"node {config.node.id} crashed while installing snapshot {snap.path if snap else ''}; "
+                    f"node {config.node.id} crashed while installing snapshot {snap.path}; "
                     "start it once (or recover without --dry-run) to finish the install"
                 )
             store.reset(info.index, info.term)
@@ -103,11 +102,7 @@ def recover(config: Config, *, dry_run: bool = False) -> Recovery:
                 f"node {config.node.id} holds no log entries and no snapshot: nothing to recover; "
                 "start a new cluster instead"
             )
-        raft_config = config.raft_config()
-        if (data_dir / "joined").exists():
-            # As Node does: a node that joined learns its membership from the log or a snapshot.
-            raft_config = dataclasses.replace(raft_config, voters=frozenset(), learners=frozenset())
-        raft = Raft(raft_config, store, snapshot=info)
+        raft = Raft(node_raft_config(config), store, snapshot=info)
         voters, learners = raft.conf.voters, raft.learners
         last = store.last_index()
         found = Recovery(
