@@ -140,11 +140,11 @@ def recover(config: Config, *, dry_run: bool = False) -> Recovery:
 def recover_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine recover",
-        description="Makes a stopped node the only voter of its cluster, keeping all its data, "
-        "after a majority of the cluster's voters was lost for good. Start it afterwards with "
-        "dengine serve, then add members back with dengine serve --join. Never restart the lost "
-        "members with their old data: wipe them and add them as new members. Recover the "
-        "survivor with the highest last term and index (--dry-run shows them).",
+        description="Makes a stopped node the only voter of its cluster, keeping all its data,\n"
+        "after a majority of the cluster's voters was lost for good. Start it afterwards with\n"
+        "dengine serve, then add members back with dengine serve --join.\n\n"
+        "Never restart the lost members with their old data: wipe them and add them as new\n"
+        "members. Recover the survivor with the highest last term and index (--dry-run shows them).",
         epilog="examples:\n"
         "  dengine recover --config node1.toml --dry-run\n"
         "  dengine recover --config node1.toml --yes\n"
