@@ -8,12 +8,13 @@ swapped key/certificate argument fails here rather than in a cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dengine.errors import DengineError
 from dengine.tls import (
     CertPaths,
+    NodeTLS,
     TLSConfigError,
     certs_main,
     channel_credentials,
@@ -236,19 +238,30 @@ async def _who_am_i(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return request + b" from " + (names[0] if names else b"anonymous")
 
 
-async def _call_once(server_creds: grpc.ServerCredentials, channel_creds: grpc.ChannelCredentials) -> bytes:
+@contextlib.asynccontextmanager
+async def _echo_server(server_creds: grpc.ServerCredentials) -> AsyncIterator[int]:
+    """A server answering :func:`_who_am_i` on a free port of 127.0.0.1; yields the port."""
     server = grpc.aio.server()
     handler = grpc.unary_unary_rpc_method_handler(_who_am_i)  # no serializers: raw bytes
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {"WhoAmI": handler}),))
     port = server.add_secure_port("127.0.0.1:0", server_creds)
     await server.start()
     try:
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
-            reply = await channel.unary_unary(_METHOD)(b"hello", timeout=_RPC_TIMEOUT)
-            assert isinstance(reply, bytes)
-            return reply
+        yield port
     finally:
         await server.stop(None)
+
+
+async def _ask(port: int, channel_creds: grpc.ChannelCredentials) -> bytes:
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
+        reply = await channel.unary_unary(_METHOD)(b"hello", timeout=_RPC_TIMEOUT)
+        assert isinstance(reply, bytes)
+        return reply
+
+
+async def _call_once(server_creds: grpc.ServerCredentials, channel_creds: grpc.ChannelCredentials) -> bytes:
+    async with _echo_server(server_creds) as port:
+        return await _ask(port, channel_creds)
 
 
 def _call(server_creds: grpc.ServerCredentials, channel_creds: grpc.ChannelCredentials) -> bytes:
@@ -516,3 +529,87 @@ def test_argument_combinations_are_checked(pki: dict[str, CertPaths]) -> None:
     assert err.path is None
     _expect_config_error(lambda: channel_credentials(pki["ca"].cert, node.cert), None, "key_file")
     _expect_config_error(lambda: channel_credentials(pki["ca"].cert, key_file=node.key), None, "cert_file")
+
+
+# --------------------------------------------------------------------------- rotation (NodeTLS)
+
+
+def _install(work: Path, source: CertPaths | None = None, ca: CertPaths | None = None) -> None:
+    """Puts a node's certificate pair and/or CA into ``work`` the way a rotation tool does: each
+    file written aside, then renamed over the one in use."""
+    pairs = []
+    if source is not None:
+        pairs += [(source.cert, work / "node.pem"), (source.key, work / "node-key.pem")]
+    if ca is not None:
+        pairs.append((ca.cert, work / "ca.pem"))
+    for src, dst in pairs:
+        aside = dst.with_suffix(".new")
+        aside.write_bytes(src.read_bytes())
+        os.replace(aside, dst)
+
+
+def _node_tls(work: Path, seen: list[datetime.datetime] | None = None) -> NodeTLS:
+    return NodeTLS(
+        work / "node.pem",
+        work / "node-key.pem",
+        work / "ca.pem",
+        require_client_auth=True,
+        on_load=None if seen is None else seen.append,
+    )
+
+
+def test_node_tls_serves_and_presents_rotated_files_without_a_restart(
+    tmp_path: Path, pki: dict[str, CertPaths], other_pki: dict[str, CertPaths]
+) -> None:
+    _install(tmp_path, pki["node1"], pki["ca"])
+    seen: list[datetime.datetime] = []
+    files = _node_tls(tmp_path, seen)
+    old_client = channel_credentials(pki["ca"].cert, pki["client"].cert, pki["client"].key)
+    new_client = channel_credentials(other_pki["ca"].cert, other_pki["client"].cert, other_pki["client"].key)
+
+    async def main() -> None:
+        async with _echo_server(files.server_credentials()) as port:
+            assert await _ask(port, old_client) == b"hello from client"
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _ask(port, new_client)
+            _install(tmp_path, other_pki["node1"], other_pki["ca"])
+            # The node opens a channel first: its reload must still reach the server side.
+            outgoing = files.channel_credentials()
+            assert await _ask(port, new_client) == b"hello from client"
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _ask(port, old_client)
+        # As a client, the node now presents the new certificate and trusts the new CA.
+        async with _echo_server(_mtls_server(other_pki["node1"], other_pki["ca"])) as port:
+            assert await _ask(port, outgoing) == b"hello from node1"
+        async with _echo_server(_mtls_server(pki["node1"], pki["ca"])) as port:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _ask(port, outgoing)
+
+    asyncio.run(main())
+    assert files.generation == 2
+    expiries = [_cert(paths["node1"].cert).not_valid_after_utc for paths in (pki, other_pki)]
+    assert seen == expiries
+    assert files.not_after == seen[-1]
+
+
+def test_files_that_do_not_load_leave_the_previous_ones_in_use(
+    tmp_path: Path,
+    pki: dict[str, CertPaths],
+    other_pki: dict[str, CertPaths],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _install(tmp_path, pki["node1"], pki["ca"])
+    files = _node_tls(tmp_path)
+    assert not files.refresh()  # nothing changed
+    # The certificate arrives before its key: not a pair yet.
+    (tmp_path / "node.pem").write_bytes(other_pki["node1"].cert.read_bytes())
+    with caplog.at_level("WARNING", logger="dengine.tls"):
+        assert not files.refresh()
+        assert not files.refresh()  # the same files: said once
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "does not match certificate" in warnings[0], warnings
+    assert "previous ones stay" in warnings[0]
+    assert files.generation == 1 and files.not_after == _cert(pki["node1"].cert).not_valid_after_utc
+    (tmp_path / "node-key.pem").write_bytes(other_pki["node1"].key.read_bytes())
+    assert files.refresh() and files.generation == 2
+    assert files.not_after == _cert(other_pki["node1"].cert).not_valid_after_utc

@@ -220,6 +220,7 @@ class NodeMetrics:
         # peer id -> (match index, lag in entries, in-flight appends)
         self._peers: dict[int, tuple[int, int, int]] = {}
         self._learner_lag: dict[int, int] = {}
+        self._tls_expiry: float | None = None
         self._leader_changes = 0
         self._proposals = 0
         self._proposals_failed: dict[str, int] = {}
@@ -290,6 +291,10 @@ class NodeMetrics:
     def set_peer(self, peer: int, match: int, lag: int, inflight: int) -> None:
         """Records a peer's replication progress as seen by the leader."""
         self._peers[peer] = (match, lag, inflight)
+
+    def set_tls_expiry(self, timestamp: float) -> None:
+        """Records when the node's TLS certificate in use expires (Unix time)."""
+        self._tls_expiry = timestamp
 
     def set_learner_lag(self, peer: int, lag: int) -> None:
         """Records how many entries a learner being caught up is behind the leader's last index."""
@@ -378,6 +383,14 @@ class NodeMetrics:
         yield self._gauge(
             "dengine_applied_index", "Highest log index applied to the state machine.", self._applied
         )
+        expiry = GaugeMetricFamily(
+            "dengine_tls_certificate_expiry_timestamp_seconds",
+            "With TLS: when the node certificate in use expires (Unix time); follows reloads.",
+            labels=_CONST_LABELS,
+        )
+        if self._tls_expiry is not None:
+            expiry.add_metric(labels, self._tls_expiry)
+        yield expiry
 
         peer_labels = (*_CONST_LABELS, "peer")
         match = GaugeMetricFamily(

@@ -67,6 +67,7 @@ from dengine.v1 import cluster_pb2_grpc
 if TYPE_CHECKING:
     from dengine.config import Config
     from dengine.raft.config import RaftConfig
+    from dengine.tls import NodeTLS
 
 __all__ = ["Node", "NodeStatus", "PeerInfo"]
 
@@ -190,6 +191,7 @@ class Node:
         self._store_override = log_store
         self._join = join
         self._join_marker = join_marker(config)
+        self._tls: NodeTLS | None = None
         self._extra_services = extra_services
         self._async_apply = inspect.iscoroutinefunction(state_machine.apply)
         self.raft: Raft | None = None
@@ -339,7 +341,7 @@ class Node:
             self.config.cluster.id,
             members,
             self._on_message,
-            channel_credentials=self._channel_credentials(),
+            channel_credentials=self._channel_credentials if self.config.tls.enabled else None,
         )
         self.transport.snapshots = self.snapshots
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -369,23 +371,30 @@ class Node:
                 ) from exc
         self.transport.start()
 
-    def _server_credentials(self) -> grpc.ServerCredentials | None:
+    def _tls_files(self) -> NodeTLS | None:
+        """The node's TLS files, loaded once and read again when they change (None: no TLS)."""
         tls = self.config.tls
         if not tls.enabled:
             return None
-        from dengine.tls import server_credentials  # noqa: PLC0415 - optional feature
+        if self._tls is None:
+            from dengine.tls import NodeTLS  # noqa: PLC0415 - optional feature
 
-        return server_credentials(
-            tls.cert_file, tls.key_file, tls.ca_file, require_client_auth=tls.client_auth
-        )
+            self._tls = NodeTLS(
+                tls.cert_file,
+                tls.key_file,
+                tls.ca_file,
+                require_client_auth=tls.client_auth,
+                on_load=lambda expiry: self.metrics.set_tls_expiry(expiry.timestamp()),
+            )
+        return self._tls
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        files = self._tls_files()
+        return None if files is None else files.server_credentials()
 
     def _channel_credentials(self) -> grpc.ChannelCredentials | None:
-        tls = self.config.tls
-        if not tls.enabled:
-            return None
-        from dengine.tls import channel_credentials  # noqa: PLC0415 - optional feature
-
-        return channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
+        files = self._tls_files()
+        return None if files is None else files.channel_credentials()
 
     async def stop(self, *, transfer_leadership: bool = True) -> None:
         """Stops gracefully: hands leadership to another voter first when possible, then stops

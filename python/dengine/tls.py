@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import logging
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -43,6 +45,7 @@ from dengine.errors import TLSConfigError
 __all__ = [
     "DEFAULT_HOSTS",
     "CertPaths",
+    "NodeTLS",
     "TLSConfigError",
     "certs_main",
     "channel_credentials",
@@ -53,6 +56,8 @@ __all__ = [
 ]
 
 StrPath: TypeAlias = str | os.PathLike[str]
+
+log = logging.getLogger("dengine.tls")
 
 #: Hosts a development certificate is valid for when none are given: the loopback address and name.
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
@@ -449,17 +454,24 @@ def _check_role(cert: x509.Certificate, path: Path, usage: x509.ObjectIdentifier
         )
 
 
+_NEEDS_CA = "require_client_auth needs ca_file: the CA that client certificates chain to"
+_SERVER_ROLE = (ExtendedKeyUsageOID.SERVER_AUTH, "server")
+_CLIENT_ROLE = (ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+
+
 def _load_identity(
-    cert_file: StrPath, key_file: StrPath, usage: x509.ObjectIdentifier, role: str
-) -> tuple[bytes, bytes]:
-    """Check a certificate chain and its key; return their PEM bytes (chain, key)."""
+    cert_file: StrPath, key_file: StrPath, *roles: tuple[x509.ObjectIdentifier, str]
+) -> tuple[bytes, bytes, x509.Certificate]:
+    """Check a certificate chain and its key, for each TLS role in ``roles``; return their PEM
+    bytes (chain, key) and the leaf certificate."""
     cert_path, key_path = Path(cert_file), Path(key_file)
     chain_pem, chain = _read_certificates(cert_path, "certificate")
     key_pem, key = _read_private_key(key_path, "private key")
     _check_key_matches(chain[0], cert_path, key, key_path)
     _check_validity(chain, cert_path, "certificate")
-    _check_role(chain[0], cert_path, usage, role)
-    return chain_pem, key_pem
+    for usage, role in roles:
+        _check_role(chain[0], cert_path, usage, role)
+    return chain_pem, key_pem, chain[0]
 
 
 def _load_roots(ca_file: StrPath) -> bytes:
@@ -487,8 +499,8 @@ def server_credentials(
     present. Raises :class:`TLSConfigError` naming the file if anything is wrong with the files.
     """
     if require_client_auth and ca_file is None:
-        raise TLSConfigError("require_client_auth needs ca_file: the CA that client certificates chain to")
-    chain, key = _load_identity(cert_file, key_file, ExtendedKeyUsageOID.SERVER_AUTH, "server")
+        raise TLSConfigError(_NEEDS_CA)
+    chain, key, _ = _load_identity(cert_file, key_file, _SERVER_ROLE)
     roots = _load_roots(ca_file) if ca_file is not None else None
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=roots, require_client_auth=require_client_auth
@@ -513,5 +525,133 @@ def channel_credentials(
     roots = _load_roots(ca_file) if ca_file is not None else None
     chain = key = None
     if cert_file is not None and key_file is not None:
-        chain, key = _load_identity(cert_file, key_file, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+        chain, key, _ = _load_identity(cert_file, key_file, _CLIENT_ROLE)
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+
+
+@dataclass(frozen=True)
+class _Material:
+    chain: bytes
+    key: bytes
+    roots: bytes | None
+    not_after: datetime.datetime
+
+
+class NodeTLS:
+    """A node's TLS files (its certificate chain, private key and CA bundle), read again whenever
+    one of them changes on disk, so that certificates rotate without a restart.
+
+    Each new connection uses the files as they are at its handshake: incoming ones through gRPC's
+    dynamic server credentials (asked at every handshake), outgoing ones because every channel the
+    node opens is built from :meth:`channel_credentials`. Connections already open keep the
+    certificates they were opened with, as TLS does. A change that does not load (a certificate
+    copied before its key, a key that does not match, an expired certificate) is logged once and
+    the previous files stay in use; the next handshake after the files are put right picks them up.
+    To change CAs without an outage, first add the new CA to every node's bundle, then replace the
+    certificates, then drop the old CA.
+    """
+
+    def __init__(
+        self,
+        cert_file: StrPath,
+        key_file: StrPath,
+        ca_file: StrPath | None,
+        *,
+        require_client_auth: bool,
+        on_load: Callable[[datetime.datetime], None] | None = None,
+    ) -> None:
+        """Loads the files (raising :class:`TLSConfigError` naming the file if anything is
+        wrong). ``on_load`` is called with the node certificate's expiry now and at each reload."""
+        if require_client_auth and ca_file is None:
+            raise TLSConfigError(_NEEDS_CA)
+        self._paths = (Path(cert_file), Path(key_file), None if ca_file is None else Path(ca_file))
+        self.require_client_auth = require_client_auth
+        self._on_load = on_load
+        # gRPC asks for the server's files on its own threads; the node's loop asks for a client's.
+        self._lock = threading.Lock()
+        self._stamp = self._stamps()
+        self._material = self._load()
+        self._refused: tuple[bytes | None, ...] | None = None
+        self.generation = 1
+        """Counts the sets of files loaded: 1 at start, one more at each reload."""
+        self._served_generation = 1
+        if on_load is not None:
+            on_load(self._material.not_after)
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        """When the node certificate in use expires."""
+        return self._material.not_after
+
+    def _stamps(self) -> tuple[bytes | None, ...]:
+        # The contents, not the modification times: a file rewritten within the same clock tick
+        # with a same-sized replacement keeps its mtime. A few kilobytes, read at each handshake.
+        stamps: list[bytes | None] = []
+        for path in self._paths:
+            try:
+                stamps.append(path.read_bytes() if path is not None else None)
+            except OSError:
+                stamps.append(None)  # missing while it is replaced: _load says so if it stays
+        return tuple(stamps)
+
+    def _load(self) -> _Material:
+        cert, key, ca = self._paths
+        # The node's certificate serves both ends: its server, and its client to the peers.
+        chain, key_pem, leaf = _load_identity(cert, key, _SERVER_ROLE, _CLIENT_ROLE)
+        roots = _load_roots(ca) if ca is not None else None
+        return _Material(chain, key_pem, roots, leaf.not_valid_after_utc)
+
+    def refresh(self) -> bool:
+        """Reads the files again if any changed since they were last read; returns whether a new
+        set is now in use."""
+        with self._lock:
+            stamp = self._stamps()
+            if stamp in (self._stamp, self._refused):
+                return False
+            try:
+                material = self._load()
+            except TLSConfigError as exc:
+                self._refused = stamp
+                log.warning("TLS files changed but cannot be used yet; the previous ones stay: %s", exc)
+                return False
+            self._stamp, self._material, self._refused = stamp, material, None
+            self.generation += 1
+        log.info(
+            "TLS files reloaded: certificate %s, valid until %s",
+            self._paths[0],
+            material.not_after.isoformat(),
+        )
+        if self._on_load is not None:
+            self._on_load(material.not_after)
+        return True
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for a new channel to a peer: the node's certificate as the client's, and
+        its CA bundle as the roots, as the files are now."""
+        self.refresh()
+        m = self._material
+        return grpc.ssl_channel_credentials(
+            root_certificates=m.roots, private_key=m.key, certificate_chain=m.chain
+        )
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that gRPC asks again at each handshake (:meth:`refresh`)."""
+        with self._lock:
+            self._served_generation = self.generation
+            config = self._server_config()
+        return grpc.dynamic_ssl_server_credentials(
+            config, self._next_server_config, require_client_authentication=self.require_client_auth
+        )
+
+    def _server_config(self) -> grpc.ServerCertificateConfiguration:
+        m = self._material
+        return grpc.ssl_server_certificate_configuration([(m.key, m.chain)], root_certificates=m.roots)
+
+    def _next_server_config(self) -> grpc.ServerCertificateConfiguration | None:
+        # None tells gRPC to keep what it has. A reload another caller made counts too.
+        self.refresh()
+        with self._lock:
+            if self._served_generation == self.generation:
+                return None
+            self._served_generation = self.generation
+            return self._server_config()

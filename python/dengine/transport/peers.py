@@ -46,8 +46,10 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         peers: Mapping[int, str],
         on_message: Callable[[Message], None],
         *,
-        channel_credentials: grpc.ChannelCredentials | None = None,
+        channel_credentials: Callable[[], grpc.ChannelCredentials | None] | None = None,
     ) -> None:
+        """``channel_credentials`` makes the credentials of each new channel to a peer (None:
+        plaintext): asked at every connection, so that rotated certificates are used."""
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.peers = dict(peers)
@@ -111,8 +113,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """A new channel to ``address`` with this node's credentials and limits."""
-        if self.credentials is not None:
-            return grpc.aio.secure_channel(address, self.credentials, options=GRPC_OPTIONS)
+        credentials = self.credentials() if self.credentials is not None else None
+        if credentials is not None:
+            return grpc.aio.secure_channel(address, credentials, options=GRPC_OPTIONS)
         return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
 
     async def _run_peer(self, peer: int) -> None:
