@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from dengine._core import Entry, encode_entries
 from dengine.client import Client
@@ -427,6 +429,52 @@ def test_a_cluster_with_mutual_tls(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError):
             cluster_pb2_grpc.ClusterStub(anonymous).Status(cluster_pb2.StatusRequest(), timeout=3)  # type: ignore[no-untyped-call]
         anonymous.close()
+
+
+def _install(path: Path, data: bytes) -> None:
+    """Replaces a file the way a rotation tool does: written aside, then renamed over it."""
+    aside = path.with_suffix(".new")
+    aside.write_bytes(data)
+    os.replace(aside, path)
+
+
+def test_certificates_and_the_ca_rotate_under_a_running_cluster(tmp_path: Path) -> None:
+    names = ["node1", "node2", "node3"]
+    certs, new = tmp_path / "certs", tmp_path / "new"
+    init_dev_certs(certs, names)
+    init_dev_certs(new, names)  # another CA, and certificates it signed
+    with running_cluster(tmp_path, tls_dir=certs) as c:
+        c.put(b"before", b"1")
+        # The order that needs no outage: trust both CAs, swap the certificates, drop the old CA.
+        _install(certs / "ca.pem", (certs / "ca.pem").read_bytes() + (new / "ca.pem").read_bytes())
+        for name in names:
+            _install(certs / f"{name}.pem", (new / f"{name}.pem").read_bytes())
+            _install(certs / f"{name}-key.pem", (new / f"{name}-key.pem").read_bytes())
+        _install(certs / "ca.pem", (new / "ca.pem").read_bytes())
+
+        # A client that knows only the new CA, with a certificate it signed, reaches every node:
+        # each serves its new certificate and takes the new client certificate.
+        creds = grpc.ssl_channel_credentials(
+            *((new / name).read_bytes() for name in ("ca.pem", "client-key.pem", "client.pem"))
+        )
+        c.channels = {i: grpc.secure_channel(c.address(i), creds) for i in (1, 2, 3)}
+        for i in (1, 2, 3):
+            assert c.status(i, timeout=5) is not None, f"node {i} does not serve its new certificate"
+            metric = r"^dengine_tls_certificate_expiry_timestamp_seconds\{.*\} (\S+)$"
+            found = re.search(metric, c.scrape(i), re.M)
+            assert found, "the expiry metric is missing"
+            expiry = x509.load_pem_x509_certificate((new / f"node{i}.pem").read_bytes()).not_valid_after_utc
+            assert float(found.group(1)) == expiry.timestamp()
+
+        # New connections between the nodes use the new certificates: a restarted follower
+        # trusts only the new CA, and its peers reconnect to it.
+        leader = c.wait_leader()
+        follower = next(i for i in (1, 2, 3) if i != leader)
+        c.kill(follower)
+        c.put(b"after", b"2")
+        c.start(follower)
+        wait_for(lambda: c.try_get(follower, b"after") == b"2", 20, f"node {follower} to catch up")
+        assert c.get(c.wait_leader(), b"before") == b"1"
 
 
 def test_a_tls_misconfiguration_stops_the_node_with_a_clear_error(tmp_path: Path) -> None:
