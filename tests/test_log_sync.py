@@ -175,19 +175,22 @@ async def test_a_node_whose_log_sync_fails_stops_and_fails_its_waiting_proposals
     store = PythonStore(tmp_path / "custom-log")
     node = Node(cfg, state_machine=Counter(), log_store=store)
     await node.start()
-    try:
-        await until(lambda: node.leader_id == node.id)
-        assert await node.propose(b"1") == b"1"
-        store.fail = True
-        with pytest.raises(OutcomeUnknownError, match="storage failure: disk on fire"):
-            await asyncio.wait_for(node.propose(b"2"), 5)
-        await asyncio.wait_for(node.wait_stopped(), 5)
-        with pytest.raises(DengineError, match="not running"):
-            await node.propose(b"3")
-    finally:
-        assert node.server is not None
-        await node.server.stop(grace=0)
-        store.close()
+    host, port = cfg.node.listen.rsplit(":", 1)
+    await until(lambda: node.leader_id == node.id)
+    assert await node.propose(b"1") == b"1"
+    store.fail = True
+    with pytest.raises(OutcomeUnknownError, match="storage failure: disk on fire"):
+        await asyncio.wait_for(node.propose(b"2"), 5)
+    await asyncio.wait_for(node.wait_stopped(), 5)
+    with pytest.raises(DengineError, match="not running"):
+        await node.propose(b"3")
+    # A fail-stopped node stops serving (peers and clients see it down and go elsewhere) and
+    # releases its log, without anyone calling stop().
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(host, int(port))
+    with pytest.raises(LogClosedError):
+        store.last_index()
+    await asyncio.wait_for(node.stop(), 5)  # and stop() afterwards returns at once
 
 
 @pytest.mark.skipif(not OWN_THREAD, reason="the store's sync thread is POSIX-only")

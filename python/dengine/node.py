@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +227,7 @@ class Node:
         self._start_snapshot: SnapshotInfo | None = None
         self._stopped = asyncio.Event()
         self._running = False
+        self._release: asyncio.Future[None] | None = None
         self.leader_changes = 0
         self.metrics = NodeMetrics(self.id, config.cluster.id)
         self._metrics_server: MetricsServer | None = None
@@ -398,7 +399,11 @@ class Node:
 
     async def stop(self, *, transfer_leadership: bool = True) -> None:
         """Stops gracefully: hands leadership to another voter first when possible, then stops
-        serving, flushes the log and closes it. A restart on the same data dir recovers."""
+        serving, flushes the log and closes it. A restart on the same data dir recovers. After a
+        fail-stop (a storage failure), waits until everything the node held is released."""
+        if self._release is not None:
+            await asyncio.shield(self._release)
+            return
         if not self._running:
             return
         raft = self.raft
@@ -413,6 +418,14 @@ class Node:
             except DengineError as exc:
                 log.info("node %d: no leadership transfer before stopping: %s", self.id, exc)
         self._running = False
+        self._release = asyncio.ensure_future(self._release_everything("the node stopped"))
+        await asyncio.shield(self._release)
+        log.info("node %d stopped", self.id)
+
+    async def _release_everything(self, why: str) -> None:
+        """Stops serving and closes the log, the transport and every task; fails what still
+        waits with ``why``. Once, whether the node stops or fail-stops."""
+        assert self.store is not None and self.transport is not None and self.server is not None
         if self._announce_timer is not None:
             self._announce_timer.cancel()
         tasks = list(self._tasks)
@@ -420,24 +433,33 @@ class Node:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.snapshots.stop()
-        if self._syncer is not None:
-            await self._syncer.close()
-        assert self.transport is not None and self.server is not None
-        await self.transport.close()
-        await self.server.stop(grace=0.2)
-        if self._metrics_server is not None:
-            await self._metrics_server.close()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.io, self.store.close)
+        store, server, syncer, metrics = self.store, self.server, self._syncer, self._metrics_server
+        steps: list[Callable[[], Awaitable[object]]] = [
+            self.snapshots.stop,
+            self.transport.close,
+            lambda: server.stop(grace=0.2),
+            lambda: asyncio.get_running_loop().run_in_executor(self.io, store.close),
+        ]
+        if syncer is not None:
+            steps.insert(1, syncer.close)
+        if metrics is not None:
+            steps.insert(-1, metrics.close)
+        for step in steps:
+            try:
+                await step()
+            except Exception:
+                # After a storage failure the store may fail to close too: the rest still goes.
+                log.exception("node %d: error while releasing its resources", self.id)
         self.io.shutdown(wait=True)
+        self._fail_everything_waiting(why)
+        self._stopped.set()
+
+    def _fail_everything_waiting(self, why: str) -> None:
         for key in list(self._waiters):
-            self._fail_waiters(key, lambda: OutcomeUnknownError(_UNKNOWN.format("the node stopped")))
+            self._fail_waiters(key, lambda: OutcomeUnknownError(_UNKNOWN.format(why)))
         for rf in self._reads.values():
             if not rf.done():
-                rf.set_exception(DengineError("the node stopped"))
-        self._stopped.set()
-        log.info("node %d stopped", self.id)
+                rf.set_exception(DengineError(why))
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -838,20 +860,14 @@ class Node:
         self._fail_stop(exc)
 
     def _fail_stop(self, exc: Exception) -> None:
+        if not self._running:
+            return
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for key in list(self._waiters):
-            self._fail_waiters(
-                key,
-                lambda: OutcomeUnknownError(
-                    _UNKNOWN.format(f"the node stopped after a storage failure: {exc}")
-                ),
-            )
-        for rf in self._reads.values():
-            if not rf.done():
-                rf.set_exception(DengineError(f"the node stopped after a storage failure: {exc}"))
-        self._stopped.set()
+        why = f"the node stopped after a storage failure: {exc}"
+        self._fail_everything_waiting(why)
+        # Stop serving at once: peers and clients then see a node that is down, and go elsewhere,
+        # rather than one that accepts requests and never answers. The data dir is released too.
+        self._release = asyncio.ensure_future(self._release_everything(why))
 
     async def _apply_loop(self) -> None:
         raft = self.raft
