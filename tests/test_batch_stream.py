@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from dengine import client as client_module
+from dengine.batch_stream import BatchStream, CallFailed
 from dengine.client import Client
 from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
@@ -386,3 +387,50 @@ def test_a_batch_the_node_refuses_fails_without_a_retry() -> None:
         assert received == [1]
 
     asyncio.run(bounded(main()))
+
+
+class _EndedCall:
+    """A stream whose end grpc.aio reports with ``status``: each write and read raise it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+    async def write(self, message: bytes) -> None:
+        await asyncio.sleep(0)
+        raise self.error
+
+    async def read(self) -> bytes:
+        await asyncio.sleep(0.01)  # the write goes first, as in the race
+        raise self.error
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _OneCallChannel:
+    def __init__(self, call: _EndedCall) -> None:
+        self.call = call
+
+    def stream_stream(self, method: str) -> Callable[[], _EndedCall]:
+        return lambda: self.call
+
+
+@pytest.mark.parametrize(
+    ("details", "expected"),
+    [
+        # grpc.aio's report of a write that raced with a lost connection (grpc/grpc#36066).
+        ("Internal error from Core", "UNAVAILABLE"),
+        # The node's own INTERNAL (a failing state machine, say) is not a lost stream.
+        ("apply failed: boom", "INTERNAL"),
+    ],
+)
+def test_a_stream_lost_under_a_write_is_retried_and_a_node_error_is_not(details: str, expected: str) -> None:
+    async def main() -> None:
+        call = _EndedCall(grpc.StatusCode.INTERNAL, details)
+        stream = BatchStream(_OneCallChannel(call))
+        with pytest.raises(CallFailed) as failed:
+            await stream.call(b"batch", timeout=5)
+        assert failed.value.code == expected
+        assert stream.broken is not None and stream.broken.code == expected
+
+    asyncio.run(main())

@@ -22,6 +22,10 @@ from dengine.v1 import kv_pb2
 
 _METHOD = "/dengine.v1.KV/BatchStream"
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# What grpc.aio reports for a call whose write raced with the end of the stream (the connection
+# lost, the node killed), in place of the stream's real status (grpc/grpc#36066): no answer from
+# the node, but a lost stream, as retryable as UNAVAILABLE. A node's own INTERNAL says otherwise.
+_LOST_UNDER_A_WRITE = ("INTERNAL", "Internal error from Core")
 
 
 class CallFailed(Exception):
@@ -31,6 +35,12 @@ class CallFailed(Exception):
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+
+
+def _stream_failure(code: str, details: str) -> CallFailed:
+    if (code, details) == _LOST_UNDER_A_WRITE:
+        return CallFailed("UNAVAILABLE", f"the batch stream was lost under a write ({details})")
+    return CallFailed(code, details)
 
 
 class BatchStream:
@@ -124,9 +134,9 @@ class BatchStream:
                     answer.set_result(streamed.batch)
             code = await self._call.code()
             if code != grpc.StatusCode.OK:
-                failure = CallFailed(code.name, await self._call.details() or "")
+                failure = _stream_failure(code.name, await self._call.details() or "")
         except grpc.aio.AioRpcError as exc:
-            failure = CallFailed(exc.code().name, exc.details() or "")
+            failure = _stream_failure(exc.code().name, exc.details() or "")
         except DecodeError:
             failure = CallFailed("INTERNAL", "malformed StreamedBatchAnswer")
         except asyncio.CancelledError:
