@@ -137,6 +137,16 @@ def join_marker(config: Config) -> Path:
     return Path(config.node.data_dir) / "joined"
 
 
+def log_dir(config: Config) -> Path:
+    """Where the node's log store keeps the log."""
+    return Path(config.node.data_dir) / "log"
+
+
+def snapshot_dir(config: Config) -> Path:
+    """Where the node keeps its snapshots."""
+    return Path(config.node.data_dir) / "snapshots"
+
+
 def node_raft_config(config: Config) -> RaftConfig:
     """The Raft core's configuration for this node. A node that joined a running cluster knows no
     configuration of its own: it learns the cluster's from the log or a snapshot, never from its
@@ -159,7 +169,7 @@ def open_node_log(config: Config) -> LogStore:
     storage = config.storage
     if storage.engine == "memory":
         return MemoryLogStore()
-    path = Path(config.node.data_dir) / "log"
+    path = log_dir(config)
     if storage.engine == "file":
         return WalLogStore(path, segment_bytes=storage.segment_bytes, preallocate=storage.preallocate)
     engine = storage.load_log_store_class()
@@ -222,7 +232,7 @@ class Node:
         self._announce_for = 0  # the commit index the announce timer was armed for
         # Held while a batch is applied: a snapshot freezes the state between two batches.
         self.apply_lock = asyncio.Lock()
-        self.snapshots = SnapshotManager(self, Path(config.node.data_dir) / "snapshots")
+        self.snapshots = SnapshotManager(self, snapshot_dir(config))
         self.members = MembershipManager(self)
         self._start_snapshot: SnapshotInfo | None = None
         self._stopped = asyncio.Event()
@@ -433,17 +443,14 @@ class Node:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        store, server, syncer, metrics = self.store, self.server, self._syncer, self._metrics_server
-        steps: list[Callable[[], Awaitable[object]]] = [
-            self.snapshots.stop,
-            self.transport.close,
-            lambda: server.stop(grace=0.2),
-            lambda: asyncio.get_running_loop().run_in_executor(self.io, store.close),
-        ]
-        if syncer is not None:
-            steps.insert(1, syncer.close)
-        if metrics is not None:
-            steps.insert(-1, metrics.close)
+        store, server = self.store, self.server
+        steps: list[Callable[[], Awaitable[object]]] = [self.snapshots.stop]
+        if self._syncer is not None:
+            steps.append(self._syncer.close)
+        steps += [self.transport.close, lambda: server.stop(grace=0.2)]
+        if self._metrics_server is not None:
+            steps.append(self._metrics_server.close)
+        steps.append(lambda: asyncio.get_running_loop().run_in_executor(self.io, store.close))
         for step in steps:
             try:
                 await step()

@@ -33,11 +33,10 @@ import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from dengine.config import Config
 from dengine.errors import ConfigError, DengineError
-from dengine.node import log_needs_reset_to, node_raft_config, open_node_log
+from dengine.node import log_dir, log_needs_reset_to, node_raft_config, open_node_log, snapshot_dir
 from dengine.raft import Raft
 from dengine.raft.membership import ConfChange, ConfOp
 from dengine.raft.payload import conf_change
@@ -81,22 +80,25 @@ def recover(config: Config, *, dry_run: bool = False) -> Recovery:
     and reports without writing. Raises :class:`RecoveryError` when there is nothing to recover."""
     if config.storage.engine == "memory":
         raise RecoveryError("storage.engine = 'memory' keeps nothing on disk: there is nothing to recover")
-    data_dir = Path(config.node.data_dir)
-    if not (data_dir / "log").exists():
-        raise RecoveryError(f"{data_dir} holds no log: node {config.node.id} has nothing to recover from")
+    if not log_dir(config).exists():
+        raise RecoveryError(
+            f"{config.node.data_dir} holds no log: node {config.node.id} has nothing to recover from"
+        )
     store = open_node_log(config)
     try:
-        snapshots = data_dir / "snapshots"
+        snapshots = snapshot_dir(config)
         snap = SnapshotStore(snapshots).latest(verify=True) if snapshots.is_dir() else None
-        info = info_of(snap) if snap is not None else None
-        if snap is not None and info is not None and log_needs_reset_to(store, info):
-            # As a start would, finish the install, so that the new entry follows the snapshot.
-            if dry_run:
-                raise RecoveryError(
-                    f"node {config.node.id} crashed while installing snapshot {snap.path}; "
-                    "start it once (or recover without --dry-run) to finish the install"
-                )
-            store.reset(info.index, info.term)
+        info = None
+        if snap is not None:
+            info = info_of(snap)
+            if log_needs_reset_to(store, info):
+                # As a start would, finish the install, so that the new entry follows the snapshot.
+                if dry_run:
+                    raise RecoveryError(
+                        f"node {config.node.id} crashed while installing snapshot {snap.path}; "
+                        "start it once (or recover without --dry-run) to finish the install"
+                    )
+                store.reset(info.index, info.term)
         if store.last_index() == 0:
             raise RecoveryError(
                 f"node {config.node.id} holds no log entries and no snapshot: nothing to recover; "
