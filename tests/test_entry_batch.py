@@ -36,6 +36,17 @@ def test_it_reads_like_the_list_it_was_framed_from() -> None:
     assert b.to_bytes() == encode_entries(ENTRIES) and encode_entries(b) == b.to_bytes()
 
 
+def test_a_leader_frames_its_payloads_once_for_the_log_and_every_follower() -> None:
+    b = EntryBatch.from_payloads(5, 2, [b"a", b"", b"x" * 5000])
+    assert list(b) == [Entry(5, 2, b"a"), Entry(6, 2, b""), Entry(7, 2, b"x" * 5000)]
+    assert b.to_bytes() == encode_entries(list(b)) and b.framed_bytes == len(b.to_bytes())
+    # The wire bytes are made once and shared: the same object for every follower's message.
+    assert b.to_bytes() is b.to_bytes() and encode_entries(b) is b.to_bytes()
+    assert len(EntryBatch.from_payloads(1, 1, [])) == 0
+    with pytest.raises(ValueError, match="exceeds the maximum"):
+        EntryBatch.from_payloads(2**63, 1, [b"past the largest log index"])
+
+
 def test_damaged_bytes_are_refused() -> None:
     good = encode_entries(ENTRIES)
     for damaged in (good[:-1], good[:10], b"\x00" + good[1:]):

@@ -90,6 +90,24 @@ def test_entries_are_pipelined_up_to_the_inflight_window() -> None:
     assert leader.progress[2].state is ProgressState.REPLICATE
 
 
+def test_the_leader_sends_the_batch_it_appended_as_it_is_and_reads_back_only_for_laggards() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.isolate(3)
+    c.propose(1, b"a", b"b")
+    c.heal()
+    c.sent.clear()
+    c.nodes[1].propose([b"\x01c", b"\x01d"])
+    c.settle()
+    apps = {m.dst: m for m in c.sent if m.type is MsgType.APP and m.entries and m.src == 1}
+    # Node 2 needed exactly the new batch: it got the object the leader appended, framed once
+    # for both the log and the wire. Node 3 lacked more and got the whole gap, read from the log.
+    assert [e.data for e in apps[2].entries] == [b"\x01c", b"\x01d"]
+    assert apps[2].entries is c.nodes[1]._fresh
+    assert apps[3].index == 1 and [e.index for e in apps[3].entries] == [2, 3, 4, 5]
+    assert c.log_terms(3) == c.log_terms(1)
+
+
 def test_batches_respect_the_byte_limit() -> None:
     c = Cluster(3, max_batch_bytes=1000)
     c.elect(1)

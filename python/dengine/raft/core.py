@@ -93,6 +93,11 @@ def _start_term(store: LogStore, term: int, vote: int | None) -> tuple[int, int 
 class Raft:
     """One Raft node's protocol state. See the module docstring for how a driver runs it."""
 
+    # The batch this leader appended last, framed: sent as it is to followers that need
+    # exactly it (the steady state) rather than read back from the log once per follower.
+    # Every role change (_reset) forgets it.
+    _fresh: EntryBatch | None
+
     def __init__(
         self,
         config: RaftConfig,
@@ -110,7 +115,9 @@ class Raft:
             applied = max(applied, snapshot.index)
         self.cfg = config
         self.id = config.id
-        self.store = store
+        # A store that reads and appends framed batches (the built-in engines, the simulator's)
+        # moves entries without a Python object per entry.
+        self.store, self._framed = store, callable(getattr(store, "entry_batch", None))
         self._rng = random.Random(f"{seed}/{config.id}")
         hs = store.hard_state()
         self.term, self.vote = _start_term(store, hs.term, hs.vote)
@@ -546,6 +553,7 @@ class Raft:
             self._vote_needs = self._sync_seq + 1
             self._writes_pending = True
         self.lead = None
+        self._fresh = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = self.cfg.election_ticks + self._rng.randrange(self.cfg.election_ticks)
@@ -749,7 +757,11 @@ class Raft:
     def _append_as_leader(self, payloads: Sequence[bytes], *, conf: bool = False) -> tuple[int, int]:
         first = self.store.last_index() + 1
         term = self.term
-        entries = entries_from_payloads(first, term, payloads)
+        entries: Sequence[Entry]
+        if self._framed:
+            entries = self._fresh = EntryBatch.from_payloads(first, term, payloads)
+        else:
+            entries = entries_from_payloads(first, term, payloads)
         self.store.append(entries)
         if conf:
             self._note_conf_changes(entries)
@@ -904,9 +916,20 @@ class Raft:
             entries: Sequence[Entry] = ()
             if pr.next <= last:
                 hi = min(last + 1, pr.next + self.cfg.max_batch_entries)
-                if isinstance(self.store, LogStoreBase):
+                fresh = self._fresh
+                if (
+                    fresh is not None
+                    and fresh.first_index == pr.next
+                    and fresh.last_index == hi - 1
+                    and fresh.framed_bytes <= self.cfg.max_batch_bytes
+                    and self.role is Role.LEADER
+                ):
+                    # What this leader appended last: nothing can have replaced it in the log
+                    # since (a leader only appends, and every role change forgets it).
+                    entries = fresh
+                elif self._framed:
                     # Read already framed, the way they travel: no object per entry.
-                    entries = self.store.entry_batch(pr.next, hi, self.cfg.max_batch_bytes)
+                    entries = self.store.entry_batch(pr.next, hi, self.cfg.max_batch_bytes)  # type: ignore[attr-defined]
                 else:
                     entries = self.store.entries(pr.next, hi, self.cfg.max_batch_bytes)
         except LogCompactedError:

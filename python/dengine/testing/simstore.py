@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import TracebackType
 
-from dengine._core import Entry, HardState, MemoryLogStore
+from dengine._core import Entry, EntryBatch, HardState, MemoryLogStore
 
 
 class SimLogStore:
@@ -38,6 +38,11 @@ class SimLogStore:
 
     def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
         return self._mem.entries(lo, hi, max_bytes)
+
+    def entry_batch(self, lo: int, hi: int, max_bytes: int | None = None) -> EntryBatch:
+        """:meth:`entries` framed, as the built-in engines give them: the simulated core then
+        moves entries the way a real node's does."""
+        return self._mem.entry_batch(lo, hi, max_bytes)
 
     def append(self, entries: Sequence[Entry]) -> None:
         self._mem.append(entries)

@@ -5,6 +5,8 @@
 //! It reads like a sequence of `Entry` (length, indexing, slicing, iteration): code that needs
 //! single entries (a conflict check, a membership change) builds just those.
 
+use std::sync::OnceLock;
+
 use dengine_core::log::EncodedBatch;
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
@@ -17,9 +19,20 @@ use crate::log::Entry;
 #[pyclass(frozen, sequence, module = "dengine._core")]
 pub struct EntryBatch {
     pub(crate) batch: EncodedBatch,
+    /// The records as one `bytes`, made once: a leader sends the same batch to every follower.
+    wire: OnceLock<Py<PyBytes>>,
 }
 
 impl EntryBatch {
+    pub(crate) fn new(batch: EncodedBatch) -> Self {
+        EntryBatch { batch, wire: OnceLock::new() }
+    }
+
+    /// The framed records as a `bytes` object, shared by every caller.
+    pub(crate) fn wire_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        self.wire.get_or_init(|| PyBytes::new(py, self.batch.as_bytes()).unbind()).bind(py).clone()
+    }
+
     fn entry(&self, py: Python<'_>, position: usize) -> Entry {
         let (index, term, data) = self.batch.get(position).expect("position checked by the caller");
         Entry { index, term, data: PyBytes::new(py, data).unbind() }
@@ -34,12 +47,30 @@ impl EntryBatch {
     fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
         let owned = data.to_vec();
         let batch = detach(py, move || EncodedBatch::from_bytes(owned))?;
-        Ok(EntryBatch { batch })
+        Ok(EntryBatch::new(batch))
+    }
+
+    /// `Entry(first + i, term, payloads[i])` for each payload, framed at once: what a leader
+    /// appends for a batch of proposals and then sends to its followers as it is.
+    #[staticmethod]
+    fn from_payloads(first: u64, term: u64, payloads: Vec<Bound<'_, PyBytes>>) -> PyResult<Self> {
+        let size = payloads.iter().map(|p| p.as_bytes().len()).sum();
+        let mut batch = EncodedBatch::with_capacity(payloads.len(), size);
+        for (index, data) in (first..).zip(&payloads) {
+            batch.push(index, term, data.as_bytes()).map_err(crate::errors::to_py)?;
+        }
+        Ok(EntryBatch::new(batch))
     }
 
     /// The framed records, as they travel in `RaftMessage.entries`.
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.batch.as_bytes())
+        self.wire_bytes(py)
+    }
+
+    /// Size of the framed records in bytes (payloads and their headers).
+    #[getter]
+    fn framed_bytes(&self) -> usize {
+        self.batch.as_bytes().len()
     }
 
     /// Index of the first entry (0 for an empty batch).
@@ -84,7 +115,7 @@ impl EntryBatch {
                 return Err(PyValueError::new_err("an EntryBatch slices with step 1 only"));
             }
             let (start, stop) = (s.start as usize, (s.stop.max(s.start)) as usize);
-            let part = EntryBatch { batch: self.batch.range(start, stop) };
+            let part = EntryBatch::new(self.batch.range(start, stop));
             return Ok(Py::new(py, part)?.into_any());
         }
         let i: isize = key.extract()?;

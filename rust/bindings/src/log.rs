@@ -169,16 +169,8 @@ impl LogStoreBase {
     #[pyo3(signature = (lo, hi, max_bytes = None))]
     fn entry_batch(&self, py: Python<'_>, lo: u64, hi: u64, max_bytes: Option<u64>) -> PyResult<EntryBatch> {
         let inner = Arc::clone(&self.inner);
-        let batch = detach(py, move || {
-            let entries = inner.entries(lo, hi, max_bytes.unwrap_or(u64::MAX))?;
-            let mut batch =
-                EncodedBatch::with_capacity(entries.len(), entries.iter().map(|e| e.data.len()).sum());
-            for e in &entries {
-                batch.push(e.index, e.term, &e.data)?;
-            }
-            Ok(batch)
-        })?;
-        Ok(EntryBatch { batch })
+        let batch = detach(py, move || inner.entry_batch(lo, hi, max_bytes.unwrap_or(u64::MAX)))?;
+        Ok(EntryBatch::new(batch))
     }
 
     fn truncate_suffix(&self, py: Python<'_>, index: u64) -> PyResult<()> {
@@ -317,7 +309,7 @@ fn batch_from_entries(py: Python<'_>, entries: &Bound<'_, PyAny>) -> PyResult<En
 #[pyfunction]
 fn encode_entries<'py>(py: Python<'py>, entries: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
     if let Ok(framed) = entries.cast::<EntryBatch>() {
-        return Ok(PyBytes::new(py, framed.get().batch.as_bytes()));
+        return Ok(framed.get().wire_bytes(py));
     }
     let batch = batch_from_entries(py, entries)?;
     Ok(PyBytes::new(py, batch.as_bytes()))

@@ -74,6 +74,22 @@ impl EncodedBatch {
         Ok(())
     }
 
+    /// Notes a record that a store has already put in `buf` at offset `start`, framed and
+    /// verified (read back from its own log): nothing is copied or encoded again. The caller
+    /// guarantees that it is one whole record for `index` and `term`, following the last one.
+    pub(super) fn note_framed(&mut self, index: u64, term: u64, start: usize) {
+        debug_assert!(self.next_index().is_none_or(|next| next == index), "records out of order");
+        if self.starts.is_empty() {
+            self.first_index = index;
+            self.first_term = term;
+        }
+        if self.starts.is_empty() || term != self.last_term {
+            self.term_runs.push((index, term));
+        }
+        self.starts.push(start as u64);
+        self.last_term = term;
+    }
+
     /// Parses and verifies a batch produced by another node's [`EncodedBatch::as_bytes`]:
     /// every header and payload checksum, consecutive indexes and non-decreasing terms. The
     /// bytes come from the network, so nothing is trusted before it is checked.

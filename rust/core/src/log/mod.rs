@@ -63,6 +63,17 @@ pub trait LogStore: Send + Sync {
     /// returning at least one entry when `lo < hi` so that progress is never blocked by one
     /// oversized entry.
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>>;
+    /// [`LogStore::entries`] framed as one batch, the form entries travel in to followers. A
+    /// store that keeps records framed (the WAL) hands them over without decoding them.
+    fn entry_batch(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<EncodedBatch> {
+        let entries = self.entries(lo, hi, max_bytes)?;
+        let mut batch =
+            EncodedBatch::with_capacity(entries.len(), entries.iter().map(|e| e.data.len()).sum());
+        for e in &entries {
+            batch.push(e.index, e.term, &e.data)?;
+        }
+        Ok(batch)
+    }
     /// Appends a batch. The first entry must be `last_index() + 1`, indexes consecutive and terms
     /// never decreasing. Conflicting suffixes are removed explicitly with `truncate_suffix` first.
     fn append_batch(&self, batch: &EncodedBatch) -> Result<()>;

@@ -8,6 +8,7 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::batch::EncodedBatch;
 use super::record::{self, Header, HEADER_LEN};
 use super::terms::TermRuns;
 use super::Entry;
@@ -249,11 +250,43 @@ impl Segment {
     /// Reads entries `lo..hi` (all inside this segment) into `out`, stopping before the payload
     /// total passes `*budget`, unless `out` is still empty. Returns false once the budget is spent.
     pub fn read(&self, lo: u64, hi: u64, budget: &mut u64, out: &mut Vec<Entry>) -> Result<bool> {
+        let took_any = !out.is_empty();
+        let mut buf = Vec::new();
+        self.read_records(lo, hi, budget, took_any, &mut buf, |index, term, _, record| {
+            out.push(Entry { index, term, data: record[HEADER_LEN..].to_vec() });
+        })
+    }
+
+    /// [`Segment::read`] into a batch of framed records: the records are read straight into the
+    /// batch's buffer and verified there, with no entry built and nothing encoded again.
+    pub fn read_framed(&self, lo: u64, hi: u64, budget: &mut u64, out: &mut EncodedBatch) -> Result<bool> {
+        let took_any = !out.is_empty();
+        let mut buf = std::mem::take(&mut out.buf);
+        let within = self.read_records(lo, hi, budget, took_any, &mut buf, |index, term, start, _| {
+            out.note_framed(index, term, start);
+        });
+        out.buf = buf;
+        within
+    }
+
+    /// Appends the records `lo..hi` that fit `*budget` (at least one unless `took_any`) to `buf`
+    /// with one read, verifies each (header and payload checksums, its index), and hands each to
+    /// `emit` as `(index, term, its offset in buf, the whole record)`. Returns false once the
+    /// budget is spent.
+    fn read_records(
+        &self,
+        lo: u64,
+        hi: u64,
+        budget: &mut u64,
+        took_any: bool,
+        buf: &mut Vec<u8>,
+        mut emit: impl FnMut(u64, u64, usize, &[u8]),
+    ) -> Result<bool> {
         let mut stop = lo;
         let mut within = true;
         while stop < hi {
             let size = self.offset_of(stop + 1) - self.offset_of(stop) - HEADER_LEN as u64;
-            if size > *budget && !(out.is_empty() && stop == lo) {
+            if size > *budget && (took_any || stop != lo) {
                 within = false;
                 break;
             }
@@ -264,24 +297,25 @@ impl Segment {
             return Ok(within);
         }
         let start = self.offset_of(lo);
-        let mut buf = vec![0u8; (self.offset_of(stop) - start) as usize];
-        pio::read_exact_at(&self.file, &mut buf, start).map_err(|e| Error::io(&self.path, e))?;
-        let mut pos = 0usize;
+        let base = buf.len();
+        buf.resize(base + (self.offset_of(stop) - start) as usize, 0);
+        pio::read_exact_at(&self.file, &mut buf[base..], start).map_err(|e| Error::io(&self.path, e))?;
+        let mut pos = base;
         for index in lo..stop {
-            let at = start + pos as u64;
+            let at = start + (pos - base) as u64;
             let hbuf: &[u8; HEADER_LEN] = buf[pos..pos + HEADER_LEN].try_into().expect("header slice");
             let h: Header = record::decode_header(hbuf)
                 .ok_or_else(|| Error::corrupt(&self.path, at, "record header checksum mismatch"))?;
-            let body = &buf[pos + HEADER_LEN..pos + HEADER_LEN + h.len as usize];
-            if h.index != index || !record::payload_ok(&h, body) {
+            let end = pos + HEADER_LEN + h.len as usize;
+            if h.index != index || !record::payload_ok(&h, &buf[pos + HEADER_LEN..end]) {
                 return Err(Error::corrupt(
                     &self.path,
                     at,
                     format!("record for index {index} failed verification"),
                 ));
             }
-            out.push(Entry { index, term: h.term, data: body.to_vec() });
-            pos += HEADER_LEN + h.len as usize;
+            emit(index, h.term, pos, &buf[pos..end]);
+            pos = end;
         }
         Ok(within)
     }

@@ -338,6 +338,25 @@ impl LogStore for WalLogStore {
         Ok(out)
     }
 
+    fn entry_batch(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<EncodedBatch> {
+        let st = self.live()?;
+        bounds::check_range(lo, hi, st.first_index(), st.last_index())?;
+        let mut out = EncodedBatch::new();
+        let mut budget = max_bytes;
+        let mut at = lo;
+        let mut seg = st.segment_for(lo);
+        while at < hi {
+            let s = &st.segments[seg];
+            let stop = hi.min(s.next_index());
+            if !s.read_framed(at, stop, &mut budget, &mut out)? {
+                break;
+            }
+            at = stop;
+            seg += 1;
+        }
+        Ok(out)
+    }
+
     fn append_batch(&self, batch: &EncodedBatch) -> Result<()> {
         let mut guard = self.live()?;
         let st = &mut *guard;
