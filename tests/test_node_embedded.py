@@ -13,6 +13,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import pytest
 
+from dengine import node as node_module
 from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.errors import (
@@ -330,5 +331,47 @@ def test_a_write_pending_when_its_node_stops_has_an_unknown_outcome(tmp_path: Pa
         finally:
             for n in nodes:
                 await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_a_large_commit_is_applied_a_chunk_at_a_time_with_the_loop_free_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower waits for none of the writes it applies; still, between chunks its loop runs
+    other work (messages to answer, timers), rather than only after the whole commit."""
+
+    async def main() -> None:
+        async with started(configs(tmp_path)) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            follower = next(n for n in nodes if n is not leader)
+            turns = 0
+
+            async def bystander() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            chunks: list[tuple[int, int]] = []  # (size, loop turns seen before it)
+            real = node_module.apply_committed
+
+            def spy(chunk: Any, sessions: Any, run: Any, wanted: Any) -> Any:
+                if sessions is follower.sessions:
+                    chunks.append((len(chunk), turns))
+                return real(chunk, sessions, run, wanted)
+
+            monkeypatch.setattr(node_module, "apply_committed", spy)
+            other = asyncio.create_task(bystander())
+            try:
+                writes = 3 * node_module.APPLY_CHUNK
+                await asyncio.gather(*(leader.propose(b"1") for _ in range(writes)))
+                await until(lambda: follower.sm.n == writes)  # type: ignore[attr-defined]
+            finally:
+                other.cancel()
+            assert sum(size for size, _ in chunks) >= writes
+            assert any(size == node_module.APPLY_CHUNK for size, _ in chunks), chunks
+            seen = [t for _, t in chunks]
+            assert len(set(seen)) == len(seen), f"chunks applied back to back: {chunks}"
 
     run(main)

@@ -904,7 +904,9 @@ class Node:
         """Applies committed entries a chunk at a time, answering each chunk's waiters before the
         next. Between chunks the loop lets the answered callers run, so the writes they make next
         are proposed while the rest is applied: answering a whole commit at once would make
-        callers with many writes in flight wait for each other, one round trip per batch."""
+        callers with many writes in flight wait for each other, one round trip per batch. A node
+        with nobody waiting (a follower) lets its loop go too: its acknowledgements of new
+        entries, which the leader's commits wait for, do not queue behind a whole commit."""
         raft = self.raft
         assert raft is not None
         target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
@@ -912,9 +914,8 @@ class Node:
         for start in range(0, len(entries), APPLY_CHUNK):
             chunk = entries[start : start + APPLY_CHUNK]
             answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
-            if not answered:
-                continue
-            self._answer_applied(answered)
+            if answered:
+                self._answer_applied(answered)
             if start + APPLY_CHUNK < len(entries):
                 raft.applied_to(chunk[-1].index)
                 await asyncio.sleep(0)
