@@ -24,6 +24,7 @@ from dengine.errors import (
     ProposalDroppedError,
 )
 from dengine.node import Node
+from dengine.raft.sessions import apply_committed
 
 T = TypeVar("T")
 
@@ -354,14 +355,14 @@ def test_a_large_commit_is_applied_a_chunk_at_a_time_with_the_loop_free_between(
                     await asyncio.sleep(0)
 
             chunks: list[tuple[int, int]] = []  # (size, loop turns seen before it)
-            real = node_module.apply_committed
+            real = apply_committed
 
             def spy(chunk: Any, sessions: Any, run: Any, wanted: Any) -> Any:
                 if sessions is follower.sessions:
                     chunks.append((len(chunk), turns))
                 return real(chunk, sessions, run, wanted)
 
-            monkeypatch.setattr(node_module, "apply_committed", spy)
+            monkeypatch.setattr("dengine.node.apply_committed", spy)
             other = asyncio.create_task(bystander())
             try:
                 writes = 3 * node_module.APPLY_CHUNK
