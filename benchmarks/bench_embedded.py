@@ -39,6 +39,7 @@ from dengine.gc_tuning import tune_gc
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
+from proc_cpu import cpu_seconds
 
 VALUE = b"v" * 256
 
@@ -101,8 +102,10 @@ async def run(seconds: float, inflight: int, loop: str) -> dict[str, Any]:
                     i += 1
 
             began = time.perf_counter()
+            cpu_before = (time.thread_time(), time.process_time(), cpu_seconds(f.pid for f in followers))
             await asyncio.gather(*(worker(w) for w in range(inflight)))
             took = time.perf_counter() - began
+            cpu_after = (time.thread_time(), time.process_time(), cpu_seconds(f.pid for f in followers))
         finally:
             await node.stop(transfer_leadership=False)
             for f in followers:
@@ -117,6 +120,14 @@ async def run(seconds: float, inflight: int, loop: str) -> dict[str, Any]:
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
         "inflight": inflight,
         "event_loop": event_loop.running_loop_name(),
+        # CPU per write: the leader's event-loop thread, its whole process (gRPC's and the log's
+        # threads too), and both followers together. Steadier than ops/s on a shared host.
+        "cpu_us_per_op": {
+            name: round((after - before) / max(done, 1) * 1e6, 2)
+            for name, before, after in zip(
+                ("leader_loop", "leader_process", "followers"), cpu_before, cpu_after, strict=True
+            )
+        },
     }
 
 

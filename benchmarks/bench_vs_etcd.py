@@ -66,6 +66,7 @@ from dengine.devcluster import free_ports, write_configs
 from dengine.event_loop import EVENT_LOOPS
 from dengine.grpc_tuning import recommended_experiments
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
+from proc_cpu import cpu_seconds
 
 PROTO = Path(__file__).resolve().parent / "etcd_kv.proto"
 VALUE = bytes(random.Random(256).getrandbits(8) for _ in range(256))
@@ -317,12 +318,7 @@ class Servers:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the servers so far (Linux; 0 elsewhere)."""
-        total = 0
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for _, proc in self.procs:
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-        return total / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(proc.pid for _, proc in self.procs)
 
     def stop(self) -> None:
         for _, proc in self.procs:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dengine import kv
-from dengine._core import Entry
+from dengine._core import Entry, EntryBatch, encode_entries
 from dengine.raft import payload
 from dengine.raft.sessions import Applied, Outcome, SessionTable, apply_entries, apply_entry
 
@@ -144,6 +144,12 @@ def test_one_client_pins_at_most_max_results_results_lowest_dropped_first() -> N
     assert [q for q, *_ in table.items()[0][3]] == [5, 6, 8]
 
 
+def framed_as_read(entries: list[Entry]) -> EntryBatch:
+    """``entries`` as a node's apply loop gets them from its log: framed records, applied
+    without an object per entry."""
+    return EntryBatch.from_bytes(encode_entries(entries))
+
+
 def test_applying_a_batch_matches_applying_entry_by_entry() -> None:
     """apply_entries' inline path must leave the same table and state and give the same answers
     as apply_entry, whatever the batch boundaries, for every kind of entry."""
@@ -166,16 +172,20 @@ def test_applying_a_batch_matches_applying_entry_by_entry() -> None:
     expected = [apply_entry(e, one_table, one_sm.run) for e in log]
     wanted = {(a.client_id, a.sequence) for a in expected if a.client_id and a.index % 3 == 0}
 
-    batch_sm, batch_table = Counter(), SessionTable(**small)
-    answered: list[Applied] = []
-    i = 0
-    while i < len(log):
-        size = rng.randint(1, 200)
-        answered += apply_entries(log[i : i + size], batch_table, batch_sm.run, wanted)
-        i += size
-    assert batch_table.items() == one_table.items() and batch_sm.n == one_sm.n
-    assert answered == [a for a in expected if a.client_id and (a.client_id, a.sequence) in wanted]
-    assert {a.outcome for a in answered} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
+    for framed in (False, True):  # entries as objects, or as the log's framed records
+        batch_sm, batch_table = Counter(), SessionTable(**small)
+        answered: list[Applied] = []
+        i = 0
+        while i < len(log):
+            size = rng.randint(1, 200)
+            part = log[i : i + size]
+            answered += apply_entries(
+                framed_as_read(part) if framed else part, batch_table, batch_sm.run, wanted
+            )
+            i += size
+        assert batch_table.items() == one_table.items() and batch_sm.n == one_sm.n
+        assert answered == [a for a in expected if a.client_id and (a.client_id, a.sequence) in wanted]
+        assert {a.outcome for a in answered} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
 
 
 def test_the_builtin_store_answers_alike_through_every_path() -> None:
@@ -198,19 +208,21 @@ def test_the_builtin_store_answers_alike_through_every_path() -> None:
         log.append(entry(index, client, seq, command, first_outstanding=rng.randint(0, seq)))
     wanted = {(c, q) for c in range(1, 6) for q in range(1, 31) if (c + q) % 2}
 
-    def run(native: bool, batched: bool) -> tuple[bytes, object, list[Applied]]:
+    def run(native: bool, batched: bool, framed: bool = False) -> tuple[bytes, object, list[Applied]]:
         sm, table = kv.KVStateMachine(), SessionTable(max_results=6)
         answers: list[Applied] = []
         size = rng.randint(1, 300) if batched else 1
         for i in range(0, len(log), size):
             target = sm.native_target() if native else None
-            answers += apply_entries(log[i : i + size], table, target or sm.apply, wanted)
+            part = framed_as_read(log[i : i + size]) if framed else log[i : i + size]
+            answers += apply_entries(part, table, target or sm.apply, wanted)
         sink = io.BytesIO()
         sm.snapshot(sink)
         return sink.getvalue(), table.items(), answers
 
     reference = run(native=False, batched=False)
     assert run(native=True, batched=True) == reference
+    assert run(native=True, batched=True, framed=True) == reference
     assert run(native=False, batched=True) == reference
     assert {a.outcome for a in reference[2]} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
     assert any(a.error for a in reference[2]) and any(a.result for a in reference[2])

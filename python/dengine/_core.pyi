@@ -367,7 +367,7 @@ class SessionTable:
     ) -> None: ...
     def apply_batch(
         self,
-        entries: list[Entry],
+        entries: list[Entry] | EntryBatch,
         start: int,
         run: Callable[[int, bytes], object] | KvStore,
         wanted: Collection[tuple[int, int]],

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +227,7 @@ class Node:
         self._read_ctx = 0
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._syncer: LogSyncer | None = None
-        self._apply_queue: asyncio.Queue[list[Entry] | SnapshotInfo] = asyncio.Queue()
+        self._apply_queue: asyncio.Queue[Sequence[Entry] | SnapshotInfo] = asyncio.Queue()
         self._announce_timer: asyncio.TimerHandle | None = None
         self._announce_for = 0  # the commit index the announce timer was armed for
         # Held while a batch is applied: a snapshot freezes the state between two batches.
@@ -900,7 +900,7 @@ class Node:
             self.snapshots.on_applied()
             self.pump()
 
-    async def _apply_chunks(self, entries: list[Entry]) -> None:
+    async def _apply_chunks(self, entries: Sequence[Entry]) -> None:
         """Applies committed entries a chunk at a time, answering each chunk's waiters before the
         next. Between chunks the loop lets the answered callers run, so the writes they make next
         are proposed while the rest is applied: answering a whole commit at once would make

@@ -496,8 +496,14 @@ class Raft:
         rd.messages, self._msgs = self._msgs, []
         if self._committed_to_hand_out():
             hi = min(self.commit, self.durable)
-            rd.committed = self.store.entries(self._apply_dispatched + 1, hi + 1, _MAX_APPLY_BYTES)
-            self._apply_dispatched = rd.committed[-1].index
+            lo = self._apply_dispatched + 1
+            if self._framed:
+                # As the log holds them: applied without an object per entry.
+                batch = self.store.entry_batch(lo, hi + 1, _MAX_APPLY_BYTES)  # type: ignore[attr-defined]
+                rd.committed, self._apply_dispatched = batch, batch.last_index
+            else:
+                rd.committed = self.store.entries(lo, hi + 1, _MAX_APPLY_BYTES)
+                self._apply_dispatched = rd.committed[-1].index
             self._applying.append(self._apply_dispatched)
         if self._pending_reads:
             rd.reads = [r for r in self._pending_reads if r.index <= self.applied]

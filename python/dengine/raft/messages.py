@@ -125,7 +125,7 @@ class Ready:
 
     messages: list[Message] = field(default_factory=list)
     sync: int | None = None
-    committed: list[Entry] = field(default_factory=list)
+    committed: Sequence[Entry] = field(default_factory=list)
     reads: list[ReadState] = field(default_factory=list)
     failed_reads: list[int] = field(default_factory=list)
     soft_state: SoftState | None = None

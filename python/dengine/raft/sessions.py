@@ -235,7 +235,7 @@ def apply_committed(
     large share of a replica's time); only entries it leaves aside, membership changes and
     damaged envelopes, take apply_entry's path here. ``run`` may be the built-in store's
     ``KvStore`` itself, which the loop then applies to without a Python call."""
-    batch = entries if type(entries) is list else list(entries)
+    batch = entries if isinstance(entries, (list, _core.EntryBatch)) else list(entries)
     raw: list[Answer] = []
     table = sessions._table
     at = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import io
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,7 +361,7 @@ class SimCluster:
             node.raft.announce_commit(up_to)
             self._drive(node)
 
-    def _apply(self, node: SimNode, entries: list[Entry]) -> None:
+    def _apply(self, node: SimNode, entries: Sequence[Entry]) -> None:
         for entry in entries:
             applied = apply_entry(entry, node.sessions, node.sm.apply)
             if self.checker:

@@ -12,6 +12,7 @@ use pyo3::exceptions::{PyException, PyKeyError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
+use crate::entry_batch::EntryBatch;
 use crate::kv::PyKvStore;
 use crate::log::Entry;
 
@@ -186,9 +187,9 @@ impl PySessionTable {
         self.inner.restore(rows);
     }
 
-    /// Applies `entries[start:]` in order, up to the first one this loop leaves to Python (a
-    /// membership change, or an envelope it does not know); returns that position, or
-    /// `len(entries)`.
+    /// Applies `entries[start:]` (a list of `Entry`, or an `EntryBatch`) in order, up to the
+    /// first one this loop leaves to Python (a membership change, or an envelope it does not
+    /// know); returns that position, or `len(entries)`.
     ///
     /// `run` is the state machine's `apply(index, command)`, or a `KvStore` to apply to directly.
     /// For each session command whose `(client, sequence)` is in `wanted`, appends
@@ -197,7 +198,7 @@ impl PySessionTable {
     fn apply_batch(
         &mut self,
         py: Python<'_>,
-        entries: &Bound<'_, PyList>,
+        entries: &Bound<'_, PyAny>,
         start: usize,
         run: &Bound<'_, PyAny>,
         wanted: &Bound<'_, PyAny>,
@@ -208,49 +209,80 @@ impl PySessionTable {
             Some(store) => Run::Native(store),
             None => Run::Python(run),
         };
+        let mut batch = Batch { table: self, run, wanted, any_wanted: wanted.len()? > 0, answered };
+        if let Ok(framed) = entries.cast::<EntryBatch>() {
+            // Framed as read from the log: each payload is used where it lies, no object built.
+            let records = &framed.get().batch;
+            for i in start..records.len() {
+                let (index, _, data) = records.get(i).expect("position below the length");
+                if !batch.apply(py, index, data)? {
+                    return Ok(i);
+                }
+            }
+            return Ok(records.len());
+        }
+        let entries = entries.cast::<PyList>()?;
         let count = entries.len();
-        let any_wanted = wanted.len()? > 0;
         for i in start..count {
             let item = entries.get_item(i)?;
             let entry = item.cast::<Entry>()?.get();
-            let data = entry.data.bind(py).as_bytes();
-            let index = entry.index;
-            match data.first() {
-                Some(&SESSION_KIND) => {
-                    let Some(h) = SessionHeader::parse(data) else { return Ok(i) };
-                    let key = (h.client, h.sequence).into_pyobject(py)?;
-                    let waited = any_wanted && wanted.contains(&key)?;
-                    match self.inner.lookup(h.client, h.sequence) {
-                        Seen::New => {
-                            let command = &data[dengine_core::sessions::SESSION_HEADER_LEN..];
-                            let stored = run_command(py, &run, index, command)?;
-                            if waited {
-                                answered.append(answer(py, &key, APPLIED, &stored, index)?)?;
-                            }
-                            self.inner.record(h.client, h.sequence, index, stored, h.first_outstanding);
-                        }
-                        Seen::Duplicate(stored) => {
-                            if waited {
-                                answered.append(answer(py, &key, DUPLICATE, stored, index)?)?;
-                            }
-                        }
-                        Seen::Stale => {
-                            if waited {
-                                let error =
-                                    format!("sequence {} was already acknowledged by its client", h.sequence);
-                                let stale = Stored { result: None, error: Some(error) };
-                                answered.append(answer(py, &key, STALE, &stale, index)?)?;
-                            }
-                        }
-                    }
-                }
-                Some(&COMMAND_KIND) => {
-                    run_command(py, &run, index, &data[1..])?;
-                }
-                Some(&NOOP_KIND) => {}
-                _ => return Ok(i),
+            if !batch.apply(py, entry.index, entry.data.bind(py).as_bytes())? {
+                return Ok(i);
             }
         }
         Ok(count)
+    }
+}
+
+/// One `apply_batch` call: the table, where commands go, and who waits for which answer.
+struct Batch<'a, 'py> {
+    table: &'a mut PySessionTable,
+    run: Run<'a, 'py>,
+    wanted: &'a Bound<'py, PyAny>,
+    any_wanted: bool,
+    answered: &'a Bound<'py, PyList>,
+}
+
+impl Batch<'_, '_> {
+    /// Applies the entry `index` with payload `data`; false for one left to Python (a
+    /// membership change, or an envelope this loop does not know).
+    fn apply(&mut self, py: Python<'_>, index: u64, data: &[u8]) -> PyResult<bool> {
+        match data.first() {
+            Some(&SESSION_KIND) => {
+                let Some(h) = SessionHeader::parse(data) else { return Ok(false) };
+                let key = (h.client, h.sequence).into_pyobject(py)?;
+                let waited = self.any_wanted && self.wanted.contains(&key)?;
+                let inner = &mut self.table.inner;
+                match inner.lookup(h.client, h.sequence) {
+                    Seen::New => {
+                        let command = &data[dengine_core::sessions::SESSION_HEADER_LEN..];
+                        let stored = run_command(py, &self.run, index, command)?;
+                        if waited {
+                            self.answered.append(answer(py, &key, APPLIED, &stored, index)?)?;
+                        }
+                        inner.record(h.client, h.sequence, index, stored, h.first_outstanding);
+                    }
+                    Seen::Duplicate(stored) => {
+                        if waited {
+                            self.answered.append(answer(py, &key, DUPLICATE, stored, index)?)?;
+                        }
+                    }
+                    Seen::Stale => {
+                        if waited {
+                            let error =
+                                format!("sequence {} was already acknowledged by its client", h.sequence);
+                            let stale = Stored { result: None, error: Some(error) };
+                            self.answered.append(answer(py, &key, STALE, &stale, index)?)?;
+                        }
+                    }
+                }
+            }
+            Some(&COMMAND_KIND) => {
+                run_command(py, &self.run, index, &data[1..])?;
+            }
+            Some(&NOOP_KIND) => {}
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }
