@@ -281,6 +281,32 @@ impl WalLogStore {
         &self.dir
     }
 
+    /// Reads `lo..hi` segment by segment through `read(segment, from, to, budget)`, until the
+    /// range ends or `read` reports the `max_bytes` budget spent.
+    fn read_range(
+        &self,
+        lo: u64,
+        hi: u64,
+        max_bytes: u64,
+        mut read: impl FnMut(&Segment, u64, u64, &mut u64) -> Result<bool>,
+    ) -> Result<()> {
+        let st = self.live()?;
+        bounds::check_range(lo, hi, st.first_index(), st.last_index())?;
+        let mut budget = max_bytes;
+        let mut at = lo;
+        let mut seg = st.segment_for(lo);
+        while at < hi {
+            let s = &st.segments[seg];
+            let stop = hi.min(s.next_index());
+            if !read(s, at, stop, &mut budget)? {
+                break;
+            }
+            at = stop;
+            seg += 1;
+        }
+        Ok(())
+    }
+
     fn live(&self) -> Result<MutexGuard<'_, State>> {
         let st = lock(&self.state);
         if st.closed {
@@ -320,40 +346,16 @@ impl LogStore for WalLogStore {
     }
 
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>> {
-        let st = self.live()?;
-        bounds::check_range(lo, hi, st.first_index(), st.last_index())?;
         let mut out = Vec::new();
-        let mut budget = max_bytes;
-        let mut at = lo;
-        let mut seg = st.segment_for(lo);
-        while at < hi {
-            let s = &st.segments[seg];
-            let stop = hi.min(s.next_index());
-            if !s.read(at, stop, &mut budget, &mut out)? {
-                break;
-            }
-            at = stop;
-            seg += 1;
-        }
+        self.read_range(lo, hi, max_bytes, |seg, at, stop, budget| seg.read(at, stop, budget, &mut out))?;
         Ok(out)
     }
 
     fn entry_batch(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<EncodedBatch> {
-        let st = self.live()?;
-        bounds::check_range(lo, hi, st.first_index(), st.last_index())?;
         let mut out = EncodedBatch::new();
-        let mut budget = max_bytes;
-        let mut at = lo;
-        let mut seg = st.segment_for(lo);
-        while at < hi {
-            let s = &st.segments[seg];
-            let stop = hi.min(s.next_index());
-            if !s.read_framed(at, stop, &mut budget, &mut out)? {
-                break;
-            }
-            at = stop;
-            seg += 1;
-        }
+        self.read_range(lo, hi, max_bytes, |seg, at, stop, budget| {
+            seg.read_framed(at, stop, budget, &mut out)
+        })?;
         Ok(out)
     }
 
