@@ -105,11 +105,17 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     async def _outgoing(self, q: asyncio.Queue[raft_pb2.RaftMessage]) -> AsyncIterator[raft_pb2.RaftBatch]:
         while True:
-            batch = [await q.get()]
+            first = await q.get()
+            batch = raft_pb2.RaftBatch()
+            # Each message goes in through add().CopyFrom: building the batch from a list of
+            # messages (or appending one) copies a message that carries a large append far more
+            # slowly, 100-250 us for 160 KB of entries against 4 us.
+            add = batch.messages.add
+            add().CopyFrom(first)
             # Whatever else queued up while the previous write was in flight rides along.
-            while not q.empty() and len(batch) < _MAX_BATCH_MESSAGES:
-                batch.append(q.get_nowait())
-            yield raft_pb2.RaftBatch(messages=batch)
+            while not q.empty() and len(batch.messages) < _MAX_BATCH_MESSAGES:
+                add().CopyFrom(q.get_nowait())
+            yield batch
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """A new channel to ``address`` with this node's credentials and limits."""
