@@ -561,9 +561,12 @@ class Node:
         key = (client, seq)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         # The envelope of session_command, packed directly: this node's ids are valid by construction.
-        self._enqueue(
-            key, _SESSION_HEAD.pack(_SESSION_KIND, client, seq, low) + command, fut, time.monotonic()
-        )
+        payload = _SESSION_HEAD.pack(_SESSION_KIND, client, seq, low) + command
+        # _enqueue inlined (this runs for every embedded write): a new sequence has no waiter yet.
+        waiters[key] = Proposal(payload, time.monotonic(), fut)
+        self._pending.append(payload)
+        if not self._flush_scheduled:
+            self._schedule_flush()
         return fut, key
 
     def submit_session(
@@ -608,13 +611,17 @@ class Node:
             proposal.resent = True
         self._pending.append(payload)
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop = asyncio.get_running_loop()
-            linger = self.config.raft.propose_linger_ms / 1000
-            if linger > 0:
-                loop.call_later(linger, self._flush)
-            else:
-                loop.call_soon(self._flush)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Appends what is pending at the end of this loop turn (or after ``raft.propose_linger_ms``)."""
+        self._flush_scheduled = True
+        loop = asyncio.get_running_loop()
+        linger = self.config.raft.propose_linger_ms / 1000
+        if linger > 0:
+            loop.call_later(linger, self._flush)
+        else:
+            loop.call_soon(self._flush)
 
     def _forget(self, fut: Waiter, key: tuple[int, int]) -> None:
         """A waiter gave up: once nobody waits on its proposal, the bookkeeping goes (the entry
