@@ -928,7 +928,6 @@ class Raft:
                     and fresh.first_index == pr.next
                     and fresh.last_index == hi - 1
                     and fresh.framed_bytes <= self.cfg.max_batch_bytes
-                    and self.role is Role.LEADER
                 ):
                     # What this leader appended last: nothing can have replaced it in the log
                     # since (a leader only appends, and every role change forgets it).

@@ -80,10 +80,11 @@ def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Col
         if getattr(w, name) > _MAX_U63:
             raise WireError(f"{name} {getattr(w, name)} is out of range")
     entries: Sequence[Entry] = ()
-    if w.entries:
+    framed = w.entries  # read once: every read of a protobuf bytes field copies it
+    if framed:
         # Kept framed: the follower appends the records as they came, without an object each.
         try:
-            entries = batch = EntryBatch.from_bytes(w.entries)
+            entries = batch = EntryBatch.from_bytes(framed)
         except ValueError as exc:
             raise WireError(f"damaged entries: {exc}") from None
         if kind is MsgType.APP and batch.first_index != w.index + 1:
