@@ -25,6 +25,7 @@ __all__ = [
     "LogIndexError",
     "LogStoreBase",
     "MemoryLogStore",
+    "NativeApplier",
     "SessionTable",
     "SnapshotAssembler",
     "SnapshotChunk",
@@ -373,3 +374,20 @@ class SessionTable:
         wanted: Collection[tuple[int, int]],
         answered: list[tuple[tuple[int, int], int, bytes | None, str | None, int]],
     ) -> int: ...
+
+@final
+class NativeApplier:
+    """Applies committed batches to a KvStore through a SessionTable on a thread of its own
+    (POSIX only)."""
+
+    def __new__(cls, store: KvStore, table: SessionTable) -> Self: ...
+    def fileno(self) -> int: ...
+    def submit(self, entries: EntryBatch, start: int, collect: bool) -> None: ...
+    @property
+    def busy(self) -> bool: ...
+    def take(
+        self,
+        wanted: Collection[tuple[int, int]],
+        answered: list[tuple[tuple[int, int], int, bytes | None, str | None, int]],
+    ) -> int | None: ...
+    def close(self) -> None: ...

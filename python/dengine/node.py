@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 
-from dengine._core import Entry
+from dengine import _core, apply_thread
+from dengine._core import Entry, EntryBatch
 from dengine.cluster_service import ClusterService
 from dengine.errors import (
     ApplyError,
@@ -227,6 +228,8 @@ class Node:
         self._read_ctx = 0
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._syncer: LogSyncer | None = None
+        # The built-in store's apply thread, made on first use; False where there can be none.
+        self._apply_thread: apply_thread.ApplyThread | Literal[False] | None = None
         self._apply_queue: asyncio.Queue[Sequence[Entry] | SnapshotInfo] = asyncio.Queue()
         self._announce_timer: asyncio.TimerHandle | None = None
         self._announce_for = 0  # the commit index the announce timer was armed for
@@ -447,6 +450,8 @@ class Node:
         steps: list[Callable[[], Awaitable[object]]] = [self.snapshots.stop]
         if self._syncer is not None:
             steps.append(self._syncer.close)
+        if self._apply_thread:
+            steps.append(self._close_apply_thread)
         steps += [self.transport.close, lambda: server.stop(grace=0.2)]
         if self._metrics_server is not None:
             steps.append(self._metrics_server.close)
@@ -916,16 +921,36 @@ class Node:
         entries, which the leader's commits wait for, do not queue behind a whole commit."""
         raft = self.raft
         assert raft is not None
-        target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
-        run = self.sm.apply if target is None else target
         for start in range(0, len(entries), APPLY_CHUNK):
             chunk = entries[start : start + APPLY_CHUNK]
-            answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
+            # Asked again for every chunk: a watch may have subscribed meanwhile.
+            target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
+            thread = self._thread_for(chunk, target)
+            if thread is not None:
+                answered = await thread.apply(chunk, self._waiters)  # type: ignore[arg-type]
+            else:
+                run = self.sm.apply if target is None else target
+                answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
             if answered:
                 self._answer_applied(answered)
             if start + APPLY_CHUNK < len(entries):
                 raft.applied_to(chunk[-1].index)
                 await asyncio.sleep(0)
+
+    def _thread_for(self, chunk: Sequence[Entry], target: object) -> apply_thread.ApplyThread | None:
+        """The apply thread, if ``chunk`` should go to it: a large framed batch for the built-in
+        store (``target``); see :mod:`dengine.apply_thread`."""
+        if not isinstance(target, _core.KvStore) or not isinstance(chunk, EntryBatch):
+            return None
+        if len(chunk) < apply_thread.MIN_ENTRIES or self._apply_thread is False:
+            return None
+        if self._apply_thread is None:
+            self._apply_thread = apply_thread.ApplyThread.start(target, self.sessions) or False
+        return self._apply_thread or None
+
+    async def _close_apply_thread(self) -> None:
+        if self._apply_thread:
+            self._apply_thread.close()
 
     async def _install(self, info: SnapshotInfo) -> None:
         try:

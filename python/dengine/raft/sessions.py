@@ -77,6 +77,10 @@ class SessionTable:
     ) -> None:
         self._table = _core.SessionTable(max_clients, expire_after, max_results)  # checks the limits
 
+    def native_table(self) -> _core.SessionTable:
+        """The Rust table itself, for the node's apply thread (``dengine.apply_thread``)."""
+        return self._table
+
     @property
     def max_clients(self) -> int:
         return self._table.max_clients

@@ -7,7 +7,8 @@
 //! into its frozen dataclasses. Building snapshot pieces and validating snapshot bytes run with
 //! the GIL released.
 
-use dengine_core::kv::store::IndexNotAfter;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use dengine_core::kv::{Command, Event, KvStore, Record, SnapshotPieces, SnapshotReader};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -88,24 +89,33 @@ fn parse_kv_command<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, Py
 }
 
 /// The replicated KV store: keys in byte order, etcd-style revisions, a bounded watch history.
-/// One thread applies; frozen snapshot views may be written on others.
-#[pyclass(name = "KvStore", module = "dengine._core")]
+/// One thread applies at a time; frozen snapshot views may be written on others.
+///
+/// The store sits behind a lock shared with the node's apply thread (`NativeApplier`), which
+/// applies batches to it without the GIL. The lock is never held while taking the GIL, so a
+/// call from Python made during such a batch waits for the batch, and nothing can deadlock.
+#[pyclass(frozen, name = "KvStore", module = "dengine._core")]
 pub struct PyKvStore {
-    inner: KvStore,
+    inner: Arc<Mutex<KvStore>>,
 }
 
 impl PyKvStore {
-    /// Applies a command for the session loop; the error is `apply`'s `ValueError` message.
-    pub fn apply_bytes(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
-        self.inner.apply(index, command).map_err(index_error)
+    /// The store, locked.
+    pub fn lock(&self) -> MutexGuard<'_, KvStore> {
+        lock(&self.inner)
+    }
+
+    /// The store, for a thread that applies to it.
+    pub fn shared(&self) -> Arc<Mutex<KvStore>> {
+        Arc::clone(&self.inner)
     }
 }
 
-fn index_error(IndexNotAfter { index, last_applied }: IndexNotAfter) -> String {
-    format!(
-        "index {index} is not after last_applied {last_applied}: \
-         entries must be applied once each, in increasing index order"
-    )
+/// Locks a store or table shared with the apply thread. A panic there left it mid-batch, but
+/// the thread then stops and the node with it (`NativeApplier.take` raises): what remains is
+/// only read, for diagnosis.
+pub fn lock<T>(shared: &Mutex<T>) -> MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[pymethods]
@@ -113,53 +123,54 @@ impl PyKvStore {
     #[new]
     #[pyo3(signature = (history), text_signature = "(history)")]
     fn new(history: usize) -> Self {
-        Self { inner: KvStore::new(history) }
+        Self { inner: Arc::new(Mutex::new(KvStore::new(history))) }
     }
 
     /// The number of state-changing commands applied so far.
     #[getter]
     fn revision(&self) -> u64 {
-        self.inner.revision()
+        self.lock().revision()
     }
 
     /// The log index of the last applied command (0 if none).
     #[getter]
     fn last_applied(&self) -> u64 {
-        self.inner.last_applied()
+        self.lock().last_applied()
     }
 
     /// Events after this revision are retained; older ones were dropped.
     #[getter]
     fn compacted_revision(&self) -> u64 {
-        self.inner.compacted_revision()
+        self.lock().compacted_revision()
     }
 
     /// How many times a snapshot replaced the state.
     #[getter]
     fn restores(&self) -> u64 {
-        self.inner.restores()
+        self.lock().restores()
     }
 
     fn __len__(&self) -> usize {
-        self.inner.len()
+        self.lock().len()
     }
 
     fn __contains__(&self, key: &[u8]) -> bool {
-        self.inner.get(key).is_some()
+        self.lock().get(key).is_some()
     }
 
     /// Applies the committed `command` at log `index`; returns the encoded result. Raises
     /// `ValueError`, changing nothing, if `index` is not above `last_applied`.
-    fn apply<'py>(&mut self, py: Python<'py>, index: u64, command: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        match self.inner.apply(index, command) {
+    fn apply<'py>(&self, py: Python<'py>, index: u64, command: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let applied = self.lock().apply(index, command);
+        match applied {
             Ok(result) => Ok(PyBytes::new(py, &result)),
-            Err(err) => Err(PyValueError::new_err(index_error(err))),
+            Err(refused) => Err(PyValueError::new_err(refused.to_string())),
         }
     }
 
     /// `(value, create_revision, mod_revision, version)` of `key`, or None.
     fn get<'py>(&self, py: Python<'py>, key: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        self.inner.get(key).map(|r| record(py, r)).transpose()
+        self.lock().get(key).map(|r| record(py, r)).transpose()
     }
 
     /// `[(key, value, create_revision, mod_revision, version)]` of the keys starting with
@@ -172,7 +183,7 @@ impl PyKvStore {
         limit: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
         let items = self
-            .inner
+            .lock()
             .range(prefix, limit)
             .iter()
             .map(|(k, r)| {
@@ -191,13 +202,14 @@ impl PyKvStore {
 
     /// The events of the latest `apply`, in order.
     fn latest_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        events(py, self.inner.latest_events())
+        events(py, self.lock().latest_events())
     }
 
     /// The retained events with a revision above `revision`, oldest first. Raises `ValueError`
     /// if some were dropped (check `compacted_revision` first).
     fn events_since<'py>(&self, py: Python<'py>, revision: u64) -> PyResult<Bound<'py, PyList>> {
-        match self.inner.events_since(revision) {
+        let since = self.lock().events_since(revision);
+        match since {
             Ok(list) => events(py, &list),
             Err(compacted) => Err(PyValueError::new_err(format!(
                 "revision {revision} is compacted (history starts after {compacted})"
@@ -207,17 +219,17 @@ impl PyKvStore {
 
     /// Freezes the store as it is now, for writing as a snapshot while applies go on. O(1).
     fn freeze(&self) -> PyKvSnapshotPieces {
-        PyKvSnapshotPieces { inner: SnapshotPieces::new(&self.inner) }
+        PyKvSnapshotPieces { inner: SnapshotPieces::new(&self.lock()) }
     }
 
     /// Replaces the state with the snapshot `reader` validated. Raises `KVSnapshotError`,
     /// changing nothing, if the snapshot was not whole; the reader cannot be used again.
-    fn install(&mut self, reader: &mut PyKvSnapshotReader) -> PyResult<()> {
+    fn install(&self, reader: &mut PyKvSnapshotReader) -> PyResult<()> {
         let Some(inner) = reader.inner.take() else {
             return Err(PyValueError::new_err("this snapshot reader was already finished"));
         };
         let restored = inner.finish().map_err(crate::errors::to_py)?;
-        self.inner.install(restored);
+        self.lock().install(restored);
         Ok(())
     }
 }

@@ -3,6 +3,8 @@
 //! Nothing here decides behaviour; each file converts arguments, releases the GIL through
 //! [`gil::detach`] around anything slow, and maps errors through [`errors::to_py`].
 
+#[cfg(unix)]
+mod applier;
 mod entry_batch;
 mod errors;
 mod gil;
@@ -30,6 +32,8 @@ mod _core {
         crate::snapshot::register(m)?;
         #[cfg(unix)]
         crate::syncer::register(m)?;
+        #[cfg(unix)]
+        crate::applier::register(m)?;
         Ok(())
     }
 }

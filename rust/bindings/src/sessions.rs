@@ -7,13 +7,16 @@
 //! Python callable, or the built-in `KvStore` directly, with no Python call at all), records the
 //! outcome and answers the proposals someone waits for.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dengine_core::apply::{self, Answer, Outcome, COMMAND_KIND, NOOP_KIND};
 use dengine_core::sessions::{Seen, SessionHeader, SessionTable, Stored, SESSION_KIND};
 use pyo3::exceptions::{PyException, PyKeyError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use crate::entry_batch::EntryBatch;
-use crate::kv::PyKvStore;
+use crate::kv::{lock, PyKvStore};
 use crate::log::Entry;
 
 /// Adds the session table to the module.
@@ -22,31 +25,15 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// Outcome codes of `apply_batch`'s answers, mirrored by `dengine.raft.sessions.Outcome`.
-const APPLIED: u8 = 0;
-const DUPLICATE: u8 = 1;
-const STALE: u8 = 2;
-
-const NOOP_KIND: u8 = 0;
-const COMMAND_KIND: u8 = 1;
-
 // Results arrive as bytes objects: read as slices, since extracting a `Vec<u8>` would walk
 // them as a sequence, one object per byte.
 type Row<'py> = (u64, u64, u64, Vec<(u64, Option<Bound<'py, PyBytes>>, Option<String>)>);
 
-/// Runs one command; a Python exception (not a BaseException such as KeyboardInterrupt) becomes
-/// the command's recorded error, as `TypeName: message`, the same on every replica.
-fn run_command(py: Python<'_>, run: &Run<'_, '_>, index: u64, command: &[u8]) -> PyResult<Stored> {
-    let outcome = match run {
-        Run::Native(store) => match store.borrow_mut().apply_bytes(index, command) {
-            Ok(result) => return Ok(Stored { result: Some(result), error: None }),
-            Err(message) => {
-                return Ok(Stored { result: None, error: Some(format!("ValueError: {message}")) })
-            }
-        },
-        Run::Python(callable) => callable.call1((index, PyBytes::new(py, command))),
-    };
-    let failed = match outcome {
+/// Runs one command through a Python `apply(index, command)`; an exception (not a
+/// BaseException such as KeyboardInterrupt) becomes the command's recorded error, as
+/// `TypeName: message`, the same on every replica.
+fn run_python(py: Python<'_>, run: &Bound<'_, PyAny>, index: u64, command: &[u8]) -> PyResult<Stored> {
+    let failed = match run.call1((index, PyBytes::new(py, command))) {
         Ok(value) if value.is_none() => return Ok(Stored::default()),
         Ok(value) => match value.cast::<PyBytes>() {
             Ok(bytes) => return Ok(Stored { result: Some(bytes.as_bytes().to_vec()), error: None }),
@@ -61,28 +48,54 @@ fn run_command(py: Python<'_>, run: &Run<'_, '_>, index: u64, command: &[u8]) ->
     Ok(Stored { result: None, error: Some(failed) })
 }
 
-enum Run<'a, 'py> {
-    Native(&'a Bound<'py, PyKvStore>),
-    Python(&'a Bound<'py, PyAny>),
+/// `((client, sequence), outcome, result, error, index)`, what `apply_batch` hands Python.
+fn answer_tuple<'py>(py: Python<'py>, a: &Answer) -> PyResult<Bound<'py, PyTuple>> {
+    let result = a.stored.result.as_ref().map(|r| PyBytes::new(py, r));
+    ((a.client, a.sequence), a.outcome as u8, result, a.stored.error.as_deref(), a.index).into_pyobject(py)
 }
 
-/// `(key, outcome, result, error, index)`: the key is the `(client, sequence)` tuple already
-/// built to look the entry up in `wanted`, so the caller can use it again as it is.
-fn answer<'py>(
-    py: Python<'py>,
-    key: &Bound<'py, PyTuple>,
-    outcome: u8,
-    stored: &Stored,
-    index: u64,
-) -> PyResult<Bound<'py, PyTuple>> {
-    let result = stored.result.as_ref().map(|r| PyBytes::new(py, r));
-    (key, outcome, result, stored.error.as_deref(), index).into_pyobject(py)
+/// Appends the answers someone waits for to the Python list `answered`.
+pub fn hand_over(py: Python<'_>, answers: &[Answer], answered: &Bound<'_, PyList>) -> PyResult<()> {
+    for a in answers {
+        answered.append(answer_tuple(py, a)?)?;
+    }
+    Ok(())
 }
 
-/// Per-client results of recently applied sequences (see `dengine.raft.sessions.SessionTable`).
-#[pyclass(name = "SessionTable", module = "dengine._core")]
+/// Whether `(client, sequence)` is in the Python collection `wanted`; an error is kept for the
+/// caller to raise, since the apply loop cannot stop halfway through an entry.
+fn waited(
+    py: Python<'_>,
+    wanted: &Bound<'_, PyAny>,
+    client: u64,
+    sequence: u64,
+    failure: &mut Option<PyErr>,
+) -> bool {
+    match (client, sequence).into_pyobject(py).and_then(|key| wanted.contains(key)) {
+        Ok(found) => found,
+        Err(err) => {
+            failure.get_or_insert(err);
+            false
+        }
+    }
+}
+
+/// The exactly-once session table. It sits behind a lock shared with the node's apply thread
+/// (`NativeApplier`); see `KvStore`.
+#[pyclass(frozen, name = "SessionTable", module = "dengine._core")]
 pub struct PySessionTable {
-    inner: SessionTable,
+    inner: Arc<Mutex<SessionTable>>,
+}
+
+impl PySessionTable {
+    fn lock(&self) -> MutexGuard<'_, SessionTable> {
+        lock(&self.inner)
+    }
+
+    /// The table, for a thread that applies through it.
+    pub fn shared(&self) -> Arc<Mutex<SessionTable>> {
+        Arc::clone(&self.inner)
+    }
 }
 
 #[pymethods]
@@ -92,34 +105,34 @@ impl PySessionTable {
     fn new(max_clients: usize, expire_after: u64, max_results: usize) -> PyResult<Self> {
         let inner =
             SessionTable::new(max_clients, expire_after, max_results).map_err(crate::errors::to_py)?;
-        Ok(Self { inner })
+        Ok(Self { inner: Arc::new(Mutex::new(inner)) })
     }
 
     #[getter]
     fn max_clients(&self) -> usize {
-        self.inner.max_clients()
+        self.lock().max_clients()
     }
 
     #[getter]
     fn expire_after(&self) -> u64 {
-        self.inner.expire_after()
+        self.lock().expire_after()
     }
 
     #[getter]
     fn max_results(&self) -> usize {
-        self.inner.max_results()
+        self.lock().max_results()
     }
 
     fn __len__(&self) -> usize {
-        self.inner.len()
+        self.lock().len()
     }
 
     /// 0: never applied nor refused; 1: applied before (a duplicate); 2: stale.
     fn lookup(&self, client: u64, sequence: u64) -> u8 {
-        match self.inner.lookup(client, sequence) {
+        match self.lock().lookup(client, sequence) {
             Seen::New => 0,
-            Seen::Duplicate(_) => DUPLICATE,
-            Seen::Stale => STALE,
+            Seen::Duplicate(_) => Outcome::Duplicate as u8,
+            Seen::Stale => Outcome::Stale as u8,
         }
     }
 
@@ -130,7 +143,7 @@ impl PySessionTable {
         client: u64,
         sequence: u64,
     ) -> PyResult<(Option<Bound<'py, PyBytes>>, Option<String>)> {
-        match self.inner.lookup(client, sequence) {
+        match self.lock().lookup(client, sequence) {
             Seen::Duplicate(stored) => {
                 Ok((stored.result.as_ref().map(|r| PyBytes::new(py, r)), stored.error.clone()))
             }
@@ -141,7 +154,7 @@ impl PySessionTable {
     /// Remembers the outcome of `sequence`, applied at log `index`, and applies the limits.
     #[pyo3(signature = (client, sequence, index, result, error, first_outstanding = 0))]
     fn record(
-        &mut self,
+        &self,
         client: u64,
         sequence: u64,
         index: u64,
@@ -150,14 +163,13 @@ impl PySessionTable {
         first_outstanding: u64,
     ) {
         let result = result.map(<[u8]>::to_vec);
-        self.inner.record(client, sequence, index, Stored { result, error }, first_outstanding);
+        self.lock().record(client, sequence, index, Stored { result, error }, first_outstanding);
     }
 
     /// `[(client, acked below, last index, [(sequence, result, error)])]`, most idle first.
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let rows = self
-            .inner
-            .rows()
+        let rows = self.lock().rows();
+        let rows = rows
             .into_iter()
             .map(|(client, acked_below, last_index, results)| {
                 let results = results
@@ -171,7 +183,7 @@ impl PySessionTable {
     }
 
     /// Replaces the whole table with rows as `items` gives them.
-    fn restore(&mut self, rows: Vec<Row<'_>>) {
+    fn restore(&self, rows: Vec<Row<'_>>) {
         let rows = rows
             .into_iter()
             .map(|(client, acked_below, last_index, results)| {
@@ -184,7 +196,7 @@ impl PySessionTable {
                 (client, acked_below, last_index, results)
             })
             .collect();
-        self.inner.restore(rows);
+        self.lock().restore(rows);
     }
 
     /// Applies `entries[start:]` (a list of `Entry`, or an `EntryBatch`) in order, up to the
@@ -196,7 +208,7 @@ impl PySessionTable {
     /// `((client, sequence), outcome, result, error, index)` to `answered` (outcome 0 applied,
     /// 1 duplicate, 2 stale).
     fn apply_batch(
-        &mut self,
+        &self,
         py: Python<'_>,
         entries: &Bound<'_, PyAny>,
         start: usize,
@@ -204,85 +216,110 @@ impl PySessionTable {
         wanted: &Bound<'_, PyAny>,
         answered: &Bound<'_, PyList>,
     ) -> PyResult<usize> {
-        let native = run.cast::<PyKvStore>().ok();
-        let run = match &native {
-            Some(store) => Run::Native(store),
-            None => Run::Python(run),
-        };
-        let mut batch = Batch { table: self, run, wanted, any_wanted: wanted.len()? > 0, answered };
-        if let Ok(framed) = entries.cast::<EntryBatch>() {
-            // Framed as read from the log: each payload is used where it lies, no object built.
-            let records = &framed.get().batch;
-            for i in start..records.len() {
-                let (index, _, data) = records.get(i).expect("position below the length");
-                if !batch.apply(py, index, data)? {
-                    return Ok(i);
-                }
+        let payloads = Payloads::of(py, entries)?;
+        let count = payloads.len();
+        if let Ok(store) = run.cast::<PyKvStore>() {
+            let any_wanted = wanted.len()? > 0;
+            let mut failure = None;
+            let mut answers = Vec::new();
+            let stopped = {
+                let (mut table, mut store) = (self.lock(), store.get().lock());
+                let wants =
+                    |client, sequence| any_wanted && waited(py, wanted, client, sequence, &mut failure);
+                apply::apply_entries(&mut table, &mut store, payloads.from(start), wants, &mut answers)
+            };
+            hand_over(py, &answers, answered)?;
+            if let Some(err) = failure {
+                return Err(err);
             }
-            return Ok(records.len());
+            return Ok(stopped.map_or(count, |at| start + at));
         }
-        let entries = entries.cast::<PyList>()?;
-        let count = entries.len();
+        let any_wanted = wanted.len()? > 0;
         for i in start..count {
-            let item = entries.get_item(i)?;
-            let entry = item.cast::<Entry>()?.get();
-            if !batch.apply(py, entry.index, entry.data.bind(py).as_bytes())? {
-                return Ok(i);
+            let (index, data) = payloads.get(i);
+            // The table is locked per step, never across the Python call: a state machine that
+            // reads the table would otherwise wait for itself.
+            match data.first() {
+                Some(&SESSION_KIND) => {
+                    let Some(h) = SessionHeader::parse(data) else { return Ok(i) };
+                    let waits = any_wanted && wanted.contains((h.client, h.sequence))?;
+                    let seen = match self.lock().lookup(h.client, h.sequence) {
+                        Seen::New => None,
+                        Seen::Duplicate(stored) => Some((Outcome::Duplicate, stored.clone())),
+                        Seen::Stale => Some((
+                            Outcome::Stale,
+                            Stored { result: None, error: Some(apply::stale_error(h.sequence)) },
+                        )),
+                    };
+                    let (outcome, stored) = match seen {
+                        Some(seen) => seen,
+                        None => {
+                            let command = &data[dengine_core::sessions::SESSION_HEADER_LEN..];
+                            (Outcome::Applied, run_python(py, run, index, command)?)
+                        }
+                    };
+                    if waits {
+                        let a = Answer { client: h.client, sequence: h.sequence, outcome, stored, index };
+                        answered.append(answer_tuple(py, &a)?)?;
+                        if outcome == Outcome::Applied {
+                            self.lock().record(h.client, h.sequence, index, a.stored, h.first_outstanding);
+                        }
+                    } else if outcome == Outcome::Applied {
+                        self.lock().record(h.client, h.sequence, index, stored, h.first_outstanding);
+                    }
+                }
+                Some(&COMMAND_KIND) => {
+                    run_python(py, run, index, &data[1..])?;
+                }
+                Some(&NOOP_KIND) => {}
+                _ => return Ok(i),
             }
         }
         Ok(count)
     }
 }
 
-/// One `apply_batch` call: the table, where commands go, and who waits for which answer.
-struct Batch<'a, 'py> {
-    table: &'a mut PySessionTable,
-    run: Run<'a, 'py>,
-    wanted: &'a Bound<'py, PyAny>,
-    any_wanted: bool,
-    answered: &'a Bound<'py, PyList>,
+/// The payloads of a batch, read where they lie: in an `EntryBatch`'s framed records, or in a
+/// list of `Entry` objects.
+pub enum Payloads<'a, 'py> {
+    /// An `EntryBatch`, framed as read from the log.
+    Framed(&'a EntryBatch),
+    /// A list of `Entry`, with each entry's payload borrowed once read.
+    Listed(Vec<(u64, Bound<'py, PyBytes>)>),
 }
 
-impl Batch<'_, '_> {
-    /// Applies the entry `index` with payload `data`; false for one left to Python (a
-    /// membership change, or an envelope this loop does not know).
-    fn apply(&mut self, py: Python<'_>, index: u64, data: &[u8]) -> PyResult<bool> {
-        match data.first() {
-            Some(&SESSION_KIND) => {
-                let Some(h) = SessionHeader::parse(data) else { return Ok(false) };
-                let key = (h.client, h.sequence).into_pyobject(py)?;
-                let waited = self.any_wanted && self.wanted.contains(&key)?;
-                let inner = &mut self.table.inner;
-                match inner.lookup(h.client, h.sequence) {
-                    Seen::New => {
-                        let command = &data[dengine_core::sessions::SESSION_HEADER_LEN..];
-                        let stored = run_command(py, &self.run, index, command)?;
-                        if waited {
-                            self.answered.append(answer(py, &key, APPLIED, &stored, index)?)?;
-                        }
-                        inner.record(h.client, h.sequence, index, stored, h.first_outstanding);
-                    }
-                    Seen::Duplicate(stored) => {
-                        if waited {
-                            self.answered.append(answer(py, &key, DUPLICATE, stored, index)?)?;
-                        }
-                    }
-                    Seen::Stale => {
-                        if waited {
-                            let error =
-                                format!("sequence {} was already acknowledged by its client", h.sequence);
-                            let stale = Stored { result: None, error: Some(error) };
-                            self.answered.append(answer(py, &key, STALE, &stale, index)?)?;
-                        }
-                    }
-                }
-            }
-            Some(&COMMAND_KIND) => {
-                run_command(py, &self.run, index, &data[1..])?;
-            }
-            Some(&NOOP_KIND) => {}
-            _ => return Ok(false),
+impl<'a, 'py> Payloads<'a, 'py> {
+    fn of(py: Python<'py>, entries: &'a Bound<'py, PyAny>) -> PyResult<Self> {
+        if let Ok(framed) = entries.cast::<EntryBatch>() {
+            return Ok(Payloads::Framed(framed.get()));
         }
-        Ok(true)
+        let list = entries.cast::<PyList>()?;
+        let mut listed = Vec::with_capacity(list.len());
+        for item in list.iter() {
+            let entry = item.cast::<Entry>()?.get();
+            listed.push((entry.index, entry.data.bind(py).clone()));
+        }
+        Ok(Payloads::Listed(listed))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Payloads::Framed(batch) => batch.batch.len(),
+            Payloads::Listed(listed) => listed.len(),
+        }
+    }
+
+    fn get(&self, position: usize) -> (u64, &[u8]) {
+        match self {
+            Payloads::Framed(batch) => {
+                let (index, _, data) = batch.batch.get(position).expect("position below the length");
+                (index, data)
+            }
+            Payloads::Listed(listed) => (listed[position].0, listed[position].1.as_bytes()),
+        }
+    }
+
+    fn from(&self, start: usize) -> impl Iterator<Item = (u64, &[u8])> + use<'_, 'a, 'py> {
+        (start..self.len()).map(move |i| self.get(i))
     }
 }

@@ -1,7 +1,7 @@
 //! dengine-core: the data-heavy parts of a dengine Raft node, in pure Rust.
 //!
 //! This crate knows nothing about Python; `rust/bindings` exposes it as `dengine._core`.
-//! It owns five things, each in its own module:
+//! It owns six things, each in its own module:
 //!
 //! - [`log`]: the durable, segmented write-ahead log that stores Raft entries and hard state,
 //!   plus an in-memory twin with identical semantics.
@@ -9,7 +9,9 @@
 //! - [`snapshot`]: splitting a snapshot file into verified chunks and reassembling it.
 //! - [`kv`]: the built-in replicated key-value store that `dengine serve` runs on every replica.
 //! - [`sessions`]: the exactly-once session table every replica applies client writes through.
+//! - [`apply`]: committed entries applied through the session table to the KV store, as one loop.
 
+pub mod apply;
 pub mod error;
 pub mod kv;
 pub mod log;

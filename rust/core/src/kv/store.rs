@@ -33,6 +33,16 @@ pub struct IndexNotAfter {
     pub last_applied: u64,
 }
 
+impl std::fmt::Display for IndexNotAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "index {} is not after last_applied {}: entries must be applied once each, in increasing index order",
+            self.index, self.last_applied
+        )
+    }
+}
+
 /// The store. Revisions work like etcd's: `revision` grows by one per command that changes
 /// state, and every key carries its create and mod revisions and its version.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,239 @@
+//! `NativeApplier`: committed batches applied to the built-in KV store through the session table
+//! on a thread of their own, without the GIL, each completion signalled to the event loop through
+//! a socket it watches (as `BackgroundSync` signals syncs).
+//!
+//! Applying is the largest single cost of a write on a busy node (walking a large ordered map
+//! misses the caches at every level); done on the event loop's thread it delays everything else
+//! the loop does. Here the loop hands over a batch, goes on with proposals, replication and
+//! answers, and only turns the batch's answers into Python objects when the thread is done.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use dengine_core::apply::{apply_entries, Answer};
+use dengine_core::kv::KvStore;
+use dengine_core::sessions::SessionTable;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::entry_batch::EntryBatch;
+use crate::kv::{lock, PyKvStore};
+use crate::sessions::{hand_over, PySessionTable};
+
+struct Job {
+    /// The caller's batch itself, read in place: a frozen class, readable without the GIL.
+    batch: Py<EntryBatch>,
+    /// The position to start at.
+    start: usize,
+    collect: bool,
+}
+
+struct Done {
+    answers: Vec<Answer>,
+    /// The position of the first entry not applied: the end, or an entry left to Python.
+    position: usize,
+}
+
+#[derive(Default)]
+struct State {
+    job: Option<Job>,
+    busy: bool,
+    done: Option<Done>,
+    failed: Option<String>,
+    /// The batch of the last job, handed back to be released where the GIL is held.
+    finished: Option<Py<EntryBatch>>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Applies committed `EntryBatch`es to a `KvStore` through a `SessionTable`, one batch at a time,
+/// on a thread of its own. `submit()` hands a batch over; when it is applied a byte arrives on
+/// `fileno()` and `take()` gives the answers and where the thread stopped.
+#[pyclass(frozen, module = "dengine._core")]
+pub struct NativeApplier {
+    shared: Arc<Shared>,
+    reader: UnixStream,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>) -> Done {
+    let records = &job.batch.get().batch;
+    let (start, count) = (job.start.min(records.len()), records.len());
+    let mut answers = Vec::with_capacity(if job.collect { count - start } else { 0 });
+    let entries = (start..count).map(|i| {
+        let (index, _, data) = records.get(i).expect("position below the length");
+        (index, data)
+    });
+    // Both locks for the whole batch: Python calls made meanwhile wait for it, and see the state
+    // between two batches, never inside one.
+    let stopped =
+        apply_entries(&mut lock(table), &mut lock(store), entries, |_, _| job.collect, &mut answers);
+    Done { answers, position: stopped.map_or(count, |at| start + at) }
+}
+
+fn run(shared: Arc<Shared>, table: Arc<Mutex<SessionTable>>, store: Arc<Mutex<KvStore>>, writer: UnixStream) {
+    loop {
+        let job = {
+            let mut state = shared.lock();
+            loop {
+                if state.closed {
+                    return;
+                }
+                if let Some(job) = state.job.take() {
+                    break job;
+                }
+                state = shared.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| apply_job(&job, &table, &store)));
+        let failed = {
+            let mut state = shared.lock();
+            state.busy = false;
+            state.finished = Some(job.batch);
+            match outcome {
+                Ok(done) => state.done = Some(done),
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    state.failed = Some(why);
+                }
+            }
+            state.failed.is_some()
+        };
+        // A full socket buffer means a wake-up byte is already waiting: nothing is lost.
+        match (&writer).write(&[1]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return, // the loop's end is gone: the applier is being dropped
+        }
+        if failed {
+            return;
+        }
+    }
+}
+
+#[pymethods]
+impl NativeApplier {
+    #[new]
+    fn new(store: &Bound<'_, PyKvStore>, table: &Bound<'_, PySessionTable>) -> PyResult<Self> {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new() });
+        let (for_thread, table, store) = (Arc::clone(&shared), table.get().shared(), store.get().shared());
+        let thread = std::thread::Builder::new()
+            .name("dengine-apply".into())
+            .spawn(move || run(for_thread, table, store, writer))?;
+        Ok(NativeApplier { shared, reader, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The file descriptor to watch for readability (`loop.add_reader`).
+    fn fileno(&self) -> i32 {
+        self.reader.as_raw_fd()
+    }
+
+    /// Hands `entries[start:]` to the thread. `collect`: keep the answers of session commands
+    /// (for `take` to pick the awaited ones from). Raises RuntimeError while a batch is under way
+    /// or not yet taken, and once closed or failed.
+    fn submit(&self, entries: &Bound<'_, EntryBatch>, start: usize, collect: bool) -> PyResult<()> {
+        let mut state = self.shared.lock();
+        if state.closed || state.failed.is_some() {
+            return Err(PyRuntimeError::new_err("the native applier is closed"));
+        }
+        if state.busy || state.done.is_some() {
+            return Err(PyRuntimeError::new_err("a batch is already being applied"));
+        }
+        state.job = Some(Job { batch: entries.clone().unbind(), start, collect });
+        state.busy = true;
+        drop(state);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Whether a submitted batch is not yet taken.
+    #[getter]
+    fn busy(&self) -> bool {
+        let state = self.shared.lock();
+        state.busy || state.done.is_some()
+    }
+
+    /// The position after the last applied entry of the submitted batch (in the submitted
+    /// sequence), or None while it is still being applied. Appends the answers of session
+    /// commands whose `(client, sequence)` is in `wanted` to `answered`, as
+    /// `SessionTable.apply_batch` does. Raises RuntimeError if the thread failed. Also drains
+    /// the wake-up bytes.
+    fn take(
+        &self,
+        py: Python<'_>,
+        wanted: &Bound<'_, PyAny>,
+        answered: &Bound<'_, PyList>,
+    ) -> PyResult<Option<usize>> {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = (&self.reader).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        let (done, failed, finished) = {
+            let mut state = self.shared.lock();
+            (state.done.take(), state.failed.clone(), state.finished.take())
+        };
+        drop(finished); // here, with the GIL
+        if let Some(why) = failed {
+            return Err(PyRuntimeError::new_err(format!("the apply thread failed: {why}")));
+        }
+        let Some(done) = done else { return Ok(None) };
+        if !done.answers.is_empty() && wanted.len()? > 0 {
+            let mut waited = Vec::with_capacity(done.answers.len());
+            for a in done.answers {
+                if wanted.contains((a.client, a.sequence))? {
+                    waited.push(a);
+                }
+            }
+            hand_over(py, &waited, answered)?;
+        }
+        Ok(Some(done.position))
+    }
+
+    /// Stops the thread after the batch it may be applying.
+    fn close(&self, py: Python<'_>) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+        let handle = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle {
+            // Joining waits for one batch at worst: the GIL is released meanwhile.
+            py.detach(move || {
+                let _ = handle.join();
+            });
+        }
+    }
+}
+
+impl Drop for NativeApplier {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeApplier>()
+}

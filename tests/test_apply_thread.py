@@ -1,0 +1,186 @@
+"""The built-in store's apply thread (``dengine.apply_thread``): batches applied off the event
+loop's thread must leave the same store, session table and answers as the loop's own apply, and
+nothing on the loop may ever see half a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from dengine import _core, apply_thread, kv
+from dengine._core import Entry, EntryBatch
+from dengine.node import Node
+from dengine.raft import payload
+from dengine.raft.sessions import ANSWERED_OUTCOMES, Applied, Outcome, SessionTable, apply_entries
+from test_node_embedded import configs, leader_of, until
+
+pytestmark = pytest.mark.skipif(not hasattr(_core, "NativeApplier"), reason="the apply thread is POSIX only")
+
+
+def random_log(rng: random.Random, count: int) -> list[Entry]:
+    """Session commands of every kind and outcome, with the entries the thread leaves to Python
+    (membership changes, damaged or unknown envelopes) and plain commands and no-ops among them."""
+    log: list[Entry] = []
+    for index in range(1, count + 1):
+        roll = rng.random()
+        if roll < 0.02:
+            data = bytes([payload.CONF_CHANGE_KIND]) + b"not decodable"
+        elif roll < 0.03:
+            data = bytes([payload.SESSION_KIND, 1, 2])  # a damaged session envelope
+        elif roll < 0.04:
+            data = b"\x09 an unknown kind"
+        elif roll < 0.06:
+            data = payload.NOOP_PAYLOAD
+        elif roll < 0.08:
+            data = payload.command(kv.encode_put(b"plain", b"%d" % index))
+        else:
+            key = b"k%d" % rng.randint(1, 40)
+            command = rng.choice(
+                [
+                    kv.encode_put(key, rng.randbytes(rng.randint(0, 20))),
+                    kv.encode_delete(key),
+                    kv.encode_cas(key, None, b"fresh"),
+                    kv.encode_delete_range(b"k1"),
+                    b"\x01\x09 not a command",
+                ]
+            )
+            seq = rng.randint(1, 30)
+            data = payload.session_command(rng.randint(1, 5), seq, command, rng.randint(0, seq))
+        log.append(Entry(index, 1, data))
+    return log
+
+
+def state_of(sm: kv.KVStateMachine, table: SessionTable) -> tuple[bytes, object]:
+    sink = io.BytesIO()
+    sm.snapshot(sink)
+    return sink.getvalue(), table.items()
+
+
+def test_the_thread_leaves_the_same_state_and_answers_as_applying_on_the_loop() -> None:
+    rng = random.Random(11)
+    log = random_log(rng, 3000)
+    wanted = {(c, q) for c in range(1, 6) for q in range(1, 31) if (c + q) % 3}
+
+    reference_sm, reference_table = kv.KVStateMachine(), SessionTable(max_results=6)
+    expected: list[Applied] = []
+    for e in log:
+        expected += apply_entries([e], reference_table, reference_sm.apply, wanted)
+
+    async def on_the_thread() -> tuple[tuple[bytes, object], list[Applied]]:
+        sm, table = kv.KVStateMachine(), SessionTable(max_results=6)
+        store = sm.native_target()
+        assert store is not None
+        thread = apply_thread.ApplyThread.start(store, table)
+        assert thread is not None
+        answers: list[Applied] = []
+        try:
+            at = 0
+            while at < len(log):
+                size = rng.randint(1, 400)
+                part = log[at : at + size]
+                batch = EntryBatch.from_payloads(part[0].index, 1, [e.data for e in part])
+                for key, code, result, error, index in await thread.apply(batch, wanted):
+                    answers.append(Applied(index, ANSWERED_OUTCOMES[code], result, error, *key))
+                at += size
+        finally:
+            thread.close()
+        return state_of(sm, table), answers
+
+    state, answers = asyncio.run(on_the_thread())
+    assert state == state_of(reference_sm, reference_table)
+    assert answers == expected
+    assert {a.outcome for a in answers} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
+    assert any(a.error for a in answers) and any(a.result for a in answers)
+
+
+def test_the_loop_sees_the_store_between_batches_never_inside_one() -> None:
+    """Reads made while a batch is under way wait for it: a revision read meanwhile is the one
+    before the batch or the one after, nothing in between."""
+
+    async def main() -> set[int]:
+        sm, table = kv.KVStateMachine(), SessionTable()
+        store = sm.native_target()
+        assert store is not None
+        thread = apply_thread.ApplyThread.start(store, table)
+        assert thread is not None
+        seen: set[int] = set()
+        try:
+            size, first = 20_000, 1
+            for _ in range(3):
+                payloads = [
+                    payload.session_command(1, first + i, kv.encode_put(b"k%d" % i, b"v"), first)
+                    for i in range(size)
+                ]
+                batch = EntryBatch.from_payloads(first, 1, payloads)
+                applying = asyncio.ensure_future(thread.apply(batch, ()))
+                while not applying.done():
+                    seen.add(sm.revision)
+                    await asyncio.sleep(0)
+                await applying
+                first += size
+        finally:
+            thread.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen <= {0, 20_000, 40_000, 60_000}, sorted(seen)
+
+
+def test_a_second_batch_cannot_be_handed_over_before_the_first_is_taken() -> None:
+    async def main() -> None:
+        sm, table = kv.KVStateMachine(), SessionTable()
+        store = sm.native_target()
+        assert store is not None
+        applier = _core.NativeApplier(store, table.native_table())
+        batch = EntryBatch.from_payloads(1, 1, [payload.NOOP_PAYLOAD] * 10)
+        applier.submit(batch, 0, False)
+        with pytest.raises(RuntimeError, match="already being applied"):
+            applier.submit(batch, 0, False)
+        applier.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            applier.submit(batch, 0, False)
+
+    asyncio.run(main())
+
+
+def _threads_named(name: str) -> int:
+    return sum(1 for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().strip() == name)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_a_cluster_applies_on_its_threads_agrees_and_stops_them_when_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apply_thread, "MIN_ENTRIES", 1)  # every batch goes to a thread
+
+    async def main() -> None:
+        before = _threads_named("dengine-apply")
+        machines = [kv.KVStateMachine() for _ in range(3)]
+        nodes = [Node(c, sm) for c, sm in zip(configs(tmp_path), machines, strict=True)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            results = await asyncio.gather(
+                *(leader.propose(kv.encode_put(b"k%03d" % i, b"v%d" % i)) for i in range(600))
+            )
+            assert sorted(kv.decode_result(r).revision for r in results) == list(range(1, 601))
+            found = await leader.read(lambda sm: sm.get(b"k599"))
+            assert found is not None and found.value == b"v599"
+            assert leader.raft is not None
+            applied = leader.raft.applied
+            await until(lambda: all(n.raft is not None and n.raft.applied >= applied for n in nodes))
+            contents = [sm.range() for sm in machines]
+            assert len(contents[0]) == 600
+            assert all(rows == contents[0] for rows in contents)
+            assert _threads_named("dengine-apply") == before + 3
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+        assert _threads_named("dengine-apply") == before
+
+    asyncio.run(main())
