@@ -287,6 +287,33 @@ def test_the_size_policy_counts_entries_written_while_the_last_snapshot_was_take
     run(main)
 
 
+def test_an_entry_count_reached_while_a_snapshot_was_taken_is_not_left_waiting(tmp_path: Path) -> None:
+    """Entries applied while a snapshot is under way (here: before its compaction is done) do
+    not start the next one then; once it is done, the count they reached does, without waiting
+    for another write."""
+    (cfg,) = with_snapshots(configs(tmp_path, 1), entries=50, log_factor=0.0, trailing_entries=0, keep=1)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            compact = node.snapshots._compact
+            bursts: list[int] = []
+
+            async def burst_then_compact(*args: Any) -> None:
+                if not bursts:  # past the next entry count, applied while the first is under way
+                    bursts.append(1)
+                    await propose_all(node, 120)
+                await compact(*args)
+
+            node.snapshots._compact = burst_then_compact  # type: ignore[method-assign, assignment]
+            await propose_all(node, 60)  # the first snapshot, by the entry count
+            await until(lambda: node.snapshots.created == 2, timeout=10)
+            latest = node.snapshots.latest
+            assert bursts and latest is not None and latest.meta.index >= 150
+
+    run(main)
+
+
 class Bulky(Counter):
     """A counter whose state takes 200 KB on disk, like a store holding many keys."""
 

@@ -324,6 +324,12 @@ class SnapshotManager:
             fresh = raft.applied > self._latest_index()
             if not fresh:
                 continue
+            # The entry count is checked after each applied batch, but not while a snapshot or
+            # a log growth check is under way: a count reached then would otherwise wait for a
+            # write that may never come.
+            self.on_applied()
+            if self._creating is not None:
+                continue
             due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
             if not due and cfg.bytes:
                 grown = await self._log_growth()
