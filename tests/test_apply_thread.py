@@ -8,11 +8,13 @@ import asyncio
 import io
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dengine import _core, apply_thread, kv
 from dengine._core import Entry, EntryBatch
+from dengine.errors import DengineError, OutcomeUnknownError
 from dengine.node import Node
 from dengine.raft import payload
 from dengine.raft.sessions import ANSWERED_OUTCOMES, Applied, Outcome, SessionTable, apply_entries
@@ -182,5 +184,35 @@ def test_a_cluster_applies_on_its_threads_agrees_and_stops_them_when_it_stops(
             for n in nodes:
                 await n.stop(transfer_leadership=False)
         assert _threads_named("dengine-apply") == before
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apply_thread, "MIN_ENTRIES", 1)
+
+    real_apply = apply_thread.ApplyThread.apply
+
+    async def broken(self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any) -> list[Any]:
+        if batch[0].index > 1:  # the leader's first entry goes through; the first write does not
+            raise RuntimeError("the apply thread failed: a bug")
+        return await real_apply(self, batch, wanted)
+
+    monkeypatch.setattr(apply_thread.ApplyThread, "apply", broken)
+
+    async def main() -> None:
+        node = Node(configs(tmp_path, 1)[0], kv.KVStateMachine())
+        await node.start()
+        try:
+            await until(lambda: leader_of([node]))
+            await until(lambda: node.raft is not None and node.raft.applied == 1)
+            with pytest.raises(OutcomeUnknownError, match="an apply failure"):
+                await asyncio.wait_for(node.propose(kv.encode_put(b"k", b"v")), 10)
+            with pytest.raises(DengineError, match="not running"):
+                await node.propose(kv.encode_put(b"k", b"v"))
+        finally:
+            await node.stop(transfer_leadership=False)
 
     asyncio.run(main())

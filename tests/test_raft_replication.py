@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
+from dengine._core import EntryBatch
 from dengine.raft import Message, MsgType, Role
 from dengine.raft.membership import ConfOp
 from dengine.raft.progress import ProgressState
@@ -106,6 +109,35 @@ def test_the_leader_sends_the_batch_it_appended_as_it_is_and_reads_back_only_for
     assert apps[2].entries is c.nodes[1]._fresh
     assert apps[3].index == 1 and [e.index for e in apps[3].entries] == [2, 3, 4, 5]
     assert c.log_terms(3) == c.log_terms(1)
+
+
+def test_committed_entries_are_applied_as_appended_without_reading_the_log_back() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.propose(1, b"warm-up")
+    reads = {i: 0 for i in c.nodes}
+    for i, store in c.stores.items():
+        original = store.entry_batch
+
+        def counted(
+            lo: int,
+            hi: int,
+            max_bytes: int | None = None,
+            i: int = i,
+            read: Callable[..., EntryBatch] = original,
+        ) -> EntryBatch:
+            reads[i] += 1
+            return read(lo, hi, max_bytes)
+
+        store.entry_batch = counted  # type: ignore[method-assign]
+    for i in c.nodes:
+        c.applied[i].clear()
+    c.nodes[1].propose([b"\x01c", b"\x01d"])
+    c.settle()
+    c.tick_all(2)  # the commit index reaches the followers
+    assert reads == {1: 0, 2: 0, 3: 0}
+    for i in c.nodes:
+        assert [e.data for e in c.applied[i]] == [b"\x01c", b"\x01d"], i
 
 
 def test_batches_respect_the_byte_limit() -> None:

@@ -8,12 +8,17 @@ install it (``Ready.restore``), reset its log and answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
+from dengine._core import Entry
 from dengine.raft import Message, MsgType, Raft, RaftConfig, SnapshotInfo
+from dengine.raft.payload import command
 from dengine.raft.progress import ProgressState
+from dengine.testing.simstore import SimLogStore
 
-from raft_harness import Cluster, make_store
+from raft_harness import Cluster, make_store, through_the_wire
 
 
 def lagging_cluster(compact_to: int, *, quiet_elections: bool = False) -> tuple[Cluster, int]:
@@ -161,3 +166,63 @@ def test_a_cluster_restored_from_a_backup_snapshot_continues_in_a_later_term() -
     leader = c.elect(1)
     assert leader.term > 5
     assert c.stores[1].term(11) == leader.term and leader.commit == 11
+
+
+def one_follower(store: SimLogStore) -> tuple[Raft, Callable[[Message], tuple[list[Entry], bool]]]:
+    """Node 3 of {1, 2, 3} on ``store``, and a function that steps a message to it as the gRPC
+    transport delivers them (entries framed) and runs its Ready to the end, syncs included:
+    it gives the committed entries handed out and whether a snapshot is to be restored."""
+    raft = Raft(RaftConfig(id=3, voters=frozenset({1, 2, 3})), store)
+
+    def run(m: Message) -> tuple[list[Entry], bool]:
+        raft.step(through_the_wire(m, {1, 2, 3}))
+        committed: list[Entry] = []
+        restore = False
+        while raft.has_ready():
+            rd = raft.ready()
+            committed += rd.committed
+            restore = restore or rd.restore is not None
+            if rd.sync is not None:
+                store.begin_sync()
+                raft.synced(rd.sync, store.complete_sync())
+        return committed, restore
+
+    return raft, run
+
+
+def entries_of(term: int, first: int, last: int) -> list[Entry]:
+    return [Entry(i, term, command(b"term %d entry %d" % (term, i))) for i in range(first, last + 1)]
+
+
+def test_batches_kept_from_a_log_a_snapshot_replaced_are_never_applied() -> None:
+    """A node keeps the batches it appended, to apply them once committed without reading its
+    log back. Node 3 holds five entries of term 1 (one committed) when the leader of term 2,
+    whose log diverged from index 2, sends a snapshot at 3: the log is reset, and entries 4 and
+    5 that follow must be term 2's, not the term-1 ones it kept."""
+    store = make_store()
+    raft, run = one_follower(store)
+    applied, _ = run(Message(MsgType.APP, 1, 3, 1, entries=entries_of(1, 1, 5), commit=1))
+    raft.applied_to(1)
+    _, restore = run(Message(MsgType.SNAPSHOT, 2, 3, 2, snapshot=SnapshotInfo(3, 2, frozenset({1, 2, 3}))))
+    assert restore and store.last_index() == 3
+    raft.applied_to(3)
+    applied += run(Message(MsgType.APP, 2, 3, 2, index=3, log_term=2, entries=entries_of(2, 4, 5), commit=5))[
+        0
+    ]
+    assert [(e.index, e.term, e.data) for e in applied] == [
+        (e.index, e.term, e.data) for e in entries_of(1, 1, 1) + entries_of(2, 4, 5)
+    ]
+
+
+def test_batches_kept_past_a_conflict_are_dropped_with_the_entries_it_truncates() -> None:
+    """Figure 7 (f): a follower's uncommitted entries of an old term are overwritten; what it
+    applies at those indexes afterwards is the new leader's."""
+    raft, run = one_follower(make_store())
+    applied, _ = run(Message(MsgType.APP, 1, 3, 1, entries=entries_of(1, 1, 4), commit=2))
+    raft.applied_to(2)
+    applied += run(Message(MsgType.APP, 2, 3, 2, index=2, log_term=1, entries=entries_of(2, 3, 5), commit=5))[
+        0
+    ]
+    assert [(e.index, e.term, e.data) for e in applied] == [
+        (e.index, e.term, e.data) for e in entries_of(1, 1, 2) + entries_of(2, 3, 5)
+    ]

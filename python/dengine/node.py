@@ -878,17 +878,27 @@ class Node:
         log.critical("node %d: log sync failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
         self._fail_stop(exc)
 
-    def _fail_stop(self, exc: Exception) -> None:
+    def _fail_stop(self, exc: Exception, failure: str = "a storage failure") -> None:
         if not self._running:
             return
         self._running = False
-        why = f"the node stopped after a storage failure: {exc}"
+        why = f"the node stopped after {failure}: {exc}"
         self._fail_everything_waiting(why)
         # Stop serving at once: peers and clients then see a node that is down, and go elsewhere,
         # rather than one that accepts requests and never answers. The data dir is released too.
         self._release = asyncio.ensure_future(self._release_everything(why))
 
     async def _apply_loop(self) -> None:
+        try:
+            await self._apply_committed_forever()
+        except Exception as exc:
+            # A bug, not a command's failure (those are contained per command): what this node
+            # would apply next could not be trusted, so it stops rather than leave callers hanging.
+            log.critical("node %d: applying failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+            self._fail_stop(exc, "an apply failure")
+            raise
+
+    async def _apply_committed_forever(self) -> None:
         raft = self.raft
         assert raft is not None
         while True:

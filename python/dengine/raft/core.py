@@ -62,6 +62,9 @@ _MAX_APPLY_BYTES = 8 << 20
 # entries stay in the log), so a state machine slower than the log cannot fill memory with them.
 # With a backlog, each chunk gathers everything committed up to _MAX_APPLY_BYTES.
 _MAX_APPLYING_CHUNKS = 8
+# Batches a node appended and keeps to hand out once committed (see Raft._appended): a few
+# suffice in the steady state; a node whose commit lags behind more reads back from its log.
+_MAX_KEPT_APPENDS = 16
 
 
 @dataclass(slots=True)
@@ -97,6 +100,11 @@ class Raft:
     # exactly it (the steady state) rather than read back from the log once per follower.
     # Every role change (_reset) forgets it.
     _fresh: EntryBatch | None
+    # The framed batches this node appended, oldest first, kept until handed out to apply:
+    # committed entries then go to the state machine as they were appended, not read back from
+    # the log and checked again. Their entries are always the log's own (see _keep_appended and
+    # _forget_appended_from).
+    _appended: collections.deque[EntryBatch]
 
     def __init__(
         self,
@@ -153,7 +161,11 @@ class Raft:
         self._log_needs = 0  # sync that makes the last append durable
         self._saved_hs = (hs.term, hs.vote, hs.commit)
         # The last index of the committed entries handed out, and of each chunk not yet applied.
-        self._apply_dispatched, self._applying = applied, collections.deque[int]()
+        self._apply_dispatched, self._applying, self._appended = (
+            applied,
+            collections.deque[int](),
+            collections.deque(),
+        )
 
         self._read_seq = 0
         self._read_rounds: dict[int, _ReadRound] = {}
@@ -499,7 +511,9 @@ class Raft:
             lo = self._apply_dispatched + 1
             if self._framed:
                 # As the log holds them: applied without an object per entry.
-                batch = self.store.entry_batch(lo, hi + 1, _MAX_APPLY_BYTES)  # type: ignore[attr-defined]
+                batch = self._appended_from(lo, hi)
+                if batch is None:
+                    batch = self.store.entry_batch(lo, hi + 1, _MAX_APPLY_BYTES)  # type: ignore[attr-defined]
                 rd.committed, self._apply_dispatched = batch, batch.last_index
             else:
                 rd.committed = self.store.entries(lo, hi + 1, _MAX_APPLY_BYTES)
@@ -516,6 +530,38 @@ class Raft:
         if soft != self._reported_soft:
             rd.soft_state = self._reported_soft = soft
         return rd
+
+    def _appended_from(self, lo: int, hi: int) -> EntryBatch | None:
+        """Entries ``lo`` to ``hi`` from one batch this node appended, if one still kept holds
+        them all: the batch itself when they are exactly it (the steady state: what was
+        appended last is committed). A backlog spanning several batches is read from the log
+        instead, as one chunk."""
+        kept = self._appended
+        while kept and kept[0].last_index < lo:
+            kept.popleft()
+        if not kept or not kept[0].first_index <= lo <= hi <= kept[0].last_index:
+            return None
+        if kept[0].framed_bytes > _MAX_APPLY_BYTES:
+            return None  # read from the log, which bounds a chunk's bytes
+        batch = kept[0]
+        if batch.first_index == lo and batch.last_index == hi:
+            return batch
+        return batch[lo - batch.first_index : hi - batch.first_index + 1]
+
+    def _keep_appended(self, batch: Sequence[Entry]) -> None:
+        """Keeps ``batch``, just appended to the log, to hand out when committed."""
+        if isinstance(batch, EntryBatch) and len(batch):
+            kept = self._appended
+            kept.append(batch)
+            if len(kept) > _MAX_KEPT_APPENDS:
+                kept.popleft()
+
+    def _forget_appended_from(self, index: int) -> None:
+        """The log lost its entries from ``index`` on: so do the kept batches (a batch that
+        straddles ``index`` goes whole; its earlier entries are read back from the log)."""
+        kept = self._appended
+        while kept and kept[-1].last_index >= index:
+            kept.pop()
 
     def _committed_to_hand_out(self) -> bool:
         # Durable committed entries not handed out yet, and room for another chunk of them.
@@ -769,6 +815,7 @@ class Raft:
         else:
             entries = entries_from_payloads(first, term, payloads)
         self.store.append(entries)
+        self._keep_appended(entries)
         if conf:
             self._note_conf_changes(entries)
         self._log_needs = self._sync_seq + 1
@@ -821,6 +868,7 @@ class Raft:
                             f"node {self.id}: leader {m.src} conflicts with committed entry {e.index}"
                         )
                     self.store.truncate_suffix(e.index)
+                    self._forget_appended_from(e.index)
                     self._forget_conf_changes_from(e.index)
                     self.durable = min(self.durable, e.index - 1)
                     self._apply_dispatched = min(self._apply_dispatched, e.index - 1)
@@ -829,6 +877,7 @@ class Raft:
         if start < len(entries):
             appended = entries[start:] if start else entries
             self.store.append(appended)
+            self._keep_appended(appended)
             self._note_conf_changes(appended)
             self._log_needs = self._sync_seq + 1
             self._writes_pending = True
@@ -846,6 +895,7 @@ class Raft:
             # The log does not reach the snapshot or has diverged before its end: everything
             # in it is either covered by the snapshot or uncommitted, so it goes (§7).
             self.store.reset(snap.index, snap.term)
+            self._appended.clear()
             self.commit = self.durable = self._apply_dispatched = ack = snap.index
             self._conf_base = (snap.index, snap.voters, snap.learners)
             self._conf_entries = []

@@ -2,10 +2,11 @@
 //! entries through it (`SessionTable.apply_batch`).
 //!
 //! The rules live in `dengine_core::sessions`; `dengine.raft.sessions` wraps this class with its
-//! public API. The loop is here, beside the conversions, because it is where Python objects meet
-//! the table: for each entry it reads the envelope, asks the table, calls the state machine (a
-//! Python callable, or the built-in `KvStore` directly, with no Python call at all), records the
-//! outcome and answers the proposals someone waits for.
+//! public API. Entries for the built-in `KvStore` go through `dengine_core::apply`, with no Python
+//! call at all (the same loop the node's apply thread runs, `NativeApplier`); for a Python state
+//! machine the loop is here, beside the conversions: for each entry it reads the envelope, asks
+//! the table, calls the state machine, records the outcome and answers the proposals someone
+//! waits for.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
