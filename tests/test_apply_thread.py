@@ -19,6 +19,7 @@ from dengine.node import Node
 from dengine.raft import payload
 from dengine.raft.sessions import ANSWERED_OUTCOMES, Applied, Outcome, SessionTable, apply_entries
 from test_node_embedded import configs, leader_of, until
+from test_sessions import random_kv_command
 
 pytestmark = pytest.mark.skipif(not hasattr(_core, "NativeApplier"), reason="the apply thread is POSIX only")
 
@@ -40,16 +41,7 @@ def random_log(rng: random.Random, count: int) -> list[Entry]:
         elif roll < 0.08:
             data = payload.command(kv.encode_put(b"plain", b"%d" % index))
         else:
-            key = b"k%d" % rng.randint(1, 40)
-            command = rng.choice(
-                [
-                    kv.encode_put(key, rng.randbytes(rng.randint(0, 20))),
-                    kv.encode_delete(key),
-                    kv.encode_cas(key, None, b"fresh"),
-                    kv.encode_delete_range(b"k1"),
-                    b"\x01\x09 not a command",
-                ]
-            )
+            command = random_kv_command(rng, b"k%d" % rng.randint(1, 40))
             seq = rng.randint(1, 30)
             data = payload.session_command(rng.randint(1, 5), seq, command, rng.randint(0, seq))
         log.append(Entry(index, 1, data))

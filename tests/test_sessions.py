@@ -188,22 +188,27 @@ def test_applying_a_batch_matches_applying_entry_by_entry() -> None:
         assert {a.outcome for a in answered} >= {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.STALE}
 
 
+def random_kv_command(rng: random.Random, key: bytes) -> bytes:
+    """A put, delete, CAS or delete-range on ``key`` (or its prefix), or bytes that are not a
+    command at all."""
+    return rng.choice(
+        [
+            kv.encode_put(key, rng.randbytes(rng.randint(0, 20))),
+            kv.encode_delete(key),
+            kv.encode_cas(key, None, b"fresh"),
+            kv.encode_delete_range(b"k1"),
+            b"\x01\x09 not a command",
+        ]
+    )
+
+
 def test_the_builtin_store_answers_alike_through_every_path() -> None:
     """The batch loop applies to the Rust KV store directly (no Python call per entry); it must
     leave the same store, table and answers as KVStateMachine.apply, batched or one by one."""
     rng = random.Random(5)
     log: list[Entry] = []
     for index in range(1, 2001):
-        key = b"k%d" % rng.randint(1, 30)
-        command = rng.choice(
-            [
-                kv.encode_put(key, rng.randbytes(rng.randint(0, 20))),
-                kv.encode_delete(key),
-                kv.encode_cas(key, None, b"fresh"),
-                kv.encode_delete_range(b"k1"),
-                b"\x01\x09 not a command",
-            ]
-        )
+        command = random_kv_command(rng, b"k%d" % rng.randint(1, 30))
         client, seq = rng.randint(1, 5), rng.randint(1, 30)
         log.append(entry(index, client, seq, command, first_outstanding=rng.randint(0, seq)))
     wanted = {(c, q) for c in range(1, 6) for q in range(1, 31) if (c + q) % 2}

@@ -1,18 +1,14 @@
 //! `NativeApplier`: committed batches applied to the built-in KV store through the session table
 //! on a thread of their own, without the GIL, each completion signalled to the event loop through
-//! a socket it watches (as `BackgroundSync` signals syncs).
+//! a socket it watches (see `loop_thread`).
 //!
 //! Applying is the largest single cost of a write on a busy node (walking a large ordered map
 //! misses the caches at every level); done on the event loop's thread it delays everything else
 //! the loop does. Here the loop hands over a batch, goes on with proposals, replication and
 //! answers, and only turns the batch's answers into Python objects when the thread is done.
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 use dengine_core::apply::{apply_entries, Answer};
 use dengine_core::kv::KvStore;
@@ -23,6 +19,7 @@ use pyo3::types::PyList;
 
 use crate::entry_batch::EntryBatch;
 use crate::kv::{lock, PyKvStore};
+use crate::loop_thread::{LoopThread, Shared, Waker};
 use crate::sessions::{hand_over, PySessionTable};
 
 struct Job {
@@ -47,18 +44,6 @@ struct State {
     failed: Option<String>,
     /// The batch of the last job, handed back to be released where the GIL is held.
     finished: Option<Py<EntryBatch>>,
-    closed: bool,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 /// Applies committed `EntryBatch`es to a `KvStore` through a `SessionTable`, one batch at a time,
@@ -66,9 +51,7 @@ impl Shared {
 /// `fileno()` and `take()` gives the answers and where the thread stopped.
 #[pyclass(frozen, module = "dengine._core")]
 pub struct NativeApplier {
-    shared: Arc<Shared>,
-    reader: UnixStream,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: LoopThread<State>,
 }
 
 fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>) -> Done {
@@ -86,23 +69,17 @@ fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>) -> 
     Done { answers, position: stopped.map_or(count, |at| start + at) }
 }
 
-fn run(shared: Arc<Shared>, table: Arc<Mutex<SessionTable>>, store: Arc<Mutex<KvStore>>, writer: UnixStream) {
-    loop {
-        let job = {
-            let mut state = shared.lock();
-            loop {
-                if state.closed {
-                    return;
-                }
-                if let Some(job) = state.job.take() {
-                    break job;
-                }
-                state = shared.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
-            }
-        };
+fn run(
+    shared: Arc<Shared<State>>,
+    table: Arc<Mutex<SessionTable>>,
+    store: Arc<Mutex<KvStore>>,
+    waker: Waker,
+) {
+    while let Some(job) = shared.wait_for(|s| s.job.take()) {
         let outcome = catch_unwind(AssertUnwindSafe(|| apply_job(&job, &table, &store)));
         let failed = {
-            let mut state = shared.lock();
+            let mut slot = shared.lock();
+            let state = &mut slot.state;
             state.busy = false;
             state.finished = Some(job.batch);
             match outcome {
@@ -118,14 +95,8 @@ fn run(shared: Arc<Shared>, table: Arc<Mutex<SessionTable>>, store: Arc<Mutex<Kv
             }
             state.failed.is_some()
         };
-        // A full socket buffer means a wake-up byte is already waiting: nothing is lost.
-        match (&writer).write(&[1]) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(_) => return, // the loop's end is gone: the applier is being dropped
-        }
-        if failed {
-            return;
+        if !waker.wake() || failed {
+            return; // the applier is being dropped, or the batch broke the state: no more
         }
     }
 }
@@ -134,44 +105,40 @@ fn run(shared: Arc<Shared>, table: Arc<Mutex<SessionTable>>, store: Arc<Mutex<Kv
 impl NativeApplier {
     #[new]
     fn new(store: &Bound<'_, PyKvStore>, table: &Bound<'_, PySessionTable>) -> PyResult<Self> {
-        let (reader, writer) = UnixStream::pair()?;
-        reader.set_nonblocking(true)?;
-        writer.set_nonblocking(true)?;
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new() });
-        let (for_thread, table, store) = (Arc::clone(&shared), table.get().shared(), store.get().shared());
-        let thread = std::thread::Builder::new()
-            .name("dengine-apply".into())
-            .spawn(move || run(for_thread, table, store, writer))?;
-        Ok(NativeApplier { shared, reader, thread: Mutex::new(Some(thread)) })
+        let (table, store) = (table.get().shared(), store.get().shared());
+        let thread =
+            LoopThread::spawn("dengine-apply", move |shared, waker| run(shared, table, store, waker))?;
+        Ok(NativeApplier { thread })
     }
 
     /// The file descriptor to watch for readability (`loop.add_reader`).
     fn fileno(&self) -> i32 {
-        self.reader.as_raw_fd()
+        self.thread.fileno()
     }
 
     /// Hands `entries[start:]` to the thread. `collect`: keep the answers of session commands
     /// (for `take` to pick the awaited ones from). Raises RuntimeError while a batch is under way
     /// or not yet taken, and once closed or failed.
     fn submit(&self, entries: &Bound<'_, EntryBatch>, start: usize, collect: bool) -> PyResult<()> {
-        let mut state = self.shared.lock();
-        if state.closed || state.failed.is_some() {
+        let mut slot = self.thread.lock();
+        if slot.closed || slot.state.failed.is_some() {
             return Err(PyRuntimeError::new_err("the native applier is closed"));
         }
+        let state = &mut slot.state;
         if state.busy || state.done.is_some() {
             return Err(PyRuntimeError::new_err("a batch is already being applied"));
         }
         state.job = Some(Job { batch: entries.clone().unbind(), start, collect });
         state.busy = true;
-        drop(state);
-        self.shared.wake.notify_one();
+        drop(slot);
+        self.thread.notify();
         Ok(())
     }
 
     /// Whether a submitted batch is not yet taken.
     #[getter]
     fn busy(&self) -> bool {
-        let state = self.shared.lock();
+        let state = &self.thread.lock().state;
         state.busy || state.done.is_some()
     }
 
@@ -186,14 +153,9 @@ impl NativeApplier {
         wanted: &Bound<'_, PyAny>,
         answered: &Bound<'_, PyList>,
     ) -> PyResult<Option<usize>> {
-        let mut buf = [0u8; 64];
-        while let Ok(n) = (&self.reader).read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
+        self.thread.drain();
         let (done, failed, finished) = {
-            let mut state = self.shared.lock();
+            let state = &mut self.thread.lock().state;
             (state.done.take(), state.failed.clone(), state.finished.take())
         };
         drop(finished); // here, with the GIL
@@ -213,24 +175,9 @@ impl NativeApplier {
         Ok(Some(done.position))
     }
 
-    /// Stops the thread after the batch it may be applying.
+    /// Stops the thread after the batch it may be applying (waited for with the GIL released).
     fn close(&self, py: Python<'_>) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
-        let handle = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(handle) = handle {
-            // Joining waits for one batch at worst: the GIL is released meanwhile.
-            py.detach(move || {
-                let _ = handle.join();
-            });
-        }
-    }
-}
-
-impl Drop for NativeApplier {
-    fn drop(&mut self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
+        self.thread.close(py);
     }
 }
 

@@ -10,6 +10,8 @@ mod errors;
 mod gil;
 mod kv;
 mod log;
+#[cfg(unix)]
+mod loop_thread;
 mod quorum;
 mod sessions;
 mod snapshot;
