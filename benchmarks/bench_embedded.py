@@ -7,7 +7,12 @@ ops/s on a shared host and so compares two versions of the code better.
 The leader's process and the followers' run on the event loop ``--event-loop`` names
 (``dengine.event_loop``: uvloop where installed by default).
 
-Run:  python benchmarks/bench_embedded.py [--seconds 10] [--inflight 2000]
+Keys: by default worker ``w`` writes ``key-<w>-<i mod 1000>``, so the store grows by one key
+per write to as many as a million (every put inserts); ``--keys N`` writes random keys among
+``key-000000`` .. ``key-<N-1>`` instead, the key space of ``bench_vs_etcd.py`` (100,000 there),
+where most puts replace a value.
+
+Run:  python benchmarks/bench_embedded.py [--seconds 10] [--inflight 2000] [--keys N]
           [--event-loop auto|uvloop|asyncio]
 """
 
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -61,7 +67,7 @@ def write_configs(root: Path) -> list[Path]:
     return paths
 
 
-async def run(seconds: float, inflight: int, loop: str) -> dict[str, Any]:
+async def run(seconds: float, inflight: int, loop: str, keys: int | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dengine-bench-", dir=Path.cwd()) as tmp:
         paths = write_configs(Path(tmp))
         followers = [
@@ -96,9 +102,11 @@ async def run(seconds: float, inflight: int, loop: str) -> dict[str, Any]:
             async def worker(w: int) -> None:
                 nonlocal done
                 i = 0
+                pick = random.Random(w).randrange
                 while time.perf_counter() < stop_at:
+                    key = b"key-%d-%d" % (w, i % 1000) if keys is None else b"key-%06d" % pick(keys)
                     t = time.perf_counter()
-                    await node.propose(encode_put(b"key-%d-%d" % (w, i % 1000), VALUE))
+                    await node.propose(encode_put(key, VALUE))
                     latencies.append(time.perf_counter() - t)
                     done += 1
                     i += 1
@@ -121,6 +129,7 @@ async def run(seconds: float, inflight: int, loop: str) -> dict[str, Any]:
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
         "inflight": inflight,
+        "keys": keys,
         "event_loop": event_loop.running_loop_name(),
         # CPU per write: the leader's event-loop thread, its whole process (gRPC's and the log's
         # threads too), and both followers together. Steadier than ops/s on a shared host.
@@ -137,9 +146,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--inflight", type=int, default=2000)
+    parser.add_argument(
+        "--keys", type=int, default=None, help="random keys among N (default: a growing store)"
+    )
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto")
     args = parser.parse_args()
-    result = event_loop.run(run(args.seconds, args.inflight, args.event_loop), loop=args.event_loop)
+    if args.keys is not None and args.keys < 1:
+        parser.error("--keys must be >= 1")
+    result = event_loop.run(
+        run(args.seconds, args.inflight, args.event_loop, args.keys), loop=args.event_loop
+    )
     print(json.dumps(result, indent=2))
 
 
