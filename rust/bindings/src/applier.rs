@@ -135,13 +135,6 @@ impl NativeApplier {
         Ok(())
     }
 
-    /// Whether a submitted batch is not yet taken.
-    #[getter]
-    fn busy(&self) -> bool {
-        let state = &self.thread.lock().state;
-        state.busy || state.done.is_some()
-    }
-
     /// The position after the last applied entry of the submitted batch (in the submitted
     /// sequence), or None while it is still being applied. Appends the answers of session
     /// commands whose `(client, sequence)` is in `wanted` to `answered`, as
