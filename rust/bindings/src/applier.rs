@@ -157,13 +157,7 @@ impl NativeApplier {
         }
         let Some(done) = done else { return Ok(None) };
         if !done.answers.is_empty() && wanted.len()? > 0 {
-            let mut waited = Vec::with_capacity(done.answers.len());
-            for a in done.answers {
-                if wanted.contains((a.client, a.sequence))? {
-                    waited.push(a);
-                }
-            }
-            hand_over(py, &waited, answered)?;
+            hand_over(py, &done.answers, wanted, answered)?;
         }
         Ok(Some(done.position))
     }

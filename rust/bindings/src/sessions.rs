@@ -49,36 +49,28 @@ fn run_python(py: Python<'_>, run: &Bound<'_, PyAny>, index: u64, command: &[u8]
     Ok(Stored { result: None, error: Some(failed) })
 }
 
-/// `((client, sequence), outcome, result, error, index)`, what `apply_batch` hands Python.
-fn answer_tuple<'py>(py: Python<'py>, a: &Answer) -> PyResult<Bound<'py, PyTuple>> {
+/// `(key, outcome, result, error, index)`, what `apply_batch` hands Python; `key` is the
+/// `(client, sequence)` tuple, built once to look the answer up in `wanted` and used again here.
+fn answer_tuple<'py>(py: Python<'py>, key: Bound<'py, PyTuple>, a: &Answer) -> PyResult<Bound<'py, PyTuple>> {
     let result = a.stored.result.as_ref().map(|r| PyBytes::new(py, r));
-    ((a.client, a.sequence), a.outcome as u8, result, a.stored.error.as_deref(), a.index).into_pyobject(py)
+    (key, a.outcome as u8, result, a.stored.error.as_deref(), a.index).into_pyobject(py)
 }
 
-/// Appends the answers someone waits for to the Python list `answered`.
-pub fn hand_over(py: Python<'_>, answers: &[Answer], answered: &Bound<'_, PyList>) -> PyResult<()> {
-    for a in answers {
-        answered.append(answer_tuple(py, a)?)?;
-    }
-    Ok(())
-}
-
-/// Whether `(client, sequence)` is in the Python collection `wanted`; an error is kept for the
-/// caller to raise, since the apply loop cannot stop halfway through an entry.
-fn waited(
+/// Appends to the Python list `answered` the answers whose `(client, sequence)` is in the
+/// Python collection `wanted` (those someone waits for), in order.
+pub fn hand_over(
     py: Python<'_>,
+    answers: &[Answer],
     wanted: &Bound<'_, PyAny>,
-    client: u64,
-    sequence: u64,
-    failure: &mut Option<PyErr>,
-) -> bool {
-    match (client, sequence).into_pyobject(py).and_then(|key| wanted.contains(key)) {
-        Ok(found) => found,
-        Err(err) => {
-            failure.get_or_insert(err);
-            false
+    answered: &Bound<'_, PyList>,
+) -> PyResult<()> {
+    for a in answers {
+        let key = (a.client, a.sequence).into_pyobject(py)?;
+        if wanted.contains(&key)? {
+            answered.append(answer_tuple(py, key, a)?)?;
         }
     }
+    Ok(())
 }
 
 /// The exactly-once session table. It sits behind a lock shared with the node's apply thread
@@ -219,23 +211,19 @@ impl PySessionTable {
     ) -> PyResult<usize> {
         let payloads = Payloads::of(py, entries)?;
         let count = payloads.len();
+        let any_wanted = wanted.len()? > 0;
         if let Ok(store) = run.cast::<PyKvStore>() {
-            let any_wanted = wanted.len()? > 0;
-            let mut failure = None;
+            // Every answer is kept while anyone waits, and the awaited ones picked afterwards:
+            // no Python call inside the loop, which holds both locks.
             let mut answers = Vec::new();
             let stopped = {
                 let (mut table, mut store) = (self.lock(), store.get().lock());
-                let wants =
-                    |client, sequence| any_wanted && waited(py, wanted, client, sequence, &mut failure);
-                apply::apply_entries(&mut table, &mut store, payloads.from(start), wants, &mut answers)
+                let entries = payloads.from(start);
+                apply::apply_entries(&mut table, &mut store, entries, |_, _| any_wanted, &mut answers)
             };
-            hand_over(py, &answers, answered)?;
-            if let Some(err) = failure {
-                return Err(err);
-            }
+            hand_over(py, &answers, wanted, answered)?;
             return Ok(stopped.map_or(count, |at| start + at));
         }
-        let any_wanted = wanted.len()? > 0;
         for i in start..count {
             let (index, data) = payloads.get(i);
             // The table is locked per step, never across the Python call: a state machine that
@@ -243,7 +231,8 @@ impl PySessionTable {
             match data.first() {
                 Some(&SESSION_KIND) => {
                     let Some(h) = SessionHeader::parse(data) else { return Ok(i) };
-                    let waits = any_wanted && wanted.contains((h.client, h.sequence))?;
+                    let key = (h.client, h.sequence).into_pyobject(py)?;
+                    let waits = any_wanted && wanted.contains(&key)?;
                     let seen = match self.lock().lookup(h.client, h.sequence) {
                         Seen::New => None,
                         Seen::Duplicate(stored) => Some((Outcome::Duplicate, stored.clone())),
@@ -261,7 +250,7 @@ impl PySessionTable {
                     };
                     if waits {
                         let a = Answer { client: h.client, sequence: h.sequence, outcome, stored, index };
-                        answered.append(answer_tuple(py, &a)?)?;
+                        answered.append(answer_tuple(py, key, &a)?)?;
                         if outcome == Outcome::Applied {
                             self.lock().record(h.client, h.sequence, index, a.stored, h.first_outstanding);
                         }
