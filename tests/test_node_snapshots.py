@@ -46,6 +46,10 @@ def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None
             # Policy snapshots are taken in the background: wait for one past index 100.
             await until(lambda: store.first_index() > 100)
             assert leader.snapshots.created >= 1
+            # Then one of everything applied, so that no later snapshot compacts the log under
+            # the follower after it installed this one (it would need a second).
+            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
+                await leader.snapshot()
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()
             await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 500)
