@@ -224,6 +224,7 @@ class Client:
         # The outstanding sequences in issue order, answered ones dropped lazily from the front.
         self._in_order: collections.deque[int] = collections.deque()
         self._credentials = credentials
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first operation
         self.watch_idle_timeout = watch_idle_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, kv_pb2_grpc.KVStub] = {}
@@ -414,7 +415,12 @@ class Client:
         directly: at tens of thousands of operations a second, each coroutine layer counts."""
         if self._closed:
             raise DengineError("the client is closed")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            # Asked once (a client's channels serve one loop anyway): asyncio.get_running_loop()
+            # makes a getpid() system call each time on CPython 3.11, as much as the rest here.
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
         self._enqueue(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
         return future
 
@@ -427,7 +433,8 @@ class Client:
 
     def _enqueue(self, pending: _Pending) -> None:
         self._queue.append(pending)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None, "an operation was submitted first"
         if len(self._queue) >= self.max_batch:
             self._flush()
         elif self._flush_handle is None:
@@ -441,7 +448,8 @@ class Client:
             self._flush_handle = None
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            assert self._loop is not None
+            task = self._loop.create_task(self._send_batch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 

@@ -45,13 +45,14 @@ class WriteGroup:
 
     __slots__ = ("answers", "failed", "future", "remaining", "slots")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the running loop, if the caller knows it (default: asked for)."""
         self.answers: list[bytes | BaseException | None] = [None] * size
         self.remaining = size
         self.failed = False  # whether some write's answer is an exception
         self.future: asyncio.Future[list[bytes | BaseException | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
+            loop or asyncio.get_running_loop()
+        ).create_future()
         self.slots = [GroupSlot(self, i) for i in range(size)]
         if not size:
             self.future.set_result(self.answers)
