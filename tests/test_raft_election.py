@@ -109,6 +109,27 @@ def test_check_quorum_leader_steps_down_when_cut_off() -> None:
     assert c.nodes[1].lead is None
 
 
+def test_a_leader_that_steps_down_says_so_in_the_next_ready() -> None:
+    # Cut off from everyone, it has nothing else to hand out: the role change alone must make a
+    # Ready, or its driver would go on acting as leader until something else moved.
+    c = Cluster(3, check_quorum=True, election_ticks=10)
+    c.elect(1)
+    c.isolate(1)
+    leader = c.nodes[1]
+    for _ in range(25):
+        leader.tick()
+        if leader.role is not Role.LEADER:
+            break
+        while c.process(1):
+            pass
+        c.queue.clear()
+    assert leader.role is Role.FOLLOWER
+    assert leader.has_ready()
+    rd = leader.ready()
+    assert rd.soft_state is not None and rd.soft_state.role is Role.FOLLOWER and rd.soft_state.leader is None
+    assert not leader.has_ready(), "reported once"
+
+
 def test_check_quorum_followers_ignore_votes_while_they_hear_a_leader() -> None:
     c = Cluster(3, pre_vote=False, check_quorum=True)
     c.elect(1)

