@@ -591,9 +591,6 @@ class Raft:
     def ticks_since_start(self) -> int:
         return self._ticks
 
-    def soft_state(self) -> SoftState:
-        return SoftState(self.lead, self.role, self.term)
-
     # ------------------------------------------------------------------------------------------
     # Roles
     # ------------------------------------------------------------------------------------------
