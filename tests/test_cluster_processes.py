@@ -22,7 +22,7 @@ from cryptography import x509
 from dengine._core import Entry, encode_entries
 from dengine.client import Client
 from dengine.errors import DeadlineExceeded, Unavailable
-from dengine.tls import init_dev_certs
+from dengine.tls import ClientTLS, init_dev_certs
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, raft_pb2_grpc
 
 from cluster_procs import ProcCluster, running_cluster, wait_for
@@ -487,6 +487,37 @@ def test_a_tls_misconfiguration_stops_the_node_with_a_clear_error(tmp_path: Path
     log = (tmp_path / "node1.log").read_text()
     assert code != 0
     assert "node1-key.pem" in log and "Traceback" not in log
+
+
+def test_a_client_presents_a_rotated_certificate_without_a_restart(tmp_path: Path) -> None:
+    certs, other, mine = tmp_path / "certs", tmp_path / "other", tmp_path / "client"
+    init_dev_certs(certs, ["node1", "node2", "node3"])
+    init_dev_certs(other, ["node1"])  # another CA: the cluster trusts nothing it signed
+    mine.mkdir()
+    _install(mine / "ca.pem", (certs / "ca.pem").read_bytes())
+    for name in ("client.pem", "client-key.pem"):
+        _install(mine / name, (other / name).read_bytes())
+    with running_cluster(tmp_path, tls_dir=certs) as c:
+        endpoints = [c.address(i) for i in (1, 2, 3)]
+
+        async def main() -> None:
+            files = ClientTLS(mine / "ca.pem", mine / "client.pem", mine / "client-key.pem")
+            async with Client(endpoints, credentials=files, timeout=3) as client:
+                with pytest.raises(Unavailable):
+                    await client.put(b"rotated", b"no")  # every node refuses the handshake
+                # The right certificate arrives: the same client presents it at its next attempt.
+                for name in ("client.pem", "client-key.pem"):
+                    _install(mine / name, (certs / name).read_bytes())
+                await client.put(b"rotated", b"yes", timeout=15)
+                got = await client.get(b"rotated")
+                assert got is not None and got.value == b"yes"
+                assert files.generation == 2
+                assert (
+                    files.not_after
+                    == x509.load_pem_x509_certificate((certs / "client.pem").read_bytes()).not_valid_after_utc
+                )
+
+        asyncio.run(main())
 
 
 def test_the_cli_talks_to_a_mutual_tls_cluster(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dengine.errors import DengineError
 from dengine.tls import (
     CertPaths,
+    ClientTLS,
     NodeTLS,
     TLSConfigError,
     certs_main,
@@ -613,3 +614,32 @@ def test_files_that_do_not_load_leave_the_previous_ones_in_use(
     (tmp_path / "node-key.pem").write_bytes(other_pki["node1"].key.read_bytes())
     assert files.refresh() and files.generation == 2
     assert files.not_after == _cert(other_pki["node1"].cert).not_valid_after_utc
+
+
+def test_client_tls_presents_rotated_files(
+    tmp_path: Path, pki: dict[str, CertPaths], other_pki: dict[str, CertPaths]
+) -> None:
+    def install(paths: dict[str, CertPaths]) -> None:
+        for src, name in ((paths["ca"].cert, "ca.pem"), (paths["client"].cert, "client.pem")):
+            (tmp_path / name).with_suffix(".new").write_bytes(src.read_bytes())
+            os.replace((tmp_path / name).with_suffix(".new"), tmp_path / name)
+        (tmp_path / "client-key.new").write_bytes(paths["client"].key.read_bytes())
+        os.replace(tmp_path / "client-key.new", tmp_path / "client-key.pem")
+
+    install(pki)
+    files = ClientTLS(tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client-key.pem")
+    before = files.channel_credentials()
+
+    async def main() -> None:
+        async with _echo_server(_mtls_server(other_pki["node1"], other_pki["ca"])) as port:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _ask(port, before)
+            install(other_pki)
+            assert await _ask(port, files.channel_credentials()) == b"hello from client"
+
+    asyncio.run(main())
+    assert files.generation == 2 and not files.refresh()
+    assert files.not_after == _cert(other_pki["client"].cert).not_valid_after_utc
+    assert ClientTLS(tmp_path / "ca.pem").not_after is None, "no client certificate: server TLS only"
+    with pytest.raises(TLSConfigError, match="both cert_file and key_file"):
+        ClientTLS(tmp_path / "ca.pem", tmp_path / "client.pem")

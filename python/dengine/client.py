@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -45,6 +45,9 @@ from dengine.errors import (
 )
 from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue, new_key_value
 from dengine.v1 import kv_pb2, kv_pb2_grpc
+
+if TYPE_CHECKING:
+    from dengine.tls import ClientTLS
 
 __all__ = [
     "CasResult",
@@ -185,6 +188,10 @@ class Client:
     operations, after waiting ``linger_ms`` for company. A watch that hears nothing from its node
     for ``watch_idle_timeout`` seconds resumes on another node: nodes that follow a leader send a
     progress notice every second, so silence means the node froze or was cut off.
+
+    ``credentials`` enables TLS: gRPC channel credentials, or a :class:`dengine.tls.ClientTLS`
+    whose files are read again when they change, so that a rotated client certificate is
+    presented without a restart.
     """
 
     def __init__(
@@ -195,7 +202,7 @@ class Client:
         linger_ms: float = 0.0,
         max_batch: int = 512,
         client_id: int | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
+        credentials: grpc.ChannelCredentials | ClientTLS | None = None,
         attempt_timeout: float = 5.0,
         watch_idle_timeout: float = 5.0,
     ) -> None:
@@ -227,6 +234,7 @@ class Client:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first operation
         self.watch_idle_timeout = watch_idle_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channel_generation: dict[str, int] = {}  # of the ClientTLS files each was built with
         self._stubs: dict[str, kv_pb2_grpc.KVStub] = {}
         self._batch_calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
         self._batch_streams: dict[str, BatchStream] = {}
@@ -493,6 +501,8 @@ class Client:
             self._endpoints.leader = address  # it took writes: it leads
 
     def _on_failure(self, address: str, code: str, details: str) -> None:
+        if code == "UNAVAILABLE":
+            self._renew_channel_if_files_changed(address)
         # A refusal that names the leader points there, whatever its code: a follower's NOT_LEADER
         # names another node, an overloaded leader (UNAVAILABLE) names itself, to be retried
         # after a backoff rather than by way of a follower.
@@ -588,13 +598,48 @@ class Client:
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
             ]
+            credentials, files = self._credentials, self._tls_files()
+            if files is not None:
+                credentials = files.channel_credentials()  # the files as they are now
+                self._channel_generation[address] = files.generation
             ch = (
-                grpc.aio.secure_channel(address, self._credentials, options=options)
-                if self._credentials is not None
+                grpc.aio.secure_channel(address, credentials, options=options)
+                if credentials is not None
                 else grpc.aio.insecure_channel(address, options=options)
             )
             self._channels[address] = ch
         return ch
+
+    def _renew_channel_if_files_changed(self, address: str) -> None:
+        """A node that could not be reached is given a new channel if the TLS files changed
+        since its channel was built: gRPC reconnects a channel with the credentials it was made
+        with, so a rotated (or corrected) certificate would otherwise never be presented."""
+        files = self._tls_files()
+        if files is None or address not in self._channels:
+            return
+        files.refresh()
+        if self._channel_generation.get(address) == files.generation:
+            return
+        old = self._channels.pop(address)
+        self._stubs.pop(address, None)
+        self._batch_calls.pop(address, None)
+        # Its calls were failing anyway: they end with it, and their callers retry on the new one.
+        task = asyncio.ensure_future(self._close_channel(old, self._batch_streams.pop(address, None)))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _tls_files(self) -> ClientTLS | None:
+        # Told apart without importing dengine.tls (and cryptography with it) for every client.
+        credentials = self._credentials
+        if credentials is None or isinstance(credentials, grpc.ChannelCredentials):
+            return None
+        return credentials
+
+    @staticmethod
+    async def _close_channel(channel: grpc.aio.Channel, stream: BatchStream | None) -> None:
+        if stream is not None:
+            await stream.close()
+        await channel.close()
 
 
 class SyncClient:

@@ -13,13 +13,16 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from dengine.client import Client, DeadlineExceeded, KeyValue, RequestFailed, Unavailable
 from dengine.errors import DengineError
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
+
+if TYPE_CHECKING:
+    from dengine.tls import ClientTLS
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
 EXIT_OK, EXIT_FALSE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -58,12 +61,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", dest="tls_key", help="TLS: the client certificate's private key (PEM)")
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+def _tls_files(args: argparse.Namespace) -> ClientTLS | None:
     if not (args.tls_ca or args.tls_cert or args.tls_key):
         return None
-    from dengine.tls import channel_credentials  # noqa: PLC0415 - only with TLS
+    from dengine.tls import ClientTLS  # noqa: PLC0415 - only with TLS
 
-    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    # Read again when they change: a long `kv watch` presents a rotated certificate when it
+    # reconnects.
+    return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    files = _tls_files(args)
+    return None if files is None else files.channel_credentials()
 
 
 def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
@@ -183,7 +193,7 @@ _OPS = {"put": _put, "get": _get, "delete": _delete, "cas": _cas, "range": _rang
 
 
 async def _kv(args: argparse.Namespace) -> int:
-    async with Client(args.endpoints, timeout=args.timeout, credentials=_credentials(args)) as client:
+    async with Client(args.endpoints, timeout=args.timeout, credentials=_tls_files(args)) as client:
         return await _OPS[args.op](client, args)
 
 

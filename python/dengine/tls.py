@@ -45,6 +45,7 @@ from dengine.errors import TLSConfigError
 __all__ = [
     "DEFAULT_HOSTS",
     "CertPaths",
+    "ClientTLS",
     "NodeTLS",
     "TLSConfigError",
     "certs_main",
@@ -507,6 +508,22 @@ def server_credentials(
     )
 
 
+def _client_material(
+    ca_file: StrPath | None, cert_file: StrPath | None, key_file: StrPath | None
+) -> tuple[bytes | None, bytes | None, bytes | None, x509.Certificate | None]:
+    """Checks a client's files; returns (roots, chain, key, leaf), each None where not given."""
+    if (cert_file is None) != (key_file is None):
+        raise TLSConfigError(
+            "a client certificate needs both cert_file and key_file "
+            f"(got cert_file={cert_file!r}, key_file={key_file!r})"
+        )
+    roots = _load_roots(ca_file) if ca_file is not None else None
+    chain = key = leaf = None
+    if cert_file is not None and key_file is not None:
+        chain, key, leaf = _load_identity(cert_file, key_file, _CLIENT_ROLE)
+    return roots, chain, key, leaf
+
+
 def channel_credentials(
     ca_file: StrPath | None,
     cert_file: StrPath | None = None,
@@ -516,28 +533,116 @@ def channel_credentials(
 
     Give ``cert_file`` and ``key_file`` together to present a client certificate, as mutual TLS
     requires. Raises :class:`TLSConfigError` naming the file if anything is wrong with the files.
+    For a long-running client, :class:`ClientTLS` reads the files again when they change.
     """
-    if (cert_file is None) != (key_file is None):
-        raise TLSConfigError(
-            "a client certificate needs both cert_file and key_file "
-            f"(got cert_file={cert_file!r}, key_file={key_file!r})"
-        )
-    roots = _load_roots(ca_file) if ca_file is not None else None
-    chain = key = None
-    if cert_file is not None and key_file is not None:
-        chain, key, _ = _load_identity(cert_file, key_file, _CLIENT_ROLE)
+    roots, chain, key, _ = _client_material(ca_file, cert_file, key_file)
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
 
 
 @dataclass(frozen=True)
 class _Material:
-    chain: bytes
-    key: bytes
+    chain: bytes | None
+    key: bytes | None
     roots: bytes | None
-    not_after: datetime.datetime
+    not_after: datetime.datetime | None  # of the certificate presented, if any
 
 
-class NodeTLS:
+class _WatchedFiles:
+    """TLS files read again whenever one of them changes on disk (see :class:`NodeTLS`)."""
+
+    def __init__(
+        self,
+        paths: tuple[Path | None, ...],
+        on_load: Callable[[datetime.datetime], None] | None,
+    ) -> None:
+        self._paths = paths
+        self._on_load = on_load
+        # gRPC asks for a server's files on its own threads; a loop asks for a client's.
+        self._lock = threading.Lock()
+        self._stamp = self._stamps()
+        self._material = self._load()
+        self._refused: tuple[bytes | None, ...] | None = None
+        self.generation = 1
+        """Counts the sets of files loaded: 1 at start, one more at each reload."""
+        if on_load is not None and self._material.not_after is not None:
+            on_load(self._material.not_after)
+
+    def _load(self) -> _Material:
+        raise NotImplementedError
+
+    def _stamps(self) -> tuple[bytes | None, ...]:
+        # The contents, not the modification times: a file rewritten within the same clock tick
+        # with a same-sized replacement keeps its mtime. A few kilobytes, read at each handshake.
+        stamps: list[bytes | None] = []
+        for path in self._paths:
+            try:
+                stamps.append(path.read_bytes() if path is not None else None)
+            except OSError:
+                stamps.append(None)  # missing while it is replaced: _load says so if it stays
+        return tuple(stamps)
+
+    def refresh(self) -> bool:
+        """Reads the files again if any changed since they were last read; returns whether a new
+        set is now in use."""
+        with self._lock:
+            stamp = self._stamps()
+            if stamp in (self._stamp, self._refused):
+                return False
+            try:
+                material = self._load()
+            except TLSConfigError as exc:
+                self._refused = stamp
+                log.warning("TLS files changed but cannot be used yet; the previous ones stay: %s", exc)
+                return False
+            self._stamp, self._material, self._refused = stamp, material, None
+            self.generation += 1
+        files = ", ".join(str(p) for p in self._paths if p is not None)
+        valid = material.not_after.isoformat() if material.not_after is not None else "-"
+        log.info("TLS files reloaded (%s): certificate valid until %s", files, valid)
+        if self._on_load is not None and material.not_after is not None:
+            self._on_load(material.not_after)
+        return True
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for a new channel, from the files as they are now (a node's: its own
+        certificate as the client's, and its CA bundle as the roots)."""
+        self.refresh()
+        m = self._material
+        return grpc.ssl_channel_credentials(
+            root_certificates=m.roots, private_key=m.key, certificate_chain=m.chain
+        )
+
+
+class ClientTLS(_WatchedFiles):
+    """A client's TLS files (the CA bundle its servers chain to, and for mutual TLS its own
+    certificate and key), read again whenever one of them changes on disk.
+
+    :class:`dengine.Client` takes it as ``credentials``: every channel it opens is built from the
+    files as they are then, and a node it cannot reach while the files have changed since its
+    channel was opened gets a new channel. A connection already open keeps the certificate it was
+    opened with, as TLS does; a client certificate matters only at a handshake, so rotating it
+    before it expires needs nothing more. Files that do not load (a certificate copied before its
+    key) are logged once and the previous ones stay in use.
+    """
+
+    def __init__(
+        self, ca_file: StrPath | None, cert_file: StrPath | None = None, key_file: StrPath | None = None
+    ) -> None:
+        """Loads the files, raising :class:`TLSConfigError` naming the file if anything is wrong
+        (the arguments are those of :func:`channel_credentials`)."""
+        super().__init__(tuple(None if f is None else Path(f) for f in (ca_file, cert_file, key_file)), None)
+
+    @property
+    def not_after(self) -> datetime.datetime | None:
+        """When the client certificate in use expires (None without one)."""
+        return self._material.not_after
+
+    def _load(self) -> _Material:
+        roots, chain, key, leaf = _client_material(*self._paths)
+        return _Material(chain, key, roots, None if leaf is None else leaf.not_valid_after_utc)
+
+
+class NodeTLS(_WatchedFiles):
     """A node's TLS files (its certificate chain, private key and CA bundle), read again whenever
     one of them changes on disk, so that certificates rotate without a restart.
 
@@ -564,75 +669,24 @@ class NodeTLS:
         wrong). ``on_load`` is called with the node certificate's expiry now and at each reload."""
         if require_client_auth and ca_file is None:
             raise TLSConfigError(_NEEDS_CA)
-        self._paths = (Path(cert_file), Path(key_file), None if ca_file is None else Path(ca_file))
         self.require_client_auth = require_client_auth
-        self._on_load = on_load
-        # gRPC asks for the server's files on its own threads; the node's loop asks for a client's.
-        self._lock = threading.Lock()
-        self._stamp = self._stamps()
-        self._material = self._load()
-        self._refused: tuple[bytes | None, ...] | None = None
-        self.generation = 1
-        """Counts the sets of files loaded: 1 at start, one more at each reload."""
+        ca = None if ca_file is None else Path(ca_file)
+        super().__init__((Path(cert_file), Path(key_file), ca), on_load)
         self._served_generation = 1
-        if on_load is not None:
-            on_load(self._material.not_after)
 
     @property
     def not_after(self) -> datetime.datetime:
         """When the node certificate in use expires."""
+        assert self._material.not_after is not None
         return self._material.not_after
-
-    def _stamps(self) -> tuple[bytes | None, ...]:
-        # The contents, not the modification times: a file rewritten within the same clock tick
-        # with a same-sized replacement keeps its mtime. A few kilobytes, read at each handshake.
-        stamps: list[bytes | None] = []
-        for path in self._paths:
-            try:
-                stamps.append(path.read_bytes() if path is not None else None)
-            except OSError:
-                stamps.append(None)  # missing while it is replaced: _load says so if it stays
-        return tuple(stamps)
 
     def _load(self) -> _Material:
         cert, key, ca = self._paths
+        assert cert is not None and key is not None
         # The node's certificate serves both ends: its server, and its client to the peers.
         chain, key_pem, leaf = _load_identity(cert, key, _SERVER_ROLE, _CLIENT_ROLE)
         roots = _load_roots(ca) if ca is not None else None
         return _Material(chain, key_pem, roots, leaf.not_valid_after_utc)
-
-    def refresh(self) -> bool:
-        """Reads the files again if any changed since they were last read; returns whether a new
-        set is now in use."""
-        with self._lock:
-            stamp = self._stamps()
-            if stamp in (self._stamp, self._refused):
-                return False
-            try:
-                material = self._load()
-            except TLSConfigError as exc:
-                self._refused = stamp
-                log.warning("TLS files changed but cannot be used yet; the previous ones stay: %s", exc)
-                return False
-            self._stamp, self._material, self._refused = stamp, material, None
-            self.generation += 1
-        log.info(
-            "TLS files reloaded: certificate %s, valid until %s",
-            self._paths[0],
-            material.not_after.isoformat(),
-        )
-        if self._on_load is not None:
-            self._on_load(material.not_after)
-        return True
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Credentials for a new channel to a peer: the node's certificate as the client's, and
-        its CA bundle as the roots, as the files are now."""
-        self.refresh()
-        m = self._material
-        return grpc.ssl_channel_credentials(
-            root_certificates=m.roots, private_key=m.key, certificate_chain=m.chain
-        )
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Server credentials that gRPC asks again at each handshake (:meth:`refresh`)."""
@@ -645,6 +699,7 @@ class NodeTLS:
 
     def _server_config(self) -> grpc.ServerCertificateConfiguration:
         m = self._material
+        assert m.key is not None and m.chain is not None
         return grpc.ssl_server_certificate_configuration([(m.key, m.chain)], root_certificates=m.roots)
 
     def _next_server_config(self) -> grpc.ServerCertificateConfiguration | None:
