@@ -401,7 +401,7 @@ class Client:
                         yield WatchEvent(kind, kv, _kv(e.prev) if e.HasField("prev") else None, e.revision)
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code().name, exc.details() or ""
-                self._on_failure(address, code, details)
+                self._call_failed(address, code, details)
                 self._endpoints.leader = None  # any node can serve a watch: rotate
                 if code == "OUT_OF_RANGE":
                     # That node restored a snapshot past our revision; another may still hold
@@ -471,7 +471,7 @@ class Client:
                 max(0.05, min(self.attempt_timeout, deadline - time.monotonic())),
             )
         except CallFailed as exc:
-            self._on_failure(address, exc.code, exc.details)
+            self._call_failed(address, exc.code, exc.details)
             for p in batch:
                 self._retry_or_fail(p, exc.code, exc.details)
             return
@@ -500,9 +500,13 @@ class Client:
         if wrote and self._endpoints.leader is None:
             self._endpoints.leader = address  # it took writes: it leads
 
-    def _on_failure(self, address: str, code: str, details: str) -> None:
+    def _call_failed(self, address: str, code: str, details: str) -> None:
+        """A call to ``address`` failed as a whole (not one operation the node answered)."""
         if code == "UNAVAILABLE":
             self._renew_channel_if_files_changed(address)
+        self._on_failure(address, code, details)
+
+    def _on_failure(self, address: str, code: str, details: str) -> None:
         # A refusal that names the leader points there, whatever its code: a follower's NOT_LEADER
         # names another node, an overloaded leader (UNAVAILABLE) names itself, to be retried
         # after a backoff rather than by way of a follower.
@@ -544,7 +548,7 @@ class Client:
                 return await getattr(stub, method)(request, timeout=max(0.05, deadline - time.monotonic()))
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code().name, exc.details() or ""
-                self._on_failure(address, code, details)
+                self._call_failed(address, code, details)
                 if code not in _RETRYABLE:
                     raise RequestFailed(code, details) from exc
                 if time.monotonic() >= deadline:
