@@ -536,7 +536,8 @@ class Client:
             return
         p.attempts += 1
         backoff = min(0.5, 0.01 * 2 ** min(p.attempts, 6)) * random.uniform(0.5, 1.0)
-        asyncio.get_running_loop().call_later(min(backoff, remaining), self._enqueue, p)
+        assert self._loop is not None, "p was submitted"
+        self._loop.call_later(min(backoff, remaining), self._enqueue, p)
 
     async def _call_unary(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline = time.monotonic() + (timeout or self.timeout)
