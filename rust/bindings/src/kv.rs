@@ -43,8 +43,11 @@ fn event<'py>(py: Python<'py>, e: &Event) -> PyResult<Bound<'py, PyTuple>> {
     (PyBytes::new(py, &e.key), kv, prev, e.revision).into_pyobject(py)
 }
 
-fn events<'py>(py: Python<'py>, list: &[Event]) -> PyResult<Bound<'py, PyList>> {
-    let items = list.iter().map(|e| event(py, e)).collect::<PyResult<Vec<_>>>()?;
+fn events<'a, 'py>(
+    py: Python<'py>,
+    list: impl IntoIterator<Item = &'a Event>,
+) -> PyResult<Bound<'py, PyList>> {
+    let items = list.into_iter().map(|e| event(py, e)).collect::<PyResult<Vec<_>>>()?;
     PyList::new(py, items)
 }
 

@@ -10,8 +10,7 @@
 //! `dengine.raft.sessions` documents the rules for Python users; this module is their one
 //! implementation.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// The first byte of a session command's envelope.
 pub const SESSION_KIND: u8 = 2;
@@ -63,20 +62,29 @@ pub enum Seen<'a> {
 
 #[derive(Debug, Clone)]
 struct Session {
-    results: HashMap<u64, Stored>,
+    // By increasing sequence. A client's sequences mostly reach the log in order, so a new one
+    // goes at the back and the lowest leave from the front, with no hashing or heap on the path
+    // every write takes; a retried or reordered one is placed by binary search.
+    results: VecDeque<(u64, Stored)>,
     // Sequences below this were acknowledged by the client: a late copy of one is stale.
     acked_below: u64,
     last_index: u64,
-    // The keys of `results` as a min-heap, so dropping the lowest costs O(log n).
-    order: BinaryHeap<Reverse<u64>>,
     // Position in the activity order (see `SessionTable::by_activity`).
     stamp: u64,
 }
 
 impl Session {
-    fn drop_lowest(&mut self) {
-        if let Some(Reverse(sequence)) = self.order.pop() {
-            self.results.remove(&sequence);
+    fn find(&self, sequence: u64) -> Result<usize, usize> {
+        match self.results.back() {
+            Some((last, _)) if *last < sequence => Err(self.results.len()),
+            _ => self.results.binary_search_by_key(&sequence, |(q, _)| *q),
+        }
+    }
+
+    fn store(&mut self, sequence: u64, outcome: Stored) {
+        match self.find(sequence) {
+            Ok(at) => self.results[at].1 = outcome,
+            Err(at) => self.results.insert(at, (sequence, outcome)),
         }
     }
 }
@@ -149,10 +157,10 @@ impl SessionTable {
     pub fn lookup(&self, client: u64, sequence: u64) -> Seen<'_> {
         match self.sessions.get(&client) {
             None => Seen::New,
-            Some(s) => match s.results.get(&sequence) {
-                Some(stored) => Seen::Duplicate(stored),
-                None if sequence < s.acked_below => Seen::Stale,
-                None => Seen::New,
+            Some(s) => match s.find(sequence) {
+                Ok(at) => Seen::Duplicate(&s.results[at].1),
+                Err(_) if sequence < s.acked_below => Seen::Stale,
+                Err(_) => Seen::New,
             },
         }
     }
@@ -166,35 +174,37 @@ impl SessionTable {
         outcome: Stored,
         first_outstanding: u64,
     ) {
+        let most_recent = self.by_activity.last_key_value().map(|(_, c)| *c);
         let stamp = self.next_stamp;
-        self.next_stamp += 1;
         let s = match self.sessions.get_mut(&client) {
+            // Already the most recently active client: its place in the order stays right.
+            Some(s) if most_recent == Some(client) => s,
             Some(s) => {
                 self.by_activity.remove(&s.stamp);
                 s
             }
             None => self.sessions.entry(client).or_insert_with(|| Session {
-                results: HashMap::new(),
+                results: VecDeque::new(),
                 acked_below: 0,
                 last_index: index,
-                order: BinaryHeap::new(),
                 stamp,
             }),
         };
-        s.stamp = stamp;
-        self.by_activity.insert(stamp, client);
-        s.last_index = index;
-        if s.results.insert(sequence, outcome).is_none() {
-            s.order.push(Reverse(sequence));
+        if most_recent != Some(client) {
+            self.next_stamp += 1;
+            s.stamp = stamp;
+            self.by_activity.insert(stamp, client);
         }
+        s.last_index = index;
+        s.store(sequence, outcome);
         if first_outstanding > s.acked_below {
             s.acked_below = first_outstanding;
-            while s.order.peek().is_some_and(|Reverse(q)| *q < first_outstanding) {
-                s.drop_lowest();
+            while s.results.front().is_some_and(|(q, _)| *q < first_outstanding) {
+                s.results.pop_front();
             }
         }
         while s.results.len() > self.max_results {
-            s.drop_lowest();
+            s.results.pop_front();
         }
         self.expire(index);
     }
@@ -218,10 +228,7 @@ impl SessionTable {
             .values()
             .map(|client| {
                 let s = &self.sessions[client];
-                let mut results: Vec<(u64, Stored)> =
-                    s.results.iter().map(|(q, o)| (*q, o.clone())).collect();
-                results.sort_unstable_by_key(|(q, _)| *q);
-                (*client, s.acked_below, s.last_index, results)
+                (*client, s.acked_below, s.last_index, s.results.iter().cloned().collect())
             })
             .collect()
     }
@@ -234,9 +241,11 @@ impl SessionTable {
         for (client, acked_below, last_index, results) in rows {
             let stamp = self.next_stamp;
             self.next_stamp += 1;
-            let order = results.iter().map(|(q, _)| Reverse(*q)).collect();
-            let session =
-                Session { results: results.into_iter().collect(), acked_below, last_index, order, stamp };
+            let mut session =
+                Session { results: VecDeque::with_capacity(results.len()), acked_below, last_index, stamp };
+            for (sequence, outcome) in results {
+                session.store(sequence, outcome);
+            }
             if let Some(old) = self.sessions.insert(client, session) {
                 self.by_activity.remove(&old.stamp);
             }
@@ -294,6 +303,82 @@ mod tests {
         assert_eq!(back.rows(), rows);
         back.record(9, 2, 4, ok(2), 0);
         assert_eq!(back.rows()[0].0, 5, "restored activity order is kept");
+    }
+
+    #[test]
+    fn late_and_repeated_sequences_keep_their_place() {
+        let mut t = SessionTable::new(10, 100, 3).unwrap();
+        for (sequence, index) in [(5, 1), (3, 2), (4, 3)] {
+            t.record(7, sequence, index, ok(sequence as u8), 0);
+        }
+        t.record(7, 4, 4, ok(40), 0); // a retry that ran again replaces the stored outcome
+        assert_eq!(t.lookup(7, 3), Seen::Duplicate(&ok(3)));
+        assert_eq!(t.lookup(7, 4), Seen::Duplicate(&ok(40)));
+        t.record(7, 2, 5, ok(2), 0); // over max_results: the lowest goes, though it came last
+        assert_eq!(t.lookup(7, 2), Seen::New);
+        assert_eq!(t.rows()[0].3.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![3, 4, 5]);
+    }
+
+    /// The table's rules written the plainest way: clients in activity order, most idle first,
+    /// each with its outcomes by sequence.
+    #[derive(Default)]
+    struct Model {
+        clients: Vec<(u64, u64, u64, BTreeMap<u64, Stored>)>,
+    }
+
+    impl Model {
+        fn record(&mut self, limits: (usize, u64, usize), op: (u64, u64, u64, u64)) {
+            let (max_clients, expire_after, max_results) = limits;
+            let (client, sequence, index, first_outstanding) = op;
+            let at = self.clients.iter().position(|c| c.0 == client);
+            let mut c = at.map_or((client, 0, index, BTreeMap::new()), |at| self.clients.remove(at));
+            c.2 = index;
+            c.3.insert(sequence, ok(sequence as u8));
+            if first_outstanding > c.1 {
+                c.1 = first_outstanding;
+                c.3.retain(|q, _| *q >= first_outstanding);
+            }
+            while c.3.len() > max_results {
+                c.3.pop_first();
+            }
+            self.clients.push(c);
+            while self.clients.len() > max_clients
+                || self.clients.first().is_some_and(|c| index.saturating_sub(c.2) > expire_after)
+            {
+                self.clients.remove(0);
+            }
+        }
+
+        fn rows(&self) -> Vec<SessionRow> {
+            let row = |c: &(u64, u64, u64, BTreeMap<u64, Stored>)| {
+                (c.0, c.1, c.2, c.3.iter().map(|(q, o)| (*q, o.clone())).collect())
+            };
+            self.clients.iter().map(row).collect()
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_table_follows_its_rules(
+            ops in proptest::collection::vec((0u64..4, 0u64..24, 0u64..8), 1..120),
+            restore_at in 0usize..120,
+        ) {
+            let limits = (3, 12, 5);
+            let mut table = SessionTable::new(limits.0, limits.1, limits.2).unwrap();
+            let mut model = Model::default();
+            for (i, (client, sequence, behind)) in ops.into_iter().enumerate() {
+                let index = i as u64 + 1;
+                let first_outstanding = sequence.saturating_sub(behind);
+                table.record(client, sequence, index, ok(sequence as u8), first_outstanding);
+                model.record(limits, (client, sequence, index, first_outstanding));
+                proptest::prop_assert_eq!(table.rows(), model.rows());
+                if i == restore_at {
+                    let mut back = SessionTable::new(limits.0, limits.1, limits.2).unwrap();
+                    back.restore(table.rows());
+                    table = back;
+                }
+            }
+        }
     }
 
     #[test]

@@ -101,8 +101,22 @@ impl PartialOrd for Key {
 
 impl Ord for Key {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (**self).cmp(&**other)
+        match (self, other) {
+            // Zero-padded inline keys compare as three big-endian words, then by length: the
+            // byte order, without a `memcmp` call per comparison on the tree's hottest path.
+            (Key::Inline { len: a, bytes: x }, Key::Inline { len: b, bytes: y }) => {
+                inline_words(x).cmp(&inline_words(y)).then(a.cmp(b))
+            }
+            _ => (**self).cmp(&**other),
+        }
     }
+}
+
+fn inline_words(bytes: &[u8; INLINE_KEY]) -> (u64, u64, u64) {
+    let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
+    let mut tail = [0u8; 8];
+    tail[..INLINE_KEY - 16].copy_from_slice(&bytes[16..]);
+    (word(0), word(8), u64::from_be_bytes(tail))
 }
 
 impl std::fmt::Debug for Key {

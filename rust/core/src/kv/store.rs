@@ -50,13 +50,16 @@ pub struct KvStore {
     pub(super) map: OrdMap<Key, Record>,
     pub(super) revision: u64,
     pub(super) last_applied: u64,
+    // The bounded history, whose newest `latest` events are those of the latest apply: each
+    // event is made and dropped once.
     history: VecDeque<Event>,
     history_limit: usize,
+    latest: usize,
+    // The latest apply's events when it made more than the history keeps (a large delete-range,
+    // or a store with no history), so that subscribers still get them all.
+    latest_overflow: Vec<Event>,
     compacted: u64,
     restores: u64,
-    // Events of the latest apply, kept apart from the history so that a store with no history
-    // still hands them to subscribers.
-    latest: Vec<Event>,
 }
 
 impl KvStore {
@@ -111,9 +114,10 @@ impl KvStore {
             .take_while(move |(k, _)| k.starts_with(prefix))
     }
 
-    /// The events of the latest [`apply`](Self::apply), in order (empty if it changed nothing).
-    pub fn latest_events(&self) -> &[Event] {
-        &self.latest
+    /// The events of the latest [`apply`](Self::apply), in order (none if it changed nothing).
+    pub fn latest_events(&self) -> impl Iterator<Item = &Event> {
+        let kept = if self.latest_overflow.is_empty() { self.latest } else { 0 };
+        self.latest_overflow.iter().chain(self.history.range(self.history.len() - kept..))
     }
 
     /// The retained events with a revision above `revision`, oldest first; `Err` with the
@@ -135,7 +139,8 @@ impl KvStore {
             return Err(IndexNotAfter { index, last_applied: self.last_applied });
         }
         self.last_applied = index;
-        self.latest.clear();
+        self.latest = 0;
+        self.latest_overflow.clear();
         let command = match command::parse(data) {
             Ok(command) => command,
             Err(message) => return Ok(command::encode_error(self.revision, &message)),
@@ -154,7 +159,7 @@ impl KvStore {
                 };
                 self.revision += 1;
                 let result = command::encode_result(true, self.revision, Some((&key, &prev)), 1);
-                self.latest.push(Event { key, kv: None, prev: Some(prev), revision: self.revision });
+                self.record(Event { key, kv: None, prev: Some(prev), revision: self.revision });
                 self.publish();
                 result
             }
@@ -197,8 +202,9 @@ impl KvStore {
         self.revision += 1;
         let revision = self.revision;
         let value: Arc<[u8]> = Arc::from(value);
+        let key = Key::from(key);
         // An existing key is changed where it is found: one walk down the tree, not two.
-        if let Some((k, record)) = self.map.get_key_value_mut(key) {
+        if let Some((k, record)) = self.map.get_key_value_mut(&key) {
             let next = Record {
                 value,
                 create_revision: record.create_revision,
@@ -206,12 +212,12 @@ impl KvStore {
                 version: record.version + 1,
             };
             let prev = std::mem::replace(record, next.clone());
-            self.latest.push(Event { key: k.clone(), kv: Some(next), prev: Some(prev.clone()), revision });
+            let event = Event { key: k.clone(), kv: Some(next), prev: Some(prev.clone()), revision };
+            self.record(event);
             return Some(prev);
         }
-        let key = Key::from(key);
         let record = Record { value, create_revision: revision, mod_revision: revision, version: 1 };
-        self.latest.push(Event { key: key.clone(), kv: Some(record.clone()), prev: None, revision });
+        self.record(Event { key: key.clone(), kv: Some(record.clone()), prev: None, revision });
         self.map.insert(key, record);
         None
     }
@@ -219,12 +225,20 @@ impl KvStore {
     /// Removes `key` at the current revision (already incremented by the caller).
     fn delete(&mut self, key: Key, prev: Record) {
         self.map.remove(&*key);
-        self.latest.push(Event { key, kv: None, prev: Some(prev), revision: self.revision });
+        self.record(Event { key, kv: None, prev: Some(prev), revision: self.revision });
     }
 
-    /// Appends the latest events to the bounded history.
+    fn record(&mut self, event: Event) {
+        self.history.push_back(event);
+        self.latest += 1;
+    }
+
+    /// Bounds the history, once the latest apply's events are in it.
     fn publish(&mut self) {
-        self.history.extend(self.latest.iter().cloned());
+        if self.latest > self.history_limit {
+            let from = self.history.len() - self.latest;
+            self.latest_overflow.extend(self.history.range(from..).cloned());
+        }
         while self.history.len() > self.history_limit {
             if let Some(dropped) = self.history.pop_front() {
                 self.compacted = dropped.revision;
@@ -239,7 +253,8 @@ impl KvStore {
         self.revision = restored.revision;
         self.last_applied = restored.last_applied;
         self.history.clear();
-        self.latest.clear();
+        self.latest = 0;
+        self.latest_overflow.clear();
         self.compacted = restored.revision;
         self.restores += 1;
     }

@@ -162,7 +162,7 @@ fn revisions_versions_and_results_follow_etcd() {
     let error = log.apply(&[1, 9]);
     assert_eq!(head(&error).0, 0x04);
     assert_eq!((log.store.revision(), log.store.last_applied()), (10, log.index));
-    assert!(log.store.latest_events().is_empty());
+    assert_eq!(log.store.latest_events().count(), 0);
     let err = log.store.apply(log.index, &put(b"z", b"")).unwrap_err();
     assert_eq!((err.index, err.last_applied), (log.index, log.index));
 }
@@ -181,6 +181,22 @@ fn inline_and_shared_keys_order_as_their_bytes() {
     }
     assert!(matches!(Key::from(&long[..INLINE_KEY]), Key::Inline { .. }));
     assert!(matches!(Key::from(&long[..]), Key::Shared(_)));
+}
+
+proptest::proptest! {
+    // Inline keys compare as zero-padded words and then by length: keys with zero bytes, keys
+    // that are prefixes of others, and keys either side of the inline limit must still order
+    // as their bytes, or the tree would misplace them.
+    #[test]
+    fn any_two_keys_order_as_their_bytes(
+        a in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::prelude::any::<u8>()], 0..30),
+        b in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::prelude::any::<u8>()], 0..30),
+    ) {
+        use super::Key;
+        proptest::prop_assert_eq!(Key::from(&a[..]).cmp(&Key::from(&b[..])), a.cmp(&b));
+        let c: Vec<u8> = a.iter().copied().chain([0]).collect();
+        proptest::prop_assert_eq!(Key::from(&a[..]).cmp(&Key::from(&c[..])), std::cmp::Ordering::Less);
+    }
 }
 
 #[test]
@@ -211,8 +227,8 @@ fn the_history_is_bounded_and_reports_compaction() {
     log.apply(&delete_range(b"k"));
     // All five deletes share revision 6; dropping part of it compacts revision 6 itself.
     assert_eq!(log.store.compacted_revision(), 6);
-    assert_eq!(log.store.latest_events().len(), 5);
-    let deleted = &log.store.latest_events()[0];
+    assert_eq!(log.store.latest_events().count(), 5);
+    let deleted = log.store.latest_events().next().unwrap();
     assert!(deleted.kv.is_none() && deleted.prev.as_ref().unwrap().mod_revision == 1);
 }
 
