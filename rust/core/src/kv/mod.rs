@@ -42,10 +42,11 @@ pub const SNAPSHOT_VERSION: u32 = 1;
 
 /// A key. Short keys (most of them) are stored inline, so comparing keys while walking the tree
 /// reads the tree's own memory instead of chasing a pointer per comparison; longer ones are
-/// shared between the map, the watch history and frozen snapshot views.
+/// shared between the map, the watch history and frozen snapshot views. Make keys with
+/// `Key::from`: ordering two inline keys reads their padding, which must be zeros.
 #[derive(Clone)]
 pub enum Key {
-    /// Up to [`INLINE_KEY`] bytes, kept in place.
+    /// Up to [`INLINE_KEY`] bytes, kept in place, zeros after the first `len`.
     Inline { len: u8, bytes: [u8; INLINE_KEY] },
     /// A longer key on the heap.
     Shared(Arc<[u8]>),
