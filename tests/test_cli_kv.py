@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -129,7 +130,17 @@ def test_leader_transfer(cluster: ProcCluster) -> None:
     out = dengine(cluster, "leader", "transfer", str(target))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"leadership handed to node {target}"
-    assert wait_for(lambda: cluster.leader() == target, 10, f"node {target} to lead")
+    assert cluster.leader() == target, "the command returns once the target leads"
+    # A frozen target never takes over: the command says so and exits 3; the leader stays.
+    frozen = next(i for i in range(1, 4) if i != target)
+    cluster.kill(frozen, signal.SIGSTOP)
+    try:
+        out = dengine(cluster, "leader", "transfer", str(frozen))
+    finally:
+        cluster.kill(frozen, signal.SIGCONT)
+    assert out.returncode == 3, out.stdout
+    assert f"node {frozen} did not take over within the election timeout" in out.stderr
+    assert cluster.leader() == target
 
 
 def test_the_consistency_commands_of_the_docs(cluster: ProcCluster) -> None:

@@ -19,6 +19,7 @@ from dengine.devcluster import free_ports
 from dengine.errors import (
     ApplyError,
     LeaderOverloadedError,
+    LeadershipTransferError,
     NotLeaderError,
     OutcomeUnknownError,
     ProposalDroppedError,
@@ -129,6 +130,34 @@ def test_propose_read_and_contained_apply_errors(tmp_path: Path) -> None:
             status = leader.status()
             assert status.role == "leader" and status.commit == status.applied
             assert {p.id for p in status.peers} == {n.id for n in nodes} - {leader.id}
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_move_leader_returns_once_the_target_leads_and_fails_clearly_when_it_cannot(tmp_path: Path) -> None:
+    async def main() -> None:
+        nodes = [Node(c, Counter()) for c in configs(tmp_path)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            await leader.propose(b"1")
+            target = next(n for n in nodes if n is not leader)
+            assert await leader.move_leader(target.id) == target.id
+            assert target.raft is not None and target.raft.role.value == "leader"
+            with pytest.raises(NotLeaderError):
+                await leader.move_leader()
+            # A target that is down: the leader abandons the transfer after an election
+            # timeout, says so, and goes on leading.
+            down = next(n for n in nodes if n is not target)
+            await down.stop(transfer_leadership=False)
+            with pytest.raises(LeadershipTransferError, match=f"node {down.id} did not take over"):
+                await target.move_leader(down.id)
+            assert target.raft.role.value == "leader"
+            assert await target.propose(b"1") == b"2"
         finally:
             for n in nodes:
                 await n.stop(transfer_leadership=False)

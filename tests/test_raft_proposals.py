@@ -59,6 +59,31 @@ def test_leader_transfer_with_timeout_now() -> None:
     assert [m for m in c.sent if m.type is MsgType.TIMEOUT_NOW and m.dst == 3]
 
 
+def test_a_lost_timeout_now_is_sent_again_when_the_target_answers_a_heartbeat() -> None:
+    c = Cluster(3)
+    c.elect(1)
+    c.propose(1, b"x")
+    lost: list[Message] = []
+
+    def lose_the_first_timeout_now(m: Message) -> Message | None:
+        if m.type is MsgType.TIMEOUT_NOW and not lost:
+            lost.append(m)
+            return None
+        return m
+
+    c.filters.append(lose_the_first_timeout_now)
+    c.nodes[1].transfer_leadership(3)
+    c.settle()
+
+    def roles() -> tuple[Role, Role]:  # read afresh each time
+        return c.nodes[1].role, c.nodes[3].role
+
+    assert lost and roles() == (Role.LEADER, Role.FOLLOWER)
+    c.tick(1)  # the next heartbeat: node 3's answer brings a TimeoutNow again
+    c.settle()
+    assert roles() == (Role.FOLLOWER, Role.LEADER) and c.nodes[1].lead == 3
+
+
 def test_leader_transfer_to_the_most_up_to_date_voter_by_default() -> None:
     c = Cluster(3)
     c.elect(1)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from dengine.errors import DengineError, NotLeaderError
+from dengine.errors import DengineError, LeadershipTransferError, NotLeaderError
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -124,9 +124,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self, request: cluster_pb2.TransferLeaderRequest, context: Any
     ) -> cluster_pb2.TransferLeaderResponse:
         try:
-            target = self.node.transfer_leadership(request.id or None)
+            target = await self.node.move_leader(request.id or None)
         except NotLeaderError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not leader; leader={exc.leader or 0}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LeadershipTransferError as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         return cluster_pb2.TransferLeaderResponse(leader_id=target)

@@ -18,6 +18,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     └── LeaderOverloadedError        the leader holds too many writes not applied yet; back off
     OutcomeUnknownError              the node stopped waiting before a write's outcome was known
     ApplyError                       the state machine raised applying a committed command
+    LeadershipTransferError          a leadership transfer did not complete; the message says why
     ConfigError                      invalid configuration: names the key and allowed values
     TLSConfigError                   a TLS file is missing, malformed or not valid now
     Unavailable                      (client) no node could serve the request before its deadline
@@ -104,6 +105,12 @@ class ApplyError(DengineError):
     and counts as applied on every replica; the message is the exception it raised."""
 
 
+class LeadershipTransferError(DengineError):
+    """A leadership transfer did not complete: the target did not take over within the time
+    allowed (it is down, or too far behind to catch up), or another node was elected. The old
+    leader resumes, or the new one serves; nothing written is lost. Retrying is safe."""
+
+
 class ConfigError(DengineError, ValueError):
     """The configuration is invalid; the message names the key, what it accepts and the source.
 
@@ -179,6 +186,7 @@ __all__ += [
     "ConfigError",
     "DeadlineExceeded",
     "LeaderOverloadedError",
+    "LeadershipTransferError",
     "NotFound",
     "NotLeaderError",
     "OutcomeUnknownError",

@@ -36,6 +36,7 @@ from dengine.errors import (
     ApplyError,
     DengineError,
     LeaderOverloadedError,
+    LeadershipTransferError,
     NotLeaderError,
     OutcomeUnknownError,
     ProposalDroppedError,
@@ -718,11 +719,39 @@ class Node:
 
     def transfer_leadership(self, target: int | None = None) -> int:
         """Asks the leader (this node) to hand leadership to ``target`` (default: the most
-        up-to-date voter); returns the target. Proposals are refused until it completes."""
+        up-to-date voter); returns the target. Proposals are refused until it completes.
+        :meth:`move_leader` also waits for the outcome."""
         assert self.raft is not None
         chosen = self.raft.transfer_leadership(target)
         self.pump()
         return chosen
+
+    async def move_leader(self, target: int | None = None, *, timeout: float | None = None) -> int:
+        """Hands leadership to ``target`` (default: the most up-to-date voter) and waits until it
+        leads; returns its id. Only on the leader (``NotLeaderError``).
+
+        A transfer is best effort: the target may be down or unable to catch up, and the leader
+        abandons it after an election timeout and goes on leading. That, another node winning
+        the election, or ``timeout`` seconds (default: two election timeouts) passing first,
+        raise :class:`~dengine.errors.LeadershipTransferError`; retrying is safe.
+        """
+        raft = self.raft
+        assert raft is not None
+        chosen = self.transfer_leadership(target)
+        election = self.config.raft.election_timeout_ms / 1000
+        deadline = time.monotonic() + (2 * election if timeout is None else timeout)
+        while time.monotonic() < deadline and self._running:
+            if raft.role is Role.LEADER and raft.lead_transferee is None:
+                raise LeadershipTransferError(
+                    f"node {chosen} did not take over within the election timeout ({election:g} s): "
+                    f"it may be down or unable to catch up; node {self.id} still leads"
+                )
+            if raft.role is not Role.LEADER and raft.lead is not None:
+                if raft.lead != chosen:
+                    raise LeadershipTransferError(f"node {raft.lead} was elected instead of node {chosen}")
+                return chosen
+            await asyncio.sleep(self.config.raft.tick_ms / 1000)
+        raise LeadershipTransferError(f"no leader change to node {chosen} was seen in time")
 
     # --- membership -------------------------------------------------------------------------------
 

@@ -797,6 +797,12 @@ class Raft:
                     # each heartbeat lets one more append out, and its answer repairs the rest.
                     pr.inflight.popleft()
                 self._send_append(m.src)
+            elif m.src == self.lead_transferee:
+                # The target is caught up and still a follower: its TimeoutNow may have been lost
+                # (a peer stream that breaks drops what it carried), so each of its heartbeat
+                # answers brings another. A copy that arrives after the target campaigned is from
+                # an older term by then, and ignored.
+                self._send(Message(MsgType.TIMEOUT_NOW, self.id, m.src, self.term))
             if m.context:
                 self._ack_read_rounds(m.src, m.context)
         elif t is MsgType.READ_INDEX:
