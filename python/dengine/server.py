@@ -35,6 +35,9 @@ from dengine.errors import (
 )
 from dengine.gc_tuning import tune_gc
 from dengine.kv import (
+    _OP_CAS,
+    _OP_DELETE,
+    _OP_PUT,
     WATCH_PROGRESS_INTERVAL_S,
     KeyValue,
     KVCompactedError,
@@ -215,7 +218,7 @@ def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError) -
     slot.error = _error_text(exc)
 
 
-_OP_KINDS = {1: "put", 2: "delete", 3: "cas"}  # by the command op codes of dengine.kv
+_OP_KINDS = {_OP_PUT: "put", _OP_DELETE: "delete", _OP_CAS: "cas"}  # the write kinds of a batch
 _FILLS: dict[str, Callable[[Any, bytes], None]] = {"put": _fill_put, "delete": _fill_delete, "cas": _fill_cas}
 
 
