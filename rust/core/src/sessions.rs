@@ -64,7 +64,10 @@ pub enum Seen<'a> {
 struct Session {
     // By increasing sequence. A client's sequences mostly reach the log in order, so a new one
     // goes at the back and the lowest leave from the front, with no hashing or heap on the path
-    // every write takes; a retried or reordered one is placed by binary search.
+    // every write takes; a retried or reordered one is placed by binary search, and moves the
+    // shorter side of the deque (a client that reorders a window of n sequences pays O(n) per
+    // write; a BTreeMap, O(log n), cost 10-20% more on the ordered path, measured with
+    // `examples/apply_growing.rs`).
     results: VecDeque<(u64, Stored)>,
     // Sequences below this were acknowledged by the client: a late copy of one is stale.
     acked_below: u64,
