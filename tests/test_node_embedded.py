@@ -139,10 +139,7 @@ def test_propose_read_and_contained_apply_errors(tmp_path: Path) -> None:
 
 def test_move_leader_returns_once_the_target_leads_and_fails_clearly_when_it_cannot(tmp_path: Path) -> None:
     async def main() -> None:
-        nodes = [Node(c, Counter()) for c in configs(tmp_path)]
-        for n in nodes:
-            await n.start()
-        try:
+        async with started(configs(tmp_path)) as nodes:
             leader = await until(lambda: leader_of(nodes))
             await leader.propose(b"1")
             target = next(n for n in nodes if n is not leader)
@@ -158,9 +155,6 @@ def test_move_leader_returns_once_the_target_leads_and_fails_clearly_when_it_can
                 await target.move_leader(down.id)
             assert target.raft.role.value == "leader"
             assert await target.propose(b"1") == b"2"
-        finally:
-            for n in nodes:
-                await n.stop(transfer_leadership=False)
 
     run(main)
 
