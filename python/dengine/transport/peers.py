@@ -32,6 +32,18 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
+PEER_CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    # Each attempt to reach a peer makes a new channel and backs off by itself (50 ms doubling
+    # to 1 s). By default grpc shares one subchannel per address among a process's channels,
+    # with its own reconnect backoff (1 s at first): a node that started a moment before a peer
+    # then could not reach it for a second or more, long enough for the peer to miss a new
+    # leader's messages and, in a CI run, a TimeoutNow.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
 _QUEUE_LIMIT = 4096
 _MAX_BATCH_MESSAGES = 512
 
@@ -121,8 +133,8 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         """A new channel to ``address`` with this node's credentials and limits."""
         credentials = self.credentials() if self.credentials is not None else None
         if credentials is not None:
-            return grpc.aio.secure_channel(address, credentials, options=GRPC_OPTIONS)
-        return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            return grpc.aio.secure_channel(address, credentials, options=PEER_CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
 
     async def _run_peer(self, peer: int) -> None:
         q = self._queues[peer]
