@@ -179,6 +179,20 @@ class SimCluster:
         self._drive(self.nodes[node_id])
         return None
 
+    def transfer_leadership(self, node_id: int, target: int | None = None) -> str | None:
+        """Asks ``node_id`` (which must lead) to hand leadership to ``target`` (default: the most
+        up-to-date voter); returns the refusal, if any. Whether the transfer completes is up to
+        the network, as with a real cluster."""
+        raft = self.nodes[node_id].raft
+        if raft is None:
+            return "node is down"
+        try:
+            raft.transfer_leadership(target)
+        except (NotLeaderError, ValueError) as exc:
+            return str(exc)
+        self._drive(self.nodes[node_id])
+        return None
+
     # --- event queue ----------------------------------------------------------------------------
 
     def schedule(self, delay: float, action: Callable[[], None]) -> None:

@@ -2,10 +2,11 @@
 
 :func:`run_kv_simulation` builds a :class:`~dengine.testing.sim.SimCluster`, lets clients issue
 put, get, delete and compare-and-swap against a few contended keys while the seed's fault
-schedule crashes nodes, partitions the network and loses, duplicates and delays messages. Then
-it heals everything, demands that the cluster elect a leader and accept a write within a bound
-(liveness), and checks the recorded client history with the linearizability checker. Any broken
-invariant raises :class:`~dengine.testing.invariants.SimulationFailure` naming the seed.
+schedule crashes nodes, partitions the network, moves leadership and loses, duplicates and delays
+messages. Then it heals everything, demands that the cluster elect a leader and accept a write
+within a bound (liveness), and checks the recorded client history with the linearizability
+checker. Any broken invariant raises :class:`~dengine.testing.invariants.SimulationFailure`
+naming the seed.
 """
 
 from __future__ import annotations
@@ -276,6 +277,13 @@ class _Run:
                 a, b = rng.sample(ids, 2)
                 cluster.block(a, b)
                 faults.append(f"{cluster.now:.0f}ms block {a}->{b}")
+            elif r < 0.85:
+                # A leadership transfer, to a voter or by default, under whatever faults hold.
+                leader = cluster.leader()
+                if leader is not None:
+                    target = rng.choice([None, *ids])
+                    refused = cluster.transfer_leadership(leader, target)
+                    faults.append(f"{cluster.now:.0f}ms transfer {leader}->{target}: {refused or 'asked'}")
             else:
                 cluster.heal()
                 faults.append(f"{cluster.now:.0f}ms heal")
