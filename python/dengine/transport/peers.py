@@ -36,9 +36,9 @@ PEER_CHANNEL_OPTIONS = [
     *GRPC_OPTIONS,
     # Each attempt to reach a peer makes a new channel and backs off by itself (50 ms doubling
     # to 1 s). By default grpc shares one subchannel per address among a process's channels,
-    # with its own reconnect backoff (1 s at first): a node that started a moment before a peer
-    # then could not reach it for a second or more, long enough for the peer to miss a new
-    # leader's messages and, in a CI run, a TimeoutNow.
+    # with a reconnect backoff of its own (1 s at first), which a new channel can inherit. In CI
+    # runs a node started a moment before a peer did not reach it for 0.7-1.5 s, and the peer
+    # missed a new leader's messages and a TimeoutNow; this backoff is the likely cause.
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
