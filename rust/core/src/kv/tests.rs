@@ -183,15 +183,18 @@ fn inline_and_shared_keys_order_as_their_bytes() {
     assert!(matches!(Key::from(&long[..]), Key::Shared(_)));
 }
 
+/// Key bytes up to past the inline limit, zero bytes as likely as all others together.
+fn key_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..30)
+}
+
 proptest::proptest! {
     // Inline keys compare as zero-padded words and then by length: keys with zero bytes, keys
     // that are prefixes of others, and keys either side of the inline limit must still order
     // as their bytes, or the tree would misplace them.
     #[test]
-    fn any_two_keys_order_as_their_bytes(
-        a in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::prelude::any::<u8>()], 0..30),
-        b in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::prelude::any::<u8>()], 0..30),
-    ) {
+    fn any_two_keys_order_as_their_bytes(a in key_bytes(), b in key_bytes()) {
         use super::Key;
         proptest::prop_assert_eq!(Key::from(&a[..]).cmp(&Key::from(&b[..])), a.cmp(&b));
         let c: Vec<u8> = a.iter().copied().chain([0]).collect();
