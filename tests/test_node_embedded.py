@@ -169,11 +169,14 @@ def test_graceful_stop_transfers_leadership_and_a_restart_recovers(tmp_path: Pat
         leader = await until(lambda: leader_of(nodes))
         for _ in range(10):
             await leader.propose(b"3")
-        old = leader.id
+        assert leader.raft is not None
+        old, term = leader.id, leader.raft.term
         await leader.stop()
         rest = [n for n in nodes if n is not leader]
-        new = await until(lambda: leader_of(rest), timeout=3)
-        assert new.id != old
+        # stop() returns once the successor leads: no election timeout passes in between.
+        new = leader_of(rest)
+        assert new is not None and new.raft is not None
+        assert new.id != old and new.raft.term == term + 1
         assert await new.propose(b"0") == b"30"
         restarted = Node(cfgs[old - 1], Counter())
         await restarted.start()

@@ -428,11 +428,8 @@ class Node:
         assert raft is not None and self.store is not None
         if transfer_leadership and raft.role is Role.LEADER and len(raft.conf.voters) > 1:
             try:
-                raft.transfer_leadership()
-                self.pump()
-                deadline = time.monotonic() + self.config.raft.election_timeout_ms / 1000
-                while raft.role is Role.LEADER and time.monotonic() < deadline:
-                    await asyncio.sleep(self.config.raft.tick_ms / 1000)
+                successor = await self.move_leader(timeout=self.config.raft.election_timeout_ms / 1000)
+                log.info("node %d: handed leadership to node %d before stopping", self.id, successor)
             except DengineError as exc:
                 log.info("node %d: no leadership transfer before stopping: %s", self.id, exc)
         self._running = False
