@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -155,6 +156,28 @@ def test_move_leader_returns_once_the_target_leads_and_fails_clearly_when_it_can
                 await target.move_leader(down.id)
             assert target.raft.role.value == "leader"
             assert await target.propose(b"1") == b"2"
+
+    run(main)
+
+
+def test_a_leader_that_slept_through_its_lease_serves_no_lease_read(tmp_path: Path) -> None:
+    """The core counts time in ticks, and a pause of the whole process (SIGSTOP, a frozen VM, a
+    long GC) stops them. On waking, the ticks it missed run before a lease is judged: a leader
+    that slept past an election timeout has heard from no majority in that time, so it steps
+    down (check quorum) and refuses the lease read, instead of answering from a state that a
+    successor elected meanwhile may have moved past."""
+
+    async def main() -> None:
+        async with started(configs(tmp_path)) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            await leader.propose(b"1")
+            assert await leader.read(lambda sm: sm.n, "lease") == 1  # awake, the lease serves
+            # It wakes from a 2 s pause (five election timeouts): no tick ran meanwhile.
+            awake = time.monotonic
+            leader._clock = lambda: awake() + 2.0
+            with pytest.raises(NotLeaderError):
+                await leader.read(lambda sm: sm.n, "lease")
+            assert leader.raft is not None and leader.raft.role.value != "leader"
 
     run(main)
 

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import random
 import time
@@ -227,6 +228,9 @@ class Node:
         # what the propose-to-commit histogram measures.
         self._commit_clock: collections.deque[tuple[int, float, int]] = collections.deque()
         self._read_ctx = 0
+        # The clock ticks are counted against (replaceable in tests, to model a paused process).
+        self._clock: Callable[[], float] = time.monotonic
+        self._next_tick_at = math.inf  # no tick before the ticker starts
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._syncer: LogSyncer | None = None
         # The loop the node runs on, set by start(). Asked once: asyncio.get_running_loop() makes
@@ -481,22 +485,35 @@ class Node:
     # --- inputs to the core -----------------------------------------------------------------------
 
     async def _ticker(self) -> None:
-        interval = self.config.raft.tick_ms / 1000
-        raft = self.raft
-        assert raft is not None
-        next_at = time.monotonic()
+        self._next_tick_at = self._clock() + self.config.raft.tick_ms / 1000
         while True:
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            await asyncio.sleep(max(0.0, self._next_tick_at - self._clock()))
+            self._run_due_ticks()
+
+    def _run_due_ticks(self) -> None:
+        """Runs every tick whose time has come, all at once. The core measures time in ticks,
+        and a pause of the whole process (SIGSTOP, a frozen VM, a long GC) stops them: the ticks
+        it slept through must run before anything is judged by them. Above all a leader's lease,
+        which would otherwise look fresh to a leader that slept through its successor's
+        election. So this also runs before a lease read and before each peer message."""
+        raft = self.raft
+        now = self._clock()
+        if raft is None or now < self._next_tick_at:
+            return
+        interval = self.config.raft.tick_ms / 1000
+        periodic = False
+        while self._next_tick_at <= now:
+            self._next_tick_at += interval
             raft.tick()
-            self.pump()
-            if raft.ticks_since_start % 10 == 0:
-                self.members.expire()
-                if raft.role is Role.LEADER:
-                    self._update_peer_metrics()
-                    self.members.tick()
-                if self._waiters:
-                    self._propose_again()
+            periodic = periodic or raft.ticks_since_start % 10 == 0
+        self.pump()
+        if periodic:
+            self.members.expire()
+            if raft.role is Role.LEADER:
+                self._update_peer_metrics()
+                self.members.tick()
+            if self._waiters:
+                self._propose_again()
 
     def _update_peer_metrics(self) -> None:
         for p in self.status().peers:
@@ -506,6 +523,7 @@ class Node:
         assert self.raft is not None
         if not self._running:
             return
+        self._run_due_ticks()
         self.raft.step(m)
         self.pump()
 
@@ -809,6 +827,8 @@ class Node:
             raise ValueError(f"consistency must be linearizable, lease or stale, got {consistency!r}")
         raft = self.raft
         assert raft is not None
+        if consistency == "lease":
+            self._run_due_ticks()
         self._read_ctx += 1
         ctx = self._read_ctx
         fut: asyncio.Future[None] = self._loop.create_future()
