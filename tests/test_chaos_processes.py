@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ from dengine.client import Client, Consistency
 from dengine.errors import DengineError
 from dengine.testing.linearizability import HistoryRecorder, KVInput, KVModel, check
 
-from cluster_procs import ProcCluster
+from cluster_procs import ProcCluster, running_cluster
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
 
@@ -156,7 +157,28 @@ async def client_loop(
     return answered
 
 
-def test_random_faults_on_real_processes_keep_the_history_linearizable(cluster: ProcCluster) -> None:
+# Snapshots every thousand entries, and a log kept only 200 entries behind them: a node that was
+# down for a second or two catches up by InstallSnapshot, under the same faults.
+FREQUENT_SNAPSHOTS = "\n[snapshot]\nentries = 1000\nlog_factor = 0\ntrailing_entries = 200\n"
+
+
+def snapshot_events(cluster: ProcCluster) -> dict[str, int]:
+    """How many snapshots the nodes took and installed, from their logs (over every restart)."""
+    text = "".join((cluster.root / f"node{i}.log").read_text() for i in range(1, cluster.n + 1))
+    return {
+        "taken": text.count(": snapshot at index"),
+        "installed": text.count(": installed snapshot at index"),
+    }
+
+
+@pytest.mark.parametrize("frequent_snapshots", [False, True], ids=["snapshots-default", "snapshots-frequent"])
+def test_random_faults_keep_the_history_linearizable(tmp_path: Path, frequent_snapshots: bool) -> None:
+    extra = FREQUENT_SNAPSHOTS if frequent_snapshots else ""
+    with running_cluster(tmp_path, extra_toml=extra) as cluster:
+        run_chaos(cluster, expect_snapshots=frequent_snapshots)
+
+
+def run_chaos(cluster: ProcCluster, *, expect_snapshots: bool) -> None:
     endpoints = [cluster.address(i) for i in range(1, cluster.n + 1)]
     rng = random.Random(SEED)
     history = HistoryRecorder()
@@ -193,9 +215,14 @@ def test_random_faults_on_real_processes_keep_the_history_linearizable(cluster: 
 
     ops = history.history()
     result = check(ops, KVModel(), budget=2_000_000)
-    summary = f"{len(ops)} operations, {sum(answered)} answered, faults: {nemesis.faults}"
+    snapshots = snapshot_events(cluster)
+    summary = (
+        f"{len(ops)} operations, {sum(answered)} answered, snapshots {snapshots}, faults: {nemesis.faults}"
+    )
     print(summary)
     assert result.ok is True, f"{result}\n{summary}"
     # Not a vacuous pass: the clients got work done through the faults, and there were faults.
     assert sum(answered) >= 20 * SECONDS, summary
     assert len(nemesis.faults) >= SECONDS / 4, summary
+    if expect_snapshots:
+        assert snapshots["taken"] > 0, summary
