@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 import pytest
 
+from dengine.raft import Role
 from dengine.raft.sessions import Applied
 from dengine.testing.sim import SimCluster
 from dengine.testing.workload import run_kv_simulation
@@ -114,3 +115,25 @@ def test_a_node_with_a_wiped_disk_rejoins_without_a_vote() -> None:
     assert cluster.leader() is None
     cluster.restart(leader)
     assert cluster.run_until_true(lambda: cluster.leader() is not None, 3000)
+
+
+def test_a_leader_that_wakes_from_a_pause_serves_no_lease_read_from_its_old_state() -> None:
+    """A leader frozen past an election timeout (its successor elected and writing meanwhile)
+    finds, on waking, that the read waiting for it can no longer be served from its lease: the
+    ticks it missed run before anything that waited, so it steps down (it heard from no majority
+    for too long) and refuses the read."""
+    cluster = SimCluster(3, seed=5, state_machine=Counter, raft_options={"lease_reads": True})
+    write(cluster, 1, 1, b"1")
+    old = cluster.leader()
+    assert old is not None
+    cluster.pause(old, 500)
+    # Cut off too, so that no message from the others waits for it: the read is all it finds.
+    cluster.partition({old}, set(cluster.nodes) - {old})
+    assert cluster.run_until_true(lambda: cluster.leader() not in (None, old), 450), "a successor leads"
+    write(cluster, 1, 2, b"1")  # through the successor: the old leader's state is now stale
+    outcome: list[bool] = []
+    assert cluster.submit_read(old, outcome.append, lease=True) is None  # waits for it to wake
+    assert cluster.run_until_true(lambda: bool(outcome), 1000), "it woke and answered"
+    assert outcome == [False], "the lease read was refused, not served from the stale state"
+    raft = cluster.nodes[old].raft
+    assert raft is not None and raft.role is not Role.LEADER

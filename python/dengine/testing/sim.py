@@ -2,7 +2,8 @@
 
 Every node runs the real protocol core (:class:`dengine.raft.Raft`) and applies entries to a real
 state machine; only the world around it is simulated: a network with per-link delay, loss,
-duplication, reordering and partitions; disks whose unsynced writes vanish on a crash; clocks.
+duplication, reordering and partitions; disks whose unsynced writes vanish on a crash; clocks;
+processes that freeze for a while (a SIGSTOP, a stalled VM, a long garbage collection).
 Everything random comes from one seed, so a run replays bit for bit.
 
 While it runs, :class:`~dengine.testing.invariants.InvariantChecker` watches every node and raises
@@ -89,6 +90,9 @@ class SimNode:
     snapshotting: bool = False
     sending_snapshot: set[int] = field(default_factory=set)
     announcing: bool = False  # an announce_commit() is scheduled
+    paused: bool = False  # frozen: runs no tick and handles nothing until it wakes
+    missed_ticks: int = 0
+    held: list[Callable[[], None]] = field(default_factory=list)  # what waits for it to wake
 
     def latest_snapshot(self) -> SimSnapshot | None:
         return self.snapshots[-1] if self.snapshots else None
@@ -169,6 +173,8 @@ class SimCluster:
         raft = self.nodes[node_id].raft
         if raft is None:
             return "node is down"
+        if self.nodes[node_id].paused:
+            return "node is paused"  # an operator's request to a frozen node times out
         members = raft.conf.voters | raft.learners
         try:
             raft.propose_conf_change(
@@ -186,6 +192,8 @@ class SimCluster:
         raft = self.nodes[node_id].raft
         if raft is None:
             return "node is down"
+        if self.nodes[node_id].paused:
+            return "node is paused"
         try:
             raft.transfer_leadership(target)
         except (NotLeaderError, ValueError) as exc:
@@ -259,9 +267,43 @@ class SimCluster:
     def _tick(self, node: SimNode, incarnation: int) -> None:
         if node.raft is None or node.incarnation != incarnation:
             return
-        node.raft.tick()
-        self._drive(node)
+        if node.paused:
+            node.missed_ticks += 1
+        else:
+            node.raft.tick()
+            self._drive(node)
         self.schedule(self.net.tick_ms, lambda: self._tick(node, incarnation))
+
+    def pause(self, node_id: int, ms: float) -> None:
+        """Freezes a live node for ``ms`` virtual milliseconds, as a SIGSTOP, a stalled VM or a
+        long garbage collection would: it runs no tick and handles nothing, while messages, its
+        disk's completions and client requests for it wait. On waking it first runs every tick
+        it missed, as dengine's node does, then handles what waited, in order."""
+        node = self.nodes[node_id]
+        if node.raft is None or node.paused:
+            return
+        node.paused = True
+        incarnation = node.incarnation
+        self.schedule(ms, lambda: self._wake(node, incarnation))
+
+    def _wake(self, node: SimNode, incarnation: int) -> None:
+        if node.raft is None or node.incarnation != incarnation:
+            return
+        node.paused = False
+        missed, node.missed_ticks = node.missed_ticks, 0
+        for _ in range(missed):
+            node.raft.tick()
+        self._drive(node)
+        held, node.held = node.held, []
+        for action in held:
+            action()
+
+    def _held(self, node: SimNode, action: Callable[[], None]) -> bool:
+        """Keeps ``action`` (something that happens to ``node``) until the node wakes, if it is
+        paused; returns whether it did."""
+        if node.paused:
+            node.held.append(action)
+        return node.paused
 
     def crash(self, node_id: int) -> None:
         """Kills a node: its unsynced writes are lost, its in-memory state is gone."""
@@ -272,6 +314,7 @@ class SimCluster:
         node.sm = None
         node.store.crash()
         node.incarnation += 1
+        node.paused, node.missed_ticks, node.held = False, 0, []
         for waiters in node.write_waiters.values():
             for w in waiters:
                 w.on_done(Applied(0, Outcome.STALE, error="node crashed"))
@@ -333,7 +376,7 @@ class SimCluster:
 
     def _deliver(self, m: Message) -> None:
         node = self.nodes[m.dst]
-        if node.raft is None:
+        if node.raft is None or self._held(node, lambda: self._deliver(m)):
             return
         node.raft.step(m)
         self._drive(node)
@@ -370,6 +413,8 @@ class SimCluster:
     def _announce(self, node: SimNode, incarnation: int, up_to: int) -> None:
         if node.incarnation != incarnation:
             return
+        if self._held(node, lambda: self._announce(node, incarnation, up_to)):
+            return
         node.announcing = False
         if node.raft is not None:
             node.raft.announce_commit(up_to)
@@ -395,11 +440,16 @@ class SimCluster:
     def take_snapshot(self, node_id: int) -> bool:
         """Starts a snapshot of ``node_id``'s applied state. It reaches the disk (and the log is
         compacted behind it) a little later; a crash before then loses it. False if the node is
-        down, already snapshotting, or has nothing new."""
+        down or paused, already snapshotting, or has nothing new."""
         node = self.nodes[node_id]
         raft = node.raft
         last = node.latest_snapshot()
-        if raft is None or node.snapshotting or raft.applied <= (last.info.index if last else 0):
+        if (
+            raft is None
+            or node.paused
+            or node.snapshotting
+            or raft.applied <= (last.info.index if last else 0)
+        ):
             return False
         voters, learners = raft.conf_at(raft.applied)
         if not voters:
@@ -416,6 +466,8 @@ class SimCluster:
     def _snapshot_written(self, node: SimNode, incarnation: int, snap: SimSnapshot) -> None:
         if node.raft is None or node.incarnation != incarnation:
             return  # crashed while writing: the snapshot never reached the disk
+        if self._held(node, lambda: self._snapshot_written(node, incarnation, snap)):
+            return
         node.snapshotting = False
         self._keep_snapshot(node, snap)
         self.snapshots_taken += 1
@@ -442,7 +494,7 @@ class SimCluster:
         lost = (node.id, peer) in self._blocked or self.rng.random() < self.net.drop
 
         def report(ok: bool) -> None:
-            if node.raft is None or node.incarnation != incarnation:
+            if node.raft is None or node.incarnation != incarnation or self._held(node, lambda: report(ok)):
                 return
             node.sending_snapshot.discard(peer)
             node.raft.report_snapshot(peer, snap.info.index, ok=ok)
@@ -461,6 +513,8 @@ class SimCluster:
             if dst.raft is None or dst.incarnation != dst_incarnation:
                 report(False)
                 return
+            if self._held(dst, lambda: installed(dst, dst_incarnation)):
+                return
             self._keep_snapshot(dst, snap)
             # The file is durable now; the node hands it to its core a moment later, and a crash
             # in between must leave a node that restarts correctly from it.
@@ -469,6 +523,8 @@ class SimCluster:
         def handed_over(dst: SimNode, dst_incarnation: int) -> None:
             if dst.raft is None or dst.incarnation != dst_incarnation:
                 report(False)
+                return
+            if self._held(dst, lambda: handed_over(dst, dst_incarnation)):
                 return
             self._deliver(Message(MsgType.SNAPSHOT, node.id, peer, term, snapshot=snap.info))
             self.schedule(self.rng.uniform(self.net.min_delay, self.net.max_delay), lambda: report(True))
@@ -505,6 +561,8 @@ class SimCluster:
     def _sync_done(self, node: SimNode, incarnation: int, seq: int) -> None:
         if node.raft is None or node.incarnation != incarnation:
             return
+        if self._held(node, lambda: self._sync_done(node, incarnation, seq)):
+            return
         node.raft.synced(seq, node.store.complete_sync())
         self._drive(node)
 
@@ -516,10 +574,20 @@ class SimCluster:
         """Proposes a session command at ``node_id``; ``on_done`` runs when that node applies it.
 
         Returns an error string (not leader, dropped, node down) when it was refused outright.
+        A paused node takes the request when it wakes; a refusal then reaches ``on_done`` as a
+        failed outcome, as a client would hear it.
         """
         node = self.nodes[node_id]
         if node.raft is None:
             return "node is down"
+
+        def later() -> None:
+            refused = self.submit_write(node_id, client_id, sequence, command, on_done)
+            if refused is not None:
+                on_done(Applied(0, Outcome.STALE, error=refused))
+
+        if self._held(node, later):
+            return None
         try:
             # One operation in flight per client: everything before this sequence was answered.
             node.raft.propose([payload.session_command(client_id, sequence, command, sequence)])
@@ -533,10 +601,18 @@ class SimCluster:
         self, node_id: int, on_done: Callable[[bool], None], *, lease: bool = False
     ) -> str | None:
         """Starts a linearizable read at ``node_id``; ``on_done(True)`` means the node's state
-        machine may now be read, ``on_done(False)`` that the read failed."""
+        machine may now be read, ``on_done(False)`` that the read failed (a paused node takes
+        the read when it wakes)."""
         node = self.nodes[node_id]
         if node.raft is None:
             return "node is down"
+
+        def later() -> None:
+            if self.submit_read(node_id, on_done, lease=lease) is not None:
+                on_done(False)
+
+        if self._held(node, later):
+            return None
         node.next_read_ctx += 1
         ctx = node.next_read_ctx
         node.read_waiters[ctx] = on_done

@@ -2,11 +2,11 @@
 
 :func:`run_kv_simulation` builds a :class:`~dengine.testing.sim.SimCluster`, lets clients issue
 put, get, delete and compare-and-swap against a few contended keys while the seed's fault
-schedule crashes nodes, partitions the network, moves leadership and loses, duplicates and delays
-messages. Then it heals everything, demands that the cluster elect a leader and accept a write
-within a bound (liveness), and checks the recorded client history with the linearizability
-checker. Any broken invariant raises :class:`~dengine.testing.invariants.SimulationFailure`
-naming the seed.
+schedule crashes nodes, freezes them, partitions the network, moves leadership and loses,
+duplicates and delays messages. Then it heals everything, demands that the cluster elect a
+leader and accept a write within a bound (liveness), and checks the recorded client history with
+the linearizability checker. Any broken invariant raises
+:class:`~dengine.testing.invariants.SimulationFailure` naming the seed.
 """
 
 from __future__ import annotations
@@ -254,8 +254,7 @@ class _Run:
             ids = list(cluster.nodes)
             r = rng.random()
             if r < 0.25:
-                victim = cluster.leader() if rng.random() < 0.5 else None
-                victim = victim or rng.choice(ids)
+                victim = self._victim(ids)
                 cluster.crash(victim)
                 faults.append(f"{cluster.now:.0f}ms crash {victim}")
             elif r < 0.45:
@@ -269,24 +268,43 @@ class _Run:
                 cluster.partition(set(ids[:k]), set(ids[k:]))
                 faults.append(f"{cluster.now:.0f}ms partition {sorted(ids[:k])}|{sorted(ids[k:])}")
             elif r < 0.70:
-                leader = cluster.leader()
-                if leader is not None:
-                    cluster.partition({leader}, set(ids) - {leader})
-                    faults.append(f"{cluster.now:.0f}ms isolate leader {leader}")
+                self._isolate_leader(ids)
             elif r < 0.78:
                 a, b = rng.sample(ids, 2)
                 cluster.block(a, b)
                 faults.append(f"{cluster.now:.0f}ms block {a}->{b}")
             elif r < 0.85:
-                # A leadership transfer, to a voter or by default, under whatever faults hold.
-                leader = cluster.leader()
-                if leader is not None:
-                    target = rng.choice([None, *ids])
-                    refused = cluster.transfer_leadership(leader, target)
-                    faults.append(f"{cluster.now:.0f}ms transfer {leader}->{target}: {refused or 'asked'}")
+                # A frozen process, often past an election timeout: lease reads and anything
+                # else judged by its ticks meet it on waking.
+                victim, ms = self._victim(ids), rng.uniform(20, 280)
+                cluster.pause(victim, ms)
+                faults.append(f"{cluster.now:.0f}ms pause {victim} for {ms:.0f}ms")
+            elif r < 0.92:
+                self._transfer(ids)
             else:
                 cluster.heal()
                 faults.append(f"{cluster.now:.0f}ms heal")
+
+    def _victim(self, ids: list[int]) -> int:
+        """The leader half of the time, else any node."""
+        leader = self.cluster.leader() if self.rng.random() < 0.5 else None
+        return leader or self.rng.choice(ids)
+
+    def _isolate_leader(self, ids: list[int]) -> None:
+        leader = self.cluster.leader()
+        if leader is not None:
+            self.cluster.partition({leader}, set(ids) - {leader})
+            self.report.faults.append(f"{self.cluster.now:.0f}ms isolate leader {leader}")
+
+    def _transfer(self, ids: list[int]) -> None:
+        """A leadership transfer, to a voter or by default, under whatever faults hold."""
+        leader = self.cluster.leader()
+        if leader is not None:
+            target = self.rng.choice([None, *ids])
+            refused = self.cluster.transfer_leadership(leader, target)
+            self.report.faults.append(
+                f"{self.cluster.now:.0f}ms transfer {leader}->{target}: {refused or 'asked'}"
+            )
 
     def heal_all(self) -> None:
         self.cluster.heal()
