@@ -7,7 +7,8 @@ Every call is recorded with its invocation and answer times; a call that failed 
 unanswered (it may have taken effect). After the cluster heals, every key is read once more and
 the whole history must be linearizable against the KV model (`dengine.testing.linearizability`):
 a lost acknowledged write, a write applied twice, a stale lease read or a read that goes back in
-time all fail it.
+time all fail it. A watch on the same keys runs through it all from revision 1: it must deliver
+every event once, in revision order, and end at the state the final reads see.
 
 The simulation suite runs the same check over thousands of seeded schedules; this test is the
 one where the faults are the operating system's: real kill -9 between fsyncs, real frozen
@@ -18,6 +19,8 @@ processes whose monotonic clocks run on, real gRPC reconnects. Longer runs for a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import random
 import signal
@@ -27,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from dengine.client import Client, Consistency
-from dengine.errors import DengineError
+from dengine.client import Client, Consistency, WatchEvent
+from dengine.errors import DengineError, RequestFailed
 from dengine.testing.linearizability import HistoryRecorder, KVInput, KVModel, check
 
 from cluster_procs import ProcCluster, running_cluster
@@ -178,49 +181,113 @@ def test_random_faults_keep_the_history_linearizable(tmp_path: Path, frequent_sn
         run_chaos(cluster, expect_snapshots=frequent_snapshots)
 
 
+class Watcher:
+    """Watches every key of the test from revision 1 through all the faults, resuming as the
+    client does (on another node, from the last revision seen). When no node still holds the
+    history it needs (each restored a later snapshot), it starts again from now: a gap the
+    client reports as ``OUT_OF_RANGE``, which only the frequent-snapshot run may meet."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = endpoints
+        self.events: list[WatchEvent] = []
+        self.restarts: list[int] = []  # the revision a watch could not resume from
+
+    async def run(self) -> None:
+        start = 1
+        async with Client(self.endpoints, timeout=CALL_TIMEOUT) as client:
+            while True:
+                try:
+                    async for event in client.watch(b"chaos/", start_revision=start):
+                        self.events.append(event)
+                        start = event.revision + 1
+                except RequestFailed as exc:
+                    if exc.code != "OUT_OF_RANGE":
+                        raise
+                    self.restarts.append(start)
+                    start = 0
+                except DengineError:
+                    await asyncio.sleep(0.1)  # no node answered in time: try again
+
+    def state(self) -> dict[bytes, bytes | None]:
+        """The keys' values after every event seen, in order."""
+        values: dict[bytes, bytes | None] = dict.fromkeys(KEYS)
+        for e in self.events:
+            values[e.kv.key] = e.kv.value if e.type == "put" else None
+        return values
+
+
+def check_watch(
+    watcher: Watcher, final: dict[bytes, bytes | None], *, restarts_allowed: bool, summary: str
+) -> None:
+    """Each event once, in revision order, together making the final state; and without a
+    restart, every revision from the first."""
+    revisions = [e.revision for e in watcher.events]
+    assert all(a < b for a, b in itertools.pairwise(revisions)), summary
+    assert watcher.state() == final, summary
+    if not watcher.restarts:
+        assert revisions == list(range(1, len(revisions) + 1)), summary
+    else:
+        assert restarts_allowed, f"only restored snapshots drop watch history\n{summary}"
+
+
 def run_chaos(cluster: ProcCluster, *, expect_snapshots: bool) -> None:
     endpoints = [cluster.address(i) for i in range(1, cluster.n + 1)]
     rng = random.Random(SEED)
     history = HistoryRecorder()
     seen: dict[bytes, bytes | None] = {}
     nemesis = Nemesis(cluster, random.Random(rng.random()))
+    watcher = Watcher(endpoints)
+    final: dict[bytes, bytes | None] = {}
+
+    def heal() -> None:
+        for i, p in cluster.procs.items():  # thaw the frozen, restart the dead
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+            else:
+                cluster.start(i)
+        cluster.wait_ready(timeout=30)
 
     async def main() -> list[int]:
+        watching = asyncio.create_task(watcher.run())
         until = time.monotonic() + SECONDS
         clients = [
             client_loop(endpoints, cid, random.Random(rng.random()), history=history, seen=seen, until=until)
             for cid in range(CLIENTS)
         ]
-        counts = await asyncio.gather(nemesis.run(until), *clients)
+        try:
+            counts = await asyncio.gather(nemesis.run(until), *clients)
+            await asyncio.to_thread(heal)
+            async with Client(endpoints, timeout=20) as client:
+                for key in KEYS:
+                    op = history.invoke(CLIENTS, KVInput("get", key))
+                    kv = await client.get(key)
+                    final[key] = kv.value if kv is not None else None
+                    history.complete(op, final[key])
+            # The watch catches up with the final state (or the test fails here).
+            deadline = time.monotonic() + 30
+            while watcher.state() != final and time.monotonic() < deadline and not watching.done():
+                await asyncio.sleep(0.1)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
         return [n for n in counts if n is not None]
 
     try:
         answered = asyncio.run(main())
     finally:
-        for i, p in cluster.procs.items():  # heal: thaw the frozen, restart the dead
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-            else:
-                cluster.start(i)
-    cluster.wait_ready(timeout=30)
-
-    async def final_reads() -> None:
-        async with Client(endpoints, timeout=20) as client:
-            for key in KEYS:
-                op = history.invoke(CLIENTS, KVInput("get", key))
-                kv = await client.get(key)
-                history.complete(op, kv.value if kv is not None else None)
-
-    asyncio.run(final_reads())
+        heal()
 
     ops = history.history()
     result = check(ops, KVModel(), budget=2_000_000)
     snapshots = snapshot_events(cluster)
     summary = (
-        f"{len(ops)} operations, {sum(answered)} answered, snapshots {snapshots}, faults: {nemesis.faults}"
+        f"{len(ops)} operations, {sum(answered)} answered, {len(watcher.events)} watched events "
+        f"(restarted at {watcher.restarts}), snapshots {snapshots}, faults: {nemesis.faults}"
     )
     print(summary)
     assert result.ok is True, f"{result}\n{summary}"
+    check_watch(watcher, final, restarts_allowed=expect_snapshots, summary=summary)
     # Not a vacuous pass: the clients got work done through the faults, and there were faults.
     assert sum(answered) >= 20 * SECONDS, summary
     assert len(nemesis.faults) >= SECONDS / 6, summary
