@@ -2,7 +2,8 @@
 puts, gets (linearizable and lease), compare-and-swaps and deletes on a few keys of a 3-process
 cluster, while a seeded nemesis kills nodes with SIGKILL (the leader half of the time, now and then
 all three at once), freezes them with SIGSTOP past the election timeout, cuts the leader off from
-its followers (by freezing them) and then kills it, and brings everything back.
+its followers (by freezing them) and then kills it, moves leadership (`TransferLeader`), and
+brings everything back.
 Every call is recorded with its invocation and answer times; a call that failed is recorded as
 unanswered (it may have taken effect). After the cluster heals, every key is read once more and
 the whole history must be linearizable against the KV model (`dengine.testing.linearizability`):
@@ -28,11 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from dengine.client import Client, Consistency, WatchEvent
 from dengine.errors import DengineError, RequestFailed
 from dengine.testing.linearizability import HistoryRecorder, KVInput, KVModel, check
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 from cluster_procs import ProcCluster, running_cluster
 
@@ -58,6 +61,19 @@ class Nemesis:
         # The leader half of the time (asked off the loop: a frozen node answers nothing).
         leader = await asyncio.to_thread(self.cluster.leader) if self.rng.random() < 0.5 else None
         return leader or self.rng.randint(1, self.cluster.n)
+
+    def _transfer(self, target: int) -> None:
+        """Asks the leader to hand over to ``target`` (0: the most up-to-date voter), as
+        ``dengine leader transfer`` does; refused or failed transfers are part of the game."""
+        leader = self.cluster.leader()
+        if leader is None:
+            return
+        stub = cluster_pb2_grpc.ClusterStub(self.cluster.channels[leader])  # type: ignore[no-untyped-call]
+        try:
+            stub.TransferLeader(cluster_pb2.TransferLeaderRequest(id=target), timeout=3)
+            self.faults.append(f"transfer {leader} -> {target or 'any'}")
+        except grpc.RpcError as exc:
+            self.faults.append(f"transfer {leader} -> {target or 'any'}: {exc.code().name}")
 
     async def run(self, until: float) -> None:
         rng, c = self.rng, self.cluster
@@ -86,7 +102,9 @@ class Nemesis:
                     c.kill(i, signal.SIGCONT)
                 await asyncio.sleep(down / 2)
                 c.start(leader)
-            elif roll < 0.65:
+            elif roll < 0.4:
+                await asyncio.to_thread(self._transfer, rng.randint(0, c.n))
+            elif roll < 0.7:
                 victim = await self._target()
                 self.faults.append(f"kill -9 node {victim}")
                 c.kill(victim)
