@@ -21,6 +21,8 @@ import grpc
 from dengine.devcluster import free_ports
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
+from net_proxy import Proxies
+
 T = TypeVar("T")
 
 
@@ -56,22 +58,29 @@ class ProcCluster:
         cluster_id: str = "test-cluster",
         tls_dir: Path | None = None,
         extra_toml: str = "",
+        proxied: bool = False,
     ) -> None:
-        """``extra_toml`` is appended to every node's configuration file (more sections)."""
+        """``extra_toml`` is appended to every node's configuration file (more sections).
+        ``proxied``: nodes reach each other through ``self.proxies`` (network faults); node
+        ``i`` advertises its proxy's address, and listens behind it on ``port(i)``."""
         self.root = root
         self.n = n
         self.cluster_id = cluster_id
-        ports = free_ports(2 * n)
-        self.ports, self.metrics_ports = ports[:n], ports[n:]
+        ports = free_ports(3 * n if proxied else 2 * n)
+        self.ports, self.metrics_ports = ports[:n], ports[n : 2 * n]
+        self.proxy_ports = {i: p for i, p in enumerate(ports[2 * n :], start=1)}
+        pairs = [(self.proxy_ports[i], self.ports[i - 1]) for i in self.proxy_ports]
+        self.proxies = Proxies(pairs) if proxied else None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.extra_ports: dict[int, int] = {}
-        members = ", ".join(f'{i} = "127.0.0.1:{p}"' for i, p in enumerate(self.ports, start=1))
+        members = ", ".join(f'{i} = "{self.peer_address(i)}"' for i in range(1, n + 1))
         for i in range(1, n + 1):
             (root / f"node{i}.toml").write_text(
                 f"""
 [node]
 id = {i}
 listen = "127.0.0.1:{self.ports[i - 1]}"
+advertise = "{self.peer_address(i)}"
 data_dir = "{root / f"data{i}"}"
 metrics_listen = "127.0.0.1:{self.metrics_ports[i - 1]}"
 
@@ -109,17 +118,31 @@ client_auth = true
             self.channels = {i: grpc.secure_channel(self.address(i), creds) for i in range(1, n + 1)}
 
     def address(self, i: int) -> str:
-        port = self.ports[i - 1] if i <= self.n else self.extra_ports[i]
-        return f"127.0.0.1:{port}"
+        return f"127.0.0.1:{self.port(i)}"
 
-    def add_joiner(self, i: int) -> str:
+    def port(self, i: int) -> int:
+        return self.ports[i - 1] if i <= self.n else self.extra_ports[i]
+
+    def peer_address(self, i: int) -> str:
+        """Where the other nodes reach node ``i`` (its proxy's address when proxied)."""
+        return f"127.0.0.1:{self.proxy_ports[i]}" if i in self.proxy_ports else self.address(i)
+
+    def add_joiner(self, i: int, *, replacing: int | None = None) -> str:
         """Writes the configuration of a new node ``i`` that will join the running cluster
-        (``start(i, join=...)``); returns its address."""
-        (port,) = free_ports(1)
+        (``start(i, join=...)``); returns its address. ``replacing``: take over that removed
+        member's addresses (a replacement machine under the old host name) rather than a new
+        port."""
+        if replacing is None:
+            (port,) = free_ports(1)
+        else:
+            port = self.port(replacing)
+            if replacing in self.proxy_ports:
+                self.proxy_ports[i] = self.proxy_ports[replacing]
         self.extra_ports[i] = port
         text = (self.root / "node1.toml").read_text()
         text = text.replace("id = 1\n", f"id = {i}\n", 1)
         text = text.replace(f'listen = "127.0.0.1:{self.ports[0]}"', f'listen = "127.0.0.1:{port}"')
+        text = text.replace(f'advertise = "{self.peer_address(1)}"', f'advertise = "{self.peer_address(i)}"')
         text = text.replace(f'data_dir = "{self.root / "data1"}"', f'data_dir = "{self.root / f"data{i}"}"')
         text = text.replace(f'metrics_listen = "127.0.0.1:{self.metrics_ports[0]}"', 'metrics_listen = ""')
         text = text.replace("[cluster]\n", '[cluster]\ninitial_state = "existing"\n', 1)
@@ -156,6 +179,8 @@ client_auth = true
                 p.wait(timeout=20)
         for ch in self.channels.values():
             ch.close()
+        if self.proxies is not None:
+            self.proxies.close()
 
     def kv(self, i: int) -> kv_pb2_grpc.KVStub:
         return kv_pb2_grpc.KVStub(self.channels[i])  # type: ignore[no-untyped-call]

@@ -24,9 +24,9 @@ from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
 from dengine.server import MAX_BATCH, STREAM_WINDOW, KVService
 from dengine.v1 import kv_pb2
-from kv_leader_stand_in import LeaderStandIn
 
 from cluster_procs import ProcCluster
+from kv_leader_stand_in import LeaderStandIn
 
 
 def _put(key: bytes, value: bytes, client_id: int = 0, sequence: int = 0) -> kv_pb2.Operation:

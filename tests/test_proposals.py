@@ -12,6 +12,7 @@ from dengine.errors import LeaderOverloadedError, OutcomeUnknownError, ProposalD
 from dengine.kv import KVStateMachine
 from dengine.proposals import Proposal, WriteGroup
 from dengine.server import KVService, RequestError
+
 from kv_leader_stand_in import LeaderStandIn
 
 
