@@ -118,6 +118,28 @@ def test_writes_survive_a_leader_crash_exactly_once(cluster: ProcCluster) -> Non
     asyncio.run(main())
 
 
+def test_a_client_given_one_node_learns_the_members_and_outlives_that_node(cluster: ProcCluster) -> None:
+    async def main() -> None:
+        first = cluster.wait_ready()
+        async with (
+            Client([cluster.address(first)], timeout=30) as client,
+            Client([cluster.address(first)], timeout=30, discover_members=False) as fixed,
+        ):
+            await client.put(b"a", b"1")
+            await fixed.put(b"a", b"1")
+            # The leader it found told it the members' addresses.
+            await wait_until(lambda: set(client.endpoints) == set(endpoints(cluster)), 5)
+            assert client.endpoints[0] == cluster.address(first)
+            assert fixed.endpoints == [cluster.address(first)]
+            cluster.kill(first)  # the only node it was given
+            await client.put(b"b", b"2")
+            kv = await client.get(b"a")
+            assert kv is not None and kv.value == b"1"
+            assert client.leader != cluster.address(first)
+
+    asyncio.run(main())
+
+
 def test_an_unreachable_cluster_is_unavailable_within_the_deadline(tmp_path: Path) -> None:
     async def main() -> None:
         async with Client(["127.0.0.1:9"], timeout=0.5) as client:

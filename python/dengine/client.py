@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import re
 import time
@@ -44,7 +45,7 @@ from dengine.errors import (
     Unavailable,
 )
 from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue, new_key_value
-from dengine.v1 import kv_pb2, kv_pb2_grpc
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 if TYPE_CHECKING:
     from dengine.tls import ClientTLS
@@ -167,10 +168,18 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Endpoints:
-    addresses: list[str]
+    given: list[str]  # by the user: always tried
+    addresses: list[str] = field(default_factory=list)  # given, then the members learned
     leader: str | None = None
     next_try: int = 0
-    known: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.addresses = list(self.given)
+
+    def learn(self, members: Sequence[str]) -> None:
+        """Adopts the cluster's member addresses (replacing those learned before: a removed
+        member drops out), after the ones the user gave."""
+        self.addresses = [*self.given, *(m for m in dict.fromkeys(members) if m and m not in self.given)]
 
     def pick(self) -> str:
         if self.leader is not None:
@@ -189,6 +198,11 @@ class Client:
     for ``watch_idle_timeout`` seconds resumes on another node: nodes that follow a leader send a
     progress notice every second, so silence means the node froze or was cut off.
 
+    With ``discover_members`` (the default) the client asks each new leader it finds for the
+    members' addresses and tries them too when no leader is known, so that it keeps reaching
+    the cluster after members it was given are replaced. The addresses are those the nodes
+    advertise (``node.advertise``), as in the leader hints a client follows anyway.
+
     ``credentials`` enables TLS: gRPC channel credentials, or a :class:`dengine.tls.ClientTLS`
     whose files are read again when they change, so that a rotated client certificate is
     presented without a restart.
@@ -205,6 +219,7 @@ class Client:
         credentials: grpc.ChannelCredentials | ClientTLS | None = None,
         attempt_timeout: float = 5.0,
         watch_idle_timeout: float = 5.0,
+        discover_members: bool = True,
     ) -> None:
         addresses = (
             [e.strip() for e in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
@@ -222,6 +237,9 @@ class Client:
         # its session).
         self.attempt_timeout = attempt_timeout
         self._endpoints = _Endpoints(addresses)
+        self.discover_members = discover_members
+        self._discovered_at: str | None = None  # the leader last asked for the members
+        self._discovery: asyncio.Task[None] | None = None
         self.timeout = timeout
         self.linger = linger_ms / 1000
         self.max_batch = max_batch
@@ -256,6 +274,10 @@ class Client:
 
     async def close(self) -> None:
         self._closed = True
+        if self._discovery is not None:
+            self._discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._discovery
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         for stream in self._batch_streams.values():
@@ -271,6 +293,31 @@ class Client:
     def leader(self) -> str | None:
         """The address this client currently believes leads the cluster."""
         return self._endpoints.leader
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The addresses tried when no leader is known: those given, then the members learned."""
+        return list(self._endpoints.addresses)
+
+    def _follow(self, address: str) -> None:
+        """Takes ``address`` for the leader's; the first time it is, asks it for the members."""
+        self._endpoints.leader = address
+        if self.discover_members and address != self._discovered_at and not self._closed:
+            self._discovered_at = address
+            if self._discovery is not None:
+                self._discovery.cancel()
+            self._discovery = asyncio.ensure_future(self._discover(address))
+
+    async def _discover(self, address: str) -> None:
+        stub = cluster_pb2_grpc.ClusterStub(self._channel(address))  # type: ignore[no-untyped-call]
+        try:
+            status: cluster_pb2.StatusResponse = await stub.Status(
+                cluster_pb2.StatusRequest(), timeout=self.attempt_timeout
+            )
+        except grpc.aio.AioRpcError:
+            return  # asked again at the next leader change
+        if status.role == "leader":  # only the leader's view lists every member
+            self._endpoints.learn([status.address, *(p.address for p in status.peers)])
 
     # --- operations -------------------------------------------------------------------------------
 
@@ -498,7 +545,7 @@ class Client:
             self._settled(p)
             wrote = wrote or p.kind != _GET
         if wrote and self._endpoints.leader is None:
-            self._endpoints.leader = address  # it took writes: it leads
+            self._follow(address)  # it took writes: it leads
 
     def _call_failed(self, address: str, code: str, details: str) -> None:
         """A call to ``address`` failed as a whole (not one operation the node answered)."""
@@ -512,7 +559,7 @@ class Client:
         # after a backoff rather than by way of a follower.
         hint = _LEADER_HINT.search(details)
         if hint and hint.group(2):
-            self._endpoints.leader = hint.group(2)
+            self._follow(hint.group(2))
         elif address == self._endpoints.leader:
             self._endpoints.leader = None  # it stopped leading or stopped answering
 
