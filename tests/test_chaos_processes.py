@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import pytest
@@ -50,10 +51,13 @@ KEYS = [b"chaos/%d" % i for i in range(5)]
 CLIENTS = 4
 CALL_TIMEOUT = 3.0
 
+SingleFault = Literal["cut", "kill", "stop"]
+
 
 class Nemesis:
-    """Injects one fault at a time (or crashes every node at once), each healed before the next,
-    so that the cluster keeps a majority most of the time and clients make progress.
+    """Injects one fault at a time (now and then on two nodes at once, or a crash of every
+    node), each healed before the next, so that the cluster keeps a majority most of the time
+    and clients make progress.
 
     It also replaces members: a voter is removed (the leader now and then), its process killed
     and its disk wiped, and a node with a new id joins on the same address (a machine replaced
@@ -118,6 +122,7 @@ class Nemesis:
         new = max(c.procs) + 1
         c.add_joiner(new, replacing=old)
         self.members = [m for m in self.members if m != old] + [new]
+        self.joined.discard(old)
         self.joined.add(new)
         self.start(new)
         self.replaced += 1
@@ -156,29 +161,42 @@ class Nemesis:
                 self.start(leader)
             elif roll < 0.4:
                 await asyncio.to_thread(self._transfer, rng.choice([0, *self.members]))
-            elif roll < 0.6:
-                # What one node hears from its peers is cut, its own sends still arrive: an
-                # asymmetric partition (pre-vote and check-quorum keep it from disrupting).
-                victim = await self._target()
-                mode: Mode = "blackhole" if rng.random() < 0.7 else "drop"
-                self.faults.append(f"{mode} links to node {victim}")
-                await asyncio.to_thread(self._link, victim, mode)
-                await asyncio.sleep(down)
-                await asyncio.to_thread(self._link, victim, "pass")
-            elif roll < 0.8:
-                victim = await self._target()
-                self.faults.append(f"kill -9 node {victim}")
-                c.kill(victim)
-                await asyncio.sleep(down)
-                self.start(victim)
             else:
+                kind: SingleFault = "cut" if roll < 0.6 else "kill" if roll < 0.8 else "stop"
                 victim = await self._target()
-                self.faults.append(f"SIGSTOP node {victim}")
-                c.kill(victim, signal.SIGSTOP)
-                await asyncio.sleep(down)
-                c.kill(victim, signal.SIGCONT)
+                faults = [self._one_node(kind, victim, down)]
+                if rng.random() < 0.25:
+                    # A second node fails while the first is down (a majority lost for a while),
+                    # in its own way, starting a little later.
+                    second = rng.choice([m for m in self.members if m != victim])
+                    kind2: SingleFault = rng.choice(["cut", "kill", "stop"])
+                    faults.append(self._one_node(kind2, second, down, delay=rng.uniform(0, down / 2)))
+                await asyncio.gather(*faults)
             # Give the cluster a moment to serve again before the next fault.
             await asyncio.sleep(rng.uniform(0.5, 1.0))
+
+    async def _one_node(self, kind: SingleFault, victim: int, down: float, *, delay: float = 0) -> None:
+        """``victim`` killed with SIGKILL, frozen with SIGSTOP, or cut off from what its peers
+        send (its own messages still arrive: an asymmetric partition, which pre-vote and
+        check-quorum keep from disrupting the others), for ``down`` seconds."""
+        c = self.cluster
+        await asyncio.sleep(delay)
+        if kind == "cut":
+            mode: Mode = "blackhole" if self.rng.random() < 0.7 else "drop"
+            self.faults.append(f"{mode} links to node {victim}")
+            await asyncio.to_thread(self._link, victim, mode)
+            await asyncio.sleep(down)
+            await asyncio.to_thread(self._link, victim, "pass")
+        elif kind == "kill":
+            self.faults.append(f"kill -9 node {victim}")
+            c.kill(victim)
+            await asyncio.sleep(down)
+            self.start(victim)
+        else:
+            self.faults.append(f"SIGSTOP node {victim}")
+            c.kill(victim, signal.SIGSTOP)
+            await asyncio.sleep(down)
+            c.kill(victim, signal.SIGCONT)
 
     def _link(self, node: int, mode: Mode) -> None:
         assert self.cluster.proxies is not None
