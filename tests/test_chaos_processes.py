@@ -305,7 +305,7 @@ class Watcher:
     """Watches every key of the test from revision 1 through all the faults, resuming as the
     client does (on another node, from the last revision seen). When no node still holds the
     history it needs (each restored a later snapshot), it starts again from now: a gap the
-    client reports as ``OUT_OF_RANGE``, which only the frequent-snapshot run may meet."""
+    client reports as ``OUT_OF_RANGE``, which only a run whose nodes took snapshots may meet."""
 
     def __init__(self, endpoints: list[str]) -> None:
         self.endpoints = endpoints
@@ -396,7 +396,7 @@ def run_chaos(cluster: ProcCluster, *, expect_snapshots: bool) -> None:
     )
     print(summary)
     assert result.ok is True, f"{result}\n{summary}"
-    check_watch(watcher, final, restarts_allowed=expect_snapshots, summary=summary)
+    check_watch(watcher, final, restarts_allowed=snapshots["taken"] > 0, summary=summary)
     # Not a vacuous pass: the clients got work done through the faults, and there were faults.
     assert sum(answered) >= 20 * SECONDS, summary
     assert len(nemesis.faults) >= SECONDS / 6, summary

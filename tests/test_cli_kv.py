@@ -131,6 +131,9 @@ def test_leader_transfer(cluster: ProcCluster) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"leadership handed to node {target}"
     assert cluster.leader() == target, "the command returns once the target leads"
+    again = dengine(cluster, "leader", "transfer", str(target))  # a retried script: already done
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"leadership handed to node {target}"
     # A frozen target never takes over: the command says so and exits 3; the leader stays.
     frozen = next(i for i in range(1, 4) if i != target)
     cluster.kill(frozen, signal.SIGSTOP)

@@ -146,6 +146,9 @@ def test_move_leader_returns_once_the_target_leads_and_fails_clearly_when_it_can
             target = next(n for n in nodes if n is not leader)
             assert await leader.move_leader(target.id) == target.id
             assert target.raft is not None and target.raft.role.value == "leader"
+            term = target.raft.term
+            assert await target.move_leader(target.id) == target.id  # already there: nothing to do
+            assert (target.raft.role.value, target.raft.term) == ("leader", term)
             with pytest.raises(NotLeaderError):
                 await leader.move_leader()
             # A target that is down: the leader abandons the transfer after an election

@@ -748,10 +748,14 @@ class Node:
         A transfer is best effort: the target may be down or unable to catch up, and the leader
         abandons it after an election timeout and goes on leading. That, another node winning
         the election, or ``timeout`` seconds (default: two election timeouts) passing first,
-        raise :class:`~dengine.errors.LeadershipTransferError`; retrying is safe.
+        raise :class:`~dengine.errors.LeadershipTransferError`; retrying is safe. Asking the
+        leader to hand over to itself changes nothing and returns its id, so that a retried or
+        scripted "make node N the leader" succeeds once it does.
         """
         raft = self.raft
         assert raft is not None
+        if target == self.id and raft.role is Role.LEADER and raft.lead_transferee is None:
+            return self.id
         chosen = self.transfer_leadership(target)
         election = self.config.raft.election_timeout_ms / 1000
         deadline = time.monotonic() + (2 * election if timeout is None else timeout)
