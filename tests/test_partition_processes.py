@@ -64,15 +64,20 @@ def test_a_follower_that_hears_no_one_does_not_disrupt_the_leader(tmp_path: Path
         term = status(c, leader).term
         deaf = next(i for i in (1, 2, 3) if i != leader)
         cut(c, deaf, mode)
-        # Many election timeouts (400 ms) pass: its pre-votes reach the others, who have a
-        # leader and refuse them; without pre-vote its RequestVotes of ever higher terms would
-        # reach them too and depose the leader each time.
+        # Many election timeouts (400 ms) pass. Its pre-votes reach the others, who have a
+        # leader and refuse them, so its term stays. Without pre-vote it would campaign for real
+        # at each timeout: the others ignore those votes while they hear from the leader
+        # (check-quorum's lease), but its term climbs, and on its return that term deposes the
+        # leader.
         for n in range(20):
             c.kv(leader).Put(kv_pb2.PutRequest(key=b"k%d" % n, value=b"v"), timeout=5)
             time.sleep(0.1)
+        # (One election more is tolerated: a loaded machine may stall the healthy follower past
+        # the timeout. A deaf node without pre-vote raises the term at each of its timeouts.)
         s = status(c, leader)
-        assert (s.role, s.term) == ("leader", term), "the cut-off follower disrupted the leader"
+        assert s.term <= term + 1, f"the cut-off follower disrupted the leader: term {term} -> {s.term}"
+        assert status(c, deaf).term <= term + 1, "the cut-off follower campaigned, its term climbing"
         cut(c, deaf, "pass")
-        assert c.wait_ready(timeout=30) == leader
+        c.wait_ready(timeout=30)
         wait_for(lambda: c.try_get(deaf, b"k19") == b"v", 10, f"node {deaf} to catch up")
-        assert status(c, leader).term == term
+        assert status(c, deaf).term <= term + 1, "the follower disrupted the leader on its return"
