@@ -31,6 +31,24 @@ def test_5_2_randomized_timeouts_are_within_one_to_two_election_timeouts() -> No
         assert 10 <= ticks < 20
 
 
+def test_a_sole_voter_campaigns_at_its_first_tick() -> None:
+    """No other node can win or be leading: waiting out an election timeout would only delay a
+    single-node cluster's start (and, after a crash, its applying what was committed)."""
+    c = Cluster(1, election_ticks=10)
+    c.tick_all()
+    assert c.nodes[1].role is Role.LEADER
+    c.crash_and_restart(1)
+    c.tick_all()
+    assert c.nodes[1].role is Role.LEADER and c.nodes[1].term == 2
+    # With another voter, the timeout stands (the learner does not count as one).
+    c = Cluster(2, learners=[2], election_ticks=10)
+    c.tick_all()
+    assert c.nodes[1].role is Role.LEADER
+    c = Cluster(2, election_ticks=10)
+    c.tick_all(9)
+    assert c.nodes[1].role is Role.FOLLOWER and c.nodes[2].role is Role.FOLLOWER
+
+
 def test_5_2_one_vote_per_term_and_it_survives_a_restart() -> None:
     c = Cluster(3, pre_vote=False)
     c.isolate(3)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from dengine._core import Entry, HardState
 from dengine.errors import LeaderOverloadedError, NotLeaderError, ProposalDroppedError
 from dengine.raft import Message, MsgType, Role
 from dengine.raft.payload import command
+from dengine.testing.simstore import SimLogStore
 
 from raft_harness import Cluster
 
@@ -231,3 +233,35 @@ def test_committed_entries_wait_in_the_log_while_the_state_machine_lags() -> Non
     follower.applied_to(handed_out)
     c.settle()
     assert [e.index for e in c.applied[2]] == list(range(1, 22))
+
+
+class _EntryListStore(SimLogStore):
+    """A store that reads entries as lists only, as a custom Python engine may."""
+
+    entry_batch = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["entry-lists", "entry-batches"])
+def test_a_restart_replays_its_log_a_few_megabytes_at_a_time(framed: bool) -> None:
+    """A node restarting with a long committed log (or a follower catching up) gets it in
+    chunks of at most 8 MiB, and no new chunk while 16 MiB or more are handed out unapplied:
+    replaying a million entries must not hold a large part of the log in memory at once."""
+    mib = 1 << 20
+    stores: dict[int, SimLogStore] = {}
+    for i in (1, 2, 3):
+        store = SimLogStore() if framed else _EntryListStore()
+        store.append([Entry(n, 1, command(b"x" * mib)) for n in range(1, 41)])
+        store.save_hard_state(HardState(1, None, 40))
+        store.sync()
+        stores[i] = store
+    c = Cluster(3, stores=stores)
+    c.no_apply.add(1)
+    for _ in range(20):
+        c.process(1)
+    handed_out = len(c.applied[1])
+    assert 0 < handed_out < 40, handed_out
+    assert handed_out * mib < (16 + 8) * mib, handed_out
+    c.nodes[1].applied_to(handed_out)
+    for _ in range(20):
+        c.process(1)
+    assert len(c.applied[1]) > handed_out
