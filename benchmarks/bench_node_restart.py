@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dengine.config import Config
-from dengine.devcluster import free_ports
+from dengine.devcluster import write_configs
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
 
@@ -55,13 +55,9 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def write_config(root: Path) -> Path:
-    (port,) = free_ports(1)
-    path = root / "node1.toml"
-    path.write_text(
-        f'[node]\nid = 1\nlisten = "127.0.0.1:{port}"\ndata_dir = "{root / "data"}"\nmetrics_listen = ""\n'
-        f'[cluster]\nid = "bench"\nmembers = {{ 1 = "127.0.0.1:{port}" }}\n'
-        "[snapshot]\nenabled = false\n"
-    )
+    (path,) = write_configs(root, 1, "bench", None)
+    with path.open("a") as f:
+        f.write("\n[snapshot]\nenabled = false\n")
     return path
 
 
