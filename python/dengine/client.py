@@ -36,6 +36,7 @@ from dengine._core import (
     join_kv_operations,
 )
 from dengine.batch_stream import BatchStream, CallFailed
+from dengine.client_admin import ClusterAdmin, Membership
 from dengine.errors import (
     CompareFailed,
     DeadlineExceeded,
@@ -57,6 +58,7 @@ __all__ = [
     "DeadlineExceeded",
     "DeleteResult",
     "KeyValue",
+    "Membership",
     "NotFound",
     "PutResult",
     "RequestFailed",
@@ -189,8 +191,12 @@ class _Endpoints:
         return address
 
 
-class Client:
+class Client(ClusterAdmin):
     """An async client of a dengine cluster. Use ``async with Client([...]) as c:``.
+
+    Besides the key-value operations it runs the cluster's operations through the leader:
+    :meth:`members`, :meth:`add_learner`, :meth:`promote`, :meth:`remove_member` and
+    :meth:`transfer_leader` (see :mod:`dengine.client_admin`).
 
     ``timeout`` is the default deadline of a call, retries included; ``attempt_timeout`` bounds
     one attempt on one node. Concurrent calls are coalesced into batches of up to ``max_batch``
@@ -761,6 +767,31 @@ class SyncClient:
         result: list[KeyValue] = self._run(
             self._client.range(prefix, limit=limit, consistency=consistency, timeout=timeout)
         )
+        return result
+
+    def members(self, *, timeout: float | None = None) -> Membership:
+        """:meth:`Client.members`."""
+        result: Membership = self._run(self._client.members(timeout=timeout))
+        return result
+
+    def add_learner(self, node_id: int, address: str, *, timeout: float | None = None) -> Membership:
+        """:meth:`Client.add_learner`."""
+        result: Membership = self._run(self._client.add_learner(node_id, address, timeout=timeout))
+        return result
+
+    def promote(self, node_id: int, *, force: bool = False, timeout: float | None = None) -> Membership:
+        """:meth:`Client.promote`."""
+        result: Membership = self._run(self._client.promote(node_id, force=force, timeout=timeout))
+        return result
+
+    def remove_member(self, node_id: int, *, timeout: float | None = None) -> Membership:
+        """:meth:`Client.remove_member`."""
+        result: Membership = self._run(self._client.remove_member(node_id, timeout=timeout))
+        return result
+
+    def transfer_leader(self, to: int | None = None, *, timeout: float | None = None) -> int:
+        """:meth:`Client.transfer_leader`."""
+        result: int = self._run(self._client.transfer_leader(to, timeout=timeout))
         return result
 
     def close(self) -> None:

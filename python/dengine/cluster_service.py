@@ -126,7 +126,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         try:
             target = await self.node.move_leader(request.id or None)
         except NotLeaderError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not leader; leader={exc.leader or 0}")
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, leader_details(self.node, exc.leader))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LeadershipTransferError as exc:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -296,28 +296,16 @@ def status_main(argv: Sequence[str]) -> int:
     return _run(_status, parser.parse_args(argv), "dengine status")
 
 
+def _admin_client(args: argparse.Namespace) -> Client:
+    """A client for one cluster operation: through the leader, found from the endpoints given
+    (and only those: an operator's command goes where it was pointed)."""
+    return Client(args.endpoints, timeout=args.timeout, credentials=_tls_files(args), discover_members=False)
+
+
 async def _transfer(args: argparse.Namespace) -> int:
-    rows = [(a, s) for a, s in await _statuses(args) if s is not None]
-    leader_address = next((a for a, s in rows if s.role == "leader"), None) or next(
-        (s.leader_address for _, s in rows if s.leader_address), None
-    )
-    credentials = _credentials(args)
-    if leader_address is None:
-        print("dengine leader transfer: no leader found", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    async with _channel(leader_address, credentials) as ch:
-        stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
-        try:
-            r = await stub.TransferLeader(
-                cluster_pb2.TransferLeaderRequest(id=args.id or 0), timeout=args.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise RequestFailed(exc.code().name, exc.details() or "") from exc
-    print(
-        json.dumps({"leader": r.leader_id})
-        if args.output == "json"
-        else f"leadership handed to node {r.leader_id}"
-    )
+    async with _admin_client(args) as client:
+        leader = await client.transfer_leader(args.id)
+    print(json.dumps({"leader": leader}) if args.output == "json" else f"leadership handed to node {leader}")
     return EXIT_OK
 
 
@@ -386,22 +374,6 @@ def snapshot_main(argv: Sequence[str]) -> int:
     return _run(_snapshot, parser.parse_args(argv), "dengine snapshot create")
 
 
-async def _leader_stub_call(args: argparse.Namespace, call: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Runs ``call(stub)`` against the leader, found through any endpoint's Status."""
-    rows = [(a, s) for a, s in await _statuses(args) if s is not None]
-    leader_address = next((a for a, s in rows if s.role == "leader"), None) or next(
-        (s.leader_address for _, s in rows if s.leader_address), None
-    )
-    if leader_address is None:
-        raise Unavailable("no leader found")
-    async with _channel(leader_address, _credentials(args)) as ch:
-        stub = cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[no-untyped-call]
-        try:
-            return await call(stub)
-        except grpc.aio.AioRpcError as exc:
-            raise RequestFailed(exc.code().name, exc.details() or "") from exc
-
-
 async def _member(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = [s for _, s in await _statuses(args) if s is not None]
@@ -420,17 +392,14 @@ async def _member(args: argparse.Namespace) -> int:
             for r in out:
                 print(f"{r['id']:>3}  {r['role']:<8} {r['address']}")
         return EXIT_OK
-    timeout = args.timeout
-    if args.action == "add-learner":
-        request: Any = cluster_pb2.AddLearnerRequest(id=args.id, address=args.address)
-        reply = await _leader_stub_call(args, lambda stub: stub.AddLearner(request, timeout=timeout))
-    elif args.action == "promote":
-        request = cluster_pb2.PromoteRequest(id=args.id, force=args.force)
-        reply = await _leader_stub_call(args, lambda stub: stub.Promote(request, timeout=timeout))
-    else:
-        request = cluster_pb2.RemoveMemberRequest(id=args.id)
-        reply = await _leader_stub_call(args, lambda stub: stub.RemoveMember(request, timeout=timeout))
-    voters, learners = sorted(reply.voters), sorted(reply.learners)
+    async with _admin_client(args) as client:
+        if args.action == "add-learner":
+            m = await client.add_learner(args.id, args.address)
+        elif args.action == "promote":
+            m = await client.promote(args.id, force=args.force)
+        else:
+            m = await client.remove_member(args.id)
+    voters, learners = list(m.voters), list(m.learners)
     if args.output == "json":
         print(json.dumps({"voters": voters, "learners": learners}))
     else:

@@ -763,7 +763,8 @@ class Node:
             if raft.role is Role.LEADER and raft.lead_transferee is None:
                 raise LeadershipTransferError(
                     f"node {chosen} did not take over within the election timeout ({election:g} s): "
-                    f"it may be down or unable to catch up; node {self.id} still leads"
+                    f"it may be down or unable to catch up; node {self.id} still leads (a target that "
+                    "was only slow may still take over when it gets the request)"
                 )
             if raft.role is not Role.LEADER and raft.lead is not None:
                 if raft.lead != chosen:
