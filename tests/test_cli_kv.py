@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,9 +135,8 @@ def test_leader_transfer(cluster: ProcCluster) -> None:
     again = dengine(cluster, "leader", "transfer", str(target))  # a retried script: already done
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == f"leadership handed to node {target}"
-    # A frozen target does not take over: the command says so and exits 3; the leader stays.
-    # (Once thawed, the target may still act on the TimeoutNow it was sent, and take over: the
-    # extra election the Raft thesis allows, §3.10.)
+    # A frozen target does not take over: the command says so and exits 3; the leader stays,
+    # also once the target thaws and finds the TimeoutNow that waited for it (stale by then).
     frozen = next(i for i in range(1, 4) if i != target)
     cluster.kill(frozen, signal.SIGSTOP)
     try:
@@ -146,6 +146,10 @@ def test_leader_transfer(cluster: ProcCluster) -> None:
         cluster.kill(frozen, signal.SIGCONT)
     assert out.returncode == 3, out.stdout
     assert f"node {frozen} did not take over within the election timeout" in out.stderr
+    for _ in range(10):
+        time.sleep(0.1)
+        assert cluster.leader() in (target, None), "the thawed target took over"
+    assert cluster.wait_leader() == target
 
 
 def test_the_consistency_commands_of_the_docs(cluster: ProcCluster) -> None:

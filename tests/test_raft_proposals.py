@@ -86,6 +86,49 @@ def test_a_lost_timeout_now_is_sent_again_when_the_target_answers_a_heartbeat() 
     assert roles() == (Role.FOLLOWER, Role.LEADER) and c.nodes[1].lead == 3
 
 
+@pytest.mark.parametrize("paused", [True, False], ids=["paused", "slow"])
+def test_a_timeout_now_that_waited_through_a_pause_is_not_acted_on(paused: bool) -> None:
+    """Thesis §3.10: a leader abandons a transfer the target does not complete within an election
+    timeout. A target that was frozen meanwhile (SIGSTOP, a stalled VM) wakes to the TimeoutNow
+    that waited for it: taking it would depose the leader the operator was told still leads.
+    After a pause of an election timeout or more it is not acted on; the late TimeoutNow of a
+    target that was merely slow still is (the extra election the thesis allows)."""
+    c = Cluster(3, election_ticks=10)
+    c.elect(1)
+    c.propose(1, b"x")
+    held: list[Message] = []
+
+    def hold_timeout_now(m: Message) -> Message | None:
+        if m.type is MsgType.TIMEOUT_NOW:
+            held.append(m)
+            return None
+        return m
+
+    c.filters.append(hold_timeout_now)
+    c.nodes[1].transfer_leadership(3)
+    c.settle()
+    c.filters.remove(hold_timeout_now)
+    assert held
+    c.tick(1, 11)  # the leader gives up on the transfer and leads on
+    c.settle()
+    assert c.nodes[1].role is Role.LEADER and c.nodes[1].lead_transferee is None
+    term = c.nodes[1].term
+    if paused:  # node 3 slept through 12 ticks; its driver runs them at once on waking
+        c.tick(3, 12)
+        c.nodes[3].note_pause(12)
+    # The leader's heartbeats, then the TimeoutNow that waited.
+    c.tick(1, 3)
+    c.settle()
+    assert c.nodes[3].role is Role.FOLLOWER and c.nodes[3].lead == 1
+    c.queue.extend(held)
+    c.settle()
+    if paused:
+        assert (c.nodes[1].role, c.nodes[1].term) == (Role.LEADER, term)
+        assert c.nodes[3].role is Role.FOLLOWER and c.nodes[3].term == term
+    else:
+        assert c.nodes[3].role is Role.LEADER and c.nodes[3].term == term + 1
+
+
 def test_leader_transfer_to_the_most_up_to_date_voter_by_default() -> None:
     c = Cluster(3)
     c.elect(1)

@@ -495,17 +495,22 @@ class Node:
         and a pause of the whole process (SIGSTOP, a frozen VM, a long GC) stops them: the ticks
         it slept through must run before anything is judged by them. Above all a leader's lease,
         which would otherwise look fresh to a leader that slept through its successor's
-        election. So this also runs before a lease read and before each peer message."""
+        election. So this also runs before a lease read and before each peer message, and tells
+        the core when it ran several at once (``Raft.note_pause``)."""
         raft = self.raft
         now = self._clock()
         if raft is None or now < self._next_tick_at:
             return
         interval = self.config.raft.tick_ms / 1000
         periodic = False
+        ran = 0
         while self._next_tick_at <= now:
             self._next_tick_at += interval
             raft.tick()
+            ran += 1
             periodic = periodic or raft.ticks_since_start % 10 == 0
+        if ran > 1:
+            raft.note_pause(ran)
         self.pump()
         if periodic:
             self.members.expire()

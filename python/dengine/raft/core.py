@@ -150,7 +150,8 @@ class Raft:
         self.lead_transferee: int | None = None
         self._forget_unapplied()
 
-        self._ticks = 0
+        # Ticks so far, and the tick until which a TimeoutNow is taken for stale (note_pause).
+        self._ticks = self._timeout_now_stale_until = 0
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = config.election_ticks
@@ -206,6 +207,17 @@ class Raft:
             ):
                 self._election_elapsed = 0
                 self._campaign(pre=self.cfg.pre_vote)
+
+    def note_pause(self, ticks: int) -> None:
+        """Tells the core that its driver just ran ``ticks`` ticks at once: the process was paused
+        (SIGSTOP, a frozen VM, a long garbage collection) and the messages that reach it now
+        waited through the pause. After a pause of an election timeout or more, a TimeoutNow
+        among them is one its leader gave up on (a leader abandons a transfer after an election
+        timeout and goes on leading): acting on it would depose a leader that was told the
+        transfer failed. So for the next election timeout this node takes no TimeoutNow. One
+        sent afresh in that window only fails its transfer, which the leader reports."""
+        if ticks >= self.cfg.election_ticks:
+            self._timeout_now_stale_until = self._ticks + self.cfg.election_ticks
 
     def propose(self, payloads: Sequence[bytes]) -> tuple[int, int] | None:
         """Appends a batch of entry payloads (see :mod:`dengine.raft.payload`) on the leader.
@@ -754,7 +766,8 @@ class Raft:
             self.lead = m.src
             self._handle_snapshot(m)
         elif t is MsgType.TIMEOUT_NOW:
-            self._campaign(pre=False, transfer=True)
+            if self._ticks >= self._timeout_now_stale_until:
+                self._campaign(pre=False, transfer=True)
         elif t is MsgType.READ_INDEX_RESP:
             if m.context in self._forwarded_reads:
                 self._forwarded_reads.discard(m.context)

@@ -293,6 +293,7 @@ class SimCluster:
         missed, node.missed_ticks = node.missed_ticks, 0
         for _ in range(missed):
             node.raft.tick()
+        node.raft.note_pause(missed)
         self._drive(node)
         held, node.held = node.held, []
         for action in held:
