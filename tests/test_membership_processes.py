@@ -177,6 +177,45 @@ def test_replace_a_node_whose_disk_was_wiped(tmp_path: Path) -> None:
         assert_all_readable(cluster, [*survivors, 6], writer.acked)
 
 
+def test_member_replace_does_it_in_one_command_and_can_be_run_again(tmp_path: Path) -> None:
+    extra = MEMBERSHIP.replace('"auto"', '"manual"')
+    with running_cluster(tmp_path, extra_toml=extra) as cluster:
+        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
+        writer.start()
+        try:
+            leader = cluster.wait_leader()
+            victim = next(i for i in (1, 2, 3) if i != leader)
+            wait_for(lambda: len(writer.acked) > 500, 60, "some writes")
+            cluster.kill(victim)
+            shutil.rmtree(tmp_path / f"data{victim}")
+            address = cluster.add_joiner(7)
+            survivors = [i for i in (1, 2, 3) if i != victim]
+            endpoints = ",".join(cluster.address(i) for i in survivors)
+            command = [sys.executable, "-m", "dengine", "member", "replace", str(victim), "7", address]
+            command += ["--endpoints", endpoints, "--wait", "60"]
+            # The command adds node 7 and waits for it to catch up; the operator starts it meanwhile.
+            replacing = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+            def added() -> bool:
+                status = cluster.status(leader)
+                return status is not None and 7 in status.learners
+
+            wait_for(added, 30, "node 7 to be added as a learner")
+            cluster.start(7, join=cluster.address(survivors[0]))
+            out, err = replacing.communicate(timeout=90)
+            assert replacing.returncode == 0, err
+            assert out.strip() == f"voters {sorted([*survivors, 7])}, learners []"
+            assert voters(cluster, [*survivors, 7]) == {*survivors, 7}
+            again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+            assert again.returncode == 0, again.stderr  # already done: nothing to do
+            before = len(writer.acked)
+            wait_for(lambda: len(writer.acked) > before + 100, 30, "writes to go on")
+        finally:
+            writer.finish()
+        assert not writer.errors, writer.errors[:3]
+        assert_all_readable(cluster, [*survivors, 7], writer.acked)
+
+
 def recover_cli(cluster: ProcCluster, node: int, *args: str) -> subprocess.CompletedProcess[str]:
     config = str(cluster.root / f"node{node}.toml")
     return subprocess.run(

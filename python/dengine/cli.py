@@ -163,7 +163,7 @@ def main_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="the cluster's nodes, roles, indexes and lag (see dengine status --help)")
     leader = sub.add_parser("leader", help="leadership (see dengine leader transfer --help)")
     leader.add_argument("action", choices=["transfer"])
-    sub.add_parser("member", help="add-learner, promote, remove, list (see dengine member --help)")
+    sub.add_parser("member", help="add-learner, promote, remove, replace, list (see dengine member --help)")
     sub.add_parser(
         "recover",
         help="a majority lost for good: make a stopped node the only voter (see dengine recover --help)",

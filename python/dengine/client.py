@@ -21,7 +21,7 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -195,8 +195,8 @@ class Client(ClusterAdmin):
     """An async client of a dengine cluster. Use ``async with Client([...]) as c:``.
 
     Besides the key-value operations it runs the cluster's operations through the leader:
-    :meth:`members`, :meth:`add_learner`, :meth:`promote`, :meth:`remove_member` and
-    :meth:`transfer_leader` (see :mod:`dengine.client_admin`).
+    :meth:`members`, :meth:`add_learner`, :meth:`promote`, :meth:`remove_member`,
+    :meth:`replace_member` and :meth:`transfer_leader` (see :mod:`dengine.client_admin`).
 
     ``timeout`` is the default deadline of a call, retries included; ``attempt_timeout`` bounds
     one attempt on one node. Concurrent calls are coalesced into batches of up to ``max_batch``
@@ -787,6 +787,21 @@ class SyncClient:
     def remove_member(self, node_id: int, *, timeout: float | None = None) -> Membership:
         """:meth:`Client.remove_member`."""
         result: Membership = self._run(self._client.remove_member(node_id, timeout=timeout))
+        return result
+
+    def replace_member(
+        self,
+        old: int,
+        new: int,
+        address: str,
+        *,
+        timeout: float = 120.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> Membership:
+        """:meth:`Client.replace_member`."""
+        result: Membership = self._run(
+            self._client.replace_member(old, new, address, timeout=timeout, progress=progress)
+        )
         return result
 
     def transfer_leader(self, to: int | None = None, *, timeout: float | None = None) -> int:

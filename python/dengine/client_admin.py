@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from dengine.errors import RequestFailed, Unavailable
+from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -99,6 +99,47 @@ class ClusterAdmin:
     async def remove_member(self, node_id: int, *, timeout: float | None = None) -> Membership:
         """Removes voter or learner ``node_id`` (the leader too: it hands leadership over)."""
         return await self._change("RemoveMember", cluster_pb2.RemoveMemberRequest(id=node_id), timeout)
+
+    async def replace_member(
+        self,
+        old: int,
+        new: int,
+        address: str,
+        *,
+        timeout: float = 120.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> Membership:
+        """Replaces voter ``old`` by node ``new`` listening at ``address``, never with fewer
+        voters than before: adds ``new`` as a learner, waits until it has caught up (start it
+        meanwhile, with ``dengine serve --join``), promotes it (unless the leader already did),
+        then removes ``old``. Every step is skipped when already done, so a call that failed
+        half-way can be made again. ``progress`` hears what is being waited for."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.05, deadline - time.monotonic())
+
+        m = await self.members(timeout=left())
+        if old not in m.voters:
+            if new in m.voters and old not in m.learners:
+                return m  # done by an earlier call
+            raise RequestFailed("FAILED_PRECONDITION", f"node {old} is not a voter")
+        if new not in m.voters and new not in m.learners:
+            m = await self.add_learner(new, address, timeout=left())
+        while new not in m.voters:
+            try:
+                m = await self.promote(new, timeout=left())
+            except RequestFailed as exc:
+                # Behind (not caught up yet), or promoted meanwhile by the leader itself.
+                if "behind" not in str(exc) and "already a voter" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"node {new} did not catch up in {timeout:g} s: {exc}") from exc
+                if progress is not None and "behind" in str(exc):
+                    progress(f"waiting for node {new} at {address} to catch up ({exc})")
+                await asyncio.sleep(0.5)
+                m = await self.members(timeout=left())
+        return await self.remove_member(old, timeout=left())
 
     async def transfer_leader(self, to: int | None = None, *, timeout: float | None = None) -> int:
         """Hands leadership to node ``to`` (default: the most up-to-date voter) and returns the

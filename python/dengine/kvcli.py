@@ -12,7 +12,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -395,6 +396,15 @@ async def _member(args: argparse.Namespace) -> int:
     async with _admin_client(args) as client:
         if args.action == "add-learner":
             m = await client.add_learner(args.id, args.address)
+        elif args.action == "replace":
+            quiet = args.output == "json"
+            m = await client.replace_member(
+                args.old,
+                args.new,
+                args.address,
+                timeout=args.wait,
+                progress=None if quiet else _throttled_progress("dengine member replace"),
+            )
         elif args.action == "promote":
             m = await client.promote(args.id, force=args.force)
         else:
@@ -407,13 +417,26 @@ async def _member(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _throttled_progress(prog: str) -> Callable[[str], None]:
+    """Prints progress to stderr, at most every few seconds (a replacement can wait minutes)."""
+    last = [0.0]
+
+    def say(text: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 3.0:
+            last[0] = now
+            print(f"{prog}: {text}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def member_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dengine member",
         description="Change the cluster's membership, one server at a time, through the leader.",
         epilog="examples:\n  dengine member add-learner 4 10.0.0.4:7001\n  dengine member promote 4\n"
         "  dengine member remove 2\n  dengine member list --output json\n"
-        "replacing node 2 by node 4: add-learner 4 ADDR, wait for it to catch up, promote 4, remove 2",
+        "  dengine member replace 2 4 10.0.0.4:7001   # add 4, wait for it to catch up, promote it, remove 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="action", required=True)
@@ -425,8 +448,19 @@ def member_parser() -> argparse.ArgumentParser:
     promote.add_argument("--force", action="store_true", help="promote even if it is far behind")
     remove = sub.add_parser("remove", help="remove a voter or learner (the leader too: it hands over)")
     remove.add_argument("id", type=int)
+    replace = sub.add_parser(
+        "replace",
+        help="replace voter OLD by node NEW at ADDRESS: add it as a learner, wait until it has caught "
+        "up (start it meanwhile with dengine serve --join), promote it, remove OLD; safe to run again",
+    )
+    replace.add_argument("old", type=int)
+    replace.add_argument("new", type=int)
+    replace.add_argument("address", help="host:port the new node listens on")
+    replace.add_argument(
+        "--wait", type=float, default=120.0, help="seconds to wait for the whole replacement (default 120)"
+    )
     listing = sub.add_parser("list", help="the members and their roles")
-    for p in (add, promote, remove, listing):
+    for p in (add, promote, remove, replace, listing):
         _common(p)
     return parser
 
