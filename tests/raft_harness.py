@@ -193,6 +193,20 @@ class Cluster:
     def drop_type(self, *types: MsgType) -> None:
         self.filters.append(lambda m: None if m.type in types else m)
 
+    def hold_type(self, *types: MsgType) -> tuple[list[Message], Filter]:
+        """Keeps back every message of ``types`` from now on: returns the list they gather in
+        (deliver them later with ``queue.extend``) and the filter (remove it to stop holding)."""
+        held: list[Message] = []
+
+        def hold(m: Message) -> Message | None:
+            if m.type in types:
+                held.append(m)
+                return None
+            return m
+
+        self.filters.append(hold)
+        return held, hold
+
     def propose(self, i: int, *datas: bytes) -> tuple[int, int] | None:
         result = self.nodes[i].propose([command(d) for d in datas])
         self.settle()

@@ -141,19 +141,25 @@ def test_grow_to_five_and_shrink_to_three_while_writing(tmp_path: Path) -> None:
         assert_all_readable(cluster, remaining, writer.acked)
 
 
+def lose_a_follower_for_good(cluster: ProcCluster, writer: Writer, writes: int) -> tuple[int, list[int]]:
+    """After ``writes`` acknowledged writes, kills a follower and wipes its disk; returns it and
+    the survivors."""
+    leader = cluster.wait_leader()
+    victim = next(i for i in (1, 2, 3) if i != leader)
+    wait_for(lambda: len(writer.acked) > writes, 60, "some writes")
+    cluster.kill(victim)
+    shutil.rmtree(cluster.root / f"data{victim}")  # the disk is gone
+    return victim, [i for i in (1, 2, 3) if i != victim]
+
+
 def test_replace_a_node_whose_disk_was_wiped(tmp_path: Path) -> None:
     extra = MEMBERSHIP.replace('"auto"', '"manual"') + "\n[snapshot]\nentries = 500\ntrailing_entries = 50\n"
     with running_cluster(tmp_path, extra_toml=extra) as cluster:
         writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
         writer.start()
         try:
-            leader = cluster.wait_leader()
-            victim = next(i for i in (1, 2, 3) if i != leader)
-            wait_for(lambda: len(writer.acked) > 1000, 60, "some writes")
-            cluster.kill(victim)
-            shutil.rmtree(tmp_path / f"data{victim}")  # the disk is gone
+            victim, survivors = lose_a_follower_for_good(cluster, writer, 1000)
             address = cluster.add_joiner(6)
-            survivors = [i for i in (1, 2, 3) if i != victim]
             # Added by the operator first; its --join then finds itself a member already.
             result = member_cli(cluster, survivors, "add-learner", "6", address)
             assert result.returncode == 0, result.stderr
@@ -183,13 +189,8 @@ def test_member_replace_does_it_in_one_command_and_can_be_run_again(tmp_path: Pa
         writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
         writer.start()
         try:
-            leader = cluster.wait_leader()
-            victim = next(i for i in (1, 2, 3) if i != leader)
-            wait_for(lambda: len(writer.acked) > 500, 60, "some writes")
-            cluster.kill(victim)
-            shutil.rmtree(tmp_path / f"data{victim}")
+            victim, survivors = lose_a_follower_for_good(cluster, writer, 500)
             address = cluster.add_joiner(7)
-            survivors = [i for i in (1, 2, 3) if i != victim]
             endpoints = ",".join(cluster.address(i) for i in survivors)
             command = [sys.executable, "-m", "dengine", "member", "replace", str(victim), "7", address]
             command += ["--endpoints", endpoints, "--wait", "60"]
@@ -197,7 +198,7 @@ def test_member_replace_does_it_in_one_command_and_can_be_run_again(tmp_path: Pa
             replacing = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
             def added() -> bool:
-                status = cluster.status(leader)
+                status = cluster.status(cluster.wait_leader(among=survivors))
                 return status is not None and 7 in status.learners
 
             wait_for(added, 30, "node 7 to be added as a learner")

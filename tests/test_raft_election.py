@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dengine.raft import Message, MsgType, Role
+from dengine.raft import MsgType, Role
 from dengine.raft.payload import NOOP_PAYLOAD
 
 from raft_harness import Cluster, make_store
@@ -191,15 +191,7 @@ def test_a_node_that_lost_its_disk_neither_votes_nor_campaigns() -> None:
 def test_votes_from_an_earlier_term_are_not_counted() -> None:
     c = Cluster(3, pre_vote=False, check_quorum=False)
     c.isolate(3)
-    late: list[Message] = []
-
-    def hold_vote_responses(m: Message) -> Message | None:
-        if m.type is MsgType.VOTE_RESP:
-            late.append(m)
-            return None
-        return m
-
-    c.filters.append(hold_vote_responses)
+    late, _ = c.hold_type(MsgType.VOTE_RESP)
     c.campaign(1)  # term 1: node 2's grant is held back
     assert late and not late[0].reject and late[0].term == 1
     for _ in range(40):

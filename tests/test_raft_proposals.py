@@ -96,18 +96,10 @@ def test_a_timeout_now_that_waited_through_a_pause_is_not_acted_on(paused: bool)
     c = Cluster(3, election_ticks=10)
     c.elect(1)
     c.propose(1, b"x")
-    held: list[Message] = []
-
-    def hold_timeout_now(m: Message) -> Message | None:
-        if m.type is MsgType.TIMEOUT_NOW:
-            held.append(m)
-            return None
-        return m
-
-    c.filters.append(hold_timeout_now)
+    held, holding = c.hold_type(MsgType.TIMEOUT_NOW)
     c.nodes[1].transfer_leadership(3)
     c.settle()
-    c.filters.remove(hold_timeout_now)
+    c.filters.remove(holding)
     assert held
     c.tick(1, 11)  # the leader gives up on the transfer and leads on
     c.settle()
