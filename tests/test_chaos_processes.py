@@ -3,8 +3,8 @@ puts, gets (linearizable and lease), compare-and-swaps and deletes on a few keys
 cluster, while a seeded nemesis kills nodes with SIGKILL (the leader half of the time, now and then
 all three at once), freezes them with SIGSTOP past the election timeout, cuts the leader off from
 its followers (by freezing them) and then kills it, moves leadership (`TransferLeader`),
-replaces a member (removed, its disk wiped, a new node joining on its address), and brings
-everything back.
+cuts what a node hears from its peers, replaces members (in place, or by a new machine on a new
+address: the clients must learn it), and brings everything back.
 Every call is recorded with its invocation and answer times; a call that failed is recorded as
 unanswered (it may have taken effect). After the cluster heals, every key is read once more and
 the whole history must be linearizable against the KV model (`dengine.testing.linearizability`):
@@ -59,10 +59,12 @@ class Nemesis:
     node), each healed before the next, so that the cluster keeps a majority most of the time
     and clients make progress.
 
-    It also replaces members: a voter is removed (the leader now and then), its process killed
-    and its disk wiped, and a node with a new id joins on the same address (a machine replaced
-    under its old host name), to be promoted once it has caught up. The faults that follow strike
-    whatever the membership is then, a learner still catching up included.
+    It also replaces members (the leader now and then): in place (the voter removed, its process
+    killed and its disk wiped, and a node with a new id joining on the same address, a machine
+    replaced under its old host name), or by a new machine on a new address that joins first,
+    the old voter being removed once the new one is promoted. After a few of those none of the
+    addresses the clients started with may be left. The faults that follow strike whatever the
+    membership is then, a learner still catching up included.
     """
 
     def __init__(self, cluster: ProcCluster, rng: random.Random) -> None:
@@ -100,33 +102,66 @@ class Nemesis:
         except grpc.RpcError as exc:
             self.faults.append(f"transfer {leader} -> {target or 'any'}: {exc.code().name}")
 
-    def _replace(self, old: int) -> None:
-        """Removes voter ``old`` through the leader, wipes it, and starts a new node on its
-        address that joins; only from a settled configuration of three voters."""
+    def _settled_leader(self, old: int) -> int | None:
+        """The leader, if the configuration is three voters (``old`` among them) and no learner."""
         c = self.cluster
         leader = c.leader(self.members)
         status = c.status(leader) if leader is not None else None
         if leader is None or status is None:
-            return
+            return None
         if len(status.voters) != 3 or status.learners or old not in status.voters:
-            return
+            return None
+        return leader
+
+    def _remove(self, leader: int, old: int) -> bool:
         try:
             self._cluster_stub(leader).RemoveMember(cluster_pb2.RemoveMemberRequest(id=old), timeout=5)
         except grpc.RpcError as exc:
             # Committed or not, it is unknown: leave the node be (if it was removed after all,
-            # the cluster goes on with two voters, and later removals shrink it further).
+            # the cluster goes on without it, and later removals shrink it further).
             self.faults.append(f"remove {old}: {exc.code().name}")
-            return
-        c.kill(old)
-        shutil.rmtree(c.root / f"data{old}")
-        new = max(c.procs) + 1
-        c.add_joiner(new, replacing=old)
-        self.members = [m for m in self.members if m != old] + [new]
+            return False
+        self.cluster.kill(old)
+        shutil.rmtree(self.cluster.root / f"data{old}")
+        self.members.remove(old)
         self.joined.discard(old)
+        return True
+
+    def _join(self, new: int) -> None:
+        self.members.append(new)
         self.joined.add(new)
         self.start(new)
+
+    def _replace(self, old: int) -> None:
+        """Replaces voter ``old``, from a settled configuration of three voters: half the time in
+        place (removed and wiped first, the new node joining on its address), half the time by a
+        new machine on a new address that joins first, ``old`` being removed once it is a voter.
+        Then no address the clients were given may be left: they must have learned the others."""
+        c = self.cluster
+        leader = self._settled_leader(old)
+        if leader is None:
+            return
+        new = max(c.procs) + 1
+        if self.rng.random() < 0.5:
+            if not self._remove(leader, old):
+                return
+            c.add_joiner(new, replacing=old)
+            self._join(new)
+            self.faults.append(f"replace {old} by {new} in place (leader {leader})")
+        else:
+            c.add_joiner(new)
+            self._join(new)
+            self.faults.append(f"add {new}, then remove {old}")
+            promoted = None
+            deadline = time.monotonic() + 20
+            while promoted is None and time.monotonic() < deadline:
+                leader = c.leader(self.members) or 0
+                status = c.status(leader) if leader else None
+                promoted = leader if status is not None and new in status.voters else None
+                time.sleep(0.2)
+            if promoted is None or not self._remove(promoted, old):
+                return  # the next replacement waits for a settled configuration
         self.replaced += 1
-        self.faults.append(f"replace {old} by {new} (leader {leader})")
 
     async def run(self, until: float) -> None:
         rng, c = self.rng, self.cluster
@@ -181,6 +216,8 @@ class Nemesis:
         check-quorum keep from disrupting the others), for ``down`` seconds."""
         c = self.cluster
         await asyncio.sleep(delay)
+        if kind == "cut" and victim not in c.proxy_ports:
+            kind = "stop"  # a node added on a new address has no proxy in front of it
         if kind == "cut":
             mode: Mode = "blackhole" if self.rng.random() < 0.7 else "drop"
             self.faults.append(f"{mode} links to node {victim}")
@@ -207,7 +244,8 @@ class Nemesis:
         they all serve under one leader, every replacement promoted."""
         c = self.cluster
         for i in self.members:
-            self._link(i, "pass")
+            if i in c.proxy_ports:
+                self._link(i, "pass")
             if c.procs[i].poll() is None:
                 c.procs[i].send_signal(signal.SIGCONT)
             else:
@@ -369,7 +407,8 @@ def run_chaos(cluster: ProcCluster, *, expect_snapshots: bool) -> None:
         try:
             counts = await asyncio.gather(nemesis.run(until), *clients)
             await asyncio.to_thread(nemesis.heal)
-            async with Client(endpoints, timeout=20) as client:
+            current = [cluster.address(m) for m in nemesis.members]  # perhaps none of the first
+            async with Client(current, timeout=20) as client:
                 for key in KEYS:
                     op = history.invoke(CLIENTS, KVInput("get", key))
                     kv = await client.get(key)
