@@ -36,7 +36,7 @@ from dengine._core import (
     join_kv_operations,
 )
 from dengine.batch_stream import BatchStream, CallFailed
-from dengine.client_admin import ClusterAdmin, Membership
+from dengine.client_admin import ClusterAdmin, Membership, membership_of
 from dengine.errors import (
     CompareFailed,
     DeadlineExceeded,
@@ -323,7 +323,7 @@ class Client(ClusterAdmin):
         except grpc.aio.AioRpcError:
             return  # asked again at the next leader change
         if status.role == "leader":  # only the leader's view lists every member
-            self._endpoints.learn([status.address, *(p.address for p in status.peers)])
+            self._endpoints.learn(list(membership_of(status).addresses.values()))
 
     # --- operations -------------------------------------------------------------------------------
 

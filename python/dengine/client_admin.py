@@ -27,7 +27,7 @@ from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 if TYPE_CHECKING:
     from dengine.client import _Endpoints
 
-__all__ = ["ClusterAdmin", "Membership"]
+__all__ = ["ClusterAdmin", "Membership", "membership_of"]
 
 # The refusal that says a change is already in force, per method.
 _ALREADY_DONE = {
@@ -46,6 +46,12 @@ class Membership:
     voters: tuple[int, ...]
     learners: tuple[int, ...]
     addresses: Mapping[int, str]
+
+
+def membership_of(status: cluster_pb2.StatusResponse) -> Membership:
+    """The membership a node's Status answer shows (only a leader's has every address)."""
+    addresses = {status.id: status.address, **{p.id: p.address for p in status.peers}}
+    return Membership(tuple(sorted(status.voters)), tuple(sorted(status.learners)), addresses)
 
 
 class ClusterAdmin:
@@ -72,10 +78,8 @@ class ClusterAdmin:
             s: cluster_pb2.StatusResponse = await self._call_leader(
                 "Status", cluster_pb2.StatusRequest(), deadline - time.monotonic()
             )
-            if s.role == "leader":  # only the leader's view has every member's address
-                addresses = {p.id: p.address for p in s.peers}
-                addresses[s.id] = s.address
-                return Membership(tuple(sorted(s.voters)), tuple(sorted(s.learners)), addresses)
+            if s.role == "leader":
+                return membership_of(s)
             if s.leader_address:
                 self._follow(s.leader_address)
             else:
@@ -131,7 +135,7 @@ class ClusterAdmin:
                 m = await self.promote(new, timeout=left())
             except RequestFailed as exc:
                 # Behind (not caught up yet), or promoted meanwhile by the leader itself.
-                if "behind" not in str(exc) and "already a voter" not in str(exc):
+                if "behind" not in str(exc) and _ALREADY_DONE["Promote"] not in str(exc):
                     raise
                 if time.monotonic() >= deadline:
                     raise DeadlineExceeded(f"node {new} did not catch up in {timeout:g} s: {exc}") from exc

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from dengine.client import Client, DeadlineExceeded, KeyValue, RequestFailed, Unavailable
+from dengine.client_admin import membership_of
 from dengine.errors import DengineError
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
@@ -380,12 +381,10 @@ async def _member(args: argparse.Namespace) -> int:
         rows = [s for _, s in await _statuses(args) if s is not None]
         if not rows:
             raise Unavailable("no node answered")
-        s = next((r for r in rows if r.role == "leader"), rows[0])
-        members = {p.id: p.address for p in s.peers}
-        members[s.id] = s.address
+        ms = membership_of(next((r for r in rows if r.role == "leader"), rows[0]))
         out = [
-            {"id": m, "role": "voter" if m in s.voters else "learner", "address": members.get(m, "")}
-            for m in sorted({*s.voters, *s.learners})
+            {"id": m, "role": "voter" if m in ms.voters else "learner", "address": ms.addresses.get(m, "")}
+            for m in sorted({*ms.voters, *ms.learners})
         ]
         if args.output == "json":
             print(json.dumps(out))
