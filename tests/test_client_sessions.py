@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
+from dengine import endpoints
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.batch_stream import CallFailed
 from dengine.client import Client
@@ -48,6 +49,7 @@ class ScriptedClient:
     def __init__(self, endpoints: tuple[str, ...] = ("127.0.0.1:1",)) -> None:
         self.client = Client(list(endpoints), timeout=0.3, attempt_timeout=0.1)
         self.reply: Reply = _answer_all
+        self.replies: dict[str, Reply] = {}  # per address, in place of ``reply``
         self.sent: list[tuple[int, int]] = []
         self.addresses: list[str] = []  # where each batch went
         self.client._call_batch = self._call  # type: ignore[method-assign]
@@ -60,7 +62,7 @@ class ScriptedClient:
             _, _, sequence, first = SESSION_HEADER.unpack_from(payload)
             self.sent.append((sequence, first))
         await asyncio.sleep(0)
-        return self.reply(request)
+        return self.replies.get(address, self.reply)(request)
 
     def last_first_outstanding(self) -> int:
         return self.sent[-1][1]
@@ -155,3 +157,76 @@ def test_an_overloaded_leader_is_retried_and_a_silent_one_is_left() -> None:
         assert s.addresses[0] == leader and other in s.addresses[1:]
 
     run(test, (leader, other))
+
+
+def _refuse_each(text: str) -> Reply:
+    """Answers every write of a batch with the refusal ``text`` ("CODE: message")."""
+
+    def reply(request: bytes) -> bytes:
+        writes = parse_kv_session_writes(request)
+        assert writes is not None
+        return encode_kv_write_answers(writes[0], [text] * len(writes[2])) or b""
+
+    return reply
+
+
+def _answer_after(refusals: int, text: str) -> Reply:
+    """Refuses the first ``refusals`` batches with ``text``, then answers."""
+    left = iter(range(refusals))
+
+    def reply(request: bytes) -> bytes:
+        return _refuse_each(text)(request) if next(left, None) is not None else _answer_all(request)
+
+    return reply
+
+
+ELECTING = "FAILED_PRECONDITION: not leader; leader=0@"  # a follower that knows no leader yet
+
+
+def test_a_node_that_fails_outright_is_passed_over_while_the_others_elect() -> None:
+    """The leader died: its address refuses connections while the survivors elect. The client
+    tries it once, then only the others (they refuse until one leads), rather than losing a
+    backoff to the dead node on every third attempt."""
+    dead, a, b = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+
+    async def test(s: ScriptedClient) -> None:
+        s.replies = {dead: _refuse(grpc.StatusCode.UNAVAILABLE), a: _answer_after(3, ELECTING)}
+        s.replies[b] = _answer_after(3, ELECTING)
+        await s.client.put(b"k", b"v", timeout=10)
+        assert s.addresses.count(dead) == 1, s.addresses
+        assert s.addresses[:2] == [dead, a], "the retry went to the next node at once"
+        assert s.client.leader in (a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(endpoints, "DOWN_FIRST_S", 30.0)  # no time out ends within the test
+        run(test, (dead, a, b))
+
+
+def test_a_stale_hint_at_a_node_that_failed_outright_is_not_followed() -> None:
+    """A follower that has not noticed its leader die still names it: the client asks another
+    node instead of going back to the dead one."""
+    dead, a, b = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+
+    async def test(s: ScriptedClient) -> None:
+        s.replies = {
+            dead: _refuse(grpc.StatusCode.UNAVAILABLE),
+            a: _refuse_each(f"FAILED_PRECONDITION: not leader; leader=1@{dead}"),
+            b: _answer_all,
+        }
+        await s.client.put(b"k", b"v", timeout=10)
+        assert s.addresses == [dead, a, b]
+        assert s.client.leader == b
+
+    run(test, (dead, a, b))
+
+
+def test_with_every_node_failing_the_client_backs_off_until_its_deadline() -> None:
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(Unavailable):
+            await s.client.put(b"k", b"v", timeout=0.3)
+        # Each node once at once, then retries spaced by the backoff: no busy loop.
+        assert set(s.addresses[:3]) == {"127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"}
+        assert len(s.addresses) < 25, len(s.addresses)
+
+    run(test, ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"))

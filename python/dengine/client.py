@@ -2,7 +2,9 @@
 
 * It takes a list of endpoints, finds the leader, and follows it across leader changes.
 * Every call has a deadline; transient failures and leader changes are retried with backoff
-  within it.
+  within it. A node whose call fails outright (gone, frozen, cut off) is passed over for a while
+  (:mod:`dengine.endpoints`), so that after a leader dies the calls reach the new one as soon as
+  it is elected.
 * Writes are exactly-once: each carries ``(client id, sequence)``, so a retry of a write whose
   first attempt committed (but whose answer was lost) returns the first result instead of
   applying again.
@@ -22,7 +24,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +39,7 @@ from dengine._core import (
 )
 from dengine.batch_stream import BatchStream, CallFailed
 from dengine.client_admin import ClusterAdmin, Membership, membership_of
+from dengine.endpoints import Endpoints, retry_delay
 from dengine.errors import (
     CompareFailed,
     DeadlineExceeded,
@@ -168,29 +171,6 @@ class _Pending:
     attempts: int = 0
 
 
-@dataclass(slots=True)
-class _Endpoints:
-    given: list[str]  # by the user: always tried
-    addresses: list[str] = field(default_factory=list)  # given, then the members learned
-    leader: str | None = None
-    next_try: int = 0
-
-    def __post_init__(self) -> None:
-        self.addresses = list(self.given)
-
-    def learn(self, members: Sequence[str]) -> None:
-        """Adopts the cluster's member addresses (replacing those learned before: a removed
-        member drops out), after the ones the user gave."""
-        self.addresses = [*self.given, *(m for m in dict.fromkeys(members) if m and m not in self.given)]
-
-    def pick(self) -> str:
-        if self.leader is not None:
-            return self.leader
-        address = self.addresses[self.next_try % len(self.addresses)]
-        self.next_try += 1
-        return address
-
-
 class Client(ClusterAdmin):
     """An async client of a dengine cluster. Use ``async with Client([...]) as c:``.
 
@@ -242,7 +222,7 @@ class Client(ClusterAdmin):
         # the whole deadline: after this long the request is retried elsewhere (exactly-once, by
         # its session).
         self.attempt_timeout = attempt_timeout
-        self._endpoints = _Endpoints(addresses)
+        self._endpoints = Endpoints(addresses)
         self.discover_members = discover_members
         self._discovered_at: str | None = None  # the leader last asked for the members
         self._discovery: asyncio.Task[None] | None = None
@@ -434,10 +414,12 @@ class Client(ClusterAdmin):
                         response = await asyncio.wait_for(call.read(), self.watch_idle_timeout)
                     except TimeoutError:
                         # Not even a progress notice: the node froze, or lost the cluster.
+                        self._endpoints.call_failed(address, "DEADLINE_EXCEEDED")
                         self._endpoints.leader = None
                         break
                     if response is grpc.aio.EOF:
                         break
+                    self._endpoints.answered(address)
                     attempts = 0
                     compacted.clear()
                     for e in response.events:
@@ -465,7 +447,7 @@ class Client(ClusterAdmin):
             finally:
                 call.cancel()
             attempts += 1
-            await asyncio.sleep(min(1.0, 0.05 * 2 ** min(attempts, 5)))
+            await asyncio.sleep(retry_delay(attempts, first=0.05, cap=1.0))
 
     # --- coalescing and retries ---------------------------------------------------------------------
 
@@ -525,9 +507,12 @@ class Client(ClusterAdmin):
             )
         except CallFailed as exc:
             self._call_failed(address, exc.code, exc.details)
+            # The node is gone or frozen while another may serve: no reason to wait.
+            at_once = self._endpoints.is_down(address) and self._endpoints.another_is_up(address)
             for p in batch:
-                self._retry_or_fail(p, exc.code, exc.details)
+                self._retry_or_fail(p, exc.code, exc.details, at_once=at_once)
             return
+        self._endpoints.answered(address)
         try:
             answers = _read_answers(raw)
         except DecodeError:
@@ -557,19 +542,24 @@ class Client(ClusterAdmin):
         """A call to ``address`` failed as a whole (not one operation the node answered)."""
         if code == "UNAVAILABLE":
             self._renew_channel_if_files_changed(address)
+        self._endpoints.call_failed(address, code)
         self._on_failure(address, code, details)
 
     def _on_failure(self, address: str, code: str, details: str) -> None:
         # A refusal that names the leader points there, whatever its code: a follower's NOT_LEADER
         # names another node, an overloaded leader (UNAVAILABLE) names itself, to be retried
         # after a backoff rather than by way of a follower.
+        # A hint at a node that just failed outright is stale (a follower that has not yet
+        # noticed its leader die names it): the others are asked instead, until one knows.
         hint = _LEADER_HINT.search(details)
-        if hint and hint.group(2):
+        if hint and hint.group(2) and not self._endpoints.is_down(hint.group(2)):
             self._follow(hint.group(2))
         elif address == self._endpoints.leader:
             self._endpoints.leader = None  # it stopped leading or stopped answering
 
-    def _retry_or_fail(self, p: _Pending, code: str, message: str) -> None:
+    def _retry_or_fail(self, p: _Pending, code: str, message: str, *, at_once: bool = False) -> None:
+        """Queues ``p`` again after a backoff (``at_once``: without one, for another node), or
+        fails it: a refusal that retrying cannot change, or its deadline passed."""
         if p.future.done():
             return
         if code not in _RETRYABLE:
@@ -588,9 +578,11 @@ class Client(ClusterAdmin):
             p.future.set_exception(error)
             return
         p.attempts += 1
-        backoff = min(0.5, 0.01 * 2 ** min(p.attempts, 6)) * random.uniform(0.5, 1.0)
+        if at_once:
+            self._enqueue(p)
+            return
         assert self._loop is not None, "p was submitted"
-        self._loop.call_later(min(backoff, remaining), self._enqueue, p)
+        self._loop.call_later(min(retry_delay(p.attempts), remaining), self._enqueue, p)
 
     async def _call_unary(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -599,7 +591,7 @@ class Client(ClusterAdmin):
             address = self._endpoints.pick()
             stub = self._stub(address)
             try:
-                return await getattr(stub, method)(request, timeout=max(0.05, deadline - time.monotonic()))
+                answer = await getattr(stub, method)(request, timeout=max(0.05, deadline - time.monotonic()))
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code().name, exc.details() or ""
                 self._call_failed(address, code, details)
@@ -607,8 +599,12 @@ class Client(ClusterAdmin):
                     raise RequestFailed(code, details) from exc
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"no node could serve {method}: {code} {details}") from exc
+            else:
+                self._endpoints.answered(address)
+                return answer
             attempts += 1
-            await asyncio.sleep(min(0.5, 0.01 * 2 ** min(attempts, 6)))
+            if not (self._endpoints.is_down(address) and self._endpoints.another_is_up(address)):
+                await asyncio.sleep(retry_delay(attempts))
 
     async def _call_batch(self, address: str, request: bytes, timeout: float) -> bytes:
         """One attempt at a serialized ``BatchRequest`` on the node at ``address``: over its

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from dengine.endpoints import retry_delay
 from dengine.errors import DeadlineExceeded, RequestFailed, Unavailable
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
-    from dengine.client import _Endpoints
+    from dengine.endpoints import Endpoints
 
 __all__ = ["ClusterAdmin", "Membership", "membership_of"]
 
@@ -59,7 +60,7 @@ class ClusterAdmin:
 
     timeout: float
     attempt_timeout: float
-    _endpoints: _Endpoints
+    _endpoints: Endpoints
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         raise NotImplementedError
@@ -87,7 +88,7 @@ class ClusterAdmin:
             if time.monotonic() >= deadline:
                 raise Unavailable("no node knew a leader to ask for the members")
             attempts += 1
-            await asyncio.sleep(min(0.5, 0.02 * 2 ** min(attempts, 5)))
+            await asyncio.sleep(retry_delay(attempts))
 
     async def add_learner(self, node_id: int, address: str, *, timeout: float | None = None) -> Membership:
         """Adds node ``node_id``, listening at ``address``, as a learner: it receives the log but
@@ -179,7 +180,7 @@ class ClusterAdmin:
             wait = remaining if at_leader else min(remaining, self.attempt_timeout)
             stub = cluster_pb2_grpc.ClusterStub(self._channel(address))  # type: ignore[no-untyped-call]
             try:
-                return await getattr(stub, method)(request, timeout=max(0.05, wait))
+                answer = await getattr(stub, method)(request, timeout=max(0.05, wait))
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code().name, exc.details() or ""
                 self._call_failed(address, code, details)  # follows a refusal's leader hint
@@ -193,5 +194,8 @@ class ClusterAdmin:
                     raise RequestFailed(code, details) from exc
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"no leader could serve {method}: {code} {details}") from exc
+            else:
+                self._endpoints.answered(address)
+                return answer
             attempts += 1
-            await asyncio.sleep(min(0.5, 0.02 * 2 ** min(attempts, 5)))
+            await asyncio.sleep(retry_delay(attempts))

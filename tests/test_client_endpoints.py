@@ -1,0 +1,77 @@
+"""Which node a client call goes to (``dengine.endpoints``): the leader when known, else the members
+in turn, passing over nodes whose last call failed outright until their time out ends."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dengine.endpoints import Endpoints, retry_delay
+
+A, B, C = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+
+
+def test_the_members_are_taken_in_turn_and_the_leader_always() -> None:
+    e = Endpoints([A, B, C])
+    assert [e.pick() for _ in range(4)] == [A, B, C, A]
+    e.leader = C
+    assert [e.pick() for _ in range(2)] == [C, C]
+
+
+def test_a_node_that_failed_outright_is_passed_over_and_stops_being_the_leader() -> None:
+    e = Endpoints([A, B, C])
+    e.leader = A
+    e.call_failed(A, "UNAVAILABLE")
+    assert e.leader is None
+    assert e.is_down(A) and e.another_is_up(A)
+    assert [e.pick() for _ in range(4)] == [B, C, B, C]
+    e.answered(A)
+    assert not e.is_down(A)
+    assert A in [e.pick() for _ in range(3)]
+
+
+def test_a_refusal_the_node_answered_is_no_sign_it_is_down() -> None:
+    e = Endpoints([A, B])
+    for code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "CANCELLED", "RESOURCE_EXHAUSTED"):
+        e.call_failed(A, code)
+    assert not e.is_down(A)
+    e.call_failed(A, "DEADLINE_EXCEEDED")  # an attempt that timed out: frozen or cut off
+    assert e.is_down(A)
+
+
+def test_when_every_node_is_down_the_one_back_soonest_is_tried() -> None:
+    e = Endpoints([A, B, C])
+    e.call_failed(B, "UNAVAILABLE")
+    e.call_failed(C, "UNAVAILABLE")
+    e.call_failed(C, "UNAVAILABLE")  # twice in a row: out twice as long
+    e.call_failed(A, "UNAVAILABLE")
+    e.call_failed(A, "UNAVAILABLE")
+    assert not e.another_is_up(A)
+    assert e.pick() == B
+
+
+def test_the_time_out_doubles_with_each_failure_in_a_row_up_to_a_bound() -> None:
+    e = Endpoints([A, B])
+    outs = []
+    for _ in range(6):
+        e.call_failed(A, "UNAVAILABLE")
+        outs.append(e.down[A][0] - time.monotonic())
+    assert outs == pytest.approx([0.5, 1.0, 2.0, 4.0, 4.0, 4.0], abs=0.05)
+    e.down[A] = (time.monotonic() - 0.001, 6)  # its time out ended
+    assert not e.is_down(A)
+    assert A in (e.pick(), e.pick())
+
+
+def test_learned_members_come_after_the_given_ones() -> None:
+    e = Endpoints([B])
+    e.learn([A, B, C, A, ""])
+    assert e.addresses == [B, A, C]
+
+
+def test_retry_delays_grow_to_a_cap_with_jitter() -> None:
+    for attempts in range(1, 30):
+        d = retry_delay(attempts)
+        full = min(0.25, 0.01 * 2**attempts)
+        assert full / 2 <= d <= full
+    assert retry_delay(3, first=0.05, cap=1.0) <= 0.4
