@@ -68,7 +68,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self.members = frozenset(self.peers) | {node_id}
         self.on_message = on_message
         self.credentials = channel_credentials
-        self._queues: dict[int, asyncio.Queue[raft_pb2.RaftMessage]] = {}
+        # Per peer, the queue the current (or next) stream to it drains; None ends a stream's
+        # request iterator (see _run_peer).
+        self._queues: dict[int, asyncio.Queue[raft_pb2.RaftMessage | None]] = {}
         self._peer_tasks: dict[int, asyncio.Task[None]] = {}
         self._started = False
         self._closing = False
@@ -115,9 +117,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             q.get_nowait()  # drop the oldest: the peer is far behind or down
         q.put_nowait(to_wire(m, self.cluster_id))
 
-    async def _outgoing(self, q: asyncio.Queue[raft_pb2.RaftMessage]) -> AsyncIterator[raft_pb2.RaftBatch]:
+    async def _outgoing(
+        self, q: asyncio.Queue[raft_pb2.RaftMessage | None]
+    ) -> AsyncIterator[raft_pb2.RaftBatch]:
         while True:
             first = await q.get()
+            if first is None:
+                return
             batch = raft_pb2.RaftBatch()
             # Each message goes in through add().CopyFrom: building the batch from a list of
             # messages (or appending one) copies a message that carries a large append far more
@@ -126,7 +132,10 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             add().CopyFrom(first)
             # Whatever else queued up while the previous write was in flight rides along.
             while not q.empty() and len(batch.messages) < _MAX_BATCH_MESSAGES:
-                add().CopyFrom(q.get_nowait())
+                m = q.get_nowait()
+                if m is None:
+                    return
+                add().CopyFrom(m)
             yield batch
 
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -153,9 +162,17 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                     log.debug("stream to peer %d ended: %s", peer, exc.code())
             except Exception:
                 log.exception("stream to peer %d failed", peer)
-            # Messages queued while the peer was unreachable are stale; Raft resends what counts.
-            while not q.empty():
-                q.get_nowait()
+            finally:
+                # grpc leaves a failed stream's request iterator waiting on its queue: sharing
+                # the queue with the next stream, it would take (and lose) the next message,
+                # one per failed attempt, so that a peer back after a minute's outage would miss
+                # the first sixty messages sent to it, a new election's votes among them. So each
+                # stream has a queue of its own, and the old one is told to stop. What it still
+                # holds is stale: Raft resends what counts.
+                q.put_nowait(None)
+            if self._queues.get(peer) is not q:
+                return  # the peer left, or moved: set_peers started another task
+            q = self._queues[peer] = asyncio.Queue()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
