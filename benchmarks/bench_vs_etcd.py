@@ -299,19 +299,35 @@ class Servers:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.argv: dict[str, list[str]] = {}
         self.logs: list[IO[bytes]] = []
+        self.killed: set[str] = set()  # on purpose, by kill(): not a failure
 
     def start(self, name: str, argv: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115  # closed by stop()
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115  # closed by stop()
         self.logs.append(log)
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.procs = [(n, p) for n, p in self.procs if n != name]
         self.procs.append((name, proc))
+        self.argv[name] = argv
+        self.killed.discard(name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL to server ``name``; ``start_again(name)`` brings it back on the same data."""
+        for n, proc in self.procs:
+            if n == name:
+                proc.kill()
+                proc.wait()
+                self.killed.add(name)
+
+    def start_again(self, name: str) -> None:
+        self.start(name, self.argv[name])
 
     def check(self) -> None:
         for name, proc in self.procs:
-            if proc.poll() is not None:
+            if proc.poll() is not None and name not in self.killed:
                 log = (self.root / f"{name}.log").read_text(errors="replace").splitlines()[-20:]
                 tail = "\n  ".join(log)
                 raise RuntimeError(f"{name} exited with status {proc.returncode}; its log ends:\n  {tail}")
@@ -351,27 +367,34 @@ def start_dengine(root: Path, servers: Servers) -> Cluster:
         for line in path.read_text().splitlines()
         if line.startswith("listen")
     )
-    channels = [grpc.insecure_channel(e) for e in endpoints]
+    return Cluster(endpoints, wait_for_leader(servers, lambda: dengine_leader(endpoints), "dengine"))
+
+
+def wait_for_leader(servers: Servers, leader: Callable[[], str | None], system: str) -> str:
+    """Polls ``leader()`` until it names the leader's client address."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            servers.check()
-            views: set[tuple[int, str]] = set()
-            for channel in channels:
-                stub = cluster_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
-                try:
-                    status = stub.Status(cluster_pb2.StatusRequest(), timeout=1.0)
-                    views.add((status.leader_id, status.leader_address))
-                except grpc.RpcError:
-                    views.add((0, ""))
-            if len(views) == 1 and (view := views.pop())[0] != 0:
-                return Cluster(endpoints, view[1])
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dengine: no leader known to all nodes after {STARTUP_TIMEOUT_S:.0f} s")
-            time.sleep(0.1)
-    finally:
-        for channel in channels:
-            channel.close()
+    while (address := leader()) is None:
+        servers.check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system}: no leader known to all members after {STARTUP_TIMEOUT_S:.0f} s")
+        time.sleep(0.1)
+    return address
+
+
+def dengine_leader(endpoints: Sequence[str], timeout: float = 1.0) -> str | None:
+    """The leader's client address, if every node in ``endpoints`` answers and names it."""
+    views: set[tuple[int, str]] = set()
+    for endpoint in endpoints:
+        with grpc.insecure_channel(endpoint) as channel:
+            stub = cluster_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+            try:
+                status = stub.Status(cluster_pb2.StatusRequest(), timeout=timeout)
+                views.add((status.leader_id, status.leader_address))
+            except grpc.RpcError:
+                return None
+    if len(views) == 1 and (view := views.pop())[0] != 0:
+        return view[1]
+    return None
 
 
 def _etcd_metrics(address: str) -> dict[str, float]:
@@ -409,22 +432,22 @@ def start_etcd(root: Path, servers: Servers, etcd: str) -> Cluster:
                 "--log-level=warn",
             ],
         )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        servers.check()
-        leaders = []
-        ready = 0
-        for client in clients:
-            with contextlib.suppress(OSError, ValueError):
-                metrics = _etcd_metrics(client)
-                ready += metrics.get("etcd_server_has_leader") == 1
-                if metrics.get("etcd_server_is_leader") == 1:
-                    leaders.append(client)
-        if ready == len(clients) and len(leaders) == 1:
-            return Cluster(tuple(clients), leaders[0])
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"etcd: no leader known to all members after {STARTUP_TIMEOUT_S:.0f} s")
-        time.sleep(0.1)
+    return Cluster(tuple(clients), wait_for_leader(servers, lambda: etcd_leader(clients), "etcd"))
+
+
+def etcd_leader(clients: Sequence[str]) -> str | None:
+    """The leader's client address, if every member in ``clients`` has a leader and one is it."""
+    leaders = []
+    for client in clients:
+        try:
+            metrics = _etcd_metrics(client)
+        except (OSError, ValueError):
+            return None
+        if metrics.get("etcd_server_has_leader") != 1:
+            return None
+        if metrics.get("etcd_server_is_leader") == 1:
+            leaders.append(client)
+    return leaders[0] if len(leaders) == 1 else None
 
 
 def build_etcd_stubs(out: Path) -> None:
