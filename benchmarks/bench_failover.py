@@ -1,6 +1,8 @@
 """Failover as a client feels it: a local 3-node cluster under steady writes has its leader killed
 with SIGKILL, round after round; dengine and etcd side by side, each with its default timeouts
-(a 1 s election timeout, drawn from [1, 2) s, and 100 ms heartbeats in both).
+(a 1 s election timeout, drawn from [1, 2) s, and 100 ms heartbeats in both). With ``--stop
+term`` the leader is stopped with SIGTERM instead, as in a rolling restart: both systems then hand
+leadership over before they exit.
 
 Per round:
 * election: from the kill until both survivors name the same new leader (polled every 20 ms);
@@ -16,7 +18,8 @@ answering), and for etcd the thinnest one that fails over: generated stubs (as i
 ``ETCD_ATTEMPT_S`` retried at once on the next member (etcd's followers forward writes to their
 leader, and hold them while they have none, so etcd's write gap depends on that timeout).
 
-Run:  python benchmarks/bench_failover.py [--rounds 5] [--inflight 16] [--no-etcd] [--out F]
+Run:  python benchmarks/bench_failover.py [--rounds 5] [--stop kill|term] [--inflight 16]
+          [--no-etcd] [--out F] [--keep]
 """
 
 # ruff: noqa: E402 (grpc's I/O manager is chosen before anything imports grpc)
@@ -34,6 +37,7 @@ import itertools
 import json
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -60,6 +64,7 @@ from bench_vs_etcd import (
 )
 from dengine.client import Client
 
+STOP_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
 POLL_S = 0.02
 SETTLE_S = 2.0  # steady writing before a kill, and after the writes resume
 RECOVERY_TIMEOUT_S = 30.0
@@ -145,9 +150,10 @@ class System:
 
 
 async def run_rounds(
-    system: System, put: Callable[[bytes], Any], rounds: int, inflight: int
+    system: System, put: Callable[[bytes], Any], rounds: int, inflight: int, stop: int
 ) -> list[dict[str, float]]:
-    """Kills the leader ``rounds`` times under ``inflight`` writers calling ``put``."""
+    """Stops the leader with signal ``stop`` ``rounds`` times under ``inflight`` writers calling
+    ``put``."""
     servers, everyone, names, leader_of = (
         system.servers,
         system.cluster.endpoints,
@@ -163,7 +169,7 @@ async def run_rounds(
             await _poll(lambda: writers.resumed_after(time.monotonic() - 0.5), RECOVERY_TIMEOUT_S, "writes")
             survivors = [a for a in everyone if a != leader]
             killed_at = time.monotonic()
-            servers.kill(names[leader])
+            servers.kill(names[leader], stop)
             new: str | None = None
             while new is None or new == leader:
                 new = await asyncio.to_thread(leader_of, survivors)
@@ -181,6 +187,7 @@ async def run_rounds(
                 f"({gap - elected:+.3f} s after the election)",
                 flush=True,
             )
+            await asyncio.to_thread(servers.wait_exit, names[leader])
             servers.start_again(names[leader])
             leader = await asyncio.to_thread(
                 wait_for_leader, servers, partial(leader_of, everyone), system.name
@@ -191,7 +198,7 @@ async def run_rounds(
     return results
 
 
-async def measure_dengine(root: Path, rounds: int, inflight: int) -> list[dict[str, float]]:
+async def measure_dengine(root: Path, rounds: int, inflight: int, stop: int) -> list[dict[str, float]]:
     servers = Servers(root)
     try:
         cluster = start_dengine(root, servers)
@@ -202,12 +209,14 @@ async def measure_dengine(root: Path, rounds: int, inflight: int) -> list[dict[s
                 await client.put(key, VALUE)
 
             system = System("dengine", servers, cluster, names, dengine_leader)
-            return await run_rounds(system, put, rounds, inflight)
+            return await run_rounds(system, put, rounds, inflight, stop)
     finally:
         servers.stop()
 
 
-async def measure_etcd(root: Path, etcd: str, rounds: int, inflight: int) -> list[dict[str, float]]:
+async def measure_etcd(
+    root: Path, etcd: str, rounds: int, inflight: int, stop: int
+) -> list[dict[str, float]]:
     stubs = root / "etcd-stubs"
     build_etcd_stubs(stubs)
     servers = Servers(root)
@@ -217,7 +226,7 @@ async def measure_etcd(root: Path, etcd: str, rounds: int, inflight: int) -> lis
         putter = EtcdPutter(cluster.endpoints, stubs)
         try:
             system = System("etcd", servers, cluster, names, etcd_leader)
-            return await run_rounds(system, putter.put, rounds, inflight)
+            return await run_rounds(system, putter.put, rounds, inflight, stop)
         finally:
             await putter.close()
     finally:
@@ -238,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5, help="leader kills per system (5)")
+    parser.add_argument(
+        "--stop", choices=STOP_SIGNALS, default="kill", help="how the leader is stopped (kill: SIGKILL)"
+    )
     parser.add_argument("--inflight", type=int, default=16, help="writers, one put in flight each (16)")
     parser.add_argument("--no-etcd", action="store_true", help="measure dengine only")
     parser.add_argument("--etcd", default="etcd", help="the etcd binary (default: etcd on PATH)")
@@ -250,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1 or args.inflight < 1:
         parser.error("--rounds and --inflight must be >= 1")
     etcd = None if args.no_etcd else shutil.which(args.etcd)
-    results: dict[str, Any] = {"rounds": args.rounds, "inflight": args.inflight}
+    results: dict[str, Any] = {"rounds": args.rounds, "inflight": args.inflight, "stop": args.stop}
+    stop = STOP_SIGNALS[args.stop]
     with contextlib.ExitStack() as cleanup:
         root = Path(tempfile.mkdtemp(prefix="dengine-failover-", dir=args.data_dir))
         if args.keep:
@@ -258,10 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cleanup.callback(shutil.rmtree, root, ignore_errors=True)
         (root / "dengine").mkdir()
-        per_round = {"dengine": asyncio.run(measure_dengine(root / "dengine", args.rounds, args.inflight))}
+        per_round = {
+            "dengine": asyncio.run(measure_dengine(root / "dengine", args.rounds, args.inflight, stop))
+        }
         if etcd:
             (root / "etcd").mkdir()
-            per_round["etcd"] = asyncio.run(measure_etcd(root / "etcd", etcd, args.rounds, args.inflight))
+            per_round["etcd"] = asyncio.run(
+                measure_etcd(root / "etcd", etcd, args.rounds, args.inflight, stop)
+            )
             results["etcd_version"] = etcd_version(etcd)
     for system, rounds in per_round.items():
         results[system] = {"rounds": rounds, **summary(rounds)}

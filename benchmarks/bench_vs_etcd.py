@@ -314,13 +314,23 @@ class Servers:
         self.argv[name] = argv
         self.killed.discard(name)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL to server ``name``; ``start_again(name)`` brings it back on the same data."""
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Sends ``sig`` to server ``name``, without waiting (``wait_exit``); ``start_again(name)``
+        brings it back on the same data."""
         for n, proc in self.procs:
             if n == name:
-                proc.kill()
-                proc.wait()
                 self.killed.add(name)
+                proc.send_signal(sig)
+
+    def wait_exit(self, name: str, timeout: float = STOP_GRACE_S) -> None:
+        """Waits until server ``name`` exits; SIGKILL after ``timeout`` seconds."""
+        for n, proc in self.procs:
+            if n == name:
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def start_again(self, name: str) -> None:
         self.start(name, self.argv[name])
