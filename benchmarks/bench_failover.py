@@ -62,7 +62,7 @@ from bench_vs_etcd import (
     start_etcd,
     wait_for_leader,
 )
-from dengine.client import Client
+from dengine.client import CHANNEL_OPTIONS, Client
 
 STOP_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
 POLL_S = 0.02
@@ -112,7 +112,9 @@ class EtcdPutter:
             sys.path.insert(0, str(stub_dir))
         self.pb: Any = importlib.import_module("etcd_kv_pb2")
         pb_grpc: Any = importlib.import_module("etcd_kv_pb2_grpc")
-        self.channels = [grpc.aio.insecure_channel(e) for e in endpoints]
+        # The reconnect backoff of dengine's client too, so that both are measured without
+        # gRPC's default one (which grows to two minutes).
+        self.channels = [grpc.aio.insecure_channel(e, options=CHANNEL_OPTIONS) for e in endpoints]
         self.stubs = [pb_grpc.KVStub(c) for c in self.channels]
         self.target = 0
 
@@ -140,6 +142,12 @@ async def _poll(cond: Callable[[], bool], timeout: float, what: str) -> None:
         await asyncio.sleep(POLL_S)
 
 
+@dataclass(frozen=True)
+class Scenario:
+    stop: int  # the signal that stops the leader
+    outage: float  # > 0: instead, every member down for this many seconds
+
+
 @dataclass
 class System:
     name: str
@@ -150,16 +158,9 @@ class System:
 
 
 async def run_rounds(
-    system: System, put: Callable[[bytes], Any], rounds: int, inflight: int, stop: int
+    system: System, put: Callable[[bytes], Any], rounds: int, inflight: int, how: Scenario
 ) -> list[dict[str, float]]:
-    """Stops the leader with signal ``stop`` ``rounds`` times under ``inflight`` writers calling
-    ``put``."""
-    servers, everyone, names, leader_of = (
-        system.servers,
-        system.cluster.endpoints,
-        system.names,
-        system.leader_of,
-    )
+    """Runs ``rounds`` rounds of scenario ``how`` under ``inflight`` writers calling ``put``."""
     writers = Writers(put, inflight)
     results = []
     leader = system.cluster.write_target
@@ -167,30 +168,20 @@ async def run_rounds(
         for r in range(rounds):
             await asyncio.sleep(SETTLE_S)
             await _poll(lambda: writers.resumed_after(time.monotonic() - 0.5), RECOVERY_TIMEOUT_S, "writes")
-            survivors = [a for a in everyone if a != leader]
-            killed_at = time.monotonic()
-            servers.kill(names[leader], stop)
-            new: str | None = None
-            while new is None or new == leader:
-                new = await asyncio.to_thread(leader_of, survivors)
-                if time.monotonic() - killed_at > RECOVERY_TIMEOUT_S:
-                    raise RuntimeError(
-                        f"{system.name}: no new leader {RECOVERY_TIMEOUT_S:.0f} s after the kill"
-                    )
-            elected_at = time.monotonic()
-            await _poll(partial(writers.resumed_after, elected_at), RECOVERY_TIMEOUT_S, "writes again")
-            await asyncio.sleep(SETTLE_S)
-            elected, gap = elected_at - killed_at, writers.longest_gap(killed_at)
-            results.append({"election_s": elected, "write_gap_s": gap, "after_election_s": gap - elected})
+            if how.outage:
+                result = await _outage(system, writers, how.outage)
+            else:
+                result = await _leader_stop(system, writers, leader, how.stop)
+            results.append(result)
             print(
-                f"{system.name} round {r + 1}: election {elected:.3f} s, write gap {gap:.3f} s "
-                f"({gap - elected:+.3f} s after the election)",
+                f"{system.name} round {r + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
                 flush=True,
             )
-            await asyncio.to_thread(servers.wait_exit, names[leader])
-            servers.start_again(names[leader])
             leader = await asyncio.to_thread(
-                wait_for_leader, servers, partial(leader_of, everyone), system.name
+                wait_for_leader,
+                system.servers,
+                partial(system.leader_of, system.cluster.endpoints),
+                system.name,
             )
     finally:
         await writers.stop()
@@ -198,7 +189,54 @@ async def run_rounds(
     return results
 
 
-async def measure_dengine(root: Path, rounds: int, inflight: int, stop: int) -> list[dict[str, float]]:
+async def _new_leader(system: System, among: Sequence[str], old: str | None, since: float) -> float:
+    """Waits until the members ``among`` agree on a leader other than ``old``; returns when."""
+    new: str | None = None
+    while new is None or new == old:
+        new = await asyncio.to_thread(system.leader_of, among)
+        if time.monotonic() - since > RECOVERY_TIMEOUT_S:
+            raise RuntimeError(f"{system.name}: no leader {RECOVERY_TIMEOUT_S:.0f} s after the fault")
+    return time.monotonic()
+
+
+async def _leader_stop(system: System, writers: Writers, leader: str, stop: int) -> dict[str, float]:
+    """The leader stopped with signal ``stop``, started again once the writes resumed."""
+    servers, name = system.servers, system.names[leader]
+    survivors = [a for a in system.cluster.endpoints if a != leader]
+    killed_at = time.monotonic()
+    servers.kill(name, stop)
+    elected_at = await _new_leader(system, survivors, leader, killed_at)
+    await _poll(partial(writers.resumed_after, elected_at), RECOVERY_TIMEOUT_S, "writes again")
+    await asyncio.sleep(SETTLE_S)
+    elected, gap = elected_at - killed_at, writers.longest_gap(killed_at)
+    await asyncio.to_thread(servers.wait_exit, name)
+    servers.start_again(name)
+    return {"election_s": elected, "write_gap_s": gap, "after_election_s": gap - elected}
+
+
+async def _outage(system: System, writers: Writers, seconds: float) -> dict[str, float]:
+    """Every member killed, all started again ``seconds`` later: how long after the restart a
+    leader is known, and a write is acknowledged."""
+    servers, everyone = system.servers, system.cluster.endpoints
+    for a in everyone:
+        servers.kill(system.names[a])
+    for a in everyone:
+        await asyncio.to_thread(servers.wait_exit, system.names[a])
+    await asyncio.sleep(seconds)
+    restarted_at = time.monotonic()
+    for a in everyone:
+        servers.start_again(system.names[a])
+    elected_at = await _new_leader(system, everyone, None, restarted_at)
+    await _poll(partial(writers.resumed_after, restarted_at), RECOVERY_TIMEOUT_S, "writes again")
+    first = next(t for t in writers.done if t > restarted_at)
+    return {
+        "election_s": elected_at - restarted_at,
+        "first_write_s": first - restarted_at,
+        "after_election_s": first - elected_at,
+    }
+
+
+async def measure_dengine(root: Path, rounds: int, inflight: int, how: Scenario) -> list[dict[str, float]]:
     servers = Servers(root)
     try:
         cluster = start_dengine(root, servers)
@@ -209,13 +247,13 @@ async def measure_dengine(root: Path, rounds: int, inflight: int, stop: int) -> 
                 await client.put(key, VALUE)
 
             system = System("dengine", servers, cluster, names, dengine_leader)
-            return await run_rounds(system, put, rounds, inflight, stop)
+            return await run_rounds(system, put, rounds, inflight, how)
     finally:
         servers.stop()
 
 
 async def measure_etcd(
-    root: Path, etcd: str, rounds: int, inflight: int, stop: int
+    root: Path, etcd: str, rounds: int, inflight: int, how: Scenario
 ) -> list[dict[str, float]]:
     stubs = root / "etcd-stubs"
     build_etcd_stubs(stubs)
@@ -226,7 +264,7 @@ async def measure_etcd(
         putter = EtcdPutter(cluster.endpoints, stubs)
         try:
             system = System("etcd", servers, cluster, names, etcd_leader)
-            return await run_rounds(system, putter.put, rounds, inflight, stop)
+            return await run_rounds(system, putter.put, rounds, inflight, how)
         finally:
             await putter.close()
     finally:
@@ -234,8 +272,9 @@ async def measure_etcd(
 
 
 def summary(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The median and the largest of each measurement over the rounds."""
     out = {}
-    for key in ("election_s", "write_gap_s", "after_election_s"):
+    for key in rounds[0]:
         values = [r[key] for r in rounds]
         out[f"{key[:-2]}_median_s"] = statistics.median(values)
         out[f"{key[:-2]}_max_s"] = max(values)
@@ -246,9 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5, help="leader kills per system (5)")
+    parser.add_argument("--rounds", type=int, default=5, help="faults per system (5)")
     parser.add_argument(
         "--stop", choices=STOP_SIGNALS, default="kill", help="how the leader is stopped (kill: SIGKILL)"
+    )
+    parser.add_argument(
+        "--outage", type=float, default=0.0, help="instead: every member killed for this many seconds"
     )
     parser.add_argument("--inflight", type=int, default=16, help="writers, one put in flight each (16)")
     parser.add_argument("--no-etcd", action="store_true", help="measure dengine only")
@@ -259,11 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the data dir and the servers' logs")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.inflight < 1:
-        parser.error("--rounds and --inflight must be >= 1")
+    if args.rounds < 1 or args.inflight < 1 or args.outage < 0:
+        parser.error("--rounds and --inflight must be >= 1, --outage >= 0")
     etcd = None if args.no_etcd else shutil.which(args.etcd)
-    results: dict[str, Any] = {"rounds": args.rounds, "inflight": args.inflight, "stop": args.stop}
-    stop = STOP_SIGNALS[args.stop]
+    how = Scenario(STOP_SIGNALS[args.stop], args.outage)
+    results: dict[str, Any] = {
+        "rounds": args.rounds,
+        "inflight": args.inflight,
+        "fault": f"every member down {args.outage:g} s"
+        if args.outage
+        else f"the leader stopped ({args.stop})",
+    }
     with contextlib.ExitStack() as cleanup:
         root = Path(tempfile.mkdtemp(prefix="dengine-failover-", dir=args.data_dir))
         if args.keep:
@@ -272,24 +320,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             cleanup.callback(shutil.rmtree, root, ignore_errors=True)
         (root / "dengine").mkdir()
         per_round = {
-            "dengine": asyncio.run(measure_dengine(root / "dengine", args.rounds, args.inflight, stop))
+            "dengine": asyncio.run(measure_dengine(root / "dengine", args.rounds, args.inflight, how))
         }
         if etcd:
             (root / "etcd").mkdir()
             per_round["etcd"] = asyncio.run(
-                measure_etcd(root / "etcd", etcd, args.rounds, args.inflight, stop)
+                measure_etcd(root / "etcd", etcd, args.rounds, args.inflight, how)
             )
             results["etcd_version"] = etcd_version(etcd)
-    for system, rounds in per_round.items():
-        results[system] = {"rounds": rounds, **summary(rounds)}
-    print(f"\n{'':8} {'election p50 / max':>20} {'write gap p50 / max':>22} {'gap - election p50 / max':>26}")
-    for system in per_round:
-        s = results[system]
-        print(
-            f"{system:8} {s['election_median_s']:>9.3f} / {s['election_max_s']:.3f} s"
-            f" {s['write_gap_median_s']:>11.3f} / {s['write_gap_max_s']:.3f} s"
-            f" {s['after_election_median_s']:>15.3f} / {s['after_election_max_s']:.3f} s"
+    print(f"\n{results['fault']}, seconds, median / max over {args.rounds} rounds:")
+    for system, measured in per_round.items():
+        results[system] = {"rounds": measured, **summary(measured)}
+        summed = results[system]
+        line = ", ".join(
+            f"{k[:-2]} {summed[k[:-2] + '_median_s']:.3f} / {summed[k[:-2] + '_max_s']:.3f}"
+            for k in measured[0]
         )
+        print(f"  {system:8} {line}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     with contextlib.suppress(BrokenPipeError):

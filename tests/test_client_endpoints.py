@@ -58,6 +58,9 @@ def test_the_time_out_doubles_with_each_failure_in_a_row_up_to_a_bound() -> None
         e.call_failed(A, "UNAVAILABLE")
         outs.append(e.down[A][0] - time.monotonic())
     assert outs == pytest.approx([0.5, 1.0, 2.0, 4.0, 4.0, 4.0], abs=0.05)
+    for _ in range(5000):  # many calls failing at once during a long outage
+        e.call_failed(A, "UNAVAILABLE")
+    assert e.down[A][0] - time.monotonic() == pytest.approx(4.0, abs=0.05)
     e.down[A] = (time.monotonic() - 0.001, 6)  # its time out ended
     assert not e.is_down(A)
     assert A in (e.pick(), e.pick())

@@ -20,7 +20,7 @@ from dengine import endpoints
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.batch_stream import CallFailed
 from dengine.client import Client
-from dengine.errors import RequestFailed, Unavailable
+from dengine.errors import DengineError, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
 from dengine.raft.payload import SESSION_HEADER
 
@@ -202,22 +202,35 @@ def test_a_node_that_fails_outright_is_passed_over_while_the_others_elect() -> N
         run(test, (dead, a, b))
 
 
-def test_a_stale_hint_at_a_node_that_failed_outright_is_not_followed() -> None:
-    """A follower that has not noticed its leader die still names it: the client asks another
-    node instead of going back to the dead one."""
-    dead, a, b = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+def test_a_hint_is_followed_even_to_a_node_on_time_out() -> None:
+    """After an outage every node is on time out; the first that answers names the leader, and
+    the client goes there rather than wait out the leader's time out. A stale hint (a follower
+    that has not noticed its leader die) costs one refused call, retried elsewhere at once."""
+    leader, follower, other = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
 
     async def test(s: ScriptedClient) -> None:
-        s.replies = {
-            dead: _refuse(grpc.StatusCode.UNAVAILABLE),
-            a: _refuse_each(f"FAILED_PRECONDITION: not leader; leader=1@{dead}"),
-            b: _answer_all,
-        }
+        for address in (leader, follower, other):
+            s.client._endpoints.call_failed(address, "UNAVAILABLE")
+        s.client._endpoints.answered(follower)  # it answers first
+        s.replies = {follower: _refuse_each(f"FAILED_PRECONDITION: not leader; leader=1@{leader}")}
         await s.client.put(b"k", b"v", timeout=10)
-        assert s.addresses == [dead, a, b]
-        assert s.client.leader == b
+        assert s.addresses == [follower, leader]
+        assert s.client.leader == leader
+        s.addresses.clear()
+        s.client._endpoints.leader = None
+        s.replies = {
+            leader: _refuse(grpc.StatusCode.UNAVAILABLE),  # it died
+            follower: _refuse_each(f"FAILED_PRECONDITION: not leader; leader=1@{leader}"),
+            other: _answer_all,
+        }
+        s.client._endpoints.answered(other)
+        await s.client.put(b"k2", b"v", timeout=10)
+        assert s.addresses.count(leader) <= 2, s.addresses
+        assert s.client.leader == other
 
-    run(test, (dead, a, b))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(endpoints, "DOWN_FIRST_S", 30.0)  # no time out ends within the test
+        run(test, (leader, follower, other))
 
 
 def test_with_every_node_failing_the_client_backs_off_until_its_deadline() -> None:
@@ -230,3 +243,18 @@ def test_with_every_node_failing_the_client_backs_off_until_its_deadline() -> No
         assert len(s.addresses) < 25, len(s.addresses)
 
     run(test, ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"))
+
+
+def test_closing_the_client_fails_the_calls_waiting_for_a_retry() -> None:
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)
+        put = asyncio.ensure_future(s.client.put(b"k", b"v", timeout=30))
+        await asyncio.sleep(0.05)  # refused, and waiting for its retry
+        await s.client.close()
+        with pytest.raises(DengineError, match="closed"):
+            await asyncio.wait_for(put, 1)
+        calls = len(s.addresses)
+        await asyncio.sleep(0.3)
+        assert len(s.addresses) == calls, "a retry went out after close()"
+
+    run(test)

@@ -77,6 +77,17 @@ _LEADER_HINT = re.compile(r"leader=(\d+)@(\S*)")
 # tried again: a rolling upgrade gives it the stream without the client's knowing.
 UNARY_RECHECK_S = 60.0
 _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # gRPC waits longer and longer between attempts to reconnect to a node that is down (up to two
+    # minutes), and fails every call to it at once meanwhile: a cluster back after a minute's
+    # outage stayed out of this client's reach for another 17 s. Tries every second at most
+    # instead, a refused connection being all a down node costs.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +270,15 @@ class Client(ClusterAdmin):
         await self.close()
 
     async def close(self) -> None:
+        """Closes the client: calls waiting to be retried fail with
+        :class:`~dengine.errors.DengineError`, and those on the wire end first."""
         self._closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        queued, self._queue = self._queue, []
+        for p in queued:
+            self._refuse_closed(p)
         if self._discovery is not None:
             self._discovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -474,7 +493,15 @@ class Client(ClusterAdmin):
         if p.sequence:
             self._outstanding.discard(p.sequence)
 
+    @staticmethod
+    def _refuse_closed(p: _Pending) -> None:
+        if not p.future.done():
+            p.future.set_exception(DengineError("the client is closed"))
+
     def _enqueue(self, pending: _Pending) -> None:
+        if self._closed:  # a retry that came due after close()
+            self._refuse_closed(pending)
+            return
         self._queue.append(pending)
         loop = self._loop
         assert loop is not None, "an operation was submitted first"
@@ -549,10 +576,11 @@ class Client(ClusterAdmin):
         # A refusal that names the leader points there, whatever its code: a follower's NOT_LEADER
         # names another node, an overloaded leader (UNAVAILABLE) names itself, to be retried
         # after a backoff rather than by way of a follower.
-        # A hint at a node that just failed outright is stale (a follower that has not yet
-        # noticed its leader die names it): the others are asked instead, until one knows.
+        # Followed even to a node on time out: a node's hint is newer than what this client saw
+        # (after an outage, the new leader's time out would keep the client away from it). A
+        # stale hint, at a leader that died, costs one refused call, retried elsewhere at once.
         hint = _LEADER_HINT.search(details)
-        if hint and hint.group(2) and not self._endpoints.is_down(hint.group(2)):
+        if hint and hint.group(2):
             self._follow(hint.group(2))
         elif address == self._endpoints.leader:
             self._endpoints.leader = None  # it stopped leading or stopped answering
@@ -648,10 +676,7 @@ class Client(ClusterAdmin):
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            options = [
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-            ]
+            options = CHANNEL_OPTIONS
             credentials, files = self._credentials, self._tls_files()
             if files is not None:
                 credentials = files.channel_credentials()  # the files as they are now

@@ -80,7 +80,8 @@ class Endpoints:
         if code not in _NODE_FAILURES:
             return
         _, failures = self.down.get(address, (0.0, 0))
-        self.down[address] = (time.monotonic() + min(DOWN_MAX_S, DOWN_FIRST_S * 2**failures), failures + 1)
+        out = min(DOWN_MAX_S, DOWN_FIRST_S * 2.0 ** min(failures, 16))  # every failed call counts
+        self.down[address] = (time.monotonic() + out, failures + 1)
         if self.leader == address:
             self.leader = None
 
