@@ -52,6 +52,9 @@ class Cluster:
     ) -> None:
         learner_ids = frozenset(learners)
         voters = frozenset(range(1, n + 1)) - learner_ids
+        # Scenarios elect at once in clusters built from stored logs (terms above zero): a test
+        # of the restart lease turns it on.
+        options.setdefault("restart_lease", False)
         self.options = options
         self.voters = voters
         self.learners = learner_ids

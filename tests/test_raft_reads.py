@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dengine.raft import MsgType
+from dengine.raft import MsgType, Role
 
 from raft_harness import Cluster
 
@@ -92,6 +92,50 @@ def test_a_lease_read_inside_the_lease_needs_no_round_trip() -> None:
     c.process(1)
     assert c.reads[1] == [(5, 1)]
     assert not [m for m in c.sent if m.type is MsgType.HEARTBEAT]
+
+
+def test_a_follower_that_restarts_inside_a_lease_elects_no_one_before_it_ends() -> None:
+    """§6.4.1 with a crash: node 2 answers leader 1's heartbeat (so 1's lease counts on it),
+    restarts at once, and node 3, cut off from 1, campaigns. Had node 2 forgotten that it heard
+    a leader, its vote would make 3 leader while 1 still serves lease reads: a read on 1 would
+    miss what 3 commits. So a node that restarts grants no vote for an election timeout."""
+    c = Cluster(
+        3, lease_reads=True, check_quorum=True, election_ticks=10, clock_drift_ticks=2, restart_lease=True
+    )
+    c.elect(1)
+    c.tick_all(1)  # a heartbeat round: 2 and 3 answered
+    c.cut({1}, {3})
+    c.crash_and_restart(2)
+    c.campaign(3)
+    assert c.nodes[3].role is not Role.LEADER, "elected inside the old leader's lease"
+    c.nodes[1].read_index(7, lease=True)
+    c.process(1)
+    assert c.reads[1] == [(7, c.nodes[1].commit)], "the old leader's lease still holds"
+    # Its time out over, the restarted node votes again: with 1 gone, 2 and 3 elect.
+    c.isolate(1)
+    c.tick_all(30)
+    assert [i for i in c.leaders() if i != 1]
+
+
+def test_a_node_of_a_new_cluster_campaigns_within_its_first_election_timeout() -> None:
+    # fast_start (on in dengine.Node): nothing to wait for in a cluster that never had a leader.
+    for fast, earliest, latest in ((True, 1, 10), (False, 10, 19)):
+        c = Cluster(3, election_ticks=10, fast_start=fast)
+        for i in c.nodes:
+            ticks = 0
+            while c.nodes[i].role is Role.FOLLOWER:
+                c.nodes[i].tick()
+                ticks += 1
+            assert earliest <= ticks <= latest, (fast, i, ticks)
+    # A restarted node (a term above zero) waits its whole timeout, restart lease or not.
+    c = Cluster(3, election_ticks=10, fast_start=True)
+    c.elect(1)
+    node = c.crash_and_restart(2)
+    ticks = 0
+    while node.role is Role.FOLLOWER:
+        node.tick()
+        ticks += 1
+    assert ticks >= 10
 
 
 def test_lease_reads_require_check_quorum() -> None:

@@ -160,7 +160,7 @@ def test_a_cluster_restored_from_a_backup_snapshot_continues_in_a_later_term() -
         store.reset(10, 5)
     c = Cluster(3, stores=stores)
     for i in voters:
-        cfg = RaftConfig(id=i, voters=voters)
+        cfg = RaftConfig(id=i, voters=voters, restart_lease=False)  # elected at once below
         c.nodes[i] = Raft(cfg, stores[i], seed=i, snapshot=SnapshotInfo(10, 5, voters))
     assert all(c.nodes[i].term == 5 and c.nodes[i].vote is None for i in voters)
     leader = c.elect(1)

@@ -681,6 +681,7 @@ class Config:
             max_batch_bytes=raft.max_batch_bytes,
             forward_proposals=raft.forward_proposals,
             max_unapplied_bytes=raft.max_unapplied_bytes,
+            fast_start=True,
         )
 
     # --- building and dumping ---------------------------------------------------------------------

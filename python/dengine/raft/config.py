@@ -43,6 +43,17 @@ class RaftConfig:
     it accepted in its term and has not applied yet would pass this many bytes: uncommitted ones
     (followers slow or unreachable) and committed ones its state machine has not caught up with.
     0 turns the limit off. A batch is admitted whole when nothing is pending, however large."""
+    restart_lease: bool = True
+    """A node that starts with a term above zero (it was in a cluster before) grants no vote for
+    an election timeout after it starts, as if it had just heard from a leader: it may have
+    answered the heartbeat that keeps a leader's lease valid just before it went down, and
+    however long it was down, a vote it gave sooner could elect a new leader inside that lease.
+    Only with ``check_quorum`` (leases exist only then). The protocol tests' harness turns it
+    off to elect at once in clusters it builds from stored logs."""
+    fast_start: bool = False
+    """A node of a new cluster (term 0) campaigns within its first election timeout rather than
+    after it, so that a cluster elects about one timeout after it starts. On in ``dengine.Node``
+    (``Config.raft_config``); the protocol tests count ticks without it."""
     can_vote: bool = True
     """False for a node that lost its disk: it may have voted in terms it no longer remembers,
     so it must neither vote nor campaign until an operator re-adds it."""
