@@ -564,6 +564,8 @@ def test_raft_config_with_defaults() -> None:
         max_batch_bytes=1 << 20,
         forward_proposals=True,
         max_unapplied_bytes=64 << 20,
+        restart_lease=True,
+        fast_start=True,
     )
     assert config(raft={"max_unapplied_bytes": 0}).raft_config().max_unapplied_bytes == 0
 
