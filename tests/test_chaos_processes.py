@@ -418,6 +418,10 @@ def run_chaos(cluster: ProcCluster, *, expect_snapshots: bool) -> None:
             deadline = time.monotonic() + 30
             while watcher.state() != final and time.monotonic() < deadline and not watching.done():
                 await asyncio.sleep(0.1)
+            if watching.done() and watching.exception() is not None:
+                raise AssertionError(
+                    f"the watch failed after {len(watcher.events)} events"
+                ) from watching.exception()
         finally:
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):

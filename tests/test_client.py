@@ -149,12 +149,12 @@ def test_an_unreachable_cluster_is_unavailable_within_the_deadline(tmp_path: Pat
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("failure", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
-def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(
-    cluster: ProcCluster, failure: signal.Signals
-) -> None:
-    """The node serving a watch dies (its connection closes) or freezes (only the client's
-    keepalive pings can tell): the watch resumes on another node from the last revision seen."""
+@pytest.mark.parametrize("failure", ["killed", "frozen", "removed"])
+def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(cluster: ProcCluster, failure: str) -> None:
+    """The node serving a watch dies (its connection closes), freezes (only the client's
+    keepalive pings can tell), or is removed from the cluster (it goes on running, but no longer
+    hears a leader, so it stops its progress notices): the watch resumes on another node from the
+    last revision seen."""
 
     async def main() -> None:
         leader = cluster.wait_leader()
@@ -179,7 +179,10 @@ def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(
             for i in range(20):
                 await writer.put(b"r/%02d" % i, b"x")
             await wait_until(lambda: len(seen) == 20, 10)
-            cluster.kill(follower, failure)  # the node serving the watch
+            if failure == "removed":  # the node serving the watch
+                await writer.remove_member(follower)
+            else:
+                cluster.kill(follower, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
             for i in range(20, 40):
                 await writer.put(b"r/%02d" % i, b"x")
             try:

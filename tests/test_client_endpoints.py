@@ -3,11 +3,15 @@ in turn, passing over nodes whose last call failed outright until their time out
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import grpc
 import pytest
 
+from dengine.client import Client
 from dengine.endpoints import Endpoints, retry_delay
+from dengine.errors import RequestFailed
 
 A, B, C = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
 
@@ -78,3 +82,39 @@ def test_retry_delays_grow_to_a_cap_with_jitter() -> None:
         full = min(0.25, 0.01 * 2**attempts)
         assert full / 2 <= d <= full
     assert retry_delay(3, first=0.05, cap=1.0) <= 0.4
+
+
+def test_a_watch_fails_out_of_range_when_no_node_it_reaches_holds_the_history() -> None:
+    """The one node that answers restored a snapshot past the watch's revision; the other
+    address refuses connections (a member that left, a node that is down). Waiting for it would
+    keep the watch silent for ever: the watch reports the gap instead."""
+
+    class Call:
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self.code = code
+
+        async def read(self) -> None:
+            raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "scripted")
+
+        def cancel(self) -> None:
+            pass
+
+    class Stub:
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self.code = code
+
+        def Watch(self, request: object) -> Call:
+            return Call(self.code)
+
+    async def main() -> None:
+        stubs = {A: Stub(grpc.StatusCode.OUT_OF_RANGE), B: Stub(grpc.StatusCode.UNAVAILABLE)}
+        client = Client([A, B])
+        client._stub = stubs.__getitem__  # type: ignore[assignment,method-assign]
+        try:
+            with pytest.raises(RequestFailed) as failed:
+                await asyncio.wait_for(anext(client.watch(b"", start_revision=5)), 10)
+            assert failed.value.code == "OUT_OF_RANGE"
+        finally:
+            await client.close()
+
+    asyncio.run(main())

@@ -43,6 +43,29 @@ def test_a_learner_receives_the_log_but_neither_votes_nor_counts() -> None:
     assert c.nodes[4].role is Role.FOLLOWER, "a learner never campaigns"
 
 
+def test_only_a_member_in_touch_with_its_leader_hears_it() -> None:
+    """``hears_leader`` (a watch's progress notices go by it): a learner cut off from the leader
+    remembers it, never campaigning to forget it, but does not hear it."""
+    c = Cluster(3, election_ticks=10)
+    c.elect(1)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    c.tick_all(1)
+    assert all(c.nodes[i].hears_leader for i in (1, 2, 3, 4))
+    c.isolate(4)
+    c.tick(4, 10)
+    assert c.nodes[4].lead == 1 and not c.nodes[4].hears_leader
+    c.heal()
+    c.tick_all(1)
+    assert c.nodes[4].hears_leader
+    # A removed node never hears of its removal (the leader stops sending to it once the entry
+    # is in its own log): it campaigns at its timeout, which makes it forget the leader.
+    change(c, 1, ConfOp.REMOVE, 3)
+    c.tick(3, 20)
+    assert c.nodes[3].lead is None and not c.nodes[3].hears_leader
+    assert c.nodes[2].hears_leader and c.nodes[4].hears_leader
+
+
 def test_a_promoted_learner_counts_towards_commitment() -> None:
     c = Cluster(3)
     c.elect(1)

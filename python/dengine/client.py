@@ -410,8 +410,9 @@ class Client(ClusterAdmin):
         progress notices, and ``watch_idle_timeout`` runs out), the watch resumes on another one
         from the last revision seen, without gaps and without repeating an event already
         delivered. Raises :class:`~dengine.errors.RequestFailed` (``OUT_OF_RANGE``) when no node
-        still holds the history from that revision (each restored a later snapshot or dropped
-        the events from its bounded history): read the current state and watch again from there.
+        it can reach still holds the history from that revision (each restored a later snapshot
+        or dropped the events from its bounded history; nodes whose calls fail outright are not
+        waited for): read the current state and watch again from there.
         """
         if start_revision == 0:
             # "From now": pin now to a revision, so that a resumed stream neither skips nor replays.
@@ -459,9 +460,12 @@ class Client(ClusterAdmin):
                 self._endpoints.leader = None  # any node can serve a watch: rotate
                 if code == "OUT_OF_RANGE":
                     # That node restored a snapshot past our revision; another may still hold
-                    # the history. When none does, the events in between are gone for good.
+                    # the history. When none that answers does, the events in between are gone
+                    # (waiting for a node that is down, or an address no longer a member's, would
+                    # keep the watch silent for ever).
                     compacted.add(address)
-                    if compacted >= set(self._endpoints.addresses):
+                    reachable = {a for a in self._endpoints.addresses if not self._endpoints.is_down(a)}
+                    if compacted >= (reachable or set(self._endpoints.addresses)):
                         raise RequestFailed(code, details) from exc
             finally:
                 call.cancel()

@@ -544,9 +544,10 @@ class KVService(kv_pb2_grpc.KVServicer):
 
         def tick() -> None:
             nonlocal ticker
-            # A node cut off from the cluster, or one that lost its leader, goes quiet, so that
-            # its watchers move to a node that still hears the cluster.
-            if self.node.leader_id is not None:
+            # A node cut off from the cluster, one that lost its leader, or one removed from the
+            # cluster goes quiet, so that its watchers move to a node that still hears it.
+            raft = self.node.raft
+            if raft is not None and raft.hears_leader:
                 queue.put_nowait(None)
             ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
 

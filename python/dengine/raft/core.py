@@ -318,6 +318,15 @@ class Raft:
         return index
 
     @property
+    def hears_leader(self) -> bool:
+        """Whether this node is a member that leads, or has heard its leader within an election
+        timeout. A voter cut off from its leader forgets it when it campaigns; a learner, or a
+        node removed from the cluster, never campaigns and would remember it forever."""
+        if self.lead is None or (self.id not in self.conf.voters and self.id not in self.learners):
+            return False
+        return self.role is Role.LEADER or self._election_elapsed < self.cfg.election_ticks
+
+    @property
     def conf_index(self) -> int:
         """Log index of the configuration in force (0: the initial one)."""
         return self._conf_entries[-1][0] if self._conf_entries else self._conf_base[0]
