@@ -140,6 +140,32 @@ def test_a_client_given_one_node_learns_the_members_and_outlives_that_node(clust
     asyncio.run(main())
 
 
+def test_a_client_that_only_watches_learns_the_members_too(cluster: ProcCluster) -> None:
+    """It never follows a leader (a watch goes to any node): it asks the node its watch reached
+    who leads, and the leader for the members, so that it too outlives the nodes it was given."""
+
+    async def main() -> None:
+        leader = cluster.wait_ready()
+        follower = next(i for i in range(1, 4) if i != leader)
+        async with Client([cluster.address(follower)]) as watcher, Client(endpoints(cluster)) as writer:
+            start = (await writer.put(b"w", b"0")).revision + 1
+            seen: list[bytes] = []
+
+            async def watch() -> None:
+                async for e in watcher.watch(b"w", start_revision=start):
+                    seen.append(e.kv.value)
+                    return
+
+            task = asyncio.create_task(watch())
+            await wait_until(lambda: set(watcher.endpoints) == set(endpoints(cluster)), 10)
+            assert watcher.endpoints[0] == cluster.address(follower)
+            await writer.put(b"w", b"1")
+            await asyncio.wait_for(task, 10)
+            assert seen == [b"1"]
+
+    asyncio.run(main())
+
+
 def test_an_unreachable_cluster_is_unavailable_within_the_deadline(tmp_path: Path) -> None:
     async def main() -> None:
         async with Client(["127.0.0.1:9"], timeout=0.5) as client:

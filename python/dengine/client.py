@@ -313,7 +313,7 @@ class Client(ClusterAdmin):
                 self._discovery.cancel()
             self._discovery = asyncio.ensure_future(self._discover(address))
 
-    async def _discover(self, address: str) -> None:
+    async def _discover(self, address: str, hops: int = 1) -> None:
         stub = cluster_pb2_grpc.ClusterStub(self._channel(address))  # type: ignore[no-untyped-call]
         try:
             status: cluster_pb2.StatusResponse = await stub.Status(
@@ -323,6 +323,15 @@ class Client(ClusterAdmin):
             return  # asked again at the next leader change
         if status.role == "leader":  # only the leader's view lists every member
             self._endpoints.learn(list(membership_of(status).addresses.values()))
+        elif hops and status.leader_address and status.leader_address != address:
+            await self._discover(status.leader_address, hops - 1)
+
+    def _learn_members_via(self, address: str) -> None:
+        """Asks the node at ``address`` who leads, and the leader for the members, unless that is
+        under way: a client that only watches (and so never follows a leader) learns them too,
+        and outlives the members it was given."""
+        if self.discover_members and not self._closed and (self._discovery is None or self._discovery.done()):
+            self._discovery = asyncio.ensure_future(self._discover(address))
 
     # --- operations -------------------------------------------------------------------------------
 
@@ -428,6 +437,7 @@ class Client(ClusterAdmin):
             address = self._endpoints.pick()
             stub = self._stub(address)
             call = stub.Watch(kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision))
+            self._learn_members_via(address)
             try:
                 while True:
                     try:
