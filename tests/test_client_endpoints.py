@@ -28,7 +28,8 @@ def test_a_node_that_failed_outright_is_passed_over_and_stops_being_the_leader()
     e.leader = A
     e.call_failed(A, "UNAVAILABLE")
     assert e.leader is None
-    assert e.is_down(A) and e.another_is_up(A)
+    assert e.is_down(A) and e.go_elsewhere_now(A)
+    assert not e.go_elsewhere_now(B), "B did not fail"
     assert [e.pick() for _ in range(4)] == [B, C, B, C]
     e.answered(A)
     assert not e.is_down(A)
@@ -51,7 +52,7 @@ def test_when_every_node_is_down_the_one_back_soonest_is_tried() -> None:
     e.call_failed(C, "UNAVAILABLE")  # twice in a row: out twice as long
     e.call_failed(A, "UNAVAILABLE")
     e.call_failed(A, "UNAVAILABLE")
-    assert not e.another_is_up(A)
+    assert not e.go_elsewhere_now(A), "no one else to go to"
     assert e.pick() == B
 
 

@@ -549,7 +549,7 @@ class Client(ClusterAdmin):
         except CallFailed as exc:
             self._call_failed(address, exc.code, exc.details)
             # The node is gone or frozen while another may serve: no reason to wait.
-            at_once = self._endpoints.is_down(address) and self._endpoints.another_is_up(address)
+            at_once = self._endpoints.go_elsewhere_now(address)
             for p in batch:
                 self._retry_or_fail(p, exc.code, exc.details, at_once=at_once)
             return
@@ -645,7 +645,7 @@ class Client(ClusterAdmin):
                 self._endpoints.answered(address)
                 return answer
             attempts += 1
-            if not (self._endpoints.is_down(address) and self._endpoints.another_is_up(address)):
+            if not self._endpoints.go_elsewhere_now(address):
                 await asyncio.sleep(retry_delay(attempts))
 
     async def _call_batch(self, address: str, request: bytes, timeout: float) -> bytes:

@@ -95,7 +95,7 @@ class Endpoints:
         until = self.down.get(address)
         return until is not None and until[0] > time.monotonic()
 
-    def another_is_up(self, address: str) -> bool:
-        """Whether some member other than ``address`` is not on time out (a retry can go there
-        at once rather than wait)."""
-        return any(a != address and not self.is_down(a) for a in self.addresses)
+    def go_elsewhere_now(self, address: str) -> bool:
+        """Whether a call that just failed at ``address`` should be retried at once: that node is
+        on time out, and some other member is not."""
+        return self.is_down(address) and any(a != address and not self.is_down(a) for a in self.addresses)
