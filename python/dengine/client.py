@@ -645,8 +645,7 @@ class Client(ClusterAdmin):
                 self._endpoints.answered(address)
                 return answer
             attempts += 1
-            if not self._endpoints.go_elsewhere_now(address):
-                await asyncio.sleep(retry_delay(attempts))
+            await self._wait_to_retry(address, attempts)
 
     async def _call_batch(self, address: str, request: bytes, timeout: float) -> bytes:
         """One attempt at a serialized ``BatchRequest`` on the node at ``address``: over its

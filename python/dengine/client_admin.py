@@ -71,6 +71,12 @@ class ClusterAdmin:
     def _follow(self, address: str) -> None:
         raise NotImplementedError
 
+    async def _wait_to_retry(self, address: str, attempts: int) -> None:
+        """The pause before retry number ``attempts`` of a call that failed at ``address``: none
+        when that node failed outright and another may serve (see :mod:`dengine.endpoints`)."""
+        if not self._endpoints.go_elsewhere_now(address):
+            await asyncio.sleep(retry_delay(attempts))
+
     async def members(self, *, timeout: float | None = None) -> Membership:
         """The voters, learners and member addresses, as the leader knows them."""
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -198,4 +204,4 @@ class ClusterAdmin:
                 self._endpoints.answered(address)
                 return answer
             attempts += 1
-            await asyncio.sleep(retry_delay(attempts))
+            await self._wait_to_retry(address, attempts)
