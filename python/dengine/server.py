@@ -544,8 +544,9 @@ class KVService(kv_pb2_grpc.KVServicer):
 
         def tick() -> None:
             nonlocal ticker
-            # A node cut off from the cluster, one that lost its leader, or one removed from the
-            # cluster goes quiet, so that its watchers move to a node that still hears it.
+            # A node cut off from the cluster (a learner too, which never forgets its leader) or
+            # one that lost its leader goes quiet, so that its watchers move to a node that
+            # still hears the cluster.
             raft = self.node.raft
             if raft is not None and raft.hears_leader:
                 queue.put_nowait(None)

@@ -320,8 +320,9 @@ class Raft:
     @property
     def hears_leader(self) -> bool:
         """Whether this node is a member that leads, or has heard its leader within an election
-        timeout. A voter cut off from its leader forgets it when it campaigns; a learner, or a
-        node removed from the cluster, never campaigns and would remember it forever."""
+        timeout. A voter cut off from its leader forgets it when it campaigns; a learner never
+        campaigns and would remember it for ever. (A removed node does not learn of its removal:
+        it campaigns, and forgets.)"""
         if self.lead is None or (self.id not in self.conf.voters and self.id not in self.learners):
             return False
         return self.role is Role.LEADER or self._election_elapsed < self.cfg.election_ticks
