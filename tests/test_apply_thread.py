@@ -217,9 +217,10 @@ def test_a_leader_answers_a_chunk_while_the_thread_applies_the_next_and_holds_ne
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A large commit with callers waiting: the thread gets chunk k+1 before the loop answers
-    chunk k, so applying and answering overlap; and what the answered callers write meanwhile is
-    proposed as one append once the commit is answered, not as one small append per chunk."""
-    writers = 3 * node_module.ANSWER_CHUNK
+    chunk k, so applying and answering overlap; the chunks are of even size, so that none is too
+    short for the thread; and what the answered callers write meanwhile is proposed as one append
+    once the commit is answered, not as one small append per chunk."""
+    writers = 3 * node_module.ANSWER_CHUNK + 10  # four chunks of 97-99, not a fourth of 10
     events: list[str] = []
     appends: list[int] = []
     real_begin, real_answer, real_propose = apply_thread.ApplyThread.begin, Node._answer_applied, Raft.propose
@@ -258,5 +259,5 @@ def test_a_leader_answers_a_chunk_while_the_thread_applies_the_next_and_holds_ne
 
     asyncio.run(main())
     assert appends == [writers, writers]
-    overlapped = ["apply", "apply", "answer", "apply", "answer", "answer"]
+    overlapped = ["apply", "apply", "answer", "apply", "answer", "apply", "answer", "answer"]
     assert events == overlapped * 2

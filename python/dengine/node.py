@@ -1006,6 +1006,10 @@ class Node:
         waiting = bool(self._waiters)
         size = ANSWER_CHUNK if waiting else APPLY_CHUNK
         self._proposals_held = waiting and len(entries) > size
+        if self._proposals_held:
+            # Chunks of even size: a short last one would fall below what the thread takes.
+            chunks = -(-len(entries) // size)
+            size = -(-len(entries) // chunks)
         try:
             on_thread = self._begin_on_thread(entries[:size])
             for start in range(0, len(entries), size):
