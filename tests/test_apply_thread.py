@@ -7,19 +7,16 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dengine import _core, apply_thread, kv
-from dengine import node as node_module
 from dengine._core import Entry, EntryBatch
 from dengine.errors import DengineError, OutcomeUnknownError
 from dengine.node import Node
 from dengine.raft import payload
-from dengine.raft.core import Raft
 from dengine.raft.sessions import ANSWERED_OUTCOMES, Applied, Outcome, SessionTable, apply_entries
 from test_node_embedded import configs, leader_of, until
 from test_sessions import random_kv_command
@@ -188,14 +185,14 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
 ) -> None:
     monkeypatch.setattr(apply_thread, "MIN_ENTRIES", 1)
 
-    real_begin = apply_thread.ApplyThread.begin
+    real_apply = apply_thread.ApplyThread.apply
 
-    def broken(self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any) -> Awaitable[list[Any]]:
+    async def broken(self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any) -> list[Any]:
         if batch[0].index > 1:  # the leader's first entry goes through; the first write does not
             raise RuntimeError("the apply thread failed: a bug")
-        return real_begin(self, batch, wanted)
+        return await real_apply(self, batch, wanted)
 
-    monkeypatch.setattr(apply_thread.ApplyThread, "begin", broken)
+    monkeypatch.setattr(apply_thread.ApplyThread, "apply", broken)
 
     async def main() -> None:
         node = Node(configs(tmp_path, 1)[0], kv.KVStateMachine())
@@ -211,53 +208,3 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
             await node.stop(transfer_leadership=False)
 
     asyncio.run(main())
-
-
-def test_a_leader_answers_a_chunk_while_the_thread_applies_the_next_and_holds_new_writes_for_one_append(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A large commit with callers waiting: the thread gets chunk k+1 before the loop answers
-    chunk k, so applying and answering overlap; the chunks are of even size, so that none is too
-    short for the thread; and what the answered callers write meanwhile is proposed as one append
-    once the commit is answered, not as one small append per chunk."""
-    writers = 3 * node_module.ANSWER_CHUNK + 10  # four chunks of 97-99, not a fourth of 10
-    events: list[str] = []
-    appends: list[int] = []
-    real_begin, real_answer, real_propose = apply_thread.ApplyThread.begin, Node._answer_applied, Raft.propose
-
-    def begin(self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any) -> Awaitable[list[Any]]:
-        events.append("apply")
-        return real_begin(self, batch, wanted)
-
-    def answer(self: Node, answered: list[Any]) -> None:
-        events.append("answer")
-        real_answer(self, answered)
-
-    def propose(self: Raft, batch: list[bytes]) -> Any:
-        appends.append(len(batch))
-        return real_propose(self, batch)
-
-    monkeypatch.setattr(apply_thread.ApplyThread, "begin", begin)
-    monkeypatch.setattr(Node, "_answer_applied", answer)
-    monkeypatch.setattr(Raft, "propose", propose)
-
-    async def main() -> None:
-        node = Node(configs(tmp_path, 1)[0], kv.KVStateMachine())
-        await node.start()
-        try:
-            await until(lambda: leader_of([node]))
-            await until(lambda: node.raft is not None and node.raft.applied >= 1)
-            events.clear()
-
-            async def writer(w: int) -> None:
-                for round_ in range(2):
-                    await node.propose(kv.encode_put(b"k%d-%d" % (w, round_), b"v"))
-
-            await asyncio.gather(*(writer(w) for w in range(writers)))
-        finally:
-            await node.stop(transfer_leadership=False)
-
-    asyncio.run(main())
-    assert appends == [writers, writers]
-    overlapped = ["apply", "apply", "answer", "apply", "answer", "apply", "answer", "answer"]
-    assert events == overlapped * 2

@@ -21,7 +21,7 @@ batch, so nothing ever sees half a batch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Collection
+from collections.abc import Collection
 
 from dengine import _core
 from dengine.raft.sessions import Answer, SessionTable, apply_entry
@@ -66,44 +66,23 @@ class ApplyThread:
         """Applies every entry of ``batch`` and returns the answers of the session commands in
         ``wanted``, as :func:`dengine.raft.sessions.apply_committed` does. An entry the thread
         leaves aside (a membership change, a damaged envelope) is applied here, in order."""
-        return await self.begin(batch, wanted)
-
-    def begin(self, batch: _core.EntryBatch, wanted: Collection[tuple[int, int]]) -> Awaitable[list[Answer]]:
-        """:meth:`apply`, with the batch handed to the thread before this returns: the caller
-        can do other work on the loop (answer the previous batch) while the thread applies this
-        one, then await the result."""
         answered: list[Answer] = []
-        return self._finish(batch, wanted, answered, self._submit(batch, 0, wanted, answered))
-
-    def _submit(
-        self, batch: _core.EntryBatch, at: int, wanted: Collection[tuple[int, int]], answered: list[Answer]
-    ) -> asyncio.Future[int]:
-        if self._closed:
-            raise RuntimeError("the apply thread is closed")
-        done = self._done = self._loop.create_future()
-        self._wanted, self._answered = wanted, answered
-        self._applier.submit(batch, at, bool(wanted))
-        return done
-
-    async def _finish(
-        self,
-        batch: _core.EntryBatch,
-        wanted: Collection[tuple[int, int]],
-        answered: list[Answer],
-        done: asyncio.Future[int],
-    ) -> list[Answer]:
-        while True:
+        at = 0
+        while at < len(batch):
+            if self._closed:
+                raise RuntimeError("the apply thread is closed")
+            self._done = self._loop.create_future()
+            self._wanted, self._answered = wanted, answered
+            self._applier.submit(batch, at, bool(wanted))
             try:
-                at = await asyncio.shield(done)
+                at = await asyncio.shield(self._done)
             finally:
                 self._done, self._wanted, self._answered = None, (), []
-            if at >= len(batch):
-                return answered
-            # A membership change or a damaged envelope: no session command, nobody waits.
-            apply_entry(batch[at], self._sessions, self._store.apply)
-            if at + 1 >= len(batch):
-                return answered
-            done = self._submit(batch, at + 1, wanted, answered)
+            if at < len(batch):
+                # A membership change or a damaged envelope: no session command, nobody waits.
+                apply_entry(batch[at], self._sessions, self._store.apply)
+                at += 1
+        return answered
 
     def _on_ready(self) -> None:
         done = self._done

@@ -130,9 +130,6 @@ class NodeStatus:
 APPLY_CHUNK = 512
 """Committed entries applied between two turns of the event loop (see ``Node._apply_chunks``)."""
 
-ANSWER_CHUNK = 128
-"""The same, on a node with proposals waiting for their answers (see ``Node._apply_chunks``)."""
-
 _SESSION_HEAD = envelope.SESSION_HEADER
 _STALE_CODE = ANSWERED_OUTCOMES.index(Outcome.STALE)
 _SESSION_KIND = envelope.SESSION_KIND
@@ -223,7 +220,6 @@ class Node:
         self._local_low = 1
         self._pending: list[bytes] = []
         self._flush_scheduled = False
-        self._proposals_held = False  # while a commit is answered chunk by chunk (_apply_chunks)
         # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
         self._waiters: dict[tuple[int, int], Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
@@ -674,8 +670,6 @@ class Node:
                     fut.set_exception(make())
 
     def _flush(self) -> None:
-        if self._proposals_held:
-            return  # _release_proposals flushes (and _flush_scheduled stays set until then)
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
         if not batch or self.raft is None:
@@ -994,61 +988,24 @@ class Node:
         are proposed while the rest is applied: answering a whole commit at once would make
         callers with many writes in flight wait for each other, one round trip per batch. A node
         with nobody waiting (a follower) lets its loop go too: its acknowledgements of new
-        entries, which the leader's commits wait for, do not queue behind a whole commit.
-
-        With waiters, chunks are smaller (:data:`ANSWER_CHUNK`) and the apply thread takes the
-        next chunk before the loop answers the last one, so that applying and answering overlap
-        rather than take turns. The writes the answered callers make meanwhile are held and
-        proposed together once the commit is answered: flushed chunk by chunk, they would go out
-        as many small appends, each costing every node a round of messages and a disk sync."""
+        entries, which the leader's commits wait for, do not queue behind a whole commit."""
         raft = self.raft
         assert raft is not None
-        waiting = bool(self._waiters)
-        size = ANSWER_CHUNK if waiting else APPLY_CHUNK
-        self._proposals_held = waiting and len(entries) > size
-        if self._proposals_held:
-            # Chunks of even size: a short last one would fall below what the thread takes.
-            chunks = -(-len(entries) // size)
-            size = -(-len(entries) // chunks)
-        try:
-            on_thread = self._begin_on_thread(entries[:size])
-            for start in range(0, len(entries), size):
-                chunk = entries[start : start + size]
-                answered = await on_thread if on_thread is not None else self._apply_here(chunk)
-                more = start + size < len(entries)
-                if more:
-                    raft.applied_to(chunk[-1].index)
-                    # Handed over before answering this chunk; a chunk applied here waits its turn.
-                    on_thread = self._begin_on_thread(entries[start + size : start + 2 * size])
-                if answered:
-                    self._answer_applied(answered)
-                if more:
-                    await asyncio.sleep(0)
-        finally:
-            if self._proposals_held:
-                self._release_proposals()
-
-    def _begin_on_thread(self, chunk: Sequence[Entry]) -> Awaitable[list[Answer]] | None:
-        """Hands ``chunk`` to the apply thread and returns its answers to await, or None if the
-        thread does not take it (see :meth:`_thread_for`)."""
-        thread = self._thread_for(chunk, self._native_target())
-        return None if thread is None else thread.begin(chunk, self._waiters)  # type: ignore[arg-type]
-
-    def _apply_here(self, chunk: Sequence[Entry]) -> list[Answer]:
-        target = self._native_target()
-        run = self.sm.apply if target is None else target
-        return apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
-
-    def _native_target(self) -> object:
-        # Asked again for every chunk: a watch may have subscribed meanwhile.
-        return self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
-
-    def _release_proposals(self) -> None:
-        """Ends :meth:`_apply_chunks`' hold on proposals: what was held goes out in one append."""
-        self._proposals_held = False
-        self._flush_scheduled = False
-        if self._pending:
-            self._schedule_flush()
+        for start in range(0, len(entries), APPLY_CHUNK):
+            chunk = entries[start : start + APPLY_CHUNK]
+            # Asked again for every chunk: a watch may have subscribed meanwhile.
+            target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
+            thread = self._thread_for(chunk, target)
+            if thread is not None:
+                answered = await thread.apply(chunk, self._waiters)  # type: ignore[arg-type]
+            else:
+                run = self.sm.apply if target is None else target
+                answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
+            if answered:
+                self._answer_applied(answered)
+            if start + APPLY_CHUNK < len(entries):
+                raft.applied_to(chunk[-1].index)
+                await asyncio.sleep(0)
 
     def _thread_for(self, chunk: Sequence[Entry], target: object) -> apply_thread.ApplyThread | None:
         """The apply thread, if ``chunk`` should go to it: a large framed batch for the built-in
