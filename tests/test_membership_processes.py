@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -290,3 +291,26 @@ def test_recover_a_cluster_that_lost_two_of_its_three_nodes_for_good(tmp_path: P
         cluster.kill(survivor)
         assert cluster.wait_leader(among=[4, 5]) in (4, 5)
         assert_all_readable(cluster, [4, 5], writer.acked)
+
+
+def test_a_member_removed_while_down_exits_when_restarted_saying_why(tmp_path: Path) -> None:
+    """The member being replaced is usually down when it is removed, so it never receives its
+    removal. Restarted by mistake (or by a supervisor), `dengine serve` must not campaign for ever
+    against members that refuse it: it exits, with one line saying it was removed."""
+    with running_cluster(tmp_path) as cluster:
+        leader = cluster.wait_leader()
+        victim = next(i for i in (1, 2, 3) if i != leader)
+        survivors = [i for i in (1, 2, 3) if i != victim]
+        cluster.put(b"before", b"1")
+        cluster.kill(victim)
+        result = member_cli(cluster, survivors, "remove", str(victim))
+        assert result.returncode == 0, result.stderr
+        time.sleep(20 * 0.4)  # the members' grace for departed members (20 election timeouts)
+        cluster.start(victim)
+        code = cluster.procs[victim].wait(timeout=30)
+        output = (tmp_path / f"node{victim}.log").read_text()
+        last = output.strip().splitlines()[-1]
+        assert code == 1, output[-2000:]
+        assert last.startswith(f"dengine serve: node {victim}: the node stopped after its removal"), last
+        assert "no longer know it" in last and "Traceback" not in output.split("removed from cluster")[-1]
+        assert cluster.put(b"after", b"2") > 0, "the cluster serves on"

@@ -60,6 +60,7 @@ from dengine.raft.sessions import (
     apply_committed,
     apply_entry_async,
 )
+from dengine.removal import RemovalWatch
 from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
@@ -220,6 +221,7 @@ class Node:
         self._local_low = 1
         self._pending: list[bytes] = []
         self._flush_scheduled = False
+        self._removal = RemovalWatch(self.id, self.config.raft.election_timeout_ms / 1000)
         # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
         self._waiters: dict[tuple[int, int], Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
@@ -248,6 +250,8 @@ class Node:
         self.members = MembershipManager(self)
         self._start_snapshot: SnapshotInfo | None = None
         self._stopped = asyncio.Event()
+        self.failure: str | None = None
+        """Why the node stopped by itself (a storage or apply failure, its removal), once it has."""
         self._running = False
         self._release: asyncio.Future[None] | None = None
         self.leader_changes = 0
@@ -367,6 +371,7 @@ class Node:
             channel_credentials=self._channel_credentials if self.config.tls.enabled else None,
         )
         self.transport.snapshots = self.snapshots
+        self.transport.on_unknown_to = self._refused_as_unknown
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         add_raft_service(self.server, self.transport)
         cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self), self.server)  # type: ignore[no-untyped-call]
@@ -528,6 +533,8 @@ class Node:
         assert self.raft is not None
         if not self._running:
             return
+        if self._removal.watching:
+            self._removal.heard_from(m.src)
         self._run_due_ticks()
         self.raft.step(m)
         self.pump()
@@ -791,6 +798,30 @@ class Node:
             if not rf.done():
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
 
+    def _refused_as_unknown(self, peer: int) -> None:
+        """A peer refused this node's messages as coming from a node not in its configuration;
+        a majority of voters doing so means this node was removed (see ``dengine.removal``)."""
+        raft = self.raft
+        if raft is None or not self._running:
+            return
+        now = time.monotonic()
+        self._removal.refused_by(peer, now)
+        refusing = self._removal.removed_by(raft.conf.voters, now)
+        if refusing is None:
+            return
+        why = (
+            f"voters {', '.join(map(str, refusing))} of its configuration no longer know it; "
+            "to serve again it must be added as a new member, with an empty data dir"
+        )
+        log.error(
+            "node %d: removed from cluster %r: %s; stopping",
+            self.id,
+            self.config.cluster.id,
+            why,
+            extra={"node_id": self.id, "term": raft.term, "event": "membership"},
+        )
+        self._fail_stop(DengineError(why), "its removal from the cluster")
+
     async def add_learner(self, node_id: int, address: str) -> None:
         """Adds ``node_id`` at ``address`` as a learner (it receives the log, does not vote);
         returns once the change is committed. Only on the leader (``NotLeaderError``)."""
@@ -942,7 +973,7 @@ class Node:
         if not self._running:
             return
         self._running = False
-        why = f"the node stopped after {failure}: {exc}"
+        why = self.failure = f"the node stopped after {failure}: {exc}"
         self._fail_everything_waiting(why)
         # Stop serving at once: peers and clients then see a node that is down, and go elsewhere,
         # rather than one that accepts requests and never answers. The data dir is released too.

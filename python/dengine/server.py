@@ -643,7 +643,9 @@ async def serve(config: Config, *, join: str | None = None) -> None:
     await asyncio.wait([signalled, failed], return_when=asyncio.FIRST_COMPLETED)
     if failed.done():
         signalled.cancel()
-        raise DengineError(f"node {config.node.id} stopped after a failure; see the log above")
+        raise DengineError(
+            f"node {config.node.id}: {node.failure or 'stopped after a failure'}; see the log above"
+        )
     failed.cancel()
     log.info("node %d: stopping on signal", config.node.id)
     await node.stop()

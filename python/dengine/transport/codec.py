@@ -23,6 +23,11 @@ class WireError(ValueError):
     """A peer message was refused; the text says why (it is logged and returned to the sender)."""
 
 
+class UnknownSenderError(WireError):
+    """A peer message from a node that is not in the receiver's configuration: a removed member,
+    or one whose addition the receiver has not appended yet (see ``dengine.removal``)."""
+
+
 def to_wire(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
     return raft_pb2.RaftMessage(
         cluster_id=cluster_id,
@@ -48,7 +53,9 @@ def _check_route(
         raise WireError(f"message from cluster {w.cluster_id!r}, this node belongs to {cluster_id!r}")
     src: int = getattr(w, "from")
     if src not in members:
-        raise WireError(f"message from unknown node {src}")
+        raise UnknownSenderError(
+            f"message from unknown node {src}: not a member of this node's configuration"
+        )
     if w.to != me:
         raise WireError(f"message for node {w.to} reached node {me}")
     return src

@@ -17,7 +17,14 @@ import grpc
 
 from dengine._core import SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
-from dengine.transport.codec import ReceivedChunk, WireError, check_snapshot_header, from_wire, to_wire
+from dengine.transport.codec import (
+    ReceivedChunk,
+    UnknownSenderError,
+    WireError,
+    check_snapshot_header,
+    from_wire,
+    to_wire,
+)
 from dengine.v1 import raft_pb2, raft_pb2_grpc
 
 if TYPE_CHECKING:
@@ -44,6 +51,10 @@ PEER_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
+REFUSAL_KEY = "dengine-refusal"
+"""Trailing metadata key naming why a peer refused a stream (its value: :data:`UNKNOWN_SENDER`)."""
+UNKNOWN_SENDER = "unknown-sender"
+"""The refusal of a message from a node not in the receiver's configuration."""
 _QUEUE_LIMIT = 4096
 _MAX_BATCH_MESSAGES = 512
 
@@ -76,6 +87,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self._closing = False
         self.rejected = 0
         self.snapshots: SnapshotManager | None = None
+        self.on_unknown_to: Callable[[int], None] | None = None
+        """Called with a peer's id when it refuses this node's messages as coming from a node
+        not in its configuration (see ``dengine.removal``)."""
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -158,6 +172,8 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                     log.warning("peer %d refused our messages: %s", peer, exc.details())
+                    if self.on_unknown_to is not None and _refused_as_unknown(exc):
+                        self.on_unknown_to(peer)
                 else:
                     log.debug("stream to peer %d ended: %s", peer, exc.code())
             except Exception:
@@ -202,10 +218,12 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self.rejected += 1
         code = (
             grpc.StatusCode.FAILED_PRECONDITION
-            if "cluster" in str(exc) or "unknown node" in str(exc)
+            if isinstance(exc, UnknownSenderError) or "cluster" in str(exc)
             else grpc.StatusCode.INVALID_ARGUMENT
         )
         log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
+        if isinstance(exc, UnknownSenderError):
+            await context.abort(code, str(exc), trailing_metadata=((REFUSAL_KEY, UNKNOWN_SENDER),))
         await context.abort(code, str(exc))
         raise AssertionError("unreachable") from exc
 
@@ -279,3 +297,7 @@ def add_raft_service(server: grpc.aio.Server, transport: PeerTransport) -> None:
     assert set(handlers) == {m.name for m in service.methods}, "add_raft_service is behind raft.proto"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _refused_as_unknown(exc: grpc.aio.AioRpcError) -> bool:
+    return any(k == REFUSAL_KEY and v == UNKNOWN_SENDER for k, v in exc.trailing_metadata() or ())
