@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import pytest
 
@@ -29,6 +30,7 @@ from dengine.kv import (
     encode_delete_range,
     encode_put,
 )
+from dengine.snapshot_store import SnapshotMeta, SnapshotStore
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -418,3 +420,36 @@ def test_a_release_while_beginning_does_not_deadlock() -> None:
     thread.join(10)
     assert not thread.is_alive()
     session.sm.begin_snapshot().cancel()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the one-call write is POSIX only")
+def test_into_a_snapshot_store_the_writer_writes_the_state_from_rust_in_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a snapshot store's sink, the background writer hands the whole frozen state to
+    Rust at once (the GIL released throughout), never a piece at a time through ``write``; the
+    file holds the bytes a plain snapshot gives, and its SHA-256 trailer verifies."""
+    session = Session()
+    for i in range(3000):
+        session.do(encode_put(key(i), b"v%d" % i * 20))
+    expected = snap(session.sm)
+    writer = session.sm.begin_snapshot()
+    session.do(encode_put(key(1), b"after the freeze"))
+    store = SnapshotStore(tmp_path)
+    out = store.create(SnapshotMeta(session.index, 1, (1, 2, 3)))
+    piecewise: list[int] = []
+    real_write = type(out.sink).write
+
+    def spy(self: BinaryIO, data: bytes) -> int:
+        piecewise.append(len(data))
+        return real_write(self, data)
+
+    monkeypatch.setattr(type(out.sink), "write", spy)
+    monkeypatch.setattr(kv, "_BACKGROUND_WRITE_BUFFER", 4096)  # many pieces, one call still
+    writer(out.sink)
+    committed = out.commit()
+    assert piecewise == [], "the state went through the Python sink a piece at a time"
+    latest = store.latest(verify=True)
+    assert latest is not None and latest.file_sha256 == committed.file_sha256
+    with store.open_data(latest) as data:
+        assert data.read() == expected

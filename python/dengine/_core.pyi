@@ -27,6 +27,7 @@ __all__ = [
     "MemoryLogStore",
     "NativeApplier",
     "SessionTable",
+    "Sha256",
     "SnapshotAssembler",
     "SnapshotChunk",
     "SnapshotChunkError",
@@ -329,6 +330,9 @@ class KvSnapshotPieces:
     @property
     def last_applied(self) -> int: ...
     def next_piece(self, size: int) -> bytes | None: ...
+    def write_to(self, fd: int, hasher: Sha256, size: int) -> int:
+        """Writes every remaining piece to ``fd`` at its offset, hashing each into ``hasher``,
+        with the GIL released throughout; returns the bytes written (POSIX only)."""
 
 @final
 class KvSnapshotReader:
@@ -374,6 +378,15 @@ class SessionTable:
         wanted: Collection[tuple[int, int]],
         answered: list[tuple[tuple[int, int], int, bytes | None, str | None, int]],
     ) -> int: ...
+
+@final
+class Sha256:
+    """The SHA-256 of a snapshot file being written, fed from Python and from Rust writers."""
+
+    def __init__(self) -> None: ...
+    def update(self, data: bytes) -> None: ...
+    def copy(self) -> Sha256: ...
+    def digest(self) -> bytes: ...
 
 @final
 class NativeApplier:

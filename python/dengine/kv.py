@@ -532,7 +532,16 @@ class KVSnapshotWriter:
 
 def _write_pieces(sink: BinaryIO, pieces: _core.KvSnapshotPieces, size: int, view: _View | None) -> None:
     """Writes every piece of ``pieces`` to ``sink``, checking before each write that ``view``
-    (if any) was not cancelled."""
+    (if any) was not cancelled.
+
+    A background writer (``view`` given) whose sink is a snapshot store's writes the whole state
+    from Rust at once (``write_kv_pieces``), and notices a cancellation only at the end: taking
+    the GIL back for every piece made the event loop wait for this thread again and again."""
+    fast = getattr(sink, "write_kv_pieces", None) if view is not None else None
+    if fast is not None and fast(pieces, size):
+        if view is not None and view.cancelled:
+            raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
+        return
     while (piece := pieces.next_piece(size)) is not None:
         if view is not None and view.cancelled:
             raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")

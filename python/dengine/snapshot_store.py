@@ -63,6 +63,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, TypeAlias, cast
 
+from dengine import _core
 from dengine.errors import DengineError
 
 __all__ = [
@@ -387,7 +388,7 @@ class _HashingSink(io.BufferedIOBase):
     """The write-only stream handed to ``state_machine.snapshot``: every byte goes to the temp
     file and through the hash on its way, so commit never reads the data back."""
 
-    def __init__(self, file: BinaryIO, hasher: hashlib._Hash) -> None:
+    def __init__(self, file: BinaryIO, hasher: _core.Sha256) -> None:
         super().__init__()
         self._file = file
         self._hasher = hasher
@@ -401,9 +402,21 @@ class _HashingSink(io.BufferedIOBase):
             raise ValueError("write to a snapshot sink that is committed or aborted")
         with memoryview(data) as view, view.cast("B") as octets:
             self._file.write(octets)
-            self._hasher.update(octets)
+            self._hasher.update(data if type(data) is bytes else octets.tobytes())
             self.count += len(octets)
             return len(octets)
+
+    def write_kv_pieces(self, pieces: _core.KvSnapshotPieces, size: int) -> bool:
+        """Writes what is left of a frozen built-in store straight from Rust, with the GIL
+        released for the whole write (``KvSnapshotPieces.write_to``); False, having written
+        nothing, where that is not available (off POSIX)."""
+        write_to = getattr(pieces, "write_to", None)
+        if self.closed or write_to is None:
+            return False
+        self._file.flush()
+        self.count += write_to(self._file.fileno(), self._hasher, size)
+        self._file.seek(0, os.SEEK_END)  # the buffered file learns where the descriptor is now
+        return True
 
     def close(self) -> None:
         # Closing the sink (a state machine may) ends writing; the file stays the writer's.
@@ -426,7 +439,7 @@ class SnapshotWriter:
         if len(meta_bytes) > _U32_MAX:
             raise ValueError(f"snapshot metadata of {len(meta_bytes)} bytes is too large")
         self._data_offset = _HEADER.size + len(meta_bytes)
-        self._hasher = hashlib.sha256()
+        self._hasher = _core.Sha256()
         self._file: BinaryIO | None = open(self.temp_path, "xb")  # noqa: SIM115 (closed by commit/abort)
         self._done = False
         self._sink = _HashingSink(self._file, self._hasher)

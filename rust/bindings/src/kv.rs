@@ -16,6 +16,8 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use crate::errors::KVCommandError;
 use crate::gil;
+#[cfg(unix)]
+use crate::sha256::PySha256;
 
 /// Adds the KV classes to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -262,6 +264,32 @@ impl PyKvSnapshotPieces {
         let inner = &mut self.inner;
         let piece = gil::detach(py, || Ok(inner.next_piece(size)))?;
         Ok(piece.map(|p| PyBytes::new(py, &p)))
+    }
+
+    /// Writes every remaining piece (of about `size` bytes) to the open file descriptor `fd`, at
+    /// its current offset, hashing each into `hasher` first; returns the bytes written. The GIL
+    /// stays released for the whole write: a writer that took it back for every piece (to make
+    /// it a `bytes`, hash it, write it) handed it over hundreds of times per snapshot, and each
+    /// hand-over could stall the event loop for a scheduling delay on a busy machine. `fd` stays
+    /// open. POSIX only.
+    #[cfg(unix)]
+    fn write_to(&mut self, py: Python<'_>, fd: i32, hasher: &PySha256, size: usize) -> PyResult<u64> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+
+        let inner = &mut self.inner;
+        gil::detach(py, || {
+            // SAFETY: the caller owns `fd` and keeps it open for this call; ManuallyDrop never
+            // closes it.
+            let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            let mut written = 0u64;
+            while let Some(piece) = inner.next_piece(size) {
+                hasher.feed(&piece);
+                file.write_all(&piece).map_err(|e| dengine_core::Error::io(format!("fd {fd}"), e))?;
+                written += piece.len() as u64;
+            }
+            Ok(written)
+        })
     }
 }
 

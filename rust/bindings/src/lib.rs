@@ -14,6 +14,7 @@ mod log;
 mod loop_thread;
 mod quorum;
 mod sessions;
+mod sha256;
 mod snapshot;
 #[cfg(unix)]
 mod syncer;
@@ -32,6 +33,7 @@ mod _core {
         crate::quorum::register(m)?;
         crate::sessions::register(m)?;
         crate::snapshot::register(m)?;
+        crate::sha256::register(m)?;
         #[cfg(unix)]
         crate::syncer::register(m)?;
         #[cfg(unix)]
