@@ -521,7 +521,8 @@ class KVSnapshotWriter:
             self._pieces = None  # the frozen map pins every node it shares with older states
 
     def cancel(self) -> None:
-        """Abandons the view: a writer running now raises soon, one not yet run raises at once.
+        """Abandons the view: a writer running now raises at its next piece (into a snapshot
+        store's sink, once the whole state is written), one not yet run raises at once.
 
         Safe from any thread; does nothing once the writer has finished.
         """
