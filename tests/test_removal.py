@@ -88,3 +88,21 @@ def test_a_member_removed_while_down_stops_when_it_comes_back(tmp_path: Path) ->
             assert all(n.failure is None for n in survivors)
 
     run(main)
+
+
+def test_a_running_member_that_is_removed_stops_once_the_grace_is_over(tmp_path: Path) -> None:
+    """The leader stops replicating to a member the moment its removal is appended, so even a
+    member that is up never receives it: it hears no leader, campaigns, is refused once the
+    members' grace for departed members is over, and stops."""
+    cfgs = with_section(configs(tmp_path), "raft", tick_ms=10, heartbeat_ms=40, election_timeout_ms=200)
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            victim = next(n for n in nodes if n is not leader)
+            await leader.remove_member(victim.id)
+            await asyncio.wait_for(victim.wait_stopped(), 20 * 0.2 + 15)
+            assert victim.failure is not None and "removal from the cluster" in victim.failure
+            assert await leader.propose(b"1") == b"1", "the cluster serves on"
+
+    run(main)
