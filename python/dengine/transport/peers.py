@@ -222,9 +222,8 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             else grpc.StatusCode.INVALID_ARGUMENT
         )
         log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
-        if isinstance(exc, UnknownSenderError):
-            await context.abort(code, str(exc), trailing_metadata=((REFUSAL_KEY, UNKNOWN_SENDER),))
-        await context.abort(code, str(exc))
+        marked = ((REFUSAL_KEY, UNKNOWN_SENDER),) if isinstance(exc, UnknownSenderError) else ()
+        await context.abort(code, str(exc), trailing_metadata=marked)
         raise AssertionError("unreachable") from exc
 
     def _receiver(self) -> SnapshotManager:
