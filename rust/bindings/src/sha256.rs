@@ -42,11 +42,11 @@ impl PySha256 {
     /// Hashes `data` (a `bytes`).
     fn update(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         if data.len() < DETACH_AT {
-            self.lock().update(data);
+            self.feed(data);
             return Ok(());
         }
         gil::detach(py, || {
-            self.lock().update(data);
+            self.feed(data);
             Ok(())
         })
     }
