@@ -538,11 +538,12 @@ def _write_pieces(sink: BinaryIO, pieces: _core.KvSnapshotPieces, size: int, vie
     A background writer (``view`` given) whose sink is a snapshot store's writes the whole state
     from Rust at once (``write_kv_pieces``), and notices a cancellation only at the end: taking
     the GIL back for every piece made the event loop wait for this thread again and again."""
-    fast = getattr(sink, "write_kv_pieces", None) if view is not None else None
-    if fast is not None and fast(pieces, size):
-        if view is not None and view.cancelled:
-            raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
-        return
+    if view is not None:
+        fast = getattr(sink, "write_kv_pieces", None)
+        if fast is not None and fast(pieces, size):
+            if view.cancelled:
+                raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
+            return
     while (piece := pieces.next_piece(size)) is not None:
         if view is not None and view.cancelled:
             raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
