@@ -37,6 +37,7 @@ __all__ = [
     "StorageError",
     "VoteResult",
     "WalLogStore",
+    "WriteBehind",
     "__version__",
     "crc32c",
     "decode_kv_batch_response",
@@ -387,6 +388,15 @@ class Sha256:
     def update(self, data: bytes) -> None: ...
     def copy(self) -> Sha256: ...
     def digest(self) -> bytes: ...
+
+@final
+class WriteBehind:
+    """Sends a file's bytes to the disk a step at a time while it is written, so that its final
+    fsync is not one burst that the log's syncs queue behind (Linux; elsewhere it does nothing)."""
+
+    STEP: ClassVar[int]
+    def __new__(cls, fd: int, offset: int) -> Self: ...
+    def wrote(self, end: int) -> None: ...
 
 @final
 class NativeApplier:

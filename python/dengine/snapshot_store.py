@@ -386,13 +386,17 @@ def _fsync_directory(directory: Path) -> None:
 
 class _HashingSink(io.BufferedIOBase):
     """The write-only stream handed to ``state_machine.snapshot``: every byte goes to the temp
-    file and through the hash on its way, so commit never reads the data back."""
+    file and through the hash on its way, so commit never reads the data back, and to the disk a
+    step at a time (``_core.WriteBehind``), so that commit's fsync is not one burst of the whole
+    state that the log's syncs, this node's and its neighbours' on the same disk, wait behind."""
 
     def __init__(self, file: BinaryIO, hasher: _core.Sha256) -> None:
         super().__init__()
         self._file = file
         self._hasher = hasher
         self.count = 0
+        self._behind = _core.WriteBehind(file.fileno(), file.tell())
+        self._unsent = 0
 
     def writable(self) -> bool:
         return True
@@ -404,6 +408,11 @@ class _HashingSink(io.BufferedIOBase):
             self._file.write(octets)
             self._hasher.update(data if type(data) is bytes else octets.tobytes())
             self.count += len(octets)
+            self._unsent += len(octets)
+            if self._unsent >= _core.WriteBehind.STEP:
+                self._file.flush()
+                self._behind.wrote(self._file.tell())
+                self._unsent = 0
             return len(octets)
 
     def write_kv_pieces(self, pieces: _core.KvSnapshotPieces, size: int) -> bool:

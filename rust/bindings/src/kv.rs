@@ -270,11 +270,13 @@ impl PyKvSnapshotPieces {
     /// its current offset, hashing each into `hasher` first; returns the bytes written. The GIL
     /// stays released for the whole write: a writer that took it back for every piece (to make
     /// it a `bytes`, hash it, write it) handed it over hundreds of times per snapshot, and each
-    /// hand-over could stall the event loop for a scheduling delay on a busy machine. `fd` stays
-    /// open. POSIX only.
+    /// hand-over could stall the event loop for a scheduling delay on a busy machine. The bytes
+    /// go to the disk as they are written (`dengine_core::write_behind`), not in one burst at the
+    /// file's final sync, which would hold up the log syncs queued behind it. `fd` stays open.
+    /// POSIX only.
     #[cfg(unix)]
     fn write_to(&mut self, py: Python<'_>, fd: i32, hasher: &PySha256, size: usize) -> PyResult<u64> {
-        use std::io::Write;
+        use std::io::{Seek, Write};
         use std::os::fd::FromRawFd;
 
         let inner = &mut self.inner;
@@ -282,11 +284,19 @@ impl PyKvSnapshotPieces {
             // SAFETY: the caller owns `fd` and keeps it open for this call; ManuallyDrop never
             // closes it.
             let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            let io_error = |e| dengine_core::Error::io(format!("fd {fd}"), e);
+            let start = file.stream_position().map_err(io_error)?;
+            let mut behind = dengine_core::write_behind::WriteBehind::new(start);
             let mut written = 0u64;
             while let Some(piece) = inner.next_piece(size) {
                 hasher.feed(&piece);
-                file.write_all(&piece).map_err(|e| dengine_core::Error::io(format!("fd {fd}"), e))?;
-                written += piece.len() as u64;
+                // A step at a time whatever the piece size, so that no more than two steps are
+                // ever queued at the disk ahead of a log sync.
+                for step in piece.chunks(dengine_core::write_behind::STEP as usize) {
+                    file.write_all(step).map_err(io_error)?;
+                    written += step.len() as u64;
+                    behind.wrote(&file, start + written);
+                }
             }
             Ok(written)
         })

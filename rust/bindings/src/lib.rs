@@ -18,6 +18,7 @@ mod sha256;
 mod snapshot;
 #[cfg(unix)]
 mod syncer;
+mod write_behind;
 
 #[pyo3::pymodule]
 mod _core {
@@ -34,6 +35,7 @@ mod _core {
         crate::sessions::register(m)?;
         crate::snapshot::register(m)?;
         crate::sha256::register(m)?;
+        crate::write_behind::register(m)?;
         #[cfg(unix)]
         crate::syncer::register(m)?;
         #[cfg(unix)]

@@ -1,0 +1,52 @@
+//! `WriteBehind`: a snapshot file written from Python goes to the disk a step at a time while it
+//! is written (see `dengine_core::write_behind`), as the built-in store's Rust writer does.
+
+use dengine_core::write_behind::{WriteBehind, STEP};
+use pyo3::prelude::*;
+
+use crate::gil;
+
+#[pyclass(name = "WriteBehind", module = "dengine._core")]
+pub struct PyWriteBehind {
+    inner: WriteBehind,
+    fd: i32,
+}
+
+#[pymethods]
+impl PyWriteBehind {
+    /// Bytes between two writebacks.
+    #[classattr]
+    const STEP: u64 = STEP;
+
+    /// For the open file descriptor `fd`, whose bytes before `offset` are left to its final sync.
+    /// The caller keeps `fd` open while it uses this object.
+    #[new]
+    fn new(fd: i32, offset: u64) -> Self {
+        Self { inner: WriteBehind::new(offset), fd }
+    }
+
+    /// The file has been written (and flushed from any user-space buffer) up to `end`: starts the
+    /// writeback of the latest step once there is one, and waits for the step before it.
+    fn wrote(&mut self, py: Python<'_>, end: u64) -> PyResult<()> {
+        #[cfg(unix)]
+        {
+            use std::os::fd::FromRawFd;
+            let (fd, inner) = (self.fd, &mut self.inner);
+            gil::detach(py, || {
+                // SAFETY: the caller keeps `fd` open (see `new`); ManuallyDrop never closes it.
+                let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+                inner.wrote(&file, end);
+                Ok(())
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (py, end, self.fd);
+            Ok(())
+        }
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyWriteBehind>()
+}
