@@ -11,6 +11,7 @@ use super::hashing::BackgroundHasher;
 use super::progress::{Header, ProgressFile, Record};
 use super::{hex, Chunk, IO_BLOCK};
 use crate::pio;
+use crate::write_behind::WriteBehind;
 use crate::{Error, Result};
 
 /// Where the bytes of a snapshot being received for `final_path` are written.
@@ -46,6 +47,10 @@ pub struct SnapshotAssembler {
     /// SHA-256 of exactly the bytes `[0, next_offset)`: chunks are only ever appended in order,
     /// so the digest is built as they arrive and `finish` never re-reads the file.
     hasher: BackgroundHasher,
+    /// Received bytes go to the disk as they arrive, so that `finish` has little left to flush
+    /// and the log's syncs never queue behind the whole snapshot (Linux; elsewhere the caller's
+    /// periodic [`data_file`](Self::data_file) flushes do that part).
+    behind: WriteBehind,
 }
 
 impl std::fmt::Debug for SnapshotAssembler {
@@ -82,7 +87,16 @@ impl SnapshotAssembler {
             .map_err(|e| Error::io(&partial_path, e))?;
         let progress = ProgressFile::create(&progress_path, &header)?;
         let hasher = BackgroundHasher::start(Sha256::new()).map_err(|e| Error::io(&partial_path, e))?;
-        Ok(SnapshotAssembler { final_path, partial_path, partial, progress, header, next_offset: 0, hasher })
+        Ok(SnapshotAssembler {
+            final_path,
+            partial_path,
+            partial,
+            progress,
+            header,
+            next_offset: 0,
+            hasher,
+            behind: WriteBehind::new(0),
+        })
     }
 
     /// Picks up an earlier attempt, or returns `None` when there is nothing trustworthy to keep.
@@ -136,6 +150,7 @@ impl SnapshotAssembler {
             header,
             next_offset,
             hasher,
+            behind: WriteBehind::new(next_offset),
         }))
     }
 
@@ -258,6 +273,7 @@ impl SnapshotAssembler {
         self.progress.append(&Record { offset, len: data.len() as u64, crc32c })?;
         self.hasher.update(data);
         self.next_offset += data.len() as u64;
+        self.behind.wrote(&self.partial, self.next_offset);
         Ok(())
     }
 
