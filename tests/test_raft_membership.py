@@ -43,6 +43,65 @@ def test_a_learner_receives_the_log_but_neither_votes_nor_counts() -> None:
     assert c.nodes[4].role is Role.FOLLOWER, "a learner never campaigns"
 
 
+def probes_sent(c: Cluster, src: int) -> list[int]:
+    """The destinations of ``src``'s probes: heartbeat answers that answer no heartbeat (a real
+    one echoes the tick its heartbeat was sent at, never 0)."""
+    return [m.dst for m in c.sent if m.src == src and m.type is MsgType.HEARTBEAT_RESP and m.index == 0]
+
+
+def test_a_learner_that_hears_no_leader_tells_the_voters_it_is_alive() -> None:
+    """How a learner removed while it was away learns of it (``dengine.removal``): nobody sends it
+    anything any more, so after two election timeouts without a leader it probes every voter,
+    once per election timeout; voters that no longer know it refuse the probe at the wire."""
+    c = Cluster(3, election_ticks=10)
+    c.elect(1)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    c.tick_all(30)
+    assert probes_sent(c, 4) == [], "in touch with its leader: only real heartbeat answers"
+    c.sent.clear()
+    c.isolate(4)
+    c.tick(4, 19)
+    c.settle()
+    assert probes_sent(c, 4) == [], "quiet for the first two election timeouts"
+    c.tick(4, 1)
+    c.settle()
+    assert probes_sent(c, 4) == [1, 2, 3]
+    c.tick(4, 9)
+    c.settle()
+    assert len(probes_sent(c, 4)) == 3, "then once per election timeout"
+    c.tick(4, 1)
+    c.settle()
+    assert len(probes_sent(c, 4)) == 6
+    assert c.nodes[4].role is Role.FOLLOWER and c.nodes[4].term == c.nodes[1].term
+
+
+def test_a_learners_probe_changes_nothing_for_the_voters() -> None:
+    c = Cluster(3, election_ticks=10)
+    c.elect(1)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    c.propose(1, b"a")
+    before = {i: (c.nodes[i].role, c.nodes[i].term, c.nodes[i].commit) for i in (1, 2, 3)}
+    c.cut({4}, {1})  # it hears no leader; its probes still reach the followers
+    c.tick(4, 40)
+    c.settle()
+    assert len(probes_sent(c, 4)) >= 6
+    assert {i: (c.nodes[i].role, c.nodes[i].term, c.nodes[i].commit) for i in (1, 2, 3)} == before
+    c.heal()
+    c.propose(1, b"b")
+    assert c.stores[4].last_index() == c.stores[1].last_index(), "the learner is served again"
+
+
+def test_voters_never_probe() -> None:
+    c = Cluster(3, election_ticks=10, pre_vote=True)
+    c.elect(1)
+    c.isolate(2)
+    c.tick(2, 50)
+    c.settle()
+    assert probes_sent(c, 2) == []
+
+
 def test_only_a_member_in_touch_with_its_leader_hears_it() -> None:
     """``hears_leader`` (a watch's progress notices go by it): a learner cut off from the leader
     remembers it, never campaigning to forget it, but does not hear it."""

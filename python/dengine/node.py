@@ -806,7 +806,7 @@ class Node:
             return
         now = time.monotonic()
         self._removal.refused_by(peer, now)
-        refusing = self._removal.removed_by(raft.conf.voters, now)
+        refusing = self._removal.removed_by(raft.conf.voters, raft.learners, now)
         if refusing is None:
             return
         why = (

@@ -7,6 +7,10 @@ timeout, and every member refuses its messages as coming from an unknown node (a
 in which departed members are still heard, see ``dengine.members``). Left alone, it would go on
 for ever, and every member would log a refusal every second.
 
+A learner does not campaign; one that has heard from no leader for two election timeouts tells
+the voters it is alive instead, once per election timeout (``Raft._probe_voters``), and is refused
+the same way.
+
 So a node listens to those refusals. A majority of the voters it knows refusing it means that a
 majority holds a configuration without it: that configuration is in the log of any future leader,
 and the node will not be a member again unless an operator adds it anew. It then stops, saying
@@ -51,11 +55,12 @@ class RemovalWatch:
         """Whether any refusal is on record (the receive path asks before :meth:`heard_from`)."""
         return bool(self._runs)
 
-    def removed_by(self, voters: Collection[int], now: float) -> list[int] | None:
-        """The voters refusing this node, when they are a majority of ``voters`` (the
-        configuration this node believes in, itself among the voters); None otherwise."""
-        if self.node_id not in voters:
-            return None  # a learner does not campaign; a node that knows it left is told elsewhere
+    def removed_by(self, voters: Collection[int], learners: Collection[int], now: float) -> list[int] | None:
+        """The voters refusing this node, when they are a majority of ``voters`` (of the
+        configuration this node believes in, where it is a voter or one of the ``learners``);
+        None otherwise."""
+        if self.node_id not in voters and self.node_id not in learners:
+            return None  # a node that knows it left is told elsewhere
         refusing = sorted(
             m
             for m, (first, last) in self._runs.items()
