@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -734,6 +735,25 @@ class Client(ClusterAdmin):
         await channel.close()
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _blocking(
+    method: Callable[Concatenate[Client, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[SyncClient, _P], _R]:
+    """``method`` of :class:`Client` as a :class:`SyncClient` method: the same arguments, the
+    result once the call has run on the sync client's loop."""
+
+    @functools.wraps(method)
+    def call(self: SyncClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        result: _R = self._run(method(self._client, *args, **kwargs))
+        return result
+
+    call.__qualname__ = f"SyncClient.{method.__name__}"
+    return call
+
+
 class SyncClient:
     """A blocking wrapper of :class:`Client` for scripts and REPLs: the same methods, without
     ``await``. It runs its own event loop on a background thread; ``close()`` (or ``with``)
@@ -754,94 +774,18 @@ class SyncClient:
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def put(
-        self, key: bytes, value: bytes, *, prev_kv: bool = False, timeout: float | None = None
-    ) -> PutResult:
-        """:meth:`Client.put`."""
-        result: PutResult = self._run(self._client.put(key, value, prev_kv=prev_kv, timeout=timeout))
-        return result
-
-    def get(
-        self,
-        key: bytes,
-        *,
-        consistency: Consistency = "linearizable",
-        strict: bool = False,
-        timeout: float | None = None,
-    ) -> KeyValue | None:
-        result: KeyValue | None = self._run(
-            self._client.get(key, consistency=consistency, strict=strict, timeout=timeout)
-        )
-        return result
-
-    def delete(self, key: bytes, *, strict: bool = False, timeout: float | None = None) -> DeleteResult:
-        result: DeleteResult = self._run(self._client.delete(key, strict=strict, timeout=timeout))
-        return result
-
-    def cas(
-        self,
-        key: bytes,
-        expected: bytes | None,
-        value: bytes,
-        *,
-        strict: bool = False,
-        timeout: float | None = None,
-    ) -> CasResult:
-        result: CasResult = self._run(self._client.cas(key, expected, value, strict=strict, timeout=timeout))
-        return result
-
-    def range(
-        self,
-        prefix: bytes = b"",
-        *,
-        limit: int | None = None,
-        consistency: Consistency = "linearizable",
-        timeout: float | None = None,
-    ) -> list[KeyValue]:
-        result: list[KeyValue] = self._run(
-            self._client.range(prefix, limit=limit, consistency=consistency, timeout=timeout)
-        )
-        return result
-
-    def members(self, *, timeout: float | None = None) -> Membership:
-        """:meth:`Client.members`."""
-        result: Membership = self._run(self._client.members(timeout=timeout))
-        return result
-
-    def add_learner(self, node_id: int, address: str, *, timeout: float | None = None) -> Membership:
-        """:meth:`Client.add_learner`."""
-        result: Membership = self._run(self._client.add_learner(node_id, address, timeout=timeout))
-        return result
-
-    def promote(self, node_id: int, *, force: bool = False, timeout: float | None = None) -> Membership:
-        """:meth:`Client.promote`."""
-        result: Membership = self._run(self._client.promote(node_id, force=force, timeout=timeout))
-        return result
-
-    def remove_member(self, node_id: int, *, timeout: float | None = None) -> Membership:
-        """:meth:`Client.remove_member`."""
-        result: Membership = self._run(self._client.remove_member(node_id, timeout=timeout))
-        return result
-
-    def replace_member(
-        self,
-        old: int,
-        new: int,
-        address: str,
-        *,
-        timeout: float = 120.0,
-        progress: Callable[[str], None] | None = None,
-    ) -> Membership:
-        """:meth:`Client.replace_member`."""
-        result: Membership = self._run(
-            self._client.replace_member(old, new, address, timeout=timeout, progress=progress)
-        )
-        return result
-
-    def transfer_leader(self, to: int | None = None, *, timeout: float | None = None) -> int:
-        """:meth:`Client.transfer_leader`."""
-        result: int = self._run(self._client.transfer_leader(to, timeout=timeout))
-        return result
+    # The same methods as Client's, each run to completion on this client's loop.
+    put = _blocking(Client.put)
+    get = _blocking(Client.get)
+    delete = _blocking(Client.delete)
+    cas = _blocking(Client.cas)
+    range = _blocking(Client.range)
+    members = _blocking(Client.members)
+    add_learner = _blocking(Client.add_learner)
+    promote = _blocking(Client.promote)
+    remove_member = _blocking(Client.remove_member)
+    replace_member = _blocking(Client.replace_member)
+    transfer_leader = _blocking(Client.transfer_leader)
 
     def close(self) -> None:
         if self._loop.is_running():
