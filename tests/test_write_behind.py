@@ -11,10 +11,12 @@ not show it, say on a tmpfs). The step arithmetic itself is tested in Rust
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -106,3 +108,35 @@ def test_the_built_in_store_snapshot_reaches_the_disk_while_it_is_written(tmp_pa
 def test_write_behind_steps_are_a_megabyte() -> None:
     # The size the docs and the latency reasoning assume: two steps are a few ms of disk time.
     assert _core.WriteBehind.STEP == MIB
+
+
+class RecordedWriteBehind:
+    """Stands in for ``_core.WriteBehind``: records each ``wrote`` call's ``wait``."""
+
+    STEP = MIB
+    waits: ClassVar[list[bool]] = []
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self.waits.clear()
+
+    def wrote(self, end: int, *, wait: bool = True) -> None:
+        self.waits.append(wait)
+
+
+def test_a_snapshot_written_from_the_event_loop_never_waits_for_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An async state machine's ``snapshot`` writes from the loop's thread: its writeback starts
+    a step at a time, but the loop is never made to wait for the disk."""
+    monkeypatch.setattr(_core, "WriteBehind", RecordedWriteBehind)
+    out = SnapshotStore(tmp_path).create(SnapshotMeta(10, 2, (1, 2, 3)))
+
+    async def snapshot_on_the_loop() -> None:
+        for _ in range(3):
+            out.sink.write(b"a" * MIB)
+
+    asyncio.run(snapshot_on_the_loop())
+    for _ in range(3):  # and the rest from a worker thread, as a plain state machine's snapshot
+        out.sink.write(b"b" * MIB)
+    out.commit()
+    assert RecordedWriteBehind.waits == [False] * 3 + [True] * 3

@@ -51,6 +51,7 @@ buffers): call them from a worker thread, never from the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import io
@@ -384,6 +385,15 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class _HashingSink(io.BufferedIOBase):
     """The write-only stream handed to ``state_machine.snapshot``: every byte goes to the temp
     file and through the hash on its way, so commit never reads the data back, and to the disk a
@@ -411,7 +421,9 @@ class _HashingSink(io.BufferedIOBase):
             self._unsent += len(octets)
             if self._unsent >= _core.WriteBehind.STEP:
                 self._file.flush()
-                self._behind.wrote(self._file.tell())
+                # An async state machine writes its snapshot from the event loop's thread, which
+                # must not wait for the disk: there the writeback only starts.
+                self._behind.wrote(self._file.tell(), wait=not _on_event_loop())
                 self._unsent = 0
             return len(octets)
 

@@ -26,8 +26,11 @@ impl PyWriteBehind {
     }
 
     /// The file has been written (and flushed from any user-space buffer) up to `end`: starts the
-    /// writeback of the latest step once there is one, and waits for the step before it.
-    fn wrote(&mut self, py: Python<'_>, end: u64) -> PyResult<()> {
+    /// writeback of the latest step once there is one and, with `wait`, waits for the steps
+    /// before it. A writer on an event loop's thread passes `wait=False`: the loop must not
+    /// block on the disk.
+    #[pyo3(signature = (end, *, wait = true))]
+    fn wrote(&mut self, py: Python<'_>, end: u64, wait: bool) -> PyResult<()> {
         #[cfg(unix)]
         {
             use std::os::fd::FromRawFd;
@@ -35,13 +38,17 @@ impl PyWriteBehind {
             gil::detach(py, || {
                 // SAFETY: the caller keeps `fd` open (see `new`); ManuallyDrop never closes it.
                 let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-                inner.wrote(&file, end);
+                if wait {
+                    inner.wrote(&file, end);
+                } else {
+                    inner.wrote_without_waiting(&file, end);
+                }
                 Ok(())
             })
         }
         #[cfg(not(unix))]
         {
-            let _ = (py, end, self.fd);
+            let _ = (py, end, wait, self.fd);
             Ok(())
         }
     }

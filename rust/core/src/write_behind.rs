@@ -48,21 +48,29 @@ impl WriteBehind {
     }
 
     /// The file has been written up to `end`: once a step has accumulated since the last
-    /// writeback, starts the next one and waits for the one before.
+    /// writeback, starts the next one and waits for the ones before.
     pub fn wrote(&mut self, file: &File, end: u64) {
-        self.wrote_to(&mut FileWriteback(file), end);
+        self.wrote_to(&mut FileWriteback(file), end, true);
     }
 
-    /// [`wrote`](Self::wrote) against any [`Writeback`].
-    pub fn wrote_to(&mut self, disk: &mut impl Writeback, end: u64) {
+    /// As [`wrote`](Self::wrote), but never waits for the disk: for a writer on a thread that
+    /// must not block (an event loop's). Writeback still starts a step at a time, so the final
+    /// sync has little left; only the bound on what is queued at the disk is lost.
+    pub fn wrote_without_waiting(&mut self, file: &File, end: u64) {
+        self.wrote_to(&mut FileWriteback(file), end, false);
+    }
+
+    /// [`wrote`](Self::wrote) (or, without `wait`, [`wrote_without_waiting`](Self::wrote_without_waiting))
+    /// against any [`Writeback`].
+    pub fn wrote_to(&mut self, disk: &mut impl Writeback, end: u64, wait: bool) {
         if end < self.started.saturating_add(self.step) {
             return;
         }
         disk.start(self.started, end - self.started);
-        if self.started > self.waited {
+        if wait && self.started > self.waited {
             disk.wait(self.waited, self.started - self.waited);
+            self.waited = self.started;
         }
-        self.waited = self.started;
         self.started = end;
     }
 }
@@ -132,8 +140,8 @@ mod tests {
     #[test]
     fn nothing_happens_until_a_step_has_been_written() {
         let (mut wb, mut disk) = (WriteBehind::with_step(100, 10), Recorded::default());
-        wb.wrote_to(&mut disk, 105);
-        wb.wrote_to(&mut disk, 109);
+        wb.wrote_to(&mut disk, 105, true);
+        wb.wrote_to(&mut disk, 109, true);
         assert!(disk.calls.is_empty());
     }
 
@@ -141,7 +149,7 @@ mod tests {
     fn each_step_starts_its_writeback_and_waits_for_the_one_before() {
         let (mut wb, mut disk) = (WriteBehind::with_step(100, 10), Recorded::default());
         for end in [110, 115, 123, 140, 141] {
-            wb.wrote_to(&mut disk, end);
+            wb.wrote_to(&mut disk, end, true);
         }
         assert_eq!(
             disk.calls,
@@ -161,7 +169,7 @@ mod tests {
         let mut end = 0;
         for size in [1, 7, 3, 4, 9, 2, 2, 5, 11, 1] {
             end += size;
-            wb.wrote_to(&mut disk, end);
+            wb.wrote_to(&mut disk, end, true);
             // Everything before the last two steps started has been waited for, in order.
             let waited: u64 = disk.calls.iter().filter(|c| c.0 == "wait").map(|c| c.2).sum();
             let started: u64 = disk.calls.iter().filter(|c| c.0 == "start").map(|c| c.2).sum();
@@ -169,6 +177,17 @@ mod tests {
             assert_eq!(started, wb.started);
             assert!(end - wb.waited <= 2 * (4 + 11), "{end} {wb:?}");
         }
+    }
+
+    #[test]
+    fn without_waiting_only_starts_and_a_later_wait_covers_everything_before() {
+        let (mut wb, mut disk) = (WriteBehind::with_step(0, 10), Recorded::default());
+        for end in [10, 20, 30] {
+            wb.wrote_to(&mut disk, end, false);
+        }
+        assert_eq!(disk.calls, vec![("start", 0, 10), ("start", 10, 10), ("start", 20, 10)]);
+        wb.wrote_to(&mut disk, 40, true);
+        assert_eq!(disk.calls[3..], [("start", 30, 10), ("wait", 0, 30)]);
     }
 
     #[test]
