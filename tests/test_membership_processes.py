@@ -307,10 +307,37 @@ def test_a_member_removed_while_down_exits_when_restarted_saying_why(tmp_path: P
         assert result.returncode == 0, result.stderr
         time.sleep(20 * 0.4)  # the members' grace for departed members (20 election timeouts)
         cluster.start(victim)
-        code = cluster.procs[victim].wait(timeout=30)
-        output = (tmp_path / f"node{victim}.log").read_text()
-        last = output.strip().splitlines()[-1]
-        assert code == 1, output[-2000:]
-        assert last.startswith(f"dengine serve: node {victim}: the node stopped after its removal"), last
-        assert "no longer know it" in last and "Traceback" not in output.split("removed from cluster")[-1]
+        assert_exits_saying_it_was_removed(cluster, tmp_path, victim, timeout=30)
         assert cluster.put(b"after", b"2") > 0, "the cluster serves on"
+
+
+def test_a_learner_removed_while_it_runs_exits_saying_why(tmp_path: Path) -> None:
+    """A learner never campaigns: it learns of its removal by telling the voters it is alive once
+    it hears no leader, and being refused (``dengine.removal``)."""
+    with running_cluster(tmp_path, extra_toml=MEMBERSHIP.replace('"auto"', '"manual"')) as cluster:
+        cluster.wait_leader()
+        cluster.put(b"before", b"1")
+        address = cluster.add_joiner(4)
+        result = member_cli(cluster, [1, 2, 3], "add-learner", "4", address)
+        assert result.returncode == 0, result.stderr
+        cluster.start(4, join=cluster.address(1))
+
+        def caught_up() -> bool:
+            status = cluster.status(4)
+            return status is not None and status.applied_index > 1
+
+        wait_for(caught_up, 30, "node 4 to catch up")
+        result = member_cli(cluster, [1, 2, 3], "remove", "4")
+        assert result.returncode == 0, result.stderr
+        # The members' grace for departed members (20 election timeouts), then its probes.
+        assert_exits_saying_it_was_removed(cluster, tmp_path, 4, timeout=20 * 0.4 + 30)
+        assert cluster.put(b"after", b"2") > 0, "the cluster serves on"
+
+
+def assert_exits_saying_it_was_removed(cluster: ProcCluster, root: Path, node: int, timeout: float) -> None:
+    code = cluster.procs[node].wait(timeout=timeout)
+    output = (root / f"node{node}.log").read_text()
+    last = output.strip().splitlines()[-1]
+    assert code == 1, output[-2000:]
+    assert last.startswith(f"dengine serve: node {node}: the node stopped after its removal"), last
+    assert "no longer know it" in last and "Traceback" not in output.split("removed from cluster")[-1]
