@@ -4,6 +4,7 @@
 use dengine_core::write_behind::{WriteBehind, STEP};
 use pyo3::prelude::*;
 
+#[cfg(unix)]
 use crate::gil;
 
 #[pyclass(name = "WriteBehind", module = "dengine._core")]
@@ -48,7 +49,7 @@ impl PyWriteBehind {
         }
         #[cfg(not(unix))]
         {
-            let _ = (py, end, wait, self.fd);
+            let _ = (py, end, wait, self.fd, &mut self.inner);
             Ok(())
         }
     }

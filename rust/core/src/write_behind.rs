@@ -76,6 +76,7 @@ impl WriteBehind {
 }
 
 /// [`Writeback`] on a real file.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))] // the file is only used on Linux
 struct FileWriteback<'a>(&'a File);
 
 #[cfg(target_os = "linux")]
