@@ -83,7 +83,8 @@ struct FileWriteback<'a>(&'a File);
 impl FileWriteback<'_> {
     fn sync_range(&self, offset: u64, len: u64, flags: libc::c_uint) {
         use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+        // The offset type is `off64_t` on glibc and `off_t` on musl: let the call decide.
+        let (Ok(offset), Ok(len)) = (offset.try_into(), len.try_into()) else {
             return;
         };
         // SAFETY: the descriptor belongs to a `File` borrowed for this call; the kernel only
