@@ -6,13 +6,14 @@ write may be lost, and the client may see no error: leader changes are retried i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dengine.client import Client
@@ -56,6 +57,19 @@ class Writer(threading.Thread):
     def finish(self) -> None:
         self.stopping.set()
         self.join(timeout=60)
+
+
+@contextlib.contextmanager
+def writing(cluster: ProcCluster) -> Iterator[Writer]:
+    """A Writer through nodes 1-3 for the length of the block; on leaving, it stops, and none of
+    its writes may have failed (leader changes are retried inside the client)."""
+    writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
+    writer.start()
+    try:
+        yield writer
+    finally:
+        writer.finish()
+    assert not writer.errors, writer.errors[:3]
 
 
 def member_cli(cluster: ProcCluster, endpoints: list[int], *args: str) -> subprocess.CompletedProcess[str]:
@@ -103,9 +117,7 @@ def assert_all_readable(cluster: ProcCluster, among: list[int], keys: list[bytes
 
 def test_grow_to_five_and_shrink_to_three_while_writing(tmp_path: Path) -> None:
     with running_cluster(tmp_path, extra_toml=MEMBERSHIP) as cluster:
-        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
-        writer.start()
-        try:
+        with writing(cluster) as writer:
             for new in (4, 5):
                 cluster.add_joiner(new)
                 cluster.start(new, join=cluster.address(1))
@@ -135,9 +147,6 @@ def test_grow_to_five_and_shrink_to_three_while_writing(tmp_path: Path) -> None:
             assert sorted(m["id"] for m in json.loads(listed.stdout) if m["role"] == "voter") == remaining
             before = len(writer.acked)
             wait_for(lambda: len(writer.acked) > before + 100, 30, "writes to go on after the changes")
-        finally:
-            writer.finish()
-        assert not writer.errors, writer.errors[:3]
         assert len(writer.acked) > 500
         assert_all_readable(cluster, remaining, writer.acked)
 
@@ -156,9 +165,7 @@ def lose_a_follower_for_good(cluster: ProcCluster, writer: Writer, writes: int) 
 def test_replace_a_node_whose_disk_was_wiped(tmp_path: Path) -> None:
     extra = MEMBERSHIP.replace('"auto"', '"manual"') + "\n[snapshot]\nentries = 500\ntrailing_entries = 50\n"
     with running_cluster(tmp_path, extra_toml=extra) as cluster:
-        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
-        writer.start()
-        try:
+        with writing(cluster) as writer:
             victim, survivors = lose_a_follower_for_good(cluster, writer, 1000)
             address = cluster.add_joiner(6)
             # Added by the operator first; its --join then finds itself a member already.
@@ -178,18 +185,13 @@ def test_replace_a_node_whose_disk_was_wiped(tmp_path: Path) -> None:
             assert voters(cluster, [*survivors, 6]) == {*survivors, 6}
             before = len(writer.acked)
             wait_for(lambda: len(writer.acked) > before + 100, 30, "writes to go on")
-        finally:
-            writer.finish()
-        assert not writer.errors, writer.errors[:3]
         assert_all_readable(cluster, [*survivors, 6], writer.acked)
 
 
 def test_member_replace_does_it_in_one_command_and_can_be_run_again(tmp_path: Path) -> None:
     extra = MEMBERSHIP.replace('"auto"', '"manual"')
     with running_cluster(tmp_path, extra_toml=extra) as cluster:
-        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
-        writer.start()
-        try:
+        with writing(cluster) as writer:
             victim, survivors = lose_a_follower_for_good(cluster, writer, 500)
             address = cluster.add_joiner(7)
             endpoints = ",".join(cluster.address(i) for i in survivors)
@@ -212,9 +214,6 @@ def test_member_replace_does_it_in_one_command_and_can_be_run_again(tmp_path: Pa
             assert again.returncode == 0, again.stderr  # already done: nothing to do
             before = len(writer.acked)
             wait_for(lambda: len(writer.acked) > before + 100, 30, "writes to go on")
-        finally:
-            writer.finish()
-        assert not writer.errors, writer.errors[:3]
         assert_all_readable(cluster, [*survivors, 7], writer.acked)
 
 
@@ -233,13 +232,8 @@ def recover_cli(cluster: ProcCluster, node: int, *args: str) -> subprocess.Compl
 def test_recover_a_cluster_that_lost_two_of_its_three_nodes_for_good(tmp_path: Path) -> None:
     extra = MEMBERSHIP + "\n[snapshot]\nentries = 400\ntrailing_entries = 50\n"
     with running_cluster(tmp_path, extra_toml=extra) as cluster:
-        writer = Writer(",".join(cluster.address(i) for i in (1, 2, 3)))
-        writer.start()
-        try:
+        with writing(cluster) as writer:
             wait_for(lambda: len(writer.acked) > 1500, 60, "some writes")
-        finally:
-            writer.finish()
-        assert not writer.errors, writer.errors[:3]
         leader = cluster.wait_leader()
         survivor = next(i for i in (1, 2, 3) if i != leader)
         lost = [i for i in (1, 2, 3) if i != survivor]
