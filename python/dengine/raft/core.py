@@ -229,19 +229,14 @@ class Raft:
         timeout from then on. A voter campaigns instead; a node that knows it left says nothing."""
         timeout = self.cfg.election_ticks
         elapsed = self._election_elapsed
-        return (
-            self.id in self.learners
-            and self.id not in self.conf.voters
-            and elapsed >= 2 * timeout
-            and elapsed % timeout == 0
-        )
+        return self.id in self.learners and elapsed >= 2 * timeout and elapsed % timeout == 0
 
     def _probe_voters(self) -> None:
         """Tells every voter that this learner is alive, as a heartbeat answer that answers no
         heartbeat (index 0: it extends no lease, confirms no read). A leader that still has the
         learner replicates to it again; followers ignore it. A voter that no longer knows the
         learner refuses it at the wire, and a majority of voters doing so is how a learner removed
-        while it was away, which nobody sends anything any more, learns of it (``dengine.removal``)."""
+        while it was away, to which nobody sends anything any more, learns of it (``dengine.removal``)."""
         for voter in sorted(self.conf.voters):
             self._send(Message(MsgType.HEARTBEAT_RESP, self.id, voter, self.term))
 
