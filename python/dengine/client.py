@@ -443,7 +443,7 @@ class Client(ClusterAdmin):
                 while True:
                     try:
                         response = await asyncio.wait_for(call.read(), self.watch_idle_timeout)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # not TimeoutError: the two differ before Python 3.11
                         # Not even a progress notice: the node froze, or lost the cluster.
                         self._endpoints.call_failed(address, "DEADLINE_EXCEEDED")
                         self._endpoints.leader = None
