@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from dengine._core import EntryBatch
 from dengine.devcluster import free_ports
@@ -72,3 +73,46 @@ def test_a_peer_back_after_an_outage_gets_every_message_sent_after_it_returns() 
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_a_stream_waiting_out_its_backoff_tries_again_when_the_peer_opens_one_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After an outage of a second or more, a node's stream to a peer waits up to the longest
+    backoff between attempts, and a restarted follower waited that long for its leader's appends.
+    The peer opening its own stream (it is back, and says who it is) ends the wait."""
+    monkeypatch.setattr(peers, "_FIRST_BACKOFF_S", 30.0)  # far beyond the wait below
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        address1, address2 = (f"127.0.0.1:{p}" for p in free_ports(2))
+        got: list[int] = []
+        node2 = peers.PeerTransport(2, "c", {1: address1}, lambda m: None)
+        servers = [await serve(node2, address2)]
+        node2.start()
+        try:
+            while 1 not in node2._back:  # node 1 is down: the attempt failed, and a wait began
+                await asyncio.sleep(0.02)
+            node2.send(Message(MsgType.HEARTBEAT, 2, 1, 7))  # for the next stream to node 1
+            node1 = peers.PeerTransport(1, "c", {2: address2}, lambda m: got.append(m.term))
+            servers.append(await serve(node1, address1))
+            node1.start()  # its stream to node 2 says it comes from node 1
+            deadline = loop.time() + 10
+            while not got and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert got == [7], "node 2 still waited out its backoff"
+            await node1.close()
+        finally:
+            await node2.close()
+            for server in servers:
+                await server.stop(None)
+
+    asyncio.run(main())
+
+
+async def serve(transport: peers.PeerTransport, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    raft_pb2_grpc.add_RaftServicer_to_server(transport, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(address)
+    await server.start()
+    return server

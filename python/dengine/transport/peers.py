@@ -51,6 +51,12 @@ PEER_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
+SENDER_KEY = "dengine-sender"
+"""Initial metadata of a message stream: the sending node's id. The receiver only uses it to
+retry at once its own stream back to that node if it was waiting out a backoff (the node is
+back); every message still carries, and is checked for, its sender and cluster."""
+_FIRST_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 1.0
 REFUSAL_KEY = "dengine-refusal"
 """Trailing metadata key naming why a peer refused a stream (its value: :data:`UNKNOWN_SENDER`)."""
 UNKNOWN_SENDER = "unknown-sender"
@@ -83,6 +89,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         # request iterator (see _run_peer).
         self._queues: dict[int, asyncio.Queue[raft_pb2.RaftMessage | None]] = {}
         self._peer_tasks: dict[int, asyncio.Task[None]] = {}
+        # Per peer whose stream is waiting out a backoff: set when the peer opens a stream to
+        # this node, to end the wait.
+        self._back: dict[int, asyncio.Event] = {}
         self._started = False
         self._closing = False
         self.rejected = 0
@@ -161,12 +170,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     async def _run_peer(self, peer: int) -> None:
         q = self._queues[peer]
-        backoff = 0.05
+        backoff = _FIRST_BACKOFF_S
+        sender = ((SENDER_KEY, str(self.node_id)),)
         while not self._closing and peer in self.peers:
             try:
                 async with self.channel(self.peers[peer]) as channel:
                     stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
-                    await stub.Messages(self._outgoing(q))
+                    await stub.Messages(self._outgoing(q), metadata=sender)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -189,8 +199,21 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             if self._queues.get(peer) is not q:
                 return  # the peer left, or moved: set_peers started another task
             q = self._queues[peer] = asyncio.Queue()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            await self._pause(peer, backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def _pause(self, peer: int, seconds: float) -> None:
+        """Waits ``seconds`` before the next attempt to reach ``peer``, or until it opens a stream
+        to this node: a node restarted after an outage of a second or more would otherwise wait
+        up to the longest backoff for its peers' messages (a follower's catch-up, a vote)."""
+        back = self._back[peer] = asyncio.Event()
+        try:
+            await asyncio.wait_for(back.wait(), seconds)
+        except asyncio.TimeoutError:  # not TimeoutError: the two differ before Python 3.11
+            pass
+        finally:
+            if self._back.get(peer) is back:
+                del self._back[peer]
 
     async def close(self) -> None:
         self._closing = True
@@ -205,6 +228,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     async def Messages(
         self, request_iterator: AsyncIterator[raft_pb2.RaftBatch], context: Any
     ) -> raft_pb2.StreamClosed:
+        self._opened_by(context)
         async for batch in request_iterator:
             for w in batch.messages:
                 try:
@@ -213,6 +237,16 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                     await self._refuse(context, exc)
                 self.on_message(m)
         return raft_pb2.StreamClosed()
+
+    def _opened_by(self, context: Any) -> None:
+        """A peer opened a message stream to this node: it is up, so a stream back to it that
+        waits out a backoff tries again now."""
+        for key, value in context.invocation_metadata() or ():
+            if key == SENDER_KEY:
+                back = self._back.get(int(value)) if value.isdigit() else None
+                if back is not None:
+                    back.set()
+                return
 
     async def _refuse(self, context: Any, exc: WireError) -> None:
         self.rejected += 1
