@@ -55,10 +55,7 @@ def test_a_peer_back_after_an_outage_gets_every_message_sent_after_it_returns() 
         sender.start()
         await asyncio.sleep(1.6)  # node 1 is down: five attempts fail (the backoff from 50 ms)
         receiver = peers.PeerTransport(1, "c", {2: "127.0.0.1:1"}, lambda m: got.append(m.term))
-        server = grpc.aio.server()
-        raft_pb2_grpc.add_RaftServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
-        server.add_insecure_port(address)
-        await server.start()
+        server = await serve(receiver, address)
         try:
             await asyncio.sleep(1.5)  # the next attempt, within a second, finds it
             for term in range(1, 11):

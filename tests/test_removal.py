@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from dengine.config import Config
 from dengine.node import Node
 from dengine.removal import RemovalWatch
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
@@ -69,11 +70,16 @@ def test_a_node_that_knows_it_left_is_never_judged_here() -> None:
     assert w.removed_by({1, 2}, {4}, now=2.5) is None
 
 
+def quick_configs(root: Path) -> list[Config]:
+    """Three nodes with an election timeout of 200 ms: the departed-member grace is then 4 s."""
+    return with_section(configs(root), "raft", tick_ms=10, heartbeat_ms=40, election_timeout_ms=200)
+
+
 def test_a_member_removed_while_down_stops_when_it_comes_back(tmp_path: Path) -> None:
     """The usual replacement: a member is down, the others remove it. Restarted, it does not
     know; its campaigns are refused by both members (once their grace for departed members is
     over), and it stops, saying why, instead of campaigning for ever."""
-    cfgs = with_section(configs(tmp_path), "raft", tick_ms=10, heartbeat_ms=40, election_timeout_ms=200)
+    cfgs = quick_configs(tmp_path)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
@@ -102,7 +108,7 @@ def test_a_running_member_that_is_removed_stops_once_the_grace_is_over(tmp_path:
     """The leader stops replicating to a member the moment its removal is appended, so even a
     member that is up never receives it: it hears no leader, campaigns, is refused once the
     members' grace for departed members is over, and stops."""
-    cfgs = with_section(configs(tmp_path), "raft", tick_ms=10, heartbeat_ms=40, election_timeout_ms=200)
+    cfgs = quick_configs(tmp_path)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
@@ -119,12 +125,12 @@ def test_a_running_member_that_is_removed_stops_once_the_grace_is_over(tmp_path:
 def test_a_learner_removed_while_it_runs_stops_too(tmp_path: Path) -> None:
     """A learner never campaigns, so nothing of it reached the voters once it was removed; it
     now probes them when it hears no leader (``Raft._probe_voters``), is refused, and stops."""
-    cfgs = with_section(configs(tmp_path), "raft", tick_ms=10, heartbeat_ms=40, election_timeout_ms=200)
+    cfgs = quick_configs(tmp_path)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
             leader = await until(lambda: leader_of(nodes))
-            cfg4 = joiner_config(tmp_path, 4, with_section([cfgs[0]], "membership", promote="manual")[0])
+            cfg4 = joiner_config(tmp_path, 4, cfgs[0], promote="manual")
             learner = Node(cfg4, state_machine=Counter(), join=leader.config.node.listen)
             await learner.start()
             nodes.append(learner)
