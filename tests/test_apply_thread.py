@@ -17,7 +17,7 @@ from dengine._core import Entry, EntryBatch
 from dengine.errors import DengineError, OutcomeUnknownError
 from dengine.node import Node
 from dengine.raft import payload
-from dengine.raft.sessions import ANSWERED_OUTCOMES, Applied, Outcome, SessionTable, apply_entries
+from dengine.raft.sessions import ANSWERED_OUTCOMES, Answer, Applied, Outcome, SessionTable, apply_entries
 from test_node_embedded import configs, leader_of, until
 from test_sessions import random_kv_command
 
@@ -54,7 +54,8 @@ def state_of(sm: kv.KVStateMachine, table: SessionTable) -> tuple[bytes, object]
     return sink.getvalue(), table.items()
 
 
-def test_the_thread_leaves_the_same_state_and_answers_as_applying_on_the_loop() -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["answers-at-the-end", "plain-puts-answered-early"])
+def test_the_thread_leaves_the_same_state_and_answers_as_applying_on_the_loop(early: bool) -> None:
     rng = random.Random(11)
     log = random_log(rng, 3000)
     wanted = {(c, q) for c in range(1, 6) for q in range(1, 31) if (c + q) % 3}
@@ -71,18 +72,23 @@ def test_the_thread_leaves_the_same_state_and_answers_as_applying_on_the_loop() 
         thread = apply_thread.ApplyThread.start(store, table)
         assert thread is not None
         answers: list[Applied] = []
+
+        def keep(answered: list[Answer]) -> None:
+            for key, code, result, error, index in answered:
+                answers.append(Applied(index, ANSWERED_OUTCOMES[code], result, error, *key))
+
         try:
             at = 0
             while at < len(log):
                 size = rng.randint(1, 400)
                 part = log[at : at + size]
                 batch = EntryBatch.from_payloads(part[0].index, 1, [e.data for e in part])
-                for key, code, result, error, index in await thread.apply(batch, wanted):
-                    answers.append(Applied(index, ANSWERED_OUTCOMES[code], result, error, *key))
+                keep(await thread.apply(batch, wanted, keep if early else None))
                 at += size
         finally:
             thread.close()
-        return state_of(sm, table), answers
+        # Early answers come before the rest of their batch's: each answer once, in any order.
+        return state_of(sm, table), sorted(answers, key=lambda a: a.index)
 
     state, answers = asyncio.run(on_the_thread())
     assert state == state_of(reference_sm, reference_table)
@@ -122,6 +128,46 @@ def test_the_loop_sees_the_store_between_batches_never_inside_one() -> None:
 
     seen = asyncio.run(main())
     assert seen <= {0, 20_000, 40_000, 60_000}, sorted(seen)
+
+
+def test_a_write_answered_early_is_in_the_store_for_whoever_heard_the_answer() -> None:
+    """The plain puts of a batch are answered before the thread has walked the map with them; a
+    read of the store made on hearing the first answer waits until the map has them all."""
+
+    async def main() -> tuple[list[Answer], list[Answer], list[bool]]:
+        sm, table = kv.KVStateMachine(), SessionTable()
+        store = sm.native_target()
+        assert store is not None
+        thread = apply_thread.ApplyThread.start(store, table)
+        assert thread is not None
+        size = 200_000
+        payloads = [
+            payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(size)
+        ]
+        # The last command needs the map (a put that returns the key it replaces): it is
+        # applied after the early answers, and answered at the end.
+        payloads.append(payload.session_command(1, size + 1, kv.encode_put(b"k0", b"w", prev_kv=True), 1))
+        # Only the first and the last answers are wanted: the first arrives as soon as the run's
+        # outcomes are known, long before the map has the run's last put.
+        wanted = {(1, 1), (1, size + 1)}
+        early: list[Answer] = []
+        found: list[bool] = []
+
+        def heard(answered: list[Answer]) -> None:
+            early.extend(answered)
+            found.append(sm.get(b"k%d" % (size - 1)) is not None)
+            found.append(sm.revision >= size)
+
+        try:
+            rest = await thread.apply(EntryBatch.from_payloads(1, 1, payloads), wanted, heard)
+        finally:
+            thread.close()
+        return early, rest, found
+
+    early, rest, found = asyncio.run(main())
+    assert [a[4] for a in early] == [1], "the first put is answered early"
+    assert [a[4] for a in rest] == [200_001], "the put that needs the map is answered at the end"
+    assert found == [True, True], "a read on hearing an early answer must see every write of the run"
 
 
 def test_a_second_batch_cannot_be_handed_over_before_the_first_is_taken() -> None:
@@ -187,10 +233,12 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
 
     real_apply = apply_thread.ApplyThread.apply
 
-    async def broken(self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any) -> list[Any]:
+    async def broken(
+        self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any, early: Any = None
+    ) -> list[Any]:
         if batch[0].index > 1:  # the leader's first entry goes through; the first write does not
             raise RuntimeError("the apply thread failed: a bug")
-        return await real_apply(self, batch, wanted)
+        return await real_apply(self, batch, wanted, early)
 
     monkeypatch.setattr(apply_thread.ApplyThread, "apply", broken)
 

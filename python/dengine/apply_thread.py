@@ -6,22 +6,28 @@ thread that work, and the caches it evicts, delay everything else the loop does.
 apply loop hands each large batch to :class:`ApplyThread`, which applies it through the session
 table on a Rust thread without the GIL (``_core.NativeApplier``) while the loop goes on with
 proposals, replication and answers. The batch's answers come back to the loop, which settles the
-waiting proposals as before.
+waiting proposals as before; those of its leading puts come back first, before the thread walks
+the map with them (their answers need only the store's revision), so that the writers they
+answer can go on with their next writes while the map is updated: the cluster's writes otherwise
+wait for the leader's whole apply at every round.
 
 Small batches (a write at a time) are still applied in place: the hand-off costs a thread
 wake-up and a loop wake-up, tens of microseconds on the path of the write, which only a large
 batch earns back (:data:`MIN_ENTRIES`). A platform without the thread (Windows), or a loop that
 cannot watch file descriptors, applies every batch in place.
 
-Python code that touches the store or the session table while a batch is under way (a read, a
-status call) waits for the batch to finish: both sit behind locks the thread holds for the whole
-batch, so nothing ever sees half a batch.
+Python code that touches the store while a batch is under way (a read, a status call) waits for
+it: the store sits behind a lock the thread holds from before it answers a run of writes until
+the map has them all, so whoever heard a write answered reads it, and nobody sees part of a run.
+(A batch is one run, unless a command whose answer needs the map, such as a delete, ends the run
+early: the rest of the batch is then applied under the lock again.) The session table's lock is
+let go as soon as the run's outcomes are recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from dengine import _core
 from dengine.raft.sessions import Answer, SessionTable, apply_entry
@@ -44,6 +50,7 @@ class ApplyThread:
         self._done: asyncio.Future[int] | None = None
         self._wanted: Collection[tuple[int, int]] = ()
         self._answered: list[Answer] = []
+        self._early: Callable[[list[Answer]], None] | None = None
         self._closed = False
 
     @classmethod
@@ -62,22 +69,32 @@ class ApplyThread:
             return None
         return thread
 
-    async def apply(self, batch: _core.EntryBatch, wanted: Collection[tuple[int, int]]) -> list[Answer]:
+    async def apply(
+        self,
+        batch: _core.EntryBatch,
+        wanted: Collection[tuple[int, int]],
+        early: Callable[[list[Answer]], None] | None = None,
+    ) -> list[Answer]:
         """Applies every entry of ``batch`` and returns the answers of the session commands in
         ``wanted``, as :func:`dengine.raft.sessions.apply_committed` does. An entry the thread
-        leaves aside (a membership change, a damaged envelope) is applied here, in order."""
+        leaves aside (a membership change, a damaged envelope) is applied here, in order.
+
+        ``early``, if given, gets the answers of the batch's leading writes as soon as they are
+        known, while the thread still updates the store with them (these are then not returned):
+        the usual put's answer needs only the store's revision, and their callers can go on
+        while the map is walked. Anything that reads the store meanwhile waits for the update."""
         answered: list[Answer] = []
         at = 0
         while at < len(batch):
             if self._closed:
                 raise RuntimeError("the apply thread is closed")
             self._done = self._loop.create_future()
-            self._wanted, self._answered = wanted, answered
+            self._wanted, self._answered, self._early = wanted, answered, early
             self._applier.submit(batch, at, bool(wanted))
             try:
                 at = await asyncio.shield(self._done)
             finally:
-                self._done, self._wanted, self._answered = None, (), []
+                self._done, self._wanted, self._answered, self._early = None, (), [], None
             if at < len(batch):
                 # A membership change or a damaged envelope: no session command, nobody waits.
                 apply_entry(batch[at], self._sessions, self._store.apply)
@@ -95,7 +112,13 @@ class ApplyThread:
             if done is not None and not done.done():
                 done.set_exception(exc)
             return
-        if position is not None and done is not None and not done.done():
+        if position is None:
+            if self._answered and self._early is not None:
+                answers = list(self._answered)
+                self._answered.clear()  # the list apply() returns: these are answered now
+                self._early(answers)
+            return
+        if done is not None and not done.done():
             done.set_result(position)
 
     def close(self) -> None:

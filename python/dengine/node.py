@@ -1028,7 +1028,7 @@ class Node:
             target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
             thread = self._thread_for(chunk, target)
             if thread is not None:
-                answered = await thread.apply(chunk, self._waiters)  # type: ignore[arg-type]
+                answered = await thread.apply(chunk, self._waiters, self._answer_applied)  # type: ignore[arg-type]
             else:
                 run = self.sm.apply if target is None else target
                 answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]

@@ -4,13 +4,15 @@
 //!
 //! Applying is the largest single cost of a write on a busy node (walking a large ordered map
 //! misses the caches at every level); done on the event loop's thread it delays everything else
-//! the loop does. Here the loop hands over a batch, goes on with proposals, replication and
-//! answers, and only turns the batch's answers into Python objects when the thread is done.
+//! the loop does. Here the loop hands over a batch and goes on with proposals, replication and
+//! answers. The answers of the batch's leading run of plain puts are handed back (a first
+//! wake-up) before the map is walked with them, the rest when the thread is done; the loop turns
+//! them into Python objects as it takes them.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use dengine_core::apply::{apply_entries, Answer};
+use dengine_core::apply::{answer_blind_run, apply_entries, run_blind, Answer};
 use dengine_core::kv::KvStore;
 use dengine_core::sessions::SessionTable;
 use pyo3::exceptions::PyRuntimeError;
@@ -40,6 +42,9 @@ struct Done {
 struct State {
     job: Option<Job>,
     busy: bool,
+    /// Answers of the batch's blind run, given out before the store has its changes (see
+    /// `apply_job`).
+    early: Vec<Answer>,
     done: Option<Done>,
     failed: Option<String>,
     /// The batch of the last job, handed back to be released where the GIL is held.
@@ -54,19 +59,53 @@ pub struct NativeApplier {
     thread: LoopThread<State>,
 }
 
-fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>) -> Done {
+fn apply_job(
+    job: &Job,
+    table: &Mutex<SessionTable>,
+    store: &Mutex<KvStore>,
+    answer_early: impl FnOnce(Vec<Answer>),
+) -> Done {
     let records = &job.batch.get().batch;
     let (start, count) = (job.start.min(records.len()), records.len());
-    let mut answers = Vec::with_capacity(if job.collect { count - start } else { 0 });
     let entries = (start..count).map(|i| {
         let (index, _, data) = records.get(i).expect("position below the length");
         (index, data)
     });
-    // Both locks for the whole batch: Python calls made meanwhile wait for it, and see the state
-    // between two batches, never inside one.
-    let stopped =
-        apply_entries(&mut lock(table), &mut lock(store), entries, |_, _| job.collect, &mut answers);
-    Done { answers, position: stopped.map_or(count, |at| start + at) }
+    let mut answers = Vec::with_capacity(if job.collect { count - start } else { 0 });
+    // The usual write's answer is known from the store's revision alone: it goes out before
+    // the map is walked, and the loop answers its callers while this thread updates the map.
+    // The store stays locked from before the answers are made until the map has the changes,
+    // so nothing reads the store in between; the session table is let go once they are made.
+    let mut run = Vec::new();
+    let mut held_table = lock(table);
+    let mut held_store = lock(store);
+    let taken = answer_blind_run(
+        &mut held_table,
+        &held_store,
+        entries.clone(),
+        |_, _| job.collect,
+        &mut answers,
+        &mut run,
+    );
+    drop(held_table);
+    if !answers.is_empty() {
+        answer_early(std::mem::take(&mut answers));
+    }
+    run_blind(&mut held_store, &run);
+    drop(held_store);
+    if start + taken == count {
+        return Done { answers, position: count };
+    }
+    // Both locks for the rest of the batch: Python calls made meanwhile wait for it, and see
+    // the state between two runs, never inside one.
+    let stopped = apply_entries(
+        &mut lock(table),
+        &mut lock(store),
+        entries.skip(taken),
+        |_, _| job.collect,
+        &mut answers,
+    );
+    Done { answers, position: stopped.map_or(count, |at| start + taken + at) }
 }
 
 fn run(
@@ -76,7 +115,11 @@ fn run(
     waker: Waker,
 ) {
     while let Some(job) = shared.wait_for(|s| s.job.take()) {
-        let outcome = catch_unwind(AssertUnwindSafe(|| apply_job(&job, &table, &store)));
+        let answer_early = |early: Vec<Answer>| {
+            shared.lock().state.early.extend(early);
+            waker.wake();
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| apply_job(&job, &table, &store, answer_early)));
         let failed = {
             let mut slot = shared.lock();
             let state = &mut slot.state;
@@ -138,8 +181,10 @@ impl NativeApplier {
     /// The position after the last applied entry of the submitted batch (in the submitted
     /// sequence), or None while it is still being applied. Appends the answers of session
     /// commands whose `(client, sequence)` is in `wanted` to `answered`, as
-    /// `SessionTable.apply_batch` does. Raises RuntimeError if the thread failed. Also drains
-    /// the wake-up bytes.
+    /// `SessionTable.apply_batch` does: while the batch is under way, those of its leading
+    /// writes whose answers were known before the store had their changes (any later read of
+    /// the store waits for them). Raises RuntimeError if the thread failed. Also drains the
+    /// wake-up bytes.
     fn take(
         &self,
         py: Python<'_>,
@@ -147,18 +192,23 @@ impl NativeApplier {
         answered: &Bound<'_, PyList>,
     ) -> PyResult<Option<usize>> {
         self.thread.drain();
-        let (done, failed, finished) = {
+        let (early, done, failed, finished) = {
             let state = &mut self.thread.lock().state;
-            (state.done.take(), state.failed.clone(), state.finished.take())
+            (std::mem::take(&mut state.early), state.done.take(), state.failed.clone(), state.finished.take())
         };
         drop(finished); // here, with the GIL
         if let Some(why) = failed {
             return Err(PyRuntimeError::new_err(format!("the apply thread failed: {why}")));
         }
+        let collect = |answers: &[Answer]| -> PyResult<()> {
+            if !answers.is_empty() && wanted.len()? > 0 {
+                hand_over(py, answers, wanted, answered)?;
+            }
+            Ok(())
+        };
+        collect(&early)?;
         let Some(done) = done else { return Ok(None) };
-        if !done.answers.is_empty() && wanted.len()? > 0 {
-            hand_over(py, &done.answers, wanted, answered)?;
-        }
+        collect(&done.answers)?;
         Ok(Some(done.position))
     }
 

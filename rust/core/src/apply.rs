@@ -63,46 +63,123 @@ pub fn apply_entries<'a>(
     answered: &mut Vec<Answer>,
 ) -> Option<usize> {
     for (position, (index, data)) in entries.into_iter().enumerate() {
-        match data.first() {
-            Some(&SESSION_KIND) => {
-                let Some(h) = SessionHeader::parse(data) else { return Some(position) };
-                let answer = |outcome, stored| Answer {
-                    client: h.client,
-                    sequence: h.sequence,
-                    outcome,
-                    stored,
-                    index,
-                };
-                match table.lookup(h.client, h.sequence) {
-                    Seen::New => {
-                        let stored = run_on_store(store, index, &data[SESSION_HEADER_LEN..]);
-                        if wants(h.client, h.sequence) {
-                            answered.push(answer(Outcome::Applied, stored.clone()));
-                        }
-                        table.record(h.client, h.sequence, index, stored, h.first_outstanding);
-                    }
-                    Seen::Duplicate(stored) => {
-                        if wants(h.client, h.sequence) {
-                            answered.push(answer(Outcome::Duplicate, stored.clone()));
-                        }
-                    }
-                    Seen::Stale => {
-                        if wants(h.client, h.sequence) {
-                            let error = stale_error(h.sequence);
-                            answered
-                                .push(answer(Outcome::Stale, Stored { result: None, error: Some(error) }));
-                        }
-                    }
-                }
-            }
+        let applied = match data.first() {
+            Some(&SESSION_KIND) => session_step(table, index, data, &mut wants, answered, |command| {
+                Some(run_on_store(store, index, command))
+            }),
             Some(&COMMAND_KIND) => {
                 run_on_store(store, index, &data[1..]);
+                true
             }
-            Some(&NOOP_KIND) => {}
-            _ => return Some(position),
+            Some(&NOOP_KIND) => true,
+            _ => false,
+        };
+        if !applied {
+            return Some(position);
         }
     }
     None
+}
+
+/// The first half of applying a batch whose leading commands' answers do not depend on the
+/// store's keys (puts that do not ask for the key they replace, the usual write): answers and
+/// records them in the session table from the store's revision alone, without walking the map,
+/// so that the callers waiting for them can be answered while the map is updated.
+///
+/// Takes entries from the front of `entries` while it can (any other command, an entry of a kind
+/// [`apply_entries`] leaves to its caller, or an index the store would refuse ends the run) and
+/// returns how many it took. The commands among them that change the store go to `run`, in
+/// order, for [`run_blind`]: until that is done the table is ahead of the store, so the caller
+/// holds the store's lock from before this call until after `run_blind`. The remaining entries
+/// go through [`apply_entries`] as usual.
+pub fn answer_blind_run<'a>(
+    table: &mut SessionTable,
+    store: &KvStore,
+    entries: impl IntoIterator<Item = (u64, &'a [u8])>,
+    mut wants: impl FnMut(u64, u64) -> bool,
+    answered: &mut Vec<Answer>,
+    run: &mut Vec<(u64, &'a [u8])>,
+) -> usize {
+    let (mut revision, mut last) = (store.revision(), store.last_applied());
+    let mut taken = 0;
+    for (index, data) in entries {
+        // The store's next revision if `command` is blind and its index one the store takes.
+        let mut predict = |command: &'a [u8]| {
+            if index <= last {
+                return None;
+            }
+            let (result, next) = KvStore::blind_result(revision, command)?;
+            (revision, last) = (next, index);
+            run.push((index, command));
+            Some(result)
+        };
+        let taken_here = match data.first() {
+            Some(&SESSION_KIND) => session_step(table, index, data, &mut wants, answered, |command| {
+                predict(command).map(|result| Stored { result: Some(result), error: None })
+            }),
+            Some(&COMMAND_KIND) => predict(&data[1..]).is_some(),
+            Some(&NOOP_KIND) => true,
+            _ => false,
+        };
+        if !taken_here {
+            break;
+        }
+        taken += 1;
+    }
+    taken
+}
+
+/// The second half of [`answer_blind_run`]: runs its commands on the store. Their results are
+/// those already answered.
+pub fn run_blind(store: &mut KvStore, run: &[(u64, &[u8])]) {
+    for &(index, command) in run {
+        let expected = cfg!(debug_assertions).then(|| KvStore::blind_result(store.revision(), command));
+        let stored = run_on_store(store, index, command);
+        if let Some(expected) = expected {
+            assert_eq!(
+                stored.result,
+                expected.map(|(result, _)| result),
+                "a blind result must not depend on the store"
+            );
+        }
+    }
+}
+
+/// One session command at `index`: a new one is run by `run_new` (whose `None` declines it: the
+/// entry is left as it was and this returns false), its answer recorded and, if wanted, kept; a
+/// retry gets the stored outcome and an acknowledged sequence is stale, neither running again.
+/// False also for a damaged envelope.
+fn session_step<'d>(
+    table: &mut SessionTable,
+    index: u64,
+    data: &'d [u8],
+    wants: &mut impl FnMut(u64, u64) -> bool,
+    answered: &mut Vec<Answer>,
+    run_new: impl FnOnce(&'d [u8]) -> Option<Stored>,
+) -> bool {
+    let Some(h) = SessionHeader::parse(data) else { return false };
+    let answer = |outcome, stored| Answer { client: h.client, sequence: h.sequence, outcome, stored, index };
+    match table.lookup(h.client, h.sequence) {
+        Seen::New => {
+            let Some(stored) = run_new(&data[SESSION_HEADER_LEN..]) else { return false };
+            if wants(h.client, h.sequence) {
+                answered.push(answer(Outcome::Applied, stored.clone()));
+            }
+            table.record(h.client, h.sequence, index, stored, h.first_outstanding);
+        }
+        Seen::Duplicate(stored) => {
+            if wants(h.client, h.sequence) {
+                answered.push(answer(Outcome::Duplicate, stored.clone()));
+            }
+        }
+        Seen::Stale => {
+            if wants(h.client, h.sequence) {
+                let error = stale_error(h.sequence);
+                answered.push(answer(Outcome::Stale, Stored { result: None, error: Some(error) }));
+            }
+        }
+    }
+    true
 }
 
 /// The error a stale session command is answered with.
@@ -220,5 +297,98 @@ mod tests {
                  in increasing index order"
             )
         );
+    }
+
+    /// Applies `entries` with [`answer_blind_run`] and [`run_blind`] first, then the rest as
+    /// usual, the way the node's apply thread does; returns how many the blind run took.
+    fn in_two_halves(
+        table: &mut SessionTable,
+        store: &mut KvStore,
+        entries: &[(u64, &[u8])],
+        answered: &mut Vec<Answer>,
+    ) -> usize {
+        let mut run = Vec::new();
+        let taken = answer_blind_run(table, store, entries.iter().copied(), |_, _| true, answered, &mut run);
+        run_blind(store, &run);
+        apply_entries(table, store, entries[taken..].iter().copied(), |_, _| true, answered);
+        taken
+    }
+
+    /// Everything a store holds that applying changes: revision, last index, keys and records.
+    type Contents = (u64, u64, Vec<(crate::kv::Key, crate::kv::Record)>);
+
+    fn contents(store: &KvStore) -> Contents {
+        (store.revision(), store.last_applied(), store.range(b"", None))
+    }
+
+    #[test]
+    fn answering_a_blind_run_first_gives_the_answers_and_the_store_of_applying_in_order() {
+        let mut plain = vec![COMMAND_KIND];
+        plain.extend_from_slice(&put(b"plain"));
+        let with_prev = encode(&Command::Put { key: b"a", value: b"w", prev: true }).unwrap();
+        let delete = encode(&Command::Delete { key: b"b" }).unwrap();
+        let payloads = [
+            session(7, 1, 1, &put(b"a")),
+            session(7, 2, 1, &put(b"b")),
+            session(7, 1, 1, &put(b"a")), // a retry: the stored outcome
+            vec![NOOP_KIND],
+            plain,
+            session(8, 1, 1, b"\x01"), // bytes that do not parse: an error result
+            session(7, 3, 3, &put(b"a")),
+            session(7, 1, 1, &put(b"a")), // acknowledged by now: stale
+            session(7, 4, 3, &with_prev), // needs the store: the blind run ends here
+            session(7, 5, 3, &delete),
+            session(7, 6, 3, &put(b"c")),
+        ];
+        let entries: Vec<(u64, &[u8])> =
+            payloads.iter().enumerate().map(|(i, p)| (i as u64 + 1, &p[..])).collect();
+
+        let (mut table, mut store) = fresh();
+        let mut in_order = Vec::new();
+        assert_eq!(
+            apply_entries(&mut table, &mut store, entries.iter().copied(), |_, _| true, &mut in_order),
+            None
+        );
+        let (mut table2, mut store2) = fresh();
+        let mut halves = Vec::new();
+        assert_eq!(in_two_halves(&mut table2, &mut store2, &entries, &mut halves), 8);
+        assert_eq!(halves, in_order);
+        assert_eq!(contents(&store2), contents(&store));
+        for sequence in 1..=6 {
+            assert_eq!(table2.lookup(7, sequence), table.lookup(7, sequence));
+        }
+    }
+
+    #[test]
+    fn a_blind_run_answers_and_records_before_the_store_changes() {
+        let (mut table, store) = fresh();
+        let (one, two) = (session(7, 1, 1, &put(b"a")), session(7, 2, 1, &put(b"a")));
+        let (mut answered, mut run) = (Vec::new(), Vec::new());
+        let entries = [(1, &one[..]), (2, &two[..])];
+        assert_eq!(answer_blind_run(&mut table, &store, entries, |_, _| true, &mut answered, &mut run), 2);
+        assert_eq!((store.revision(), store.len()), (0, 0), "the store is only changed by run_blind");
+        assert!(matches!(table.lookup(7, 2), Seen::Duplicate(_)), "the outcome is recorded already");
+        let results: Vec<_> = answered.iter().map(|a| a.stored.result.clone().unwrap()).collect();
+        let expected: Vec<_> =
+            [1, 2].map(|revision| crate::kv::command::encode_result(true, revision, None, 0)).into();
+        assert_eq!(results, expected);
+        assert_eq!(run, [(1, &put(b"a")[..]), (2, &put(b"a")[..])]);
+    }
+
+    #[test]
+    fn an_index_the_store_would_refuse_ends_the_blind_run() {
+        let (mut table, mut store) = fresh();
+        let first = session(7, 1, 1, &put(b"a"));
+        apply_entries(&mut table, &mut store, [(5, &first[..])], |_, _| true, &mut Vec::new());
+        let again = session(7, 2, 1, &put(b"b"));
+        let (mut answered, mut run) = (Vec::new(), Vec::new());
+        let taken =
+            answer_blind_run(&mut table, &store, [(5, &again[..])], |_, _| true, &mut answered, &mut run);
+        assert_eq!(
+            (taken, answered.len(), run.len()),
+            (0, 0, 0),
+            "left to apply_entries, which answers the error"
+        );
+        assert_eq!(table.lookup(7, 2), Seen::New);
     }
 }

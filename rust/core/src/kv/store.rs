@@ -130,6 +130,21 @@ impl KvStore {
         Ok(self.history.iter().skip(self.history.len() - newer).cloned().collect())
     }
 
+    /// What [`apply`](Self::apply) would answer for `data` at store revision `revision`, and
+    /// the revision after it, for a command whose answer does not depend on the keys: a put that
+    /// does not ask for the key it replaces, or bytes that do not parse. `None` for any other
+    /// command. This lets a batch of such commands be answered before the map is walked (see
+    /// `crate::apply::answer_blind_run`).
+    pub fn blind_result(revision: u64, data: &[u8]) -> Option<(Vec<u8>, u64)> {
+        match command::parse(data) {
+            Err(message) => Some((command::encode_error(revision, &message), revision)),
+            Ok(Command::Put { prev: false, .. }) => {
+                Some((command::encode_result(true, revision + 1, None, 0), revision + 1))
+            }
+            Ok(_) => None,
+        }
+    }
+
     /// Applies the committed `command` at log `index` and returns the encoded result.
     ///
     /// Malformed bytes change nothing but `last_applied` and are answered with an error result,
