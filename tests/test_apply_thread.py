@@ -170,6 +170,36 @@ def test_a_write_answered_early_is_in_the_store_for_whoever_heard_the_answer() -
     assert found == [True, True], "a read on hearing an early answer must see every write of the run"
 
 
+def test_a_read_right_after_the_hand_over_waits_for_the_writes_it_answered() -> None:
+    """With someone waiting, ``submit`` answers a run of plain puts before the thread has run
+    them; a read of the store made the moment it returns must find them all."""
+
+    async def main() -> tuple[list[int], bool, int, int | None]:
+        sm, table = kv.KVStateMachine(), SessionTable()
+        store = sm.native_target()
+        assert store is not None
+        applier = _core.NativeApplier(store, table.native_table())
+        size = 200_000
+        payloads = [
+            payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(size)
+        ]
+        answered: list[Answer] = []
+        try:
+            # One caller waits, for the first put: few answers to hand over, so the read below
+            # comes long before the thread could have run the 200,000 puts.
+            applier.submit(EntryBatch.from_payloads(1, 1, payloads), 0, {(1, 1)}, answered)
+            found, revision = sm.get(b"k%d" % (size - 1)) is not None, sm.revision
+            position = None
+            while position is None:
+                await asyncio.sleep(0.01)
+                position = applier.take((), [])
+        finally:
+            applier.close()
+        return [a[4] for a in answered], found, revision, position
+
+    assert asyncio.run(main()) == ([1], True, 200_000, 200_000)
+
+
 def test_a_second_batch_cannot_be_handed_over_before_the_first_is_taken() -> None:
     async def main() -> None:
         sm, table = kv.KVStateMachine(), SessionTable()
@@ -177,12 +207,12 @@ def test_a_second_batch_cannot_be_handed_over_before_the_first_is_taken() -> Non
         assert store is not None
         applier = _core.NativeApplier(store, table.native_table())
         batch = EntryBatch.from_payloads(1, 1, [payload.NOOP_PAYLOAD] * 10)
-        applier.submit(batch, 0, False)
+        applier.submit(batch, 0, (), [])
         with pytest.raises(RuntimeError, match="already being applied"):
-            applier.submit(batch, 0, False)
+            applier.submit(batch, 0, (), [])
         applier.close()
         with pytest.raises(RuntimeError, match="closed"):
-            applier.submit(batch, 0, False)
+            applier.submit(batch, 0, (), [])
 
     asyncio.run(main())
 

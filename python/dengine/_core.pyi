@@ -405,7 +405,13 @@ class NativeApplier:
 
     def __new__(cls, store: KvStore, table: SessionTable) -> Self: ...
     def fileno(self) -> int: ...
-    def submit(self, entries: EntryBatch, start: int, collect: bool) -> None: ...
+    def submit(
+        self,
+        entries: EntryBatch,
+        start: int,
+        wanted: Collection[tuple[int, int]],
+        answered: list[tuple[tuple[int, int], int, bytes | None, str | None, int]],
+    ) -> None: ...
     def take(
         self,
         wanted: Collection[tuple[int, int]],

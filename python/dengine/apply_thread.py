@@ -6,10 +6,10 @@ thread that work, and the caches it evicts, delay everything else the loop does.
 apply loop hands each large batch to :class:`ApplyThread`, which applies it through the session
 table on a Rust thread without the GIL (``_core.NativeApplier``) while the loop goes on with
 proposals, replication and answers. The batch's answers come back to the loop, which settles the
-waiting proposals as before; those of its leading puts come back first, before the thread walks
-the map with them (their answers need only the store's revision), so that the writers they
-answer can go on with their next writes while the map is updated: the cluster's writes otherwise
-wait for the leader's whole apply at every round.
+waiting proposals as before; those of its leading run of plain puts are made at once, on the
+loop's thread, from the store's revision alone, before the thread walks the map with them. The
+writers they answer go on with their next writes while the map is updated: the cluster's writes
+otherwise wait for the leader's whole apply at every round.
 
 Small batches (a write at a time) are still applied in place: the hand-off costs a thread
 wake-up and a loop wake-up, tens of microseconds on the path of the write, which only a large
@@ -17,11 +17,9 @@ batch earns back (:data:`MIN_ENTRIES`). A platform without the thread (Windows),
 cannot watch file descriptors, applies every batch in place.
 
 Python code that touches the store while a batch is under way (a read, a status call) waits for
-it: the store sits behind a lock the thread holds from before it answers a run of writes until
-the map has them all, so whoever heard a write answered reads it, and nobody sees part of a run.
-(A batch is one run, unless a command whose answer needs the map, such as a delete, ends the run
-early: the rest of the batch is then applied under the lock again.) The session table's lock is
-let go as soon as the run's outcomes are recorded.
+it: from the moment a run of writes is answered until the map has them all (the store itself
+makes its callers wait, ``_core.KvStore``), so whoever heard a write answered reads it; and the
+thread holds the store's lock while it applies the rest of a batch, so nothing sees part of it.
 """
 
 from __future__ import annotations
@@ -50,7 +48,6 @@ class ApplyThread:
         self._done: asyncio.Future[int] | None = None
         self._wanted: Collection[tuple[int, int]] = ()
         self._answered: list[Answer] = []
-        self._early: Callable[[list[Answer]], None] | None = None
         self._closed = False
 
     @classmethod
@@ -79,22 +76,26 @@ class ApplyThread:
         ``wanted``, as :func:`dengine.raft.sessions.apply_committed` does. An entry the thread
         leaves aside (a membership change, a damaged envelope) is applied here, in order.
 
-        ``early``, if given, gets the answers of the batch's leading writes as soon as they are
-        known, while the thread still updates the store with them (these are then not returned):
-        the usual put's answer needs only the store's revision, and their callers can go on
-        while the map is walked. Anything that reads the store meanwhile waits for the update."""
+        ``early``, if given, gets at once the answers of the batch's leading run of writes whose
+        answers need only the store's revision (the usual put), before the thread has walked the
+        map with them; these are then not returned. Their callers can go on with their next
+        writes while the map is updated, and any read of the store made meanwhile waits for it.
+        """
         answered: list[Answer] = []
         at = 0
         while at < len(batch):
             if self._closed:
                 raise RuntimeError("the apply thread is closed")
             self._done = self._loop.create_future()
-            self._wanted, self._answered, self._early = wanted, answered, early
-            self._applier.submit(batch, at, bool(wanted))
+            self._wanted, self._answered = wanted, answered
+            self._applier.submit(batch, at, wanted, answered)
+            if early is not None and answered:
+                early(answered[:])
+                answered.clear()
             try:
                 at = await asyncio.shield(self._done)
             finally:
-                self._done, self._wanted, self._answered, self._early = None, (), [], None
+                self._done, self._wanted, self._answered = None, (), []
             if at < len(batch):
                 # A membership change or a damaged envelope: no session command, nobody waits.
                 apply_entry(batch[at], self._sessions, self._store.apply)
@@ -112,13 +113,7 @@ class ApplyThread:
             if done is not None and not done.done():
                 done.set_exception(exc)
             return
-        if position is None:
-            if self._answered and self._early is not None:
-                answers = list(self._answered)
-                self._answered.clear()  # the list apply() returns: these are answered now
-                self._early(answers)
-            return
-        if done is not None and not done.done():
+        if position is not None and done is not None and not done.done():
             done.set_result(position)
 
     def close(self) -> None:

@@ -5,9 +5,12 @@
 //! Applying is the largest single cost of a write on a busy node (walking a large ordered map
 //! misses the caches at every level); done on the event loop's thread it delays everything else
 //! the loop does. Here the loop hands over a batch and goes on with proposals, replication and
-//! answers. The answers of the batch's leading run of plain puts are handed back (a first
-//! wake-up) before the map is walked with them, the rest when the thread is done; the loop turns
-//! them into Python objects as it takes them.
+//! answers. The batch's leading run of plain puts is answered by `submit` itself, on the loop's
+//! thread, before the map is walked with them: their answers need only the store's revision
+//! (`dengine_core::apply::answer_blind_run`). The thread then runs them on the store, and applies
+//! the rest of the batch as usual; the loop takes those answers when it is done. Until the store
+//! has the run, Python's reads of it wait (`kv::Settling`), so whoever heard a write answered
+//! reads it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -20,15 +23,18 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::entry_batch::EntryBatch;
-use crate::kv::{lock, PyKvStore};
+use crate::kv::{lock, PyKvStore, Settling};
 use crate::loop_thread::{LoopThread, Shared, Waker};
 use crate::sessions::{hand_over, PySessionTable};
 
 struct Job {
     /// The caller's batch itself, read in place: a frozen class, readable without the GIL.
     batch: Py<EntryBatch>,
-    /// The position to start at.
+    /// The position of the first entry `submit` did not answer.
     start: usize,
+    /// The commands `submit` answered that are still to run on the store: each one's position
+    /// in the batch and the length of the envelope before the command.
+    run: Vec<(usize, usize)>,
     collect: bool,
 }
 
@@ -42,9 +48,6 @@ struct Done {
 struct State {
     job: Option<Job>,
     busy: bool,
-    /// Answers of the batch's blind run, given out before the store has its changes (see
-    /// `apply_job`).
-    early: Vec<Answer>,
     done: Option<Done>,
     failed: Option<String>,
     /// The batch of the last job, handed back to be released where the GIL is held.
@@ -52,74 +55,55 @@ struct State {
 }
 
 /// Applies committed `EntryBatch`es to a `KvStore` through a `SessionTable`, one batch at a time,
-/// on a thread of its own. `submit()` hands a batch over; when it is applied a byte arrives on
-/// `fileno()` and `take()` gives the answers and where the thread stopped.
+/// on a thread of its own. `submit()` answers what it can at once and hands the batch over; when
+/// it is applied a byte arrives on `fileno()` and `take()` gives the other answers and where the
+/// thread stopped.
 #[pyclass(frozen, module = "dengine._core")]
 pub struct NativeApplier {
     thread: LoopThread<State>,
+    table: Arc<Mutex<SessionTable>>,
+    store: Arc<Mutex<KvStore>>,
+    settling: Arc<Settling>,
 }
 
-fn apply_job(
-    job: &Job,
-    table: &Mutex<SessionTable>,
-    store: &Mutex<KvStore>,
-    answer_early: impl FnOnce(Vec<Answer>),
-) -> Done {
+fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>, settling: &Settling) -> Done {
     let records = &job.batch.get().batch;
     let (start, count) = (job.start.min(records.len()), records.len());
-    let entries = (start..count).map(|i| {
+    let entry = |i: usize| {
         let (index, _, data) = records.get(i).expect("position below the length");
         (index, data)
-    });
-    let mut answers = Vec::with_capacity(if job.collect { count - start } else { 0 });
-    // The usual write's answer is known from the store's revision alone: it goes out before
-    // the map is walked, and the loop answers its callers while this thread updates the map.
-    // The store stays locked from before the answers are made until the map has the changes,
-    // so nothing reads the store in between; the session table is let go once they are made.
-    let mut run = Vec::new();
-    let mut held_table = lock(table);
-    let mut held_store = lock(store);
-    let taken = answer_blind_run(
-        &mut held_table,
-        &held_store,
-        entries.clone(),
-        |_, _| job.collect,
-        &mut answers,
-        &mut run,
-    );
-    drop(held_table);
-    if !answers.is_empty() {
-        answer_early(std::mem::take(&mut answers));
-    }
-    run_blind(&mut held_store, &run);
-    drop(held_store);
-    if start + taken == count {
+    };
+    let run: Vec<(u64, &[u8])> =
+        job.run.iter().map(|&(at, envelope)| (entry(at).0, &entry(at).1[envelope..])).collect();
+    run_blind(&mut lock(store), &run);
+    settling.end();
+    let mut answers = Vec::new();
+    if start == count {
         return Done { answers, position: count };
     }
-    // Both locks for the rest of the batch: Python calls made meanwhile wait for it, and see
-    // the state between two runs, never inside one.
+    // Both locks for the rest of the batch: Python calls made meanwhile wait for it, and see the
+    // state between two batches (or after the answered run), never inside one.
     let stopped = apply_entries(
         &mut lock(table),
         &mut lock(store),
-        entries.skip(taken),
+        (start..count).map(entry),
         |_, _| job.collect,
         &mut answers,
     );
-    Done { answers, position: stopped.map_or(count, |at| start + taken + at) }
+    Done { answers, position: stopped.map_or(count, |at| start + at) }
 }
 
 fn run(
     shared: Arc<Shared<State>>,
     table: Arc<Mutex<SessionTable>>,
     store: Arc<Mutex<KvStore>>,
+    settling: Arc<Settling>,
     waker: Waker,
 ) {
     while let Some(job) = shared.wait_for(|s| s.job.take()) {
-        let answer_early = |early: Vec<Answer>| {
-            shared.lock().state.early.extend(early);
-            waker.wake();
-        };
-        let outcome = catch_unwind(AssertUnwindSafe(|| apply_job(&job, &table, &store, answer_early)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| apply_job(&job, &table, &store, &settling)));
+        // Readers waiting for the run must not wait forever if it broke: the node stops anyway.
+        settling.end();
         let failed = {
             let mut slot = shared.lock();
             let state = &mut slot.state;
@@ -148,10 +132,10 @@ fn run(
 impl NativeApplier {
     #[new]
     fn new(store: &Bound<'_, PyKvStore>, table: &Bound<'_, PySessionTable>) -> PyResult<Self> {
-        let (table, store) = (table.get().shared(), store.get().shared());
-        let thread =
-            LoopThread::spawn("dengine-apply", move |shared, waker| run(shared, table, store, waker))?;
-        Ok(NativeApplier { thread })
+        let (table, settling, store) = (table.get().shared(), store.get().settling(), store.get().shared());
+        let (t, s, w) = (Arc::clone(&table), Arc::clone(&store), Arc::clone(&settling));
+        let thread = LoopThread::spawn("dengine-apply", move |shared, waker| run(shared, t, s, w, waker))?;
+        Ok(NativeApplier { thread, table, store, settling })
     }
 
     /// The file descriptor to watch for readability (`loop.add_reader`).
@@ -159,32 +143,89 @@ impl NativeApplier {
         self.thread.fileno()
     }
 
-    /// Hands `entries[start:]` to the thread. `collect`: keep the answers of session commands
-    /// (for `take` to pick the awaited ones from). Raises RuntimeError while a batch is under way
-    /// or not yet taken, and once closed or failed.
-    fn submit(&self, entries: &Bound<'_, EntryBatch>, start: usize, collect: bool) -> PyResult<()> {
-        let mut slot = self.thread.lock();
-        if slot.closed || slot.state.failed.is_some() {
-            return Err(PyRuntimeError::new_err("the native applier is closed"));
+    /// Hands `entries[start:]` to the thread. If `wanted` is not empty, first answers at once
+    /// the leading run of commands whose answers need only the store's revision (plain puts,
+    /// retries, no-ops): the answers of session commands whose `(client, sequence)` is in
+    /// `wanted` are appended to `answered` before this returns, the others are `take`n once the
+    /// batch is applied. Until
+    /// the thread has run the answered commands on the store, every read of the store from
+    /// Python waits for it. Raises RuntimeError while a batch is under way or not yet taken, and
+    /// once closed or failed.
+    fn submit(
+        &self,
+        py: Python<'_>,
+        entries: &Bound<'_, EntryBatch>,
+        start: usize,
+        wanted: &Bound<'_, PyAny>,
+        answered: &Bound<'_, PyList>,
+    ) -> PyResult<()> {
+        {
+            let slot = self.thread.lock();
+            if slot.closed || slot.state.failed.is_some() {
+                return Err(PyRuntimeError::new_err("the native applier is closed"));
+            }
+            if slot.state.busy || slot.state.done.is_some() {
+                return Err(PyRuntimeError::new_err("a batch is already being applied"));
+            }
         }
-        let state = &mut slot.state;
-        if state.busy || state.done.is_some() {
-            return Err(PyRuntimeError::new_err("a batch is already being applied"));
+        // Only the loop submits, and the thread is idle: the store is the one every earlier
+        // batch left, which the answers below are computed from.
+        let collect = wanted.len()? > 0;
+        let records = &entries.get().batch;
+        let (start, count) = (start.min(records.len()), records.len());
+        let entries_from = |from: usize| {
+            (from..count).map(|i| {
+                let (index, _, data) = records.get(i).expect("position below the length");
+                (index, data)
+            })
+        };
+        let (mut answers, mut run) = (Vec::new(), Vec::new());
+        // Answering early is for callers waiting: with nobody waiting (a follower), the whole
+        // batch goes to the thread, and the loop does no part of the apply.
+        let taken = if !collect {
+            0
+        } else {
+            let (mut table, store) = (lock(&self.table), lock(&self.store));
+            let taken = answer_blind_run(
+                &mut table,
+                &store,
+                entries_from(start),
+                |_, _| collect,
+                &mut answers,
+                &mut run,
+            );
+            if !run.is_empty() {
+                self.settling.begin();
+            }
+            taken
+        };
+        // Where each command to run sits: a batch holds consecutive indexes.
+        let first = records.get(0).map_or(0, |(index, _, _)| index);
+        let run = run
+            .iter()
+            .map(|&(index, command)| {
+                let at = (index - first) as usize;
+                let (_, _, data) = records.get(at).expect("a batch holds consecutive indexes");
+                (at, data.len() - command.len())
+            })
+            .collect();
+        let job = Job { batch: entries.clone().unbind(), start: start + taken, run, collect };
+        {
+            let mut slot = self.thread.lock();
+            slot.state.job = Some(job);
+            slot.state.busy = true;
         }
-        state.job = Some(Job { batch: entries.clone().unbind(), start, collect });
-        state.busy = true;
-        drop(slot);
+        let handed = if answers.is_empty() { Ok(()) } else { hand_over(py, &answers, wanted, answered) };
+        // Woken even if the hand-over failed: readers wait until the thread has run the writes.
         self.thread.notify();
-        Ok(())
+        handed
     }
 
     /// The position after the last applied entry of the submitted batch (in the submitted
     /// sequence), or None while it is still being applied. Appends the answers of session
-    /// commands whose `(client, sequence)` is in `wanted` to `answered`, as
-    /// `SessionTable.apply_batch` does: while the batch is under way, those of its leading
-    /// writes whose answers were known before the store had their changes (any later read of
-    /// the store waits for them). Raises RuntimeError if the thread failed. Also drains the
-    /// wake-up bytes.
+    /// commands whose `(client, sequence)` is in `wanted` to `answered` (those `submit` did not
+    /// give), as `SessionTable.apply_batch` does. Raises RuntimeError if the thread failed. Also
+    /// drains the wake-up bytes.
     fn take(
         &self,
         py: Python<'_>,
@@ -192,23 +233,18 @@ impl NativeApplier {
         answered: &Bound<'_, PyList>,
     ) -> PyResult<Option<usize>> {
         self.thread.drain();
-        let (early, done, failed, finished) = {
+        let (done, failed, finished) = {
             let state = &mut self.thread.lock().state;
-            (std::mem::take(&mut state.early), state.done.take(), state.failed.clone(), state.finished.take())
+            (state.done.take(), state.failed.clone(), state.finished.take())
         };
         drop(finished); // here, with the GIL
         if let Some(why) = failed {
             return Err(PyRuntimeError::new_err(format!("the apply thread failed: {why}")));
         }
-        let collect = |answers: &[Answer]| -> PyResult<()> {
-            if !answers.is_empty() && wanted.len()? > 0 {
-                hand_over(py, answers, wanted, answered)?;
-            }
-            Ok(())
-        };
-        collect(&early)?;
         let Some(done) = done else { return Ok(None) };
-        collect(&done.answers)?;
+        if !done.answers.is_empty() && wanted.len()? > 0 {
+            hand_over(py, &done.answers, wanted, answered)?;
+        }
         Ok(Some(done.position))
     }
 

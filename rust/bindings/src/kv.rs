@@ -7,7 +7,7 @@
 //! into its frozen dataclasses. Building snapshot pieces and validating snapshot bytes run with
 //! the GIL released.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use dengine_core::kv::{Command, Event, KvStore, Record, SnapshotPieces, SnapshotReader};
 use pyo3::exceptions::PyValueError;
@@ -99,20 +99,66 @@ fn parse_kv_command<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, Py
 /// The store sits behind a lock shared with the node's apply thread (`NativeApplier`), which
 /// applies batches to it without the GIL. The lock is never held while taking the GIL, so a
 /// call from Python made during such a batch waits for the batch, and nothing can deadlock.
+///
+/// The apply thread's `submit` may answer writes before the thread has run them on the store;
+/// until it has, every call from Python waits (see [`Settling`]).
 #[pyclass(frozen, name = "KvStore", module = "dengine._core")]
 pub struct PyKvStore {
     inner: Arc<Mutex<KvStore>>,
+    settling: Arc<Settling>,
 }
 
 impl PyKvStore {
-    /// The store, locked.
+    /// The store, locked, once it holds every write already answered.
     pub fn lock(&self) -> MutexGuard<'_, KvStore> {
+        self.settling.wait();
         lock(&self.inner)
     }
 
     /// The store, for a thread that applies to it.
     pub fn shared(&self) -> Arc<Mutex<KvStore>> {
         Arc::clone(&self.inner)
+    }
+
+    /// The flag that holds back this store's readers, for a thread that answers writes before
+    /// it runs them on the store.
+    pub fn settling(&self) -> Arc<Settling> {
+        Arc::clone(&self.settling)
+    }
+}
+
+/// Whether writes were answered that the store does not hold yet (the apply thread answers a
+/// run of plain puts before it walks the map with them). Readers wait while it is set, so that
+/// a write's answer is never seen before the write itself. Only the thread that set it clears
+/// it, after the store has them, and never while it waits for the GIL: a reader may wait here
+/// holding the GIL.
+#[derive(Default)]
+pub struct Settling {
+    pending: Mutex<bool>,
+    settled: Condvar,
+}
+
+impl Settling {
+    /// Writes were answered ahead of the store: readers wait from now on.
+    pub fn begin(&self) {
+        *lock(&self.pending) = true;
+    }
+
+    /// The store holds them: waiting readers go on.
+    pub fn end(&self) {
+        let mut pending = lock(&self.pending);
+        if *pending {
+            *pending = false;
+            self.settled.notify_all();
+        }
+    }
+
+    /// Returns once no answered write is missing from the store.
+    pub fn wait(&self) {
+        let mut pending = lock(&self.pending);
+        while *pending {
+            pending = self.settled.wait(pending).unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 
@@ -128,7 +174,7 @@ impl PyKvStore {
     #[new]
     #[pyo3(signature = (history), text_signature = "(history)")]
     fn new(history: usize) -> Self {
-        Self { inner: Arc::new(Mutex::new(KvStore::new(history))) }
+        Self { inner: Arc::new(Mutex::new(KvStore::new(history))), settling: Arc::default() }
     }
 
     /// The number of state-changing commands applied so far.
