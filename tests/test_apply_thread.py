@@ -200,6 +200,19 @@ def test_a_read_right_after_the_hand_over_waits_for_the_writes_it_answered() -> 
     assert asyncio.run(main()) == ([1], True, 200_000, 200_000)
 
 
+def test_closing_right_after_the_hand_over_still_puts_the_answered_writes_in_the_store() -> None:
+    sm, table = kv.KVStateMachine(), SessionTable()
+    store = sm.native_target()
+    assert store is not None
+    applier = _core.NativeApplier(store, table.native_table())
+    payloads = [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(50_000)]
+    answered: list[Answer] = []
+    applier.submit(EntryBatch.from_payloads(1, 1, payloads), 0, {(1, 50_000)}, answered)
+    applier.close()
+    assert [a[4] for a in answered] == [50_000]
+    assert (sm.revision, sm.get(b"k49999") is not None) == (50_000, True)
+
+
 def test_a_second_batch_cannot_be_handed_over_before_the_first_is_taken() -> None:
     async def main() -> None:
         sm, table = kv.KVStateMachine(), SessionTable()

@@ -73,8 +73,14 @@ fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>, set
         let (index, _, data) = records.get(i).expect("position below the length");
         (index, data)
     };
-    let run: Vec<(u64, &[u8])> =
-        job.run.iter().map(|&(at, envelope)| (entry(at).0, &entry(at).1[envelope..])).collect();
+    let run: Vec<(u64, &[u8])> = job
+        .run
+        .iter()
+        .map(|&(at, envelope)| {
+            let (index, data) = entry(at);
+            (index, &data[envelope..])
+        })
+        .collect();
     run_blind(&mut lock(store), &run);
     settling.end();
     let mut answers = Vec::new();
@@ -249,8 +255,27 @@ impl NativeApplier {
     }
 
     /// Stops the thread after the batch it may be applying (waited for with the GIL released).
+    /// A batch handed over that the thread had not taken up yet is applied here first: writes
+    /// `submit` answered must reach the store.
     fn close(&self, py: Python<'_>) {
         self.thread.close(py);
+        let left = self.thread.lock().state.job.take();
+        if let Some(job) = left {
+            py.detach(|| {
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    apply_job(&job, &self.table, &self.store, &self.settling)
+                }));
+            });
+        }
+        self.settling.end();
+    }
+}
+
+impl Drop for NativeApplier {
+    fn drop(&mut self) {
+        // Dropped without `close` (a bug, or the interpreter exiting): readers must not wait for
+        // a thread that may never run what they wait for.
+        self.settling.end();
     }
 }
 
