@@ -81,21 +81,20 @@ fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>, set
             (index, &data[envelope..])
         })
         .collect();
-    run_blind(&mut lock(store), &run);
+    // Both locks from here to the end of the batch, in the order everyone takes them: Python
+    // calls made meanwhile wait for it, and see the state between two batches, never inside
+    // one. (A watch that subscribes meanwhile reads its backlog after the whole batch: the
+    // thread publishes nothing to subscribers, and the next batch is applied by Python.)
+    let (mut table, mut store) = (lock(table), lock(store));
+    run_blind(&mut store, &run);
+    // Readers waiting for the answered writes now wait on the lock, for the rest of the batch.
     settling.end();
     let mut answers = Vec::new();
     if start == count {
         return Done { answers, position: count };
     }
-    // Both locks for the rest of the batch: Python calls made meanwhile wait for it, and see the
-    // state between two batches (or after the answered run), never inside one.
-    let stopped = apply_entries(
-        &mut lock(table),
-        &mut lock(store),
-        (start..count).map(entry),
-        |_, _| job.collect,
-        &mut answers,
-    );
+    let stopped =
+        apply_entries(&mut table, &mut store, (start..count).map(entry), |_, _| job.collect, &mut answers);
     Done { answers, position: stopped.map_or(count, |at| start + at) }
 }
 
@@ -153,10 +152,9 @@ impl NativeApplier {
     /// the leading run of commands whose answers need only the store's revision (plain puts,
     /// retries, no-ops): the answers of session commands whose `(client, sequence)` is in
     /// `wanted` are appended to `answered` before this returns, the others are `take`n once the
-    /// batch is applied. Until
-    /// the thread has run the answered commands on the store, every read of the store from
-    /// Python waits for it. Raises RuntimeError while a batch is under way or not yet taken, and
-    /// once closed or failed.
+    /// batch is applied. Until the thread has run the answered commands on the store, every
+    /// read of the store from Python waits for it. Raises RuntimeError while a batch is under
+    /// way or not yet taken, and once closed or failed.
     fn submit(
         &self,
         py: Python<'_>,

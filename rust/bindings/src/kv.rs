@@ -115,6 +115,11 @@ impl PyKvStore {
         lock(&self.inner)
     }
 
+    /// Returns once the store holds every write already answered (see [`Settling`]).
+    pub fn wait_settled(&self) {
+        self.settling.wait();
+    }
+
     /// The store, for a thread that applies to it.
     pub fn shared(&self) -> Arc<Mutex<KvStore>> {
         Arc::clone(&self.inner)
@@ -129,9 +134,10 @@ impl PyKvStore {
 
 /// Whether writes were answered that the store does not hold yet (the apply thread answers a
 /// run of plain puts before it walks the map with them). Readers wait while it is set, so that
-/// a write's answer is never seen before the write itself. Only the thread that set it clears
-/// it, after the store has them, and never while it waits for the GIL: a reader may wait here
-/// holding the GIL.
+/// a write's answer is never seen before the write itself. The apply thread clears it once the
+/// store has them, and never waits for the GIL meanwhile: a reader may wait here holding the
+/// GIL. The thread takes the session table's lock to get there, so nobody holding that lock may
+/// wait here.
 #[derive(Default)]
 pub struct Settling {
     pending: Mutex<bool>,

@@ -217,7 +217,11 @@ impl PySessionTable {
             // no Python call inside the loop, which holds both locks.
             let mut answers = Vec::new();
             let stopped = {
-                let (mut table, mut store) = (self.lock(), store.get().lock());
+                // Writes the apply thread was handed are waited for before the table is taken:
+                // the thread needs the table to finish them.
+                let store = store.get();
+                store.wait_settled();
+                let (mut table, mut store) = (self.lock(), store.lock());
                 let entries = payloads.from(start);
                 apply::apply_entries(&mut table, &mut store, entries, |_, _| any_wanted, &mut answers)
             };

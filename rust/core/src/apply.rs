@@ -89,9 +89,9 @@ pub fn apply_entries<'a>(
 /// Takes entries from the front of `entries` while it can (any other command, an entry of a kind
 /// [`apply_entries`] leaves to its caller, or an index the store would refuse ends the run) and
 /// returns how many it took. The commands among them that change the store go to `run`, in
-/// order, for [`run_blind`]: until that is done the table is ahead of the store, so the caller
-/// holds the store's lock from before this call until after `run_blind`. The remaining entries
-/// go through [`apply_entries`] as usual.
+/// order, for [`run_blind`]: until that is done the answers and the table are ahead of the
+/// store, so the caller keeps everyone else from reading the store until then, and applies
+/// nothing else in between. The remaining entries go through [`apply_entries`] as usual.
 pub fn answer_blind_run<'a>(
     table: &mut SessionTable,
     store: &KvStore,
