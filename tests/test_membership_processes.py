@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dengine.client import Client
+from test_client import wait_until
 
 from cluster_procs import ProcCluster, running_cluster, wait_for
 
@@ -303,6 +304,37 @@ def test_a_member_removed_while_down_exits_when_restarted_saying_why(tmp_path: P
         cluster.start(victim)
         assert_exits_saying_it_was_removed(cluster, tmp_path, victim, timeout=30)
         assert cluster.put(b"after", b"2") > 0, "the cluster serves on"
+
+
+def test_a_client_that_only_watches_hears_of_members_added_while_its_watch_stays_open(tmp_path: Path) -> None:
+    """A watch can stay on one node while the others are replaced: the client asks again for the
+    members every few seconds, so that it still knows an address of the cluster when that node
+    goes too (a chaos run once lost its watch that way: all three nodes it had known replaced)."""
+    with running_cluster(tmp_path, extra_toml=MEMBERSHIP.replace('"auto"', '"manual"')) as cluster:
+        leader = cluster.wait_leader()
+        follower = next(i for i in (1, 2, 3) if i != leader)
+        address = cluster.add_joiner(4)
+
+        async def main() -> None:
+            async with Client([cluster.address(follower)]) as watcher:
+
+                async def watch() -> None:
+                    async for _ in watcher.watch(b"w"):
+                        pass
+
+                task = asyncio.create_task(watch())
+                try:
+                    await wait_until(lambda: len(watcher.endpoints) == 3, 10)  # learned at connect
+                    admin = Client([cluster.address(leader)])
+                    async with admin:
+                        await admin.add_learner(4, address)
+                    cluster.start(4, join=cluster.address(leader))
+                    await wait_until(lambda: address in watcher.endpoints, 15)
+                    assert not task.done(), "the watch stayed open on its node"
+                finally:
+                    task.cancel()
+
+        asyncio.run(main())
 
 
 def test_a_learner_removed_while_it_runs_exits_saying_why(tmp_path: Path) -> None:

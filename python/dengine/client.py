@@ -77,6 +77,10 @@ _LEADER_HINT = re.compile(r"leader=(\d+)@(\S*)")
 # How long a node that did not know BatchStream is sent unary Batch calls before the stream is
 # tried again: a rolling upgrade gives it the stream without the client's knowing.
 UNARY_RECHECK_S = 60.0
+WATCH_MEMBERS_REFRESH_S = 2.0
+"""How often a watch that stays on one node asks again for the members' addresses (with
+``discover_members``): a client that only watches never follows a leader, and so would hear of
+no member added after it connected."""
 _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -197,8 +201,9 @@ class Client(ClusterAdmin):
     progress notice every second, so silence means the node froze or was cut off.
 
     With ``discover_members`` (the default) the client asks each new leader it finds for the
-    members' addresses and tries them too when no leader is known, so that it keeps reaching
-    the cluster after members it was given are replaced. The addresses are those the nodes
+    members' addresses (a watch asks again every :data:`WATCH_MEMBERS_REFRESH_S`) and tries them
+    too when no leader is known, so that it keeps reaching the cluster after members it was
+    given are replaced. The addresses are those the nodes
     advertise (``node.advertise``), as in the leader hints a client follows anyway.
 
     ``credentials`` enables TLS: gRPC channel credentials, or a :class:`dengine.tls.ClientTLS`
@@ -334,6 +339,17 @@ class Client(ClusterAdmin):
         if self.discover_members and not self._closed and (self._discovery is None or self._discovery.done()):
             self._discovery = asyncio.ensure_future(self._discover(address))
 
+    def _ask_members_again(self, address: str, *, since: float) -> float:
+        """:meth:`_learn_members_via` ``address`` if the watch there last did at ``since``, more
+        than :data:`WATCH_MEMBERS_REFRESH_S` ago; returns when it last did. A watch can stay on one
+        node for hours while every other member is replaced: without asking again, the client
+        would know none of the cluster's addresses once that node goes too."""
+        now = time.monotonic()
+        if now - since < WATCH_MEMBERS_REFRESH_S:
+            return since
+        self._learn_members_via(address)
+        return now
+
     # --- operations -------------------------------------------------------------------------------
 
     def _write(
@@ -438,9 +454,10 @@ class Client(ClusterAdmin):
             address = self._endpoints.pick()
             stub = self._stub(address)
             call = stub.Watch(kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision))
-            self._learn_members_via(address)
+            asked = self._ask_members_again(address, since=-WATCH_MEMBERS_REFRESH_S)
             try:
                 while True:
+                    asked = self._ask_members_again(address, since=asked)
                     try:
                         response = await asyncio.wait_for(call.read(), self.watch_idle_timeout)
                     except asyncio.TimeoutError:  # not TimeoutError: the two differ before Python 3.11
