@@ -186,33 +186,29 @@ impl NativeApplier {
         let (mut answers, mut run) = (Vec::new(), Vec::new());
         // Answering early is for callers waiting: with nobody waiting (a follower), the whole
         // batch goes to the thread, and the loop does no part of the apply.
-        let taken = if !collect {
-            0
-        } else {
+        let taken = if collect {
             let (mut table, store) = (lock(&self.table), lock(&self.store));
-            let taken = answer_blind_run(
-                &mut table,
-                &store,
-                entries_from(start),
-                |_, _| collect,
-                &mut answers,
-                &mut run,
-            );
-            if !run.is_empty() {
-                self.settling.begin();
-            }
-            taken
+            answer_blind_run(&mut table, &store, entries_from(start), |_, _| collect, &mut answers, &mut run)
+        } else {
+            0
         };
-        // Where each command to run sits: a batch holds consecutive indexes.
-        let first = records.get(0).map_or(0, |(index, _, _)| index);
-        let run = run
+        // Where each command to run sits in the batch (they come in batch order).
+        let mut at = start;
+        let run: Vec<(usize, usize)> = run
             .iter()
             .map(|&(index, command)| {
-                let at = (index - first) as usize;
-                let (_, _, data) = records.get(at).expect("a batch holds consecutive indexes");
+                while at < count && records.get(at).map(|(i, _, _)| i) != Some(index) {
+                    at += 1;
+                }
+                let (_, _, data) = records.get(at).expect("a command of the run is in the batch");
                 (at, data.len() - command.len())
             })
             .collect();
+        // From here until the thread has run them, nobody may read the store: its answers are
+        // about to be given.
+        if !run.is_empty() {
+            self.settling.begin();
+        }
         let job = Job { batch: entries.clone().unbind(), start: start + taken, run, collect };
         {
             let mut slot = self.thread.lock();
