@@ -203,8 +203,8 @@ class Client(ClusterAdmin):
     With ``discover_members`` (the default) the client asks each new leader it finds for the
     members' addresses (a watch asks again every :data:`WATCH_MEMBERS_REFRESH_S`) and tries them
     too when no leader is known, so that it keeps reaching the cluster after members it was
-    given are replaced. The addresses are those the nodes
-    advertise (``node.advertise``), as in the leader hints a client follows anyway.
+    given are replaced. The addresses are those the nodes advertise (``node.advertise``), as in
+    the leader hints a client follows anyway.
 
     ``credentials`` enables TLS: gRPC channel credentials, or a :class:`dengine.tls.ClientTLS`
     whose files are read again when they change, so that a rotated client certificate is
@@ -454,7 +454,7 @@ class Client(ClusterAdmin):
             address = self._endpoints.pick()
             stub = self._stub(address)
             call = stub.Watch(kv_pb2.WatchRequest(prefix=prefix, start_revision=next_revision))
-            asked = self._ask_members_again(address, since=-WATCH_MEMBERS_REFRESH_S)
+            asked = self._ask_members_again(address, since=float("-inf"))  # at once, on a new stream
             try:
                 while True:
                     asked = self._ask_members_again(address, since=asked)
