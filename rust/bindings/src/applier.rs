@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use dengine_core::apply::{answer_blind_run, apply_entries, run_blind, Answer};
 use dengine_core::kv::KvStore;
+use dengine_core::log::EncodedBatch;
 use dengine_core::sessions::SessionTable;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -66,13 +67,16 @@ pub struct NativeApplier {
     settling: Arc<Settling>,
 }
 
+/// Entry `i` of a batch as the apply functions take it: its index and payload.
+fn entry_at(records: &EncodedBatch, i: usize) -> (u64, &[u8]) {
+    let (index, _, data) = records.get(i).expect("position below the length");
+    (index, data)
+}
+
 fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>, settling: &Settling) -> Done {
     let records = &job.batch.get().batch;
     let (start, count) = (job.start.min(records.len()), records.len());
-    let entry = |i: usize| {
-        let (index, _, data) = records.get(i).expect("position below the length");
-        (index, data)
-    };
+    let entry = |i: usize| entry_at(records, i);
     let run: Vec<(u64, &[u8])> = job
         .run
         .iter()
@@ -177,18 +181,13 @@ impl NativeApplier {
         let collect = wanted.len()? > 0;
         let records = &entries.get().batch;
         let (start, count) = (start.min(records.len()), records.len());
-        let entries_from = |from: usize| {
-            (from..count).map(|i| {
-                let (index, _, data) = records.get(i).expect("position below the length");
-                (index, data)
-            })
-        };
         let (mut answers, mut run) = (Vec::new(), Vec::new());
         // Answering early is for callers waiting: with nobody waiting (a follower), the whole
         // batch goes to the thread, and the loop does no part of the apply.
         let taken = if collect {
             let (mut table, store) = (lock(&self.table), lock(&self.store));
-            answer_blind_run(&mut table, &store, entries_from(start), |_, _| collect, &mut answers, &mut run)
+            let entries = (start..count).map(|i| entry_at(records, i));
+            answer_blind_run(&mut table, &store, entries, |_, _| collect, &mut answers, &mut run)
         } else {
             0
         };
