@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -48,6 +50,22 @@ def random_log(rng: random.Random, count: int) -> list[Entry]:
     return log
 
 
+async def apply_all(
+    thread: apply_thread.ApplyThread,
+    batch: EntryBatch,
+    wanted: set[tuple[int, int]],
+    early: Callable[[list[Answer]], None] | None = None,
+) -> list[Answer]:
+    """The whole of ``batch`` through ``thread``, which stops after each entry it leaves aside."""
+    answered: list[Answer] = []
+    done = 0
+    while done < len(batch):
+        part, count = await thread.apply(batch[done:], wanted, early)
+        answered += part
+        done += count
+    return answered
+
+
 def state_of(sm: kv.KVStateMachine, table: SessionTable) -> tuple[bytes, object]:
     sink = io.BytesIO()
     sm.snapshot(sink)
@@ -83,7 +101,7 @@ def test_the_thread_leaves_the_same_state_and_answers_as_applying_on_the_loop(ea
                 size = rng.randint(1, 400)
                 part = log[at : at + size]
                 batch = EntryBatch.from_payloads(part[0].index, 1, [e.data for e in part])
-                keep(await thread.apply(batch, wanted, keep if early else None))
+                keep(await apply_all(thread, batch, wanted, keep if early else None))
                 at += size
         finally:
             thread.close()
@@ -163,7 +181,8 @@ def test_a_write_answered_early_is_in_the_store_for_whoever_heard_the_answer() -
             seen.append(1 if sm.get(b"k%d" % (size - 1)) is not None else 0)
 
         try:
-            rest = await thread.apply(EntryBatch.from_payloads(1, 1, payloads), wanted, heard)
+            rest, count = await thread.apply(EntryBatch.from_payloads(1, 1, payloads), wanted, heard)
+            assert count == len(payloads)
         finally:
             thread.close()
         return early, rest, seen
@@ -282,7 +301,7 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
 
     async def broken(
         self: apply_thread.ApplyThread, batch: EntryBatch, wanted: Any, early: Any = None
-    ) -> list[Any]:
+    ) -> tuple[list[Any], int]:
         if batch[0].index > 1:  # the leader's first entry goes through; the first write does not
             raise RuntimeError("the apply thread failed: a bug")
         return await real_apply(self, batch, wanted, early)
@@ -303,3 +322,35 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
             await node.stop(transfer_leadership=False)
 
     asyncio.run(main())
+
+
+def test_a_watch_that_subscribes_during_a_batch_gets_the_events_after_an_entry_left_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread publishes no events, so once a watch subscribes the rest of a batch must go
+    through the state machine: after an entry the thread left aside, the node asks again where
+    the rest goes, instead of handing it back to the thread."""
+    monkeypatch.setattr(apply_thread, "MIN_ENTRIES", 1)
+
+    async def main() -> list[int]:
+        sm = kv.KVStateMachine()
+        node = Node(configs(tmp_path, 1)[0], sm)
+        node.raft = SimpleNamespace(applied_to=lambda index: None)  # type: ignore[assignment]
+        puts = [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(200)]
+        aside = bytes([payload.CONF_CHANGE_KIND]) + b"not decodable"
+        batch = EntryBatch.from_payloads(1, 1, [*puts[:100], aside, *puts[100:]])
+        seen: list[int] = []
+
+        async def watch() -> None:  # runs while the thread applies the first hundred puts
+            sm.subscribe(lambda event: seen.append(event.revision))
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await node._apply_chunks(batch)
+            await watcher
+        finally:
+            await node._close_apply_thread()
+        assert sm.revision == 200
+        return seen
+
+    assert asyncio.run(main()) == list(range(101, 201))

@@ -71,36 +71,39 @@ class ApplyThread:
         batch: _core.EntryBatch,
         wanted: Collection[tuple[int, int]],
         early: Callable[[list[Answer]], None] | None = None,
-    ) -> list[Answer]:
-        """Applies every entry of ``batch`` and returns the answers of the session commands in
-        ``wanted``, as :func:`dengine.raft.sessions.apply_committed` does. An entry the thread
-        leaves aside (a membership change, a damaged envelope) is applied here, in order.
+    ) -> tuple[list[Answer], int]:
+        """Applies the entries of ``batch`` up to the first one the thread leaves aside (a
+        membership change, a damaged envelope), which is applied here, or to the end. Returns the
+        answers of the session commands in ``wanted``, as
+        :func:`dengine.raft.sessions.apply_committed` does, and how many entries were applied.
+
+        It stops there so that the caller decides again where the rest goes: a watch that
+        subscribed meanwhile needs the rest applied through the state machine, which publishes
+        the events the thread would give to nobody.
 
         ``early``, if given, gets at once the answers of the batch's leading run of writes whose
         answers need only the store's revision (the usual put), before the thread has walked the
         map with them; these are then not returned. Their callers can go on with their next
         writes while the map is updated, and any read of the store made meanwhile waits for it.
         """
+        if self._closed:
+            raise RuntimeError("the apply thread is closed")
         answered: list[Answer] = []
-        at = 0
-        while at < len(batch):
-            if self._closed:
-                raise RuntimeError("the apply thread is closed")
-            self._done = self._loop.create_future()
-            self._wanted, self._answered = wanted, answered
-            self._applier.submit(batch, at, wanted, answered)
-            if early is not None and answered:
-                early(answered[:])
-                answered.clear()
-            try:
-                at = await asyncio.shield(self._done)
-            finally:
-                self._done, self._wanted, self._answered = None, (), []
-            if at < len(batch):
-                # A membership change or a damaged envelope: no session command, nobody waits.
-                apply_entry(batch[at], self._sessions, self._store.apply)
-                at += 1
-        return answered
+        self._done = self._loop.create_future()
+        self._wanted, self._answered = wanted, answered
+        self._applier.submit(batch, 0, wanted, answered)
+        if early is not None and answered:
+            early(answered[:])
+            answered.clear()
+        try:
+            at = await asyncio.shield(self._done)
+        finally:
+            self._done, self._wanted, self._answered = None, (), []
+        if at < len(batch):
+            # Nobody waits for a membership change or a damaged envelope.
+            apply_entry(batch[at], self._sessions, self._store.apply)
+            at += 1
+        return answered, at
 
     def _on_ready(self) -> None:
         done = self._done

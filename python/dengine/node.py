@@ -1024,16 +1024,21 @@ class Node:
         assert raft is not None
         for start in range(0, len(entries), APPLY_CHUNK):
             chunk = entries[start : start + APPLY_CHUNK]
-            # Asked again for every chunk: a watch may have subscribed meanwhile.
-            target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
-            thread = self._thread_for(chunk, target)
-            if thread is not None:
-                answered = await thread.apply(chunk, self._waiters, self._answer_applied)  # type: ignore[arg-type]
-            else:
-                run = self.sm.apply if target is None else target
-                answered = apply_committed(chunk, self.sessions, run, self._waiters)  # type: ignore[arg-type]
-            if answered:
-                self._answer_applied(answered)
+            done = 0
+            while done < len(chunk):
+                part = chunk[done:] if done else chunk
+                # Asked again for every part: a watch may have subscribed meanwhile, and then the
+                # rest goes through the state machine, which publishes its events.
+                target = self.sm.native_target() if isinstance(self.sm, KVStateMachine) else None
+                thread = self._thread_for(part, target)
+                if thread is not None:
+                    answered, count = await thread.apply(part, self._waiters, self._answer_applied)  # type: ignore[arg-type]
+                else:
+                    run = self.sm.apply if target is None else target
+                    answered, count = apply_committed(part, self.sessions, run, self._waiters), len(part)  # type: ignore[arg-type]
+                done += count
+                if answered:
+                    self._answer_applied(answered)
             if start + APPLY_CHUNK < len(entries):
                 raft.applied_to(chunk[-1].index)
                 await asyncio.sleep(0)
