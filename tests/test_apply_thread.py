@@ -210,7 +210,7 @@ def test_a_read_right_after_the_hand_over_waits_for_the_writes_it_answered() -> 
         try:
             # One caller waits, for the first put: few answers to hand over, so the read below
             # comes long before the thread could have run the 200,000 puts.
-            applier.submit(EntryBatch.from_payloads(1, 1, payloads), 0, {(1, 1)}, answered)
+            applier.submit(EntryBatch.from_payloads(1, 1, payloads), {(1, 1)}, answered)
             found, revision = sm.get(b"k%d" % (size - 1)) is not None, sm.revision
             position = None
             while position is None:
@@ -230,7 +230,7 @@ def test_closing_right_after_the_hand_over_still_puts_the_answered_writes_in_the
     applier = _core.NativeApplier(store, table.native_table())
     payloads = [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(50_000)]
     answered: list[Answer] = []
-    applier.submit(EntryBatch.from_payloads(1, 1, payloads), 0, {(1, 50_000)}, answered)
+    applier.submit(EntryBatch.from_payloads(1, 1, payloads), {(1, 50_000)}, answered)
     applier.close()
     assert [a[4] for a in answered] == [50_000]
     assert (sm.revision, sm.get(b"k49999") is not None) == (50_000, True)
@@ -243,12 +243,12 @@ def test_a_second_batch_cannot_be_handed_over_before_the_first_is_taken() -> Non
         assert store is not None
         applier = _core.NativeApplier(store, table.native_table())
         batch = EntryBatch.from_payloads(1, 1, [payload.NOOP_PAYLOAD] * 10)
-        applier.submit(batch, 0, (), [])
+        applier.submit(batch, (), [])
         with pytest.raises(RuntimeError, match="already being applied"):
-            applier.submit(batch, 0, (), [])
+            applier.submit(batch, (), [])
         applier.close()
         with pytest.raises(RuntimeError, match="closed"):
-            applier.submit(batch, 0, (), [])
+            applier.submit(batch, (), [])
 
     asyncio.run(main())
 

@@ -408,7 +408,6 @@ class NativeApplier:
     def submit(
         self,
         entries: EntryBatch,
-        start: int,
         wanted: Collection[tuple[int, int]],
         answered: list[tuple[tuple[int, int], int, bytes | None, str | None, int]],
     ) -> None: ...

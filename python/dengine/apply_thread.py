@@ -91,7 +91,7 @@ class ApplyThread:
         answered: list[Answer] = []
         self._done = self._loop.create_future()
         self._wanted, self._answered = wanted, answered
-        self._applier.submit(batch, 0, wanted, answered)
+        self._applier.submit(batch, wanted, answered)
         if early is not None and answered:
             early(answered[:])
             answered.clear()

@@ -152,7 +152,7 @@ impl NativeApplier {
         self.thread.fileno()
     }
 
-    /// Hands `entries[start:]` to the thread. If `wanted` is not empty, first answers at once
+    /// Hands `entries` to the thread. If `wanted` is not empty, first answers at once
     /// the leading run of commands whose answers need only the store's revision (plain puts,
     /// retries, no-ops): the answers of session commands whose `(client, sequence)` is in
     /// `wanted` are appended to `answered` before this returns, the others are `take`n once the
@@ -163,7 +163,6 @@ impl NativeApplier {
         &self,
         py: Python<'_>,
         entries: &Bound<'_, EntryBatch>,
-        start: usize,
         wanted: &Bound<'_, PyAny>,
         answered: &Bound<'_, PyList>,
     ) -> PyResult<()> {
@@ -180,19 +179,19 @@ impl NativeApplier {
         // batch left, which the answers below are computed from.
         let collect = wanted.len()? > 0;
         let records = &entries.get().batch;
-        let (start, count) = (start.min(records.len()), records.len());
+        let count = records.len();
         let (mut answers, mut run) = (Vec::new(), Vec::new());
         // Answering early is for callers waiting: with nobody waiting (a follower), the whole
         // batch goes to the thread, and the loop does no part of the apply.
         let taken = if collect {
             let (mut table, store) = (lock(&self.table), lock(&self.store));
-            let entries = (start..count).map(|i| entry_at(records, i));
+            let entries = (0..count).map(|i| entry_at(records, i));
             answer_blind_run(&mut table, &store, entries, |_, _| collect, &mut answers, &mut run)
         } else {
             0
         };
         // Where each command to run sits in the batch (they come in batch order).
-        let mut at = start;
+        let mut at = 0;
         let run: Vec<(usize, usize)> = run
             .iter()
             .map(|&(index, command)| {
@@ -208,7 +207,7 @@ impl NativeApplier {
         if !run.is_empty() {
             self.settling.begin();
         }
-        let job = Job { batch: entries.clone().unbind(), start: start + taken, run, collect };
+        let job = Job { batch: entries.clone().unbind(), start: taken, run, collect };
         {
             let mut slot = self.thread.lock();
             slot.state.job = Some(job);
