@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -354,3 +356,39 @@ def test_a_watch_that_subscribes_during_a_batch_gets_the_events_after_an_entry_l
         return seen
 
     assert asyncio.run(main()) == list(range(101, 201))
+
+
+def _nice_values(name: str) -> list[int]:
+    """The nice values of this process's threads called ``name`` (field 19 of their stat)."""
+    values = []
+    for t in Path("/proc/self/task").iterdir():
+        if (t / "comm").read_text().strip() == name:
+            # The thread's name, in parentheses, may hold spaces: count fields after it.
+            values.append(int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux only")
+def test_the_apply_thread_yields_the_cpu_to_the_loop_and_the_log_sync_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applying writes already answered waits for nobody, so on a busy machine it must not take
+    a core from the event loop or from the log sync that every write waits for."""
+    monkeypatch.setattr(apply_thread, "MIN_ENTRIES", 1)
+    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if loop_nice >= 5:
+        pytest.skip("this process already runs at a low priority")
+
+    async def main() -> tuple[list[int], list[int]]:
+        node = Node(configs(tmp_path, 1)[0], kv.KVStateMachine())
+        await node.start()
+        try:
+            await until(lambda: leader_of([node]))
+            await node.propose(kv.encode_put(b"k", b"v"))
+            return _nice_values("dengine-apply"), _nice_values("dengine-sync")
+        finally:
+            await node.stop(transfer_leadership=False)
+
+    applying, syncing = asyncio.run(main())
+    assert applying and all(nice > loop_nice for nice in applying), (loop_nice, applying)
+    assert syncing and all(nice == loop_nice for nice in syncing), (loop_nice, syncing)

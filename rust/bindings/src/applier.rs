@@ -25,7 +25,7 @@ use pyo3::types::PyList;
 
 use crate::entry_batch::EntryBatch;
 use crate::kv::{lock, PyKvStore, Settling};
-use crate::loop_thread::{LoopThread, Shared, Waker};
+use crate::loop_thread::{LoopThread, Priority, Shared, Waker};
 use crate::sessions::{hand_over, PySessionTable};
 
 struct Job {
@@ -143,7 +143,9 @@ impl NativeApplier {
     fn new(store: &Bound<'_, PyKvStore>, table: &Bound<'_, PySessionTable>) -> PyResult<Self> {
         let (table, settling, store) = (table.get().shared(), store.get().settling(), store.get().shared());
         let (t, s, w) = (Arc::clone(&table), Arc::clone(&store), Arc::clone(&settling));
-        let thread = LoopThread::spawn("dengine-apply", move |shared, waker| run(shared, t, s, w, waker))?;
+        let thread = LoopThread::spawn("dengine-apply", Priority::Background, move |shared, waker| {
+            run(shared, t, s, w, waker)
+        })?;
         Ok(NativeApplier { thread, table, store, settling })
     }
 

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 
 use crate::errors::StorageError;
 use crate::log::LogStoreBase;
-use crate::loop_thread::{LoopThread, Shared, Waker};
+use crate::loop_thread::{LoopThread, Priority, Shared, Waker};
 
 #[derive(Default)]
 struct State {
@@ -52,7 +52,9 @@ impl BackgroundSync {
     #[new]
     fn new(store: &Bound<'_, LogStoreBase>) -> PyResult<Self> {
         let inner = store.get().store();
-        let thread = LoopThread::spawn("dengine-sync", move |shared, waker| run(inner, shared, waker))?;
+        let thread = LoopThread::spawn("dengine-sync", Priority::Normal, move |shared, waker| {
+            run(inner, shared, waker)
+        })?;
         Ok(BackgroundSync { thread })
     }
 
