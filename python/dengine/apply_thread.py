@@ -11,10 +11,10 @@ loop's thread, from the store's revision alone, before the thread walks the map 
 writers they answer go on with their next writes while the map is updated: the cluster's writes
 otherwise wait for the leader's whole apply at every round.
 
-On Linux the thread runs at a lower CPU priority than the loop (nice 5): its work is off the
-path of every write (a leader's writes are answered before it runs them, a follower acknowledges
-entries before it applies them), so on a busy machine the loop and the log sync that every write
-waits for take a core first.
+On Linux the thread runs five nice levels below the loop (nice 5 for a loop at 0): its work is
+off the path of every write (a leader's writes are answered before it runs them, a follower
+acknowledges entries before it applies them), so on a busy machine the loop and the log sync that
+every write waits for take a core first.
 
 Small batches (a write at a time) are still applied in place: the hand-off costs a thread
 wake-up and a loop wake-up, tens of microseconds on the path of the write, which only a large

@@ -75,27 +75,33 @@ pub struct LoopThread<S> {
 pub enum Priority {
     /// As the loop: work that a write waits for (a log sync).
     Normal,
-    /// Below the loop ([`BACKGROUND_NICE`] on Linux): work nobody waits for while it runs, such
-    /// as applying writes already answered, or a follower's apply, which its acknowledgements do
-    /// not wait for. On a busy machine the loop, and the log sync it waits for, then go first.
+    /// Below the loop ([`BACKGROUND_NICE_STEP`] nice levels, on Linux): work nobody waits for
+    /// while it runs, such as applying writes already answered, or a follower's apply, which its
+    /// acknowledgements do not wait for. On a busy machine the loop, and the log sync it waits
+    /// for, then go first.
     Background,
 }
 
-/// The nice value a [`Priority::Background`] thread takes on Linux: about a quarter of the
-/// CPU share of a thread at nice 0 when both want the same core, and all of what is idle. In
-/// `benchmarks/bench_embedded.py` at 400 writes in flight (3 nodes on 2 cores) it raised the
-/// rate by 4-5% and lowered the p99 by about half a millisecond (benchmarks/RESULTS.md).
-pub const BACKGROUND_NICE: i32 = 5;
+/// How many nice levels a [`Priority::Background`] thread takes below the thread that starts it
+/// (the loop's), on Linux: at 5, about a quarter of the loop's CPU share when both want the same
+/// core, and all of what is idle. In `benchmarks/bench_embedded.py` at 400 writes in flight (3
+/// nodes on 2 cores) it raised the rate by 4-5% and lowered the p99 by about half a millisecond
+/// (benchmarks/RESULTS.md).
+pub const BACKGROUND_NICE_STEP: i32 = 5;
 
-/// Lowers the calling thread's CPU priority to `priority`. Linux only: there the nice value
-/// belongs to a thread, while elsewhere `setpriority` would lower the whole process.
+/// Sets the calling thread, just started by the loop's thread, at `priority`. Linux only: there
+/// the nice value belongs to a thread, while elsewhere `setpriority` would lower the whole
+/// process.
 fn take(priority: Priority) {
     #[cfg(target_os = "linux")]
     if priority == Priority::Background {
-        // SAFETY: setpriority reads no memory of ours; `who` 0 is the calling thread on Linux.
-        // A failure (a seccomp filter, say) leaves the thread at the loop's priority: harmless.
+        // Relative to the loop's, which the thread inherited: a process already started nicer
+        // than 0 keeps its apply thread below its loop. (19 is the lowest priority there is.)
+        // SAFETY: neither call reads memory of ours; `who` 0 is the calling thread on Linux. A
+        // failure (a seccomp filter, say) leaves the thread at the loop's priority: harmless.
         unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
+            let loops = libc::getpriority(libc::PRIO_PROCESS, 0);
+            libc::setpriority(libc::PRIO_PROCESS, 0, (loops + BACKGROUND_NICE_STEP).min(19));
         }
     }
     #[cfg(not(target_os = "linux"))]
