@@ -192,14 +192,11 @@ impl NativeApplier {
         } else {
             0
         };
-        // Where each command to run sits in the batch (they come in batch order).
-        let mut at = 0;
+        // Where each command to run sits in the batch: a batch's indexes are consecutive.
         let run: Vec<(usize, usize)> = run
             .iter()
             .map(|&(index, command)| {
-                while at < count && records.get(at).map(|(i, _, _)| i) != Some(index) {
-                    at += 1;
-                }
+                let at = (index - records.first_index()) as usize;
                 let (_, _, data) = records.get(at).expect("a command of the run is in the batch");
                 (at, data.len() - command.len())
             })
