@@ -45,6 +45,7 @@ limits and the remaining bytes, and rejects unknown versions, ops, flags and tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
@@ -518,7 +519,11 @@ class KVSnapshotWriter:
             _write_pieces(sink, pieces, _BACKGROUND_WRITE_BUFFER, self._view)
         finally:
             self._release()
-            self._pieces = None  # the frozen map pins every node it shares with older states
+            if pieces is not None:
+                # Here, on the writer's thread with the GIL released: the frozen map pins every
+                # node copied since the freeze, and freeing them all can take tens of ms.
+                pieces.release()
+            self._pieces = None
 
     def cancel(self) -> None:
         """Abandons the view: a writer running now raises at its next piece (into a snapshot
@@ -528,7 +533,11 @@ class KVSnapshotWriter:
         """
         self._view.cancelled = True
         self._release()
-        self._pieces = None
+        pieces, self._pieces = self._pieces, None
+        if pieces is not None:
+            # A writer running now holds the pieces, and lets go of them when it stops.
+            with contextlib.suppress(RuntimeError):
+                pieces.release()
 
 
 def _write_pieces(sink: BinaryIO, pieces: _core.KvSnapshotPieces, size: int, view: _View | None) -> None:
@@ -548,6 +557,9 @@ def _write_pieces(sink: BinaryIO, pieces: _core.KvSnapshotPieces, size: int, vie
         if view is not None and view.cancelled:
             raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
         _write_all(sink, piece)
+    if view is not None and view.cancelled:
+        # A cancel between two pieces lets go of the view, which then gives no more pieces.
+        raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
 
 
 def _write_all(sink: BinaryIO, data: bytes) -> None:

@@ -281,13 +281,16 @@ impl PyKvStore {
 
     /// Replaces the state with the snapshot `reader` validated. Raises `KVSnapshotError`,
     /// changing nothing, if the snapshot was not whole; the reader cannot be used again.
-    fn install(&self, reader: &mut PyKvSnapshotReader) -> PyResult<()> {
+    fn install(&self, py: Python<'_>, reader: &mut PyKvSnapshotReader) -> PyResult<()> {
         let Some(inner) = reader.inner.take() else {
             return Err(PyValueError::new_err("this snapshot reader was already finished"));
         };
         let restored = inner.finish().map_err(crate::errors::to_py)?;
-        self.lock().install(restored);
-        Ok(())
+        let replaced = self.lock().install(restored);
+        gil::detach(py, move || {
+            drop(replaced);
+            Ok(())
+        })
     }
 }
 
@@ -316,6 +319,17 @@ impl PyKvSnapshotPieces {
         let inner = &mut self.inner;
         let piece = gil::detach(py, || Ok(inner.next_piece(size)))?;
         Ok(piece.map(|p| PyBytes::new(py, &p)))
+    }
+
+    /// Lets go of the frozen view, with the GIL released: the view may hold a whole copy of the
+    /// tree, which takes tens of milliseconds to free. The last piece lets go by itself; a
+    /// writer that stops early calls this. Later calls do nothing.
+    fn release(&mut self, py: Python<'_>) -> PyResult<()> {
+        let inner = &mut self.inner;
+        gil::detach(py, || {
+            inner.release();
+            Ok(())
+        })
     }
 
     /// Writes every remaining piece (of about `size` bytes) to the open file descriptor `fd`, at

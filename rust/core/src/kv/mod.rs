@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 pub use command::Command;
 pub use snapshot::{SnapshotPieces, SnapshotReader};
-pub use store::{Event, KvStore};
+pub use store::{Event, KvStore, Replaced};
 
 /// Version byte leading every command and result.
 pub const FORMAT_VERSION: u8 = 1;

@@ -87,11 +87,21 @@ impl SnapshotPieces {
         }
         self.crc.update(&out);
         if !full {
-            self.finished = true;
             let crc = std::mem::take(&mut self.crc).finalize();
             out.extend_from_slice(&crc.to_le_bytes());
+            self.release();
         }
         Some(out)
+    }
+
+    /// Lets go of the frozen view; no more pieces come after. Letting go can take tens of
+    /// milliseconds: the view holds every node the live store copied on write since the freeze,
+    /// up to a whole second tree, freed here. So the last piece lets go by itself, on the
+    /// thread that writes the snapshot, and a writer that stops early calls this there too,
+    /// rather than leaving the drop to whichever thread drops the last reference.
+    pub fn release(&mut self) {
+        self.finished = true;
+        self.map = OrdMap::new();
     }
 }
 

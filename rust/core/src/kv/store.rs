@@ -262,9 +262,11 @@ impl KvStore {
     }
 
     /// Replaces the state with one read from a snapshot: the history is emptied and starts at
-    /// the snapshot's revision.
-    pub fn install(&mut self, restored: super::snapshot::Restored) {
-        self.map = restored.map;
+    /// the snapshot's revision. Returns the replaced state, for the caller to free where a
+    /// drop of a whole tree (tens of milliseconds) holds up nobody.
+    #[must_use = "the replaced state is freed wherever it is dropped"]
+    pub fn install(&mut self, restored: super::snapshot::Restored) -> Replaced {
+        let replaced = Replaced { _map: std::mem::replace(&mut self.map, restored.map) };
         self.revision = restored.revision;
         self.last_applied = restored.last_applied;
         self.history.clear();
@@ -272,5 +274,11 @@ impl KvStore {
         self.latest_overflow.clear();
         self.compacted = restored.revision;
         self.restores += 1;
+        replaced
     }
+}
+
+/// The state a [`KvStore::install`] replaced, freed when dropped.
+pub struct Replaced {
+    _map: OrdMap<Key, Record>,
 }

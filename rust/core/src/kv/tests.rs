@@ -74,7 +74,7 @@ fn restore(data: &[u8], feed: usize) -> Result<KvStore, String> {
         reader.feed(piece).map_err(|e| e.to_string())?;
     }
     let mut store = KvStore::new(10);
-    store.install(reader.finish().map_err(|e| e.to_string())?);
+    drop(store.install(reader.finish().map_err(|e| e.to_string())?));
     Ok(store)
 }
 
@@ -345,4 +345,29 @@ fn invalid_entries_are_named_with_their_offset() {
         "not a dengine KV snapshot: magic is b'NOTASNAP', expected b'DNGKVSN\\x00'"
     );
     assert_eq!(bytes_repr(b"it's\\"), "b\"it's\\\\\"");
+}
+
+#[test]
+fn a_snapshot_lets_go_of_its_frozen_view_at_its_last_piece_or_when_released() {
+    // The view pins every value the live store replaced since the freeze. Freeing them all can
+    // take tens of milliseconds, so it falls to the thread writing the snapshot (the last piece,
+    // or `release` when it stops early), not to whichever thread drops the pieces afterwards.
+    let mut log = Log::new(0);
+    log.apply(&put(b"k", b"first"));
+    for release_early in [false, true] {
+        let held = log.store.get(b"k").expect("k is stored").value.clone();
+        let mut pieces = SnapshotPieces::new(&log.store);
+        log.apply(&put(b"k", b"next"));
+        log.apply(&put(b"other", b"value"));
+        assert_eq!(std::sync::Arc::strong_count(&held), 2, "the view alone keeps the replaced value");
+        if release_early {
+            assert!(pieces.next_piece(1).is_some(), "the header and a first entry");
+            pieces.release();
+        } else {
+            while pieces.next_piece(1).is_some() {}
+        }
+        assert_eq!(std::sync::Arc::strong_count(&held), 1, "let go before the pieces are dropped");
+        assert!(pieces.next_piece(1).is_none(), "nothing comes after");
+        drop(pieces);
+    }
 }
