@@ -529,7 +529,9 @@ class KVSnapshotWriter:
         """Abandons the view: a writer running now raises at its next piece (into a snapshot
         store's sink, once the whole state is written), one not yet run raises at once.
 
-        Safe from any thread; does nothing once the writer has finished.
+        Safe from any thread; does nothing once the writer has finished. A writer not running
+        lets go of its frozen tree here, with the GIL released but on the caller's thread: for a
+        large store whose tree was mostly copied on write since, tens of milliseconds.
         """
         self._view.cancelled = True
         self._release()
