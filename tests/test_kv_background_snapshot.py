@@ -275,17 +275,17 @@ def test_view_is_released_when_the_writer_finishes() -> None:
     session.sm.begin_snapshot().cancel()  # a new view can begin
 
 
+class FullDisk(io.BytesIO):
+    def write(self, data: ReadableBuffer, /) -> int:
+        raise OSError(28, "No space left on device")
+
+
 def test_view_is_released_when_the_writer_raises() -> None:
     session = small_store()
     writer = session.sm.begin_snapshot()
     view = session.sm._view
     assert view is not None
     session.do(encode_put(key(1), b"changed"))
-
-    class FullDisk(io.BytesIO):
-        def write(self, data: ReadableBuffer, /) -> int:
-            raise OSError(28, "No space left on device")
-
     with pytest.raises(OSError, match="No space"):
         writer(FullDisk())
     assert session.sm._view is None and writer._pieces is None
@@ -310,11 +310,6 @@ class RecordingPieces:
         self.pieces.release()  # type: ignore[attr-defined]
 
 
-class FailingSink(io.BytesIO):
-    def write(self, data: ReadableBuffer, /) -> int:
-        raise OSError(28, "No space left on device")
-
-
 @pytest.mark.parametrize("ending", ["written", "failed", "cancelled"])
 def test_the_frozen_tree_is_freed_by_the_thread_that_ends_the_writer(ending: str) -> None:
     # Freeing the frozen tree (every node copied on write since the freeze) took 25-45 ms with
@@ -334,7 +329,7 @@ def test_the_frozen_tree_is_freed_by_the_thread_that_ends_the_writer(ending: str
             writer.cancel()
         else:
             with pytest.raises(OSError) if ending == "failed" else contextlib.nullcontext():
-                writer(FailingSink() if ending == "failed" else io.BytesIO())
+                writer(FullDisk() if ending == "failed" else io.BytesIO())
 
     thread = threading.Thread(target=end)
     thread.start()
@@ -502,3 +497,44 @@ def test_into_a_snapshot_store_the_writer_writes_the_state_from_rust_in_one_call
     assert latest is not None and latest.file_sha256 == committed.file_sha256
     with store.open_data(latest) as data:
         assert data.read() == expected
+
+
+def test_a_cancel_from_another_thread_while_rust_writes_the_state(tmp_path: Path) -> None:
+    """A cancel that lands while the writer is inside its one Rust call (which holds the frozen
+    pieces) cannot let go of them there: it returns quietly, the writer lets go when the call
+    ends, and raises as cancelled rather than leaving a snapshot that looks whole."""
+    session = Session()
+    for i in range(100_000):
+        session.do(encode_put(key(i), b"v" * 200))
+    writer = session.sm.begin_snapshot()
+    out = SnapshotStore(tmp_path).create(SnapshotMeta(session.index, 1, (1, 2, 3)))
+    inside = threading.Event()
+    real = type(out.sink).write_kv_pieces  # type: ignore[attr-defined]
+
+    def write_kv_pieces(self: BinaryIO, pieces: object, size: int) -> bool:
+        inside.set()
+        return bool(real(self, pieces, size))
+
+    type(out.sink).write_kv_pieces = write_kv_pieces  # type: ignore[attr-defined]
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            writer(out.sink)
+            outcome.append(None)
+        except BaseException as exc:  # recorded for the assertion
+            outcome.append(exc)
+
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert inside.wait(10)
+        time.sleep(0.002)  # well inside the ~20 MB write
+        writer.cancel()
+        thread.join()
+    finally:
+        type(out.sink).write_kv_pieces = real  # type: ignore[attr-defined]
+        out.abort()
+    assert len(outcome) == 1 and isinstance(outcome[0], KVSnapshotCancelledError)
+    assert session.sm._view is None
+    session.sm.begin_snapshot().cancel()

@@ -521,8 +521,10 @@ class KVSnapshotWriter:
             self._release()
             if pieces is not None:
                 # Here, on the writer's thread with the GIL released: the frozen map pins every
-                # node copied since the freeze, and freeing them all can take tens of ms.
-                pieces.release()
+                # node copied since the freeze, and freeing them all can take tens of ms. (A
+                # cancel on another thread may be letting go of it at this very moment.)
+                with contextlib.suppress(RuntimeError):
+                    pieces.release()
             self._pieces = None
 
     def cancel(self) -> None:
