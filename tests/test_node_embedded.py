@@ -509,3 +509,32 @@ def test_entries_are_applied_in_order_around_a_snapshot_and_the_apply_task(tmp_p
             assert await node.propose(b"100") == b"111"
 
     run(main)
+
+
+def test_a_node_that_fails_applying_where_a_commit_is_heard_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A command that raises is contained (its caller gets ApplyError); a failure of the apply
+    # machinery itself is a bug, after which what the node would apply next cannot be trusted.
+    real = apply_committed
+
+    def broken(chunk: Any, sessions: Any, run: Any, wanted: Any) -> Any:
+        if wanted:
+            raise RuntimeError("applying failed: a bug")
+        return real(chunk, sessions, run, wanted)
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, n=1)
+        node = Node(cfg, state_machine=Counter())
+        await node.start()
+        try:
+            await until(lambda: leader_of([node]))
+            assert await node.propose(b"1") == b"1"
+            monkeypatch.setattr("dengine.node.apply_committed", broken)
+            with pytest.raises(OutcomeUnknownError, match="an apply failure"):
+                await asyncio.wait_for(node.propose(b"1"), 10)
+            assert node.failure is not None and "an apply failure" in node.failure
+        finally:
+            await node.stop(transfer_leadership=False)
+
+    run(main)

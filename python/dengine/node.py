@@ -984,11 +984,14 @@ class Node:
         try:
             await self._apply_committed_forever()
         except Exception as exc:
-            # A bug, not a command's failure (those are contained per command): what this node
-            # would apply next could not be trusted, so it stops rather than leave callers hanging.
-            log.critical("node %d: applying failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
-            self._fail_stop(exc, "an apply failure")
+            self._apply_failed(exc)
             raise
+
+    def _apply_failed(self, exc: Exception) -> None:
+        # A bug, not a command's failure (those are contained per command): what this node
+        # would apply next could not be trusted, so it stops rather than leave callers hanging.
+        log.critical("node %d: applying failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+        self._fail_stop(exc, "an apply failure")
 
     async def _apply_committed_forever(self) -> None:
         raft = self.raft
@@ -1049,8 +1052,7 @@ class Node:
         try:
             self._apply_part(entries, self._native_target())
         except Exception as exc:
-            log.critical("node %d: applying failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
-            self._fail_stop(exc, "an apply failure")
+            self._apply_failed(exc)
             return True
         raft.applied_to(entries[-1].index)
         self.metrics.set_indexes(raft.commit, raft.applied)
