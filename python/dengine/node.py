@@ -994,8 +994,6 @@ class Node:
         self._fail_stop(exc, "an apply failure")
 
     async def _apply_committed_forever(self) -> None:
-        raft = self.raft
-        assert raft is not None
         while True:
             item = await self._apply_queue.get()
             # Until the item is applied, nothing is applied around it (_apply_here): between a
@@ -1006,9 +1004,14 @@ class Node:
                 await self._apply_item(item)
             finally:
                 self._apply_busy = False
-            self.metrics.set_indexes(raft.commit, raft.applied)
-            self.snapshots.on_applied()
+            self._after_apply()
             self.pump()
+
+    def _after_apply(self) -> None:
+        raft = self.raft
+        assert raft is not None
+        self.metrics.set_indexes(raft.commit, raft.applied)
+        self.snapshots.on_applied()
 
     async def _apply_item(self, item: Sequence[Entry] | SnapshotInfo) -> None:
         raft = self.raft
@@ -1055,8 +1058,7 @@ class Node:
             self._apply_failed(exc)
             return True
         raft.applied_to(entries[-1].index)
-        self.metrics.set_indexes(raft.commit, raft.applied)
-        self.snapshots.on_applied()
+        self._after_apply()
         return True
 
     def _native_target(self) -> object:
