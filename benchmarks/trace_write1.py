@@ -38,7 +38,6 @@ from bench_embedded import write_configs
 from dengine import Client, event_loop
 
 Record = tuple[int, str, int]
-APP_WITH_ENTRIES, APP_RESP = 11, 20  # write_trace_probe's detail: message type * 10 + has entries
 SITECUSTOMIZE = """
 import os
 if os.environ.get("DENGINE_TRACE_DIR"):
@@ -75,13 +74,18 @@ async def drive(addresses: list[str], seconds: float) -> list[tuple[int, int]]:
 
 
 def first(
-    records: list[Record], times: list[int], lo: int, hi: int, tag: str, *, detail: int | None = None
-) -> int | None:
-    """The time of the first record tagged ``tag`` (with ``detail``) in [lo, hi]."""
+    records: list[Record], times: list[int], lo: int, hi: int, tag: str, *, reaching: int = 0
+) -> tuple[int, int] | None:
+    """The (time, detail) of the first record tagged ``tag`` in [lo, hi] whose detail (for a
+    message, the last index it carries or acknowledges) is at least ``reaching``."""
     for when, t, d in records[bisect.bisect_left(times, lo) : bisect.bisect_right(times, hi)]:
-        if t == tag and (detail is None or d == detail):
-            return when
+        if t == tag and d >= reaching:
+            return when, d
     return None
+
+
+def at(found: tuple[int, int] | None) -> int | None:
+    return None if found is None else found[0]
 
 
 def timeline(calls: list[tuple[int, int]], traces: dict[int, list[Record]]) -> dict[str, list[float]]:
@@ -98,29 +102,37 @@ def timeline(calls: list[tuple[int, int]], traces: dict[int, list[Record]]) -> d
     for began, ended in calls[50:]:
         lead, lt = traces[leader], times[leader]
         note("client calls", began, began)
-        note("leader: batch in", first(lead, lt, began, ended, "batch in"), began)
-        note("leader: sync asked", first(lead, lt, began, ended, "sync asked"), began)
-        note("leader: appends queued", first(lead, lt, began, ended, "send", detail=APP_WITH_ENTRIES), began)
-        wrote = first(lead, lt, began, ended, "write")
-        note("leader: first append written", wrote, began)
-        note("leader: synced", first(lead, lt, began, ended, "synced"), began)
+        note("leader: batch in", at(first(lead, lt, began, ended, "batch in")), began)
+        note("leader: sync asked", at(first(lead, lt, began, ended, "sync asked")), began)
+        append = first(lead, lt, began, ended, "send app+")
+        if append is None:
+            continue
+        queued, last = append
+        note("leader: appends queued", queued, began)
+        note("leader: first append written", at(first(lead, lt, queued, ended, "write")), began)
+        note("leader: synced", at(first(lead, lt, began, ended, "synced")), began)
         received = sorted(
             (when, pid)
             for pid in followers
-            if (when := first(traces[pid], times[pid], began, ended, "recv", detail=APP_WITH_ENTRIES))
+            if (when := at(first(traces[pid], times[pid], queued, ended, "recv app+", reaching=last)))
             is not None
         )
         for rank, (when, pid) in enumerate(received):
             who = ("first", "second")[rank] + " follower"
             fr, ft = traces[pid], times[pid]
             note(f"{who}: append in", when, began)
-            note(f"{who}: sync asked", first(fr, ft, when, ended, "sync asked"), began)
-            note(f"{who}: synced", first(fr, ft, when, ended, "synced"), began)
-            note(f"{who}: answer queued", first(fr, ft, when, ended, "send", detail=APP_RESP), began)
-        if wrote is not None:
-            note("leader: first answer in", first(lead, lt, wrote, ended, "recv", detail=APP_RESP), began)
-        note("leader: answered", first(lead, lt, began, ended, "answered"), began)
-        note("leader: batch out", first(lead, lt, began, ended, "batch out"), began)
+            note(f"{who}: sync asked", at(first(fr, ft, when, ended, "sync asked")), began)
+            note(f"{who}: synced", at(first(fr, ft, when, ended, "synced")), began)
+            note(
+                f"{who}: answer queued", at(first(fr, ft, when, ended, "send app_resp", reaching=last)), began
+            )
+        note(
+            "leader: first answer in",
+            at(first(lead, lt, queued, ended, "recv app_resp", reaching=last)),
+            began,
+        )
+        note("leader: answered", at(first(lead, lt, began, ended, "answered")), began)
+        note("leader: batch out", at(first(lead, lt, began, ended, "batch out")), began)
         note("client has its answer", ended, began)
     return steps
 

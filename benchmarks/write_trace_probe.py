@@ -20,7 +20,7 @@ from typing import Any
 from dengine import log_sync, node, server
 from dengine.transport import peers
 
-Record = tuple[int, str, int]  # (monotonic ns, tag, detail)
+Record = tuple[int, str, int]  # (monotonic ns, tag, detail: a message's last index, a count)
 
 _records: list[Record] = []
 
@@ -34,6 +34,16 @@ def _dump(directory: str) -> None:
         json.dump(_records, f)
 
 
+def _message_tag(verb: str, m: Any) -> str:
+    """``send app+`` for an append with entries, ``recv app_resp`` for an answer, and so on."""
+    return f"{verb} {m.type.name.lower()}{'+' if m.entries else ''}"
+
+
+def _last_index(m: Any) -> int:
+    """The last index an append carries, or the index an answer acknowledges."""
+    return int(m.index) + len(m.entries or ())
+
+
 def _wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
     setattr(owner, name, make(getattr(owner, name)))
 
@@ -43,15 +53,14 @@ def install(directory: str) -> None:
 
     def on_message(real: Any) -> Any:
         def wrapper(self: Any, m: Any) -> None:
-            kind = int(m.type)
-            _note("recv", kind * 10 + (1 if m.entries else 0))
+            _note(_message_tag("recv", m), _last_index(m))
             real(self, m)
 
         return wrapper
 
     def send(real: Any) -> Any:
         def wrapper(self: Any, m: Any) -> None:
-            _note("send", int(m.type) * 10 + (1 if m.entries else 0))
+            _note(_message_tag("send", m), _last_index(m))
             real(self, m)
 
         return wrapper
