@@ -554,15 +554,17 @@ def _write_pieces(sink: BinaryIO, pieces: _core.KvSnapshotPieces, size: int, vie
     if view is not None:
         fast = getattr(sink, "write_kv_pieces", None)
         if fast is not None and fast(pieces, size):
-            if view.cancelled:
-                raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
+            _raise_if_cancelled(view)
             return
     while (piece := pieces.next_piece(size)) is not None:
-        if view is not None and view.cancelled:
-            raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
+        _raise_if_cancelled(view)
         _write_all(sink, piece)
+    # A cancel between two pieces lets go of the view, which then gives no more pieces.
+    _raise_if_cancelled(view)
+
+
+def _raise_if_cancelled(view: _View | None) -> None:
     if view is not None and view.cancelled:
-        # A cancel between two pieces lets go of the view, which then gives no more pieces.
         raise KVSnapshotCancelledError("the KV snapshot was cancelled while it was being written")
 
 
