@@ -538,3 +538,40 @@ def test_a_cancel_from_another_thread_while_rust_writes_the_state(tmp_path: Path
     assert len(outcome) == 1 and isinstance(outcome[0], KVSnapshotCancelledError)
     assert session.sm._view is None
     session.sm.begin_snapshot().cancel()
+
+
+def test_a_cancel_that_frees_the_view_while_the_writer_asks_for_a_piece() -> None:
+    """``cancel`` lets go of the frozen tree with the GIL released, holding the pieces while it
+    does; a writer that asks for its next piece meanwhile (a piece at a time, into a sink whose
+    writes let the GIL go) must still end as cancelled, not with the binding's "already
+    borrowed" error."""
+    session = Session()
+    for i in range(150_000):
+        session.do(encode_put(key(i), b"v" * 16))
+    writer = session.sm.begin_snapshot()
+    for i in range(150_000):  # every frozen node copied on write: freeing the view takes a while
+        session.do(encode_put(key(i), b"w" * 16))
+    writing = threading.Event()
+
+    class SlowSink(io.BytesIO):
+        def write(self, data: ReadableBuffer) -> int:
+            writing.set()
+            time.sleep(0.002)  # a disk write: the GIL goes, the cancel gets in
+            return len(memoryview(data))
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            writer(SlowSink())
+            outcome.append(None)
+        except BaseException as exc:  # recorded for the assertion
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert writing.wait(10)
+    time.sleep(0.0005)
+    writer.cancel()
+    thread.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], KVSnapshotCancelledError), outcome

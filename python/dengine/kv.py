@@ -551,14 +551,19 @@ def _write_pieces(sink: BinaryIO, pieces: _core.KvSnapshotPieces, size: int, vie
     A background writer (``view`` given) whose sink is a snapshot store's writes the whole state
     from Rust at once (``write_kv_pieces``), and notices a cancellation only at the end: taking
     the GIL back for every piece made the event loop wait for this thread again and again."""
-    if view is not None:
-        fast = getattr(sink, "write_kv_pieces", None)
-        if fast is not None and fast(pieces, size):
+    try:
+        if view is not None:
+            fast = getattr(sink, "write_kv_pieces", None)
+            if fast is not None and fast(pieces, size):
+                _raise_if_cancelled(view)
+                return
+        while (piece := pieces.next_piece(size)) is not None:
             _raise_if_cancelled(view)
-            return
-    while (piece := pieces.next_piece(size)) is not None:
+            _write_all(sink, piece)
+    except RuntimeError:
+        # "Already borrowed": a cancel on another thread holds the pieces while it frees them.
         _raise_if_cancelled(view)
-        _write_all(sink, piece)
+        raise
     # A cancel between two pieces lets go of the view, which then gives no more pieces.
     _raise_if_cancelled(view)
 
