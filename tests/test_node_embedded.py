@@ -511,8 +511,9 @@ def test_entries_are_applied_in_order_around_a_snapshot_and_the_apply_task(tmp_p
     run(main)
 
 
+@pytest.mark.parametrize("failing", ["apply", "bookkeeping after it"])
 def test_a_node_that_fails_applying_where_a_commit_is_heard_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     # A command that raises is contained (its caller gets ApplyError); a failure of the apply
     # machinery itself is a bug, after which what the node would apply next cannot be trusted.
@@ -523,6 +524,9 @@ def test_a_node_that_fails_applying_where_a_commit_is_heard_stops(
             raise RuntimeError("applying failed: a bug")
         return real(chunk, sessions, run, wanted)
 
+    def broken_after(self: Node) -> None:
+        raise RuntimeError("the bookkeeping after an apply failed: a bug")
+
     async def main() -> None:
         (cfg,) = configs(tmp_path, n=1)
         node = Node(cfg, state_machine=Counter())
@@ -530,9 +534,14 @@ def test_a_node_that_fails_applying_where_a_commit_is_heard_stops(
         try:
             await until(lambda: leader_of([node]))
             assert await node.propose(b"1") == b"1"
-            monkeypatch.setattr("dengine.node.apply_committed", broken)
-            with pytest.raises(OutcomeUnknownError, match="an apply failure"):
-                await asyncio.wait_for(node.propose(b"1"), 10)
+            if failing == "apply":
+                monkeypatch.setattr("dengine.node.apply_committed", broken)
+                with pytest.raises(OutcomeUnknownError, match="an apply failure"):
+                    await asyncio.wait_for(node.propose(b"1"), 10)
+            else:
+                monkeypatch.setattr(Node, "_after_apply", broken_after)
+                assert await node.propose(b"1") == b"2", "answered before the bookkeeping"
+                await until(lambda: node.failure is not None)
             assert node.failure is not None and "an apply failure" in node.failure
         finally:
             await node.stop(transfer_leadership=False)

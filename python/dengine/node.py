@@ -1054,11 +1054,10 @@ class Node:
         assert raft is not None
         try:
             self._apply_part(entries, self._native_target())
+            raft.applied_to(entries[-1].index)
+            self._after_apply()
         except Exception as exc:
             self._apply_failed(exc)
-            return True
-        raft.applied_to(entries[-1].index)
-        self._after_apply()
         return True
 
     def _native_target(self) -> object:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import os
@@ -105,6 +106,26 @@ class SnapshotManager:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _run_to_end(
+        self, fn: Callable[..., T], *args: Any, stop: Callable[[], None] | None = None
+    ) -> T:
+        """:meth:`_run` for work on a snapshot file being written. Cancelled (the node stopping),
+        it asks the work to ``stop`` and waits until the thread returns before the cancel goes
+        on: what follows closes and removes the file, and a thread still writing to a closed
+        descriptor could write into whatever file is opened next under the same number."""
+        work = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if stop is not None:
+                stop()
+            while not work.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([work])
+            if not work.cancelled():
+                work.exception()  # the cancel is what the caller hears; this is only retrieved
+            raise
+
     # --- start and stop -----------------------------------------------------------------------
 
     async def load_at_start(self) -> SnapshotFile | None:
@@ -141,7 +162,8 @@ class SnapshotManager:
         if self._growth_check is not None:
             tasks.append(self._growth_check)
         if self._creating is not None:
-            self._creating.cancel()
+            # Awaited with the rest: it waits on the loop for a state being written to the end.
+            tasks.append(self._creating)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -218,6 +240,10 @@ class SnapshotManager:
         assert raft is not None and store is not None and node.store is not None
         began = time.monotonic()
         async with node.apply_lock:
+            if node.failure is not None:
+                # The apply that failed may have changed part of the state past raft.applied:
+                # a snapshot of it, restored, would apply those entries twice.
+                return self.latest
             index = raft.applied
             # The size policy counts growth from here: entries appended while this snapshot is
             # written and the log compacted belong to the next one.
@@ -244,14 +270,14 @@ class SnapshotManager:
                 elif inspect.iscoroutinefunction(sm.snapshot):
                     await sm.snapshot(writer.sink)
                 else:
-                    await self._run(sm.snapshot, writer.sink)
+                    await self._run_to_end(sm.snapshot, writer.sink)
             except BaseException:
                 await self._run(writer.abort)
                 raise
         try:
             if background is not None:
-                await self._run(background, writer.sink)
-            snap = await self._run(writer.commit)
+                await self._run_to_end(background, writer.sink, stop=getattr(background, "cancel", None))
+            snap = await self._run_to_end(writer.commit)
         except BaseException:
             await self._run(writer.abort)
             raise
