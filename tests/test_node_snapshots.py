@@ -454,3 +454,51 @@ def test_a_node_that_failed_applying_takes_no_snapshot(tmp_path: Path) -> None:
             assert sorted((tmp_path / "n1" / "snapshots").iterdir()) == []
 
     run(main)
+
+
+class SlowToRestore(Counter):
+    """A counter whose restore, once ``armed``, waits for ``go`` before it reads its source."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.restoring = threading.Event()
+        self.go = threading.Event()
+        self.read: list[bytes | BaseException] = []
+
+    def restore(self, source: BinaryIO) -> None:
+        if self.armed:
+            self.restoring.set()
+            self.go.wait(5)
+            try:
+                self.read.append(source.read())
+            except BaseException as exc:
+                self.read.append(exc)
+                raise
+        super().restore(source)
+
+
+def test_a_restore_cancelled_midway_keeps_its_source_open_until_it_returns(tmp_path: Path) -> None:
+    """A restore that is cancelled (the node stopping) closes the snapshot it reads only once
+    the thread reading it is done: closed under it, the descriptor could be another file's."""
+    (cfg,) = configs(tmp_path, 1)
+    sm = SlowToRestore()
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=sm) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 5)
+            snap = await node.snapshot()
+            assert snap is not None
+            sm.armed = True
+            restoring = asyncio.ensure_future(node.snapshots._restore_state(snap))
+            await until(sm.restoring.is_set)
+            restoring.cancel()
+            await asyncio.sleep(0.2)
+            assert not restoring.done(), "the cancel did not wait for the restore"
+            sm.go.set()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(restoring, 10)
+            assert sm.read == [b"5"], "the source was closed under the restore"
+
+    run(main)

@@ -109,10 +109,10 @@ class SnapshotManager:
     async def _run_to_end(
         self, fn: Callable[..., T], *args: Any, stop: Callable[[], None] | None = None
     ) -> T:
-        """:meth:`_run` for work on a snapshot file being written. Cancelled (the node stopping),
-        it asks the work to ``stop`` and waits until the thread returns before the cancel goes
-        on: what follows closes and removes the file, and a thread still writing to a closed
-        descriptor could write into whatever file is opened next under the same number."""
+        """:meth:`_run` for work on an open snapshot file. Cancelled (the node stopping), it asks
+        the work to ``stop`` and waits until the thread returns before the cancel goes on: what
+        follows closes the file, and a thread still using a closed descriptor could write into,
+        or read from, whatever file is opened next under the same number."""
         work = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         try:
             return await asyncio.shield(work)
@@ -603,7 +603,7 @@ class SnapshotManager:
             if inspect.iscoroutinefunction(sm.restore):
                 await sm.restore(source)
             else:
-                await self._run(sm.restore, source)
+                await self._run_to_end(sm.restore, source)
         finally:
             source.close()
         self.node.sessions.restore(snap.meta.sessions)
