@@ -242,3 +242,115 @@ fn leftover_segments_below_a_durable_compaction_are_removed() {
     assert!(s.recovery_report().removed_segments > 0);
     assert_eq!(s.entries(351, 401, u64::MAX).unwrap().len(), 50);
 }
+
+/// Makes `path` impossible to remove for the store (a non-empty directory takes the file's
+/// place), as a crash right before that unlink would; returns where the file went.
+fn pin_in_place(path: &Path) -> PathBuf {
+    let aside = path.with_extension("aside");
+    std::fs::rename(path, &aside).unwrap();
+    std::fs::create_dir(path).unwrap();
+    std::fs::write(path.join("keep"), b"x").unwrap();
+    aside
+}
+
+fn unpin(path: &Path, aside: &Path) {
+    std::fs::remove_dir_all(path).unwrap();
+    std::fs::rename(aside, path).unwrap();
+}
+
+#[test]
+fn a_truncation_stopped_between_two_unlinks_leaves_a_log_that_opens() {
+    // Segments are removed newest first: stopped before the newest went, nothing did, where
+    // oldest-first would have left the newest after a gap, and a log that refuses to open.
+    let dir = write_log(300, 40);
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 4, "{segs:?}");
+    let newest = segs.last().unwrap().clone();
+    let s = WalLogStore::open(dir.path(), opts()).unwrap();
+    let aside = pin_in_place(&newest);
+    assert!(s.truncate_suffix(5).is_err());
+    // What failed midway is not trusted any further.
+    let refused = s.append(&[Entry::new(5, 2, b"new".to_vec())]).unwrap_err().to_string();
+    assert!(refused.contains("unusable after an earlier I/O failure"), "{refused}");
+    drop(s);
+    unpin(&newest, &aside);
+    let s = WalLogStore::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.last_index().unwrap(), 300, "the old log, whole: the truncation never happened");
+    assert_eq!(s.entries(1, 301, u64::MAX).unwrap().len(), 300);
+}
+
+#[test]
+fn a_reset_stopped_between_two_unlinks_leaves_a_log_that_opens() {
+    let dir = write_log(300, 40);
+    let segs = segments(dir.path());
+    let newest = segs.last().unwrap().clone();
+    let s = WalLogStore::open(dir.path(), opts()).unwrap();
+    let aside = pin_in_place(&newest);
+    assert!(s.reset(1000, 3).is_err());
+    drop(s);
+    unpin(&newest, &aside);
+    let s = WalLogStore::open(dir.path(), opts()).unwrap();
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 300));
+}
+
+#[test]
+fn a_failed_rollover_stops_the_store_and_loses_nothing_synced() {
+    let dir = write_log(60, 40);
+    let s = WalLogStore::open(dir.path(), opts()).unwrap();
+    let mut i = s.last_index().unwrap();
+    let next_segment = |i: u64| dir.path().join(format!("{:020}.wal", i + 1));
+    // Fill the active segment, then make its successor's name taken: the rollover fails.
+    let before = segments(dir.path()).len();
+    while segments(dir.path()).len() == before {
+        i += 1;
+        s.append(&[Entry::new(i, 1, vec![7; 40])]).unwrap();
+    }
+    s.sync().unwrap();
+    let synced = i;
+    let mut blocked = None;
+    for _ in 0..200 {
+        std::fs::write(next_segment(i), b"in the way").unwrap();
+        i += 1;
+        match s.append(&[Entry::new(i, 1, vec![8; 40])]) {
+            Ok(()) => {
+                std::fs::remove_file(next_segment(i - 1)).unwrap();
+            }
+            Err(e) => {
+                blocked = Some((e, next_segment(i - 1)));
+                break;
+            }
+        }
+    }
+    let (err, in_the_way) = blocked.expect("a rollover was attempted");
+    assert!(err.to_string().contains("exists"), "{err}");
+    assert!(s.sync().is_err(), "nothing more after a failure that may have left files half changed");
+    drop(s);
+    std::fs::remove_file(in_the_way).unwrap();
+    let s = WalLogStore::open(dir.path(), opts()).unwrap();
+    assert!(s.last_index().unwrap() >= synced);
+    let all = s.entries(1, s.last_index().unwrap() + 1, u64::MAX).unwrap();
+    assert!(all.iter().enumerate().all(|(k, e)| e.index == k as u64 + 1));
+}
+
+#[test]
+fn a_preallocated_segment_renamed_in_before_its_header_was_written_is_started_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let prealloc = WalOptions { segment_bytes: 64 << 10, preallocate: true };
+    {
+        let s = WalLogStore::open(dir.path(), prealloc.clone()).unwrap();
+        for i in 1..=1000u64 {
+            s.append(&[Entry::new(i, 1, vec![(i % 256) as u8; 100])]).unwrap();
+        }
+        s.sync().unwrap();
+    }
+    // The process died right after renaming the next zero-filled file into place.
+    let next = dir.path().join(format!("{:020}.wal", 1001));
+    std::fs::write(&next, vec![0u8; 64 << 10]).unwrap();
+    let s = WalLogStore::open(dir.path(), prealloc).unwrap();
+    assert_eq!(s.last_index().unwrap(), 1000);
+    let torn = s.recovery_report().torn_tail.clone().expect("reported as a torn tail");
+    assert_eq!(torn.path, next);
+    s.append(&[Entry::new(1001, 1, b"after".to_vec())]).unwrap();
+    s.sync().unwrap();
+    assert_eq!(s.entries(1001, 1002, u64::MAX).unwrap()[0].data, b"after");
+}

@@ -80,6 +80,10 @@ impl MetaFile {
         let Some((slot, (seq, meta))) = best else {
             return Err(Error::corrupt(&path, 0, "neither hard-state slot has a valid checksum"));
         };
+        // The newest slot may have been written and never flushed (the previous process died
+        // between the two): flushed now, the term and vote read here are durable before they
+        // are acted on, and the next write's slot is not the only copy on disk.
+        file.sync_data().map_err(|e| Error::io(&path, e))?;
         Ok(MetaFile { path, file, seq, durable_slot: slot, dirty: false, lazy: false, current: meta })
     }
 

@@ -116,6 +116,16 @@ impl Segment {
         }
         let mut head = [0u8; SEGMENT_HEADER_LEN as usize];
         pio::read_exact_at(&seg.file, &mut head, 0).map_err(|e| Error::io(&seg.path, e))?;
+        if is_last && head.iter().all(|&b| b == 0) {
+            // A zero-filled file from the preallocator, renamed into place by a process that
+            // died before its header reached the disk. Nothing in it was ever synced (a sync
+            // flushes the header with the records): start it over.
+            seg.file.set_len(0).map_err(|e| Error::io(&seg.path, e))?;
+            pio::write_all_at(&seg.file, &header_bytes(first_index), 0)
+                .map_err(|e| Error::io(&seg.path, e))?;
+            let torn = TornTail { path: seg.path.clone(), offset: 0, bytes_cut: len };
+            return Ok((seg, Some(torn)));
+        }
         if head != header_bytes(first_index) {
             return Err(Error::corrupt(
                 &seg.path,

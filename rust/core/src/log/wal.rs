@@ -107,6 +107,14 @@ impl State {
     fn segment_for(&self, index: u64) -> usize {
         self.segments.partition_point(|s| s.first_index <= index).saturating_sub(1)
     }
+
+    /// Makes the store refuse further work after `err` (see `failed`); the first reason stands.
+    fn fail(&mut self, err: Error) -> Error {
+        if self.failed.is_none() {
+            self.failed = Some(err.to_string());
+        }
+        err
+    }
 }
 
 /// The durable, segmented write-ahead log. See the module docs for layout and guarantees.
@@ -197,7 +205,6 @@ impl WalLogStore {
             report.torn_tail = torn;
             segments.push(seg);
         }
-        let mut dir_dirty = false;
         if let Some(first) = segments.first() {
             if first.first_index > compact_index + 1 {
                 return Err(Error::corrupt(
@@ -220,7 +227,6 @@ impl WalLogStore {
             }
             terms.clear();
             segments.push(Segment::create(&dir, compact_index + 1, None)?);
-            dir_dirty = true;
         } else {
             terms.compact(compact_index);
             if last_on_disk > compact_index && terms.term_at(compact_index + 1) < compact_term {
@@ -239,9 +245,10 @@ impl WalLogStore {
         // What recovery read may still sit only in the page cache (the previous process died, the
         // machine did not); flush it so that what we now call durable really is.
         active.sync_data().map_err(|e| Error::io(&dir, e))?;
-        if dir_dirty || report.removed_segments > 0 {
-            pio::sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
+        // The directory too, always: the previous process may have created the last segment
+        // and died before any sync reached its directory entry, and its entries are now
+        // counted durable.
+        pio::sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         let mut state = State {
             segments,
             terms,
@@ -315,7 +322,7 @@ impl WalLogStore {
         if let Some(why) = &st.failed {
             return Err(Error::io(
                 &self.dir,
-                std::io::Error::other(format!("store unusable after an earlier fsync failure: {why}")),
+                std::io::Error::other(format!("store unusable after an earlier I/O failure: {why}")),
             ));
         }
         Ok(st)
@@ -325,10 +332,90 @@ impl WalLogStore {
         fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))
     }
 
-    /// Turns an I/O failure during fsync into a permanent failure of the store (see `failed`).
+    fn append_checked(&self, st: &mut State, batch: &EncodedBatch) -> Result<()> {
+        let active = st.segments.last().expect("active segment");
+        let full = active.end >= self.opts.segment_bytes;
+        // A segment made without preallocation (a fresh or reset log) is left as soon as a
+        // zero-filled one is ready, so only the first few batches pay for appending.
+        let upgrade = !active.preallocated && st.prealloc.as_ref().is_some_and(Preallocator::is_ready);
+        let prepared = if full || upgrade { st.prealloc.as_mut().and_then(Preallocator::take) } else { None };
+        if full || prepared.is_some() {
+            // The old segment is flushed before the new one exists, so a crash can never leave
+            // a torn record anywhere but in the last segment.
+            let old = Arc::clone(&st.segments.last().expect("active segment").file);
+            old.sync_data().map_err(|e| Error::io(&self.dir, e))?;
+            st.unsynced.retain(|f| !Arc::ptr_eq(f, &old));
+            if st.segments.last().is_some_and(|s| s.next_index() == s.first_index) {
+                // Only an upgrade finds the active segment empty (a full one has records): the
+                // prepared file takes its name, and the rename replaces it.
+                st.segments.pop();
+            }
+            st.segments.push(Segment::create(&self.dir, batch.first_index(), prepared)?);
+            st.dir_dirty = true;
+        }
+        let seg = st.segments.last_mut().expect("active segment");
+        seg.append(&batch.buf, &batch.starts)?;
+        let file = Arc::clone(&seg.file);
+        st.mark_unsynced(&file);
+        for &(index, term) in batch.term_runs() {
+            st.terms.push(index, term);
+        }
+        Ok(())
+    }
+
+    fn truncate_checked(&self, st: &mut State, index: u64) -> Result<()> {
+        let keep = st.segment_for(index);
+        let removed: Vec<Segment> = st.segments.drain(keep + 1..).collect();
+        // Newest first, and durable before the kept segment is cut: a crash at any step then
+        // leaves a prefix of the old log (valid: nothing was acknowledged since), never a gap
+        // between a cut segment and a later one still on disk.
+        for seg in removed.iter().rev() {
+            self.remove_segment_file(seg)?;
+        }
+        if !removed.is_empty() {
+            pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        }
+        st.segments[keep].truncate(index)?;
+        st.unsynced.retain(|f| !removed.iter().any(|s| Arc::ptr_eq(f, &s.file)));
+        st.terms.truncate(index);
+        st.durable = st.durable.min(index - 1);
+        st.truncated_floor = Some(st.truncated_floor.map_or(index - 1, |f| f.min(index - 1)));
+        Ok(())
+    }
+
+    fn reset_checked(&self, st: &mut State, index: u64, term: u64) -> Result<()> {
+        // Remove the old log first, newest segment first: a crash between the steps then leaves
+        // a prefix of the old log at the old compaction point (or nothing), which the snapshot
+        // that triggered the reset still covers.
+        for seg in st.segments.drain(..).rev() {
+            fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
+        }
+        st.unsynced.clear();
+        pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        {
+            let mut meta = lock(&self.meta);
+            let mut m = meta.get();
+            m.compact_index = index;
+            m.compact_term = term;
+            meta.write(m).and_then(|()| meta.sync())?;
+        }
+        st.compact_index = index;
+        st.compact_term = term;
+        st.terms.clear();
+        let seg = Segment::create(&self.dir, index + 1, None)?;
+        seg.file.sync_data().map_err(|e| Error::io(&seg.path, e))?;
+        st.segments.push(seg);
+        pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        st.durable = index;
+        st.truncated_floor = Some(st.truncated_floor.map_or(index, |f| f.min(index)));
+        Ok(())
+    }
+
+    /// Turns an I/O failure into a permanent failure of the store (see `failed`). Never called
+    /// with the state or the meta lock held (the state lock is taken here, and is always taken
+    /// before the meta lock); with the state held, call `State::fail`.
     fn fail(&self, err: Error) -> Error {
-        lock(&self.state).failed = Some(err.to_string());
-        err
+        lock(&self.state).fail(err)
     }
 }
 
@@ -366,34 +453,10 @@ impl LogStore for WalLogStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let active = st.segments.last().expect("active segment");
-        let full = active.end >= self.opts.segment_bytes;
-        // A segment made without preallocation (a fresh or reset log) is left as soon as a
-        // zero-filled one is ready, so only the first few batches pay for appending.
-        let upgrade = !active.preallocated && st.prealloc.as_ref().is_some_and(Preallocator::is_ready);
-        let prepared = if full || upgrade { st.prealloc.as_mut().and_then(Preallocator::take) } else { None };
-        if full || prepared.is_some() {
-            // The old segment is flushed before the new one exists, so a crash can never leave
-            // a torn record anywhere but in the last segment.
-            let old = Arc::clone(&st.segments.last().expect("active segment").file);
-            old.sync_data().map_err(|e| self.fail(Error::io(&self.dir, e)))?;
-            st.unsynced.retain(|f| !Arc::ptr_eq(f, &old));
-            if st.segments.last().is_some_and(|s| s.next_index() == s.first_index) {
-                // Only an upgrade finds the active segment empty (a full one has records): the
-                // prepared file takes its name, and the rename replaces it.
-                st.segments.pop();
-            }
-            st.segments.push(Segment::create(&self.dir, batch.first_index(), prepared)?);
-            st.dir_dirty = true;
-        }
-        let seg = st.segments.last_mut().expect("active segment");
-        seg.append(&batch.buf, &batch.starts)?;
-        let file = Arc::clone(&seg.file);
-        st.mark_unsynced(&file);
-        for &(index, term) in batch.term_runs() {
-            st.terms.push(index, term);
-        }
-        Ok(())
+        // From here on a failure can leave the files and what the store holds apart (a partial
+        // write past the end, a segment half rolled over): the store stops, as after a failed
+        // fsync, rather than write over what it no longer knows.
+        self.append_checked(st, batch).map_err(|e| st.fail(e))
     }
 
     fn truncate_suffix(&self, index: u64) -> Result<()> {
@@ -403,20 +466,7 @@ impl LogStore for WalLogStore {
         if index == st.last_index() + 1 {
             return Ok(());
         }
-        let keep = st.segment_for(index);
-        let removed: Vec<Segment> = st.segments.drain(keep + 1..).collect();
-        for seg in &removed {
-            self.remove_segment_file(seg)?;
-        }
-        st.segments[keep].truncate(index)?;
-        if !removed.is_empty() {
-            pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        }
-        st.unsynced.retain(|f| !removed.iter().any(|s| Arc::ptr_eq(f, &s.file)));
-        st.terms.truncate(index);
-        st.durable = st.durable.min(index - 1);
-        st.truncated_floor = Some(st.truncated_floor.map_or(index - 1, |f| f.min(index - 1)));
-        Ok(())
+        self.truncate_checked(st, index).map_err(|e| st.fail(e))
     }
 
     fn compact_prefix(&self, index: u64) -> Result<()> {
@@ -431,7 +481,7 @@ impl LogStore for WalLogStore {
             }
             st.term(index)?
         };
-        {
+        let saved = {
             let mut meta = lock(&self.meta);
             let mut m = meta.get();
             // A reset (snapshot install) in the meantime may have moved the point further: the
@@ -439,10 +489,13 @@ impl LogStore for WalLogStore {
             if m.compact_index < index {
                 m.compact_index = index;
                 m.compact_term = term;
-                meta.write(m)?;
-                meta.sync()?;
+                meta.write(m).and_then(|()| meta.sync())
+            } else {
+                Ok(())
             }
-        }
+        };
+        // Failed, the meta file holds a flush the next sync would wrongly report done.
+        saved.map_err(|e| self.fail(e))?;
         let removed = {
             let mut guard = self.live()?;
             let st = &mut *guard;
@@ -476,31 +529,7 @@ impl LogStore for WalLogStore {
         bounds::check_value("term", term)?;
         let mut guard = self.live()?;
         let st = &mut *guard;
-        // Remove the old log first: a crash between the steps then leaves an empty log at the
-        // old compaction point, which the snapshot that triggered the reset still covers.
-        for seg in st.segments.drain(..) {
-            fs::remove_file(&seg.path).map_err(|e| Error::io(&seg.path, e))?;
-        }
-        st.unsynced.clear();
-        pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        {
-            let mut meta = lock(&self.meta);
-            let mut m = meta.get();
-            m.compact_index = index;
-            m.compact_term = term;
-            meta.write(m)?;
-            meta.sync()?;
-        }
-        st.compact_index = index;
-        st.compact_term = term;
-        st.terms.clear();
-        let seg = Segment::create(&self.dir, index + 1, None)?;
-        seg.file.sync_data().map_err(|e| Error::io(&seg.path, e))?;
-        st.segments.push(seg);
-        pio::sync_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        st.durable = index;
-        st.truncated_floor = Some(st.truncated_floor.map_or(index, |f| f.min(index)));
-        Ok(())
+        self.reset_checked(st, index, term).map_err(|e| st.fail(e))
     }
 
     fn save_hard_state(&self, hs: HardState) -> Result<()> {
@@ -540,7 +569,8 @@ impl LogStore for WalLogStore {
         }
         // The log is flushed before the hard state, so a durable commit index never points past
         // durable entries.
-        lock(&self.meta).sync().map_err(|e| self.fail(e))?;
+        let flushed = lock(&self.meta).sync(); // the meta lock is let go before `fail` takes the state's
+        flushed.map_err(|e| self.fail(e))?;
         let mut st = lock(&self.state);
         let reached = st.truncated_floor.map_or(target, |f| target.min(f));
         st.durable = st.durable.max(reached).min(st.last_index());
@@ -556,7 +586,8 @@ impl LogStore for WalLogStore {
             return Ok(());
         }
         let result = self.sync().and_then(|durable| {
-            lock(&self.meta).close_sync().map_err(|e| self.fail(e))?;
+            let flushed = lock(&self.meta).close_sync();
+            flushed.map_err(|e| self.fail(e))?;
             Ok(durable)
         });
         let mut st = lock(&self.state);
