@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dengine.raft import MsgType, Role
+from dengine.raft import Message, MsgType, Role
 
 from raft_harness import Cluster
 
@@ -173,3 +173,69 @@ def test_a_read_without_any_leader_fails_at_once() -> None:
     c.nodes[2].read_index(1)
     c.settle()
     assert c.failed_reads[2] == [1]
+
+
+@pytest.mark.parametrize("transfer", ["under way", "given up"])
+def test_a_leader_that_hands_over_serves_no_lease_read_for_the_rest_of_its_term(transfer: str) -> None:
+    """§3.10 with §6.4.1: the target of a leadership transfer campaigns at its leader's
+    TimeoutNow, and its voters grant that vote inside the leader's lease (a transfer must not
+    wait one out). So once it sent a TimeoutNow, the old leader's lease proves nothing: here it
+    hears nothing more, the target wins and commits a write, and a lease read on the old
+    leader would miss it. Even once the transfer is given up (an election timeout without
+    news), a copy of the TimeoutNow still on its way can elect the target later."""
+    c = Cluster(3, lease_reads=True, check_quorum=True, election_ticks=10, clock_drift_ticks=2)
+    c.elect(1)
+    c.tick_all(1)  # a heartbeat round answered: the lease holds
+    c.nodes[1].read_index(1, lease=True)
+    c.process(1)
+    assert c.reads[1] == [(1, c.nodes[1].commit)], "inside its lease before the transfer"
+    delayed: list[Message] = []
+    c.nodes[1].transfer_leadership(2)
+    if transfer == "given up":
+        # The TimeoutNow is held up on the wire; with no answer from 2 in time the transfer
+        # is given up while 3 keeps the lease fresh.
+        c.filters.append(lambda m: delayed.append(m) if m.type is MsgType.TIMEOUT_NOW else m)
+        c.process(1)
+        c.settle()
+        for _ in range(12):
+            c.tick_all(1)
+        assert c.nodes[1].lead_transferee is None and c.nodes[1].role is Role.LEADER
+        c.filters.clear()
+    # From here on node 1 hears nothing, and only its TimeoutNow gets out.
+    c.filters.append(
+        lambda m: None if m.dst == 1 or (m.src == 1 and m.type is not MsgType.TIMEOUT_NOW) else m
+    )
+    for m in delayed:
+        c.deliver(m)
+    c.process(1)
+    c.settle()
+    assert c.nodes[2].role is Role.LEADER and c.nodes[1].role is Role.LEADER
+    c.propose(2, b"x")
+    assert c.nodes[2].commit > c.nodes[1].commit
+    c.nodes[1].read_index(2, lease=True)
+    c.process(1)
+    assert (2, c.nodes[1].commit) not in c.reads[1], "a lease read that misses a committed write"
+
+
+def test_a_lease_ends_before_a_follower_that_heard_the_round_late_in_its_tick_may_vote() -> None:
+    """§6.4.1 at tick granularity, with no drift bound: the followers get the leader's heartbeat
+    just before their own tick, so they count their first tick of silence at once and may vote
+    after the leader's ``election_ticks - 1``-th tick since it sent it. The lease must be over
+    by then, or a lease read on the old leader misses what the new one commits."""
+    c = Cluster(3, lease_reads=True, check_quorum=True, election_ticks=10, clock_drift_ticks=0)
+    c.elect(1)
+    c.settle()
+    c.sent.clear()
+    while not any(m.type is MsgType.HEARTBEAT for m in c.sent):
+        c.tick(1)
+        c.process(1)
+    c.settle()  # the round answered: the lease counts from the tick it was sent
+    c.isolate(1)
+    c.tick(2, 10)  # each follower's tick comes right after the heartbeat, the leader's later
+    c.tick(1, 9)
+    c.campaign(3)
+    assert c.nodes[3].role is Role.LEADER and c.nodes[1].role is Role.LEADER
+    c.propose(3, b"x")
+    c.nodes[1].read_index(9, lease=True)
+    c.process(1)
+    assert c.reads[1] == [], "a lease read that misses what the new leader committed"

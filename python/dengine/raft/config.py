@@ -76,4 +76,8 @@ class RaftConfig:
 
     @property
     def lease_ticks(self) -> int:
-        return self.election_ticks - self.clock_drift_ticks
+        """Ticks a leader's lease lasts after the heartbeat round it counts from was sent. One
+        tick less than the election timeout minus the drift bound: a follower that got the
+        heartbeat just before its own tick counts its first tick of silence almost at once, and
+        may vote a little more than ``election_ticks - 1`` ticks after the leader sent it."""
+        return max(0, self.election_ticks - self.clock_drift_ticks - 1)

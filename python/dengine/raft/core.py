@@ -150,8 +150,10 @@ class Raft:
         self.lead_transferee: int | None = None
         self._forget_unapplied()
 
-        # Ticks so far, and the tick until which a TimeoutNow is taken for stale (note_pause).
-        self._ticks = self._timeout_now_stale_until = 0
+        # Ticks so far, the tick until which a TimeoutNow is taken for stale (note_pause), and
+        # the term in which this node as leader sent one: no lease read for the rest of it
+        # (_send_timeout_now).
+        self._ticks = self._timeout_now_stale_until = self._lease_given_up_in = 0
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = config.election_ticks
@@ -419,6 +421,15 @@ class Raft:
         if self.lead_transferee is not None and self.lead_transferee not in voters:
             self.lead_transferee = None
 
+    def _send_timeout_now(self, to: int) -> None:
+        """Tells ``to`` to campaign at once. Its voters grant that vote inside this leader's
+        lease (a transfer must not wait one out), so from here on this leader's lease proves
+        nothing: no lease read for the rest of the term, even if the transfer is given up, since
+        a copy of this message still in flight can elect ``to`` later. Reads fall back to
+        ReadIndex, which a deposed leader cannot complete."""
+        self._lease_given_up_in = self.term
+        self._send(Message(MsgType.TIMEOUT_NOW, self.id, to, self.term))
+
     def _step_down_if_removed(self) -> None:
         """A leader outside the configuration hands over once that configuration commits."""
         if self.id in self.conf.voters or self.commit < self.conf_index:
@@ -426,7 +437,7 @@ class Raft:
         last = self.store.last_index()
         caught_up = [v for v in self.conf.voters if v in self.progress and self.progress[v].match == last]
         if caught_up:
-            self._send(Message(MsgType.TIMEOUT_NOW, self.id, min(caught_up), self.term))
+            self._send_timeout_now(min(caught_up))
         self._become_follower(self.term, None)
 
     def read_index(self, context: int, *, lease: bool = False) -> None:
@@ -461,7 +472,7 @@ class Raft:
         self.lead_transferee = target
         self._election_elapsed = 0  # the transfer is abandoned after one election timeout
         if self.progress[target].match == self.store.last_index():
-            self._send(Message(MsgType.TIMEOUT_NOW, self.id, target, self.term))
+            self._send_timeout_now(target)
         else:
             self._send_append(target)
         return target
@@ -869,7 +880,7 @@ class Raft:
                 # (a peer stream that breaks drops what it carried), so each of its heartbeat
                 # answers brings another. A copy that arrives after the target campaigned is from
                 # an older term by then, and ignored.
-                self._send(Message(MsgType.TIMEOUT_NOW, self.id, m.src, self.term))
+                self._send_timeout_now(m.src)
             if m.context:
                 self._ack_read_rounds(m.src, m.context)
         elif t is MsgType.READ_INDEX:
@@ -1032,7 +1043,7 @@ class Raft:
         while self._send_append(m.src, allow_empty=False):
             pass
         if m.src == self.lead_transferee and pr.match == self.store.last_index():
-            self._send(Message(MsgType.TIMEOUT_NOW, self.id, m.src, self.term))
+            self._send_timeout_now(m.src)
 
     def _send_append(self, to: int, *, allow_empty: bool = True) -> bool:
         pr = self.progress[to]
@@ -1180,6 +1191,8 @@ class Raft:
         return self.store.term(self.commit) == self.term
 
     def _lease_valid(self) -> bool:
+        if self._lease_given_up_in == self.term:
+            return False
         heard = {
             v: v == self.id or self._ticks - self.progress[v].last_heard_tick < self.cfg.lease_ticks
             for v in self.conf.voters
