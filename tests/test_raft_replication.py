@@ -312,3 +312,37 @@ def test_a_leader_removing_itself_announces_the_commit_before_it_steps_down() ->
     assert leader.role is not Role.LEADER
     committed = leader.commit
     assert all(c.nodes[i].commit >= committed for i in (2, 3))
+
+
+def test_a_sync_reported_after_a_truncation_does_not_vouch_for_the_new_entries() -> None:
+    """Figure 7's truncation while a sync is under way: the sync of the old suffix completes on
+    the driver's thread, and its report reaches the core only after the follower cut that
+    suffix and appended the new leader's entries. The report speaks of the old log: the new
+    entries are not durable, and are not applied, until a sync that began after them says so."""
+    c = Cluster(5)
+    c.elect(1)
+    c.settle()
+    base = c.nodes[2].store.last_index()
+    # Leader 1 appends two entries that only node 2 gets; node 2's syncs are held from here
+    # on, so they never commit.
+    c.cut({1}, {3, 4, 5})
+    c.hold_sync.add(2)
+    c.propose(1, b"old-a")
+    c.propose(1, b"old-b")
+    c.settle()
+    assert c.nodes[2].store.last_index() == base + 2
+    held = c.held_syncs[2]
+    stale_report = (held[-1], c.stores[2].complete_sync())  # done, not heard yet
+    del held[-1]
+    # 3, 4 and 5 elect a leader of a new term; its first append replaces the old suffix on 2.
+    c.isolate(1)
+    c.tick_all(40)
+    (lead,) = [i for i in (3, 4, 5) if c.nodes[i].role is Role.LEADER]
+    c.propose(lead, b"new")
+    c.settle()
+    assert c.nodes[2].store.term(base + 1) == c.nodes[lead].term
+    c.nodes[2].synced(*stale_report)
+    assert c.nodes[2].durable <= base, "an old report vouched for entries written after it"
+    c.release_syncs(2)
+    c.tick_all(3)
+    assert any(e.data.endswith(b"new") for e in c.applied[2]), "applied once a sync after it reported"

@@ -161,8 +161,11 @@ class Raft:
 
         self._msgs: list[Message] = []
         self._held: list[tuple[int, Message]] = []
-        self._sync_seq = 0  # last sync handed to the driver
-        self._synced_seq = 0  # last sync the driver reported done
+        # The last sync handed to the driver, and the last one it reported done.
+        self._sync_seq = self._synced_seq = 0
+        # (last sync handed out, index kept) at each truncation or reset whose earlier syncs
+        # have not all been reported: such a report may predate the cut, and say too much.
+        self._cuts: list[tuple[int, int]] = []
         self._writes_pending = False  # store writes not yet covered by a handed-out sync
         self._vote_needs = 0  # sync that makes the current term and vote durable
         self._log_needs = 0  # sync that makes the last append durable
@@ -493,6 +496,11 @@ class Raft:
     def synced(self, seq: int, durable_index: int) -> None:
         """The driver made the store durable for sync ``seq``; the log is durable to here."""
         self._synced_seq = max(self._synced_seq, seq)
+        if self._cuts:
+            for cut_seq, kept in self._cuts:
+                if seq <= cut_seq:
+                    durable_index = min(durable_index, kept)
+            self._cuts = [c for c in self._cuts if c[0] > self._synced_seq]
         self.durable = durable_index
         if self._held:
             still: list[tuple[int, Message]] = []
@@ -954,7 +962,7 @@ class Raft:
                     self.store.truncate_suffix(e.index)
                     self._forget_appended_from(e.index)
                     self._forget_conf_changes_from(e.index)
-                    self.durable = min(self.durable, e.index - 1)
+                    self._cut_at(e.index - 1)
                     self._apply_dispatched = min(self._apply_dispatched, e.index - 1)
                     break
                 start += 1
@@ -965,6 +973,13 @@ class Raft:
             self._note_conf_changes(appended)
             self._log_needs = self._sync_seq + 1
             self._writes_pending = True
+
+    def _cut_at(self, kept: int) -> None:
+        """The log now ends at ``kept`` (a truncation, or a reset to a snapshot): a sync already
+        handed out may still report an older, longer log durable."""
+        self.durable = min(self.durable, kept)
+        if self._sync_seq > self._synced_seq:
+            self._cuts.append((self._sync_seq, kept))
 
     def _handle_snapshot(self, m: Message) -> None:
         snap = m.snapshot
@@ -980,7 +995,9 @@ class Raft:
             # in it is either covered by the snapshot or uncommitted, so it goes (§7).
             self.store.reset(snap.index, snap.term)
             self._appended.clear()
+            # The reset made the log durable to the snapshot's index, and nothing past it.
             self.commit = self.durable = self._apply_dispatched = ack = snap.index
+            self._cut_at(snap.index)
             self._conf_base = (snap.index, snap.voters, snap.learners)
             self._conf_entries = []
             self._adopt_conf()
