@@ -138,9 +138,13 @@ def test_one_client_pins_at_most_max_results_results_lowest_dropped_first() -> N
     for index, seq in enumerate([4, 8, 2, 6, 5], start=1):
         apply_entry(entry(index, 9, seq, first_outstanding=1), table, sm.run)
     assert [q for q, *_ in table.items()[0][3]] == [5, 6, 8]
-    # A retry of a dropped sequence that the client never acknowledged runs again: the cap is
-    # the documented limit of what one client can pin.
-    assert apply_entry(entry(6, 9, 2, first_outstanding=1), table, sm.run).outcome is Outcome.APPLIED
+    # A late copy of a dropped sequence that the client never acknowledged (a retry, or a copy
+    # re-proposed after a leader change) is refused as stale, not run a second time: its
+    # outcome is gone, and the command already ran.
+    before = sm.n
+    assert apply_entry(entry(6, 9, 2, first_outstanding=1), table, sm.run).outcome is Outcome.STALE
+    assert apply_entry(entry(7, 9, 4, first_outstanding=1), table, sm.run).outcome is Outcome.STALE
+    assert sm.n == before
     assert [q for q, *_ in table.items()[0][3]] == [5, 6, 8]
 
 

@@ -61,7 +61,8 @@ class SessionTable:
     session keeps the result of every sequence the client may still retry. Each command carries
     the client's lowest sequence still awaiting an answer (``first_outstanding``): results below
     it are dropped, and a late copy of such a sequence is refused as stale. ``max_results`` caps
-    what one client can pin (oldest dropped first).
+    what one client can pin: the lowest sequences go first, and are refused as stale from then on
+    too (a late copy of one would otherwise run a second time).
 
     ``max_clients`` bounds memory; when it is exceeded, the client that has been idle for the
     most entries is forgotten. A client idle for more than ``expire_after`` log entries is

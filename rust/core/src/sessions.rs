@@ -98,7 +98,9 @@ pub type SessionRow = (u64, u64, u64, Vec<(u64, Stored)>);
 
 /// Per-client results of recently applied sequences, bounded and expired deterministically.
 ///
-/// `max_results` caps what one client can pin (its lowest sequences go first). When more than
+/// `max_results` caps what one client can pin: its lowest sequences go first, and are refused as
+/// stale from then on, like acknowledged ones (their outcome is unknown to a late copy, which
+/// must not run again). When more than
 /// `max_clients` clients are known, the most idle one is forgotten, and so is any client idle for
 /// more than `expire_after` log entries. A forgotten client's late retry would run again, so the
 /// limits should comfortably exceed any client's retry window.
@@ -207,7 +209,11 @@ impl SessionTable {
             }
         }
         while s.results.len() > self.max_results {
-            s.results.pop_front();
+            // A sequence whose result is dropped must not look new: a late copy of it (a
+            // retry, a copy re-proposed after a leader change) would run a second time.
+            if let Some((dropped, _)) = s.results.pop_front() {
+                s.acked_below = s.acked_below.max(dropped + 1);
+            }
         }
         self.expire(index);
     }
@@ -286,7 +292,7 @@ mod tests {
         t.record(3, 1, 4, ok(1), 0); // three clients: the most idle (2) goes
         assert_eq!(t.rows().iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 3]);
         t.record(1, 3, 5, ok(3), 0); // client 1 keeps two results: sequence 1 goes
-        assert_eq!(t.lookup(1, 1), Seen::New);
+        assert_eq!(t.lookup(1, 1), Seen::Stale, "a dropped result must not let its command run again");
         assert_eq!(t.lookup(1, 2), Seen::Duplicate(&ok(2)));
         t.record(1, 4, 10, ok(4), 0); // client 3 idle for 6 > 5 entries: expired
         assert_eq!(t.len(), 1);
@@ -318,7 +324,8 @@ mod tests {
         assert_eq!(t.lookup(7, 3), Seen::Duplicate(&ok(3)));
         assert_eq!(t.lookup(7, 4), Seen::Duplicate(&ok(40)));
         t.record(7, 2, 5, ok(2), 0); // over max_results: the lowest goes, though it came last
-        assert_eq!(t.lookup(7, 2), Seen::New);
+        assert_eq!(t.lookup(7, 2), Seen::Stale, "its outcome is gone: a late copy must not run");
+        assert_eq!(t.lookup(7, 1), Seen::Stale);
         assert_eq!(t.rows()[0].3.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![3, 4, 5]);
     }
 
@@ -342,7 +349,9 @@ mod tests {
                 c.3.retain(|q, _| *q >= first_outstanding);
             }
             while c.3.len() > max_results {
-                c.3.pop_first();
+                if let Some((dropped, _)) = c.3.pop_first() {
+                    c.1 = c.1.max(dropped + 1);
+                }
             }
             self.clients.push(c);
             while self.clients.len() > max_clients
