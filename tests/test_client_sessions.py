@@ -10,7 +10,9 @@ outstanding, or a late copy of it could be applied a second time.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +24,9 @@ from dengine.batch_stream import CallFailed
 from dengine.client import Client
 from dengine.errors import DengineError, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
+from dengine.node import Node
 from dengine.raft.payload import SESSION_HEADER
+from test_node_embedded import Counter, configs
 
 Reply = Callable[[bytes], bytes]  # request bytes -> response bytes, or raises CallFailed
 
@@ -259,3 +263,20 @@ def test_closing_the_client_fails_the_calls_waiting_for_a_retry() -> None:
         assert len(s.addresses) == calls, "a retry went out after close()"
 
     run(test)
+
+
+def test_clients_made_after_the_same_seed_get_different_ids(tmp_path: Path) -> None:
+    """Session ids come from the OS: a program that seeds ``random`` alike in two processes (a
+    test, a simulation, identical workers) must not give two clients, or two runs of an
+    embedded node, one id, where each would get the other's results for its sequences."""
+    ids = []
+    for _ in range(2):
+        random.seed(1234)
+        ids.append(Client(["127.0.0.1:1"]).client_id)
+    assert ids[0] != ids[1]
+    (cfg,) = configs(tmp_path, 1)
+    node_ids = []
+    for _ in range(2):
+        random.seed(1234)
+        node_ids.append(Node(cfg, state_machine=Counter())._client_id)
+    assert node_ids[0] != node_ids[1]

@@ -21,8 +21,8 @@ import asyncio
 import collections
 import contextlib
 import functools
-import random
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -206,6 +206,10 @@ class Client(ClusterAdmin):
     given are replaced. The addresses are those the nodes advertise (``node.advertise``), as in
     the leader hints a client follows anyway.
 
+    ``client_id`` names the client's session (by default a random 62-bit id). Writes are
+    exactly-once by ``(client_id, sequence)`` and sequences start at 1 in every client, so an id
+    must never serve two clients at once, nor a new client after another used it.
+
     ``credentials`` enables TLS: gRPC channel credentials, or a :class:`dengine.tls.ClientTLS`
     whose files are read again when they change, so that a rotated client certificate is
     presented without a restart.
@@ -246,7 +250,9 @@ class Client(ClusterAdmin):
         self.timeout = timeout
         self.linger = linger_ms / 1000
         self.max_batch = max_batch
-        self.client_id = client_id or random.getrandbits(62) + 1
+        # From the OS, not the random module: a program that seeds it (tests, simulations, workers
+        # started alike) would give its clients one id, and their writes each other's results.
+        self.client_id = client_id or secrets.randbits(62) + 1
         self._seq = 0
         self._outstanding: set[int] = set()
         # The outstanding sequences in issue order, answered ones dropped lazily from the front.

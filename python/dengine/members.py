@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
+import secrets
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -128,7 +128,7 @@ class MembershipManager:
         while True:
             try:
                 index = raft.propose_conf_change(
-                    op, node_id, address=address, addresses=dict(self.addresses), nonce=random.getrandbits(63)
+                    op, node_id, address=address, addresses=dict(self.addresses), nonce=secrets.randbits(63)
                 )
                 break
             except ConfChangePendingError:

@@ -19,7 +19,7 @@ import inspect
 import logging
 import math
 import os
-import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -215,7 +215,9 @@ class Node:
         self.sessions = SessionTable()
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dengine-io-{self.id}")
         self._tasks: list[asyncio.Task[None]] = []
-        self._client_id = random.getrandbits(62) + 1
+        # From the OS, not the random module (see dengine.Client): a process that seeds it and
+        # restarts would reuse its sequences under the same id, and get old results back.
+        self._client_id = secrets.randbits(62) + 1
         self._seq = 0
         # This node's own lowest sequence that may still be waiting: every lower one was answered.
         self._local_low = 1
@@ -359,7 +361,7 @@ class Node:
         if self._join is not None and fresh and not self._join_marker.exists():
             await asyncio.get_running_loop().run_in_executor(self.io, _write_marker, self._join_marker)
         raft_config = node_raft_config(self.config)
-        self.raft = Raft(raft_config, self.store, seed=random.getrandbits(32), snapshot=self._start_snapshot)
+        self.raft = Raft(raft_config, self.store, seed=secrets.randbits(32), snapshot=self._start_snapshot)
         self._syncer = LogSyncer(
             self.store, self.io, self._on_synced, self._on_sync_failed, self.metrics.observe_fsync
         )
