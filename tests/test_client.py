@@ -224,6 +224,42 @@ def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(cluster: ProcCl
     asyncio.run(main())
 
 
+def test_a_watch_on_a_quiet_prefix_resumes_after_the_history_moved_past_its_start(
+    cluster: ProcCluster,
+) -> None:
+    """A watch whose prefix saw no change while the cluster wrote more than the history holds
+    elsewhere: the progress notices told it that nothing was missed, so when its node dies it
+    resumes from the revision they reached, not from its start, which no node holds any more."""
+
+    async def main() -> None:
+        leader = cluster.wait_leader()
+        follower = next(i for i in range(1, 4) if i != leader)
+        other = next(i for i in range(1, 4) if i not in (leader, follower))
+        async with (
+            Client(endpoints(cluster)) as writer,
+            Client([cluster.address(follower), cluster.address(other)], watch_idle_timeout=2) as watcher,
+        ):
+            start = (await writer.put(b"start", b"")).revision + 1
+            seen: list[bytes] = []
+
+            async def watch() -> None:
+                async for e in watcher.watch(b"q/", start_revision=start):
+                    seen.append(e.kv.key)
+                    return
+
+            task = asyncio.create_task(watch())
+            await asyncio.gather(
+                *(writer.put(b"h/%d" % (i % 100), b"x") for i in range(DEFAULT_HISTORY + 50))
+            )
+            await asyncio.sleep(2.5)  # progress notices carry the revision past the writes
+            cluster.kill(follower, signal.SIGKILL)
+            await writer.put(b"q/after", b"x")
+            await asyncio.wait_for(task, 30)
+            assert seen == [b"q/after"]
+
+    asyncio.run(main())
+
+
 def test_a_watch_from_a_revision_no_node_still_holds_fails_clearly(cluster: ProcCluster) -> None:
     """Every node keeps the last 10,000 events; a watch from before them cannot be served without
     a gap, so it fails (OUT_OF_RANGE) rather than silently skipping events."""

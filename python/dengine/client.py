@@ -187,6 +187,30 @@ class _Pending:
     attempts: int = 0
 
 
+def _new_events(
+    response: kv_pb2.WatchResponse, next_revision: int, delivered: set[tuple[int, bytes]]
+) -> tuple[list[WatchEvent], int, set[tuple[int, bytes]]]:
+    """The events of a watch ``response`` not yet delivered, and where the watch then stands:
+    the revision to resume from, and the events of that revision already delivered."""
+    fresh: list[WatchEvent] = []
+    for e in response.events:
+        ident = (e.revision, e.kv.key)
+        if e.revision < next_revision or ident in delivered:
+            continue
+        if e.revision > next_revision:
+            next_revision, delivered = e.revision, set()
+        delivered.add(ident)
+        kv = _kv(e.kv) or KeyValue(e.kv.key, b"", 0, e.revision, 0)
+        kind: Literal["put", "delete"] = "put" if e.type == kv_pb2.WatchEvent.PUT else "delete"
+        fresh.append(WatchEvent(kind, kv, _kv(e.prev) if e.HasField("prev") else None, e.revision))
+    if response.revision >= next_revision:
+        # The node sent everything under the prefix up to its revision (a progress notice says
+        # so too): a resumed watch starts after it, and does not ask for history that a quiet
+        # prefix never needed (and that no node may hold any more).
+        next_revision, delivered = response.revision + 1, set()
+    return fresh, next_revision, delivered
+
+
 class Client(ClusterAdmin):
     """An async client of a dengine cluster. Use ``async with Client([...]) as c:``.
 
@@ -476,18 +500,9 @@ class Client(ClusterAdmin):
                     self._endpoints.answered(address)
                     attempts = 0
                     compacted.clear()
-                    for e in response.events:
-                        ident = (e.revision, e.kv.key)
-                        if e.revision < next_revision or ident in delivered:
-                            continue
-                        if e.revision > next_revision:
-                            next_revision, delivered = e.revision, set()
-                        delivered.add(ident)
-                        kv = _kv(e.kv) or KeyValue(e.kv.key, b"", 0, e.revision, 0)
-                        kind: Literal["put", "delete"] = (
-                            "put" if e.type == kv_pb2.WatchEvent.PUT else "delete"
-                        )
-                        yield WatchEvent(kind, kv, _kv(e.prev) if e.HasField("prev") else None, e.revision)
+                    fresh, next_revision, delivered = _new_events(response, next_revision, delivered)
+                    for event in fresh:
+                        yield event
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code().name, exc.details() or ""
                 self._call_failed(address, code, details)
