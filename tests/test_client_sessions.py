@@ -22,7 +22,7 @@ from dengine import endpoints
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.batch_stream import CallFailed
 from dengine.client import Client
-from dengine.errors import DengineError, RequestFailed, Unavailable
+from dengine.errors import DengineError, OutcomeUnknownError, RequestFailed, Unavailable
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
 from dengine.raft.payload import SESSION_HEADER
@@ -130,6 +130,27 @@ def test_a_write_refused_outright_is_released() -> None:
         s.reply = _answer_all
         await s.client.put(b"b", b"v")
         assert s.sent[-1] == (2, 2)
+
+    run(test)
+
+
+@pytest.mark.parametrize("failure", ["the call", "the answer"])
+def test_a_write_whose_whole_call_failed_stays_outstanding_and_its_outcome_unknown(failure: str) -> None:
+    """A batch call that fails as a whole (a node's handler that raised: UNKNOWN), or an answer
+    that does not match the batch, says nothing of the writes in it: the node may have applied
+    them. Their callers hear that the outcome is unknown, not that the write failed, and the
+    writes stay outstanding, so that a late copy still counts as a duplicate."""
+
+    def garbled(request: bytes) -> bytes:
+        return _answer_all(request) + _answer_all(request)
+
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _refuse(grpc.StatusCode.UNKNOWN) if failure == "the call" else garbled
+        with pytest.raises(OutcomeUnknownError, match="may be applied"):
+            await s.client.put(b"maybe", b"v")
+        s.reply = _answer_all
+        await s.client.put(b"b", b"v")
+        assert s.sent[-1] == (2, 1)
 
     run(test)
 

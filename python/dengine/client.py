@@ -46,6 +46,7 @@ from dengine.errors import (
     DeadlineExceeded,
     DengineError,
     NotFound,
+    OutcomeUnknownError,
     RequestFailed,
     Unavailable,
 )
@@ -82,6 +83,8 @@ WATCH_MEMBERS_REFRESH_S = 2.0
 ``discover_members``): a client that only watches never follows a leader, and so would hear of
 no member added after it connected."""
 _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
+# A call that fails as a whole with one of these may have failed after the node took its batch.
+_MAYBE_APPLIED = {"UNKNOWN", "INTERNAL"}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -590,14 +593,15 @@ class Client(ClusterAdmin):
             # The node is gone or frozen while another may serve: no reason to wait.
             at_once = self._endpoints.go_elsewhere_now(address)
             for p in batch:
-                self._retry_or_fail(p, exc.code, exc.details, at_once=at_once)
+                self._retry_or_fail(p, exc.code, exc.details, at_once=at_once, whole_call=True)
             return
         self._endpoints.answered(address)
         try:
             answers = _read_answers(raw)
         except DecodeError:
             answers = []
-        if len(answers) != len(batch):
+        garbled = len(answers) != len(batch)
+        if garbled:
             answers = ["INTERNAL: the server's answer to a batch does not match it"] * len(batch)
         wrote = False
         for p, answer in zip(batch, answers, strict=True):
@@ -607,7 +611,7 @@ class Client(ClusterAdmin):
                 )
                 code, _, message = text.partition(": ")
                 self._on_failure(address, code, message)
-                self._retry_or_fail(p, code, message)
+                self._retry_or_fail(p, code, message, whole_call=garbled or not isinstance(answer, str))
                 continue
             try:  # no done() check first: this loop runs for every operation
                 p.future.set_result(answer)
@@ -638,12 +642,25 @@ class Client(ClusterAdmin):
         elif address == self._endpoints.leader:
             self._endpoints.leader = None  # it stopped leading or stopped answering
 
-    def _retry_or_fail(self, p: _Pending, code: str, message: str, *, at_once: bool = False) -> None:
+    def _retry_or_fail(
+        self, p: _Pending, code: str, message: str, *, at_once: bool = False, whole_call: bool = False
+    ) -> None:
         """Queues ``p`` again after a backoff (``at_once``: without one, for another node), or
-        fails it: a refusal that retrying cannot change, or its deadline passed."""
+        fails it: a refusal that retrying cannot change, or its deadline passed. ``whole_call``:
+        the failure is not a node's answer to ``p`` but the call's (or an answer that cannot be
+        read), so a write may have been applied all the same."""
         if p.future.done():
             return
         if code not in _RETRYABLE:
+            if whole_call and p.sequence and code in _MAYBE_APPLIED:
+                # Not a refusal: the write stays outstanding (a late copy still counts as a
+                # duplicate), and its caller learns that it may have been applied.
+                p.future.set_exception(
+                    OutcomeUnknownError(
+                        f"the call failed as a whole ({code}: {message}); the write may be applied"
+                    )
+                )
+                return
             p.future.set_exception(RequestFailed(code, message))
             self._settled(p)
             return

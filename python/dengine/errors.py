@@ -16,7 +16,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     NotLeaderError                   this node cannot take the request; carries the leader hint
     ProposalDroppedError             a proposal was refused without being appended; retry
     └── LeaderOverloadedError        the leader holds too many writes not applied yet; back off
-    OutcomeUnknownError              the node stopped waiting before a write's outcome was known
+    OutcomeUnknownError              a write's outcome is not known: it may have been applied
     ApplyError                       the state machine raised applying a committed command
     LeadershipTransferError          a leadership transfer did not complete; the message says why
     ConfigError                      invalid configuration: names the key and allowed values
@@ -97,7 +97,11 @@ class OutcomeUnknownError(DengineError):
     was removed from the cluster, or failed. The write may be in the log, and other nodes may
     still commit and apply it. Unlike :class:`ProposalDroppedError`, proposing it again may apply
     it twice: read the state to find out (a ``dengine.Client`` retries with its session, which
-    is safe)."""
+    is safe).
+
+    ``dengine.Client`` raises it too, for a write whose call failed as a whole in a way that
+    retrying cannot fix (the node's handler failed: ``UNKNOWN``, ``INTERNAL``) or whose answer
+    could not be read: the node may have applied it."""
 
 
 class ApplyError(DengineError):
