@@ -56,10 +56,12 @@ class ScriptedClient:
         self.replies: dict[str, Reply] = {}  # per address, in place of ``reply``
         self.sent: list[tuple[int, int]] = []
         self.addresses: list[str] = []  # where each batch went
+        self.sizes: list[int] = []  # each batch's bytes
         self.client._call_batch = self._call  # type: ignore[method-assign]
 
     async def _call(self, address: str, request: bytes, timeout: float) -> bytes:
         self.addresses.append(address)
+        self.sizes.append(len(request))
         writes = parse_kv_session_writes(request)
         assert writes is not None
         for payload in writes[2]:
@@ -301,3 +303,17 @@ def test_clients_made_after_the_same_seed_get_different_ids(tmp_path: Path) -> N
         random.seed(1234)
         node_ids.append(Node(cfg, state_machine=Counter())._client_id)
     assert node_ids[0] != node_ids[1]
+
+
+def test_batches_stay_well_under_the_message_limit_whatever_the_values() -> None:
+    """Many concurrent puts of large values go out in several batches: one batch of them all
+    would pass gRPC's 64 MiB message limit and fail its stream at every retry."""
+
+    async def test(s: ScriptedClient) -> None:
+        big = b"v" * (12 << 20)
+        await asyncio.gather(*(s.client.put(b"k%d" % i, big, timeout=30) for i in range(6)))
+        assert len(s.sizes) == 6 and max(s.sizes) < 2 * len(big), s.sizes
+        await asyncio.gather(*(s.client.put(b"small%d" % i, b"v") for i in range(300)))
+        assert len(s.sizes) == 7, "small writes still share one batch"
+
+    run(test)

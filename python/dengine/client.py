@@ -83,6 +83,9 @@ WATCH_MEMBERS_REFRESH_S = 2.0
 ``discover_members``): a client that only watches never follows a leader, and so would hear of
 no member added after it connected."""
 _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCELLED"}
+# Most bytes of operations in one batch (one larger operation goes alone): a message over the
+# 64 MiB limit would fail its whole stream, again at every retry, until the deadline.
+MAX_BATCH_BYTES = 8 << 20
 # A call that fails as a whole with one of these may have failed after the node took its batch.
 _MAYBE_APPLIED = {"UNKNOWN", "INTERNAL"}
 CHANNEL_OPTIONS = [
@@ -223,9 +226,10 @@ class Client(ClusterAdmin):
 
     ``timeout`` is the default deadline of a call, retries included; ``attempt_timeout`` bounds
     one attempt on one node. Concurrent calls are coalesced into batches of up to ``max_batch``
-    operations, after waiting ``linger_ms`` for company. A watch that hears nothing from its node
-    for ``watch_idle_timeout`` seconds resumes on another node: nodes that follow a leader send a
-    progress notice every second, so silence means the node froze or was cut off.
+    operations and :data:`MAX_BATCH_BYTES` bytes, after waiting ``linger_ms`` for company. A
+    watch that hears nothing from its node for ``watch_idle_timeout`` seconds resumes on another
+    node: nodes that follow a leader send a progress notice every second, so silence means the
+    node froze or was cut off.
 
     With ``discover_members`` (the default) the client asks each new leader it finds for the
     members' addresses (a watch asks again every :data:`WATCH_MEMBERS_REFRESH_S`) and tries them
@@ -573,7 +577,12 @@ class Client(ClusterAdmin):
             self._flush_handle.cancel()
             self._flush_handle = None
         while self._queue:
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            count, size = 0, 0
+            for p in self._queue[: self.max_batch]:
+                if count and size + len(p.op) > MAX_BATCH_BYTES:
+                    break
+                count, size = count + 1, size + len(p.op)
+            batch, self._queue = self._queue[:count], self._queue[count:]
             assert self._loop is not None
             task = self._loop.create_task(self._send_batch(batch))
             self._inflight.add(task)
