@@ -19,11 +19,13 @@ from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.errors import (
     ApplyError,
+    DengineError,
     LeaderOverloadedError,
     LeadershipTransferError,
     NotLeaderError,
     OutcomeUnknownError,
     ProposalDroppedError,
+    StorageError,
 )
 from dengine.node import Node
 from dengine.raft.sessions import apply_committed
@@ -545,5 +547,82 @@ def test_a_node_that_fails_applying_where_a_commit_is_heard_stops(
             assert node.failure is not None and "an apply failure" in node.failure
         finally:
             await node.stop(transfer_leadership=False)
+
+    run(main)
+
+
+class FillingDisk:
+    """A node's log store whose appends fail once ``full`` (a full disk, an fsync that fails
+    where a segment ends), the rest passed through."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.full = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def append(self, entries: Any) -> None:
+        if self.full:
+            raise StorageError("no space left on device (staged by the test)")
+        self._store.append(entries)
+
+
+def test_a_node_whose_log_append_fails_stops(tmp_path: Path) -> None:
+    """A failed append leaves the log in an unknown state, as a failed sync does: the leader
+    (its own proposal) and a follower (the leader's entries) each stop, and say why, rather
+    than go on with writes that never commit."""
+
+    async def main() -> None:
+        async with started(configs(tmp_path)) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            follower = next(n for n in nodes if n is not leader)
+            assert follower.raft is not None and leader.raft is not None
+            assert await leader.propose(b"1") == b"1"
+            disk = FillingDisk(follower.raft.store)
+            follower.raft.store = disk
+            disk.full = True
+            assert await asyncio.wait_for(leader.propose(b"1"), 10) == b"2", "the others commit"
+            await until(lambda: follower.failure is not None)
+            assert "storage failure" in (follower.failure or "")
+            disk = FillingDisk(leader.raft.store)
+            leader.raft.store = disk
+            disk.full = True
+            with pytest.raises(OutcomeUnknownError, match="storage failure"):
+                await asyncio.wait_for(leader.propose(b"1"), 10)
+            assert leader.failure is not None
+
+    run(main)
+
+
+def test_a_stopped_node_refuses_reads_and_stops_once(tmp_path: Path) -> None:
+    """After stop() a read has nobody to confirm it and nothing to wait for: it is refused at
+    once rather than left hanging. Two stop() calls at the same time (the leader handing over)
+    release the node once."""
+
+    async def main() -> None:
+        nodes = [Node(c, state_machine=Counter()) for c in configs(tmp_path)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            assert await leader.propose(b"1") == b"1"
+            released = 0
+            real = leader._release_everything
+
+            async def counting(why: str) -> None:
+                nonlocal released
+                released += 1
+                await real(why)
+
+            leader._release_everything = counting  # type: ignore[method-assign]
+            await asyncio.gather(leader.stop(), leader.stop())
+            assert released == 1
+            for consistency in ("linearizable", "lease", "stale"):
+                with pytest.raises(DengineError, match="not running"):
+                    await asyncio.wait_for(leader.read(lambda sm: sm.n, consistency=consistency), 5)
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
 
     run(main)

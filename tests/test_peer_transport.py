@@ -40,6 +40,29 @@ def test_queued_messages_leave_together_in_order_and_unchanged() -> None:
     asyncio.run(main())
 
 
+def test_a_batch_of_large_appends_stays_under_the_message_limit() -> None:
+    """A follower catching up is sent a window of full appends at once: they ride in several
+    writes of bounded size, in order, rather than in one over gRPC's 64 MiB limit, which would
+    fail the stream and lose them all."""
+
+    async def main() -> None:
+        transport = peers.PeerTransport(1, "c", {1: "127.0.0.1:1", 2: "127.0.0.1:2"}, lambda m: None)
+        q: asyncio.Queue[raft_pb2.RaftMessage | None] = asyncio.Queue()
+        entries = EntryBatch.from_payloads(8, 3, [b"x" * 4096] * 256)  # about 1 MiB each
+        sent = [to_wire(Message(MsgType.APP, 1, 2, 3, index=i, entries=entries), "c") for i in range(80)]
+        for w in sent:
+            q.put_nowait(w)
+        outgoing = transport._outgoing(q)
+        got: list[raft_pb2.RaftMessage] = []
+        while len(got) < len(sent):
+            batch = await anext(outgoing)
+            assert batch.ByteSize() <= peers._MAX_BATCH_BYTES + (64 << 10)
+            got.extend(batch.messages)
+        assert [m.index for m in got] == list(range(80)), "in order, none lost"
+
+    asyncio.run(main())
+
+
 def test_a_peer_back_after_an_outage_gets_every_message_sent_after_it_returns() -> None:
     """Each failed attempt to reach a peer that is down leaves grpc's request iterator of that
     attempt waiting for a message. Were the attempts to share one queue, each of those would take

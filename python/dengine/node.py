@@ -41,6 +41,7 @@ from dengine.errors import (
     NotLeaderError,
     OutcomeUnknownError,
     ProposalDroppedError,
+    StorageError,
 )
 from dengine.event_loop import running_loop_name
 from dengine.kv import KVStateMachine
@@ -444,6 +445,11 @@ class Node:
                 log.info("node %d: handed leadership to node %d before stopping", self.id, successor)
             except DengineError as exc:
                 log.info("node %d: no leadership transfer before stopping: %s", self.id, exc)
+        if self._release is not None or not self._running:
+            # A fail-stop, or another stop(), while the leadership was being handed over.
+            if self._release is not None:
+                await asyncio.shield(self._release)
+            return
         self._running = False
         self._release = asyncio.ensure_future(self._release_everything("the node stopped"))
         await asyncio.shield(self._release)
@@ -461,12 +467,15 @@ class Node:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         store, server = self.store, self.server
-        steps: list[Callable[[], Awaitable[object]]] = [self.snapshots.stop]
+        # Serving stops first: a snapshot still being written can take seconds to finish, and
+        # meanwhile peers and clients must see a node that is gone, not one that takes their
+        # requests and drops them.
+        steps: list[Callable[[], Awaitable[object]]] = [lambda: server.stop(grace=0.2), self.snapshots.stop]
         if self._syncer is not None:
             steps.append(self._syncer.close)
         if self._apply_thread:
             steps.append(self._close_apply_thread)
-        steps += [self.transport.close, lambda: server.stop(grace=0.2)]
+        steps.append(self.transport.close)
         if self._metrics_server is not None:
             steps.append(self._metrics_server.close)
         steps.append(lambda: asyncio.get_running_loop().run_in_executor(self.io, store.close))
@@ -507,19 +516,23 @@ class Node:
         the core when it ran several at once (``Raft.note_pause``)."""
         raft = self.raft
         now = self._clock()
-        if raft is None or now < self._next_tick_at:
+        if raft is None or not self._running or now < self._next_tick_at:
             return
         interval = self.config.raft.tick_ms / 1000
         periodic = False
         ran = 0
-        while self._next_tick_at <= now:
-            self._next_tick_at += interval
-            raft.tick()
-            ran += 1
-            periodic = periodic or raft.ticks_since_start % 10 == 0
-        if ran > 1:
-            raft.note_pause(ran)
-        self.pump()
+        try:
+            while self._next_tick_at <= now:
+                self._next_tick_at += interval
+                raft.tick()
+                ran += 1
+                periodic = periodic or raft.ticks_since_start % 10 == 0
+            if ran > 1:
+                raft.note_pause(ran)
+            self.pump()
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return
         if periodic:
             self.members.expire()
             if raft.role is Role.LEADER:
@@ -539,8 +552,11 @@ class Node:
         if self._removal.watching:
             self._removal.heard_from(m.src)
         self._run_due_ticks()
-        self.raft.step(m)
-        self.pump()
+        try:
+            self.raft.step(m)
+            self.pump()
+        except StorageError as exc:
+            self._storage_failed(exc)
 
     # --- proposals --------------------------------------------------------------------------------
 
@@ -690,6 +706,9 @@ class Node:
             indexes = self.raft.propose(batch)
             if indexes is not None:
                 self._commit_clock.append((indexes[1], time.monotonic(), len(batch)))
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return
         except (NotLeaderError, ProposalDroppedError) as exc:
             if isinstance(exc, NotLeaderError) and exc.leader is None and self.config.raft.forward_proposals:
                 return  # no leader right now: proposed again as soon as one is elected
@@ -863,6 +882,9 @@ class Node:
         (ReadIndex); ``lease`` trusts the leader's lease instead of a round trip; ``stale`` reads
         this node's state as it is, which may lag.
         """
+        if not self._running:
+            # Nothing would answer a read round; and after a failure the state may be wrong.
+            raise DengineError(self.failure or "the node is not running")
         consistency = consistency or self.config.read.default_consistency
         self.metrics.read(consistency)
         if consistency == "stale":
@@ -926,8 +948,11 @@ class Node:
     def _announce(self) -> None:
         self._announce_timer = None
         if self._running and self.raft is not None:
-            self.raft.announce_commit(self._announce_for)
-            self.pump()
+            try:
+                self.raft.announce_commit(self._announce_for)
+                self.pump()
+            except StorageError as exc:
+                self._storage_failed(exc)
 
     def _answer_reads(self, reads: list[ReadState], failed: list[int]) -> None:
         for r in reads:
@@ -963,8 +988,17 @@ class Node:
 
     def _on_synced(self, seq: int, durable: int) -> None:
         if self._running and self.raft is not None:
-            self.raft.synced(seq, durable)
-            self.pump()
+            try:
+                self.raft.synced(seq, durable)
+                self.pump()
+            except StorageError as exc:
+                self._storage_failed(exc)
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        # A failed append (a full disk, a failed fsync at a segment's end) leaves the log in an
+        # unknown state, as a failed sync does (the store refuses further work): stop, and say so.
+        log.critical("node %d: the log store failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+        self._fail_stop(exc)
 
     def _on_sync_failed(self, exc: DengineError) -> None:
         # After a failed fsync the page cache may have dropped writes the store cannot redo:

@@ -63,6 +63,10 @@ UNKNOWN_SENDER = "unknown-sender"
 """The refusal of a message from a node not in the receiver's configuration."""
 _QUEUE_LIMIT = 4096
 _MAX_BATCH_MESSAGES = 512
+_MAX_BATCH_BYTES = 16 << 20
+"""Most bytes of messages riding in one write (one larger message goes alone): a follower
+catching up is sent a window of full appends at once, and together they could pass the 64 MiB
+message limit, which would fail the stream and lose them all, again and again."""
 
 
 class PeerTransport(raft_pb2_grpc.RaftServicer):
@@ -143,8 +147,10 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     async def _outgoing(
         self, q: asyncio.Queue[raft_pb2.RaftMessage | None]
     ) -> AsyncIterator[raft_pb2.RaftBatch]:
+        carried: raft_pb2.RaftMessage | None = None  # taken, but left for the next batch
         while True:
-            first = await q.get()
+            first = carried if carried is not None else await q.get()
+            carried = None
             if first is None:
                 return
             batch = raft_pb2.RaftBatch()
@@ -153,11 +159,16 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             # slowly, 100-250 us for 160 KB of entries against 4 us.
             add = batch.messages.add
             add().CopyFrom(first)
+            size = first.ByteSize()
             # Whatever else queued up while the previous write was in flight rides along.
             while not q.empty() and len(batch.messages) < _MAX_BATCH_MESSAGES:
                 m = q.get_nowait()
                 if m is None:
                     return
+                size += m.ByteSize()
+                if size > _MAX_BATCH_BYTES:
+                    carried = m
+                    break
                 add().CopyFrom(m)
             yield batch
 
