@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import grpc
 import pytest
 
 from dengine._core import SnapshotChunker
@@ -19,7 +20,7 @@ from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
 from dengine.transport.codec import ReceivedChunk
-from dengine.v1 import raft_pb2
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
 
 
@@ -500,5 +501,37 @@ def test_a_restore_cancelled_midway_keeps_its_source_open_until_it_returns(tmp_p
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(restoring, 10)
             assert sm.read == [b"5"], "the source was closed under the restore"
+
+    run(main)
+
+
+def test_a_node_that_fails_while_its_state_is_written_stops_serving_at_once(tmp_path: Path) -> None:
+    """A fail-stop waits for a snapshot being written to finish before it lets go of the data
+    dir; meanwhile the node must already look gone to peers and clients (they go elsewhere),
+    not take their requests and drop them."""
+    (cfg,) = configs(tmp_path, 1)
+    sm = WrittenInTheBackground()
+
+    async def main() -> None:
+        node = Node(cfg, state_machine=sm)
+        await node.start()
+        try:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 3)
+            creating = asyncio.ensure_future(node.snapshot())
+            await until(sm.writing.is_set)
+            node._fail_stop(RuntimeError("a bug (staged by the test)"), "an apply failure")
+            await asyncio.sleep(0.5)
+            async with grpc.aio.insecure_channel(cfg.node.listen) as channel:
+                stub = cluster_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Status(cluster_pb2.StatusRequest(), timeout=2)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, "still serving"
+            sm.go.set()
+            with pytest.raises(asyncio.CancelledError):
+                await creating
+        finally:
+            sm.go.set()
+            await node.stop()
 
     run(main)
