@@ -22,6 +22,7 @@ from dengine.snapshot_store import SnapshotError, SnapshotStore
 from dengine.transport.codec import ReceivedChunk
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
+from test_node_membership import joiner_config, with_membership
 
 
 def with_snapshots(cfgs: list[Config], **snapshot: Any) -> list[Config]:
@@ -533,5 +534,46 @@ def test_a_node_that_fails_while_its_state_is_written_stops_serving_at_once(tmp_
         finally:
             sm.go.set()
             await node.stop()
+
+    run(main)
+
+
+def test_a_follower_that_catches_up_by_snapshot_can_reach_the_members_it_brings(tmp_path: Path) -> None:
+    """A member added in the part of the log a snapshot covers is named only by the snapshot:
+    a follower that was down meanwhile and catches up by that snapshot must learn its address
+    (to send it votes and answers, and to take its messages) without waiting for a restart."""
+    cfgs = with_snapshots(
+        with_membership(configs(tmp_path), promote="auto", caught_up_for_ms=200, max_lag_entries=10),
+        entries=100,
+        trailing_entries=10,
+    )
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            lagging = next(n for n in nodes if n is not leader)
+            index = nodes.index(lagging)
+            await lagging.stop()
+            cfg4 = joiner_config(
+                tmp_path, 4, cfgs[0], promote="auto", caught_up_for_ms=200, max_lag_entries=10
+            )
+            joiner = Node(cfg4, state_machine=Counter(), join=leader.config.node.listen)
+            await joiner.start()
+            nodes.append(joiner)
+            await until(lambda: 4 in leader.raft.conf.voters, timeout=20)  # type: ignore[union-attr]
+            for _ in range(4):
+                await propose_all(leader, 100)
+            store = leader.store
+            assert store is not None
+            await until(lambda: store.first_index() > 100)
+            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
+                await leader.snapshot()
+            await asyncio.sleep(2.5)  # as in the catch-up test above: no log catch-up left
+            nodes[index] = back = Node(cfgs[index], state_machine=Counter())
+            await back.start()
+            await until(lambda: back.snapshots.installed == 1, timeout=20)
+            assert back.members.addresses.get(4) == cfg4.node.listen
+            assert back.transport is not None and 4 in back.transport.members
+            assert 4 in back.transport.peers
 
     run(main)

@@ -56,6 +56,20 @@ class MembershipManager:
         raft, transport = self.node.raft, self.node.transport
         if raft is None or transport is None or raft.conf_index == self._seen_conf:
             return
+        self._adopt_configuration()
+
+    def restored(self, addresses: dict[int, str]) -> None:
+        """An installed snapshot's members' addresses: those of the configuration it holds,
+        which no entry names any more (the log starts after it). The configuration itself was
+        adopted when the core took the snapshot, before these addresses were known, so members
+        added in the part of the log it covers are only reachable from now on."""
+        self.base_addresses = dict(addresses)
+        if self.node.raft is not None and self.node.transport is not None:
+            self._adopt_configuration(announce=False)  # the install announced the change
+
+    def _adopt_configuration(self, *, announce: bool = True) -> None:
+        raft = self.node.raft
+        assert raft is not None
         first = self._seen_conf < 0
         self._seen_conf = raft.conf_index
         cc = raft.conf_change
@@ -76,7 +90,7 @@ class MembershipManager:
         self._update_transport()
         if self.node.id not in members and self.addresses:
             self.node.on_removed()
-        if not first:
+        if announce and not first:
             self.node.metrics.membership_change(cc.op.name.lower() if cc is not None else "restore")
             log.info(
                 "node %d: configuration now voters %s, learners %s",

@@ -580,7 +580,7 @@ class SnapshotManager:
                 if self._pinned[path] <= 0:
                     del self._pinned[path]
         if snap.meta.addresses:
-            self.node.members.base_addresses = dict(snap.meta.addresses)
+            self.node.members.restored(dict(snap.meta.addresses))
         self._adopt(snap)
         self.installed += 1
         elapsed = time.monotonic() - began
