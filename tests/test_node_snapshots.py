@@ -19,6 +19,7 @@ from dengine.config import Config
 from dengine.errors import DengineError
 from dengine.node import Node
 from dengine.snapshot_store import SnapshotError, SnapshotStore
+from dengine.snapshotting import SnapshotManager
 from dengine.transport.codec import ReceivedChunk
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
@@ -575,5 +576,47 @@ def test_a_follower_that_catches_up_by_snapshot_can_reach_the_members_it_brings(
             assert back.members.addresses.get(4) == cfg4.node.listen
             assert back.transport is not None and 4 in back.transport.members
             assert 4 in back.transport.peers
+
+    run(main)
+
+
+def test_a_send_whose_chunks_fail_is_reported_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When reading the snapshot's chunks fails, grpc cancels the call and keeps the reason:
+    the send must still count as failed, or the leader would wait for it for the rest of its
+    term and send the follower nothing more. The next attempt gets it through."""
+    cfgs = with_snapshots(configs(tmp_path), entries=100, trailing_entries=10, chunk_bytes=64)
+    real = SnapshotManager._chunks
+    failed: list[int] = []
+
+    async def chunks_failing_once(self: SnapshotManager, *args: Any) -> AsyncIterator[Any]:
+        if not failed:
+            failed.append(1)
+            raise OSError("a read error (staged by the test)")
+            yield  # an async generator
+        async for chunk in real(self, *args):
+            yield chunk
+
+    monkeypatch.setattr(SnapshotManager, "_chunks", chunks_failing_once)
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            lagging = next(n for n in nodes if n is not leader)
+            index = nodes.index(lagging)
+            await lagging.stop()
+            for _ in range(3):
+                await propose_all(leader, 100)
+            store = leader.store
+            assert store is not None
+            await until(lambda: store.first_index() > 100)
+            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
+                await leader.snapshot()
+            await asyncio.sleep(2.5)
+            nodes[index] = back = Node(cfgs[index], state_machine=Counter())
+            await back.start()
+            await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 300, timeout=20)
+            assert failed == [1]
 
     run(main)

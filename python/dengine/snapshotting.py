@@ -420,7 +420,12 @@ class SnapshotManager:
                         extra={"node_id": node.id, "index": snap.meta.index, "event": "snapshot"},
                     )
         except asyncio.CancelledError:
-            raise
+            if _being_cancelled():
+                raise
+            # Not this task: grpc cancels the call when its chunks fail to come (a read error),
+            # and keeps the reason. A failed send like any other: the follower must not stay
+            # waiting for a snapshot nobody sends.
+            log.warning("node %d: sending a snapshot to node %d failed: its chunks stopped", node.id, peer)
         except (grpc.aio.AioRpcError, DengineError, OSError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             log.warning("node %d: sending a snapshot to node %d failed: %s", node.id, peer, detail)
@@ -623,6 +628,14 @@ class SnapshotManager:
         if inc is not None:
             log.info("node %d: abandoned a snapshot transfer (%s)", self.node.id, why)
             await self._run(inc.assembler.abort)
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (rather than an awaited call it
+    made). Python 3.10 cannot tell: there, every cancellation counts as the task's."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _directory_bytes(path: Path) -> int:
