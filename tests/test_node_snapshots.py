@@ -620,3 +620,39 @@ def test_a_send_whose_chunks_fail_is_reported_and_tried_again(
             assert failed == [1]
 
     run(main)
+
+
+def test_an_install_whose_pruning_fails_still_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removing old snapshot files after an install can fail (another prune raced it, a file
+    the disk cannot delete): the install stands, and the node goes on."""
+    cfgs = with_snapshots(configs(tmp_path), entries=100, trailing_entries=10, chunk_bytes=64)
+
+    def failing(self: SnapshotStore, *args: Any) -> list[Any]:
+        raise OSError("cannot list or delete (staged by the test)")
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            lagging = next(n for n in nodes if n is not leader)
+            index = nodes.index(lagging)
+            await lagging.stop()
+            for _ in range(3):
+                await propose_all(leader, 100)
+            store = leader.store
+            assert store is not None
+            await until(lambda: store.first_index() > 100)
+            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
+                await leader.snapshot()
+            await asyncio.sleep(2.5)
+            nodes[index] = back = Node(cfgs[index], state_machine=Counter())
+            await back.start()
+            monkeypatch.setattr(SnapshotStore, "prune", failing)
+            monkeypatch.setattr(SnapshotStore, "list", failing)
+            await until(lambda: back.snapshots.installed == 1, timeout=20)
+            assert back.failure is None
+            assert await leader.propose(b"1") == b"301"
+            await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 301)
+
+    run(main)

@@ -527,6 +527,19 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     assert [s.meta.index for s in store.list()] == [50]
 
 
+def test_prune_spares_pinned_snapshots_and_never_reads_the_files(tmp_path: Path) -> None:
+    """Snapshots being sent or restored are pinned; and an old file that no longer parses must
+    not fail every prune after it (pruning goes by name alone)."""
+    store = SnapshotStore(tmp_path)
+    snaps = {index: make(store, meta_at(index, 1)).path for index in (10, 20, 30, 40)}
+    snaps[10].write_bytes(b"no longer a snapshot")
+    assert store.prune(1, pinned={snaps[20]}) == [snaps[10], snaps[30]]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".snap") == [
+        snaps[20].name,
+        snaps[40].name,
+    ]
+
+
 def test_total_bytes_counts_published_snapshots(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path)
     assert store.total_bytes() == 0

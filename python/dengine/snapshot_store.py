@@ -59,6 +59,7 @@ import os
 import re
 import secrets
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -697,15 +698,18 @@ class SnapshotStore:
         return self.load(snaps[-1].path, verify=True) if verify else snaps[-1]
 
     # builtins.list: inside this class, plain ``list`` names the method above.
-    def prune(self, keep: int) -> builtins.list[Path]:
-        """Deletes all but the newest ``keep`` (at least 1) snapshots; returns what it deleted."""
+    def prune(self, keep: int, pinned: Collection[Path] = ()) -> builtins.list[Path]:
+        """Deletes all but the newest ``keep`` (at least 1) snapshots, except those in
+        ``pinned`` (being sent or restored); returns what it deleted. A file that is gone
+        already (another prune) is not an error."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         # By name alone: reading every file's metadata (session tables included) on each prune
-        # cost a few percent of a busy node's time.
-        doomed = self._published()[:-keep]
+        # cost a few percent of a busy node's time, and an old file that no longer parsed would
+        # fail every prune after it.
+        doomed = [path for path in self._published()[:-keep] if path not in pinned]
         for path in doomed:
-            path.unlink()
+            path.unlink(missing_ok=True)
         return doomed
 
     def open_data(self, snap: SnapshotFile) -> BinaryIO:

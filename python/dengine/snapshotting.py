@@ -323,21 +323,19 @@ class SnapshotManager:
         await self._prune()
 
     async def _prune(self) -> None:
+        """Removes old snapshot files. A failure is logged, not raised: it must not undo (or
+        stop the node over) the snapshot just taken or installed."""
         store = self.store
         assert store is not None
-        keep = self.cfg.keep
         pinned = set(self._pinned)
         if self.latest is not None:
             pinned.add(self.latest.path)
-
-        def prune() -> list[Path]:
-            snaps = store.list()
-            doomed = [s.path for s in snaps[: max(0, len(snaps) - keep)] if s.path not in pinned]
-            for path in doomed:
-                os.remove(path)
-            return doomed
-
-        for path in await self._run(prune):
+        try:
+            removed = await self._run(store.prune, self.cfg.keep, pinned)
+        except OSError as exc:
+            log.warning("node %d: removing old snapshots failed: %s", self.node.id, exc)
+            return
+        for path in removed:
             log.debug("node %d: removed old snapshot %s", self.node.id, path)
 
     async def _policy_loop(self) -> None:
