@@ -656,3 +656,50 @@ def test_an_install_whose_pruning_fails_still_completes(
             await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 301)
 
     run(main)
+
+
+def test_a_received_snapshot_the_core_does_not_take_is_not_kept_pinned(tmp_path: Path) -> None:
+    """A snapshot whose transfer completes after its leader's term ended (or that this node's
+    log already covers) is refused by the core and never restored: nothing may keep it pinned,
+    or held in memory, for the rest of the process."""
+    (sender_cfg,) = with_snapshots(configs(tmp_path / "a", 1), entries=0, chunk_bytes=100)
+    (receiver_cfg,) = configs(tmp_path / "b", 1)
+
+    async def main() -> None:
+        async with (
+            Node(sender_cfg, state_machine=Counter()) as sender,
+            Node(receiver_cfg, state_machine=Counter()) as receiver,
+        ):
+            await until(lambda: leader_of([sender]) and leader_of([receiver]))
+            await propose_all(sender, 50)
+            snap = await sender.snapshot()
+            assert snap is not None and sender.raft is not None and receiver.raft is not None
+            chunker = SnapshotChunker(snap.path, 100)
+            header = raft_pb2.SnapshotHeader(
+                cluster_id="embedded",
+                to=receiver.id,
+                term=receiver.raft.term,
+                index=snap.meta.index,
+                log_term=snap.meta.term,
+                size=chunker.size,
+                sha256=chunker.sha256,
+                **{"from": 2},
+            )
+            assert (await receiver.snapshots.offer(header)).needed
+
+            async def chunks() -> AsyncIterator[ReceivedChunk]:
+                offset = 0
+                while offset < chunker.size:
+                    c = chunker.chunk_at(offset)
+                    message = raft_pb2.SnapshotChunk(
+                        header=header, offset=c.offset, data=c.data, crc32c=c.crc32c
+                    )
+                    yield ReceivedChunk.parse(message.SerializeToString())
+                    offset += len(c.data)
+
+            receiver.raft.term += 1  # its leader's term ended while the chunks were on the way
+            await receiver.snapshots.receive(chunks())
+            assert receiver.snapshots.installed == 0
+            assert receiver.snapshots._pinned == {} and receiver.snapshots._received == {}
+
+    run(main)

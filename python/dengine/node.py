@@ -929,6 +929,7 @@ class Node:
             # The apply loop is woken before the peer streams: the callers waiting for these
             # entries are answered without waiting behind the gRPC writes of this round.
             if rd.restore is not None:
+                self.snapshots.restore_queued(rd.restore)
                 self._apply_queue.put_nowait(rd.restore)
             if rd.committed and not self._apply_here(rd.committed):
                 self._apply_queue.put_nowait(rd.committed)

@@ -94,6 +94,7 @@ class SnapshotManager:
         self._chunker: tuple[Path, SnapshotChunker] | None = None
         self._incoming: _Incoming | None = None
         self._received: dict[Path, SnapshotFile] = {}
+        self._to_restore: set[Path] = set()  # received files the core queued for restoring
         self._last_snapshot_at = time.monotonic()
         self._log_dir = Path(node.config.node.data_dir) / "log"
         self._log_bytes_at_snapshot = 0
@@ -429,9 +430,7 @@ class SnapshotManager:
             log.warning("node %d: sending a snapshot to node %d failed: %s", node.id, peer, detail)
         finally:
             if snap is not None:
-                self._pinned[snap.path] -= 1
-                if self._pinned[snap.path] <= 0:
-                    del self._pinned[snap.path]
+                self._unpin(snap.path)
         if not ok:
             await asyncio.sleep(_RETRY_AFTER_FAILURE_S)
         if node.raft is not None and node.raft.role is Role.LEADER and snap is not None:
@@ -564,7 +563,23 @@ class SnapshotManager:
             Message(MsgType.SNAPSHOT, getattr(header, "from"), node.id, header.term, snapshot=info_of(snap))
         )
         node.pump()
+        if path not in self._to_restore:
+            # The core did not take it (a leader of an old term, or this node's log reaches it
+            # already): nothing will restore it, so it must not stay pinned and in memory.
+            self._unpin(path)
+            self._received.pop(path, None)
         return raft_pb2.InstallSnapshotResponse(term=raft.term, installed=True)
+
+    def restore_queued(self, info: SnapshotInfo) -> None:
+        """The core queued ``info`` to be restored (``Ready.restore``)."""
+        if self.store is not None:
+            self._to_restore.add(self.store.incoming_path(info.index, info.term))
+
+    def _unpin(self, path: Path) -> None:
+        if self._pinned.get(path, 0) > 0:
+            self._pinned[path] -= 1
+            if self._pinned[path] <= 0:
+                del self._pinned[path]
 
     async def restore(self, info: SnapshotInfo) -> None:
         """Replaces the state machine with the received snapshot the core accepted."""
@@ -578,10 +593,8 @@ class SnapshotManager:
         try:
             await self._restore_state(snap)
         finally:
-            if self._pinned.get(path, 0) > 0:
-                self._pinned[path] -= 1
-                if self._pinned[path] <= 0:
-                    del self._pinned[path]
+            self._to_restore.discard(path)
+            self._unpin(path)
         if snap.meta.addresses:
             self.node.members.restored(dict(snap.meta.addresses))
         self._adopt(snap)
