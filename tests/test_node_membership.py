@@ -65,6 +65,11 @@ def test_a_node_joins_is_promoted_automatically_and_the_leader_removes_itself(tm
             await asyncio.sleep(1.0)  # several election timeouts: the removed node stays quiet
             assert leader.raft is not None and leader.raft.role.value == "follower"
             assert leader_of([n for n in nodes if n is not leader]) is new
+            # It knows its removal committed: it stops, saying so, rather than linger as a
+            # non-member whose embedded callers would wait for ever.
+            await until(lambda: leader.failure is not None)
+            assert "its removal from the cluster" in (leader.failure or "")
+            assert "no longer holds it" in (leader.failure or "")
 
     run(main)
 

@@ -219,12 +219,13 @@ class Node:
         # From the OS, not the random module (see dengine.Client): a process that seeds it and
         # restarts would reuse its sequences under the same id, and get old results back.
         self._client_id = secrets.randbits(62) + 1
-        self._seq = 0
-        # This node's own lowest sequence that may still be waiting: every lower one was answered.
-        self._local_low = 1
+        # This node's last sequence, and its lowest one that may still be waiting (every lower
+        # one was answered).
+        self._seq, self._local_low = 0, 1
         self._pending: list[bytes] = []
         self._flush_scheduled = False
         self._removal = RemovalWatch(self.id, self.config.raft.election_timeout_ms / 1000)
+        self._leaving: asyncio.TimerHandle | None = None  # the stop of a node that left
         # Proposals someone waits for, by (client id, sequence); what the apply loop answers.
         self._waiters: dict[tuple[int, int], Proposal] = {}
         self._resubmitted_for: tuple[int, int | None] = (0, None)
@@ -461,6 +462,8 @@ class Node:
         assert self.store is not None and self.transport is not None and self.server is not None
         if self._announce_timer is not None:
             self._announce_timer.cancel()
+        if self._leaving is not None:
+            self._leaving.cancel()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -835,6 +838,13 @@ class Node:
             f"voters {', '.join(map(str, refusing))} of its configuration no longer know it; "
             "to serve again it must be added as a new member, with an empty data dir"
         )
+        self._leave(why)
+
+    def _leave(self, why: str) -> None:
+        """Stops a node that is no longer a member, saying why."""
+        raft = self.raft
+        if raft is None or not self._running:
+            return
         log.error(
             "node %d: removed from cluster %r: %s; stopping",
             self.id,
@@ -843,6 +853,24 @@ class Node:
             extra={"node_id": self.id, "term": raft.term, "event": "membership"},
         )
         self._fail_stop(DengineError(why), "its removal from the cluster")
+
+    def _leave_if_removed(self) -> None:
+        """A node whose own log holds a committed configuration without it (a leader that
+        removed itself: it alone learns the commit) stops, as one told by its peers does,
+        after an election timeout in which it hands over and the others elect."""
+        raft = self.raft
+        if (
+            raft is None
+            or self._leaving is not None
+            or raft.applied < raft.conf_index
+            or self.id in raft.conf.voters
+            or self.id in raft.learners
+            or not raft.conf.voters
+        ):
+            return
+        why = f"the configuration committed at index {raft.conf_index} no longer holds it"
+        delay = self.config.raft.election_timeout_ms / 1000
+        self._leaving = asyncio.get_running_loop().call_later(delay, self._leave, why)
 
     async def add_learner(self, node_id: int, address: str) -> None:
         """Adds ``node_id`` at ``address`` as a learner (it receives the log, does not vote);
@@ -1049,6 +1077,8 @@ class Node:
         assert raft is not None
         self.metrics.set_indexes(raft.commit, raft.applied)
         self.snapshots.on_applied()
+        if raft.applied >= raft.conf_index and self._leaving is None:
+            self._leave_if_removed()
 
     async def _apply_item(self, item: Sequence[Entry] | SnapshotInfo) -> None:
         raft = self.raft
