@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -193,8 +194,13 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
             cut = chunker.size // 2 // 100 * 100
             reply = await follower.snapshots.receive(chunks(0, cut))
             assert not reply.installed, "half a snapshot is not installed"
+            incoming = follower.snapshots._incoming
+            assert incoming is not None
+            incoming.last_activity -= 100  # long ago: a slow transfer's next stream comes late
             again = await follower.snapshots.offer(header)
             assert again.next_offset == cut, "the second attempt resumes where the first stopped"
+            assert follower.snapshots._incoming is incoming
+            assert incoming.last_activity > time.monotonic() - 10, "the offer counts as activity"
             # A chunk for another snapshot is refused.
             other = raft_pb2.SnapshotHeader()
             other.CopyFrom(header)

@@ -488,6 +488,10 @@ class SnapshotManager:
             path = store.incoming_path(h.index, h.log_term)
             assembler = await self._run(SnapshotAssembler, path, h.size, bytes(h.sha256))
             inc = self._incoming = _Incoming(key, assembler, time.monotonic())
+        else:
+            # The leader is still at it (each stream of a slow transfer starts with an offer):
+            # not a transfer gone silent.
+            inc.last_activity = time.monotonic()
         next_offset = await self._run(lambda: inc.assembler.next_offset)
         return raft_pb2.SnapshotOfferResponse(term=raft.term, needed=True, next_offset=next_offset)
 
@@ -545,7 +549,8 @@ class SnapshotManager:
             raise ValueError("an empty snapshot stream")
         if not await self._run(lambda: inc.assembler.is_complete):
             return raft_pb2.InstallSnapshotResponse(term=raft.term, installed=False)
-        self._incoming = None
+        if self._incoming is inc:  # not a newer offer that arrived meanwhile
+            self._incoming = None
         try:
             path = Path(await self._run(inc.assembler.finish))
             snap = await self._run(lambda: store.load(path, verify=False))
