@@ -8,8 +8,10 @@ import asyncio
 import io
 import os
 import random
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,6 +228,61 @@ def test_a_read_right_after_the_hand_over_waits_for_the_writes_it_answered() -> 
     assert asyncio.run(main()) == ([1], True, 200_000, 200_000)
 
 
+def test_a_watch_made_right_after_a_follower_hands_over_a_batch_misses_none_of_it() -> None:
+    """A follower hands its whole batch to the thread (nobody waits there). A watch made the
+    moment after reads its backlog, then the revision it takes as its floor: both must come
+    from one side of the batch. Read before the thread took the store, the backlog would end
+    before the batch and the floor after it, and the batch's events (which the thread gives to
+    no subscriber) would be lost to the watch. Repeated: the thread often starts first."""
+    for _ in range(20):
+        sm, table = kv.KVStateMachine(), SessionTable()
+        store = sm.native_target()
+        assert store is not None
+        applier = _core.NativeApplier(store, table.native_table())
+        payloads = [
+            payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(3000)
+        ]
+        try:
+            applier.submit(EntryBatch.from_payloads(1, 1, payloads), (), [])  # nobody waits
+            backlog, floor = sm.events_since(0), sm.revision
+            assert len(backlog) == floor == 3000, (len(backlog), floor)
+        finally:
+            applier.close()
+
+
+def test_a_reader_waiting_for_the_thread_lets_other_python_threads_run() -> None:
+    """A read of the store made while the thread applies a batch waits for the batch, with
+    the GIL released: waiting with it held, it could keep the GIL from a thread the batch is
+    waiting for (a hand-over interrupted by a garbage collection), and it would stop every
+    other Python thread of the process meanwhile."""
+    sm, table = kv.KVStateMachine(), SessionTable()
+    store = sm.native_target()
+    assert store is not None
+    applier = _core.NativeApplier(store, table.native_table())
+    payloads = [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(300_000)]
+    window: list[float] = []
+
+    def read() -> None:
+        window.append(time.monotonic())
+        assert sm.revision == 300_000
+        window.append(time.monotonic())
+
+    try:
+        applier.submit(EntryBatch.from_payloads(1, 1, payloads), (), [])
+        reader = threading.Thread(target=read)
+        ticks: list[float] = []
+        reader.start()
+        while reader.is_alive():
+            ticks.append(time.monotonic())
+        reader.join()
+    finally:
+        applier.close()
+    started, ended = window
+    assert ended - started > 0.05, "the batch was over before the read: nothing measured"
+    inside = [t for t in ticks if started + 0.02 < t < ended - 0.01]
+    assert inside, "no other Python thread ran while the reader waited"
+
+
 def test_closing_right_after_the_hand_over_still_puts_the_answered_writes_in_the_store() -> None:
     sm, table = kv.KVStateMachine(), SessionTable()
     store = sm.native_target()
@@ -325,6 +382,39 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
             await node.stop(transfer_leadership=False)
 
     asyncio.run(main())
+
+
+def test_answers_that_cannot_be_handed_over_fail_the_batch_rather_than_leave_it_waiting() -> None:
+    """Handing a batch's answers over can fail for another reason than the thread's death (no
+    memory left for them): the batch must fail (and the node stop), not wait for ever for a
+    wake-up that already came."""
+
+    class Failing:
+        def __init__(self) -> None:
+            self.reader, self.writer = socket.socketpair()
+
+        def take(self, wanted: Any, answered: Any) -> int | None:
+            raise MemoryError("no memory for the answers (staged by the test)")
+
+        def fileno(self) -> int:
+            return int(self.reader.fileno())
+
+    async def main() -> BaseException | None:
+        failing = Failing()
+        try:
+            sm, table = kv.KVStateMachine(), SessionTable()
+            store = sm.native_target()
+            assert store is not None
+            thread = apply_thread.ApplyThread(failing, store, table)  # type: ignore[arg-type]
+            done = thread._done = asyncio.get_running_loop().create_future()
+            thread._on_ready()
+            assert done.done()
+            return done.exception()
+        finally:
+            failing.reader.close()
+            failing.writer.close()
+
+    assert isinstance(asyncio.run(main()), MemoryError)
 
 
 def test_a_watch_that_subscribes_during_a_batch_gets_the_events_after_an_entry_left_aside(

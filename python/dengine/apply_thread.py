@@ -114,8 +114,9 @@ class ApplyThread:
         done = self._done
         try:
             position = self._applier.take(self._wanted, self._answered)
-        except RuntimeError as exc:
-            # The thread died mid-batch (a bug): the node cannot know what the batch changed.
+        except Exception as exc:
+            # The thread died mid-batch (a bug), or its answers could not be handed over (no
+            # memory left): the node cannot know what the batch changed, or who was answered.
             self._loop.remove_reader(self._applier.fileno())
             self._closed = True
             if done is not None and not done.done():

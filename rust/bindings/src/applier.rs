@@ -86,9 +86,10 @@ fn apply_job(job: &Job, table: &Mutex<SessionTable>, store: &Mutex<KvStore>, set
         })
         .collect();
     // Both locks from here to the end of the batch, in the order everyone takes them: Python
-    // calls made meanwhile wait for it, and see the state between two batches, never inside
-    // one. (A watch that subscribes meanwhile reads its backlog after the whole batch: the
-    // thread publishes nothing to subscribers, and the next batch is applied by Python.)
+    // calls made since the batch was submitted wait for it (`settling`, then the locks), and
+    // see the state between two batches, never inside or before one. (A watch that subscribes
+    // meanwhile reads its backlog after the whole batch: the thread publishes nothing to
+    // subscribers, and the next batch is applied by Python.)
     let (mut table, mut store) = (lock(table), lock(store));
     run_blind(&mut store, &run);
     // Readers waiting for the answered writes now wait on the lock, for the rest of the batch.
@@ -201,21 +202,26 @@ impl NativeApplier {
                 (at, data.len() - command.len())
             })
             .collect();
-        // From here until the thread has run them, nobody may read the store: its answers are
-        // about to be given.
-        if !run.is_empty() {
-            self.settling.begin();
-        }
+        // From here until the thread holds the store, nobody may read it: answers are about to
+        // be given for the run, and a reader that got in ahead of the thread would see the
+        // state before the batch, then after it on its next call (a watch would take its
+        // backlog from the one and its floor from the other, and miss the batch's events).
+        self.settling.begin();
         let job = Job { batch: entries.clone().unbind(), start: taken, run, collect };
         {
             let mut slot = self.thread.lock();
             slot.state.job = Some(job);
             slot.state.busy = true;
         }
-        let handed = if answers.is_empty() { Ok(()) } else { hand_over(py, &answers, wanted, answered) };
-        // Woken even if the hand-over failed: readers wait until the thread has run the writes.
+        // Woken before the answers are handed over: building them can run a garbage collection
+        // (Python code) that hands the GIL to a thread reading the store, which then waits for
+        // the thread to run the writes; and woken whatever the hand-over does.
         self.thread.notify();
-        handed
+        if answers.is_empty() {
+            Ok(())
+        } else {
+            hand_over(py, &answers, wanted, answered)
+        }
     }
 
     /// The position after the last applied entry of the submitted batch (in the submitted
@@ -229,14 +235,21 @@ impl NativeApplier {
         wanted: &Bound<'_, PyAny>,
         answered: &Bound<'_, PyList>,
     ) -> PyResult<Option<usize>> {
-        self.thread.drain();
+        let gone = self.thread.drain();
         let (done, failed, finished) = {
             let state = &mut self.thread.lock().state;
+            if gone && state.failed.is_none() {
+                // It could not wake the loop any more, and stopped: the next batch would wait
+                // for it for ever. This one (if done) is still given out.
+                state.failed = Some("the thread stopped: it could not wake the event loop".into());
+            }
             (state.done.take(), state.failed.clone(), state.finished.take())
         };
         drop(finished); // here, with the GIL
-        if let Some(why) = failed {
-            return Err(PyRuntimeError::new_err(format!("the apply thread failed: {why}")));
+        if done.is_none() {
+            if let Some(why) = failed {
+                return Err(PyRuntimeError::new_err(format!("the apply thread failed: {why}")));
+            }
         }
         let Some(done) = done else { return Ok(None) };
         if !done.answers.is_empty() && wanted.len()? > 0 {

@@ -7,7 +7,7 @@
 //! into its frozen dataclasses. Building snapshot pieces and validating snapshot bytes run with
 //! the GIL released.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use dengine_core::kv::{Command, Event, KvStore, Record, SnapshotPieces, SnapshotReader};
 use pyo3::exceptions::PyValueError;
@@ -97,8 +97,10 @@ fn parse_kv_command<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, Py
 /// One thread applies at a time; frozen snapshot views may be written on others.
 ///
 /// The store sits behind a lock shared with the node's apply thread (`NativeApplier`), which
-/// applies batches to it without the GIL. The lock is never held while taking the GIL, so a
-/// call from Python made during such a batch waits for the batch, and nothing can deadlock.
+/// applies batches to it without the GIL. The lock is never held while building Python objects
+/// (which can run a garbage collection, and Python code, and hand the GIL to another thread),
+/// and a call from Python that must wait for it, or for a batch, waits with the GIL released:
+/// so a call made during a batch waits for the batch, and nothing can deadlock.
 ///
 /// The apply thread's `submit` may answer writes before the thread has run them on the store;
 /// until it has, every call from Python waits (see [`Settling`]).
@@ -109,15 +111,31 @@ pub struct PyKvStore {
 }
 
 impl PyKvStore {
-    /// The store, locked, once it holds every write already answered.
-    pub fn lock(&self) -> MutexGuard<'_, KvStore> {
-        self.settling.wait();
-        lock(&self.inner)
+    /// The store, locked, once it holds every write already answered. Any wait is made with
+    /// the GIL released (see the type's docs). Nothing can begin settling between the check
+    /// and the lock: only the loop's `submit` does, and it needs the GIL this thread holds.
+    pub fn lock(&self, py: Python<'_>) -> MutexGuard<'_, KvStore> {
+        loop {
+            if !self.settling.pending() {
+                match self.inner.try_lock() {
+                    Ok(guard) => return guard,
+                    Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+                    Err(TryLockError::WouldBlock) => {}
+                }
+            }
+            py.detach(|| {
+                self.settling.wait();
+                drop(lock(&self.inner));
+            });
+        }
     }
 
-    /// Returns once the store holds every write already answered (see [`Settling`]).
-    pub fn wait_settled(&self) {
-        self.settling.wait();
+    /// Returns once the store holds every write already answered (see [`Settling`]), waiting
+    /// with the GIL released.
+    pub fn wait_settled(&self, py: Python<'_>) {
+        if self.settling.pending() {
+            py.detach(|| self.settling.wait());
+        }
     }
 
     /// The store, for a thread that applies to it.
@@ -159,6 +177,11 @@ impl Settling {
         }
     }
 
+    /// Whether readers must wait.
+    pub fn pending(&self) -> bool {
+        *lock(&self.pending)
+    }
+
     /// Returns once no answered write is missing from the store.
     pub fn wait(&self) {
         let mut pending = lock(&self.pending);
@@ -185,40 +208,40 @@ impl PyKvStore {
 
     /// The number of state-changing commands applied so far.
     #[getter]
-    fn revision(&self) -> u64 {
-        self.lock().revision()
+    fn revision(&self, py: Python<'_>) -> u64 {
+        self.lock(py).revision()
     }
 
     /// The log index of the last applied command (0 if none).
     #[getter]
-    fn last_applied(&self) -> u64 {
-        self.lock().last_applied()
+    fn last_applied(&self, py: Python<'_>) -> u64 {
+        self.lock(py).last_applied()
     }
 
     /// Events after this revision are retained; older ones were dropped.
     #[getter]
-    fn compacted_revision(&self) -> u64 {
-        self.lock().compacted_revision()
+    fn compacted_revision(&self, py: Python<'_>) -> u64 {
+        self.lock(py).compacted_revision()
     }
 
     /// How many times a snapshot replaced the state.
     #[getter]
-    fn restores(&self) -> u64 {
-        self.lock().restores()
+    fn restores(&self, py: Python<'_>) -> u64 {
+        self.lock(py).restores()
     }
 
-    fn __len__(&self) -> usize {
-        self.lock().len()
+    fn __len__(&self, py: Python<'_>) -> usize {
+        self.lock(py).len()
     }
 
-    fn __contains__(&self, key: &[u8]) -> bool {
-        self.lock().get(key).is_some()
+    fn __contains__(&self, py: Python<'_>, key: &[u8]) -> bool {
+        self.lock(py).get(key).is_some()
     }
 
     /// Applies the committed `command` at log `index`; returns the encoded result. Raises
     /// `ValueError`, changing nothing, if `index` is not above `last_applied`.
     fn apply<'py>(&self, py: Python<'py>, index: u64, command: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let applied = self.lock().apply(index, command);
+        let applied = self.lock(py).apply(index, command);
         match applied {
             Ok(result) => Ok(PyBytes::new(py, &result)),
             Err(refused) => Err(PyValueError::new_err(refused.to_string())),
@@ -227,7 +250,8 @@ impl PyKvStore {
 
     /// `(value, create_revision, mod_revision, version)` of `key`, or None.
     fn get<'py>(&self, py: Python<'py>, key: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        self.lock().get(key).map(|r| record(py, r)).transpose()
+        let found = self.lock(py).get(key).cloned(); // the lock goes before any Python object is made
+        found.map(|r| record(py, &r)).transpose()
     }
 
     /// `[(key, value, create_revision, mod_revision, version)]` of the keys starting with
@@ -239,9 +263,8 @@ impl PyKvStore {
         prefix: &[u8],
         limit: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let items = self
-            .lock()
-            .range(prefix, limit)
+        let found = self.lock(py).range(prefix, limit); // let go before building Python objects
+        let items = found
             .iter()
             .map(|(k, r)| {
                 (
@@ -259,13 +282,14 @@ impl PyKvStore {
 
     /// The events of the latest `apply`, in order.
     fn latest_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        events(py, self.lock().latest_events())
+        let latest: Vec<Event> = self.lock(py).latest_events().cloned().collect();
+        events(py, &latest)
     }
 
     /// The retained events with a revision above `revision`, oldest first. Raises `ValueError`
     /// if some were dropped (check `compacted_revision` first).
     fn events_since<'py>(&self, py: Python<'py>, revision: u64) -> PyResult<Bound<'py, PyList>> {
-        let since = self.lock().events_since(revision);
+        let since = self.lock(py).events_since(revision);
         match since {
             Ok(list) => events(py, &list),
             Err(compacted) => Err(PyValueError::new_err(format!(
@@ -275,8 +299,8 @@ impl PyKvStore {
     }
 
     /// Freezes the store as it is now, for writing as a snapshot while applies go on. O(1).
-    fn freeze(&self) -> PyKvSnapshotPieces {
-        PyKvSnapshotPieces { inner: SnapshotPieces::new(&self.lock()) }
+    fn freeze(&self, py: Python<'_>) -> PyKvSnapshotPieces {
+        PyKvSnapshotPieces { inner: SnapshotPieces::new(&self.lock(py)) }
     }
 
     /// Replaces the state with the snapshot `reader` validated. Raises `KVSnapshotError`,
@@ -286,7 +310,7 @@ impl PyKvStore {
             return Err(PyValueError::new_err("this snapshot reader was already finished"));
         };
         let restored = inner.finish().map_err(crate::errors::to_py)?;
-        let replaced = self.lock().install(restored);
+        let replaced = self.lock(py).install(restored);
         gil::detach(py, move || {
             drop(replaced);
             Ok(())
@@ -345,6 +369,10 @@ impl PyKvSnapshotPieces {
         use std::io::{Seek, Write};
         use std::os::fd::FromRawFd;
 
+        if fd < 0 {
+            // A `File` must never hold a negative descriptor: that is undefined behaviour.
+            return Err(PyValueError::new_err(format!("fd must be an open file descriptor, got {fd}")));
+        }
         let inner = &mut self.inner;
         gil::detach(py, || {
             // SAFETY: the caller owns `fd` and keeps it open for this call; ManuallyDrop never

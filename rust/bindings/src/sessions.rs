@@ -220,8 +220,8 @@ impl PySessionTable {
                 // Writes the apply thread was handed are waited for before the table is taken:
                 // the thread needs the table to finish them.
                 let store = store.get();
-                store.wait_settled();
-                let (mut table, mut store) = (self.lock(), store.lock());
+                store.wait_settled(py);
+                let (mut table, mut store) = (self.lock(), store.lock(py));
                 let entries = payloads.from(start);
                 apply::apply_entries(&mut table, &mut store, entries, |_, _| any_wanted, &mut answers)
             };

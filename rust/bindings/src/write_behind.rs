@@ -22,8 +22,14 @@ impl PyWriteBehind {
     /// For the open file descriptor `fd`, whose bytes before `offset` are left to its final sync.
     /// The caller keeps `fd` open while it uses this object.
     #[new]
-    fn new(fd: i32, offset: u64) -> Self {
-        Self { inner: WriteBehind::new(offset), fd }
+    fn new(fd: i32, offset: u64) -> PyResult<Self> {
+        if fd < 0 {
+            // A `File` must never hold -1 (or any negative number): that is undefined behaviour.
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "fd must be an open file descriptor, got {fd}"
+            )));
+        }
+        Ok(Self { inner: WriteBehind::new(offset), fd })
     }
 
     /// The file has been written (and flushed from any user-space buffer) up to `end`: starts the
