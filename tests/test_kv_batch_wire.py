@@ -21,9 +21,9 @@ from dengine._core import (
     parse_kv_session_writes,
 )
 from dengine.client import _answer_of
-from dengine.kv import KVStateMachine, encode_cas, encode_delete, encode_put
+from dengine.kv import MAX_VALUE_SIZE, KVStateMachine, encode_cas, encode_delete, encode_put
 from dengine.raft import payload as envelope
-from dengine.server import _answers_message
+from dengine.server import RequestError, _answers_message, _prepare_cas
 from dengine.v1 import kv_pb2
 
 from cluster_procs import ProcCluster
@@ -379,3 +379,15 @@ def test_the_batch_rpc_answers_both_paths_and_refuses_malformed_bytes(cluster: P
             assert mixed.results[2].error.startswith("INVALID_ARGUMENT: key must be 1 to")
 
     asyncio.run(main())
+
+
+def test_an_oversized_expected_value_is_refused_like_an_oversized_value() -> None:
+    """A compare-and-swap whose expected value passes the value limit fits in a gRPC message:
+    it must be refused with the status an oversized value gets (RESOURCE_EXHAUSTED), one
+    operation's error in a batch, not a ValueError that fails the call (or the batch) as
+    UNKNOWN after other writes of it were proposed."""
+    big = b"x" * (MAX_VALUE_SIZE + 1)
+    request = kv_pb2.CompareAndSwapRequest(key=b"k", expected=big, has_expected=True, value=b"v")
+    with pytest.raises(RequestError) as refused:
+        _prepare_cas(request)
+    assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED

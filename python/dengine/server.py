@@ -184,6 +184,8 @@ def _prepare_delete(r: kv_pb2.DeleteRequest) -> _Write:
 def _prepare_cas(r: kv_pb2.CompareAndSwapRequest) -> _Write:
     _check_key(r.key)
     _check_value(r.value)
+    if r.has_expected:
+        _check_value(r.expected)  # encode_cas would refuse it, as a ValueError no one answers
     return _Write(
         "cas", encode_cas(r.key, r.expected if r.has_expected else None, r.value), _session(r), _fill_cas
     )
