@@ -228,6 +228,21 @@ def test_a_read_right_after_the_hand_over_waits_for_the_writes_it_answered() -> 
     assert asyncio.run(main()) == ([1], True, 200_000, 200_000)
 
 
+def store_and_applier() -> tuple[kv.KVStateMachine, _core.NativeApplier]:
+    """A fresh built-in store and an apply thread for it, as a node makes them."""
+    sm, table = kv.KVStateMachine(), SessionTable()
+    store = sm.native_target()
+    assert store is not None
+    return sm, _core.NativeApplier(store, table.native_table())
+
+
+def puts(n: int) -> EntryBatch:
+    """``n`` session puts of keys k0, k1, ... at log indexes 1 to ``n``, sequences 1 to ``n``."""
+    return EntryBatch.from_payloads(
+        1, 1, [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(n)]
+    )
+
+
 def test_a_watch_made_right_after_a_follower_hands_over_a_batch_misses_none_of_it() -> None:
     """A follower hands its whole batch to the thread (nobody waits there). A watch made the
     moment after reads its backlog, then the revision it takes as its floor: both must come
@@ -235,15 +250,10 @@ def test_a_watch_made_right_after_a_follower_hands_over_a_batch_misses_none_of_i
     before the batch and the floor after it, and the batch's events (which the thread gives to
     no subscriber) would be lost to the watch. Repeated: the thread often starts first."""
     for _ in range(20):
-        sm, table = kv.KVStateMachine(), SessionTable()
-        store = sm.native_target()
-        assert store is not None
-        applier = _core.NativeApplier(store, table.native_table())
-        payloads = [
-            payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(3000)
-        ]
+        sm, applier = store_and_applier()
+        batch = puts(3000)
         try:
-            applier.submit(EntryBatch.from_payloads(1, 1, payloads), (), [])  # nobody waits
+            applier.submit(batch, (), [])  # nobody waits
             backlog, floor = sm.events_since(0), sm.revision
             assert len(backlog) == floor == 3000, (len(backlog), floor)
         finally:
@@ -255,11 +265,8 @@ def test_a_reader_waiting_for_the_thread_lets_other_python_threads_run() -> None
     the GIL released: waiting with it held, it could keep the GIL from a thread the batch is
     waiting for (a hand-over interrupted by a garbage collection), and it would stop every
     other Python thread of the process meanwhile."""
-    sm, table = kv.KVStateMachine(), SessionTable()
-    store = sm.native_target()
-    assert store is not None
-    applier = _core.NativeApplier(store, table.native_table())
-    payloads = [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(300_000)]
+    sm, applier = store_and_applier()
+    batch = puts(300_000)
     window: list[float] = []
 
     def read() -> None:
@@ -268,7 +275,7 @@ def test_a_reader_waiting_for_the_thread_lets_other_python_threads_run() -> None
         window.append(time.monotonic())
 
     try:
-        applier.submit(EntryBatch.from_payloads(1, 1, payloads), (), [])
+        applier.submit(batch, (), [])
         reader = threading.Thread(target=read)
         ticks: list[float] = []
         reader.start()
@@ -284,13 +291,10 @@ def test_a_reader_waiting_for_the_thread_lets_other_python_threads_run() -> None
 
 
 def test_closing_right_after_the_hand_over_still_puts_the_answered_writes_in_the_store() -> None:
-    sm, table = kv.KVStateMachine(), SessionTable()
-    store = sm.native_target()
-    assert store is not None
-    applier = _core.NativeApplier(store, table.native_table())
-    payloads = [payload.session_command(1, 1 + i, kv.encode_put(b"k%d" % i, b"v"), 1) for i in range(50_000)]
+    sm, applier = store_and_applier()
+    batch = puts(50_000)
     answered: list[Answer] = []
-    applier.submit(EntryBatch.from_payloads(1, 1, payloads), {(1, 50_000)}, answered)
+    applier.submit(batch, {(1, 50_000)}, answered)
     applier.close()
     assert [a[4] for a in answered] == [50_000]
     assert (sm.revision, sm.get(b"k49999") is not None) == (50_000, True)

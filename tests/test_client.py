@@ -175,6 +175,15 @@ def test_an_unreachable_cluster_is_unavailable_within_the_deadline(tmp_path: Pat
     asyncio.run(main())
 
 
+def followers_first(cluster: ProcCluster) -> tuple[int, list[str]]:
+    """A follower, and the addresses of both followers with it first: a watcher given them
+    watches on that follower (which the test then fails) and resumes on the other."""
+    leader = cluster.wait_leader()
+    follower = next(i for i in range(1, 4) if i != leader)
+    other = next(i for i in range(1, 4) if i not in (leader, follower))
+    return follower, [cluster.address(follower), cluster.address(other)]
+
+
 @pytest.mark.parametrize("failure", ["killed", "frozen", "removed"])
 def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(cluster: ProcCluster, failure: str) -> None:
     """The node serving a watch dies (its connection closes), freezes (only the client's
@@ -183,12 +192,10 @@ def test_a_watch_resumes_on_another_node_without_gaps_or_repeats(cluster: ProcCl
     last revision seen."""
 
     async def main() -> None:
-        leader = cluster.wait_leader()
-        follower = next(i for i in range(1, 4) if i != leader)
-        other = next(i for i in range(1, 4) if i not in (leader, follower))
+        follower, followers = followers_first(cluster)
         async with (
             Client(endpoints(cluster)) as writer,
-            Client([cluster.address(follower), cluster.address(other)], watch_idle_timeout=2) as watcher,
+            Client(followers, watch_idle_timeout=2) as watcher,
         ):
             seen: list[tuple[int, bytes]] = []
             # An explicit start revision sends the watch straight to the first endpoint, the
@@ -232,12 +239,10 @@ def test_a_watch_on_a_quiet_prefix_resumes_after_the_history_moved_past_its_star
     resumes from the revision they reached, not from its start, which no node holds any more."""
 
     async def main() -> None:
-        leader = cluster.wait_leader()
-        follower = next(i for i in range(1, 4) if i != leader)
-        other = next(i for i in range(1, 4) if i not in (leader, follower))
+        follower, followers = followers_first(cluster)
         async with (
             Client(endpoints(cluster)) as writer,
-            Client([cluster.address(follower), cluster.address(other)], watch_idle_timeout=2) as watcher,
+            Client(followers, watch_idle_timeout=2) as watcher,
         ):
             start = (await writer.put(b"start", b"")).revision + 1
             seen: list[bytes] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,30 +35,56 @@ async def propose_all(node: Node, n: int, start: int = 0) -> None:
     await asyncio.gather(*(node.propose(b"1") for _ in range(start, start + n)))
 
 
+async def left_behind_a_snapshot(
+    nodes: list[Node], writes: int, meanwhile: Callable[[Node], Awaitable[None]] | None = None
+) -> int:
+    """Stops a follower of ``nodes``, lets ``meanwhile(leader)`` run, writes ``writes`` entries
+    (a multiple of 100) through the leader, and has the leader snapshot all it applied and
+    compact its log past where the follower stopped; returns the follower's position in
+    ``nodes``. Restarted, that follower can only catch up by a snapshot."""
+    leader = await until(lambda: leader_of(nodes))
+    lagging = next(n for n in nodes if n is not leader)
+    index = nodes.index(lagging)
+    await lagging.stop()
+    if meanwhile is not None:
+        await meanwhile(leader)
+    for _ in range(writes // 100):
+        await propose_all(leader, 100)
+    store = leader.store
+    assert store is not None
+    # Policy snapshots are taken in the background: wait for one past index 100.
+    await until(lambda: store.first_index() > 100)
+    assert leader.snapshots.created >= 1
+    # Then one of everything applied, so that no later snapshot compacts the log under the
+    # follower after it installed this one (it would need a second).
+    while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
+        await leader.snapshot()
+    # The appends the leader sent it meanwhile wait in the transport's queue until an attempt to
+    # reach it fails (the backoff is at most a second), and would let it catch up from the log
+    # if it came back before then.
+    await asyncio.sleep(2.5)
+    return index
+
+
+async def received_chunks(
+    chunker: SnapshotChunker, header: raft_pb2.SnapshotHeader, start: int, stop: int
+) -> AsyncIterator[ReceivedChunk]:
+    """The chunks of ``chunker``'s file from ``start`` to ``stop``, as a follower receives them."""
+    offset = start
+    while offset < stop:
+        c = chunker.chunk_at(offset)
+        message = raft_pb2.SnapshotChunk(header=header, offset=c.offset, data=c.data, crc32c=c.crc32c)
+        yield ReceivedChunk.parse(message.SerializeToString())
+        offset += len(c.data)
+
+
 def test_a_follower_that_was_down_catches_up_by_snapshot(tmp_path: Path) -> None:
     cfgs = with_snapshots(configs(tmp_path), entries=100, trailing_entries=10, chunk_bytes=64)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
+            index = await left_behind_a_snapshot(nodes, 500)
             leader = await until(lambda: leader_of(nodes))
-            lagging = next(n for n in nodes if n is not leader)
-            index = nodes.index(lagging)
-            await lagging.stop()
-            for _ in range(5):
-                await propose_all(leader, 100)
-            store = leader.store
-            assert store is not None
-            # Policy snapshots are taken in the background: wait for one past index 100.
-            await until(lambda: store.first_index() > 100)
-            assert leader.snapshots.created >= 1
-            # Then one of everything applied, so that no later snapshot compacts the log under
-            # the follower after it installed this one (it would need a second).
-            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
-                await leader.snapshot()
-            # The appends the leader sent it meanwhile wait in the transport's queue until an
-            # attempt to reach it fails (the backoff is at most a second), and would let it catch
-            # up from the log if it came back before then.
-            await asyncio.sleep(2.5)
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()
             await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 500)
@@ -179,15 +205,8 @@ def test_an_interrupted_transfer_resumes_and_an_abandoned_one_leaves_nothing(tmp
                 **{"from": leader.id},
             )
 
-            async def chunks(start: int, stop: int) -> AsyncIterator[ReceivedChunk]:
-                offset = start
-                while offset < stop:
-                    c = chunker.chunk_at(offset)
-                    message = raft_pb2.SnapshotChunk(
-                        header=header, offset=c.offset, data=c.data, crc32c=c.crc32c
-                    )
-                    yield ReceivedChunk.parse(message.SerializeToString())
-                    offset += len(c.data)
+            def chunks(start: int, stop: int) -> AsyncIterator[ReceivedChunk]:
+                return received_chunks(chunker, header, start, stop)
 
             offer = await follower.snapshots.offer(header)
             assert offer.needed and offer.next_offset == 0
@@ -554,28 +573,18 @@ def test_a_follower_that_catches_up_by_snapshot_can_reach_the_members_it_brings(
         entries=100,
         trailing_entries=10,
     )
+    cfg4 = joiner_config(tmp_path, 4, cfgs[0], promote="auto", caught_up_for_ms=200, max_lag_entries=10)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
-            leader = await until(lambda: leader_of(nodes))
-            lagging = next(n for n in nodes if n is not leader)
-            index = nodes.index(lagging)
-            await lagging.stop()
-            cfg4 = joiner_config(
-                tmp_path, 4, cfgs[0], promote="auto", caught_up_for_ms=200, max_lag_entries=10
-            )
-            joiner = Node(cfg4, state_machine=Counter(), join=leader.config.node.listen)
-            await joiner.start()
-            nodes.append(joiner)
-            await until(lambda: 4 in leader.raft.conf.voters, timeout=20)  # type: ignore[union-attr]
-            for _ in range(4):
-                await propose_all(leader, 100)
-            store = leader.store
-            assert store is not None
-            await until(lambda: store.first_index() > 100)
-            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
-                await leader.snapshot()
-            await asyncio.sleep(2.5)  # as in the catch-up test above: no log catch-up left
+
+            async def add_node_4(leader: Node) -> None:
+                joiner = Node(cfg4, state_machine=Counter(), join=leader.config.node.listen)
+                await joiner.start()
+                nodes.append(joiner)
+                await until(lambda: 4 in leader.raft.conf.voters, timeout=20)  # type: ignore[union-attr]
+
+            index = await left_behind_a_snapshot(nodes, 400, add_node_4)
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()
             await until(lambda: back.snapshots.installed == 1, timeout=20)
@@ -608,18 +617,7 @@ def test_a_send_whose_chunks_fail_is_reported_and_tried_again(
 
     async def main() -> None:
         async with started(cfgs) as nodes:
-            leader = await until(lambda: leader_of(nodes))
-            lagging = next(n for n in nodes if n is not leader)
-            index = nodes.index(lagging)
-            await lagging.stop()
-            for _ in range(3):
-                await propose_all(leader, 100)
-            store = leader.store
-            assert store is not None
-            await until(lambda: store.first_index() > 100)
-            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
-                await leader.snapshot()
-            await asyncio.sleep(2.5)
+            index = await left_behind_a_snapshot(nodes, 300)
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()
             await until(lambda: isinstance(back.sm, Counter) and back.sm.n == 300, timeout=20)
@@ -640,18 +638,8 @@ def test_an_install_whose_pruning_fails_still_completes(
 
     async def main() -> None:
         async with started(cfgs) as nodes:
+            index = await left_behind_a_snapshot(nodes, 300)
             leader = await until(lambda: leader_of(nodes))
-            lagging = next(n for n in nodes if n is not leader)
-            index = nodes.index(lagging)
-            await lagging.stop()
-            for _ in range(3):
-                await propose_all(leader, 100)
-            store = leader.store
-            assert store is not None
-            await until(lambda: store.first_index() > 100)
-            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
-                await leader.snapshot()
-            await asyncio.sleep(2.5)
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
             await back.start()
             monkeypatch.setattr(SnapshotStore, "prune", failing)
@@ -693,18 +681,8 @@ def test_a_received_snapshot_the_core_does_not_take_is_not_kept_pinned(tmp_path:
             )
             assert (await receiver.snapshots.offer(header)).needed
 
-            async def chunks() -> AsyncIterator[ReceivedChunk]:
-                offset = 0
-                while offset < chunker.size:
-                    c = chunker.chunk_at(offset)
-                    message = raft_pb2.SnapshotChunk(
-                        header=header, offset=c.offset, data=c.data, crc32c=c.crc32c
-                    )
-                    yield ReceivedChunk.parse(message.SerializeToString())
-                    offset += len(c.data)
-
             receiver.raft.term += 1  # its leader's term ended while the chunks were on the way
-            await receiver.snapshots.receive(chunks())
+            await receiver.snapshots.receive(received_chunks(chunker, header, 0, chunker.size))
             assert receiver.snapshots.installed == 0
             assert receiver.snapshots._pinned == {} and receiver.snapshots._received == {}
 
