@@ -626,3 +626,28 @@ def test_a_stopped_node_refuses_reads_and_stops_once(tmp_path: Path) -> None:
                 await n.stop(transfer_leadership=False)
 
     run(main)
+
+
+def test_a_node_given_a_port_already_in_use_refuses_to_start(tmp_path: Path) -> None:
+    """grpc lets two servers share a port by default (SO_REUSEPORT): a second node started on
+    a port in use (a copied config, a wrong data dir) would then answer half the requests with
+    its own, empty, state. It must fail to start with one clear error instead, and let go of
+    its data dir."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path / "a", 1)
+        d = cfg.to_dict()
+        d["node"] = {**d["node"], "data_dir": str(tmp_path / "b")}
+        clash = Config.from_dict(d)
+        async with Node(cfg, state_machine=Counter()) as first:
+            await until(lambda: leader_of([first]))
+            second = Node(clash, state_machine=Counter())
+            with pytest.raises(DengineError, match=r"cannot listen on .*\(node\.listen\)"):
+                await second.start()
+            assert await first.propose(b"1") == b"1"
+        # The data dir the failed start opened was let go.
+        d["node"] = {**d["node"], "listen": configs(tmp_path / "c", 1)[0].node.listen}
+        async with Node(Config.from_dict(d), state_machine=Counter()) as again:
+            await until(lambda: leader_of([again]))
+
+    run(main)

@@ -377,20 +377,25 @@ class Node:
         )
         self.transport.snapshots = self.snapshots
         self.transport.on_unknown_to = self._refused_as_unknown
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        # No SO_REUSEPORT (grpc's default): a second node given a port already in use must fail
+        # to start, not share it and answer half the requests with another cluster's state.
+        self.server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
         add_raft_service(self.server, self.transport)
         cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self), self.server)  # type: ignore[no-untyped-call]
         if self._extra_services is not None:
             self._extra_services(self.server, self)
         listen = self.config.node.listen
         creds = self._server_credentials()
-        port = (
-            self.server.add_secure_port(listen, creds)
-            if creds is not None
-            else self.server.add_insecure_port(listen)
-        )
+        try:
+            port = (
+                self.server.add_secure_port(listen, creds)
+                if creds is not None
+                else self.server.add_insecure_port(listen)
+            )
+        except RuntimeError as exc:  # grpc 1.85 raises where older versions returned 0
+            raise DengineError(f"cannot listen on {listen} (node.listen): {exc}") from None
         if port == 0:
-            raise DengineError(f"cannot listen on {listen}")
+            raise DengineError(f"cannot listen on {listen} (node.listen)")
         await self.server.start()
         if self.config.node.metrics_listen:
             host, _, port = self.config.node.metrics_listen.rpartition(":")
