@@ -135,6 +135,7 @@ def test_environment_values_are_parsed_by_type() -> None:
         "DENGINE_CLUSTER_MEMBERS": " 3=10.0.0.3:7001 , 1=10.0.0.1:7001,",
         "DENGINE_NODE_INSECURE": "YES",
         "DENGINE_NODE_LISTEN": "0.0.0.0:7001",
+        "DENGINE_NODE_ADVERTISE": "10.0.0.3:7001",
         "DENGINE_RAFT_PRE_VOTE": "false",
         "DENGINE_RAFT_CHECK_QUORUM": "0",
         "DENGINE_RAFT_PROPOSE_LINGER_MS": "2.5",
@@ -412,7 +413,20 @@ def test_non_loopback_listen_without_tls_needs_insecure() -> None:
     assert "node.listen = '0.0.0.0:7001' is not a loopback address" in message
     assert "pass --insecure (node.insecure = true) or enable [tls]" in message
     assert "is not a loopback" in error(node={"listen": "db1.example.com:7001"})
-    assert config(node={"listen": "0.0.0.0:7001", "insecure": True}).node.insecure
+    public = {"listen": "0.0.0.0:7001", "advertise": "10.0.0.1:7001", "insecure": True}
+    assert config(node=public).node.insecure
+
+
+def test_a_node_listening_on_every_interface_says_where_it_can_be_reached() -> None:
+    """Other nodes and clients are told the advertised address (in a join, in Status): a
+    wildcard one (the default, node.listen) would send them to their own host."""
+    for node in ({"listen": "0.0.0.0:7001"}, {"listen": "[::]:7001"}, {"advertise": "0.0.0.0:7001"}):
+        message = error(node={**node, "insecure": True})
+        assert "node.advertise" in message and "names no host" in message, message
+    assert (
+        config(node={"listen": "0.0.0.0:7001", "advertise": "db1:7001", "insecure": True}).node.advertise
+        == "db1:7001"
+    )
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:7001", "127.8.9.10:7001", "[::1]:7001", "localhost:7001"])
@@ -421,7 +435,13 @@ def test_loopback_listen_needs_no_tls(listen: str) -> None:
 
 
 def test_insecure_flag_comes_from_an_override() -> None:
-    base = {"node.id": 1, "cluster.id": "c", "cluster.members": "1=10.0.0.1:7001", "node.listen": "0.0.0.0:1"}
+    base = {
+        "node.id": 1,
+        "cluster.id": "c",
+        "cluster.members": "1=10.0.0.1:7001",
+        "node.listen": "0.0.0.0:1",
+        "node.advertise": "10.0.0.1:1",
+    }
     with pytest.raises(ConfigError, match="pass --insecure"):
         Config.load(env={}, overrides=base)
     assert Config.load(env={}, overrides={**base, "node.insecure": True}).node.insecure
@@ -451,9 +471,17 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
 
 
 def test_tls_enabled_allows_a_public_listen_address(tmp_path: Path) -> None:
-    c = config(node={"listen": "0.0.0.0:7001"}, tls={"enabled": True, **pem_files(tmp_path)})
+    c = config(
+        node={"listen": "0.0.0.0:7001", "advertise": "10.0.0.1:7001"},
+        tls={"enabled": True, **pem_files(tmp_path)},
+    )
     assert c.tls.enabled and c.tls.client_auth and not c.node.insecure
-    assert config(tls={"ca_file": "/does/not/matter"}).tls.ca_file == "/does/not/matter"  # not enabled
+
+
+def test_tls_files_without_enabled_are_refused_not_ignored(tmp_path: Path) -> None:
+    """Files given with TLS left off would run in plaintext while looking configured."""
+    message = error(tls={"cert_file": "/does/not/matter"})
+    assert "tls.cert_file is set but tls.enabled is false" in message
 
 
 @pytest.mark.parametrize("engine", ["rocks", "pkg.mod", "pkg.mod:", ":Class", "pkg..mod:Class", "pkg:mod:C"])

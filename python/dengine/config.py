@@ -187,6 +187,15 @@ def _is_loopback(addr: str) -> bool:
         return False  # any other host name may resolve to anything
 
 
+def _is_wildcard(addr: str) -> bool:
+    """Whether ``addr`` names every interface (0.0.0.0, [::]): fine to listen on, but no other
+    node or client can reach this one at it."""
+    try:
+        return ipaddress.ip_address(_split_addr(addr)[0]).is_unspecified
+    except ValueError:
+        return False
+
+
 def _member_id(raw: object) -> int:
     if isinstance(raw, str) and raw.isascii() and raw.strip().isdigit():
         raw = int(raw.strip())
@@ -518,6 +527,14 @@ class TlsSection(_Section):
 
     def _check(self) -> None:
         if not self.enabled:
+            given = [name for name in ("ca_file", "cert_file", "key_file") if getattr(self, name)]
+            if given:
+                # Files without the switch would be plaintext that looks configured for TLS.
+                raise ConfigError(
+                    f"tls.{given[0]} is set but tls.enabled is false: set tls.enabled = true to "
+                    "use TLS, or remove the [tls] files to run without it",
+                    key="tls.enabled",
+                )
             return
         for name in ("ca_file", "cert_file", "key_file"):
             path: str = getattr(self, name)
@@ -629,6 +646,13 @@ class Config:
                 "so peer and client traffic would cross the network unencrypted and unauthenticated: "
                 "pass --insecure (node.insecure = true) or enable [tls]",
                 key="node.listen",
+            )
+        if _is_wildcard(self.node.advertise):
+            raise ConfigError(
+                f"node.advertise = {self.node.advertise!r} names no host (it defaults to node.listen): "
+                "other nodes and clients are told this address and cannot reach the node at it; "
+                "set node.advertise to the host:port they should dial",
+                key="node.advertise",
             )
 
     def _ticks(self) -> tuple[int, int, int]:
