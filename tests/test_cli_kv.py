@@ -81,6 +81,21 @@ def test_usage_errors_exit_2_and_unavailable_exits_3(cluster: ProcCluster) -> No
     assert down.returncode == 3 and "unavailable" in down.stderr and "Traceback" not in down.stderr
 
 
+def test_refused_membership_changes_exit_1_and_unreachable_addresses_exit_2(cluster: ProcCluster) -> None:
+    """A change the cluster refuses as its state stands (a node that is not a member) is not
+    the cluster being unavailable (3); an address no member could dial is refused before
+    anything is proposed, as a usage error, rather than committed for the members to dial for
+    ever."""
+    missing = dengine(cluster, "member", "remove", "99")
+    assert missing.returncode == 1 and "not a member" in missing.stderr, missing
+    assert "Traceback" not in missing.stderr
+    for address in ("garbage", "0.0.0.0:7009", "[::]:7009"):
+        refused = dengine(cluster, "member", "add-learner", "9", address)
+        assert refused.returncode == 2 and "host" in refused.stderr, (address, refused)
+    listed = dengine(cluster, "member", "list", "--output", "json")
+    assert 9 not in [m["id"] for m in json.loads(listed.stdout)], listed.stdout
+
+
 def test_status_table_and_json(cluster: ProcCluster) -> None:
     table = dengine(cluster, "status")
     assert table.returncode == 0

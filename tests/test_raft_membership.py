@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dengine.raft import MsgType, Role
-from dengine.raft.membership import ConfChangeError, ConfOp
+from dengine.raft.membership import ConfChangeError, ConfOp, check
 
 from raft_harness import Cluster
 
@@ -255,3 +255,40 @@ def test_conf_at_gives_the_configuration_a_snapshot_records() -> None:
     assert raft.conf_at(first - 1) == (frozenset({1, 2, 3}), frozenset())
     assert raft.conf_at(first) == (frozenset({1, 2, 3}), frozenset({4}))
     assert raft.conf_at(second) == (frozenset({1, 2, 3, 4}), frozenset())
+
+
+@pytest.mark.parametrize(
+    "address", ["garbage", "0.0.0.0:7009", "[::]:7009", "::1:7009", "h:0", "h:70000", "a b:1"]
+)
+def test_a_member_is_added_only_at_an_address_the_others_can_dial(address: str) -> None:
+    """Every member would dial a new member's address for ever: one that cannot be dialled is
+    refused before anything is proposed, and so is one another member already uses (whatever
+    the case of its host name)."""
+    with pytest.raises(ConfChangeError, match="host"):
+        check(
+            frozenset({1, 2, 3}),
+            frozenset(),
+            ConfOp.ADD_LEARNER,
+            4,
+            active=frozenset({1, 2, 3}),
+            address=address,
+        )
+    with pytest.raises(ConfChangeError, match="already used by node 2"):
+        check(
+            frozenset({1, 2, 3}),
+            frozenset(),
+            ConfOp.ADD_LEARNER,
+            4,
+            active=frozenset({1, 2, 3}),
+            address="DB2:7001",
+            addresses={2: "db2:7001"},
+        )
+    for fine in ("db4:7001", "10.0.0.4:7001", "[fd00::4]:7001"):
+        check(
+            frozenset({1, 2, 3}),
+            frozenset(),
+            ConfOp.ADD_LEARNER,
+            4,
+            active=frozenset({1, 2, 3}),
+            address=fine,
+        )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from dengine.errors import DengineError, LeadershipTransferError, NotLeaderError
+from dengine.raft.membership import ConfChangeError, check_address
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -95,6 +96,10 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     ) -> cluster_pb2.MembershipResponse:
         if not request.id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new member needs an id and an address")
+        try:
+            check_address(request.address)
+        except ConfChangeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return await self._membership(self.node.add_learner(request.id, request.address), context)
 
     async def Promote(

@@ -1,6 +1,8 @@
 """``dengine kv ...`` and ``dengine status``: the key-value and cluster commands of the CLI.
 
-Exit codes: 0 ok, 1 key not found or compare-and-swap failed, 2 usage error, 3 cluster
+Exit codes: 0 ok, 1 key not found or compare-and-swap failed (or a request the cluster refused
+as its state stands: a membership change to a node that is not a member, a watch from a
+revision no node holds), 2 usage error (an argument the cluster calls invalid too), 3 cluster
 unavailable (or deadline exceeded). Errors are one line on stderr; ``--debug`` shows tracebacks.
 ``--output json`` prints one JSON document per result, for scripts.
 """
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
 EXIT_OK, EXIT_FALSE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+# Refusals the cluster answered (its state says no), and refusals of the request as given.
+_REFUSED = frozenset({"FAILED_PRECONDITION", "NOT_FOUND", "ALREADY_EXISTS", "OUT_OF_RANGE"})
+_INVALID = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"})
 
 
 def _text(b: bytes) -> str:
@@ -214,7 +219,9 @@ def _run(coro_main: Any, args: argparse.Namespace, prog: str) -> int:
         if args.debug:
             raise
         print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_USAGE if exc.code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED") else EXIT_UNAVAILABLE
+        return (
+            EXIT_USAGE if exc.code in _INVALID else EXIT_FALSE if exc.code in _REFUSED else EXIT_UNAVAILABLE
+        )
     except (DengineError, ValueError) as exc:
         if args.debug:
             raise

@@ -19,6 +19,7 @@ receive the log but neither vote nor count towards commitment.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ __all__ = [
     "ConfChangePendingError",
     "ConfOp",
     "check",
+    "check_address",
     "decode",
     "encode",
     "propose",
@@ -148,9 +150,28 @@ def _check_new_member(
         raise ConfChangeError(f"node {node_id} is already a member")
     if not address:
         raise ConfChangeError(f"adding node {node_id} needs its address")
+    check_address(address)
     for other, used in addresses.items():
-        if used == address and other != node_id:
+        if used.lower() == address.lower() and other != node_id:
             raise ConfChangeError(f"address {address} is already used by node {other}")
+
+
+def check_address(address: str) -> None:
+    """Refuses an address the members could never dial: every member would try it for ever."""
+    host, sep, port = address.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[")
+    if not sep or not bare or not port.isdigit() or not 1 <= int(port) <= 65535 or (":" in bare) != bracketed:
+        raise ConfChangeError(
+            f"address {address!r} is not host:port (a host name, an IPv4 address or a bracketed IPv6 "
+            "one, and a port of 1-65535)"
+        )
+    try:
+        unspecified = ipaddress.ip_address(bare).is_unspecified
+    except ValueError:
+        unspecified = False
+    if unspecified or any(c.isspace() for c in bare):
+        raise ConfChangeError(f"address {address!r} names no host the members could dial")
 
 
 def encode(cc: ConfChange, kind_byte: int) -> bytes:
