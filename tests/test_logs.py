@@ -128,6 +128,18 @@ def test_text_quotes_values_with_spaces_and_appends_tracebacks() -> None:
     assert text.rstrip().endswith("KeyError: 'k'")
 
 
+def test_text_messages_cannot_forge_lines() -> None:
+    """A message carrying text from the network (a peer's refusal details) is one line: its
+    newlines and other control characters are escaped, so it cannot fake another record."""
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+    details = "bad\n2026-01-01T00:00:00.000Z CRITICAL dengine node 1: stopping\r\x1b[2J"
+    logging.getLogger("dengine.transport").warning("peer refused: %s", details)
+    (line,) = lines(out)
+    escaped = r"bad\n2026-01-01T00:00:00.000Z CRITICAL dengine node 1: stopping\r\u001b[2J"
+    assert line.endswith("peer refused: " + escaped)
+
+
 def test_configure_twice_does_not_duplicate_handlers() -> None:
     out = io.StringIO()
     configure_logging("info", "text", stream=out)

@@ -118,13 +118,21 @@ def _text_value(value: object) -> str:
     return text
 
 
+def _one_line(message: str) -> str:
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() or c == " " else json.dumps(c)[1:-1] for c in message)
+
+
 class TextFormatter(logging.Formatter):
     """``<ts> <LEVEL> <logger> key=value... <msg>``, then the traceback on following lines."""
 
     def format(self, record: logging.LogRecord) -> str:
         parts = [_timestamp(record.created), record.levelname, record.name]
         parts.extend(f"{_TEXT_KEYS.get(key, key)}={_text_value(value)}" for key, value in _extras(record))
-        parts.append(record.getMessage())
+        # One record, one line: a message carrying a peer's or a client's text (an error's
+        # details) must not be able to start lines that look like records of their own.
+        parts.append(_one_line(record.getMessage()))
         text = " ".join(parts)
         exc = _exception_text(self, record)
         if exc:
