@@ -20,7 +20,7 @@ from dengine.v1 import raft_pb2, raft_pb2_grpc
 def test_queued_messages_leave_together_in_order_and_unchanged() -> None:
     async def main() -> None:
         transport = peers.PeerTransport(1, "c", {1: "127.0.0.1:1", 2: "127.0.0.1:2"}, lambda m: None)
-        q: asyncio.Queue[raft_pb2.RaftMessage | None] = asyncio.Queue()
+        q = peers._Outbox()
         entries = EntryBatch.from_payloads(8, 3, [bytes([i % 256]) * 300 for i in range(600)])  # ~180 KB
         sent = [
             to_wire(Message(MsgType.APP, 1, 2, 3, index=7, log_term=3, entries=entries, commit=5), "c"),
@@ -28,7 +28,7 @@ def test_queued_messages_leave_together_in_order_and_unchanged() -> None:
             *(to_wire(Message(MsgType.APP, 1, 2, 3, index=i), "c") for i in range(peers._MAX_BATCH_MESSAGES)),
         ]
         for w in sent:
-            q.put_nowait(w)
+            q.push(w, w.ByteSize())
         outgoing = transport._outgoing(q)
         first = await anext(outgoing)
         second = await anext(outgoing)
@@ -47,11 +47,11 @@ def test_a_batch_of_large_appends_stays_under_the_message_limit() -> None:
 
     async def main() -> None:
         transport = peers.PeerTransport(1, "c", {1: "127.0.0.1:1", 2: "127.0.0.1:2"}, lambda m: None)
-        q: asyncio.Queue[raft_pb2.RaftMessage | None] = asyncio.Queue()
+        q = peers._Outbox()
         entries = EntryBatch.from_payloads(8, 3, [b"x" * 4096] * 256)  # about 1 MiB each
         sent = [to_wire(Message(MsgType.APP, 1, 2, 3, index=i, entries=entries), "c") for i in range(80)]
         for w in sent:
-            q.put_nowait(w)
+            q.push(w, w.ByteSize())
         outgoing = transport._outgoing(q)
         got: list[raft_pb2.RaftMessage] = []
         while len(got) < len(sent):
@@ -136,3 +136,32 @@ async def serve(transport: peers.PeerTransport, address: str) -> grpc.aio.Server
     server.add_insecure_port(address)
     await server.start()
     return server
+
+
+def test_messages_for_a_peer_that_does_not_read_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that takes no message (down, or acknowledging no append while a batch goes out at
+    each heartbeat) keeps at most so many bytes of messages waiting: the oldest go first, and
+    Raft sends again what counts."""
+    monkeypatch.setattr(peers, "_QUEUE_BYTES", 8 << 20)
+
+    async def main() -> None:
+        (port,) = free_ports(1)  # nobody listens there
+        transport = peers.PeerTransport(1, "c", {1: "127.0.0.1:1", 2: f"127.0.0.1:{port}"}, lambda m: None)
+        transport.start()
+        try:
+            entries = EntryBatch.from_payloads(8, 3, [b"x" * 4096] * 256)  # about 1 MiB each
+            for i in range(40):
+                transport.send(Message(MsgType.APP, 1, 2, 3, index=i, entries=entries))
+            q = transport._queues[2]
+            assert q.bytes <= 8 << 20 and q.qsize() >= 6, (q.bytes, q.qsize())
+            indexes = []
+            while not q.empty():
+                m = q.get_nowait()
+                assert m is not None
+                indexes.append(m.index)
+            assert indexes == list(range(40 - len(indexes), 40)), "the newest are kept, in order"
+            assert q.bytes == 0
+        finally:
+            await transport.close()
+
+    asyncio.run(main())

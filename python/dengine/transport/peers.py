@@ -9,13 +9,14 @@ oldest messages are dropped (the protocol retransmits whatever matters).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from dengine._core import SnapshotChunkError, SnapshotIntegrityError
+from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
 from dengine.transport.codec import (
     ReceivedChunk,
@@ -63,10 +64,50 @@ UNKNOWN_SENDER = "unknown-sender"
 """The refusal of a message from a node not in the receiver's configuration."""
 _QUEUE_LIMIT = 4096
 _MAX_BATCH_MESSAGES = 512
+_QUEUE_BYTES = 256 << 20
+"""Most bytes of messages waiting for one peer; the oldest go first beyond it (Raft sends again
+what counts). A follower that acknowledges no append but answers every heartbeat is sent one
+more batch per heartbeat, and a count alone would let that grow to gigabytes."""
 _MAX_BATCH_BYTES = 16 << 20
 """Most bytes of messages riding in one write (one larger message goes alone): a follower
 catching up is sent a window of full appends at once, and together they could pass the 64 MiB
 message limit, which would fail the stream and lose them all, again and again."""
+
+
+class _Outbox(asyncio.Queue[raft_pb2.RaftMessage | None]):
+    """A peer's queue of messages (None: the stream using it ended), with about how many bytes
+    they hold: each message's size is given with it (:meth:`push`), measured before it became
+    protobuf (a ``ByteSize()`` of a large append costs about 10 µs)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.bytes = 0
+        self.taken_size = 0  # the size of the message taken last
+        self._sizes: collections.deque[int] = collections.deque()
+        self._size_of_next = 0
+
+    def push(self, item: raft_pb2.RaftMessage, size: int) -> None:
+        self._size_of_next = size
+        self.put_nowait(item)
+
+    def _put(self, item: raft_pb2.RaftMessage | None) -> None:
+        size, self._size_of_next = self._size_of_next, 0
+        self._sizes.append(size)
+        self.bytes += size
+        super()._put(item)
+
+    def _get(self) -> raft_pb2.RaftMessage | None:
+        self.taken_size = self._sizes.popleft()
+        self.bytes -= self.taken_size
+        return super()._get()
+
+
+def _wire_size(m: Message) -> int:
+    """About how many bytes ``m`` takes on the wire: its entries, and a little for the rest."""
+    entries = m.entries
+    if isinstance(entries, EntryBatch):
+        return entries.framed_bytes + 128
+    return sum(len(e.data) + 32 for e in entries) + 128
 
 
 class PeerTransport(raft_pb2_grpc.RaftServicer):
@@ -91,7 +132,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self.credentials = channel_credentials
         # Per peer, the queue the current (or next) stream to it drains; None ends a stream's
         # request iterator (see _run_peer).
-        self._queues: dict[int, asyncio.Queue[raft_pb2.RaftMessage | None]] = {}
+        self._queues: dict[int, _Outbox] = {}
         self._peer_tasks: dict[int, asyncio.Task[None]] = {}
         # Per peer whose stream is waiting out a backoff: set when the peer opens a stream to
         # this node, to end the wait.
@@ -113,7 +154,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     def _start_peers(self) -> None:
         for peer in self.peers:
             if peer != self.node_id and peer not in self._queues:
-                self._queues[peer] = asyncio.Queue()
+                self._queues[peer] = _Outbox()
                 self._peer_tasks[peer] = asyncio.create_task(self._run_peer(peer), name=f"peer-{peer}")
 
     def set_peers(self, peers: Mapping[int, str]) -> None:
@@ -140,13 +181,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         q = self._queues.get(m.dst)
         if q is None:
             return
-        if q.qsize() >= _QUEUE_LIMIT:
-            q.get_nowait()  # drop the oldest: the peer is far behind or down
-        q.put_nowait(to_wire(m, self.cluster_id))
+        size = _wire_size(m)
+        # Drop the oldest beyond the limits: the peer is far behind, down, or not reading.
+        while q.qsize() >= _QUEUE_LIMIT or (q.qsize() and q.bytes + size > _QUEUE_BYTES):
+            q.get_nowait()
+        q.push(to_wire(m, self.cluster_id), size)
 
-    async def _outgoing(
-        self, q: asyncio.Queue[raft_pb2.RaftMessage | None]
-    ) -> AsyncIterator[raft_pb2.RaftBatch]:
+    async def _outgoing(self, q: _Outbox) -> AsyncIterator[raft_pb2.RaftBatch]:
         carried: raft_pb2.RaftMessage | None = None  # taken, but left for the next batch
         while True:
             first = carried if carried is not None else await q.get()
@@ -159,13 +200,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             # slowly, 100-250 us for 160 KB of entries against 4 us.
             add = batch.messages.add
             add().CopyFrom(first)
-            size = first.ByteSize()
+            size = q.taken_size
             # Whatever else queued up while the previous write was in flight rides along.
             while not q.empty() and len(batch.messages) < _MAX_BATCH_MESSAGES:
                 m = q.get_nowait()
                 if m is None:
                     return
-                size += m.ByteSize()
+                size += q.taken_size
                 if size > _MAX_BATCH_BYTES:
                     carried = m
                     break
@@ -209,7 +250,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 q.put_nowait(None)
             if self._queues.get(peer) is not q:
                 return  # the peer left, or moved: set_peers started another task
-            q = self._queues[peer] = asyncio.Queue()
+            q = self._queues[peer] = _Outbox()
             await self._pause(peer, backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
