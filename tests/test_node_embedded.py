@@ -28,7 +28,7 @@ from dengine.errors import (
     StorageError,
 )
 from dengine.node import Node
-from dengine.raft.sessions import apply_committed
+from dengine.raft.sessions import SessionTable, apply_committed
 
 T = TypeVar("T")
 
@@ -649,5 +649,38 @@ def test_a_node_given_a_port_already_in_use_refuses_to_start(tmp_path: Path) -> 
         d["node"] = {**d["node"], "listen": configs(tmp_path / "c", 1)[0].node.listen}
         async with Node(Config.from_dict(d), state_machine=Counter()) as again:
             await until(lambda: leader_of([again]))
+
+    run(main)
+
+
+def test_a_write_that_waited_past_what_its_session_is_kept_for_is_not_proposed_again(tmp_path: Path) -> None:
+    """A waiting write is proposed again (a new leader, an election timeout without an answer),
+    which its session makes harmless: only while the session table remembers it. One that
+    waited through half of what the table keeps a session for (here 8 clients, so 4 entries)
+    is not proposed again, since it may have been applied and forgotten: its caller is told
+    the outcome is unknown."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, 1)
+        node = Node(cfg, state_machine=Counter())
+        node.sessions = SessionTable(max_clients=8)
+        await node.start()
+        try:
+            await until(lambda: leader_of([node]))
+            assert await node.propose(b"1") == b"1"
+            # A write this node proposed whose copy went nowhere (a leader that dropped it).
+            stray = node._submit(b"100")
+            node._pending.clear()
+            node._resubmit()  # its first copy again: how long it waits counts from here
+            node._pending.clear()
+            for _ in range(6):
+                await node.propose(b"1")
+            node._resubmit()
+            with pytest.raises(OutcomeUnknownError, match="not proposed again"):
+                await asyncio.wait_for(stray[0], 5)
+            await asyncio.sleep(0.2)
+            assert isinstance(node.sm, Counter) and node.sm.n == 7, "it was not applied"
+        finally:
+            await node.stop(transfer_leadership=False)
 
     run(main)

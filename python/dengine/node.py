@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -746,10 +747,27 @@ class Node:
 
     def _resubmit(self) -> None:
         """Proposes every waiting payload again (through a new leader, or because one waited too
-        long), marking each as resent: an earlier copy may be in the log."""
+        long), marking each as resent: an earlier copy may be in the log.
+
+        Not for ever: a copy is harmless only while the session table remembers the write, and
+        it forgets a client after ``expire_after`` entries of silence, or after ``max_clients``
+        others were active. A payload that waited through half the smaller of the two without
+        being answered is not proposed again; its callers are told its outcome is unknown."""
+        raft = self.raft
+        applied = raft.applied if raft is not None else 0
+        window = min(self.sessions.expire_after, self.sessions.max_clients) // 2
         queued = set(self._pending)
         waiting = []
-        for p in self._waiters.values():
+        for key, p in list(self._waiters.items()):
+            if p.waiting_since < 0:
+                p.waiting_since = applied
+            elif applied - p.waiting_since > window:
+                why = _UNKNOWN.format(
+                    f"it waited while {applied - p.waiting_since} entries were applied; the write is not "
+                    "proposed again, as its session may be forgotten by now"
+                )
+                self._fail_waiters(key, functools.partial(OutcomeUnknownError, why))
+                continue
             p.resent = True
             if p.payload not in queued:
                 waiting.append(p.payload)
@@ -860,18 +878,18 @@ class Node:
         self._fail_stop(DengineError(why), "its removal from the cluster")
 
     def _leave_if_removed(self) -> None:
-        """A node whose own log holds a committed configuration without it (a leader that
-        removed itself: it alone learns the commit) stops, as one told by its peers does,
-        after an election timeout in which it hands over and the others elect."""
+        """A node that applied the entry removing it (a leader that removed itself: it alone
+        learns the commit) stops, as one told by its peers does, after an election timeout in
+        which it hands over and the others elect. Only that entry counts: a joining node that
+        installs a snapshot taken before it was added is not in that configuration either,
+        and is about to be sent the entry that adds it."""
         raft = self.raft
-        if (
-            raft is None
-            or self._leaving is not None
-            or raft.applied < raft.conf_index
-            or self.id in raft.conf.voters
-            or self.id in raft.learners
-            or not raft.conf.voters
-        ):
+        if raft is None or self._leaving is not None or raft.applied < raft.conf_index:
+            return
+        cc = raft.conf_change
+        if cc is None or cc.op is not ConfOp.REMOVE or cc.node_id != self.id:
+            return
+        if self.id in raft.conf.voters or self.id in raft.learners:
             return
         why = f"the configuration committed at index {raft.conf_index} no longer holds it"
         delay = self.config.raft.election_timeout_ms / 1000

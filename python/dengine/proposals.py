@@ -27,7 +27,7 @@ class Proposal:
     """A write someone on this node waits for. Its payload is proposed again when a new leader
     appears, since the old one may have lost it (the session makes a second copy harmless)."""
 
-    __slots__ = ("futures", "payload", "resent", "started")
+    __slots__ = ("futures", "payload", "resent", "started", "waiting_since")
 
     def __init__(self, payload: bytes, started: float, waiter: Waiter) -> None:
         self.payload = payload
@@ -37,6 +37,9 @@ class Proposal:
         # copy may be in the log, so a refusal of a later copy must not tell its waiters that
         # the write was not appended.
         self.resent = False
+        # The applied index when it was first proposed again (-1: not yet): how long it has
+        # waited, in what the session table counts.
+        self.waiting_since = -1
 
 
 class WriteGroup:
