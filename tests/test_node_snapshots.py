@@ -687,3 +687,37 @@ def test_a_received_snapshot_the_core_does_not_take_is_not_kept_pinned(tmp_path:
             assert receiver.snapshots._pinned == {} and receiver.snapshots._received == {}
 
     run(main)
+
+
+def test_a_node_that_joins_by_a_snapshot_taken_before_it_was_added_stays(tmp_path: Path) -> None:
+    """A joining node is sent the newest snapshot, taken before it was added: the configuration
+    it then holds does not name it yet. That is not its removal (the entry adding it comes
+    next): it must go on, catch up, and be promoted."""
+    cfgs = with_snapshots(
+        with_membership(configs(tmp_path), promote="auto", caught_up_for_ms=200, max_lag_entries=10),
+        entries=100,
+        trailing_entries=10,
+    )
+    cfg4 = joiner_config(tmp_path, 4, cfgs[0], promote="auto", caught_up_for_ms=200, max_lag_entries=10)
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            for _ in range(3):
+                await propose_all(leader, 100)
+            store = leader.store
+            assert store is not None
+            await until(lambda: store.first_index() > 100)
+            while leader.snapshots._latest_index() < leader.raft.applied:  # type: ignore[union-attr]
+                await leader.snapshot()
+            joiner = Node(cfg4, state_machine=Counter(), join=leader.config.node.listen)
+            await joiner.start()
+            nodes.append(joiner)
+            await until(lambda: joiner.snapshots.installed == 1, timeout=20)
+            await until(lambda: 4 in leader.raft.conf.voters, timeout=20)  # type: ignore[union-attr]
+            await asyncio.sleep(1.0)  # more than an election timeout
+            assert joiner.failure is None, joiner.failure
+            assert await leader.propose(b"1") == b"301"
+            await until(lambda: isinstance(joiner.sm, Counter) and joiner.sm.n == 301)
+
+    run(main)
