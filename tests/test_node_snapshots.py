@@ -564,16 +564,19 @@ def test_a_node_that_fails_while_its_state_is_written_stops_serving_at_once(tmp_
     run(main)
 
 
+def growing_cluster(tmp_path: Path) -> tuple[list[Config], Config]:
+    """Three members that snapshot every 100 entries and promote a caught-up learner, and the
+    config of a fourth node that joins them."""
+    membership: dict[str, Any] = {"promote": "auto", "caught_up_for_ms": 200, "max_lag_entries": 10}
+    cfgs = with_snapshots(with_membership(configs(tmp_path), **membership), entries=100, trailing_entries=10)
+    return cfgs, joiner_config(tmp_path, 4, cfgs[0], **membership)
+
+
 def test_a_follower_that_catches_up_by_snapshot_can_reach_the_members_it_brings(tmp_path: Path) -> None:
     """A member added in the part of the log a snapshot covers is named only by the snapshot:
     a follower that was down meanwhile and catches up by that snapshot must learn its address
     (to send it votes and answers, and to take its messages) without waiting for a restart."""
-    cfgs = with_snapshots(
-        with_membership(configs(tmp_path), promote="auto", caught_up_for_ms=200, max_lag_entries=10),
-        entries=100,
-        trailing_entries=10,
-    )
-    cfg4 = joiner_config(tmp_path, 4, cfgs[0], promote="auto", caught_up_for_ms=200, max_lag_entries=10)
+    cfgs, cfg4 = growing_cluster(tmp_path)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
@@ -693,12 +696,7 @@ def test_a_node_that_joins_by_a_snapshot_taken_before_it_was_added_stays(tmp_pat
     """A joining node is sent the newest snapshot, taken before it was added: the configuration
     it then holds does not name it yet. That is not its removal (the entry adding it comes
     next): it must go on, catch up, and be promoted."""
-    cfgs = with_snapshots(
-        with_membership(configs(tmp_path), promote="auto", caught_up_for_ms=200, max_lag_entries=10),
-        entries=100,
-        trailing_entries=10,
-    )
-    cfg4 = joiner_config(tmp_path, 4, cfgs[0], promote="auto", caught_up_for_ms=200, max_lag_entries=10)
+    cfgs, cfg4 = growing_cluster(tmp_path)
 
     async def main() -> None:
         async with started(cfgs) as nodes:
