@@ -1100,8 +1100,7 @@ class Node:
         assert raft is not None
         self.metrics.set_indexes(raft.commit, raft.applied)
         self.snapshots.on_applied()
-        if raft.applied >= raft.conf_index and self._leaving is None:
-            self._leave_if_removed()
+        self._leave_if_removed()
 
     async def _apply_item(self, item: Sequence[Entry] | SnapshotInfo) -> None:
         raft = self.raft
