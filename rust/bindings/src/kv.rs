@@ -369,10 +369,7 @@ impl PyKvSnapshotPieces {
         use std::io::{Seek, Write};
         use std::os::fd::FromRawFd;
 
-        if fd < 0 {
-            // A `File` must never hold a negative descriptor: that is undefined behaviour.
-            return Err(PyValueError::new_err(format!("fd must be an open file descriptor, got {fd}")));
-        }
+        crate::write_behind::check_fd(fd)?;
         let inner = &mut self.inner;
         gil::detach(py, || {
             // SAFETY: the caller owns `fd` and keeps it open for this call; ManuallyDrop never

@@ -23,12 +23,7 @@ impl PyWriteBehind {
     /// The caller keeps `fd` open while it uses this object.
     #[new]
     fn new(fd: i32, offset: u64) -> PyResult<Self> {
-        if fd < 0 {
-            // A `File` must never hold -1 (or any negative number): that is undefined behaviour.
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "fd must be an open file descriptor, got {fd}"
-            )));
-        }
+        check_fd(fd)?;
         Ok(Self { inner: WriteBehind::new(offset), fd })
     }
 
@@ -59,6 +54,17 @@ impl PyWriteBehind {
             Ok(())
         }
     }
+}
+
+/// Refuses a negative file descriptor from Python before it reaches a `File`, which must
+/// never hold one (undefined behaviour).
+pub fn check_fd(fd: i32) -> PyResult<()> {
+    if fd < 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "fd must be an open file descriptor, got {fd}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

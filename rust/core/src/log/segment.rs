@@ -108,11 +108,7 @@ impl Segment {
                 return Err(Error::corrupt(&seg.path, 0, "segment header is incomplete"));
             }
             // A crash right after creating the file: start it over.
-            seg.file.set_len(0).map_err(|e| Error::io(&seg.path, e))?;
-            pio::write_all_at(&seg.file, &header_bytes(first_index), 0)
-                .map_err(|e| Error::io(&seg.path, e))?;
-            let torn = TornTail { path: seg.path.clone(), offset: 0, bytes_cut: len };
-            return Ok((seg, Some(torn)));
+            return seg.start_over(len);
         }
         let mut head = [0u8; SEGMENT_HEADER_LEN as usize];
         pio::read_exact_at(&seg.file, &mut head, 0).map_err(|e| Error::io(&seg.path, e))?;
@@ -120,11 +116,7 @@ impl Segment {
             // A zero-filled file from the preallocator, renamed into place by a process that
             // died before its header reached the disk. Nothing in it was ever synced (a sync
             // flushes the header with the records): start it over.
-            seg.file.set_len(0).map_err(|e| Error::io(&seg.path, e))?;
-            pio::write_all_at(&seg.file, &header_bytes(first_index), 0)
-                .map_err(|e| Error::io(&seg.path, e))?;
-            let torn = TornTail { path: seg.path.clone(), offset: 0, bytes_cut: len };
-            return Ok((seg, Some(torn)));
+            return seg.start_over(len);
         }
         if head != header_bytes(first_index) {
             return Err(Error::corrupt(
@@ -208,6 +200,16 @@ impl Segment {
         seg.file.sync_all().map_err(|e| Error::io(&seg.path, e))?;
         let torn = TornTail { path: seg.path.clone(), offset: off, bytes_cut: len - off };
         Ok((seg, Some(torn)))
+    }
+
+    /// Empties the last segment down to a fresh header (nothing in it was ever synced), and
+    /// reports the `len` bytes cut as a torn tail.
+    fn start_over(self, len: u64) -> Result<(Segment, Option<TornTail>)> {
+        self.file.set_len(0).map_err(|e| Error::io(&self.path, e))?;
+        pio::write_all_at(&self.file, &header_bytes(self.first_index), 0)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let torn = TornTail { path: self.path.clone(), offset: 0, bytes_cut: len };
+        Ok((self, Some(torn)))
     }
 
     /// Index the next appended entry must have.
