@@ -367,3 +367,42 @@ def assert_exits_saying_it_was_removed(cluster: ProcCluster, root: Path, node: i
     assert code == 1, output[-2000:]
     assert last.startswith(f"dengine serve: node {node}: the node stopped after its removal"), last
     assert "no longer know it" in last and "Traceback" not in output.split("removed from cluster")[-1]
+
+
+def test_a_member_down_while_a_node_was_added_catches_up_from_that_node_as_leader(tmp_path: Path) -> None:
+    """Raft §4.1 of Ongaro's dissertation: a server takes messages from servers outside its
+    configuration. A member that was down while node 4 was added, and restarted after node 4
+    took over as leader, has never appended the entry that names node 4: refusing node 4 as
+    unknown, it would never learn of it and stay behind for good, one voter of slack lost."""
+    with running_cluster(tmp_path, extra_toml=MEMBERSHIP) as cluster:
+        leader = cluster.wait_leader()
+        sleeper = next(i for i in (1, 2, 3) if i != leader)
+        awake = [i for i in (1, 2, 3) if i != sleeper]
+        cluster.put(b"before", b"1")
+        cluster.kill(sleeper)
+        cluster.add_joiner(4)
+        cluster.start(4, join=cluster.address(awake[0]))
+        wait_for(lambda: 4 in voters(cluster, awake), 60, "node 4 to be promoted")
+        transfer = [sys.executable, "-m", "dengine", "leader", "transfer", "4"]
+        moved = subprocess.run(
+            [*transfer, "--endpoints", cluster.address(awake[0])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert moved.returncode == 0, moved.stderr
+        assert cluster.wait_leader(among=[*awake, 4]) == 4
+        cluster.put(b"after", b"2")
+        status = cluster.status(4)
+        assert status is not None
+        commit = status.commit_index
+
+        cluster.start(sleeper)
+
+        def caught_up() -> bool:
+            s = cluster.status(sleeper)
+            return s is not None and s.applied_index >= commit and 4 in s.voters
+
+        wait_for(caught_up, 30, f"node {sleeper} to catch up from node 4 and learn of it")
+        assert cluster.try_get(sleeper, b"after") == b"2"

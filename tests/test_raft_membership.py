@@ -292,3 +292,29 @@ def test_a_member_is_added_only_at_an_address_the_others_can_dial(address: str) 
             active=frozenset({1, 2, 3}),
             address=fine,
         )
+
+
+def test_a_node_that_missed_a_change_does_not_hold_the_configuration_its_sender_names() -> None:
+    """What the wire asks of the core before it takes a message from a node outside the
+    receiver's configuration (``dengine.transport.codec``): the sender names the log position of
+    its configuration (``conf_id``), and the receiver tells whether its log holds that entry
+    (``holds_entry``). A node down while node 4 was added does not, until it catches up."""
+    c = Cluster(3)
+    c.elect(1)
+    assert c.nodes[1].conf_id == (0, 0)
+    assert all(c.nodes[i].holds_entry(0, 0) for i in (1, 2, 3)), "the initial configuration"
+    c.down.add(3)
+    c.add_node(4)
+    change(c, 1, ConfOp.ADD_LEARNER, 4)
+    promoted = change(c, 1, ConfOp.PROMOTE, 4)
+    conf = c.nodes[1].conf_id
+    assert conf == (promoted, c.nodes[1].term) and c.nodes[4].conf_id == conf
+    assert c.nodes[2].holds_entry(*conf) and not c.nodes[3].holds_entry(*conf)
+    assert not c.nodes[2].holds_entry(promoted, conf[1] + 1), "another term's entry at that index"
+    c.down.discard(3)
+    c.propose(1, b"x")
+    c.settle()
+    assert c.nodes[3].holds_entry(*conf) and c.nodes[3].conf_id == conf
+    c.stores[3].compact_prefix(promoted)
+    assert c.nodes[3].holds_entry(promoted - 1, 0), "compacted entries were committed: held"
+    assert c.nodes[3].conf_id == conf, "remembered after its entry is compacted"

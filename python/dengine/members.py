@@ -23,6 +23,7 @@ import grpc
 from dengine.errors import DengineError, NotLeaderError
 from dengine.raft import Role
 from dengine.raft.membership import ConfChangeError, ConfChangePendingError, ConfOp
+from dengine.transport.codec import Sender
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class MembershipManager:
         self.base_addresses: dict[int, str] = dict(node.config.cluster.members)
         self.addresses: dict[int, str] = dict(self.base_addresses)
         self._seen_conf = -1
+        self._seen_conf_id = (-1, -1)
         # Members that just left stay reachable for a while: a removed leader keeps managing the
         # cluster until its removal commits, and late messages still need an answer.
         self._departed: dict[int, tuple[str, float]] = {}
@@ -54,7 +56,7 @@ class MembershipManager:
     def sync(self) -> None:
         """Called after each Ready: adopts the addresses of the configuration now in force."""
         raft, transport = self.node.raft, self.node.transport
-        if raft is None or transport is None or raft.conf_index == self._seen_conf:
+        if raft is None or transport is None or raft.conf_id == self._seen_conf_id:
             return
         self._adopt_configuration()
 
@@ -72,6 +74,10 @@ class MembershipManager:
         assert raft is not None
         first = self._seen_conf < 0
         self._seen_conf = raft.conf_index
+        self._seen_conf_id = raft.conf_id
+        transport = self.node.transport
+        assert transport is not None
+        transport.sender = Sender(*self._seen_conf_id, self.node.config.node.advertise)
         cc = raft.conf_change
         members = raft.conf.voters | raft.learners
         known = dict(cc.addresses) if cc is not None else dict(self.base_addresses)

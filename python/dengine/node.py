@@ -67,6 +67,7 @@ from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore
+from dengine.transport.codec import Sender
 from dengine.transport.peers import GRPC_OPTIONS, PeerTransport, add_raft_service
 from dengine.v1 import cluster_pb2_grpc
 
@@ -378,6 +379,8 @@ class Node:
         )
         self.transport.snapshots = self.snapshots
         self.transport.on_unknown_to = self._refused_as_unknown
+        self.transport.holds_entry = self._holds_entry
+        self.transport.sender = Sender(address=self.config.node.advertise)  # its configuration: members.sync
         # No SO_REUSEPORT (grpc's default): a second node given a port already in use must fail
         # to start, not share it and answer half the requests with another cluster's state.
         self.server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
@@ -845,6 +848,11 @@ class Node:
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
+
+    def _holds_entry(self, index: int, term: int) -> bool:
+        """For the transport: whether this node's log holds an entry (see ``Raft.holds_entry``).
+        Before the core exists, nothing is held: no sender is refused for a newer configuration."""
+        return self.raft is not None and self.raft.holds_entry(index, term)
 
     def _refused_as_unknown(self, peer: int) -> None:
         """A peer refused this node's messages as coming from a node not in its configuration;

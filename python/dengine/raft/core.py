@@ -142,8 +142,8 @@ class Raft:
         # The configuration in force is the latest one in the log, committed or not (thesis
         # §4.1): the one at the snapshot (or the initial one), then each change entry after it.
         base = snapshot or SnapshotInfo(0, 0, config.voters, config.learners)
-        self._conf_base = (base.index, base.voters, base.learners)
-        self._conf_entries: list[tuple[int, ConfChange]] = []
+        self._conf_base, self._conf_base_term = (base.index, base.voters, base.learners), base.term
+        self._conf_entries: list[tuple[int, int, ConfChange]] = []  # (index, term, change)
         self.conf = JointConfig(base.voters)
         self.learners = base.learners
         self.progress: dict[int, Progress] = {}
@@ -356,14 +356,34 @@ class Raft:
         return self._conf_entries[-1][0] if self._conf_entries else self._conf_base[0]
 
     @property
+    def conf_id(self) -> tuple[int, int]:
+        """``(index, term)`` of the log position that made the configuration in force: its change
+        entry, or the snapshot it came with, or ``(0, 0)`` for the initial one. Sent with every
+        message, so that a node that does not know this one can tell whether it simply has not
+        appended the change that added it yet (:meth:`holds_entry`)."""
+        if self._conf_entries:
+            index, term, _ = self._conf_entries[-1]
+            return index, term
+        return self._conf_base[0], self._conf_base_term
+
+    def holds_entry(self, index: int, term: int) -> bool:
+        """Whether this node's log holds the entry at ``index`` of ``term``, or its snapshot covers
+        ``index`` (what is compacted was committed, so it is the same entry everywhere)."""
+        if index < self.store.first_index():
+            return True
+        if index > self.store.last_index():
+            return False
+        return self._match_term(index, term)
+
+    @property
     def conf_change(self) -> ConfChange | None:
         """The change entry whose configuration is in force, if it is still in the log."""
-        return self._conf_entries[-1][1] if self._conf_entries else None
+        return self._conf_entries[-1][2] if self._conf_entries else None
 
     def conf_entry_at(self, index: int) -> ConfChange | None:
         """The change entry in force at log index ``index`` (None: the base configuration, that
         of the snapshot or the initial one)."""
-        for at, cc in reversed(self._conf_entries):
+        for at, _, cc in reversed(self._conf_entries):
             if at <= index:
                 return cc
         return None
@@ -397,14 +417,14 @@ class Raft:
         for e in entries:
             data = e.data
             if is_conf_change(data):
-                self._conf_entries.append((e.index, membership.decode(data)))
+                self._conf_entries.append((e.index, e.term, membership.decode(data)))
                 changed = True
         if changed:
             self._adopt_conf()
 
     def _forget_conf_changes_from(self, index: int) -> None:
         if self._conf_entries and self._conf_entries[-1][0] >= index:
-            self._conf_entries = [(i, cc) for i, cc in self._conf_entries if i < index]
+            self._conf_entries = [c for c in self._conf_entries if c[0] < index]
             self._adopt_conf()
 
     def _adopt_conf(self) -> None:
@@ -999,6 +1019,7 @@ class Raft:
             self.commit = self.durable = self._apply_dispatched = ack = snap.index
             self._cut_at(snap.index)
             self._conf_base = (snap.index, snap.voters, snap.learners)
+            self._conf_base_term = snap.term
             self._conf_entries = []
             self._adopt_conf()
             self._restore = snap

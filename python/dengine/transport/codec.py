@@ -3,17 +3,27 @@
 Entries cross as one bytes field framed by the Rust core (CRC-checked on arrival). Everything
 from the network is validated here before the protocol sees it: an unknown type, a sender that is
 not a member, a message for another node or another cluster is refused with a clear reason.
+
+A sender outside the receiver's configuration is refused unless it acts under a configuration
+the receiver has not appended yet (the receiver's log lacks the entry that made it, see
+:class:`Sender`): a member added while the receiver was down, which may well lead the cluster by
+the time the receiver is back. Raft servers take messages from servers outside their
+configuration (section 4.1 of Ongaro's dissertation); refusing those would keep the receiver from
+ever learning the change that names the sender. Everyone else outside the configuration (a
+removed member, whose configuration the receiver holds, or a node of the initial configuration
+that is not in it) is still refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from dengine._core import Entry, EntryBatch, SnapshotChunkError, encode_entries, split_snapshot_chunk
 from dengine.raft import Message, MsgType
+from dengine.raft.membership import ConfChangeError, check_address
 from dengine.v1 import raft_pb2
 
 _MAX_U63 = (1 << 63) - 1
@@ -28,7 +38,22 @@ class UnknownSenderError(WireError):
     or one whose addition the receiver has not appended yet (see ``dengine.removal``)."""
 
 
-def to_wire(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """What a node says of itself on every message: its configuration's log position
+    (``dengine.raft.Raft.conf_id``) and the address it takes peer streams on."""
+
+    conf_index: int = 0
+    conf_term: int = 0
+    address: str = ""
+
+
+HoldsEntry = Callable[[int, int], bool]
+"""``holds_entry(index, term)``: whether the receiver's log holds (or its snapshot covers) that
+entry; see ``dengine.raft.Raft.holds_entry``."""
+
+
+def to_wire(m: Message, cluster_id: str, sender: Sender = Sender()) -> raft_pb2.RaftMessage:
     return raft_pb2.RaftMessage(
         cluster_id=cluster_id,
         type=int(m.type),  # type: ignore[arg-type]
@@ -42,17 +67,24 @@ def to_wire(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
         context=m.context,
         entries=encode_entries(m.entries) if m.entries else b"",
         payloads=list(m.payloads),
+        conf_index=sender.conf_index,
+        conf_term=sender.conf_term,
+        from_address=sender.address,
         **{"from": m.src},
     )
 
 
 def _check_route(
-    w: raft_pb2.RaftMessage | raft_pb2.SnapshotHeader, cluster_id: str, me: int, members: Collection[int]
+    w: raft_pb2.RaftMessage | raft_pb2.SnapshotHeader,
+    cluster_id: str,
+    me: int,
+    members: Collection[int],
+    holds_entry: HoldsEntry | None,
 ) -> int:
     if w.cluster_id != cluster_id:
         raise WireError(f"message from cluster {w.cluster_id!r}, this node belongs to {cluster_id!r}")
     src: int = getattr(w, "from")
-    if src not in members:
+    if src not in members and not _of_a_newer_configuration(w, holds_entry):
         raise UnknownSenderError(
             f"message from unknown node {src}: not a member of this node's configuration"
         )
@@ -61,11 +93,38 @@ def _check_route(
     return src
 
 
+def _of_a_newer_configuration(
+    w: raft_pb2.RaftMessage | raft_pb2.SnapshotHeader, holds_entry: HoldsEntry | None
+) -> bool:
+    """Whether the sender acts under a configuration this node has not appended yet (and, for a
+    message this node answers on a stream of its own, says where to send the answer)."""
+    if holds_entry is None or w.conf_index == 0 or w.conf_index > _MAX_U63:
+        return False  # everyone holds the initial configuration
+    if isinstance(w, raft_pb2.RaftMessage) and not _dialable(w.from_address):
+        return False
+    return not holds_entry(w.conf_index, w.conf_term)
+
+
+def _dialable(address: str) -> bool:
+    if not address or len(address) > 255:
+        return False
+    try:
+        check_address(address)
+    except ConfChangeError:
+        return False
+    return True
+
+
 def check_snapshot_header(
-    h: raft_pb2.SnapshotHeader, *, cluster_id: str, me: int, members: Collection[int]
+    h: raft_pb2.SnapshotHeader,
+    *,
+    cluster_id: str,
+    me: int,
+    members: Collection[int],
+    holds_entry: HoldsEntry | None = None,
 ) -> None:
     """Refuses a snapshot offer or chunk that is misrouted or makes no sense."""
-    _check_route(h, cluster_id, me, members)
+    _check_route(h, cluster_id, me, members, holds_entry)
     for name in ("term", "index", "log_term", "size"):
         if getattr(h, name) > _MAX_U63:
             raise WireError(f"{name} {getattr(h, name)} is out of range")
@@ -75,8 +134,17 @@ def check_snapshot_header(
         raise WireError(f"a snapshot's sha256 must be 32 bytes, got {len(h.sha256)}")
 
 
-def from_wire(w: raft_pb2.RaftMessage, *, cluster_id: str, me: int, members: Collection[int]) -> Message:
-    src = _check_route(w, cluster_id, me, members)
+def from_wire(
+    w: raft_pb2.RaftMessage,
+    *,
+    cluster_id: str,
+    me: int,
+    members: Collection[int],
+    holds_entry: HoldsEntry | None = None,
+) -> Message:
+    """The core's message for ``w``; :class:`WireError` if it is refused. ``holds_entry`` (None:
+    refuse every sender outside ``members``) lets through a sender of a newer configuration."""
+    src = _check_route(w, cluster_id, me, members, holds_entry)
     try:
         kind = MsgType(w.type)
     except ValueError:

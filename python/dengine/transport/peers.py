@@ -19,7 +19,9 @@ import grpc
 from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
 from dengine.transport.codec import (
+    HoldsEntry,
     ReceivedChunk,
+    Sender,
     UnknownSenderError,
     WireError,
     check_snapshot_header,
@@ -141,6 +143,10 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self._closing = False
         self.rejected = 0
         self.snapshots: SnapshotManager | None = None
+        self.sender = Sender()
+        """What this node says of itself on every message (its configuration and address)."""
+        self.holds_entry: HoldsEntry | None = None
+        """Set by the node: lets through senders of a configuration newer than this node's log."""
         self.on_unknown_to: Callable[[int], None] | None = None
         """Called with a peer's id when it refuses this node's messages as coming from a node
         not in its configuration (see ``dengine.removal``)."""
@@ -159,7 +165,26 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     def set_peers(self, peers: Mapping[int, str]) -> None:
         """Follows a membership change: streams to new members, stops streaming to removed ones,
-        and accepts messages from exactly the new set (plus this node)."""
+        and accepts messages from exactly the new set (plus this node, plus senders of a newer
+        configuration, see ``dengine.transport.codec``). Streams to such senders stop here: the
+        change names them, or they are refused again until their next message says otherwise."""
+        self._stream_to(peers)
+        self.members = frozenset(peers) | {self.node_id}
+
+    def _welcome(self, peer: int, address: str) -> None:
+        """``peer``, outside this node's configuration, acts under a newer one that this node has
+        not appended yet: answer it at ``address`` (the core answers on streams of its own)."""
+        if self.peers.get(peer) == address:
+            return
+        log.warning(
+            "taking messages from node %d, which is not in this node's configuration: it acts under "
+            "a newer one, which this node has not appended yet; answering it at %s",
+            peer,
+            address,
+        )
+        self._stream_to({**self.peers, peer: address})
+
+    def _stream_to(self, peers: Mapping[int, str]) -> None:
         peers = dict(peers)
         for peer in set(self._queues) - set(peers):
             self._queues.pop(peer)
@@ -168,7 +193,6 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 task.cancel()
         changed = {p for p, a in peers.items() if self.peers.get(p) != a and p in self._queues}
         self.peers = peers
-        self.members = frozenset(peers) | {self.node_id}
         for peer in changed:  # a member that moved: reconnect to its new address
             task = self._peer_tasks.pop(peer, None)
             if task is not None:
@@ -185,7 +209,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         # Drop the oldest beyond the limits: the peer is far behind, down, or not reading.
         while q.qsize() >= _QUEUE_LIMIT or (q.qsize() and q.bytes + size > _QUEUE_BYTES):
             q.get_nowait()
-        q.push(to_wire(m, self.cluster_id), size)
+        q.push(to_wire(m, self.cluster_id, self.sender), size)
 
     async def _outgoing(self, q: _Outbox) -> AsyncIterator[raft_pb2.RaftBatch]:
         carried: raft_pb2.RaftMessage | None = None  # taken, but left for the next batch
@@ -284,9 +308,17 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         async for batch in request_iterator:
             for w in batch.messages:
                 try:
-                    m = from_wire(w, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
+                    m = from_wire(
+                        w,
+                        cluster_id=self.cluster_id,
+                        me=self.node_id,
+                        members=self.members,
+                        holds_entry=self.holds_entry,
+                    )
                 except WireError as exc:
                     await self._refuse(context, exc)
+                if m.src not in self.members:
+                    self._welcome(m.src, w.from_address)
                 self.on_message(m)
         return raft_pb2.StreamClosed()
 
@@ -318,7 +350,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         return self.snapshots
 
     def _check_header(self, h: raft_pb2.SnapshotHeader) -> None:
-        check_snapshot_header(h, cluster_id=self.cluster_id, me=self.node_id, members=self.members)
+        check_snapshot_header(
+            h, cluster_id=self.cluster_id, me=self.node_id, members=self.members, holds_entry=self.holds_entry
+        )
 
     async def OfferSnapshot(
         self, request: raft_pb2.SnapshotHeader, context: Any

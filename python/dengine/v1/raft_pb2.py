@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x65ngine/v1/raft.proto\x12\ndengine.v1\"\x8b\x01\n\x0eSnapshotHeader\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\x04\x12\n\n\x02to\x18\x03 \x01(\x04\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\x04\x12\x10\n\x08log_term\x18\x06 \x01(\x04\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\"J\n\x15SnapshotOfferResponse\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0e\n\x06needed\x18\x02 \x01(\x08\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x04\"i\n\rSnapshotChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.dengine.v1.SnapshotHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\":\n\x17InstallSnapshotResponse\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x11\n\tinstalled\x18\x02 \x01(\x08\"\xfa\x01\n\x0bRaftMessage\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.dengine.v1.MessageType\x12\x0c\n\x04\x66rom\x18\x03 \x01(\x04\x12\n\n\x02to\x18\x04 \x01(\x04\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\r\n\x05index\x18\x06 \x01(\x04\x12\x10\n\x08log_term\x18\x07 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x04\x12\x0e\n\x06reject\x18\t \x01(\x08\x12\x13\n\x0breject_hint\x18\n \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x0b \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x0c \x01(\x0c\x12\x10\n\x08payloads\x18\r \x03(\x0c\"6\n\tRaftBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.dengine.v1.RaftMessage\"\x0e\n\x0cStreamClosed*\xfc\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41PPEND\x10\x01\x12\x13\n\x0f\x41PPEND_RESPONSE\x10\x02\x12\x08\n\x04VOTE\x10\x03\x12\x11\n\rVOTE_RESPONSE\x10\x04\x12\x0c\n\x08PRE_VOTE\x10\x05\x12\x15\n\x11PRE_VOTE_RESPONSE\x10\x06\x12\r\n\tHEARTBEAT\x10\x07\x12\x16\n\x12HEARTBEAT_RESPONSE\x10\x08\x12\x0b\n\x07PROPOSE\x10\t\x12\x0e\n\nREAD_INDEX\x10\n\x12\x17\n\x13READ_INDEX_RESPONSE\x10\x0b\x12\x0f\n\x0bTIMEOUT_NOW\x10\x0c\x32\xea\x01\n\x04Raft\x12=\n\x08Messages\x12\x15.dengine.v1.RaftBatch\x1a\x18.dengine.v1.StreamClosed(\x01\x12N\n\rOfferSnapshot\x12\x1a.dengine.v1.SnapshotHeader\x1a!.dengine.v1.SnapshotOfferResponse\x12S\n\x0fInstallSnapshot\x12\x19.dengine.v1.SnapshotChunk\x1a#.dengine.v1.InstallSnapshotResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x65ngine/v1/raft.proto\x12\ndengine.v1\"\xb2\x01\n\x0eSnapshotHeader\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\x04\x12\n\n\x02to\x18\x03 \x01(\x04\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\x04\x12\x10\n\x08log_term\x18\x06 \x01(\x04\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x12\x12\n\nconf_index\x18\t \x01(\x04\x12\x11\n\tconf_term\x18\n \x01(\x04\"J\n\x15SnapshotOfferResponse\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0e\n\x06needed\x18\x02 \x01(\x08\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x04\"i\n\rSnapshotChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.dengine.v1.SnapshotHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x04 \x01(\r\":\n\x17InstallSnapshotResponse\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x11\n\tinstalled\x18\x02 \x01(\x08\"\xb7\x02\n\x0bRaftMessage\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.dengine.v1.MessageType\x12\x0c\n\x04\x66rom\x18\x03 \x01(\x04\x12\n\n\x02to\x18\x04 \x01(\x04\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\r\n\x05index\x18\x06 \x01(\x04\x12\x10\n\x08log_term\x18\x07 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x04\x12\x0e\n\x06reject\x18\t \x01(\x08\x12\x13\n\x0breject_hint\x18\n \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x0b \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x0c \x01(\x0c\x12\x10\n\x08payloads\x18\r \x03(\x0c\x12\x12\n\nconf_index\x18\x0e \x01(\x04\x12\x11\n\tconf_term\x18\x0f \x01(\x04\x12\x14\n\x0c\x66rom_address\x18\x10 \x01(\t\"6\n\tRaftBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.dengine.v1.RaftMessage\"\x0e\n\x0cStreamClosed*\xfc\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41PPEND\x10\x01\x12\x13\n\x0f\x41PPEND_RESPONSE\x10\x02\x12\x08\n\x04VOTE\x10\x03\x12\x11\n\rVOTE_RESPONSE\x10\x04\x12\x0c\n\x08PRE_VOTE\x10\x05\x12\x15\n\x11PRE_VOTE_RESPONSE\x10\x06\x12\r\n\tHEARTBEAT\x10\x07\x12\x16\n\x12HEARTBEAT_RESPONSE\x10\x08\x12\x0b\n\x07PROPOSE\x10\t\x12\x0e\n\nREAD_INDEX\x10\n\x12\x17\n\x13READ_INDEX_RESPONSE\x10\x0b\x12\x0f\n\x0bTIMEOUT_NOW\x10\x0c\x32\xea\x01\n\x04Raft\x12=\n\x08Messages\x12\x15.dengine.v1.RaftBatch\x1a\x18.dengine.v1.StreamClosed(\x01\x12N\n\rOfferSnapshot\x12\x1a.dengine.v1.SnapshotHeader\x1a!.dengine.v1.SnapshotOfferResponse\x12S\n\x0fInstallSnapshot\x12\x19.dengine.v1.SnapshotChunk\x1a#.dengine.v1.InstallSnapshotResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dengine.v1.raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGETYPE']._serialized_start=748
-  _globals['_MESSAGETYPE']._serialized_end=1000
+  _globals['_MESSAGETYPE']._serialized_start=848
+  _globals['_MESSAGETYPE']._serialized_end=1100
   _globals['_SNAPSHOTHEADER']._serialized_start=38
-  _globals['_SNAPSHOTHEADER']._serialized_end=177
-  _globals['_SNAPSHOTOFFERRESPONSE']._serialized_start=179
-  _globals['_SNAPSHOTOFFERRESPONSE']._serialized_end=253
-  _globals['_SNAPSHOTCHUNK']._serialized_start=255
-  _globals['_SNAPSHOTCHUNK']._serialized_end=360
-  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_start=362
-  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_end=420
-  _globals['_RAFTMESSAGE']._serialized_start=423
-  _globals['_RAFTMESSAGE']._serialized_end=673
-  _globals['_RAFTBATCH']._serialized_start=675
-  _globals['_RAFTBATCH']._serialized_end=729
-  _globals['_STREAMCLOSED']._serialized_start=731
-  _globals['_STREAMCLOSED']._serialized_end=745
-  _globals['_RAFT']._serialized_start=1003
-  _globals['_RAFT']._serialized_end=1237
+  _globals['_SNAPSHOTHEADER']._serialized_end=216
+  _globals['_SNAPSHOTOFFERRESPONSE']._serialized_start=218
+  _globals['_SNAPSHOTOFFERRESPONSE']._serialized_end=292
+  _globals['_SNAPSHOTCHUNK']._serialized_start=294
+  _globals['_SNAPSHOTCHUNK']._serialized_end=399
+  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_start=401
+  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_end=459
+  _globals['_RAFTMESSAGE']._serialized_start=462
+  _globals['_RAFTMESSAGE']._serialized_end=773
+  _globals['_RAFTBATCH']._serialized_start=775
+  _globals['_RAFTBATCH']._serialized_end=829
+  _globals['_STREAMCLOSED']._serialized_start=831
+  _globals['_STREAMCLOSED']._serialized_end=845
+  _globals['_RAFT']._serialized_start=1103
+  _globals['_RAFT']._serialized_end=1337
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ READ_INDEX_RESPONSE: MessageType
 TIMEOUT_NOW: MessageType
 
 class SnapshotHeader(_message.Message):
-    __slots__ = ("cluster_id", "to", "term", "index", "log_term", "size", "sha256")
+    __slots__ = ("cluster_id", "to", "term", "index", "log_term", "size", "sha256", "conf_index", "conf_term")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class SnapshotHeader(_message.Message):
     LOG_TERM_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONF_TERM_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     to: int
     term: int
@@ -53,7 +55,9 @@ class SnapshotHeader(_message.Message):
     log_term: int
     size: int
     sha256: bytes
-    def __init__(self, cluster_id: _Optional[str] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., **kwargs) -> None: ...
+    conf_index: int
+    conf_term: int
+    def __init__(self, cluster_id: _Optional[str] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., conf_index: _Optional[int] = ..., conf_term: _Optional[int] = ..., **kwargs) -> None: ...
 
 class SnapshotOfferResponse(_message.Message):
     __slots__ = ("term", "needed", "next_offset")
@@ -86,7 +90,7 @@ class InstallSnapshotResponse(_message.Message):
     def __init__(self, term: _Optional[int] = ..., installed: _Optional[bool] = ...) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("cluster_id", "type", "to", "term", "index", "log_term", "commit", "reject", "reject_hint", "context", "entries", "payloads")
+    __slots__ = ("cluster_id", "type", "to", "term", "index", "log_term", "commit", "reject", "reject_hint", "context", "entries", "payloads", "conf_index", "conf_term", "from_address")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +104,9 @@ class RaftMessage(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    CONF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONF_TERM_FIELD_NUMBER: _ClassVar[int]
+    FROM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     type: MessageType
     to: int
@@ -112,7 +119,10 @@ class RaftMessage(_message.Message):
     context: int
     entries: bytes
     payloads: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, cluster_id: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[int] = ..., entries: _Optional[bytes] = ..., payloads: _Optional[_Iterable[bytes]] = ..., **kwargs) -> None: ...
+    conf_index: int
+    conf_term: int
+    from_address: str
+    def __init__(self, cluster_id: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[int] = ..., entries: _Optional[bytes] = ..., payloads: _Optional[_Iterable[bytes]] = ..., conf_index: _Optional[int] = ..., conf_term: _Optional[int] = ..., from_address: _Optional[str] = ..., **kwargs) -> None: ...
 
 class RaftBatch(_message.Message):
     __slots__ = ("messages",)
