@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 
-from dengine import _core, apply_thread
+from dengine import _core, apply_thread, identity
 from dengine._core import Entry, EntryBatch
 from dengine.cluster_service import ClusterService
 from dengine.errors import (
@@ -45,6 +45,7 @@ from dengine.errors import (
     StorageError,
 )
 from dengine.event_loop import running_loop_name
+from dengine.identity import Identity
 from dengine.kv import KVStateMachine
 from dengine.log_sync import LogSyncer
 from dengine.members import MembershipManager
@@ -366,6 +367,8 @@ class Node:
             await asyncio.get_running_loop().run_in_executor(self.io, _write_marker, self._join_marker)
         raft_config = node_raft_config(self.config)
         self.raft = Raft(raft_config, self.store, seed=secrets.randbits(32), snapshot=self._start_snapshot)
+        # Before this node can vote or send anything: is the data dir its own?
+        await asyncio.get_running_loop().run_in_executor(self.io, self._claim_data_dir)
         self._syncer = LogSyncer(
             self.store, self.io, self._on_synced, self._on_sync_failed, self.metrics.observe_fsync
         )
@@ -848,6 +851,25 @@ class Node:
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
+
+    def _claim_data_dir(self) -> None:
+        """Refuses a data dir that belongs to another node, another cluster or other initial
+        members; records this node's identity in one that holds nothing yet (``dengine.identity``)."""
+        raft, store = self.raft, self.store
+        assert raft is not None and store is not None
+        cluster = self.config.cluster
+        joined = cluster.initial_state == "existing" or self._join_marker.exists()
+        mine = Identity(cluster.id, self.id, () if joined else tuple(sorted(cluster.members)))
+        data_dir = Path(self.config.node.data_dir)
+        stored = identity.read(data_dir)
+        hs = store.hard_state()
+        blank = store.last_index() == 0 and self._start_snapshot is None and hs.term == 0 and hs.vote is None
+        if stored is not None and not blank:
+            refusal = stored.refusal(mine, data_dir / identity.FILE_NAME, initial=raft.conf_index == 0)
+            if refusal is not None:
+                raise refusal
+        elif stored != mine:
+            identity.write(data_dir, mine)
 
     def _holds_entry(self, index: int, term: int) -> bool:
         """For the transport: whether this node's log holds an entry (see ``Raft.holds_entry``).

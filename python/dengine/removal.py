@@ -17,9 +17,10 @@ and the node will not be a member again unless an operator adds it anew. It then
 why (``dengine serve`` exits), as an etcd member does when its peers report it removed. One
 refusal is not enough: a member that has not yet appended the entry that added a node refuses it
 too, for a moment, while the node itself has not appended that entry either (a member takes a
-node of a configuration newer than its own log, see ``dengine.transport.codec``). Refusals count while they keep coming for a while (:attr:`RemovalWatch.persist_s`,
-two election timeouts: at least two campaigns), and a member that sends this node a message
-(it knows the node) stops counting.
+node of a configuration newer than its own log, see ``dengine.transport.codec``). Refusals count
+while they keep coming for a while (:attr:`RemovalWatch.persist_s`, two election timeouts: at
+least two campaigns), and a member that sends this node a message (it knows the node) stops
+counting.
 """
 
 from __future__ import annotations
