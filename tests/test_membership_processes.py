@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from dengine.client import Client
 from test_client import wait_until
 
@@ -369,12 +371,21 @@ def assert_exits_saying_it_was_removed(cluster: ProcCluster, root: Path, node: i
     assert "no longer know it" in last and "Traceback" not in output.split("removed from cluster")[-1]
 
 
-def test_a_member_down_while_a_node_was_added_catches_up_from_that_node_as_leader(tmp_path: Path) -> None:
+@pytest.mark.parametrize("catch_up", ["log", "snapshot"])
+def test_a_member_down_while_a_node_was_added_catches_up_from_that_node_as_leader(
+    tmp_path: Path, catch_up: str
+) -> None:
     """Raft §4.1 of Ongaro's dissertation: a server takes messages from servers outside its
     configuration. A member that was down while node 4 was added, and restarted after node 4
     took over as leader, has never appended the entry that names node 4: refusing node 4 as
-    unknown, it would never learn of it and stay behind for good, one voter of slack lost."""
-    with running_cluster(tmp_path, extra_toml=MEMBERSHIP) as cluster:
+    unknown, it would never learn of it and stay behind for good, one voter of slack lost. It
+    catches up from node 4's log, or, after node 4 compacted it, from node 4's snapshot."""
+    snapshots = (
+        "\n[snapshot]\nentries = 100\ntrailing_entries = 0\nlog_factor = 0\n"
+        if catch_up == "snapshot"
+        else ""
+    )
+    with running_cluster(tmp_path, extra_toml=MEMBERSHIP + snapshots) as cluster:
         leader = cluster.wait_leader()
         sleeper = next(i for i in (1, 2, 3) if i != leader)
         awake = [i for i in (1, 2, 3) if i != sleeper]
@@ -393,6 +404,8 @@ def test_a_member_down_while_a_node_was_added_catches_up_from_that_node_as_leade
         )
         assert moved.returncode == 0, moved.stderr
         assert cluster.wait_leader(among=[*awake, 4]) == 4
+        for i in range(300 if catch_up == "snapshot" else 1):
+            cluster.put(b"k%d" % i, b"v")
         cluster.put(b"after", b"2")
         status = cluster.status(4)
         assert status is not None

@@ -165,3 +165,21 @@ def test_messages_for_a_peer_that_does_not_read_are_bounded_in_bytes(monkeypatch
             await transport.close()
 
     asyncio.run(main())
+
+
+def test_outsiders_answered_are_capped_kept_across_changes_and_dropped_once_silent() -> None:
+    """Nodes outside the configuration that the core takes (``dengine.transport.codec``) get
+    streams back: at most MAX_GUESTS of them, kept when a membership change does not name them
+    (the answer just queued for one would be lost), and dropped once silent."""
+    transport = peers.PeerTransport(1, "c", {2: "h:2", 3: "h:3"}, lambda m: None)
+    guests = range(10, 10 + peers.MAX_GUESTS)
+    for g in guests:
+        assert transport._welcome(g, f"h:{g}")
+    assert not transport._welcome(99, "h:99"), "one more is refused"
+    assert transport._welcome(10, "h:10"), "one already answered still is"
+    transport.set_peers({2: "h:2", 3: "h:3", 10: "h:10"})  # a change that adds node 10
+    assert 10 in transport.members and 11 not in transport.members
+    assert {g: transport.peers[g] for g in guests} == {g: f"h:{g}" for g in guests}
+    assert transport._welcome(99, "h:99"), "node 10 is a member now: room for another"
+    transport.expire_guests(-1.0)  # everyone silent since before now
+    assert set(transport.peers) == {2, 3, 10}

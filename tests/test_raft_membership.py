@@ -294,27 +294,58 @@ def test_a_member_is_added_only_at_an_address_the_others_can_dial(address: str) 
         )
 
 
-def test_a_node_that_missed_a_change_does_not_hold_the_configuration_its_sender_names() -> None:
+def test_a_node_that_missed_a_change_takes_the_member_it_added() -> None:
     """What the wire asks of the core before it takes a message from a node outside the
     receiver's configuration (``dengine.transport.codec``): the sender names the log position of
-    its configuration (``conf_id``), and the receiver tells whether its log holds that entry
-    (``holds_entry``). A node down while node 4 was added does not, until it catches up."""
+    its configuration (``conf_id``), and the receiver takes it while its own log has not passed
+    that position (``takes_outsider``). Node 3 was down while node 4 was added, until it catches up."""
     c = Cluster(3)
     c.elect(1)
     assert c.nodes[1].conf_id == (0, 0)
-    assert all(c.nodes[i].holds_entry(0, 0) for i in (1, 2, 3)), "the initial configuration"
+    assert not c.nodes[2].takes_outsider(4, 0, 0), "a node outside the initial configuration"
     c.down.add(3)
     c.add_node(4)
     change(c, 1, ConfOp.ADD_LEARNER, 4)
     promoted = change(c, 1, ConfOp.PROMOTE, 4)
     conf = c.nodes[1].conf_id
     assert conf == (promoted, c.nodes[1].term) and c.nodes[4].conf_id == conf
-    assert c.nodes[2].holds_entry(*conf) and not c.nodes[3].holds_entry(*conf)
-    assert not c.nodes[2].holds_entry(promoted, conf[1] + 1), "another term's entry at that index"
+    assert c.nodes[3].takes_outsider(4, *conf), "node 3 has not reached that configuration"
+    assert not c.nodes[2].takes_outsider(9, *conf), "node 2 has: it knows node 9 is no member"
     c.down.discard(3)
     c.propose(1, b"x")
     c.settle()
-    assert c.nodes[3].holds_entry(*conf) and c.nodes[3].conf_id == conf
+    assert c.nodes[3].conf_id == conf and not c.nodes[3].takes_outsider(9, *conf)
     c.stores[3].compact_prefix(promoted)
-    assert c.nodes[3].holds_entry(promoted - 1, 0), "compacted entries were committed: held"
     assert c.nodes[3].conf_id == conf, "remembered after its entry is compacted"
+
+
+def test_a_removed_leader_whose_last_change_was_cut_is_refused_once_the_removal_commits() -> None:
+    """Node 1 leads term 1 and appends the addition of node 5 at index 3 alone, cut off; node 2
+    leads term 2, writes its own entry at index 3 and commits node 1's removal. Node 1 names a
+    configuration made at (3, 1), which node 2 does not hold, but node 2 has committed index 3:
+    that entry can never commit, node 1's configuration is dead, and node 1 must be refused (or
+    ``dengine.removal`` would never tell it it was removed)."""
+    c = Cluster(3, check_quorum=False)  # node 3 votes at once, without waiting out node 1's lease
+    c.elect(1)
+    c.propose(1, b"a")
+    c.isolate(1)
+    c.add_node(5)
+    index = change(c, 1, ConfOp.ADD_LEARNER, 5)
+    assert c.nodes[1].conf_id == (index, 1)
+    c.elect(2)
+    change(c, 2, ConfOp.REMOVE, 1)
+    assert c.nodes[2].commit >= index and c.nodes[2].store.term(index) == 2
+    assert not c.nodes[2].takes_outsider(1, index, 1)
+    assert not c.nodes[3].takes_outsider(1, index, 1)
+
+
+def test_a_member_whose_removal_a_node_holds_uncommitted_is_still_taken_by_it() -> None:
+    """Five nodes; leader 1 appends the removal of node 3, which only node 2 receives. Node 2's
+    configuration in force no longer has node 3, but its committed one does: if node 3 leads next,
+    node 2 must take its appends, which cut the removal away."""
+    c = Cluster(5)
+    c.elect(1)
+    c.filters.append(lambda m: None if m.src == 1 and m.dst not in (2,) and m.type is MsgType.APP else m)
+    change(c, 1, ConfOp.REMOVE, 3)
+    assert 3 not in c.nodes[2].conf.voters
+    assert c.nodes[2].takes_outsider(3, 0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -94,52 +95,56 @@ def test_a_malformed_snapshot_chunk_is_refused(raw: bytes) -> None:
         ReceivedChunk.parse(raw)
 
 
-def from_node_9(conf_index: int, conf_term: int, address: str) -> raft_pb2.RaftMessage:
-    """A heartbeat from node 9, which is not in the receiver's configuration {1, 2, 3}."""
-    return to_wire(Message(MsgType.HEARTBEAT, 9, 2, 5), "c1", Sender(conf_index, conf_term, address))
+def from_node_9(
+    conf_index: int = 40,
+    conf_term: int = 3,
+    address: str = "10.0.0.9:7001",
+    kind: MsgType = MsgType.HEARTBEAT,
+) -> raft_pb2.RaftMessage:
+    """A message of term 5 from node 9, which is not in the receiver's configuration {1, 2, 3}."""
+    return to_wire(Message(kind, 9, 2, 5), "c1", Sender(conf_index, conf_term, address))
 
 
-def test_a_sender_of_a_configuration_the_receiver_has_not_appended_is_taken() -> None:
-    """Section 4.1 of Ongaro's dissertation: node 9 was added at index 40 of term 3, which the
-    receiver's log (up to index 30 here) does not hold yet: it was down."""
-    log = {i: 2 for i in range(1, 31)}
+def test_the_core_decides_on_a_leader_or_candidate_outside_the_configuration() -> None:
+    """What the receiver's core is asked (``Raft.takes_outsider``), with what, and that its answer
+    stands: section 4.1 of Ongaro's dissertation, messages from servers outside the configuration."""
+    asked: list[tuple[int, int, int]] = []
 
-    def holds(index: int, term: int) -> bool:
-        return log.get(index) == term
+    def takes(src: int, conf_index: int, conf_term: int) -> bool:
+        asked.append((src, conf_index, conf_term))
+        return conf_index == 40
 
-    m = from_wire(
-        from_node_9(40, 3, "10.0.0.9:7001"), cluster_id="c1", me=2, members=MEMBERS, holds_entry=holds
-    )
-    assert m.src == 9
-    # A change at an index it holds, but of another term: its own entry there was cut since.
-    m = from_wire(
-        from_node_9(20, 3, "10.0.0.9:7001"), cluster_id="c1", me=2, members=MEMBERS, holds_entry=holds
-    )
-    assert m.src == 9
+    for kind in (MsgType.APP, MsgType.HEARTBEAT, MsgType.VOTE, MsgType.PRE_VOTE, MsgType.TIMEOUT_NOW):
+        m = from_wire(from_node_9(kind=kind), cluster_id="c1", me=2, members=MEMBERS, takes_outsider=takes)
+        assert m.src == 9 and m.type is kind
+    assert asked[0] == (9, 40, 3)
+    with pytest.raises(UnknownSenderError, match="unknown node 9"):
+        from_wire(from_node_9(conf_index=20), cluster_id="c1", me=2, members=MEMBERS, takes_outsider=takes)
+    with pytest.raises(UnknownSenderError):  # without a core to ask, never
+        from_wire(from_node_9(), cluster_id="c1", me=2, members=MEMBERS)
 
 
 @pytest.mark.parametrize(
-    ("conf_index", "conf_term", "address", "why"),
+    ("change", "why"),
     [
-        (20, 2, "10.0.0.9:7001", "a configuration the receiver holds: node 9 was removed, or never in it"),
-        (0, 0, "10.0.0.9:7001", "the initial configuration, which everyone holds"),
-        (40, 3, "", "no address to answer on"),
-        (40, 3, "0.0.0.0:7001", "an address no one can dial"),
-        (40, 3, "10.0.0.9", "not host:port"),
+        ({"address": ""}, "no address to answer on"),
+        ({"address": "0.0.0.0:7001"}, "an address no one can dial"),
+        ({"address": "10.0.0.9"}, "not host:port"),
+        ({"conf_term": 6}, "a configuration of a term after the message's"),
+        ({"kind": MsgType.APP_RESP}, "an answer: only a leader or a candidate speaks first"),
+        ({"kind": MsgType.PROP}, "a forwarded proposal"),
+        ({"kind": MsgType.READ_INDEX}, "a read index request"),
     ],
 )
-def test_other_senders_outside_the_configuration_are_refused(
-    conf_index: int, conf_term: int, address: str, why: str
+def test_outsiders_are_refused_whatever_the_core_says_unless_they_act_as_a_leader_or_candidate(
+    change: dict[str, Any], why: str
 ) -> None:
-    log = {i: 2 for i in range(1, 31)}
-    w = from_node_9(conf_index, conf_term, address)
+    w = from_node_9(**change)
     with pytest.raises(UnknownSenderError, match="unknown node 9"):
-        from_wire(w, cluster_id="c1", me=2, members=MEMBERS, holds_entry=lambda i, t: log.get(i) == t)
-    with pytest.raises(UnknownSenderError):  # and without the receiver's log to ask, always
-        from_wire(from_node_9(40, 3, "10.0.0.9:7001"), cluster_id="c1", me=2, members=MEMBERS)
+        from_wire(w, cluster_id="c1", me=2, members=MEMBERS, takes_outsider=lambda *_: True)
 
 
-def test_a_snapshot_from_a_sender_of_a_newer_configuration_is_taken() -> None:
+def test_a_snapshot_from_an_outsider_the_core_takes_is_taken() -> None:
     h = raft_pb2.SnapshotHeader(
         cluster_id="c1",
         to=2,
@@ -152,6 +157,6 @@ def test_a_snapshot_from_a_sender_of_a_newer_configuration_is_taken() -> None:
         conf_term=3,
     )
     setattr(h, "from", 9)
-    check_snapshot_header(h, cluster_id="c1", me=2, members=MEMBERS, holds_entry=lambda i, t: False)
+    check_snapshot_header(h, cluster_id="c1", me=2, members=MEMBERS, takes_outsider=lambda *_: True)
     with pytest.raises(UnknownSenderError):
-        check_snapshot_header(h, cluster_id="c1", me=2, members=MEMBERS, holds_entry=lambda i, t: True)
+        check_snapshot_header(h, cluster_id="c1", me=2, members=MEMBERS, takes_outsider=lambda *_: False)

@@ -23,7 +23,6 @@ import grpc
 from dengine.errors import DengineError, NotLeaderError
 from dengine.raft import Role
 from dengine.raft.membership import ConfChangeError, ConfChangePendingError, ConfOp
-from dengine.transport.codec import Sender
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -75,9 +74,6 @@ class MembershipManager:
         first = self._seen_conf < 0
         self._seen_conf = raft.conf_index
         self._seen_conf_id = raft.conf_id
-        transport = self.node.transport
-        assert transport is not None
-        transport.sender = Sender(*self._seen_conf_id, self.node.config.node.advertise)
         cc = raft.conf_change
         members = raft.conf.voters | raft.learners
         known = dict(cc.addresses) if cc is not None else dict(self.base_addresses)
@@ -120,7 +116,11 @@ class MembershipManager:
         transport.set_peers(peers)
 
     def expire(self) -> None:
-        """Stops talking to members that left long enough ago."""
+        """Stops talking to members that left long enough ago, and to nodes outside the
+        configuration that this node answered (see ``PeerTransport._welcome``) once silent for
+        ten election timeouts (a leader sends a heartbeat several times per election timeout)."""
+        if self.node.transport is not None:
+            self.node.transport.expire_guests(10 * self.node.config.raft.election_timeout_ms / 1000)
         now = time.monotonic()
         gone = [m for m, (_, until) in self._departed.items() if until <= now]
         if gone:

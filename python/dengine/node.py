@@ -382,8 +382,7 @@ class Node:
         )
         self.transport.snapshots = self.snapshots
         self.transport.on_unknown_to = self._refused_as_unknown
-        self.transport.holds_entry = self._holds_entry
-        self.transport.sender = Sender(address=self.config.node.advertise)  # its configuration: members.sync
+        self.transport.takes_outsider = self._takes_outsider
         # No SO_REUSEPORT (grpc's default): a second node given a port already in use must fail
         # to start, not share it and answer half the requests with another cluster's state.
         self.server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
@@ -871,10 +870,16 @@ class Node:
         elif stored != mine:
             identity.write(data_dir, mine)
 
-    def _holds_entry(self, index: int, term: int) -> bool:
-        """For the transport: whether this node's log holds an entry (see ``Raft.holds_entry``).
-        Before the core exists, nothing is held: no sender is refused for a newer configuration."""
-        return self.raft is not None and self.raft.holds_entry(index, term)
+    def _takes_outsider(self, src: int, conf_index: int, conf_term: int) -> bool:
+        """For the transport: see ``Raft.takes_outsider``."""
+        return self.raft is not None and self.raft.takes_outsider(src, conf_index, conf_term)
+
+    def _stamp_sender(self, raft: Raft, transport: PeerTransport) -> None:
+        """Makes the transport name the configuration in force on the messages it sends next."""
+        conf = raft.conf_id
+        sender = transport.sender
+        if (sender.conf_index, sender.conf_term) != conf or not sender.address:
+            transport.sender = Sender(*conf, self.config.node.advertise)
 
     def _refused_as_unknown(self, peer: int) -> None:
         """A peer refused this node's messages as coming from a node not in its configuration;
@@ -1014,8 +1019,10 @@ class Node:
                 self._apply_queue.put_nowait(rd.restore)
             if rd.committed and not self._apply_here(rd.committed):
                 self._apply_queue.put_nowait(rd.committed)
-            for m in rd.messages:
-                transport.send(m)
+            if rd.messages:
+                self._stamp_sender(raft, transport)
+                for m in rd.messages:
+                    transport.send(m)
             for peer in rd.snapshot_needed:
                 self.snapshots.on_snapshot_needed(peer)
             if rd.reads or rd.failed_reads:

@@ -395,6 +395,9 @@ class SnapshotManager:
                 log_term=snap.meta.term,
                 size=chunker.size,
                 sha256=chunker.sha256,
+                # Lets a follower that has not appended the change that added this node take it.
+                conf_index=node.transport.sender.conf_index,
+                conf_term=node.transport.sender.conf_term,
                 **{"from": node.id},
             )
             async with node.transport.channel(node.transport.peers[peer]) as channel:

@@ -360,20 +360,40 @@ class Raft:
         """``(index, term)`` of the log position that made the configuration in force: its change
         entry, or the snapshot it came with, or ``(0, 0)`` for the initial one. Sent with every
         message, so that a node that does not know this one can tell whether it simply has not
-        appended the change that added it yet (:meth:`holds_entry`)."""
+        appended the change that added it yet (:meth:`takes_outsider`)."""
         if self._conf_entries:
             index, term, _ = self._conf_entries[-1]
             return index, term
         return self._conf_base[0], self._conf_base_term
 
-    def holds_entry(self, index: int, term: int) -> bool:
-        """Whether this node's log holds the entry at ``index`` of ``term``, or its snapshot covers
-        ``index`` (what is compacted was committed, so it is the same entry everywhere)."""
-        if index < self.store.first_index():
+    def has_passed(self, index: int, term: int) -> bool:
+        """Whether this node's log is past log position ``index`` of ``term``: it holds that entry,
+        or it has committed ``index`` (compacted or not), so that any other entry there can never
+        commit. A configuration made at a position this node has passed is not newer than its own."""
+        if index <= self.commit or index < self.store.first_index():
             return True
         if index > self.store.last_index():
             return False
         return self._match_term(index, term)
+
+    def takes_outsider(self, src: int, conf_index: int, conf_term: int) -> bool:
+        """Whether to take a message from ``src``, a node outside the configuration in force here,
+        which acts under the configuration made at ``(conf_index, conf_term)``. Raft servers take
+        messages from servers outside their configuration (thesis §4.1); the wire refuses the
+        ones that cannot be of use, so that a removed member learns it was removed:
+
+        - ``src`` is still a member of this node's committed configuration: its removal is only
+          in this node's log and may yet be cut (a leader it refused could never cut it);
+        - or ``src``'s configuration is one this node has not reached: the change that added
+          ``src`` is not in its log yet (it was down), and refusing ``src`` would keep it so.
+
+        Anyone else is refused: a removed member (this node passed the configuration it names),
+        a node of the initial configuration that is not in it.
+        """
+        voters, learners = self.conf_at(self.commit)
+        if src in voters or src in learners:
+            return True
+        return conf_index > 0 and not self.has_passed(conf_index, conf_term)
 
     @property
     def conf_change(self) -> ConfChange | None:

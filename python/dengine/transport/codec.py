@@ -4,14 +4,12 @@ Entries cross as one bytes field framed by the Rust core (CRC-checked on arrival
 from the network is validated here before the protocol sees it: an unknown type, a sender that is
 not a member, a message for another node or another cluster is refused with a clear reason.
 
-A sender outside the receiver's configuration is refused unless it acts under a configuration
-the receiver has not appended yet (the receiver's log lacks the entry that made it, see
-:class:`Sender`): a member added while the receiver was down, which may well lead the cluster by
-the time the receiver is back. Raft servers take messages from servers outside their
-configuration (section 4.1 of Ongaro's dissertation); refusing those would keep the receiver from
-ever learning the change that names the sender. Everyone else outside the configuration (a
-removed member, whose configuration the receiver holds, or a node of the initial configuration
-that is not in it) is still refused.
+A sender outside the receiver's configuration is refused unless the receiver's core takes it
+(``dengine.raft.Raft.takes_outsider``: a member added while the receiver was down, which may well
+lead the cluster by the time the receiver is back; a member whose removal the receiver has not
+committed). Such a sender must act as a leader or a candidate would (an append, a heartbeat, a
+vote request, a TimeoutNow, a snapshot), name the configuration it acts under (:class:`Sender`)
+and, on the message stream, the address to answer it at.
 """
 
 from __future__ import annotations
@@ -48,9 +46,14 @@ class Sender:
     address: str = ""
 
 
-HoldsEntry = Callable[[int, int], bool]
-"""``holds_entry(index, term)``: whether the receiver's log holds (or its snapshot covers) that
-entry; see ``dengine.raft.Raft.holds_entry``."""
+TakesOutsider = Callable[[int, int, int], bool]
+"""``takes_outsider(src, conf_index, conf_term)``: whether the receiver takes messages from
+``src``, which is not in its configuration; see ``dengine.raft.Raft.takes_outsider``."""
+
+# What an outsider may send: what a leader or a candidate sends to a node it counts as a member.
+_OUTSIDER_TYPES = frozenset(
+    int(t) for t in (MsgType.APP, MsgType.HEARTBEAT, MsgType.VOTE, MsgType.PRE_VOTE, MsgType.TIMEOUT_NOW)
+)
 
 
 def to_wire(m: Message, cluster_id: str, sender: Sender = Sender()) -> raft_pb2.RaftMessage:
@@ -79,12 +82,12 @@ def _check_route(
     cluster_id: str,
     me: int,
     members: Collection[int],
-    holds_entry: HoldsEntry | None,
+    takes_outsider: TakesOutsider | None,
 ) -> int:
     if w.cluster_id != cluster_id:
         raise WireError(f"message from cluster {w.cluster_id!r}, this node belongs to {cluster_id!r}")
     src: int = getattr(w, "from")
-    if src not in members and not _of_a_newer_configuration(w, holds_entry):
+    if src not in members and not _outsider_taken(w, src, takes_outsider):
         raise UnknownSenderError(
             f"message from unknown node {src}: not a member of this node's configuration"
         )
@@ -93,16 +96,19 @@ def _check_route(
     return src
 
 
-def _of_a_newer_configuration(
-    w: raft_pb2.RaftMessage | raft_pb2.SnapshotHeader, holds_entry: HoldsEntry | None
+def _outsider_taken(
+    w: raft_pb2.RaftMessage | raft_pb2.SnapshotHeader, src: int, takes_outsider: TakesOutsider | None
 ) -> bool:
-    """Whether the sender acts under a configuration this node has not appended yet (and, for a
-    message this node answers on a stream of its own, says where to send the answer)."""
-    if holds_entry is None or w.conf_index == 0 or w.conf_index > _MAX_U63:
-        return False  # everyone holds the initial configuration
-    if isinstance(w, raft_pb2.RaftMessage) and not _dialable(w.from_address):
+    if takes_outsider is None or w.conf_index > _MAX_U63 or w.conf_term > w.term:
+        return False  # a configuration is made in its maker's term or before
+    if isinstance(w, raft_pb2.RaftMessage) and not _answerable(w):
         return False
-    return not holds_entry(w.conf_index, w.conf_term)
+    return takes_outsider(src, w.conf_index, w.conf_term)
+
+
+def _answerable(w: raft_pb2.RaftMessage) -> bool:
+    """Whether ``w`` is what a leader or a candidate sends, with an address to answer it at."""
+    return w.type in _OUTSIDER_TYPES and _dialable(w.from_address)
 
 
 def _dialable(address: str) -> bool:
@@ -121,10 +127,10 @@ def check_snapshot_header(
     cluster_id: str,
     me: int,
     members: Collection[int],
-    holds_entry: HoldsEntry | None = None,
+    takes_outsider: TakesOutsider | None = None,
 ) -> None:
     """Refuses a snapshot offer or chunk that is misrouted or makes no sense."""
-    _check_route(h, cluster_id, me, members, holds_entry)
+    _check_route(h, cluster_id, me, members, takes_outsider)
     for name in ("term", "index", "log_term", "size"):
         if getattr(h, name) > _MAX_U63:
             raise WireError(f"{name} {getattr(h, name)} is out of range")
@@ -140,11 +146,11 @@ def from_wire(
     cluster_id: str,
     me: int,
     members: Collection[int],
-    holds_entry: HoldsEntry | None = None,
+    takes_outsider: TakesOutsider | None = None,
 ) -> Message:
-    """The core's message for ``w``; :class:`WireError` if it is refused. ``holds_entry`` (None:
-    refuse every sender outside ``members``) lets through a sender of a newer configuration."""
-    src = _check_route(w, cluster_id, me, members, holds_entry)
+    """The core's message for ``w``; :class:`WireError` if it is refused. ``takes_outsider``
+    (None: refuse every sender outside ``members``) decides on a sender outside them."""
+    src = _check_route(w, cluster_id, me, members, takes_outsider)
     try:
         kind = MsgType(w.type)
     except ValueError:

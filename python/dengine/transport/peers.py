@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,9 @@ import grpc
 from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
 from dengine.transport.codec import (
-    HoldsEntry,
     ReceivedChunk,
     Sender,
+    TakesOutsider,
     UnknownSenderError,
     WireError,
     check_snapshot_header,
@@ -58,6 +59,8 @@ SENDER_KEY = "dengine-sender"
 """Initial metadata of a message stream: the sending node's id. The receiver only uses it to
 retry at once its own stream back to that node if it was waiting out a backoff (the node is
 back); every message still carries, and is checked for, its sender and cluster."""
+MAX_GUESTS = 16
+"""At most this many senders outside the configuration are answered at once (see ``_welcome``)."""
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 REFUSAL_KEY = "dengine-refusal"
@@ -145,8 +148,10 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self.snapshots: SnapshotManager | None = None
         self.sender = Sender()
         """What this node says of itself on every message (its configuration and address)."""
-        self.holds_entry: HoldsEntry | None = None
-        """Set by the node: lets through senders of a configuration newer than this node's log."""
+        self.takes_outsider: TakesOutsider | None = None
+        """Set by the node: decides on senders outside its configuration (None: refuse them)."""
+        # Senders outside the configuration this node answers, and when each was last heard.
+        self._guests: dict[int, float] = {}
         self.on_unknown_to: Callable[[int], None] | None = None
         """Called with a peer's id when it refuses this node's messages as coming from a node
         not in its configuration (see ``dengine.removal``)."""
@@ -165,24 +170,39 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     def set_peers(self, peers: Mapping[int, str]) -> None:
         """Follows a membership change: streams to new members, stops streaming to removed ones,
-        and accepts messages from exactly the new set (plus this node, plus senders of a newer
-        configuration, see ``dengine.transport.codec``). Streams to such senders stop here: the
-        change names them, or they are refused again until their next message says otherwise."""
-        self._stream_to(peers)
+        and accepts messages from exactly the new set (plus this node, plus the outsiders the
+        core takes, see ``dengine.transport.codec``). Outsiders this node still streams to stay
+        until they are members or fall silent (:meth:`expire_guests`)."""
+        for peer in [g for g in self._guests if g in peers]:
+            del self._guests[peer]
+        self._stream_to({**{g: self.peers[g] for g in self._guests}, **peers})
         self.members = frozenset(peers) | {self.node_id}
 
-    def _welcome(self, peer: int, address: str) -> None:
-        """``peer``, outside this node's configuration, acts under a newer one that this node has
-        not appended yet: answer it at ``address`` (the core answers on streams of its own)."""
-        if self.peers.get(peer) == address:
-            return
-        log.warning(
-            "taking messages from node %d, which is not in this node's configuration: it acts under "
-            "a newer one, which this node has not appended yet; answering it at %s",
-            peer,
-            address,
-        )
-        self._stream_to({**self.peers, peer: address})
+    def _welcome(self, peer: int, address: str) -> bool:
+        """``peer``, outside this node's configuration, sent a message the core takes: answer it
+        at ``address`` (the core answers on streams of its own). False when this node already
+        answers as many outsiders as it ever will (the message is then refused)."""
+        if peer not in self._guests and len(self._guests) >= MAX_GUESTS:
+            return False
+        self._guests[peer] = time.monotonic()
+        if self.peers.get(peer) != address:
+            log.warning(
+                "taking messages from node %d, which is not in this node's configuration: it "
+                "leads or campaigns under a configuration this node has not reached; answering it at %s",
+                peer,
+                address,
+            )
+            self._stream_to({**self.peers, peer: address})
+        return True
+
+    def expire_guests(self, silent_for_s: float) -> None:
+        """Stops answering outsiders not heard from for ``silent_for_s`` seconds."""
+        since = time.monotonic() - silent_for_s
+        gone = {g for g, heard in self._guests.items() if heard < since}
+        if gone:
+            for g in gone:
+                del self._guests[g]
+            self._stream_to({p: a for p, a in self.peers.items() if p not in gone})
 
     def _stream_to(self, peers: Mapping[int, str]) -> None:
         peers = dict(peers)
@@ -313,12 +333,15 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                         cluster_id=self.cluster_id,
                         me=self.node_id,
                         members=self.members,
-                        holds_entry=self.holds_entry,
+                        takes_outsider=self.takes_outsider,
                     )
+                    if m.src not in self.members and not self._welcome(m.src, w.from_address):
+                        raise UnknownSenderError(
+                            f"message from unknown node {m.src}: this node already answers "
+                            f"{MAX_GUESTS} nodes outside its configuration"
+                        )
                 except WireError as exc:
                     await self._refuse(context, exc)
-                if m.src not in self.members:
-                    self._welcome(m.src, w.from_address)
                 self.on_message(m)
         return raft_pb2.StreamClosed()
 
@@ -351,7 +374,11 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     def _check_header(self, h: raft_pb2.SnapshotHeader) -> None:
         check_snapshot_header(
-            h, cluster_id=self.cluster_id, me=self.node_id, members=self.members, holds_entry=self.holds_entry
+            h,
+            cluster_id=self.cluster_id,
+            me=self.node_id,
+            members=self.members,
+            takes_outsider=self.takes_outsider,
         )
 
     async def OfferSnapshot(
