@@ -346,3 +346,33 @@ def test_a_sync_reported_after_a_truncation_does_not_vouch_for_the_new_entries()
     c.release_syncs(2)
     c.tick_all(3)
     assert any(e.data.endswith(b"new") for e in c.applied[2]), "applied once a sync after it reported"
+
+
+def test_section_5_3_a_follower_commits_only_entries_the_append_checked() -> None:
+    """Figure 2, AppendEntries rule 5: commitIndex = min(leaderCommit, index of last new entry).
+
+    Follower 2 still holds entries 7 and 8 of term 2 from an old leader; the leader's log agrees
+    with it up to 6 and has term-3 entries at 7 and 8, all committed. An append that checks the
+    follower's log only up to 6 (prev 5, one entry) proves nothing about 7 and 8, so the leader's
+    commit index of 9 lets the follower commit 6, not its stale 7 and 8."""
+    stores = {
+        1: make_store([1, 1, 1, 1, 1, 2, 3, 3], term=3, commit=8),
+        2: make_store([1, 1, 1, 1, 1, 2, 2, 2], term=3, commit=5),
+        3: make_store([1, 1, 1, 1, 1, 2, 3, 3], term=3, commit=8),
+    }
+    c = Cluster(3, stores=stores, pre_vote=False, max_batch_entries=1)
+    c.isolate(2)
+    leader = c.elect(1)
+    assert leader.commit == 9
+    c.heal()
+    # What the leader sends when it resumes from a prefix the follower acknowledged before
+    # (say a retransmission after lost answers): prev 5, the entry at 6, its commit index.
+    c.deliver(Message(MsgType.APP, 1, 2, leader.term, 5, 1, c.stores[1].entries(6, 7), leader.commit))
+    c.process(2)
+    follower = c.nodes[2]
+    assert follower.commit == 6, f"follower committed {follower.commit}: past the entries it checked"
+    assert [(e.index, e.term) for e in c.applied[2]] == [(i, t) for i, t in enumerate([1, 1, 1, 1, 1, 2], 1)]
+    c.settle()
+    assert c.log_terms(2) == [1, 1, 1, 1, 1, 2, 3, 3, 4]
+    assert follower.commit == 9
+    assert [e.term for e in c.applied[2]] == [1, 1, 1, 1, 1, 2, 3, 3, 4]
