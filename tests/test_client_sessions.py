@@ -2,9 +2,12 @@
 and, with the same script, which node its retries go to.
 
 Every write carries the lowest sequence of this client still outstanding, and replicas forget
-the results below it. So a sequence may be released only once its answer is in (or the request
-was refused outright); a write whose deadline passed, or whose caller gave up, must stay
-outstanding, or a late copy of it could be applied a second time.
+the results below it. A sequence is released once its call is over, however it ended: answered,
+refused, failed at its deadline, or given up by its caller. That is safe: a replica's
+``acked_below`` only rises, and a sequence below it whose result was not kept is refused as
+stale, so a late copy of a released write was either applied once already (before the release
+reached the log) or is never applied. Keeping it outstanding instead would pin ``acked_below``
+for the client's life, and every replica would keep every later result of the client.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dengine.errors import DengineError, OutcomeUnknownError, RequestFailed, Una
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node
 from dengine.raft.payload import SESSION_HEADER
+from dengine.server import kv_services
 from test_node_embedded import Counter, configs
 
 Reply = Callable[[bytes], bytes]  # request bytes -> response bytes, or raises CallFailed
@@ -94,21 +98,23 @@ def test_answered_writes_are_released() -> None:
     run(test)
 
 
-def test_a_write_whose_deadline_passed_stays_outstanding() -> None:
+def test_a_write_whose_deadline_passed_is_released() -> None:
+    """Released at its deadline (safe: see the module's docstring): a late copy of sequence 2
+    is a duplicate or stale at every replica, never applied twice."""
+
     async def test(s: ScriptedClient) -> None:
         await s.client.put(b"a", b"v")
         s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)
         with pytest.raises(Unavailable):
-            await s.client.put(b"lost", b"v")  # sequence 2: may still be applied later
+            await s.client.put(b"lost", b"v")  # sequence 2
         s.reply = _answer_all
         await s.client.put(b"b", b"v")
-        await s.client.put(b"c", b"v")
-        assert s.last_first_outstanding() == 2
+        assert s.sent[-1] == (3, 3)
 
     run(test)
 
 
-def test_a_write_whose_caller_gave_up_stays_outstanding() -> None:
+def test_a_write_whose_caller_gave_up_is_released_and_not_sent_again() -> None:
     async def test(s: ScriptedClient) -> None:
         s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)  # retried with backoff until cancelled
         abandoned = asyncio.ensure_future(s.client.put(b"slow", b"v", timeout=30))
@@ -116,12 +122,44 @@ def test_a_write_whose_caller_gave_up_stays_outstanding() -> None:
         abandoned.cancel()
         with pytest.raises(asyncio.CancelledError):
             await abandoned
+        tries = len([1 for sequence, _ in s.sent if sequence == 1])
         s.reply = _answer_all
         await s.client.put(b"b", b"v")
-        # The abandoned write may be retried once more, after this one: look at this one's.
-        assert [first for sequence, first in s.sent if sequence == 2] == [1]
+        assert s.sent[-1] == (2, 2), "the abandoned write no longer holds the session back"
+        await asyncio.sleep(0.3)  # past any retry it was waiting for
+        assert len([1 for sequence, _ in s.sent if sequence == 1]) == tries, "sent after it was given up"
 
     run(test)
+
+
+def test_a_cancelled_write_leaves_no_results_pinned_on_the_server(tmp_path: Path) -> None:
+    """A real node: a write cancelled while queued is not sent, and the writes after it let the
+    node forget their results (before, the node kept every later result, up to 100,000 per
+    client, and the client's own bookkeeping grew with every write)."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, 1)
+        sm = KVStateMachine()
+        node = Node(cfg, sm, extra_services=kv_services(sm))
+        await node.start()
+        try:
+            async with Client([cfg.node.listen], linger_ms=20, timeout=10) as c:
+                await c.put(b"a", b"1")
+                cancelled = asyncio.ensure_future(c.put(b"cancelled", b"x"))
+                await asyncio.sleep(0.001)  # queued, lingering
+                cancelled.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await cancelled
+                for i in range(300):
+                    await c.put(b"k%d" % i, b"v")
+                assert await c.get(b"cancelled") is None, "a cancelled write that was never sent"
+                assert len(c._in_order) <= 2
+                (kept,) = [len(results) for cid, _, _, results in node.sessions.items() if cid == c.client_id]
+                assert kept <= 2, kept
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
 
 
 def test_a_write_refused_outright_is_released() -> None:
@@ -137,11 +175,12 @@ def test_a_write_refused_outright_is_released() -> None:
 
 
 @pytest.mark.parametrize("failure", ["the call", "the answer"])
-def test_a_write_whose_whole_call_failed_stays_outstanding_and_its_outcome_unknown(failure: str) -> None:
+def test_a_write_whose_whole_call_failed_is_released_and_its_outcome_unknown(failure: str) -> None:
     """A batch call that fails as a whole (a node's handler that raised: UNKNOWN), or an answer
     that does not match the batch, says nothing of the writes in it: the node may have applied
-    them. Their callers hear that the outcome is unknown, not that the write failed, and the
-    writes stay outstanding, so that a late copy still counts as a duplicate."""
+    them. Their callers hear that the outcome is unknown, not that the write failed. The
+    sequence is released all the same (see the module's docstring): a late copy is a duplicate
+    or stale, never applied twice."""
 
     def garbled(request: bytes) -> bytes:
         return _answer_all(request) + _answer_all(request)
@@ -152,7 +191,7 @@ def test_a_write_whose_whole_call_failed_stays_outstanding_and_its_outcome_unkno
             await s.client.put(b"maybe", b"v")
         s.reply = _answer_all
         await s.client.put(b"b", b"v")
-        assert s.sent[-1] == (2, 1)
+        assert s.sent[-1] == (2, 2)
 
     run(test)
 

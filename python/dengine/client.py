@@ -285,9 +285,9 @@ class Client(ClusterAdmin):
         # started alike) would give its clients one id, and their writes each other's results.
         self.client_id = client_id or secrets.randbits(62) + 1
         self._seq = 0
-        self._outstanding: set[int] = set()
-        # The outstanding sequences in issue order, answered ones dropped lazily from the front.
-        self._in_order: collections.deque[int] = collections.deque()
+        # The writes in issue order, with their futures: those whose call is over (answered,
+        # failed or given up by their caller) are dropped lazily from the front.
+        self._in_order: collections.deque[tuple[int, asyncio.Future[Answer]]] = collections.deque()
         self._credentials = credentials
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first operation
         self.watch_idle_timeout = watch_idle_timeout
@@ -393,15 +393,23 @@ class Client(ClusterAdmin):
         self, op: int, key: bytes, value: bytes, expected: bytes | None, timeout: float | None
     ) -> asyncio.Future[Answer]:
         """Queues a write under the next sequence of this client's session, which carries (client
-        id, its sequence, lowest sequence outstanding)."""
+        id, its sequence, lowest sequence outstanding).
+
+        A sequence stops being outstanding once its call is over, however it ended: answered,
+        refused, failed (its outcome unknown, or its deadline passed) or cancelled by its caller.
+        Replicas then forget its result, and that is safe: their ``acked_below`` only rises and a
+        sequence below it whose result they no longer hold is refused as stale, so a late copy
+        of it was either applied once before, or is never applied. Holding it back instead
+        would make every replica keep every later result of this client."""
         self._seq = seq = self._seq + 1
-        in_order, outstanding = self._in_order, self._outstanding
-        outstanding.add(seq)
-        in_order.append(seq)
-        while in_order[0] not in outstanding:
+        in_order = self._in_order
+        while in_order and in_order[0][1].done():
             in_order.popleft()
-        operation = encode_kv_write_operation(op, key, value, expected, (self.client_id, seq, in_order[0]))
-        return self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, seq)
+        first = in_order[0][0] if in_order else seq
+        operation = encode_kv_write_operation(op, key, value, expected, (self.client_id, seq, first))
+        future = self._submit(operation, _PUT if op == _PUT_PREV else op, timeout, seq)
+        in_order.append((seq, future))
+        return future
 
     async def put(
         self, key: bytes, value: bytes, *, prev_kv: bool = False, timeout: float | None = None
@@ -546,13 +554,6 @@ class Client(ClusterAdmin):
         self._enqueue(_Pending(op, kind, future, time.monotonic() + (timeout or self.timeout), sequence))
         return future
 
-    def _settled(self, p: _Pending) -> None:
-        """``p`` was answered, or refused outright: replicas may forget its sequence's result. A
-        write whose deadline passed, or whose caller gave up, stays outstanding so that a late
-        copy still counts as a duplicate."""
-        if p.sequence:
-            self._outstanding.discard(p.sequence)
-
     @staticmethod
     def _refuse_closed(p: _Pending) -> None:
         if not p.future.done():
@@ -583,6 +584,10 @@ class Client(ClusterAdmin):
                     break
                 count, size = count + 1, size + len(p.op)
             batch, self._queue = self._queue[:count], self._queue[count:]
+            # Not sent: an operation whose caller gave up on it while it waited here.
+            batch = [p for p in batch if not p.future.done()]
+            if not batch:
+                continue
             assert self._loop is not None
             task = self._loop.create_task(self._send_batch(batch))
             self._inflight.add(task)
@@ -625,8 +630,7 @@ class Client(ClusterAdmin):
             try:  # no done() check first: this loop runs for every operation
                 p.future.set_result(answer)
             except asyncio.InvalidStateError:
-                continue  # its caller gave up on it (or its deadline passed): it stays outstanding
-            self._settled(p)
+                continue  # its caller gave up on it (or its deadline passed)
             wrote = wrote or p.kind != _GET
         if wrote and self._endpoints.leader is None:
             self._follow(address)  # it took writes: it leads
@@ -662,8 +666,7 @@ class Client(ClusterAdmin):
             return
         if code not in _RETRYABLE:
             if whole_call and p.sequence and code in _MAYBE_APPLIED:
-                # Not a refusal: the write stays outstanding (a late copy still counts as a
-                # duplicate), and its caller learns that it may have been applied.
+                # Not a refusal: its caller learns that it may have been applied.
                 p.future.set_exception(
                     OutcomeUnknownError(
                         f"the call failed as a whole ({code}: {message}); the write may be applied"
@@ -671,7 +674,6 @@ class Client(ClusterAdmin):
                 )
                 return
             p.future.set_exception(RequestFailed(code, message))
-            self._settled(p)
             return
         remaining = p.deadline - time.monotonic()
         if remaining <= 0:
