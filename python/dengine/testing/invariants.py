@@ -4,7 +4,11 @@
 * Log matching: two logs with an entry of the same index and term agree on every entry up to it.
 * Leader completeness: a leader's log holds every entry committed before its term began.
 * State machine safety: no two nodes apply different entries at one index.
-* A committed entry is never lost: it stays durable on a majority.
+* A committed entry is never lost: it is durable on a majority of the configuration (both
+  halves of a joint one) when it commits, and stays so through every crash.
+* Nothing is promised before it is durable: a node sends a message of a term only once that term
+  is on its disk, grants a vote only once that vote is, and acknowledges entries only up to its
+  durable index (checked as each message leaves, not only when a crash exposes it).
 * Term, commit index and applied index never go backwards within a node's life, and after a
   restart a node's term is at least that of any message it ever sent (terms are durable first).
 * Snapshots: every snapshot of index ``i`` (taken, received or restored, on any node) holds the
@@ -71,7 +75,9 @@ class InvariantChecker:
             self._on_new_leader(node)
         old_commit = prev[2] if prev is not None and prev[0] == node.incarnation else 0
         if raft.commit > old_commit:
-            self._record_committed(node, max(old_commit + 1, raft.store.first_index()), raft.commit)
+            new = self._record_committed(node, max(old_commit + 1, raft.store.first_index()), raft.commit)
+            if new:
+                self._check_durable_when_committed(node, new)
         self._checks += 1
         if self._checks % 2000 == 0:
             self.check_log_matching()
@@ -96,21 +102,69 @@ class InvariantChecker:
             return None
         return e.term, e.data
 
-    def _record_committed(self, node: SimNode, lo: int, hi: int) -> None:
+    def _record_committed(self, node: SimNode, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Records entries ``lo..hi`` as committed; returns ``(index, term)`` of those nobody
+        had committed before."""
+        new = []
         for e in node.store.entries(lo, hi + 1):
-            known = self.committed.setdefault(e.index, (e.term, e.data))
+            known = self.committed.get(e.index)
+            if known is None:
+                known = self.committed[e.index] = (e.term, e.data)
+                new.append((e.index, e.term))
             if known != (e.term, e.data):
                 self.fail(
                     f"entry {e.index} committed twice with different contents: term {known[0]} and term "
                     f"{e.term} (node {node.id})"
                 )
+        return new
+
+    def _check_durable_when_committed(self, node: SimNode, new: list[tuple[int, int]]) -> None:
+        """The first node to commit an index (its leader) may count only disks that hold it:
+        a majority of each half of its configuration must have it durable (or compacted into a
+        snapshot) at that moment."""
+        raft = node.raft
+        assert raft is not None
+        nodes = self.cluster.nodes
+        for half in (raft.conf.incoming, raft.conf.outgoing):
+            if not half:
+                continue
+            stores = [nodes[v].store for v in half if v in nodes]
+            for index, term in new:
+                # A disk compacted past the entry holds it in a snapshot.
+                holders = sum(
+                    1
+                    for store in stores
+                    if index < store.first_index()
+                    or (index <= store.durable_index() and store.term(index) == term)
+                )
+                if holders <= len(half) // 2:
+                    self.fail(
+                        f"node {node.id} committed entry {index} (term {term}) while it was durable "
+                        f"on only {holders} of the {len(half)} voters {sorted(half)}"
+                    )
 
     def on_send(self, m: Message) -> None:
+        t = m.type
         # Pre-vote messages carry a future term the sender has not entered.
-        if m.type not in (MsgType.PRE_VOTE, MsgType.PRE_VOTE_RESP) and m.term > self.max_sent_term.get(
-            m.src, 0
-        ):
+        if t is MsgType.PRE_VOTE or t is MsgType.PRE_VOTE_RESP:
+            return
+        if m.term > self.max_sent_term.get(m.src, 0):
             self.max_sent_term[m.src] = m.term
+        store = self.cluster.nodes[m.src].store
+        hs = store.durable_hard_state()
+        if hs.term < m.term:
+            self.fail(f"node {m.src} sent {t.name} of term {m.term} while its disk holds term {hs.term}")
+        if t is MsgType.VOTE_RESP and not m.reject and hs.term == m.term and hs.vote != m.dst:
+            # (A grant released late, after a newer term reached the disk, is no promise broken.)
+            self.fail(
+                f"node {m.src} granted its vote in term {m.term} to node {m.dst} while its disk "
+                f"holds the vote {hs.vote}"
+            )
+        if t is MsgType.APP_RESP and not m.reject and m.index > store.durable_index():
+            self.fail(
+                f"node {m.src} acknowledged entries up to {m.index} while only {store.durable_index()} "
+                "were durable"
+            )
 
     def on_apply(self, node: SimNode, entry: Entry) -> None:
         known = self.applied.setdefault(entry.index, (entry.term, entry.data))

@@ -124,6 +124,10 @@ class SimLogStore:
         self._truncated_floor = None
         self.wiped = True
 
+    def durable_hard_state(self) -> HardState:
+        """The term, vote and commit index that would survive a crash right now."""
+        return self._durable_hs
+
     def durable_entries(self) -> list[Entry]:
         """What would survive a crash right now."""
         first = self._mem.first_index()
