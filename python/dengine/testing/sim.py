@@ -39,7 +39,7 @@ class NetworkConfig:
     max_delay: float = 3.0
     drop: float = 0.0
     duplicate: float = 0.0
-    disk_latency: float = 0.3
+    disk_latency: float = 0.3  # typical sync time; each sync takes 0.1 to 3 times this
     tick_ms: float = 10.0
     announce_delay: float = 2.0  # how long a leader lets a new commit index wait for an append
 
@@ -93,6 +93,7 @@ class SimNode:
     paused: bool = False  # frozen: runs no tick and handles nothing until it wakes
     missed_ticks: int = 0
     held: list[Callable[[], None]] = field(default_factory=list)  # what waits for it to wake
+    disk_idle_at: float = 0.0  # when its disk finishes the syncs queued so far
 
     def latest_snapshot(self) -> SimSnapshot | None:
         return self.snapshots[-1] if self.snapshots else None
@@ -118,6 +119,8 @@ class SimCluster:
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        # Sync times have a stream of their own: other draws stay as they were.
+        self.disk_rng = random.Random(seed * 2 + 1)
         self.net = network or NetworkConfig()
         self.snapshot_policy = snapshots or SnapshotPolicy()
         self.snapshots_taken = 0
@@ -316,6 +319,7 @@ class SimCluster:
         node.store.crash()
         node.incarnation += 1
         node.paused, node.missed_ticks, node.held = False, 0, []
+        node.disk_idle_at = self.now  # the syncs in flight are gone with it
         for waiters in node.write_waiters.values():
             for w in waiters:
                 w.on_done(Applied(0, Outcome.STALE, error="node crashed"))
@@ -556,8 +560,13 @@ class SimCluster:
             self.checker.on_restore(node, snap)
 
     def _schedule_sync(self, node: SimNode, seq: int) -> None:
+        # Each sync takes its own time (a leader's disk is not always the first one done, so a
+        # leader that counted its own entries before they are durable would show), and one disk
+        # finishes its syncs in the order they were asked for, as a write-ahead log's do.
         incarnation = node.incarnation
-        self.schedule(self.net.disk_latency, lambda: self._sync_done(node, incarnation, seq))
+        latency = self.net.disk_latency * self.disk_rng.uniform(0.1, 3.0)
+        node.disk_idle_at = max(node.disk_idle_at, self.now + latency)
+        self.schedule(node.disk_idle_at - self.now, lambda: self._sync_done(node, incarnation, seq))
 
     def _sync_done(self, node: SimNode, incarnation: int, seq: int) -> None:
         if node.raft is None or node.incarnation != incarnation:
