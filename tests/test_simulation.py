@@ -15,7 +15,8 @@ import pytest
 
 from dengine.raft import Role
 from dengine.raft.sessions import Applied
-from dengine.testing.sim import SimCluster
+from dengine.testing import workload
+from dengine.testing.sim import SimCluster, SimulationFailure, SnapshotPolicy
 from dengine.testing.workload import run_kv_simulation
 
 CI_SEEDS = int(os.environ.get("DENGINE_SIM_SEEDS", "200"))
@@ -137,3 +138,33 @@ def test_a_leader_that_wakes_from_a_pause_serves_no_lease_read_from_its_old_stat
     assert outcome == [False], "the lease read was refused, not served from the stale state"
     raft = cluster.nodes[old].raft
     assert raft is not None and raft.role is not Role.LEADER
+
+
+class BrokenSnapshots(Counter):
+    def snapshot(self, sink: BinaryIO) -> None:
+        raise OSError("disk full")
+
+
+def test_an_error_inside_a_run_names_the_seed_and_how_to_replay_it() -> None:
+    """CI runs many seeds per test: an error from a state machine, the core or a store must say
+    which seed raised it, not only a safety violation."""
+    cluster = SimCluster(3, seed=12, state_machine=BrokenSnapshots, snapshots=SnapshotPolicy(every=2))
+    with pytest.raises(
+        SimulationFailure, match=r"seed 12: OSError at .* disk full .*SimCluster\(seed=12\)"
+    ) as info:
+        for seq in range(1, 4):
+            write(cluster, 1, seq, b"1")
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_an_error_in_the_kv_workload_names_the_seed_and_the_call_that_replays_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_check(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("checker broke")
+
+    monkeypatch.setattr(workload, "check", broken_check)
+    with pytest.raises(SimulationFailure, match=r"seed 3: RuntimeError: checker broke") as info:
+        run_kv_simulation(3, duration_ms=300)
+    assert "run_kv_simulation(3, duration_ms=300)" in str(info.value)
+    assert "tests/test_simulation.py" not in str(info.value), "users have no such file"

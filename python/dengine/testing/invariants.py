@@ -49,8 +49,7 @@ class InvariantChecker:
     def fail(self, what: str) -> None:
         raise SimulationFailure(
             f"{what} (seed {self.cluster.seed}, at {self.cluster.now:.1f} ms virtual time; "
-            f"replay: DENGINE_SIM_SEED={self.cluster.seed} "
-            "python -m pytest tests/test_simulation.py -k replay)"
+            f"{self.cluster.replay})"
         )
 
     def on_ready(self, node: SimNode, rd: Ready) -> None:

@@ -118,6 +118,9 @@ class SimCluster:
         snapshots: SnapshotPolicy | None = None,
     ) -> None:
         self.seed = seed
+        self.replay = f"the same calls on SimCluster(seed={seed}) replay this run bit for bit"
+        """How to replay this run, named in every failure (a harness built on the cluster says
+        which of its own calls does)."""
         self.rng = random.Random(seed)
         # Sync times have a stream of their own: other draws stay as they were.
         self.disk_rng = random.Random(seed * 2 + 1)
@@ -211,11 +214,21 @@ class SimCluster:
         heapq.heappush(self._events, (self.now + delay, self._seq, action))
 
     def run_until(self, t: float) -> None:
-        """Runs every event up to virtual time ``t``."""
-        while self._events and self._events[0][0] <= t:
-            when, _, action = heapq.heappop(self._events)
-            self.now = when
-            action()
+        """Runs every event up to virtual time ``t``. An error raised by anything the run calls
+        (the protocol core, a store, a state machine, a callback) comes out as a
+        :class:`SimulationFailure` that names the seed, the virtual time and how to replay."""
+        try:
+            while self._events and self._events[0][0] <= t:
+                when, _, action = heapq.heappop(self._events)
+                self.now = when
+                action()
+        except SimulationFailure:
+            raise
+        except Exception as exc:
+            raise SimulationFailure(
+                f"seed {self.seed}: {type(exc).__name__} at {self.now:.1f} ms virtual time: {exc} "
+                f"({self.replay})"
+            ) from exc
         self.now = max(self.now, t)
 
     def run_for(self, ms: float) -> None:

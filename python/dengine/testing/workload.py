@@ -335,7 +335,7 @@ class _Run:
             }
             raise SimulationFailure(
                 f"no progress within {LIVENESS_BOUND_MS:.0f} ms after healing at {start:.0f} ms "
-                f"(seed {cluster.seed}; nodes (role, term, commit, last): {states})"
+                f"(seed {cluster.seed}; nodes (role, term, commit, last): {states}; {cluster.replay})"
             )
 
     def check_convergence(self) -> None:
@@ -364,16 +364,38 @@ class _Run:
             }
             raise SimulationFailure(
                 f"nodes did not catch up within {LIVENESS_BOUND_MS:.0f} ms after healing "
-                f"(seed {cluster.seed}; nodes (role, commit, applied, first index): {states})"
+                f"(seed {cluster.seed}; nodes (role, commit, applied, first index): {states}; "
+                f"{cluster.replay})"
             )
 
 
 def run_kv_simulation(
     seed: int, *, nodes: int | None = None, duration_ms: float = 4000.0, clients: int = 4
 ) -> SimReport:
-    """Runs one seeded simulation; raises SimulationFailure on any safety or liveness failure."""
+    """Runs one seeded simulation; raises SimulationFailure on any safety or liveness failure,
+    and on any other error of the run, naming the seed and the call that replays it."""
+    args = [str(seed)]
+    if nodes is not None:
+        args.append(f"nodes={nodes}")
+    if duration_ms != 4000.0:
+        args.append(f"duration_ms={duration_ms}")
+    if clients != 4:
+        args.append(f"clients={clients}")
+    replay = f"replay: dengine.testing.workload.run_kv_simulation({', '.join(args)})"
+    try:
+        return _run_kv_simulation(seed, nodes, duration_ms, clients, replay)
+    except SimulationFailure:
+        raise
+    except Exception as exc:
+        raise SimulationFailure(f"seed {seed}: {type(exc).__name__}: {exc} ({replay})") from exc
+
+
+def _run_kv_simulation(
+    seed: int, nodes: int | None, duration_ms: float, clients: int, replay: str
+) -> SimReport:
     run = _Run(seed, nodes, duration_ms, clients)
     cluster = run.cluster
+    cluster.replay = replay
     for client in run.clients:
         cluster.schedule(run.rng.uniform(0, 50), client.next_op)
     if run.churn:
@@ -390,8 +412,7 @@ def run_kv_simulation(
     result = check(run.history.history(), KVModel())
     if not result:
         raise SimulationFailure(
-            f"history is not linearizable (seed {seed}; replay: DENGINE_SIM_SEED={seed} "
-            f"python -m pytest tests/test_simulation.py -k replay)\n{result}\nfaults: {run.report.faults}"
+            f"history is not linearizable (seed {seed}; {replay})\n{result}\nfaults: {run.report.faults}"
         )
     report = run.report
     report.messages = cluster.messages_sent
