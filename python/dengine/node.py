@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +70,7 @@ from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore
 from dengine.transport.codec import Sender
-from dengine.transport.peers import GRPC_OPTIONS, PeerTransport, add_raft_service
+from dengine.transport.peers import GRPC_OPTIONS, MAX_MESSAGE_BYTES, PeerTransport, add_raft_service
 from dengine.v1 import cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ class NodeStatus:
 APPLY_CHUNK = 512
 """Committed entries applied between two turns of the event loop (see ``Node._apply_chunks``)."""
 
+MAX_COMMAND_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
+"""Largest command a node proposes: an entry must fit one peer message, with room to spare for
+the entry's framing and the message's other fields."""
 _SESSION_HEAD = envelope.SESSION_HEADER
 _STALE_CODE = ANSWERED_OUTCOMES.index(Outcome.STALE)
 _SESSION_KIND = envelope.SESSION_KIND
@@ -192,6 +196,12 @@ class Node:
         n = await node.read(lambda sm: sm.n)
     """
 
+    # The loop the node runs on, and its thread, set by start(). Asked once: asyncio.get_running_loop()
+    # makes a getpid() system call each time on CPython 3.11 (its check for a forked process),
+    # 0.39 us a call here against 0.19 us for creating the future itself.
+    _loop: asyncio.AbstractEventLoop
+    _loop_thread: int
+
     def __init__(
         self,
         config: Config,
@@ -242,10 +252,6 @@ class Node:
         self._next_tick_at = math.inf  # no tick before the ticker starts
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._syncer: LogSyncer | None = None
-        # The loop the node runs on, set by start(). Asked once: asyncio.get_running_loop() makes
-        # a getpid() system call each time on CPython 3.11 (its check for a forked process),
-        # 0.39 us a call here against 0.19 us for creating the future itself.
-        self._loop: asyncio.AbstractEventLoop
         # The built-in store's apply thread, made on first use; False where there can be none.
         self._apply_thread: apply_thread.ApplyThread | Literal[False] | None = None
         self._apply_queue: asyncio.Queue[Sequence[Entry] | SnapshotInfo] = asyncio.Queue()
@@ -254,6 +260,8 @@ class Node:
         self._announce_for = 0  # the commit index the announce timer was armed for
         # Held while a batch is applied: a snapshot freezes the state between two batches.
         self.apply_lock = asyncio.Lock()
+        # Clear while an entry is half applied or a snapshot half restored (see _state_settled).
+        self._settled = _set_event()
         self.snapshots = SnapshotManager(self, snapshot_dir(config))
         self.members = MembershipManager(self)
         self._start_snapshot: SnapshotInfo | None = None
@@ -286,6 +294,7 @@ class Node:
         """Opens the log, restores the newest snapshot, starts serving peers (and any extra
         services) and begins ticking."""
         self._loop = loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.store = await loop.run_in_executor(self.io, self._open_store)
         try:
             await self._continue_log_after(await self.snapshots.load_at_start())
@@ -619,8 +628,7 @@ class Node:
         return self._submit(command)[0]
 
     def _submit(self, command: bytes) -> tuple[asyncio.Future[bytes], tuple[int, int]]:
-        if not self._running:
-            raise DengineError("the node is not running")
+        self._check_submission(command)
         self._seq = seq = self._seq + 1
         client, low, waiters = self._client_id, self._local_low, self._waiters
         # Sequences no longer waiting were answered (or given up); sequences only grow, so the
@@ -639,12 +647,29 @@ class Node:
             self._schedule_flush()
         return fut, key
 
+    def _check_submission(self, command: bytes) -> None:
+        """Refuses, before anything is proposed, what could never be answered."""
+        if not self._running:
+            raise DengineError("the node is not running")
+        if threading.get_ident() != self._loop_thread:
+            # Its future would belong to the node's loop: the caller's await fails, and the
+            # command is applied all the same (a retry would apply it twice).
+            raise DengineError(
+                "propose from a thread other than the node's event loop's: use "
+                "asyncio.run_coroutine_threadsafe(node.propose(command), loop) with the node's loop"
+            )
+        if len(command) > MAX_COMMAND_BYTES:
+            # It could never reach a follower (one peer message): never committed, never failed.
+            raise ValueError(
+                f"a command of {len(command)} bytes is larger than the {MAX_COMMAND_BYTES} bytes "
+                "a node replicates in one entry"
+            )
+
     def submit_session(
         self, client_id: int, sequence: int, command: bytes, first_outstanding: int = 0
     ) -> asyncio.Future[bytes]:
         """:meth:`propose_session` without the coroutine (see :meth:`submit`)."""
-        if not self._running:
-            raise DengineError("the node is not running")
+        self._check_submission(command)
         fut: asyncio.Future[bytes] = self._loop.create_future()
         wrapped = envelope.session_command(client_id, sequence, command, min(first_outstanding, sequence))
         self._enqueue((client_id, sequence), wrapped, fut, time.monotonic())
@@ -974,6 +999,7 @@ class Node:
         consistency = consistency or self.config.read.default_consistency
         self.metrics.read(consistency)
         if consistency == "stale":
+            await self._state_settled()
             return fn(self.sm)
         if consistency not in ("linearizable", "lease"):
             raise ValueError(f"consistency must be linearizable, lease or stale, got {consistency!r}")
@@ -991,7 +1017,16 @@ class Node:
             await fut
         finally:
             self._reads.pop(ctx, None)
+        await self._state_settled()
         return fn(self.sm)
+
+    async def _state_settled(self) -> None:
+        """Waits until no entry is half applied and no snapshot half restored, so that a read
+        function sees the state between two entries (at or after its read index): an async
+        ``apply`` may await in the middle of an entry, and a restore replaces the state piece by
+        piece. Returns at once otherwise; the caller reads before it awaits anything else."""
+        while not self._settled.is_set():
+            await self._settled.wait()
 
     # --- the driver loop ----------------------------------------------------------------------------
 
@@ -1108,6 +1143,13 @@ class Node:
     async def _apply_loop(self) -> None:
         try:
             await self._apply_committed_forever()
+        except asyncio.CancelledError:
+            if self._running:
+                # Not a stop (which cancels this task once the node no longer runs): a
+                # CancelledError came out of the state machine (Python 3.10 cannot tell it from
+                # this task's own, see dengine.raft.sessions). Nothing would apply any more.
+                self._apply_failed(RuntimeError("a CancelledError escaped the state machine"))
+            raise
         except Exception as exc:
             self._apply_failed(exc)
             raise
@@ -1144,14 +1186,22 @@ class Node:
         assert raft is not None
         async with self.apply_lock:
             if isinstance(item, SnapshotInfo):
-                await self._install(item)
+                self._settled.clear()  # a restore replaces the state piece by piece
+                try:
+                    await self._install(item)
+                finally:
+                    self._settled.set()
                 last = item.index
             elif self._async_apply:
-                for entry in item:
-                    a = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
-                    if a.client_id:
-                        key = (a.client_id, a.sequence)
-                        self._answer(key, a.outcome, a.result, a.error, time.monotonic())
+                self._settled.clear()  # an async apply may await in the middle of an entry
+                try:
+                    for entry in item:
+                        a = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
+                        if a.client_id:
+                            key = (a.client_id, a.sequence)
+                            self._answer(key, a.outcome, a.result, a.error, time.monotonic())
+                finally:
+                    self._settled.set()
                 last = item[-1].index
             else:
                 await self._apply_chunks(item)
@@ -1368,6 +1418,12 @@ class Node:
         else:
             reason = ""
         return not reason, {**facts, "reason": reason}
+
+
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
 
 
 def _write_marker(path: Path) -> None:

@@ -271,7 +271,7 @@ class SnapshotManager:
                 elif inspect.iscoroutinefunction(sm.snapshot):
                     await sm.snapshot(writer.sink)
                 else:
-                    await self._run_to_end(sm.snapshot, writer.sink)
+                    await _awaited(await self._run_to_end(sm.snapshot, writer.sink))
             except BaseException:
                 await self._run(writer.abort)
                 raise
@@ -627,7 +627,7 @@ class SnapshotManager:
             if inspect.iscoroutinefunction(sm.restore):
                 await sm.restore(source)
             else:
-                await self._run_to_end(sm.restore, source)
+                await _awaited(await self._run_to_end(sm.restore, source))
         finally:
             source.close()
         self.node.sessions.restore(snap.meta.sessions)
@@ -666,3 +666,11 @@ def _directory_bytes(path: Path) -> int:
             if entry.is_file(follow_symlinks=False):
                 total += entry.stat(follow_symlinks=False).st_size
     return total
+
+
+async def _awaited(result: object) -> None:
+    """Awaits what a state machine's ``snapshot`` or ``restore`` returned, if it is awaitable: a
+    plain function may return a coroutine (a decorator, a dispatcher), and the protocol allows
+    an awaitable; left alone, the snapshot would be written empty, or the state never restored."""
+    if inspect.isawaitable(result):
+        await result

@@ -19,8 +19,23 @@ does this with copy-on-write). ``restore`` runs on a worker thread too (or is aw
 nothing is applied.
 
 An exception raised by ``apply`` is contained: the entry still counts as applied (on every replica
-the same way, since the failure is deterministic too), the proposer receives the error, and the
-node keeps running.
+the same way, since the failure is deterministic too), the proposer receives the error (as
+``ApplyError``, ``TypeName: message``), and the node keeps running. Whatever the state machine
+changed before raising stays changed, as does the state of an ``apply`` that returns something
+other than bytes or None (also the command's error). This holds for every exception, SystemExit
+and a CancelledError that ``apply`` raised or let through included (on Python 3.10 the latter
+cannot be told from the node's own cancellation: the node stops instead); only a
+KeyboardInterrupt, which comes from outside at any moment, is not contained.
+
+An async ``apply`` is awaited one entry at a time, in log order; while one is half applied,
+reads wait (``Node.read`` runs its function between two entries, never inside one, and never
+during a restore). ``snapshot`` and ``restore`` may also be plain methods that return an
+awaitable: it is awaited. A plain ``apply`` that returns a coroutine is not (its entry gets a
+TypeError): declare it ``async def``.
+
+Give each ``Node`` a state machine in its initial state, made for it: the node replays its log (and
+restores its snapshot) into it when it starts. Propose and read from the node's event loop (from
+another thread, through ``asyncio.run_coroutine_threadsafe``).
 """
 
 from __future__ import annotations

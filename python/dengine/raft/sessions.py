@@ -10,6 +10,7 @@ same on every replica.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -163,8 +164,23 @@ def _record(
     return Applied(entry.index, Outcome.APPLIED, result, error, decoded.client_id, decoded.sequence)
 
 
-def _describe(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def _describe(exc: BaseException) -> str:
+    # The same words as the Rust apply loop's (rust/bindings/src/sessions.rs), so that every path
+    # records the same error on every replica, even for an exception whose str() fails.
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() failed>"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _own_cancellation() -> bool:
+    """Whether the running task is being cancelled (the node stopping), as opposed to a
+    CancelledError that a state machine's apply raised or let through. Python 3.10 cannot tell
+    the two apart: there it is always taken for the task's own."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return task is None or cancelling is None or cancelling() > 0
 
 
 def _checked(result: object) -> tuple[bytes | None, str | None]:
@@ -186,7 +202,9 @@ def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applie
     error: str | None = None
     try:
         result, error = _checked(run(entry.index, decoded.command))
-    except Exception as exc:  # a failing command must not stop the node or fork replicas
+    except KeyboardInterrupt:
+        raise  # from outside, at any moment: not the command's doing
+    except BaseException as exc:  # a failing command must not stop the node or fork replicas
         error = _describe(exc)
     return _record(entry, decoded, sessions, result, error)
 
@@ -200,7 +218,13 @@ async def apply_entry_async(entry: Entry, sessions: SessionTable, run: AsyncRunC
     error: str | None = None
     try:
         result, error = _checked(await run(entry.index, decoded.command))
-    except Exception as exc:  # a failing command must not stop the node or fork replicas
+    except KeyboardInterrupt:
+        raise
+    except asyncio.CancelledError as exc:
+        if _own_cancellation():
+            raise
+        error = _describe(exc)  # the command's own (it awaited something that was cancelled)
+    except BaseException as exc:
         error = _describe(exc)
     return _record(entry, decoded, sessions, result, error)
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use dengine_core::apply::{self, Answer, Outcome, COMMAND_KIND, NOOP_KIND};
 use dengine_core::sessions::{Seen, SessionHeader, SessionTable, Stored, SESSION_KIND};
-use pyo3::exceptions::{PyException, PyKeyError};
+use pyo3::exceptions::{PyKeyError, PyKeyboardInterrupt};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
@@ -30,9 +30,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 // them as a sequence, one object per byte.
 type Row<'py> = (u64, u64, u64, Vec<(u64, Option<Bound<'py, PyBytes>>, Option<String>)>);
 
-/// Runs one command through a Python `apply(index, command)`; an exception (not a
-/// BaseException such as KeyboardInterrupt) becomes the command's recorded error, as
-/// `TypeName: message`, the same on every replica.
+/// Runs one command through a Python `apply(index, command)`; an exception (any but a
+/// KeyboardInterrupt, which comes from outside at any moment) becomes the command's recorded
+/// error, as `TypeName: message`, the same on every replica and in the same words as
+/// `dengine.raft.sessions._describe`.
 fn run_python(py: Python<'_>, run: &Bound<'_, PyAny>, index: u64, command: &[u8]) -> PyResult<Stored> {
     let failed = match run.call1((index, PyBytes::new(py, command))) {
         Ok(value) if value.is_none() => return Ok(Stored::default()),
@@ -41,10 +42,14 @@ fn run_python(py: Python<'_>, run: &Bound<'_, PyAny>, index: u64, command: &[u8]
             // The same words as dengine.raft.sessions._checked, which the Python path uses.
             Err(_) => format!("TypeError: apply must return bytes or None, not {}", value.get_type().name()?),
         },
-        Err(err) if err.is_instance_of::<PyException>(py) => {
-            format!("{}: {}", err.get_type(py).name()?, err.value(py).str()?)
+        Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => return Err(err),
+        Err(err) => {
+            let text = match err.value(py).str() {
+                Ok(text) => text.to_string(),
+                Err(_) => "<str() failed>".to_owned(),
+            };
+            format!("{}: {}", err.get_type(py).name()?, text)
         }
-        Err(err) => return Err(err),
     };
     Ok(Stored { result: None, error: Some(failed) })
 }
