@@ -580,6 +580,32 @@ def test_recorder_uses_its_clock_when_no_time_is_given() -> None:
     recorder = HistoryRecorder(clock=lambda: next(ticks))
     recorder.complete(recorder.invoke(0, get(K)), None)
     assert recorder.history() == [Operation(0, get(K), 5.0, None, 7.0)]
+    assert (recorder.history()[0].call_seq, recorder.history()[0].ret_seq) == (1, 2)
+
+
+def test_one_clients_operations_at_one_instant_keep_their_program_order() -> None:
+    """A driver on a virtual clock that issues the next operation from the previous one's
+    callback records one instant for all of them. Closed intervals alone would let them overlap,
+    and put(a), put(b), get -> a by one client would pass; the recorder's numbering keeps them in
+    the order the client ran them."""
+    recorder = HistoryRecorder(clock=lambda: 3.0)
+    for inp, out in [(put(K, b"a"), None), (put(K, b"b"), None), (get(K), b"a")]:
+        recorder.complete(recorder.invoke(1, inp), out)
+    result = check(recorder.history(), KVModel())
+    assert result.ok is False, str(result)
+    ok = HistoryRecorder(clock=lambda: 3.0)
+    for inp, out in [(put(K, b"a"), None), (put(K, b"b"), None), (get(K), b"b")]:
+        ok.complete(ok.invoke(1, inp), out)
+    assert check(ok.history(), KVModel()).ok is True
+
+
+def test_operations_at_one_instant_without_a_known_order_still_overlap() -> None:
+    """Times passed by the caller carry no order within their instant (a coarse clock): those
+    operations stay concurrent, as before."""
+    recorder = HistoryRecorder()
+    for inp, out in [(put(K, b"a"), None), (put(K, b"b"), None), (get(K), b"a")]:
+        recorder.complete(recorder.invoke(1, inp, 3.0), out, 3.0)
+    assert check(recorder.history(), KVModel()).ok is True
 
 
 def test_operation_and_input_validation() -> None:

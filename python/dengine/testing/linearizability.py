@@ -22,8 +22,10 @@ Choices that matter to users:
 
 * Intervals are closed. An operation that returns at `t` and one that is invoked at the same `t` are
   treated as concurrent, so they may be ordered either way. Clocks with coarse ticks therefore never
-  produce a false alarm; the price is that a few genuinely bad histories whose evidence rests on
-  ties are accepted.
+  produce a false alarm. Ties are broken only where the order is known: `HistoryRecorder` numbers
+  every call and return it timestamps itself, in the order it records them, so a driver on a
+  virtual clock that issues the next operation from the previous one's callback (same instant)
+  keeps its program order.
 * An operation without a response (`ret is None`: the client timed out or crashed) may take effect
   at any time after its call, or never. Read-only ones cannot affect anyone and are dropped.
 * A search that exceeds its step `budget` or `timeout` yields ``ok=None`` (unknown), never a pass.
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import inf, isnan
 from time import monotonic
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
@@ -66,6 +68,10 @@ class Operation:
     operation (timed out, connection lost, client crashed): it may have taken effect at any time
     after `call`, or never, and its `output` is ignored. `call == ret` is accepted because virtual
     clocks need not advance during an operation.
+
+    `call_seq` and `ret_seq` order events that share one time: among events at equal times that
+    both carry one, the lower number happened first (`HistoryRecorder` sets them). Events at equal
+    times without them are taken as concurrent.
     """
 
     client: int
@@ -73,6 +79,8 @@ class Operation:
     call: float
     output: Any = None
     ret: float | None = None
+    call_seq: int | None = field(default=None, compare=False)
+    ret_seq: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if isnan(self.call):
@@ -93,8 +101,10 @@ class _Pending:
     client: int
     input: Any
     call: float
+    call_seq: int | None
     output: Any = None
     ret: float | None = None
+    ret_seq: int | None = None
 
 
 class HistoryRecorder:
@@ -105,6 +115,10 @@ class HistoryRecorder:
     the only safe reading: the service may have applied them. Use `discard` only for a request the
     service certainly never applied (for example, one rejected before it was sent). The recorder is
     thread-safe so that drivers with client threads can share one.
+
+    Calls and returns timestamped by the recorder's own clock (no `time` passed) are also numbered
+    in the order recorded, so that events at one instant keep their real order (see `Operation`);
+    a time passed by the caller says nothing about order within its instant.
     """
 
     def __init__(self, clock: Callable[[], float] = monotonic) -> None:
@@ -113,22 +127,30 @@ class HistoryRecorder:
         self._clock = clock
         self._ops: dict[int, _Pending] = {}
         self._next_id = 0
+        self._next_seq = 0
         self._lock = threading.Lock()
+
+    def _stamp(self, time: float | None) -> tuple[float, int | None]:
+        """The time of an event and its number (called with the lock held)."""
+        if time is not None:
+            return time, None
+        self._next_seq += 1
+        return self._clock(), self._next_seq
 
     def invoke(self, client: int, input: Any, time: float | None = None) -> int:
         """Records that `client` issued `input` at `time` (default: now); returns the id to
         complete it with."""
-        call = self._clock() if time is None else time
         with self._lock:
+            call, seq = self._stamp(time)
             op_id = self._next_id
             self._next_id += 1
-            self._ops[op_id] = _Pending(client, input, call)
+            self._ops[op_id] = _Pending(client, input, call, seq)
         return op_id
 
     def complete(self, op_id: int, output: Any = None, time: float | None = None) -> None:
         """Records the response `output` of operation `op_id`, received at `time` (default: now)."""
-        ret = self._clock() if time is None else time
         with self._lock:
+            ret, seq = self._stamp(time)
             pending = self._ops.get(op_id)
             if pending is None:
                 raise KeyError(f"unknown or discarded operation id {op_id}")
@@ -138,6 +160,7 @@ class HistoryRecorder:
                 raise ValueError(f"operation {op_id} completes at {ret}, before its call at {pending.call}")
             pending.output = output
             pending.ret = ret
+            pending.ret_seq = seq
 
     def discard(self, op_id: int) -> None:
         """Forgets operation `op_id`, which the service is known never to have applied."""
@@ -150,7 +173,15 @@ class HistoryRecorder:
         with self._lock:
             pending = list(self._ops.values())
         return [
-            Operation(p.client, p.input, p.call, p.output if p.ret is not None else None, p.ret)
+            Operation(
+                p.client,
+                p.input,
+                p.call,
+                p.output if p.ret is not None else None,
+                p.ret,
+                p.call_seq,
+                p.ret_seq if p.ret is not None else None,
+            )
             for p in pending
         ]
 
@@ -589,12 +620,24 @@ class _Partition:
         self.is_definite = [op.ret is not None for op in self.ops]
         self.outputs = [op.output for op in self.ops]
         n = len(self.ops)
-        # Calls sort before returns at equal times, so an op returning at t and one called at t
-        # overlap and may be ordered either way: the tie rule that never rejects a valid history.
-        # Indeterminate returns sort at +inf after every definite return, even one at +inf.
+        # At equal times, events numbered by the recorder keep their recorded order; an unnumbered
+        # call sorts before them and an unnumbered return after them, so an op returning at t and
+        # one called at t overlap unless their order is known: the tie rule that never rejects a
+        # valid history. Indeterminate returns sort at +inf after every definite return, even one
+        # at +inf. An event is (time, group, number, kind, op); kind 0 call, 1 return, 2 none.
         events = sorted(
-            [(op.call, 0, i) for i, op in enumerate(self.ops)]
-            + [(inf, 2, i) if op.ret is None else (op.ret, 1, i) for i, op in enumerate(self.ops)]
+            [
+                (op.call, 0, 0, 0, i) if op.call_seq is None else (op.call, 1, op.call_seq, 0, i)
+                for i, op in enumerate(self.ops)
+            ]
+            + [
+                (inf, 3, 0, 2, i)
+                if op.ret is None
+                else (op.ret, 2, 0, 1, i)
+                if op.ret_seq is None
+                else (op.ret, 1, op.ret_seq, 1, i)
+                for i, op in enumerate(self.ops)
+            ]
         )
         # A doubly linked list over the events, between sentinel entries `head` and `tail`; the
         # entries of linearized ops are unlinked, so the calls before the first return left in the
@@ -602,11 +645,11 @@ class _Partition:
         self.head, self.tail = 2 * n, 2 * n + 1
         self.nxt = [*range(1, 2 * n), self.tail, 0 if n else self.tail, self.tail]
         self.prv = [self.head, *range(2 * n - 1), self.head, 2 * n - 1 if n else self.head]
-        self.entry_op = [i for _, _, i in events]
-        self.kind = [kind for _, kind, _ in events]
+        self.entry_op = [i for *_, i in events]
+        self.kind = [kind for *_, kind, _ in events]
         self.call_entry = [0] * n
         self.ret_entry = [0] * n
-        for e, (_, kind, i) in enumerate(events):
+        for e, (*_, kind, i) in enumerate(events):
             if kind:
                 self.ret_entry[i] = e
             else:

@@ -84,7 +84,7 @@ class _Client:
         if kind != "get":
             self.seq += 1
         cluster = self.sim.cluster
-        self.op_id = self.sim.history.invoke(self.id, self.input, cluster.now)
+        self.op_id = self.sim.history.invoke(self.id, self.input)  # virtual time, numbered
         self.sim.report.operations += 1
         self.deadline = cluster.now + OP_DEADLINE_MS
         self.try_once()
@@ -131,7 +131,7 @@ class _Client:
 
     def finish(self, output: object) -> None:
         self.attempt += 1  # late answers to earlier attempts are ignored
-        self.sim.history.complete(self.op_id, output, self.sim.cluster.now)
+        self.sim.history.complete(self.op_id, output)
         self.sim.report.completed += 1
         self.sim.cluster.schedule(self.sim.rng.uniform(0.5, 10), self.next_op)
 
