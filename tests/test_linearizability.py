@@ -619,3 +619,35 @@ def test_operation_and_input_validation() -> None:
         KVInput("incr", K)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown register operation"):
         RegisterInput("incr")  # type: ignore[arg-type]
+
+
+class PlainRegister:
+    """A user's model as a plain class: only the three methods the protocol requires."""
+
+    def init(self) -> int:
+        return 0
+
+    def step(self, state: int, input: tuple[str, int], output: int | None) -> tuple[bool, int]:
+        op, value = input
+        if op == "write":
+            return True, value
+        return output == state, state
+
+    def step_unknown(self, state: int, input: tuple[str, int]) -> int:
+        op, value = input
+        return value if op == "write" else state
+
+
+def test_a_plain_class_model_gets_the_protocol_defaults() -> None:
+    """The README promises that any model implementing the small Model protocol works, without
+    inheriting from it: the optional methods fall back to their defaults."""
+    good = [
+        Operation(1, ("write", 1), 0.0, None, 1.0),
+        Operation(2, ("read", 0), 2.0, 1, 3.0),
+        Operation(3, ("write", 2), 4.0),  # no response
+    ]
+    assert check(good, PlainRegister()).ok is True  # type: ignore[arg-type]
+    bad = [Operation(1, ("write", 1), 0.0, None, 1.0), Operation(2, ("read", 0), 2.0, 0, 3.0)]
+    result = check(bad, PlainRegister())  # type: ignore[arg-type]
+    assert result.ok is False
+    assert "('read', 0) -> 0" in str(result) and "history" in str(result)

@@ -541,6 +541,8 @@ def check(
         raise ValueError(f"budget must be >= 0, got {budget}")
     if model is None:
         model = KVModel()
+    elif not all(hasattr(model, name) for name in _OPTIONAL_METHODS):
+        model = _Completed(model)
     deadline = None if timeout is None else monotonic() + timeout
     results = []
     for index, part in enumerate(model.partition(history)):
@@ -553,6 +555,39 @@ def check(
     else:
         ok = True
     return CheckResult(ok, tuple(results))
+
+
+_OPTIONAL_METHODS = (
+    "read_only",
+    "unchanged",
+    "blind",
+    "partition",
+    "describe_partition",
+    "describe_input",
+    "describe",
+)
+
+
+class _Completed(Model[Any, Any, Any]):
+    """A model given as a plain class, with `Model`'s defaults for the optional methods it lacks:
+    the protocol asks only for `init`, `step` and `step_unknown`."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        # The model's own methods, bound, shadow this class's: no extra call on the search's path.
+        for name in ("init", "step", "step_unknown", *_OPTIONAL_METHODS):
+            method = getattr(model, name, None)
+            if method is not None:
+                setattr(self, name, method)
+
+    def init(self) -> Any:
+        return self._model.init()
+
+    def step(self, state: Any, input: Any, output: Any) -> tuple[bool, Any]:
+        return self._model.step(state, input, output)  # type: ignore[no-any-return]
+
+    def step_unknown(self, state: Any, input: Any) -> Any:
+        return self._model.step_unknown(state, input)
 
 
 # One search step: the indeterminate ops that take effect first, each with the state after it, then the
