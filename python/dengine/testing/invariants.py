@@ -3,7 +3,8 @@
 * Election safety: at most one leader per term.
 * Log matching: two logs with an entry of the same index and term agree on every entry up to it.
 * Leader completeness: a leader's log holds every entry committed before its term began.
-* State machine safety: no two nodes apply different entries at one index.
+* State machine safety: no two nodes apply different entries at one index, and applying one
+  entry gives every node the same answer (a nondeterministic state machine forks its replicas).
 * A committed entry is never lost: it is durable on a majority of the configuration (both
   halves of a joint one) when it commits, and stays so through every crash.
 * Nothing is promised before it is durable: a node sends a message of a term only once that term
@@ -23,6 +24,7 @@ from dengine._core import Entry
 from dengine.errors import DengineError
 from dengine.raft import Message, MsgType, Ready, Role, membership
 from dengine.raft.payload import is_conf_change
+from dengine.raft.sessions import Applied, Outcome
 
 if TYPE_CHECKING:
     from dengine.testing.sim import SimCluster, SimNode, SimSnapshot
@@ -41,6 +43,7 @@ class InvariantChecker:
         self.leaders: dict[int, int] = {}
         self.committed: dict[int, tuple[int, bytes]] = {}
         self.applied: dict[int, tuple[int, bytes]] = {}
+        self.results: dict[int, tuple[int, Outcome, bytes | None, str | None]] = {}  # (node, answer)
         self._seen: dict[int, tuple[int, int, int, int]] = {}  # node -> (incarnation, term, commit, applied)
         self._checks = 0
         self.max_sent_term: dict[int, int] = {}
@@ -165,10 +168,18 @@ class InvariantChecker:
                 "were durable"
             )
 
-    def on_apply(self, node: SimNode, entry: Entry) -> None:
+    def on_apply(self, node: SimNode, entry: Entry, applied: Applied | None = None) -> None:
         known = self.applied.setdefault(entry.index, (entry.term, entry.data))
         if known != (entry.term, entry.data):
             self.fail(f"node {node.id} applied a different entry at index {entry.index} than another node")
+        if applied is not None:
+            answer = (node.id, applied.outcome, applied.result, applied.error)
+            first = self.results.setdefault(entry.index, answer)
+            if first[1:] != answer[1:]:
+                self.fail(
+                    f"entry {entry.index} gave node {node.id} the answer {answer[1:]} but node {first[0]} "
+                    f"{first[1:]}: the state machine is not deterministic, so the replicas diverged"
+                )
         committed = self.committed.get(entry.index)
         if committed is not None and committed != (entry.term, entry.data):
             self.fail(f"node {node.id} applied entry {entry.index} that differs from the committed one")

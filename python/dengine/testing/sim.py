@@ -442,7 +442,7 @@ class SimCluster:
         for entry in entries:
             applied = apply_entry(entry, node.sessions, node.sm.apply)
             if self.checker:
-                self.checker.on_apply(node, entry)
+                self.checker.on_apply(node, entry, applied)
             if applied.client_id:
                 for w in node.write_waiters.pop((applied.client_id, applied.sequence), []):
                     w.on_done(applied)
