@@ -190,3 +190,11 @@ def test_a_nondeterministic_state_machine_fails_the_run() -> None:
         for seq in range(1, 4):
             write(cluster, 1, seq, b"1")
         cluster.run_for(200)
+
+
+def test_a_history_too_costly_to_check_fails_as_undecided(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check has a step budget, so a pathological history fails the run with a clear message
+    instead of hanging CI; unknown is never a pass."""
+    monkeypatch.setattr(workload, "CHECK_BUDGET", 1)
+    with pytest.raises(SimulationFailure, match=r"undecided: .* budget of 1 steps per key \(seed 3;"):
+        run_kv_simulation(3, duration_ms=300)

@@ -26,6 +26,9 @@ __all__ = ["SimReport", "run_kv_simulation"]
 ATTEMPT_TIMEOUT_MS = 300.0
 OP_DEADLINE_MS = 2500.0
 LIVENESS_BOUND_MS = 5000.0
+# Search steps allowed per key: CI's 200 seeds need at most about 2,000, so a history that needs
+# this many is pathological; it fails the run as undecided instead of stalling CI.
+CHECK_BUDGET = 1_000_000
 
 
 @dataclass(slots=True)
@@ -409,7 +412,12 @@ def _run_kv_simulation(
     assert cluster.checker is not None
     cluster.checker.check_log_matching()
     cluster.checker.check_durable_quorum()
-    result = check(run.history.history(), KVModel())
+    result = check(run.history.history(), KVModel(), budget=CHECK_BUDGET)
+    if result.ok is None:
+        raise SimulationFailure(
+            f"linearizability undecided: the check ran out of its budget of {CHECK_BUDGET} steps per key "
+            f"(seed {seed}; {replay})\n{result}"
+        )
     if not result:
         raise SimulationFailure(
             f"history is not linearizable (seed {seed}; {replay})\n{result}\nfaults: {run.report.faults}"
