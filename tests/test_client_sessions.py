@@ -43,9 +43,12 @@ def _answer_all(request: bytes) -> bytes:
     return encode_kv_write_answers(ops, [result] * len(payloads)) or b""
 
 
-def _refuse(code: grpc.StatusCode) -> Reply:
+def _refuse(code: grpc.StatusCode, *, reached: bool = False) -> Reply:
+    """Fails every batch call with ``code``: by default one that never reached the node (a
+    refused connection), so that nothing in it may have been applied."""
+
     def reply(request: bytes) -> bytes:
-        raise CallFailed(code.name, "scripted")
+        raise CallFailed(code.name, "scripted", sent=reached)
 
     return reply
 
@@ -186,7 +189,7 @@ def test_a_write_whose_whole_call_failed_is_released_and_its_outcome_unknown(fai
         return _answer_all(request) + _answer_all(request)
 
     async def test(s: ScriptedClient) -> None:
-        s.reply = _refuse(grpc.StatusCode.UNKNOWN) if failure == "the call" else garbled
+        s.reply = _refuse(grpc.StatusCode.UNKNOWN, reached=True) if failure == "the call" else garbled
         with pytest.raises(OutcomeUnknownError, match="may be applied"):
             await s.client.put(b"maybe", b"v")
         s.reply = _answer_all

@@ -29,12 +29,24 @@ _LOST_UNDER_A_WRITE = ("INTERNAL", "Internal error from Core")
 
 
 class CallFailed(Exception):
-    """A batch got no answer. ``code`` is the name of a gRPC status code (``"UNAVAILABLE"``...)."""
+    """A batch got no answer. ``code`` is the name of a gRPC status code (``"UNAVAILABLE"``...).
+    ``sent`` is False when the batch is known not to have left this process (the stream was
+    already broken, or ended before the batch was written to it); see also :func:`reached`."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, *, sent: bool = True) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+        self.sent = sent
+
+
+def reached(failure: CallFailed) -> bool:
+    """Whether the batch of a call that failed with ``failure`` may have reached the node: it
+    was written, and the call did not fail for want of a connection."""
+    return failure.sent and not failure.details.startswith(_NOT_CONNECTED)
+
+
+_NOT_CONNECTED = ("failed to connect to all addresses", "DNS resolution failed")
 
 
 def _stream_failure(code: str, details: str) -> CallFailed:
@@ -61,7 +73,8 @@ class BatchStream:
         # Envelopes not yet written. gRPC takes one message at a time on a call, and a write
         # may wait on flow control for as long as the node does not read: one writer task
         # writes them in order, and a caller waits only for its answer.
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._handed = 0  # the last batch id handed to gRPC to write: it may have reached the node
         self._writer: asyncio.Task[None] | None = None
         self.broken: CallFailed | None = None
         self._closed = False
@@ -72,12 +85,12 @@ class BatchStream:
         ``BatchResponse``. Raises :class:`CallFailed` when the node refused the batch, the stream
         ended, or ``timeout`` seconds passed without an answer."""
         if self.broken is not None:
-            raise CallFailed(self.broken.code, self.broken.details)
+            raise CallFailed(self.broken.code, self.broken.details, sent=False)
         self._last_id = batch_id = self._last_id + 1
         answer: asyncio.Future[bytes] = self._loop.create_future()
         self._waiting[batch_id] = answer
         expiry = self._loop.call_later(timeout, self._expire, batch_id)
-        self._outbox.append(kv_pb2.StreamedBatch(id=batch_id, batch=batch).SerializeToString())
+        self._outbox.append((batch_id, kv_pb2.StreamedBatch(id=batch_id, batch=batch).SerializeToString()))
         if self._writer is None:
             self._writer = self._loop.create_task(self._write())
         try:
@@ -89,7 +102,8 @@ class BatchStream:
     async def _write(self) -> None:
         try:
             while self._outbox and self.broken is None:
-                await self._call.write(self._outbox.popleft())
+                self._handed, envelope = self._outbox.popleft()
+                await self._call.write(envelope)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the stream ended under the write: the reader learns why and fails the batches
         finally:
@@ -98,7 +112,11 @@ class BatchStream:
     def _expire(self, batch_id: int) -> None:
         answer = self._waiting.get(batch_id)
         if answer is not None and not answer.done():
-            answer.set_exception(CallFailed("DEADLINE_EXCEEDED", "no answer to the batch in time"))
+            answer.set_exception(
+                CallFailed(
+                    "DEADLINE_EXCEEDED", "no answer to the batch in time", sent=batch_id <= self._handed
+                )
+            )
             self._end(
                 CallFailed(
                     "UNAVAILABLE", "the batch stream was given up: a batch on it got no answer in time"
@@ -114,9 +132,9 @@ class BatchStream:
             self._call.cancel()
         failure = self.broken
         self._outbox.clear()
-        for answer in self._waiting.values():
+        for batch_id, answer in self._waiting.items():
             if not answer.done():
-                answer.set_exception(CallFailed(failure.code, failure.details))
+                answer.set_exception(CallFailed(failure.code, failure.details, sent=batch_id <= self._handed))
 
     async def _read(self) -> None:
         failure = CallFailed("UNAVAILABLE", "the batch stream ended")

@@ -38,8 +38,8 @@ from dengine._core import (
     encode_kv_write_operation,
     join_kv_operations,
 )
-from dengine.batch_stream import BatchStream, CallFailed
-from dengine.client_admin import ClusterAdmin, Membership, membership_of
+from dengine.batch_stream import BatchStream, CallFailed, reached
+from dengine.client_admin import ClusterAdmin, Membership, OutcomeUnknownAtDeadline, membership_of
 from dengine.endpoints import Endpoints, retry_delay
 from dengine.errors import (
     CompareFailed,
@@ -65,6 +65,7 @@ __all__ = [
     "KeyValue",
     "Membership",
     "NotFound",
+    "OutcomeUnknownAtDeadline",
     "PutResult",
     "RequestFailed",
     "SyncClient",
@@ -88,6 +89,20 @@ _RETRYABLE = {"UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "CANCEL
 MAX_BATCH_BYTES = 8 << 20
 # A call that fails as a whole with one of these may have failed after the node took its batch.
 _MAYBE_APPLIED = {"UNKNOWN", "INTERNAL"}
+# A batch that reached a node and failed as a whole with one of these may have been applied: the
+# others are refusals a node makes before it proposes anything.
+_MAYBE_TAKEN = {
+    "UNKNOWN",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "ABORTED",
+    "DATA_LOSS",
+}
+# How a node says that it stopped waiting for a write it proposed (dengine.node's
+# OutcomeUnknownError, sent as a per-operation UNAVAILABLE so that the write is retried).
+_OUTCOME_UNKNOWN_TEXT = "outcome is unknown"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -191,6 +206,20 @@ class _Pending:
     deadline: float
     sequence: int  # the write's session sequence; 0 for a read
     attempts: int = 0
+    maybe_applied: bool = False  # a write: an attempt may have reached a node and been applied
+
+
+def _deadline_error(p: _Pending, code: str, message: str) -> DengineError:
+    """What the caller of ``p`` hears when its deadline ends it; ``code`` and ``message`` are
+    those of its last attempt. A write that may have been applied: its outcome is unknown
+    (never "unavailable", a failure). Otherwise a deadline error when the last attempt ran out
+    of time, or :class:`Unavailable` when no node could take it."""
+    last = f"after {p.attempts + 1} attempts (last: {code} {message})"
+    if p.maybe_applied:
+        return OutcomeUnknownAtDeadline(f"the deadline passed {last}; the write may have been applied")
+    if code == "DEADLINE_EXCEEDED":
+        return DeadlineExceeded(f"deadline exceeded {last}")
+    return Unavailable(f"no node could serve the request: {code} {message}")
 
 
 def _new_events(
@@ -606,8 +635,9 @@ class Client(ClusterAdmin):
             self._call_failed(address, exc.code, exc.details)
             # The node is gone or frozen while another may serve: no reason to wait.
             at_once = self._endpoints.go_elsewhere_now(address)
+            taken = exc.code in _MAYBE_TAKEN and reached(exc)
             for p in batch:
-                self._retry_or_fail(p, exc.code, exc.details, at_once=at_once, whole_call=True)
+                self._retry_or_fail(p, exc.code, exc.details, at_once=at_once, whole_call=True, taken=taken)
             return
         self._endpoints.answered(address)
         try:
@@ -625,7 +655,9 @@ class Client(ClusterAdmin):
                 )
                 code, _, message = text.partition(": ")
                 self._on_failure(address, code, message)
-                self._retry_or_fail(p, code, message, whole_call=garbled or not isinstance(answer, str))
+                whole_call = garbled or not isinstance(answer, str)
+                taken = whole_call or _OUTCOME_UNKNOWN_TEXT in message
+                self._retry_or_fail(p, code, message, whole_call=whole_call, taken=taken)
                 continue
             try:  # no done() check first: this loop runs for every operation
                 p.future.set_result(answer)
@@ -656,12 +688,23 @@ class Client(ClusterAdmin):
             self._endpoints.leader = None  # it stopped leading or stopped answering
 
     def _retry_or_fail(
-        self, p: _Pending, code: str, message: str, *, at_once: bool = False, whole_call: bool = False
+        self,
+        p: _Pending,
+        code: str,
+        message: str,
+        *,
+        at_once: bool = False,
+        whole_call: bool = False,
+        taken: bool = False,
     ) -> None:
         """Queues ``p`` again after a backoff (``at_once``: without one, for another node), or
         fails it: a refusal that retrying cannot change, or its deadline passed. ``whole_call``:
         the failure is not a node's answer to ``p`` but the call's (or an answer that cannot be
-        read), so a write may have been applied all the same."""
+        read), so a write may have been applied all the same. ``taken``: this attempt may have
+        been applied; a write that runs out of time after such an attempt is reported as an
+        unknown outcome, never as a failure."""
+        if taken and p.sequence:
+            p.maybe_applied = True
         if p.future.done():
             return
         if code not in _RETRYABLE:
@@ -677,14 +720,7 @@ class Client(ClusterAdmin):
             return
         remaining = p.deadline - time.monotonic()
         if remaining <= 0:
-            error: DengineError = (
-                DeadlineExceeded(
-                    f"deadline exceeded after {p.attempts + 1} attempts (last: {code} {message})"
-                )
-                if code == "DEADLINE_EXCEEDED"
-                else Unavailable(f"no node could serve the request: {code} {message}")
-            )
-            p.future.set_exception(error)
+            p.future.set_exception(_deadline_error(p, code, message))
             return
         p.attempts += 1
         if at_once:
@@ -736,7 +772,7 @@ class Client(ClusterAdmin):
         try:
             raw: bytes = await self._batch_call(address)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise CallFailed(exc.code().name, exc.details() or "") from None
+            raise CallFailed(exc.code().name, exc.details() or "") from None  # sent: reached() decides
         return raw
 
     def _batch_call(self, address: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:

@@ -1,0 +1,63 @@
+"""What a call that runs out of time raises, and how one call's deadline bears on others: a
+write that may have been applied is never reported as failed, a deadline is reported as a
+deadline, and each attempt on one node is bounded by ``attempt_timeout``."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from dengine.batch_stream import CallFailed
+from dengine.client import OutcomeUnknownAtDeadline
+from dengine.errors import DeadlineExceeded, OutcomeUnknownError, Unavailable
+from test_client_sessions import Reply, ScriptedClient, _refuse, _refuse_each, run
+
+
+def _first_then(first: Reply, then: Reply) -> Reply:
+    calls = iter(range(1))
+
+    def reply(request: bytes) -> bytes:
+        return first(request) if next(calls, None) is not None else then(request)
+
+    return reply
+
+
+def _unanswered(request: bytes) -> bytes:
+    raise CallFailed("DEADLINE_EXCEEDED", "no answer to the batch in time")  # sent: it may have applied
+
+
+UNKNOWN_OUTCOME = "UNAVAILABLE: node stopped; the write's outcome is unknown: it may still be applied"
+
+
+@pytest.mark.parametrize("first", ["no answer", "the node's unknown outcome"])
+def test_a_write_that_may_have_been_applied_is_not_reported_unavailable_at_its_deadline(first: str) -> None:
+    """The first attempt may have been applied (no answer in time; or the node's own "outcome
+    unknown", sent as a per-operation UNAVAILABLE), then the nodes cannot be reached until the
+    deadline: the caller must hear that the outcome is unknown, and that the deadline passed."""
+
+    async def test(s: ScriptedClient) -> None:
+        opening = _unanswered if first == "no answer" else _refuse_each(UNKNOWN_OUTCOME)
+        s.reply = _first_then(opening, _refuse(grpc.StatusCode.UNAVAILABLE))
+        with pytest.raises(OutcomeUnknownAtDeadline) as caught:
+            await s.client.put(b"k", b"v", timeout=0.3)
+        assert isinstance(caught.value, OutcomeUnknownError)
+        assert isinstance(caught.value, DeadlineExceeded)
+
+    run(test, ("127.0.0.1:1", "127.0.0.1:2"))
+
+
+def test_a_write_no_node_could_have_taken_is_unavailable_and_a_read_that_timed_out_a_deadline() -> None:
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _refuse(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(Unavailable):
+            await s.client.put(b"k", b"v", timeout=0.2)
+
+        async def unanswered(address: str, request: bytes, timeout: float) -> bytes:
+            return _unanswered(request)
+
+        s.client._call_batch = unanswered  # type: ignore[method-assign]
+        with pytest.raises(DeadlineExceeded) as caught:
+            await s.client.get(b"k", timeout=0.2)
+        assert not isinstance(caught.value, OutcomeUnknownError), "a read applies nothing"
+
+    run(test)
