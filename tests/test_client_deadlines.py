@@ -4,13 +4,20 @@ deadline, and each attempt on one node is bounded by ``attempt_timeout``."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import grpc
 import pytest
 
 from dengine.batch_stream import CallFailed
-from dengine.client import OutcomeUnknownAtDeadline
+from dengine.client import Client, OutcomeUnknownAtDeadline
 from dengine.errors import DeadlineExceeded, OutcomeUnknownError, Unavailable
+from dengine.kv import KVStateMachine
+from dengine.node import Node
+from dengine.server import kv_services
 from test_client_sessions import Reply, ScriptedClient, _refuse, _refuse_each, run
+from test_node_embedded import configs
 
 
 def _first_then(first: Reply, then: Reply) -> Reply:
@@ -61,3 +68,51 @@ def test_a_write_no_node_could_have_taken_is_unavailable_and_a_read_that_timed_o
         assert not isinstance(caught.value, OutcomeUnknownError), "a read applies nothing"
 
     run(test)
+
+
+async def _frozen_server() -> tuple[grpc.aio.Server, str]:
+    """A server that takes every KV and Cluster call and never answers: a frozen node."""
+
+    async def never(*_: object) -> None:
+        await asyncio.sleep(3600)
+
+    server = grpc.aio.server()
+    kv = {m: grpc.unary_unary_rpc_method_handler(never) for m in ("Range", "Batch")}
+    kv["BatchStream"] = grpc.stream_stream_rpc_method_handler(never)
+    cluster = {"Status": grpc.unary_unary_rpc_method_handler(never)}
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler("dengine.v1.KV", kv),
+            grpc.method_handlers_generic_handler("dengine.v1.Cluster", cluster),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_a_frozen_node_costs_a_range_one_attempt_not_its_deadline(tmp_path: Path) -> None:
+    """The frozen node is tried first; after ``attempt_timeout`` the range goes to the live one.
+    With only the frozen node, the range and an admin call end in DeadlineExceeded."""
+
+    async def main() -> None:
+        frozen_server, frozen = await _frozen_server()
+        (cfg,) = configs(tmp_path, 1)
+        sm = KVStateMachine()
+        node = Node(cfg, sm, extra_services=kv_services(sm))
+        await node.start()
+        try:
+            async with Client([cfg.node.listen], timeout=10) as c:
+                await c.put(b"k", b"v")  # a leader serves
+            async with Client([frozen, cfg.node.listen], attempt_timeout=0.3, timeout=5) as c:
+                assert [kv.key for kv in await c.range(b"k")] == [b"k"]
+            async with Client([frozen], attempt_timeout=0.3, discover_members=False) as c:
+                with pytest.raises(DeadlineExceeded):
+                    await c.range(b"k", timeout=1)
+                with pytest.raises(DeadlineExceeded):
+                    await c.members(timeout=1)
+        finally:
+            await node.stop()
+            await frozen_server.stop(None)
+
+    asyncio.run(main())

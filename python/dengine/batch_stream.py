@@ -43,10 +43,11 @@ class CallFailed(Exception):
 def reached(failure: CallFailed) -> bool:
     """Whether the batch of a call that failed with ``failure`` may have reached the node: it
     was written, and the call did not fail for want of a connection."""
-    return failure.sent and not failure.details.startswith(_NOT_CONNECTED)
+    return failure.sent and not failure.details.startswith(NOT_CONNECTED)
 
 
-_NOT_CONNECTED = ("failed to connect to all addresses", "DNS resolution failed")
+# How gRPC's details begin for a call that never got a connection to the node.
+NOT_CONNECTED = ("failed to connect to all addresses", "DNS resolution failed")
 
 
 def _stream_failure(code: str, details: str) -> CallFailed:

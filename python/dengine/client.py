@@ -730,24 +730,32 @@ class Client(ClusterAdmin):
         self._loop.call_later(min(retry_delay(p.attempts), remaining), self._enqueue, p)
 
     async def _call_unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        """Calls read-only ``method`` of the KV service, retrying within the deadline; each
+        attempt gets at most ``attempt_timeout``, so that a frozen node costs one attempt, not
+        the whole deadline."""
         deadline = time.monotonic() + (timeout or self.timeout)
         attempts = 0
         while True:
             address = self._endpoints.pick()
             stub = self._stub(address)
+            wait = min(self.attempt_timeout, deadline - time.monotonic())
             try:
-                answer = await getattr(stub, method)(request, timeout=max(0.05, deadline - time.monotonic()))
+                answer = await getattr(stub, method)(request, timeout=max(0.05, wait))
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code().name, exc.details() or ""
                 self._call_failed(address, code, details)
                 if code not in _RETRYABLE:
                     raise RequestFailed(code, details) from exc
+                attempts += 1
                 if time.monotonic() >= deadline:
+                    if code == "DEADLINE_EXCEEDED":
+                        raise DeadlineExceeded(
+                            f"{method}: deadline exceeded after {attempts} attempts (last: {code} {details})"
+                        ) from exc
                     raise Unavailable(f"no node could serve {method}: {code} {details}") from exc
             else:
                 self._endpoints.answered(address)
                 return answer
-            attempts += 1
             await self._wait_to_retry(address, attempts)
 
     async def _call_batch(self, address: str, request: bytes, timeout: float) -> bytes:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from dengine.batch_stream import NOT_CONNECTED
 from dengine.endpoints import retry_delay
 from dengine.errors import DeadlineExceeded, OutcomeUnknownError, RequestFailed, Unavailable
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
@@ -187,12 +188,10 @@ class ClusterAdmin:
         attempts = 0
         uncertain = False
         while True:
-            # A node not known to lead may be frozen or cut off: it gets one attempt's time, not
-            # the whole deadline. The leader may take longer (a change waits for its commit).
-            at_leader = self._endpoints.leader is not None
+            # Any node, the leader too, may be frozen or cut off: it gets one attempt's time, not
+            # the whole deadline (a change whose attempt timed out is found in force by a retry).
             address = self._endpoints.pick()
-            remaining = deadline - time.monotonic()
-            wait = remaining if at_leader else min(remaining, self.attempt_timeout)
+            wait = min(deadline - time.monotonic(), self.attempt_timeout)
             stub = cluster_pb2_grpc.ClusterStub(self._channel(address))  # type: ignore[no-untyped-call]
             try:
                 answer = await getattr(stub, method)(request, timeout=max(0.05, wait))
@@ -200,7 +199,8 @@ class ClusterAdmin:
                 code, details = exc.code().name, exc.details() or ""
                 self._call_failed(address, code, details)  # follows a refusal's leader hint
                 if code in _UNCERTAIN:
-                    uncertain = True
+                    # A call that never connected cannot have made the change.
+                    uncertain = uncertain or not details.startswith(NOT_CONNECTED)
                 elif code == "FAILED_PRECONDITION" and details.startswith("not leader"):
                     pass  # refused before anything was proposed: on to the leader it names
                 elif uncertain and _ALREADY_DONE.get(method, "\0") in details:
@@ -208,6 +208,11 @@ class ClusterAdmin:
                 else:
                     raise RequestFailed(code, details) from exc
                 if time.monotonic() >= deadline:
+                    last = f"{method}: the deadline passed (last: {code} {details})"
+                    if uncertain and method != "Status":
+                        raise OutcomeUnknownAtDeadline(f"{last}; the change may have been made") from exc
+                    if code == "DEADLINE_EXCEEDED":
+                        raise DeadlineExceeded(last) from exc
                     raise Unavailable(f"no leader could serve {method}: {code} {details}") from exc
             else:
                 self._endpoints.answered(address)
