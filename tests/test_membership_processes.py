@@ -419,3 +419,32 @@ def test_a_member_down_while_a_node_was_added_catches_up_from_that_node_as_leade
 
         wait_for(caught_up, 30, f"node {sleeper} to catch up from node 4 and learn of it")
         assert cluster.try_get(sleeper, b"after") == b"2"
+
+
+def test_a_member_restarted_on_a_wiped_data_dir_refuses_to_vote_as_the_member_it_was(tmp_path: Path) -> None:
+    """A member whose disk was wiped (or whose node.data_dir was mistyped) would start as an
+    empty voter: it may have voted, and acknowledged entries, that it no longer remembers, and
+    its vote could elect a lagging node that misses acknowledged writes. The leader has seen it
+    hold entries, so it stops at start saying what to do; the cluster serves on."""
+    with running_cluster(tmp_path) as cluster:
+        leader = cluster.wait_leader()
+        victim = next(i for i in (1, 2, 3) if i != leader)
+        cluster.put(b"acknowledged", b"1")
+
+        def leader_saw_it() -> bool:
+            s = cluster.status(leader)
+            return s is not None and any(p.id == victim and p.match_index > 0 for p in s.peers)
+
+        wait_for(leader_saw_it, 10, f"the leader to see node {victim} hold entries")
+        cluster.kill(victim)
+        shutil.rmtree(tmp_path / f"data{victim}")
+        cluster.start(victim)
+        code = cluster.procs[victim].wait(timeout=30)
+        output = (tmp_path / f"node{victim}.log").read_text()
+        last = output.strip().splitlines()[-1]
+        assert code == 1, output[-2000:]
+        assert last.startswith(f"dengine serve: node {victim} starts on an empty data dir"), last
+        assert f"leader {leader}" in last and f"member replace {victim}" in last
+        cluster.start(victim)  # the empty log it opened does not make it a member with data
+        assert cluster.procs[victim].wait(timeout=30) == 1
+        assert cluster.put(b"after", b"2") > 0, "the cluster serves on"

@@ -14,19 +14,31 @@ that says which key is wrong. The initial voters only count while the configurat
 still the initial one (no membership change and no snapshot in the log); a data dir that holds
 nothing yet (no entry, no vote, no snapshot) is claimed anew. Data dirs from before the file
 existed are claimed on their next start.
+
+A data dir that is wholly gone (a wiped disk, a mistyped path) leaves no file to compare. A node
+starting on nothing asks the other members first (:func:`seen_holding_data`), as etcd does before
+it bootstraps a member: if a leader has seen this node hold entries, its data was lost, and it
+must not vote as the member it was (it may have voted in terms, and acknowledged entries, that
+it no longer remembers: with one more node lagging, its vote could elect a leader that misses
+acknowledged writes). A leader's view of its followers is not durable, so after a restart of the
+whole cluster this cannot be told; it is a guard against the common case, not a proof.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dengine.errors import ConfigError
+import grpc
 
-__all__ = ["FILE_NAME", "Identity", "read", "write"]
+from dengine.errors import ConfigError
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc
+
+__all__ = ["FILE_NAME", "Identity", "read", "seen_holding_data", "write"]
 
 FILE_NAME = "identity.json"
 _FORMAT = 1
@@ -123,3 +135,41 @@ def write(data_dir: Path, identity: Identity) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def seen_holding_data(
+    node_id: int,
+    cluster_id: str,
+    addresses: Mapping[int, str],
+    credentials: grpc.ChannelCredentials | None,
+    timeout_s: float = 1.0,
+) -> str | None:
+    """What says that node ``node_id``, starting on an empty data dir, held data before: a leader
+    of ``cluster_id`` among ``addresses`` (the other members) that has seen it hold entries. None
+    when no member answers so within ``timeout_s`` (down, not leading, or never saw it)."""
+
+    async def status(address: str) -> cluster_pb2.StatusResponse | None:
+        channel = (
+            grpc.aio.insecure_channel(address)
+            if credentials is None
+            else grpc.aio.secure_channel(address, credentials)
+        )
+        async with channel:
+            stub = cluster_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+            try:
+                answer: cluster_pb2.StatusResponse = await stub.Status(
+                    cluster_pb2.StatusRequest(), timeout=timeout_s
+                )
+            except grpc.RpcError:
+                return None
+            return answer
+
+    for s in await asyncio.gather(*(status(a) for m, a in addresses.items() if m != node_id)):
+        if s is None or s.cluster_id != cluster_id or s.role != "leader":
+            continue
+        for peer in s.peers:
+            if peer.id == node_id and peer.match_index > 0:
+                return (
+                    f"leader {s.id} (term {s.term}) has seen it hold the log up to index {peer.match_index}"
+                )
+    return None

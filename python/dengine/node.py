@@ -377,6 +377,7 @@ class Node:
         raft_config = node_raft_config(self.config)
         self.raft = Raft(raft_config, self.store, seed=secrets.randbits(32), snapshot=self._start_snapshot)
         # Before this node can vote or send anything: is the data dir its own?
+        await self._refuse_lost_data(fresh)
         await asyncio.get_running_loop().run_in_executor(self.io, self._claim_data_dir)
         self._syncer = LogSyncer(
             self.store, self.io, self._on_synced, self._on_sync_failed, self.metrics.observe_fsync
@@ -875,6 +876,33 @@ class Node:
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
+
+    async def _refuse_lost_data(self, fresh: bool) -> None:
+        """Refuses to start an original member on an empty data dir when a leader has seen it
+        hold entries: it lost its data (see ``dengine.identity``)."""
+        assert self.store is not None
+        cluster = self.config.cluster
+        if (
+            not fresh
+            or self.store.hard_state().term != 0
+            or cluster.initial_state == "existing"
+            or self._join_marker.exists()
+            or self._store_override is not None
+            or self.config.storage.engine == "memory"  # every start is empty: tests only
+        ):
+            return
+        evidence = await identity.seen_holding_data(
+            self.id, cluster.id, cluster.members, self._channel_credentials()
+        )
+        if evidence is not None:
+            raise DengineError(
+                f"node {self.id} starts on an empty data dir ({self.config.node.data_dir}), but {evidence}: "
+                "its data is lost, or node.data_dir is wrong. A node that lost its data must not vote "
+                "as the member it was (it may have voted, and acknowledged entries, that it no longer "
+                "remembers): restore its data dir, or replace it with a new member (`dengine member "
+                f"replace {self.id} NEW_ID ADDRESS`, the new node started with --join on an empty "
+                "data dir)"
+            )
 
     def _claim_data_dir(self) -> None:
         """Refuses a data dir that belongs to another node, another cluster or other initial
