@@ -215,3 +215,22 @@ def test_what_could_never_be_answered_is_refused_before_it_is_proposed(tmp_path:
             assert await node.propose(b"1") == b"1", "the node serves on"
 
     asyncio.run(main())
+
+
+def test_a_read_function_that_returns_an_awaitable_is_refused(tmp_path: Path) -> None:
+    """Awaited, it would read across entries applied meanwhile; returned, the caller would get a
+    coroutine instead of a value."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, n=1)
+        async with Node(cfg, state_machine=Raising()) as node:
+            await until(lambda: leader_of([node]))
+
+            async def reads_later(sm: Raising) -> int:
+                return sm.n
+
+            for consistency in ("linearizable", "stale"):
+                with pytest.raises(TypeError, match="must return a value"):
+                    await node.read(reads_later, consistency=consistency)  # type: ignore[unused-coroutine]
+
+    asyncio.run(main())

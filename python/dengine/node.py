@@ -1028,7 +1028,7 @@ class Node:
         self.metrics.read(consistency)
         if consistency == "stale":
             await self._state_settled()
-            return fn(self.sm)
+            return _read_with(fn, self.sm)
         if consistency not in ("linearizable", "lease"):
             raise ValueError(f"consistency must be linearizable, lease or stale, got {consistency!r}")
         raft = self.raft
@@ -1046,7 +1046,7 @@ class Node:
         finally:
             self._reads.pop(ctx, None)
         await self._state_settled()
-        return fn(self.sm)
+        return _read_with(fn, self.sm)
 
     async def _state_settled(self) -> None:
         """Waits until no entry is half applied and no snapshot half restored, so that a read
@@ -1446,6 +1446,16 @@ class Node:
         else:
             reason = ""
         return not reason, {**facts, "reason": reason}
+
+
+def _read_with(fn: Callable[[Any], T], sm: object) -> T:
+    result = fn(sm)
+    if inspect.isawaitable(result):
+        # Awaited, it would read across entries applied meanwhile: not the state of one moment.
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError("a read function runs between two entries and must return a value, not an awaitable")
+    return result
 
 
 def _set_event() -> asyncio.Event:
