@@ -59,7 +59,7 @@ def test_a_write_no_node_could_have_taken_is_unavailable_and_a_read_that_timed_o
         with pytest.raises(Unavailable):
             await s.client.put(b"k", b"v", timeout=0.2)
 
-        async def unanswered(address: str, request: bytes, timeout: float) -> bytes:
+        async def unanswered(address: str, request: bytes, timeout: float, **_: object) -> bytes:
             return _unanswered(request)
 
         s.client._call_batch = unanswered  # type: ignore[method-assign]
@@ -116,3 +116,38 @@ def test_a_frozen_node_costs_a_range_one_attempt_not_its_deadline(tmp_path: Path
             await frozen_server.stop(None)
 
     asyncio.run(main())
+
+
+def test_one_short_deadline_neither_shortens_its_batch_nor_sets_the_node_aside() -> None:
+    """A call with a short deadline shares a batch with calls that have long ones: the batch
+    still gets ``attempt_timeout``, the short call fails alone at its own deadline, and a batch
+    that ran out of its callers' time on a node still answering others is no node failure."""
+
+    async def test(s: ScriptedClient) -> None:
+        s.client.attempt_timeout = 5.0
+        timeouts: list[float] = []
+        scripted = s._call
+
+        async def slow(address: str, request: bytes, timeout: float, **_: object) -> bytes:
+            timeouts.append(timeout)
+            await asyncio.sleep(0.1)
+            return await scripted(address, request, timeout)
+
+        s.client._call_batch = slow  # type: ignore[method-assign]
+        puts = [s.client.put(b"k%d" % i, b"v", timeout=10) for i in range(20)]
+        short = asyncio.ensure_future(s.client.delete(b"x", timeout=0.01))
+        await asyncio.gather(*puts)
+        with pytest.raises(DeadlineExceeded):
+            await short
+        assert timeouts[0] > 4, timeouts
+
+        async def expired(address: str, request: bytes, timeout: float, **_: object) -> bytes:
+            # What a batch stream says when its callers' deadlines passed while it answered others.
+            raise CallFailed("DEADLINE_EXCEEDED", "the callers' deadlines passed", silent=False)
+
+        s.client._call_batch = expired  # type: ignore[method-assign]
+        with pytest.raises(DeadlineExceeded):
+            await s.client.put(b"late", b"v", timeout=0.2)
+        assert not s.client._endpoints.is_down("127.0.0.1:1")
+
+    run(test)

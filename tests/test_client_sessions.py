@@ -66,7 +66,7 @@ class ScriptedClient:
         self.sizes: list[int] = []  # each batch's bytes
         self.client._call_batch = self._call  # type: ignore[method-assign]
 
-    async def _call(self, address: str, request: bytes, timeout: float) -> bytes:
+    async def _call(self, address: str, request: bytes, timeout: float, **_: object) -> bytes:
         self.addresses.append(address)
         self.sizes.append(len(request))
         writes = parse_kv_session_writes(request)

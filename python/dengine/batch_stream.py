@@ -31,13 +31,16 @@ _LOST_UNDER_A_WRITE = ("INTERNAL", "Internal error from Core")
 class CallFailed(Exception):
     """A batch got no answer. ``code`` is the name of a gRPC status code (``"UNAVAILABLE"``...).
     ``sent`` is False when the batch is known not to have left this process (the stream was
-    already broken, or ended before the batch was written to it); see also :func:`reached`."""
+    already broken, or ended before the batch was written to it); see also :func:`reached`.
+    ``silent`` is False for a batch that ran out of its callers' time while the node went on
+    answering other batches: no sign that the node failed."""
 
-    def __init__(self, code: str, details: str, *, sent: bool = True) -> None:
+    def __init__(self, code: str, details: str, *, sent: bool = True, silent: bool = True) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
         self.sent = sent
+        self.silent = silent
 
 
 def reached(failure: CallFailed) -> bool:
@@ -76,21 +79,24 @@ class BatchStream:
         # writes them in order, and a caller waits only for its answer.
         self._outbox: collections.deque[tuple[int, bytes]] = collections.deque()
         self._handed = 0  # the last batch id handed to gRPC to write: it may have reached the node
+        self._answers = 0  # answers read so far
         self._writer: asyncio.Task[None] | None = None
         self.broken: CallFailed | None = None
         self._closed = False
         self._reader = loop.create_task(self._read())
 
-    async def call(self, batch: bytes, timeout: float) -> bytes:
+    async def call(self, batch: bytes, timeout: float, *, callers_time: bool = False) -> bytes:
         """Sends ``batch`` (a serialized ``BatchRequest``) and returns the serialized
         ``BatchResponse``. Raises :class:`CallFailed` when the node refused the batch, the stream
-        ended, or ``timeout`` seconds passed without an answer."""
+        ended, or ``timeout`` seconds passed without an answer. ``callers_time``: ``timeout`` is
+        what is left of the callers' deadlines, not the node's time to answer, so its passing
+        ends the stream only if the node answered nothing meanwhile."""
         if self.broken is not None:
             raise CallFailed(self.broken.code, self.broken.details, sent=False)
         self._last_id = batch_id = self._last_id + 1
         answer: asyncio.Future[bytes] = self._loop.create_future()
         self._waiting[batch_id] = answer
-        expiry = self._loop.call_later(timeout, self._expire, batch_id)
+        expiry = self._loop.call_later(timeout, self._expire, batch_id, callers_time, self._answers)
         self._outbox.append((batch_id, kv_pb2.StreamedBatch(id=batch_id, batch=batch).SerializeToString()))
         if self._writer is None:
             self._writer = self._loop.create_task(self._write())
@@ -110,14 +116,15 @@ class BatchStream:
         finally:
             self._writer = None
 
-    def _expire(self, batch_id: int) -> None:
+    def _expire(self, batch_id: int, callers_time: bool, answers: int) -> None:
         answer = self._waiting.get(batch_id)
         if answer is not None and not answer.done():
-            answer.set_exception(
-                CallFailed(
-                    "DEADLINE_EXCEEDED", "no answer to the batch in time", sent=batch_id <= self._handed
-                )
-            )
+            sent = batch_id <= self._handed
+            if callers_time and self._answers != answers:  # the node is answering: keep the stream
+                details = "the callers' deadlines passed before the answer"
+                answer.set_exception(CallFailed("DEADLINE_EXCEEDED", details, sent=sent, silent=False))
+                return
+            answer.set_exception(CallFailed("DEADLINE_EXCEEDED", "no answer to the batch in time", sent=sent))
             self._end(
                 CallFailed(
                     "UNAVAILABLE", "the batch stream was given up: a batch on it got no answer in time"
@@ -143,6 +150,7 @@ class BatchStream:
             while (raw := await self._call.read()) is not grpc.aio.EOF:
                 assert isinstance(raw, bytes)
                 streamed = kv_pb2.StreamedBatchAnswer.FromString(raw)
+                self._answers += 1
                 answer = self._waiting.get(streamed.id)
                 if answer is None or answer.done():
                     continue  # its caller gave up on it

@@ -624,15 +624,28 @@ class Client(ClusterAdmin):
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
         address = self._endpoints.pick()
-        deadline = min(p.deadline for p in batch)
+        # The batch gets the node's attempt time, or all its callers have left if less: one
+        # short deadline must not cut the attempt of the others (on a batch stream, a batch
+        # without an answer in time ends the stream and every batch on it). An operation whose
+        # own deadline comes first fails alone, by its own timer.
+        now = time.monotonic()
+        left = max(p.deadline for p in batch) - now
+        callers_time = left < self.attempt_timeout
+        timeout = max(0.05, min(self.attempt_timeout, left))
+        end = now + timeout
+        assert self._loop is not None
+        for p in batch:
+            if p.deadline < end - 0.01:  # those ending with the batch fail with it
+                self._loop.call_at(p.deadline, self._expire, p)
         try:
             raw = await self._call_batch(
-                address,
-                join_kv_operations([p.op for p in batch]),
-                max(0.05, min(self.attempt_timeout, deadline - time.monotonic())),
+                address, join_kv_operations([p.op for p in batch]), timeout, callers_time=callers_time
             )
         except CallFailed as exc:
-            self._call_failed(address, exc.code, exc.details)
+            if callers_time and exc.code == "DEADLINE_EXCEEDED" and not exc.silent:
+                self._on_failure(address, exc.code, exc.details)  # the callers' time ran out, not the node's
+            else:
+                self._call_failed(address, exc.code, exc.details)
             # The node is gone or frozen while another may serve: no reason to wait.
             at_once = self._endpoints.go_elsewhere_now(address)
             taken = exc.code in _MAYBE_TAKEN and reached(exc)
@@ -666,6 +679,15 @@ class Client(ClusterAdmin):
             wrote = wrote or p.kind != _GET
         if wrote and self._endpoints.leader is None:
             self._follow(address)  # it took writes: it leads
+
+    @staticmethod
+    def _expire(p: _Pending) -> None:
+        """``p``'s deadline passed while its batch was out: it fails now (its batch goes on for
+        the others). A write may have reached the node."""
+        if not p.future.done():
+            if p.sequence:
+                p.maybe_applied = True
+            p.future.set_exception(_deadline_error(p, "DEADLINE_EXCEEDED", "no answer before the deadline"))
 
     def _call_failed(self, address: str, code: str, details: str) -> None:
         """A call to ``address`` failed as a whole (not one operation the node answered)."""
@@ -726,8 +748,12 @@ class Client(ClusterAdmin):
         if at_once:
             self._enqueue(p)
             return
+        delay = retry_delay(p.attempts)
+        if delay >= remaining:  # an attempt made at the deadline could only fail, or leave it unknown
+            p.future.set_exception(_deadline_error(p, code, message))
+            return
         assert self._loop is not None, "p was submitted"
-        self._loop.call_later(min(retry_delay(p.attempts), remaining), self._enqueue, p)
+        self._loop.call_later(delay, self._enqueue, p)
 
     async def _call_unary(self, method: str, request: Any, timeout: float | None) -> Any:
         """Calls read-only ``method`` of the KV service, retrying within the deadline; each
@@ -758,17 +784,19 @@ class Client(ClusterAdmin):
                 return answer
             await self._wait_to_retry(address, attempts)
 
-    async def _call_batch(self, address: str, request: bytes, timeout: float) -> bytes:
+    async def _call_batch(
+        self, address: str, request: bytes, timeout: float, *, callers_time: bool = False
+    ) -> bytes:
         """One attempt at a serialized ``BatchRequest`` on the node at ``address``: over its
         batch stream, or a unary ``Batch`` call to a node without one. Raises
-        :class:`CallFailed`."""
+        :class:`CallFailed`. ``callers_time``: see :meth:`BatchStream.call`."""
         seen = self._unary_only.get(address)
         if seen is None or time.monotonic() - seen >= UNARY_RECHECK_S:
             stream = self._batch_streams.get(address)
             if stream is None or stream.broken is not None:
                 stream = self._batch_streams[address] = BatchStream(self._channel(address))
             try:
-                answer = await stream.call(request, timeout)
+                answer = await stream.call(request, timeout, callers_time=callers_time)
             except CallFailed as exc:
                 if exc.code != "UNIMPLEMENTED":
                     raise
