@@ -5,14 +5,17 @@ deadline, and each attempt on one node is bounded by ``attempt_timeout``."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from dengine.batch_stream import CallFailed
-from dengine.client import Client, OutcomeUnknownAtDeadline
-from dengine.errors import DeadlineExceeded, OutcomeUnknownError, Unavailable
+from dengine.client import Client, OutcomeUnknownAtDeadline, SyncClient
+from dengine.devcluster import free_ports
+from dengine.errors import DeadlineExceeded, DengineError, OutcomeUnknownError, Unavailable
 from dengine.kv import KVStateMachine
 from dengine.node import Node
 from dengine.server import kv_services
@@ -151,3 +154,28 @@ def test_one_short_deadline_neither_shortens_its_batch_nor_sets_the_node_aside()
         assert not s.client._endpoints.is_down("127.0.0.1:1")
 
     run(test)
+
+
+def test_closing_a_sync_client_ends_the_calls_of_other_threads_and_a_failed_one_leaks_no_thread() -> None:
+    port = free_ports(1)[0]  # nothing listens: the put waits for retries
+    client = SyncClient([f"127.0.0.1:{port}"], timeout=30)
+    outcome: list[BaseException | object] = []
+
+    def worker() -> None:
+        try:
+            outcome.append(client.put(b"k", b"v"))
+        except BaseException as exc:  # what it ended with is the point
+            outcome.append(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive(), "a call of another thread still blocked after close()"
+    assert isinstance(outcome[0], DengineError) and "closed" in str(outcome[0])
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            SyncClient([f"127.0.0.1:{port}"], max_batch=0)
+    assert threading.active_count() == before

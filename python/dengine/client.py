@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import re
@@ -331,6 +332,9 @@ class Client(ClusterAdmin):
         self._queue: list[_Pending] = []
         self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        # Operations waiting for their retry, by id: close() fails them rather than leave them
+        # to a timer (a SyncClient's loop stops after close(), and the timer would never fire).
+        self._retrying: dict[int, tuple[asyncio.TimerHandle, _Pending]] = {}
         self._closed = False
 
     async def __aenter__(self) -> Client:
@@ -350,6 +354,10 @@ class Client(ClusterAdmin):
             self._flush_handle = None
         queued, self._queue = self._queue, []
         for p in queued:
+            self._refuse_closed(p)
+        retrying, self._retrying = self._retrying, {}
+        for handle, p in retrying.values():
+            handle.cancel()
             self._refuse_closed(p)
         if self._discovery is not None:
             self._discovery.cancel()
@@ -753,7 +761,11 @@ class Client(ClusterAdmin):
             p.future.set_exception(_deadline_error(p, code, message))
             return
         assert self._loop is not None, "p was submitted"
-        self._loop.call_later(delay, self._enqueue, p)
+        self._retrying[id(p)] = (self._loop.call_later(delay, self._retry, p), p)
+
+    def _retry(self, p: _Pending) -> None:
+        del self._retrying[id(p)]
+        self._enqueue(p)
 
     async def _call_unary(self, method: str, request: Any, timeout: float | None) -> Any:
         """Calls read-only ``method`` of the KV service, retrying within the deadline; each
@@ -900,17 +912,36 @@ class SyncClient:
     def __init__(self, endpoints: Sequence[str] | str, **options: Any) -> None:
         import threading  # noqa: PLC0415
 
+        self._closed = False
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # of every thread, for close()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dengine-client", daemon=True)
         self._thread.start()
-        self._client: Client = self._run(self._make(endpoints, options))
+        try:
+            self._client: Client = self._run(self._make(endpoints, options))
+        except BaseException:
+            self._closed = True
+            self._stop_loop()  # its thread must not outlive a constructor that failed
+            raise
 
     @staticmethod
     async def _make(endpoints: Sequence[str] | str, options: dict[str, Any]) -> Client:
         return Client(endpoints, **options)
 
     def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        if self._closed:
+            coro.close()
+            raise DengineError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._calls.add(future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:  # ended by close(), from another thread
+                raise DengineError("the client is closed") from None
+            raise
+        finally:
+            self._calls.discard(future)
 
     # The same methods as Client's, each run to completion on this client's loop.
     put = _blocking(Client.put)
@@ -926,10 +957,29 @@ class SyncClient:
     transfer_leader = _blocking(Client.transfer_leader)
 
     def close(self) -> None:
+        """Closes the client and stops its loop; calls other threads are blocked in fail with
+        :class:`~dengine.errors.DengineError`."""
+        if self._closed:
+            return
+        self._closed = True
         if self._loop.is_running():
-            self._run(self._client.close())
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
+        self._stop_loop()
+
+    async def _shutdown(self) -> None:
+        await self._client.close()
+        # What is still running (an admin call between two attempts, say) ends now.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
+        for future in list(self._calls):
+            future.cancel()  # never started: its caller hears the client is closed
         self._loop.close()
 
     def __enter__(self) -> SyncClient:
