@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore, open_log_store
-
-from logstore_conformance import LogStoreConformance, OpenStore
+from dengine.testing.logstore_conformance import LogStoreConformance, OpenStore
 
 
 class TestWalLogStore(LogStoreConformance):

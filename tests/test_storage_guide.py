@@ -3,12 +3,15 @@ built-in engines, and a node runs on it."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from logstore_conformance import LogStoreConformance, OpenStore
+from dengine.testing.logstore_conformance import LogStoreConformance, OpenStore
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "docs" / "examples"))
 from sqlite_log_store import SQLiteLogStore
@@ -43,3 +46,30 @@ def test_a_node_runs_on_the_guide_engine(tmp_path: Path) -> None:
             assert await again.propose(b"1") == b"11"
 
     asyncio.run(main())
+
+
+GUIDE = Path(__file__).parent.parent / "docs" / "storage-engines.md"
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+
+
+def test_the_guides_conformance_snippet_runs_from_an_installed_package(tmp_path: Path) -> None:
+    """The guide's "Proving it" snippet, as a user would paste it: nothing from this repository's
+    tests/ on the path, only the installed package (and the example engine, as MyEngine)."""
+    section = GUIDE.read_text().split("## Proving it", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    test_file = tmp_path / "test_my_engine.py"
+    test_file.write_text("from sqlite_log_store import SQLiteLogStore as MyEngine\n" + match.group(1))
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
+    pytest_args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(test_file)]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", *pytest_args],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout

@@ -1,7 +1,7 @@
 """A dengine log storage engine on SQLite (the standard library's ``sqlite3``).
 
 The example of docs/storage-engines.md: a complete :class:`dengine.storage.LogStore` that passes
-``tests/logstore_conformance.py``. Use it with ``storage.engine = "sqlite_log_store:SQLiteLogStore"``
+``dengine.testing.logstore_conformance``. Use it with ``storage.engine = "sqlite_log_store:SQLiteLogStore"``
 (the module on ``PYTHONPATH``); the node passes the path of its log directory.
 """
 

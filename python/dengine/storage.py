@@ -1,8 +1,9 @@
 """Log storage: the :class:`LogStore` protocol and the two built-in engines.
 
 The Raft layer touches storage only through :class:`LogStore`, so a custom engine (on RocksDB,
-SQLite, a cloud disk...) plugs in by implementing these methods. ``tests/logstore_conformance.py``
-is the suite any engine must pass; it runs against both built-ins.
+SQLite, a cloud disk...) plugs in by implementing these methods.
+``dengine.testing.logstore_conformance`` is the suite any engine must pass; it runs against both
+built-ins.
 
 Conventions (those of the Raft paper): indexes start at 1; a fresh log has ``first_index() == 1``
 and ``last_index() == 0``. After ``compact_prefix(i)``, ``first_index() == i + 1`` and ``term(i)``

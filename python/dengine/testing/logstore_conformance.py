@@ -4,6 +4,8 @@ To check an engine, subclass :class:`LogStoreConformance` in a ``test_*.py`` fil
 ``open_store`` fixture: a callable that opens the engine on the same underlying storage each time
 it is called (so a call after ``close()`` is a reopen). Set ``durable = False`` for engines that
 keep nothing across a reopen; the reopen tests are then skipped.
+
+This module needs pytest (``import dengine.testing`` alone does not import it).
 """
 
 from __future__ import annotations
