@@ -40,13 +40,14 @@ from dengine._core import (
     join_kv_operations,
 )
 from dengine.batch_stream import BatchStream, CallFailed, reached
-from dengine.client_admin import ClusterAdmin, Membership, OutcomeUnknownAtDeadline, membership_of
+from dengine.client_admin import ClusterAdmin, Membership, membership_of
 from dengine.endpoints import Endpoints, retry_delay
 from dengine.errors import (
     CompareFailed,
     DeadlineExceeded,
     DengineError,
     NotFound,
+    OutcomeUnknownAtDeadline,
     OutcomeUnknownError,
     RequestFailed,
     Unavailable,

@@ -23,21 +23,18 @@ import grpc
 
 from dengine.batch_stream import NOT_CONNECTED
 from dengine.endpoints import retry_delay
-from dengine.errors import DeadlineExceeded, OutcomeUnknownError, RequestFailed, Unavailable
+from dengine.errors import (
+    DeadlineExceeded,
+    OutcomeUnknownAtDeadline,
+    RequestFailed,
+    Unavailable,
+)
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
     from dengine.endpoints import Endpoints
 
-__all__ = ["ClusterAdmin", "Membership", "OutcomeUnknownAtDeadline", "membership_of"]
-
-
-class OutcomeUnknownAtDeadline(DeadlineExceeded, OutcomeUnknownError):
-    """The call's deadline passed after an attempt that may have taken effect (a node took it
-    and did not answer in time, or said its outcome is unknown): it may have been applied, or
-    may still be. Both a :class:`~dengine.errors.DeadlineExceeded` and an
-    :class:`~dengine.errors.OutcomeUnknownError`; retrying a write through the same client is
-    safe (exactly-once), a membership change is safe to retry too."""
+__all__ = ["ClusterAdmin", "Membership", "membership_of"]
 
 
 # The refusal that says a change is already in force, per method.

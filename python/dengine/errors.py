@@ -23,6 +23,7 @@ are instances of the same classes. Storage errors come from Rust, the others are
     TLSConfigError                   a TLS file is missing, malformed or not valid now
     Unavailable                      (client) no node could serve the request before its deadline
     DeadlineExceeded                 (client) the call's deadline passed
+    └── OutcomeUnknownAtDeadline     (client) ... after an attempt that may have taken effect
     RequestFailed                    (client) refused for a reason retrying will not fix
     NotFound                         (client, strict calls) the key does not exist
     CompareFailed                    (client, strict cas) the key did not hold the expected value
@@ -146,8 +147,15 @@ class Unavailable(DengineError):
 
 
 class DeadlineExceeded(DengineError):
-    """The call's deadline passed. A write may or may not have been applied; retrying it through
-    the same client is safe (it carries the same session sequence)."""
+    """The call's deadline passed before any attempt could have taken effect (see
+    :class:`OutcomeUnknownAtDeadline` for one that may have)."""
+
+
+class OutcomeUnknownAtDeadline(DeadlineExceeded, OutcomeUnknownError):
+    """The call's deadline passed after an attempt that may have taken effect (a node took it
+    and did not answer in time, or said its outcome is unknown): it may have been applied, or
+    may still be. Both a :class:`DeadlineExceeded` and an :class:`OutcomeUnknownError`; retrying
+    a write through the same client is safe (exactly-once), and so is a membership change."""
 
 
 class RequestFailed(DengineError):
@@ -193,6 +201,7 @@ __all__ += [
     "LeadershipTransferError",
     "NotFound",
     "NotLeaderError",
+    "OutcomeUnknownAtDeadline",
     "OutcomeUnknownError",
     "ProposalDroppedError",
     "RequestFailed",
