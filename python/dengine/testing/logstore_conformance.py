@@ -3,13 +3,20 @@
 To check an engine, subclass :class:`LogStoreConformance` in a ``test_*.py`` file and provide the
 ``open_store`` fixture: a callable that opens the engine on the same underlying storage each time
 it is called (so a call after ``close()`` is a reopen). Set ``durable = False`` for engines that
-keep nothing across a reopen; the reopen tests are then skipped.
+keep nothing across a reopen; the reopen and crash tests are then skipped.
+
+The crash tests (POSIX only) fork: the child opens the engine, works, and leaves by ``os._exit``
+without ``close()``, the way a killed process does; the parent reopens and checks that what the
+protocol promised durable came back. A process crash leaves the operating system's page cache
+intact, so these tests cannot catch an engine that forgets to fsync (power loss): only review can.
 
 This module needs pytest (``import dengine.testing`` alone does not import it).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -236,6 +243,97 @@ class LogStoreConformance:
         store.append(batch(11, 21, 1))
         store = self.reopen(store, open_store)
         assert store.entries(1, 21) == batch(1, 21, 1)
+
+    def test_durable_index_counts_only_synced_entries(self, store: LogStore) -> None:
+        if not self.durable:
+            pytest.skip("engine keeps nothing across a reopen")
+        store.append(batch(1, 8, 1))
+        assert store.sync() == 7
+        store.append(batch(8, 11, 1))
+        assert store.durable_index() == 7  # appended since the last sync: not durable yet
+
+    # --- crash (a process killed without close(): what sync() and the durable calls promised stays)
+
+    def crash_after(self, open_store: OpenStore, work: Callable[[LogStore], None]) -> LogStore:
+        """Runs ``work`` on the engine in a child process that then dies without ``close()``;
+        returns the engine reopened in this process."""
+        if not self.durable:
+            pytest.skip("engine keeps nothing across a reopen")
+        if not hasattr(os, "fork"):
+            pytest.skip("the crash tests fork (POSIX only)")
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                work(open_store())
+                code = 0
+            except BaseException as exc:  # reported through the exit status
+                print(f"crash test child failed: {exc!r}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child's work failed (see its stderr)"
+        return open_store()
+
+    def test_crash_keeps_synced_entries_and_hard_state(self, open_store: OpenStore) -> None:
+        def work(store: LogStore) -> None:
+            store.append(batch(1, 11, 1) + batch(11, 21, 2))
+            store.save_hard_state(HardState(term=2, vote=3, commit=0))
+            assert store.sync() == 20
+
+        store = self.crash_after(open_store, work)
+        assert store.last_index() == 20, "entries sync() vouched for were lost in a crash"
+        assert store.entries(1, 21) == batch(1, 11, 1) + batch(11, 21, 2)
+        assert (store.hard_state().term, store.hard_state().vote) == (2, 3)
+        # What a reopened store holds is treated as durable: it must be.
+        assert store.durable_index() == store.last_index() == 20
+        store.close()
+
+    def test_crash_keeps_a_truncation_that_returned(self, open_store: OpenStore) -> None:
+        def work(store: LogStore) -> None:
+            store.append(batch(1, 11, 1))
+            store.sync()
+            store.truncate_suffix(6)  # durable on return: no sync() follows
+
+        store = self.crash_after(open_store, work)
+        assert (store.last_index(), contents(store)) == (
+            5,
+            [(e.index, e.term, e.data) for e in batch(1, 6, 1)],
+        )
+        store.close()
+
+    def test_crash_keeps_a_compaction_and_a_reset_that_returned(self, open_store: OpenStore) -> None:
+        def compact(store: LogStore) -> None:
+            store.append(batch(1, 11, 1) + batch(11, 21, 2))
+            store.sync()
+            store.compact_prefix(12)
+
+        store = self.crash_after(open_store, compact)
+        assert (store.first_index(), store.last_index(), store.term(12)) == (13, 20, 2)
+        assert store.entries(13, 21) == batch(13, 21, 2)
+        store.close()
+
+        store = self.crash_after(open_store, lambda store: store.reset(1000, 9))
+        assert (store.first_index(), store.last_index(), store.term(1000)) == (1001, 1000, 9)
+        store.close()
+
+    def test_crash_leaves_a_prefix_of_unsynced_appends(self, open_store: OpenStore) -> None:
+        def work(store: LogStore) -> None:
+            store.append(batch(1, 11, 1))
+            store.save_hard_state(HardState(term=1, vote=1, commit=0))
+            store.sync()
+            store.append(batch(11, 21, 2))
+            store.append(batch(21, 31, 3))
+            store.save_hard_state(HardState(term=3, vote=None, commit=10))
+
+        store = self.crash_after(open_store, work)
+        last = store.last_index()
+        assert 10 <= last <= 30  # what sync() returned, and any prefix of what followed: no gaps
+        assert store.entries(1, last + 1) == (batch(1, 11, 1) + batch(11, 21, 2) + batch(21, 31, 3))[:last]
+        assert (store.hard_state().term, store.hard_state().vote) in {(1, 1), (3, None)}  # never a mix
+        store.append(batch(last + 1, last + 3, 4))  # and the log goes on from there
+        assert store.sync() == last + 2
+        store.close()
 
     # --- hostile arguments -----------------------------------------------------------------------
 

@@ -1,0 +1,171 @@
+"""Custom storage engines: the conformance suite catches engines that break the durability rules,
+and a custom engine's failures reach the node as the errors it handles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from dengine.storage import Entry, HardState, MemoryLogStore
+from dengine.testing.logstore_conformance import LogStoreConformance, OpenStore
+
+
+class JournalStore:
+    """A small but correct engine: the log in memory, every change journaled to one file, the
+    journal written and fsynced by ``sync()`` and by the calls that must be durable on return.
+
+    ``flaw`` breaks one rule on purpose, the way a real engine gets it wrong."""
+
+    flaw = ""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        os.makedirs(path, exist_ok=True)
+        self._path = os.path.join(path, "journal")
+        self._mem = MemoryLogStore()
+        self._pending: list[list[Any]] = []
+        self._held: HardState | None = None  # the "hard_state_at_close" flaw keeps it here
+        if os.path.exists(self._path):
+            with open(self._path) as f:
+                for line in f:
+                    self._replay(json.loads(line))
+        self._file = open(self._path, "a")  # noqa: SIM115 - open for the store's lifetime
+        self._durable = self._mem.last_index()
+
+    def _replay(self, op: list[Any]) -> None:
+        kind, *args = op
+        if kind == "a":
+            self._mem.append([Entry(i, t, bytes.fromhex(d)) for i, t, d in args[0]])
+        elif kind == "h":
+            self._mem.save_hard_state(HardState(*args))
+        elif kind == "t":
+            self._mem.truncate_suffix(*args)
+        elif kind == "c":
+            self._mem.compact_prefix(*args)
+        else:
+            self._mem.reset(*args)
+
+    def _write(self, *, closing: bool = False) -> None:
+        if self.flaw == "close_only" and not closing:
+            return
+        self._file.writelines(json.dumps(op) + "\n" for op in self._pending)
+        self._pending.clear()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def first_index(self) -> int:
+        return self._mem.first_index()
+
+    def last_index(self) -> int:
+        return self._mem.last_index()
+
+    def term(self, index: int) -> int:
+        return self._mem.term(index)
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        return self._mem.entries(lo, hi, max_bytes)
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        self._mem.append(entries)
+        self._pending.append(["a", [[e.index, e.term, e.data.hex()] for e in entries]])
+
+    def truncate_suffix(self, index: int) -> None:
+        self._mem.truncate_suffix(index)
+        self._pending.append(["t", index])
+        if self.flaw != "lazy_truncate":
+            self._write()
+        self._durable = min(self._durable, index - 1)
+
+    def compact_prefix(self, index: int) -> None:
+        self._mem.compact_prefix(index)
+        self._pending.append(["c", index])
+        self._write()
+
+    def reset(self, index: int, term: int) -> None:
+        self._mem.reset(index, term)
+        self._pending.append(["r", index, term])
+        self._write()
+        self._durable = index
+
+    def save_hard_state(self, hard_state: HardState) -> None:
+        self._mem.save_hard_state(hard_state)
+        if self.flaw == "hard_state_at_close":
+            self._held = hard_state
+        else:
+            self._pending.append(["h", hard_state.term, hard_state.vote, hard_state.commit])
+
+    def hard_state(self) -> HardState:
+        return self._mem.hard_state()
+
+    def sync(self) -> int:
+        self._mem.last_index()  # raises LogClosedError once closed
+        last = self._mem.last_index()
+        self._write()
+        self._durable = last
+        return last
+
+    def durable_index(self) -> int:
+        return self._mem.last_index() if self.flaw == "durable_ahead" else self._durable
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        if self._held is not None:
+            self._pending.append(["h", self._held.term, self._held.vote, self._held.commit])
+        self._write(closing=True)
+        self._file.close()
+        self._mem.close()
+
+    def __enter__(self) -> JournalStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class TestJournalStore(LogStoreConformance):
+    """The baseline: without a flaw the journal engine passes the whole suite."""
+
+    durable = True
+
+    @pytest.fixture
+    def open_store(self, tmp_path: Path) -> OpenStore:
+        return lambda: JournalStore(tmp_path / "log")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash tests fork")
+@pytest.mark.parametrize(
+    ("flaw", "caught_by"),
+    [
+        ("close_only", "test_crash_keeps_synced_entries_and_hard_state"),
+        ("hard_state_at_close", "test_crash_keeps_synced_entries_and_hard_state"),
+        ("lazy_truncate", "test_crash_keeps_a_truncation_that_returned"),
+        ("durable_ahead", "test_durable_index_counts_only_synced_entries"),
+    ],
+)
+def test_the_suite_fails_an_engine_that_breaks_a_durability_rule(
+    tmp_path: Path, flaw: str, caught_by: str
+) -> None:
+    """Each of these engines passes every test that reopens through ``close()``; only a crash (or,
+    for durable_index, a look before any sync) tells them apart from a correct one."""
+    flawed = type(f"Flawed_{flaw}", (JournalStore,), {"flaw": flaw})
+
+    def open_store() -> JournalStore:
+        store: JournalStore = flawed(tmp_path / "log")
+        return store
+
+    suite = LogStoreConformance()
+    test = getattr(suite, caught_by)
+    with pytest.raises(AssertionError):
+        test(open_store() if caught_by == "test_durable_index_counts_only_synced_entries" else open_store)
+    # A reopen through close() hides the flaw: the old durability test passes.
+    suite.test_reopen_keeps_entries_and_hard_state(
+        flawed(tmp_path / "other"), lambda: flawed(tmp_path / "other")
+    )
