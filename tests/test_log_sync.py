@@ -34,11 +34,13 @@ class PythonStore(SQLiteLogStore):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.fail = False
+        self.fail: bool | Exception = False  # an exception to raise, or True for a StorageError
         self.syncs = 0
 
     def sync(self) -> int:
         self.syncs += 1
+        if isinstance(self.fail, Exception):
+            raise self.fail
         if self.fail:
             raise StorageError("disk on fire")
         return super().sync()
@@ -165,6 +167,64 @@ async def test_a_failed_sync_is_reported_once_and_nothing_is_synced_after_it(
         await asyncio.sleep(0.1)
         assert rec.synced == [] and len(rec.failed) == 1, "a sync ran after a failed one"
         await syncer.close()
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), RuntimeError("engine bug")])
+@on_loop
+async def test_a_custom_sync_that_raises_any_exception_is_a_sync_failure(
+    tmp_path: Path, error: Exception
+) -> None:
+    # A custom engine's sync() may raise what os.fsync or its library raises: the syncer must
+    # fail (and the node fail-stop), not lose the exception in a task nobody awaits.
+    rec = Recorder()
+    with ThreadPoolExecutor(1) as io:
+        py = PythonStore(tmp_path / "py")
+        syncer = syncer_for(py, io, rec)
+        append(py, 1)
+        py.fail = error
+        syncer.want(1)
+        await rec.next()
+        assert rec.synced == [] and len(rec.failed) == 1
+        failure = rec.failed[0]
+        assert isinstance(failure, StorageError) and failure.__cause__ is error
+        assert "PythonStore" in str(failure) and str(error) in str(failure)
+        await syncer.close()
+        py.close()
+
+
+@on_loop
+async def test_an_async_sync_handed_over_directly_is_a_sync_failure(tmp_path: Path) -> None:
+    class AsyncSync(SQLiteLogStore):
+        async def sync(self) -> int:  # type: ignore[override]
+            return 0
+
+    rec = Recorder()
+    with ThreadPoolExecutor(1) as io:
+        store = AsyncSync(tmp_path / "py")
+        syncer = syncer_for(store, io, rec)  # type: ignore[arg-type]
+        syncer.want(1)
+        await rec.next()
+        assert rec.synced == [] and len(rec.failed) == 1
+        assert isinstance(rec.failed[0], StorageError) and "returned coroutine" in str(rec.failed[0])
+        await syncer.close()
+        store.close()
+
+
+@on_loop
+async def test_a_node_whose_custom_sync_raises_os_error_fail_stops(tmp_path: Path) -> None:
+    from test_node_embedded import Counter, configs, until  # noqa: PLC0415
+
+    (cfg,) = configs(tmp_path, n=1)
+    store = PythonStore(tmp_path / "custom-log")
+    node = Node(cfg, state_machine=Counter(), log_store=store)
+    await node.start()
+    await until(lambda: node.leader_id == node.id)
+    store.fail = OSError(5, "Input/output error")
+    with pytest.raises(OutcomeUnknownError, match="Input/output error"):
+        await asyncio.wait_for(node.propose(b"2"), 5)
+    await asyncio.wait_for(node.wait_stopped(), 5)
+    assert node.failure is not None and "PythonStore" in node.failure
+    await asyncio.wait_for(node.stop(), 5)
 
 
 @on_loop

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from dengine import _core
-from dengine.errors import DengineError
+from dengine.errors import DengineError, StorageError
 from dengine.storage import LogStore, LogStoreBase
 
 __all__ = ["LogSyncer"]
@@ -118,6 +118,21 @@ class LogSyncer:
             durable = await self._loop.run_in_executor(self._executor, self._store.sync)
         except DengineError as exc:
             self._fail(exc)
+            return
+        except Exception as exc:  # a custom engine may raise anything: os.fsync raises OSError
+            # Whatever it raised, the sync failed: fail-stop, never a task nobody awaits.
+            engine = type(self._store).__qualname__
+            failure = StorageError(f"log sync failed in {engine}.sync(): {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+            self._fail(failure)
+            return
+        if not isinstance(durable, int):  # say, an ``async def sync`` handed over as log_store=
+            if asyncio.iscoroutine(durable):
+                durable.close()
+            engine = type(self._store).__qualname__
+            self._fail(
+                StorageError(f"{engine}.sync() returned {type(durable).__name__}, not the durable index")
+            )
             return
         self._finished(durable)
 
