@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from dengine.storage import Entry, HardState, MemoryLogStore
+from dengine.config import Config
+from dengine.errors import ConfigError, LogIndexError, StorageError
+from dengine.storage import Entry, GuardedLogStore, HardState, LogStore, MemoryLogStore, open_custom_log_store
 from dengine.testing.logstore_conformance import LogStoreConformance, OpenStore
 
 
@@ -169,3 +171,156 @@ def test_the_suite_fails_an_engine_that_breaks_a_durability_rule(
     suite.test_reopen_keeps_entries_and_hard_state(
         flawed(tmp_path / "other"), lambda: flawed(tmp_path / "other")
     )
+
+
+# --- loading a custom engine: every failure is a ConfigError naming storage.engine and the cause
+
+
+ENGINES = """\
+import os, sys
+sys.path.insert(0, {examples!r})
+from sqlite_log_store import SQLiteLogStore
+from dengine.storage import LogStore
+
+class CtorRaises(SQLiteLogStore):
+    def __init__(self, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+class NoPath(SQLiteLogStore):
+    def __init__(self):
+        pass
+
+class AsyncSync(SQLiteLogStore):
+    async def sync(self):
+        return SQLiteLogStore.sync(self)
+
+class ProtocolItself(LogStore):  # the Protocol's stubs would return None
+    pass
+
+class ExplicitProtocol(SQLiteLogStore, LogStore):  # subclassing the Protocol is fine when implemented
+    pass
+"""
+
+
+@pytest.fixture
+def engine_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    examples = str(Path(__file__).parent.parent / "docs" / "examples")
+    (tmp_path / "engines_ok.py").write_text(ENGINES.format(examples=examples))
+    (tmp_path / "engines_raise.py").write_text("raise RuntimeError('no licence for the disk')\n")
+    (tmp_path / "engines_syntax.py").write_text("class (:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def load(engine: str) -> type[LogStore]:
+    data = {
+        "node": {"id": 1},
+        "cluster": {"id": "test", "members": {"1": "127.0.0.1:7001"}},
+        "storage": {"engine": engine},
+    }
+    return Config.from_dict(data).storage.load_log_store_class()
+
+
+@pytest.mark.parametrize(
+    ("engine", "cause"),
+    [
+        ("engines_raise:Store", r"RuntimeError: no licence for the disk"),
+        ("engines_syntax:Store", r"SyntaxError"),
+        ("engines_ok:ProtocolItself", r"lacks .*append.*sync"),
+        ("engines_ok:AsyncSync", r"sync is a coroutine function"),
+    ],
+)
+def test_a_custom_engine_that_cannot_be_loaded_is_a_config_error(
+    engine_modules: Path, engine: str, cause: str
+) -> None:
+    with pytest.raises(ConfigError, match=cause) as info:
+        load(engine)
+    assert info.value.key == "storage.engine" and engine in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("engine", "cause"),
+    [
+        ("engines_ok:CtorRaises", r"PermissionError: \[Errno 13\] Permission denied"),
+        ("engines_ok:NoPath", r"must take the log directory path.*TypeError"),
+    ],
+)
+def test_a_custom_engine_whose_constructor_fails_is_a_config_error(
+    engine_modules: Path, engine: str, cause: str
+) -> None:
+    cls = load(engine)
+    with pytest.raises(ConfigError, match=cause) as info:
+        open_custom_log_store(engine, cls, engine_modules / "log")
+    assert info.value.key == "storage.engine" and engine in str(info.value)
+
+
+def test_an_explicit_subclass_of_the_protocol_loads_and_opens_guarded(engine_modules: Path) -> None:
+    cls = load("engines_ok:ExplicitProtocol")
+    store = open_custom_log_store("engines_ok:ExplicitProtocol", cls, engine_modules / "log")
+    assert isinstance(store, GuardedLogStore) and isinstance(store.engine, cls)
+    store.append([Entry(1, 1, b"x")])
+    assert store.sync() == 1
+    store.close()
+
+
+# --- the guard the node puts around a custom engine
+
+
+class Faulty(JournalStore):
+    """Raises what a real library raises, from any method, on demand."""
+
+    raise_from: dict[str, Exception]
+
+    def __getattribute__(self, name: str) -> Any:
+        errors = object.__getattribute__(self, "__dict__").get("raise_from", {})
+        if name in errors:
+            raise errors[name]
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("append", ([Entry(2, 1, b"y")],)),
+        ("entries", (1, 2)),
+        ("term", (1,)),
+        ("first_index", ()),
+        ("last_index", ()),
+        ("save_hard_state", (HardState(1, 1, 0),)),
+        ("hard_state", ()),
+        ("truncate_suffix", (1,)),
+        ("compact_prefix", (1,)),
+        ("reset", (5, 1)),
+        ("sync", ()),
+        ("durable_index", ()),
+        ("close", ()),
+    ],
+)
+def test_the_guard_turns_any_engine_exception_into_a_storage_error_naming_the_method(
+    tmp_path: Path, method: str, args: tuple[Any, ...]
+) -> None:
+    engine = Faulty(tmp_path / "log")
+    engine.append([Entry(1, 1, b"x")])
+    store = GuardedLogStore(engine)
+    assert isinstance(store, LogStore)
+    cause = OSError(5, "Input/output error")
+    engine.raise_from = {method: cause}
+    with pytest.raises(
+        StorageError, match=rf"Faulty\.{method}\(\) failed: OSError: .*Input/output error"
+    ) as info:
+        getattr(store, method)(*args)
+    assert info.value.__cause__ is cause
+    engine.raise_from = {method: LogIndexError("beyond the end")}  # dengine's own errors pass as they are
+    with pytest.raises(LogIndexError, match="beyond the end"):
+        getattr(store, method)(*args)
+    engine.raise_from = {}
+    store.close()
+
+
+def test_the_guarded_engine_passes_the_conformance_suite_and_survives_a_crash(tmp_path: Path) -> None:
+    suite = LogStoreConformance()
+    path = tmp_path / "log"
+    suite.test_crash_keeps_synced_entries_and_hard_state(lambda: GuardedLogStore(JournalStore(path)))
+    with GuardedLogStore(JournalStore(tmp_path / "other")) as store:
+        store.append([Entry(1, 1, b"x")])
+        assert store.entries(1, 2) == [Entry(1, 1, b"x")]

@@ -37,7 +37,7 @@ def test_a_node_runs_on_the_guide_engine(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with Node(cfg, state_machine=Counter()) as node:
-            assert isinstance(node.store, SQLiteLogStore)
+            assert isinstance(getattr(node.store, "engine", node.store), SQLiteLogStore)  # maybe guarded
             await until(lambda: leader_of([node]))
             for _ in range(5):
                 await node.propose(b"2")

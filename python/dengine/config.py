@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import ipaddress
 import math
 import os
@@ -445,8 +446,12 @@ class StorageSection(_Section):
         :class:`~dengine.storage.MemoryLogStore` for ``"memory"``, otherwise the custom class,
         imported now (never at load time, so a config can be checked where the class is absent).
 
-        Raises :class:`ConfigError` when the module cannot be imported, has no such attribute, or
-        the attribute is not a class with the :class:`~dengine.storage.LogStore` methods.
+        Raises :class:`ConfigError` (key ``storage.engine``, naming the engine and the cause) when
+        the module cannot be imported (missing, a syntax error, an exception at import), has no
+        such attribute, or the attribute is not a class that implements every
+        :class:`~dengine.storage.LogStore` method with a plain (not ``async``) function: the node
+        calls them on its loop and its I/O thread and never awaits them. Constructing the class
+        is :func:`dengine.storage.open_custom_log_store`'s job.
         """
         from dengine import storage  # noqa: PLC0415 - the storage engines load only when needed
 
@@ -463,6 +468,8 @@ class StorageSection(_Section):
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise refuse(f"cannot import module {module_name!r} ({exc})") from exc
+        except Exception as exc:  # a SyntaxError, or whatever the module raised while importing
+            raise refuse(f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
         cls = getattr(module, attr, None)
         if cls is None:
             raise refuse(f"module {module_name!r} has no attribute {attr!r}")
@@ -471,9 +478,21 @@ class StorageSection(_Section):
         required = sorted(
             name for name, obj in vars(storage.LogStore).items() if not name.startswith("_") and callable(obj)
         )
-        missing = [name for name in required if not callable(getattr(cls, name, None))]
+        # A method inherited from the LogStore Protocol itself is a stub that returns None.
+        missing = [
+            name
+            for name in required
+            if not callable(getattr(cls, name, None)) or getattr(cls, name) is getattr(storage.LogStore, name)
+        ]
         if missing:
             raise refuse(f"{attr!r} is not a LogStore: it lacks {', '.join(missing)}")
+        coroutines = [name for name in required if inspect.iscoroutinefunction(getattr(cls, name))]
+        if coroutines:
+            raise refuse(
+                f"{attr!r}.{coroutines[0]} is a coroutine function (async def): LogStore methods must be "
+                "plain functions; the node runs sync() on its I/O thread and the others on its loop, "
+                "and awaits none of them"
+            )
         return cls
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from dengine._core import Entry, EntryBatch, HardState, LogStoreBase, MemoryLogStore, WalLogStore
+from dengine.errors import ConfigError, DengineError, StorageError
 
 # A batch a follower received stays framed (EntryBatch) on its way to append(): it reads like the
 # Sequence[Entry] the protocol names, and says so to isinstance checks.
@@ -32,11 +33,13 @@ Sequence.register(EntryBatch)
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
     "Entry",
+    "GuardedLogStore",
     "HardState",
     "LogStore",
     "LogStoreBase",
     "MemoryLogStore",
     "WalLogStore",
+    "open_custom_log_store",
     "open_log_store",
 ]
 
@@ -143,3 +146,114 @@ def open_log_store(
     if engine == "memory":
         return MemoryLogStore()
     raise ValueError(f"storage.engine must be 'wal' or 'memory', got {engine!r}")
+
+
+class GuardedLogStore:
+    """A custom engine as the node uses it: any exception one of its methods raises that is not a
+    :class:`~dengine.errors.DengineError` (an ``OSError`` from ``os.fsync``, a ``sqlite3.Error``,
+    a bug) becomes a :class:`~dengine.errors.StorageError` naming the engine and the method, the
+    error the node handles by stopping (fail-stop) instead of leaving a loop callback broken.
+
+    The built-in engines raise only dengine errors and are not wrapped (they are on the hot path).
+    ``engine`` is the wrapped store; other attributes are looked up on it.
+    """
+
+    def __init__(self, engine: LogStore) -> None:
+        self.engine = engine
+        self._name = type(engine).__qualname__
+
+    def _call(self, method: str, *args: object) -> Any:
+        try:
+            return getattr(self.engine, method)(*args)
+        except DengineError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"{self._name}.{method}() failed: {type(exc).__name__}: {exc}") from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def first_index(self) -> int:
+        result: int = self._call("first_index")
+        return result
+
+    def last_index(self) -> int:
+        result: int = self._call("last_index")
+        return result
+
+    def term(self, index: int) -> int:
+        result: int = self._call("term", index)
+        return result
+
+    def entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        result: list[Entry] = self._call("entries", lo, hi, max_bytes)
+        return result
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        self._call("append", entries)
+
+    def truncate_suffix(self, index: int) -> None:
+        self._call("truncate_suffix", index)
+
+    def compact_prefix(self, index: int) -> None:
+        self._call("compact_prefix", index)
+
+    def reset(self, index: int, term: int) -> None:
+        self._call("reset", index, term)
+
+    def save_hard_state(self, hard_state: HardState) -> None:
+        self._call("save_hard_state", hard_state)
+
+    def hard_state(self) -> HardState:
+        result: HardState = self._call("hard_state")
+        return result
+
+    def sync(self) -> int:
+        result: int = self._call("sync")
+        return result
+
+    def durable_index(self) -> int:
+        result: int = self._call("durable_index")
+        return result
+
+    def close(self) -> None:
+        self._call("close")
+
+    def __enter__(self) -> GuardedLogStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_custom_log_store(engine: str, cls: type[LogStore], path: str | os.PathLike[str]) -> LogStore:
+    """Constructs the custom engine ``cls`` (named ``engine`` in ``storage.engine``) on the log
+    directory ``path``, wrapped in :class:`GuardedLogStore`.
+
+    A constructor that fails with anything but a dengine error (a ``TypeError`` because it takes
+    no path, a ``PermissionError``...) is a :class:`~dengine.errors.ConfigError` for
+    ``storage.engine`` that names the engine and the cause; a dengine error (say a
+    ``StorageError`` for a corrupt log) is raised as it is.
+    """
+    try:
+        store = cls(path)  # type: ignore[call-arg]
+    except DengineError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(
+            f"storage.engine = {engine!r}: the constructor must take the log directory path "
+            f"({cls.__qualname__}(path)), and calling it failed: TypeError: {exc}",
+            key="storage.engine",
+        ) from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"storage.engine = {engine!r}: {cls.__qualname__}({os.fspath(path)!r}) failed: "
+            f"{type(exc).__name__}: {exc}",
+            key="storage.engine",
+        ) from exc
+    return GuardedLogStore(store)
