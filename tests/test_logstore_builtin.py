@@ -36,11 +36,13 @@ class TestMemoryLogStore(LogStoreConformance):
 
 
 def test_open_log_store_by_engine_name(tmp_path: Path) -> None:
-    wal: LogStore = open_log_store("wal", tmp_path / "log")
-    assert isinstance(wal, WalLogStore)
-    wal.close()
+    # The names storage.engine accepts: "file" (the WAL) and "memory"; "wal" stays an alias.
+    for name in ("file", "wal"):
+        wal: LogStore = open_log_store(name, tmp_path / name)
+        assert isinstance(wal, WalLogStore)
+        wal.close()
     assert isinstance(open_log_store("memory"), MemoryLogStore)
     with pytest.raises(ValueError, match="needs a data directory"):
-        open_log_store("wal")
-    with pytest.raises(ValueError, match="'wal' or 'memory'"):
+        open_log_store("file")
+    with pytest.raises(ValueError, match="must be 'file' or 'memory'"):
         open_log_store("rocksdb")  # type: ignore[arg-type]

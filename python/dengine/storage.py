@@ -90,7 +90,9 @@ class LogStore(Protocol):
         ...
 
     def reset(self, index: int, term: int) -> None:
-        """Drops the whole log and restarts it after a snapshot at ``(index, term)``."""
+        """Drops the whole log and restarts it after a snapshot at ``(index, term)``: afterwards
+        ``first_index() == index + 1``, ``last_index() == index`` and ``term(index) == term``;
+        durable on return."""
         ...
 
     def save_hard_state(self, hard_state: HardState) -> None:
@@ -126,7 +128,7 @@ class LogStore(Protocol):
 
 
 def open_log_store(
-    engine: Literal["wal", "memory"],
+    engine: Literal["file", "wal", "memory"],
     path: str | os.PathLike[str] | None = None,
     *,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -134,18 +136,18 @@ def open_log_store(
 ) -> LogStore:
     """Opens a built-in engine by its configuration name (``storage.engine``).
 
-    ``"wal"`` needs ``path``, the node's log directory; ``"memory"`` keeps nothing on disk.
-    ``preallocate`` has the WAL prepare each next segment as a zero-filled file in the
-    background: each fsync gets cheaper (lower median latency), but every segment is written
-    twice and the tail latency suffers; see ``benchmarks/bench_logstore.py``.
+    ``"file"`` (the WAL; ``"wal"`` is accepted too) needs ``path``, the node's log directory;
+    ``"memory"`` keeps nothing on disk. ``preallocate`` has the WAL prepare each next segment as a
+    zero-filled file in the background: each fsync gets cheaper (lower median latency), but every
+    segment is written twice and the tail latency suffers; see ``benchmarks/bench_logstore.py``.
     """
-    if engine == "wal":
+    if engine in ("file", "wal"):
         if path is None:
-            raise ValueError("storage.engine = 'wal' needs a data directory path")
+            raise ValueError(f"storage.engine = {engine!r} needs a data directory path")
         return WalLogStore(path, segment_bytes=segment_bytes, preallocate=preallocate)
     if engine == "memory":
         return MemoryLogStore()
-    raise ValueError(f"storage.engine must be 'wal' or 'memory', got {engine!r}")
+    raise ValueError(f"storage.engine must be 'file' or 'memory', got {engine!r}")
 
 
 class GuardedLogStore:
