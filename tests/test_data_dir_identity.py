@@ -18,7 +18,7 @@ from dengine.devcluster import free_ports
 from dengine.errors import ConfigError
 from dengine.identity import FILE_NAME
 from dengine.node import Node
-from test_node_embedded import Counter, configs, leader_of, started, until
+from test_node_embedded import Counter, configs, leader_of, started, until, with_section
 
 
 def config(root: Path, node: int = 1, *, data: str = "n1", cluster: str = "c", voters: int = 1) -> Config:
@@ -119,3 +119,26 @@ def test_a_data_dir_that_holds_nothing_yet_is_claimed_anew(tmp_path: Path) -> No
     shutil.rmtree(tmp_path / "n1" / "snapshots", ignore_errors=True)
     assert asyncio.run(write_some(config(tmp_path, node=2), n=1)) == 1
     assert identity_of(tmp_path)["node"] == 2
+
+
+def test_an_original_member_restarted_with_join_is_not_refused(tmp_path: Path) -> None:
+    """``dengine serve --join`` given again to a member that holds data changes nothing (and
+    sets cluster.initial_state = "existing"): its identity still matches."""
+    three = configs(tmp_path, 3)
+
+    async def main() -> None:
+        async with started(three) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            await leader.propose(b"1")
+            follower = next(n for n in nodes if n is not leader)
+            await follower.stop(transfer_leadership=False)
+            again = Node(
+                with_section([follower.config], "cluster", initial_state="existing")[0],
+                Counter(),
+                join=leader.config.node.listen,
+            )
+            nodes.append(again)
+            await again.start()
+            await until(lambda: again.raft is not None and again.raft.applied >= 2)
+
+    asyncio.run(main())

@@ -447,4 +447,9 @@ def test_a_member_restarted_on_a_wiped_data_dir_refuses_to_vote_as_the_member_it
         assert f"leader {leader}" in last and f"member replace {victim}" in last
         cluster.start(victim)  # the empty log it opened does not make it a member with data
         assert cluster.procs[victim].wait(timeout=30) == 1
+        # Told to join, it would hear it is a member already and go on with nothing.
+        cluster.start(victim, join=cluster.address(leader))
+        assert cluster.procs[victim].wait(timeout=30) == 1
+        last = (tmp_path / f"node{victim}.log").read_text().strip().splitlines()[-1]
+        assert last.startswith(f"dengine serve: node {victim} starts on an empty data dir"), last
         assert cluster.put(b"after", b"2") > 0, "the cluster serves on"

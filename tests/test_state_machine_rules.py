@@ -1,18 +1,22 @@
 """The rules a user's own state machine can count on in embedded mode, whatever it does: a read
-never sees an entry half applied; whatever ``apply`` raises (but a KeyboardInterrupt) is that
-command's error on every replica, and the node goes on; ``snapshot`` and ``restore`` may return
+never sees an entry half applied; whatever ``apply`` raises (but a KeyboardInterrupt or a
+SystemExit, which may come from outside) is that command's error on every replica, and the node
+goes on; ``snapshot`` and ``restore`` may return
 an awaitable; what can never be answered is refused before it is proposed."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
 
+from dengine.devcluster import free_ports
 from dengine.errors import ApplyError, DengineError
 from dengine.node import MAX_COMMAND_BYTES, Node
 from test_node_embedded import configs, leader_of, until
@@ -94,25 +98,89 @@ class Unprintable(Exception):
         raise RuntimeError("no words for it")
 
 
+class Unspeakable(Exception):
+    def __str__(self) -> str:
+        raise SystemExit("not even an Exception")
+
+
 def raise_or_count(sm: Raising, command: bytes) -> bytes:
     if command == b"cancelled":
         raise asyncio.CancelledError("from inside apply")
-    if command == b"exit":
-        raise SystemExit(3)
     if command == b"unprintable":
         raise Unprintable
+    if command == b"unspeakable":
+        raise Unspeakable
     sm.n += 1
     return b"%d" % sm.n
+
+
+def test_reads_are_not_starved_by_async_applies_that_never_stop_coming(tmp_path: Path) -> None:
+    """A read waits for the entry being applied, not for the applies to stop: the apply task
+    lets waiting reads run between two entries."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, n=1)
+        async with Node(cfg, state_machine=Pair()) as node:
+            await until(lambda: leader_of([node]))
+            writing = True
+
+            async def writer() -> None:
+                while writing:
+                    await node.propose(b"x")
+
+            writers = [asyncio.ensure_future(writer()) for _ in range(8)]
+            await until(lambda: node.raft is not None and node.raft.applied > 20)
+            try:
+                for consistency in ("stale", "linearizable"):
+                    a, b = await asyncio.wait_for(
+                        node.read(lambda sm: (sm.a, sm.b), consistency=consistency), timeout=10
+                    )
+                    assert a == b
+            finally:
+                writing = False
+                await asyncio.gather(*writers)
+
+    asyncio.run(main())
+
+
+class Slow(Pair):
+    async def apply(self, index: int, command: bytes) -> bytes:
+        self.a += 1
+        await asyncio.sleep(30)
+        self.b += 1
+        return b"ok"
+
+
+def test_a_read_waiting_for_an_entry_cut_short_by_a_stop_fails(tmp_path: Path) -> None:
+    """The stop cancels the apply in the middle of the entry: the read must not see that state."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, n=1)
+        sm = Slow()
+        node = Node(cfg, state_machine=sm)
+        await node.start()
+        await until(lambda: leader_of([node]))
+        proposing = asyncio.ensure_future(node.propose(b"x"))
+        await until(lambda: sm.a == 1)
+        reading = asyncio.ensure_future(node.read(lambda s: (s.a, s.b), consistency="stale"))
+        await asyncio.sleep(0.05)
+        await node.stop(transfer_leadership=False)
+        with pytest.raises(DengineError, match="not running"):
+            await reading
+        with pytest.raises(DengineError):
+            await proposing
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("kind", [Raising, AsyncRaising])
 def test_whatever_apply_raises_is_the_commands_error_on_every_replica(
     tmp_path: Path, kind: type[Raising]
 ) -> None:
-    """A CancelledError (an async apply that awaited something cancelled), a SystemExit and an
-    exception whose str() fails are each the command's error, in the same words on every
-    replica; before, the first stopped applying for good without a word, the second stopped the
-    program, and the third stopped every replica at that entry, at every restart."""
+    """A CancelledError (an async apply that awaited something cancelled) and an exception whose
+    str() fails are each the command's error, in the same words on every replica; before, the
+    first stopped applying for good without a word, and the second stopped every replica at that
+    entry, at every restart."""
 
     async def main() -> None:
         cfgs = configs(tmp_path, n=3)
@@ -124,8 +192,8 @@ def test_whatever_apply_raises_is_the_commands_error_on_every_replica(
             leader = await until(lambda: leader_of(nodes))
             for command, words in [
                 (b"cancelled", "CancelledError: from inside apply"),
-                (b"exit", "SystemExit: 3"),
                 (b"unprintable", "Unprintable: <str() failed>"),
+                (b"unspeakable", "Unspeakable: <str() failed>"),
             ]:
                 with pytest.raises(ApplyError, match=re.escape(words)):
                     await leader.propose(command)
@@ -234,3 +302,52 @@ def test_a_read_function_that_returns_an_awaitable_is_refused(tmp_path: Path) ->
                     await node.read(reads_later, consistency=consistency)  # type: ignore[unused-coroutine]
 
     asyncio.run(main())
+
+
+EXITING = """
+import asyncio, sys
+from dengine.config import Config
+from dengine.node import Node
+
+class Exiting:
+    def apply(self, index, command):
+        if command == b"exit":
+            sys.exit(7)
+        return b"ok"
+    def snapshot(self, sink): pass
+    def restore(self, source): pass
+
+async def main():
+    cfg = Config.from_dict({
+        "node": {"id": 1, "listen": sys.argv[1], "data_dir": sys.argv[2], "metrics_listen": ""},
+        "cluster": {"id": "c", "members": {"1": sys.argv[1]}},
+    })
+    async with Node(cfg, state_machine=Exiting()) as node:
+        while node.raft is None or node.raft.role.value != "leader":
+            await asyncio.sleep(0.02)
+        assert await node.propose(b"fine") == b"ok"
+        await node.propose(b"exit")
+        print("still running")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_system_exit_from_apply_exits_the_program_rather_than_fork_the_replicas(
+    tmp_path: Path, kind: str
+) -> None:
+    """A SystemExit may come from a signal handler (``sys.exit`` on SIGTERM) while one replica
+    applies: recorded as that command's error there only, it would fork the replicas. It leaves
+    the program, with its status, like a KeyboardInterrupt."""
+    (port,) = free_ports(1)
+    script = EXITING if kind == "sync" else EXITING.replace("    def apply(", "    async def apply(")
+    done = subprocess.run(
+        [sys.executable, "-c", script, f"127.0.0.1:{port}", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 7, done.stdout + done.stderr
+    assert "still running" not in done.stdout

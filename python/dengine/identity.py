@@ -36,6 +36,7 @@ from pathlib import Path
 import grpc
 
 from dengine.errors import ConfigError
+from dengine.snapshot_store import fsync_directory
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 __all__ = ["FILE_NAME", "Identity", "read", "seen_holding_data", "write"]
@@ -70,7 +71,7 @@ class Identity:
                 "node.data_dir and node.id",
                 key="node.id",
             )
-        if initial and self.voters and set(other.voters) != set(self.voters):
+        if initial and self.voters and other.voters and set(other.voters) != set(self.voters):
             return ConfigError(
                 f"cluster.members lists voters {_ids(other.voters)}, but this node was first started "
                 f"with {_ids(self.voters)} ({path}) and no membership change is in its log since: "
@@ -130,11 +131,7 @@ def write(data_dir: Path, identity: Identity) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(aside, path)
-    fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(data_dir)
 
 
 async def seen_holding_data(
@@ -145,8 +142,9 @@ async def seen_holding_data(
     timeout_s: float = 1.0,
 ) -> str | None:
     """What says that node ``node_id``, starting on an empty data dir, held data before: a leader
-    of ``cluster_id`` among ``addresses`` (the other members) that has seen it hold entries. None
-    when no member answers so within ``timeout_s`` (down, not leading, or never saw it)."""
+    of ``cluster_id`` among ``addresses`` (the members it knows of, and any leader they name)
+    that has seen it hold entries. None when no such leader answers so within ``timeout_s``
+    (down, not leading, or never saw it)."""
 
     async def status(address: str) -> cluster_pb2.StatusResponse | None:
         channel = (
@@ -164,12 +162,15 @@ async def seen_holding_data(
                 return None
             return answer
 
-    for s in await asyncio.gather(*(status(a) for m, a in addresses.items() if m != node_id)):
+    asked = {a for m, a in addresses.items() if m != node_id}
+    answers = await asyncio.gather(*(status(a) for a in asked))
+    # A leader outside the given members (they changed since) is named by its followers.
+    named = {s.leader_address for s in answers if s is not None and s.leader_address} - asked
+    answers += await asyncio.gather(*(status(a) for a in named))
+    for s in answers:
         if s is None or s.cluster_id != cluster_id or s.role != "leader":
             continue
         for peer in s.peers:
             if peer.id == node_id and peer.match_index > 0:
-                return (
-                    f"leader {s.id} (term {s.term}) has seen it hold the log up to index {peer.match_index}"
-                )
+                return f"leader {s.id} (term {s.term}) has seen it hold the log up to {peer.match_index}"
     return None

@@ -261,7 +261,7 @@ class Node:
         # Held while a batch is applied: a snapshot freezes the state between two batches.
         self.apply_lock = asyncio.Lock()
         # Clear while an entry is half applied or a snapshot half restored (see _state_settled).
-        self._settled = _set_event()
+        self._settled, self._settle_waiters = _set_event(), 0
         self.snapshots = SnapshotManager(self, snapshot_dir(config))
         self.members = MembershipManager(self)
         self._start_snapshot: SnapshotInfo | None = None
@@ -629,7 +629,8 @@ class Node:
         return self._submit(command)[0]
 
     def _submit(self, command: bytes) -> tuple[asyncio.Future[bytes], tuple[int, int]]:
-        self._check_submission(command)
+        if not self._running or _thread_id() != self._loop_thread or len(command) > MAX_COMMAND_BYTES:
+            self._check_submission(command)  # one test on the hot path; this one says what is wrong
         self._seq = seq = self._seq + 1
         client, low, waiters = self._client_id, self._local_low, self._waiters
         # Sequences no longer waiting were answered (or given up); sequences only grow, so the
@@ -652,18 +653,21 @@ class Node:
         """Refuses, before anything is proposed, what could never be answered."""
         if not self._running:
             raise DengineError("the node is not running")
-        if threading.get_ident() != self._loop_thread:
-            # Its future would belong to the node's loop: the caller's await fails, and the
-            # command is applied all the same (a retry would apply it twice).
-            raise DengineError(
-                "propose from a thread other than the node's event loop's: use "
-                "asyncio.run_coroutine_threadsafe(node.propose(command), loop) with the node's loop"
-            )
+        self._check_loop_thread("propose")
         if len(command) > MAX_COMMAND_BYTES:
             # It could never reach a follower (one peer message): never committed, never failed.
             raise ValueError(
                 f"a command of {len(command)} bytes is larger than the {MAX_COMMAND_BYTES} bytes "
                 "a node replicates in one entry"
+            )
+
+    def _check_loop_thread(self, what: str) -> None:
+        if _thread_id() != self._loop_thread:
+            # Its future would belong to the node's loop: the caller's await fails, and a
+            # proposal is applied all the same (a retry would apply it twice).
+            raise DengineError(
+                f"{what} from a thread other than the node's event loop's: use "
+                f"asyncio.run_coroutine_threadsafe(node.{what}(...), loop) with the node's loop"
             )
 
     def submit_session(
@@ -878,21 +882,23 @@ class Node:
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
 
     async def _refuse_lost_data(self, fresh: bool) -> None:
-        """Refuses to start an original member on an empty data dir when a leader has seen it
-        hold entries: it lost its data (see ``dengine.identity``)."""
+        """Refuses to start a member on an empty data dir when a leader has seen it hold entries:
+        it lost its data (see ``dengine.identity``). A node that joins is asked about too: a
+        wiped member given --join would be told it is a member already, and go on with nothing."""
         assert self.store is not None
         cluster = self.config.cluster
         if (
             not fresh
             or self.store.hard_state().term != 0
-            or cluster.initial_state == "existing"
-            or self._join_marker.exists()
             or self._store_override is not None
             or self.config.storage.engine == "memory"  # every start is empty: tests only
         ):
             return
+        addresses = dict(cluster.members)
+        if self._join is not None:
+            addresses[0] = self._join  # a member it was told to join through, under no id
         evidence = await identity.seen_holding_data(
-            self.id, cluster.id, cluster.members, self._channel_credentials()
+            self.id, cluster.id, addresses, self._channel_credentials()
         )
         if evidence is not None:
             raise DengineError(
@@ -910,7 +916,8 @@ class Node:
         raft, store = self.raft, self.store
         assert raft is not None and store is not None
         cluster = self.config.cluster
-        joined = cluster.initial_state == "existing" or self._join_marker.exists()
+        # A node that joined takes its configuration from the cluster, never from its file.
+        joined = self._join_marker.exists() or self.id not in cluster.members
         mine = Identity(cluster.id, self.id, () if joined else tuple(sorted(cluster.members)))
         data_dir = Path(self.config.node.data_dir)
         stored = identity.read(data_dir)
@@ -1024,6 +1031,7 @@ class Node:
         if not self._running:
             # Nothing would answer a read round; and after a failure the state may be wrong.
             raise DengineError(self.failure or "the node is not running")
+        self._check_loop_thread("read")
         consistency = consistency or self.config.read.default_consistency
         self.metrics.read(consistency)
         if consistency == "stale":
@@ -1053,8 +1061,17 @@ class Node:
         function sees the state between two entries (at or after its read index): an async
         ``apply`` may await in the middle of an entry, and a restore replaces the state piece by
         piece. Returns at once otherwise; the caller reads before it awaits anything else."""
-        while not self._settled.is_set():
-            await self._settled.wait()
+        if self._settled.is_set():
+            return
+        self._settle_waiters += 1
+        try:
+            while not self._settled.is_set():
+                await self._settled.wait()
+        finally:
+            self._settle_waiters -= 1
+        if not self._running:
+            # Woken by a stop or a failure, which may have cut an entry short.
+            raise DengineError(self.failure or "the node is not running")
 
     # --- the driver loop ----------------------------------------------------------------------------
 
@@ -1221,15 +1238,17 @@ class Node:
                     self._settled.set()
                 last = item.index
             elif self._async_apply:
-                self._settled.clear()  # an async apply may await in the middle of an entry
-                try:
-                    for entry in item:
+                for entry in item:
+                    self._settled.clear()  # an async apply may await in the middle of an entry
+                    try:
                         a = await apply_entry_async(entry, self.sessions, self.sm.apply)  # type: ignore[arg-type]
-                        if a.client_id:
-                            key = (a.client_id, a.sequence)
-                            self._answer(key, a.outcome, a.result, a.error, time.monotonic())
-                finally:
-                    self._settled.set()
+                    finally:
+                        self._settled.set()
+                    if a.client_id:
+                        key = (a.client_id, a.sequence)
+                        self._answer(key, a.outcome, a.result, a.error, time.monotonic())
+                    if self._settle_waiters:
+                        await asyncio.sleep(0)  # the reads waiting run now, between two entries
                 last = item[-1].index
             else:
                 await self._apply_chunks(item)
@@ -1446,6 +1465,9 @@ class Node:
         else:
             reason = ""
         return not reason, {**facts, "reason": reason}
+
+
+_thread_id = threading.get_ident
 
 
 def _read_with(fn: Callable[[Any], T], sm: object) -> T:

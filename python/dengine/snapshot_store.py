@@ -375,8 +375,8 @@ def _final_name(index: int, term: int) -> str:
     return f"snap-{index:020d}-{term:020d}.snap"
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes a rename or creation in the directory durable. Windows cannot open a directory.
+def fsync_directory(directory: Path) -> None:
+    """Makes a rename or creation in ``directory`` durable (Windows cannot open a directory)."""
     if os.name == "nt":
         return
     fd = os.open(directory, os.O_RDONLY)
@@ -497,7 +497,7 @@ class SnapshotWriter:
             file.close()
             os.replace(self.temp_path, self.final_path)
             self._done = True
-            _fsync_directory(self.final_path.parent)
+            fsync_directory(self.final_path.parent)
         except BaseException:
             self.abort()
             raise

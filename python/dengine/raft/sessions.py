@@ -169,9 +169,15 @@ def _describe(exc: BaseException) -> str:
     # records the same error on every replica, even for an exception whose str() fails.
     try:
         text = str(exc)
-    except Exception:
+    except BaseException:  # whatever str() raises, as the Rust path does
         text = "<str() failed>"
     return f"{type(exc).__name__}: {text}"
+
+
+# What may interrupt an apply from outside at any moment (a signal: Ctrl-C, a handler calling
+# sys.exit): recorded as a command's error on one replica only, it would fork the replicas. The
+# node stops instead. The Rust apply loop (rust/bindings/src/sessions.rs) lets the same through.
+_FROM_OUTSIDE = (KeyboardInterrupt, SystemExit)
 
 
 def _own_cancellation() -> bool:
@@ -202,8 +208,8 @@ def apply_entry(entry: Entry, sessions: SessionTable, run: RunCommand) -> Applie
     error: str | None = None
     try:
         result, error = _checked(run(entry.index, decoded.command))
-    except KeyboardInterrupt:
-        raise  # from outside, at any moment: not the command's doing
+    except _FROM_OUTSIDE:
+        raise
     except BaseException as exc:  # a failing command must not stop the node or fork replicas
         error = _describe(exc)
     return _record(entry, decoded, sessions, result, error)
@@ -218,7 +224,7 @@ async def apply_entry_async(entry: Entry, sessions: SessionTable, run: AsyncRunC
     error: str | None = None
     try:
         result, error = _checked(await run(entry.index, decoded.command))
-    except KeyboardInterrupt:
+    except _FROM_OUTSIDE:
         raise
     except asyncio.CancelledError as exc:
         if _own_cancellation():

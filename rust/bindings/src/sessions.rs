@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use dengine_core::apply::{self, Answer, Outcome, COMMAND_KIND, NOOP_KIND};
 use dengine_core::sessions::{Seen, SessionHeader, SessionTable, Stored, SESSION_KIND};
-use pyo3::exceptions::{PyKeyError, PyKeyboardInterrupt};
+use pyo3::exceptions::{PyKeyError, PyKeyboardInterrupt, PySystemExit};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
@@ -31,8 +31,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 type Row<'py> = (u64, u64, u64, Vec<(u64, Option<Bound<'py, PyBytes>>, Option<String>)>);
 
 /// Runs one command through a Python `apply(index, command)`; an exception (any but a
-/// KeyboardInterrupt, which comes from outside at any moment) becomes the command's recorded
-/// error, as `TypeName: message`, the same on every replica and in the same words as
+/// KeyboardInterrupt or a SystemExit, which may come from outside at any moment: recorded on one
+/// replica only, they would fork the replicas) becomes the command's recorded error, as
+/// `TypeName: message`, the same on every replica and in the same words as
 /// `dengine.raft.sessions._describe`.
 fn run_python(py: Python<'_>, run: &Bound<'_, PyAny>, index: u64, command: &[u8]) -> PyResult<Stored> {
     let failed = match run.call1((index, PyBytes::new(py, command))) {
@@ -42,7 +43,11 @@ fn run_python(py: Python<'_>, run: &Bound<'_, PyAny>, index: u64, command: &[u8]
             // The same words as dengine.raft.sessions._checked, which the Python path uses.
             Err(_) => format!("TypeError: apply must return bytes or None, not {}", value.get_type().name()?),
         },
-        Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => return Err(err),
+        Err(err)
+            if err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py) =>
+        {
+            return Err(err)
+        }
         Err(err) => {
             let text = match err.value(py).str() {
                 Ok(text) => text.to_string(),
