@@ -22,14 +22,16 @@ An exception raised by ``apply`` is contained: the entry still counts as applied
 the same way, since the failure is deterministic too), the proposer receives the error (as
 ``ApplyError``, ``TypeName: message``), and the node keeps running. Whatever the state machine
 changed before raising stays changed, as does the state of an ``apply`` that returns something
-other than bytes or None (also the command's error). This holds for every exception, SystemExit
-and a CancelledError that ``apply`` raised or let through included (on Python 3.10 the latter
-cannot be told from the node's own cancellation: the node stops instead); only a
-KeyboardInterrupt, which comes from outside at any moment, is not contained.
+other than bytes or None (also the command's error). This holds for every exception, a
+CancelledError that ``apply`` raised or let through included (on Python 3.10 it cannot be told
+from the node's own cancellation: the node stops instead). A KeyboardInterrupt or a SystemExit is
+not contained: either may come from outside at any moment (Ctrl-C, a signal handler calling
+``sys.exit``), and recorded as the command's error on one replica only it would fork the
+replicas; it leaves the program, as it would anywhere else.
 
 An async ``apply`` is awaited one entry at a time, in log order; while one is half applied,
 reads wait (``Node.read`` runs its function between two entries, never inside one, and never
-during a restore). ``snapshot`` and ``restore`` may also be plain methods that return an
+during a restore; the function must be a plain one: one that returns an awaitable is refused). ``snapshot`` and ``restore`` may also be plain methods that return an
 awaitable: it is awaited. A plain ``apply`` that returns a coroutine is not (its entry gets a
 TypeError): declare it ``async def``.
 
