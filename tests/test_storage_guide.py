@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from dengine.testing.logstore_conformance import LogStoreConformance, OpenStore
+from dengine.storage import HardState
+from dengine.testing.logstore_conformance import LogStoreConformance, OpenStore, batch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "docs" / "examples"))
 from sqlite_log_store import SQLiteLogStore
@@ -23,6 +27,41 @@ class TestSQLiteLogStore(LogStoreConformance):
     @pytest.fixture
     def open_store(self, tmp_path: Path) -> OpenStore:
         return lambda: SQLiteLogStore(tmp_path / "log")
+
+
+class SlowDiskSQLiteLogStore(SQLiteLogStore):
+    """The example on a disk whose commit (fsync) takes 200 ms, releasing the GIL as fsync does."""
+
+    def _commit(self, db: sqlite3.Connection) -> None:
+        time.sleep(0.2)
+        super()._commit(db)
+
+
+def test_the_loops_calls_never_wait_for_a_sync(tmp_path: Path) -> None:
+    """The node syncs on its I/O thread while its loop appends, saves the hard state and reads:
+    none of those may wait for the commit under way (that would stall the whole node)."""
+    store = SlowDiskSQLiteLogStore(tmp_path / "log")
+    store.append(batch(1, 11, 1))
+    store.sync()
+    store.append(batch(11, 21, 1))
+    with ThreadPoolExecutor(1) as io:
+        syncing = io.submit(store.sync)
+        time.sleep(0.02)  # the sync has taken the batch and is committing
+        slowest = 0.0
+        index = 21
+        while not syncing.done():
+            began = time.perf_counter()
+            store.append(batch(index, index + 1, 1))
+            store.save_hard_state(HardState(term=1, vote=1, commit=index))
+            assert store.entries(1, index + 1) == batch(1, index + 1, 1)
+            assert (store.last_index(), store.term(index), store.hard_state().commit) == (index, 1, index)
+            slowest = max(slowest, time.perf_counter() - began)
+            index += 1
+            time.sleep(0.005)
+        assert syncing.result() == 20  # what was appended before the sync began, no more
+    assert slowest < 0.1, f"a loop-side call waited {slowest * 1000:.0f} ms for the sync's commit"
+    assert store.sync() == index - 1
+    store.close()
 
 
 def test_a_node_runs_on_the_guide_engine(tmp_path: Path) -> None:
