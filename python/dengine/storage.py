@@ -106,11 +106,15 @@ class LogStore(Protocol):
         ...
 
     def sync(self) -> int:
-        """Makes earlier appends and hard-state saves durable; returns the durable last index."""
+        """Makes earlier appends and hard-state saves durable; returns the durable last index,
+        which covers only entries appended before its flush began. Runs on the node's I/O thread:
+        the loop's calls must never wait for it (docs/storage-engines.md)."""
         ...
 
     def durable_index(self) -> int:
-        """The index up to which entries are known durable."""
+        """What the last ``sync()`` returned (lowered by ``truncate_suffix``, set by ``reset``;
+        ``last_index()`` after a reopen, since what a reopened store returns must be durable).
+        The node does not call it; :mod:`dengine.testing`'s invariant checks do."""
         ...
 
     def close(self) -> None:
