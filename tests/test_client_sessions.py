@@ -359,3 +359,32 @@ def test_batches_stay_well_under_the_message_limit_whatever_the_values() -> None
         assert len(s.sizes) == 7, "small writes still share one batch"
 
     run(test)
+
+
+def test_a_watch_open_when_its_client_closes_raises_rather_than_ends(tmp_path: Path) -> None:
+    """Ending quietly would read as the end of the events to the loop consuming the watch."""
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, 1)
+        sm = KVStateMachine()
+        node = Node(cfg, sm, extra_services=kv_services(sm))
+        await node.start()
+        try:
+            c = Client([cfg.node.listen], timeout=10)
+            seen: list[bytes] = []
+
+            async def consume() -> None:
+                async for event in c.watch(b"w/"):
+                    seen.append(event.kv.key)
+
+            watching = asyncio.ensure_future(consume())
+            await c.put(b"w/1", b"x")
+            while not seen:
+                await asyncio.sleep(0.01)
+            await c.close()
+            with pytest.raises(DengineError, match="closed"):
+                await asyncio.wait_for(watching, 10)
+        finally:
+            await node.stop()
+
+    asyncio.run(main())

@@ -52,6 +52,7 @@ from dengine.errors import (
     RequestFailed,
     Unavailable,
 )
+from dengine.event_loop import cancelling_itself
 from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue, new_key_value
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -521,7 +522,8 @@ class Client(ClusterAdmin):
         delivered. Raises :class:`~dengine.errors.RequestFailed` (``OUT_OF_RANGE``) when no node
         it can reach still holds the history from that revision (each restored a later snapshot
         or dropped the events from its bounded history; nodes whose calls fail outright are not
-        waited for): read the current state and watch again from there.
+        waited for): read the current state and watch again from there. Raises
+        :class:`~dengine.errors.DengineError` when the client is closed (it never just ends).
         """
         if start_revision == 0:
             # "From now": pin now to a revision, so that a resumed stream neither skips nor replays.
@@ -543,6 +545,10 @@ class Client(ClusterAdmin):
                     asked = self._ask_members_again(address, since=asked)
                     try:
                         response = await asyncio.wait_for(call.read(), self.watch_idle_timeout)
+                    except asyncio.CancelledError:
+                        if self._closed and not cancelling_itself():
+                            raise DengineError("the client is closed") from None  # close() ended the call
+                        raise
                     except asyncio.TimeoutError:  # not TimeoutError: the two differ before Python 3.11
                         # Not even a progress notice: the node froze, or lost the cluster.
                         self._endpoints.call_failed(address, "DEADLINE_EXCEEDED")
@@ -573,6 +579,8 @@ class Client(ClusterAdmin):
                 call.cancel()
             attempts += 1
             await asyncio.sleep(retry_delay(attempts, first=0.05, cap=1.0))
+        # Ending quietly would read as "no more events" to the loop consuming the watch.
+        raise DengineError("the client is closed")
 
     # --- coalescing and retries ---------------------------------------------------------------------
 

@@ -23,7 +23,15 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar, get_args
 
-__all__ = ["EVENT_LOOPS", "EventLoopChoice", "loop_factory", "resolve", "run", "running_loop_name"]
+__all__ = [
+    "EVENT_LOOPS",
+    "EventLoopChoice",
+    "cancelling_itself",
+    "loop_factory",
+    "resolve",
+    "run",
+    "running_loop_name",
+]
 
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 EVENT_LOOPS: tuple[str, ...] = get_args(EventLoopChoice)
@@ -90,3 +98,12 @@ def run(main: Coroutine[Any, Any, T], *, loop: str = "auto", debug: bool | None 
 def running_loop_name() -> str:
     """The package of the running event loop's class, ``"uvloop"`` or ``"asyncio"`` (for logs)."""
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def cancelling_itself() -> bool:
+    """Whether the running task is itself being cancelled, as opposed to a CancelledError that
+    came out of something it awaited (a call cancelled elsewhere, a user's code). Python 3.10
+    cannot tell the two apart: there it is always taken for the task's own."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return task is None or cancelling is None or cancelling() > 0

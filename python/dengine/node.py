@@ -68,7 +68,7 @@ from dengine.removal import RemovalWatch
 from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
-from dengine.storage import LogStore, MemoryLogStore, WalLogStore
+from dengine.storage import LogStore, MemoryLogStore, WalLogStore, open_custom_log_store
 from dengine.transport.codec import Sender
 from dengine.transport.peers import GRPC_OPTIONS, MAX_MESSAGE_BYTES, PeerTransport, add_raft_service
 from dengine.v1 import cluster_pb2_grpc
@@ -185,7 +185,7 @@ def open_node_log(config: Config) -> LogStore:
     if storage.engine == "file":
         return WalLogStore(path, segment_bytes=storage.segment_bytes, preallocate=storage.preallocate)
     engine = storage.load_log_store_class()
-    return engine(path)  # type: ignore[call-arg]
+    return open_custom_log_store(storage.engine, engine, path)
 
 
 class Node:

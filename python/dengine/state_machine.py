@@ -31,9 +31,10 @@ replicas; it leaves the program, as it would anywhere else.
 
 An async ``apply`` is awaited one entry at a time, in log order; while one is half applied,
 reads wait (``Node.read`` runs its function between two entries, never inside one, and never
-during a restore; the function must be a plain one: one that returns an awaitable is refused). ``snapshot`` and ``restore`` may also be plain methods that return an
-awaitable: it is awaited. A plain ``apply`` that returns a coroutine is not (its entry gets a
-TypeError): declare it ``async def``.
+during a restore; the function must be a plain one: one that returns an awaitable is
+refused). ``snapshot`` and ``restore`` may also be plain methods that return an awaitable: it
+is awaited. A plain ``apply`` that returns a coroutine is not (its entry gets a TypeError):
+declare it ``async def``.
 
 Give each ``Node`` a state machine in its initial state, made for it: the node replays its log (and
 restores its snapshot) into it when it starts. Propose and read from the node's event loop (from

@@ -18,6 +18,7 @@ from typing import Final
 
 from dengine import _core
 from dengine._core import Entry
+from dengine.event_loop import cancelling_itself
 from dengine.raft import payload
 from dengine.raft.payload import Kind
 
@@ -180,15 +181,6 @@ def _describe(exc: BaseException) -> str:
 _FROM_OUTSIDE = (KeyboardInterrupt, SystemExit)
 
 
-def _own_cancellation() -> bool:
-    """Whether the running task is being cancelled (the node stopping), as opposed to a
-    CancelledError that a state machine's apply raised or let through. Python 3.10 cannot tell
-    the two apart: there it is always taken for the task's own."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return task is None or cancelling is None or cancelling() > 0
-
-
 def _checked(result: object) -> tuple[bytes | None, str | None]:
     """A state machine's return value as ``(result, error)``: anything but bytes or None is the
     command's error (the words match the Rust apply loop's, so every path answers alike)."""
@@ -227,7 +219,7 @@ async def apply_entry_async(entry: Entry, sessions: SessionTable, run: AsyncRunC
     except _FROM_OUTSIDE:
         raise
     except asyncio.CancelledError as exc:
-        if _own_cancellation():
+        if cancelling_itself():
             raise
         error = _describe(exc)  # the command's own (it awaited something that was cancelled)
     except BaseException as exc:
