@@ -554,37 +554,53 @@ class KVService(kv_pb2_grpc.KVServicer):
                 queue.put_nowait(None)
             ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
 
+        async def unless_restored() -> None:
+            # A snapshot restore runs on a worker thread while this loop serves watches, so it
+            # may finish between any two reads here: a revision read after it, claimed beside
+            # events read before it, would move the client past changes it never got (it
+            # resumes after the claimed revision). Each response is therefore checked, after
+            # its last read and just before it goes out, to come from the state it started in;
+            # if not, the stream ends so the client resumes where the history still reaches, or
+            # learns that nowhere does, instead of silently missing changes.
+            if self.sm.restores != restores:
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    "this node installed a snapshot; resume the watch from the last revision seen",
+                )
+
         floor = request.start_revision  # queued events below it were already sent
         restores = self.sm.restores
         try:
             if request.start_revision:
+                # The revision first: the backlog read after it reaches at least that far.
+                revision = self.sm.revision
                 try:
                     backlog = self.sm.events_since(request.start_revision - 1)
                 except KVCompactedError as exc:
                     await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
-                floor = max(floor, self.sm.revision + 1)
+                floor = max(floor, revision + 1)
                 events = [_event(e) for e in backlog if e.kv.key.startswith(request.prefix)]
-                yield kv_pb2.WatchResponse(events=events, revision=self.sm.revision)
+                await unless_restored()
+                yield kv_pb2.WatchResponse(events=events, revision=revision)
             ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
             while True:
                 batch = [await queue.get()]
                 while not queue.empty():
                     batch.append(queue.get_nowait())
-                if self.sm.restores != restores:
-                    # The state jumped to a snapshot without events for what it changed: end the
-                    # stream so the client resumes where the history still reaches, or learns
-                    # that nowhere does, instead of silently missing changes.
-                    await context.abort(
-                        grpc.StatusCode.OUT_OF_RANGE,
-                        "this node installed a snapshot; resume the watch from the last revision seen",
-                    )
+                # The state may have jumped to a snapshot without events for what it changed.
+                await unless_restored()
                 events = [
                     _event(e)
                     for e in batch
                     if e is not None and e.revision >= floor and e.kv.key.startswith(request.prefix)
                 ]
                 if events or None in batch:
-                    yield kv_pb2.WatchResponse(events=events, revision=self.sm.revision)
+                    # Every event applied up to this revision is in the batch: applies publish
+                    # on this thread, and the loop has not run anything since the queue was
+                    # emptied.
+                    revision = self.sm.revision
+                    await unless_restored()
+                    yield kv_pb2.WatchResponse(events=events, revision=revision)
         finally:
             unsubscribe()
             if ticker is not None:
