@@ -11,7 +11,9 @@ silently skip the changes in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,22 @@ from dengine import server
 from dengine.client import Client
 from dengine.errors import RequestFailed
 from dengine.kv import KVStateMachine, WatchEvent, encode_put
+from dengine.node import Node
 from dengine.v1 import kv_pb2, kv_pb2_grpc
-from test_client_sessions import one_kv_node
+from test_node_embedded import configs
+
+
+@contextlib.asynccontextmanager
+async def one_kv_node(tmp_path: Path) -> AsyncIterator[Node]:
+    """A one-node cluster serving the KV service on 127.0.0.1, in this process."""
+    (cfg,) = configs(tmp_path, 1)
+    sm = KVStateMachine()
+    node = Node(cfg, sm, extra_services=server.kv_services(sm))
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
 
 
 def leader_image(keys: list[bytes]) -> bytes:
