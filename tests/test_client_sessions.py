@@ -13,8 +13,9 @@ for the client's life, and every replica would keep every later result of the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,32 +136,41 @@ def test_a_write_whose_caller_gave_up_is_released_and_not_sent_again() -> None:
     run(test)
 
 
+@contextlib.asynccontextmanager
+async def one_kv_node(tmp_path: Path) -> AsyncIterator[Node]:
+    """A one-node cluster serving the KV service on 127.0.0.1, in this process."""
+    (cfg,) = configs(tmp_path, 1)
+    sm = KVStateMachine()
+    node = Node(cfg, sm, extra_services=kv_services(sm))
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
 def test_a_cancelled_write_leaves_no_results_pinned_on_the_server(tmp_path: Path) -> None:
     """A real node: a write cancelled while queued is not sent, and the writes after it let the
     node forget their results (before, the node kept every later result, up to 100,000 per
     client, and the client's own bookkeeping grew with every write)."""
 
     async def main() -> None:
-        (cfg,) = configs(tmp_path, 1)
-        sm = KVStateMachine()
-        node = Node(cfg, sm, extra_services=kv_services(sm))
-        await node.start()
-        try:
-            async with Client([cfg.node.listen], linger_ms=20, timeout=10) as c:
-                await c.put(b"a", b"1")
-                cancelled = asyncio.ensure_future(c.put(b"cancelled", b"x"))
-                await asyncio.sleep(0.001)  # queued, lingering
-                cancelled.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await cancelled
-                for i in range(300):
-                    await c.put(b"k%d" % i, b"v")
-                assert await c.get(b"cancelled") is None, "a cancelled write that was never sent"
-                assert len(c._in_order) <= 2
-                (kept,) = [len(results) for cid, _, _, results in node.sessions.items() if cid == c.client_id]
-                assert kept <= 2, kept
-        finally:
-            await node.stop()
+        async with (
+            one_kv_node(tmp_path) as node,
+            Client([node.config.node.listen], linger_ms=20, timeout=10) as c,
+        ):
+            await c.put(b"a", b"1")
+            cancelled = asyncio.ensure_future(c.put(b"cancelled", b"x"))
+            await asyncio.sleep(0.001)  # queued, lingering
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            for i in range(300):
+                await c.put(b"k%d" % i, b"v")
+            assert await c.get(b"cancelled") is None, "a cancelled write that was never sent"
+            assert len(c._in_order) <= 2
+            (kept,) = [len(results) for cid, _, _, results in node.sessions.items() if cid == c.client_id]
+            assert kept <= 2, kept
 
     asyncio.run(main())
 
@@ -365,12 +375,8 @@ def test_a_watch_open_when_its_client_closes_raises_rather_than_ends(tmp_path: P
     """Ending quietly would read as the end of the events to the loop consuming the watch."""
 
     async def main() -> None:
-        (cfg,) = configs(tmp_path, 1)
-        sm = KVStateMachine()
-        node = Node(cfg, sm, extra_services=kv_services(sm))
-        await node.start()
-        try:
-            c = Client([cfg.node.listen], timeout=10)
+        async with one_kv_node(tmp_path) as node:
+            c = Client([node.config.node.listen], timeout=10)
             seen: list[bytes] = []
 
             async def consume() -> None:
@@ -384,7 +390,5 @@ def test_a_watch_open_when_its_client_closes_raises_rather_than_ends(tmp_path: P
             await c.close()
             with pytest.raises(DengineError, match="closed"):
                 await asyncio.wait_for(watching, 10)
-        finally:
-            await node.stop()
 
     asyncio.run(main())
