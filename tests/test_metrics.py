@@ -4,18 +4,24 @@ scraped over a real socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from dengine import metrics as metrics_module
+from dengine.config import Config
+from dengine.devcluster import free_ports
+from dengine.kv import KVStateMachine
 from dengine.metrics import (
     APPEND_BATCH_BUCKETS,
     CONTENT_TYPE,
@@ -24,6 +30,10 @@ from dengine.metrics import (
     NodeMetrics,
     serve_metrics,
 )
+from dengine.node import Node
+from dengine.server import kv_services
+from dengine.v1 import kv_pb2, kv_pb2_grpc
+from test_node_embedded import leader_of, until
 
 T = TypeVar("T")
 
@@ -575,5 +585,99 @@ def test_server_as_async_context_manager() -> None:
             assert status == 200
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", server.port)
+
+    asyncio.run(main())
+
+
+# -- live nodes: what a running cluster records, scraped from its endpoint ---------------------
+
+
+def kv_configs(root: Path, n: int = 3) -> list[Config]:
+    """``n`` KV nodes on 127.0.0.1, each with its own metrics endpoint."""
+    ports = free_ports(2 * n)
+    members = {str(i): f"127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1)}
+    return [
+        Config.from_dict(
+            {
+                "node": {
+                    "id": i,
+                    "listen": members[str(i)],
+                    "data_dir": str(root / f"n{i}"),
+                    "metrics_listen": f"127.0.0.1:{ports[n + i - 1]}",
+                },
+                "cluster": {"id": "live", "members": members},
+                "raft": {"tick_ms": 20, "heartbeat_ms": 60, "election_timeout_ms": 400},
+            }
+        )
+        for i in range(1, n + 1)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def kv_cluster(root: Path, n: int = 3) -> AsyncIterator[tuple[Node, list[Node]]]:
+    """A started KV cluster: (its leader, every node)."""
+    nodes = []
+    for cfg in kv_configs(root, n):
+        sm = KVStateMachine()
+        nodes.append(Node(cfg, sm, extra_services=kv_services(sm)))
+    try:
+        for node in nodes:
+            await node.start()
+        leader = await until(lambda: leader_of(nodes))
+        yield leader, nodes
+    finally:
+        for node in nodes:
+            await node.stop(transfer_leadership=False)
+
+
+async def scrape(node: Node) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The node's samples as served at its ``/metrics``: (name, labels without node/cluster) -> value."""
+
+    def get() -> str:
+        url = f"http://{node.config.node.metrics_listen}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(get)):
+        for s in family.samples:
+            assert s.labels["node_id"] == str(node.id)
+            labels = frozenset((k, v) for k, v in s.labels.items() if k not in CONST)
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def grpc_errors(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[tuple[str, str], float]:
+    """(method, code) -> count of dengine_grpc_errors_total."""
+    found = {}
+    for (name, labels), count in samples.items():
+        if name == "dengine_grpc_errors_total":
+            d = dict(labels)
+            found[(d["method"], d["code"])] = count
+    return found
+
+
+def test_batched_gets_are_counted_one_read_each(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with kv_cluster(tmp_path) as (leader, _):
+            before = await scrape(leader)
+            request = kv_pb2.BatchRequest()
+            levels = {kv_pb2.LINEARIZABLE: "linearizable", kv_pb2.LEASE: "lease", kv_pb2.STALE: "stale"}
+            for level in levels:
+                for i in range(50):
+                    request.ops.add().get.CopyFrom(kv_pb2.GetRequest(key=b"k%d" % i, consistency=level))
+            async with grpc.aio.insecure_channel(leader.config.node.listen) as channel:
+                response = await kv_pb2_grpc.KVStub(channel).Batch(request)  # type: ignore[no-untyped-call]
+            assert len(response.results) == 150
+            assert not any(r.HasField("error") for r in response.results)
+            after = await scrape(leader)
+            for name in levels.values():
+                counted = sample(after, "dengine_reads_total", consistency=name)
+                counted -= sample(before, "dengine_reads_total", consistency=name)
+                assert counted == 50, name
 
     asyncio.run(main())

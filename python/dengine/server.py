@@ -314,10 +314,14 @@ class KVService(kv_pb2_grpc.KVServicer):
                 continue
             w.fill(getattr(slot, w.kind), raw)
 
-    async def _read(self, fn: Callable[[KVStateMachine], T], consistency: int) -> T:
+    async def _read(self, fn: Callable[[KVStateMachine], T], consistency: int, count: int = 1) -> T:
+        """``fn`` run as one read of ``count`` client reads (the gets of a batch): each is counted
+        in ``dengine_reads_total``, as the node counts the one read it serves."""
         mode = _CONSISTENCY.get(consistency)
         if mode is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown consistency {consistency}")
+        if count > 1:
+            self.node.metrics.read(mode, count - 1)  # node.read counts the one read it serves
         try:
             return await self.node.read(fn, mode)  # type: ignore[arg-type]  # checked just above
         except NotLeaderError as exc:
@@ -393,7 +397,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         if not valid:
             return
         try:
-            found, rev = await self._read(read_all, consistency)
+            found, rev = await self._read(read_all, consistency, len(valid))
         except (RequestError, DengineError) as exc:
             for i in valid:
                 _set_error(slots[i], exc)
