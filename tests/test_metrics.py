@@ -592,8 +592,9 @@ def test_server_as_async_context_manager() -> None:
 # -- live nodes: what a running cluster records, scraped from its endpoint ---------------------
 
 
-def kv_configs(root: Path, n: int = 3) -> list[Config]:
-    """``n`` KV nodes on 127.0.0.1, each with its own metrics endpoint."""
+def kv_configs(root: Path, n: int = 3, **sections: dict[str, object]) -> list[Config]:
+    """``n`` KV nodes on 127.0.0.1, each with its own metrics endpoint; ``sections`` adds config
+    sections (``membership={...}``)."""
     ports = free_ports(2 * n)
     members = {str(i): f"127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1)}
     return [
@@ -607,6 +608,7 @@ def kv_configs(root: Path, n: int = 3) -> list[Config]:
                 },
                 "cluster": {"id": "live", "members": members},
                 "raft": {"tick_ms": 20, "heartbeat_ms": 60, "election_timeout_ms": 400},
+                **sections,
             }
         )
         for i in range(1, n + 1)
@@ -614,10 +616,12 @@ def kv_configs(root: Path, n: int = 3) -> list[Config]:
 
 
 @contextlib.asynccontextmanager
-async def kv_cluster(root: Path, n: int = 3) -> AsyncIterator[tuple[Node, list[Node]]]:
-    """A started KV cluster: (its leader, every node)."""
+async def kv_cluster(
+    root: Path, n: int = 3, **sections: dict[str, object]
+) -> AsyncIterator[tuple[Node, list[Node]]]:
+    """A started KV cluster: (its leader, every node); a test may add nodes to the list."""
     nodes = []
-    for cfg in kv_configs(root, n):
+    for cfg in kv_configs(root, n, **sections):
         sm = KVStateMachine()
         nodes.append(Node(cfg, sm, extra_services=kv_services(sm)))
     try:
@@ -679,5 +683,34 @@ def test_batched_gets_are_counted_one_read_each(tmp_path: Path) -> None:
                 counted = sample(after, "dengine_reads_total", consistency=name)
                 counted -= sample(before, "dengine_reads_total", consistency=name)
                 assert counted == 50, name
+
+    asyncio.run(main())
+
+
+def test_an_automatic_promotion_is_one_membership_change_and_drops_the_learner_lag(tmp_path: Path) -> None:
+    membership: dict[str, object] = {"promote": "auto", "caught_up_for_ms": 200, "max_lag_entries": 10}
+
+    async def main() -> None:
+        async with kv_cluster(tmp_path, membership=membership) as (leader, nodes):
+            before = await scrape(leader)
+            d = kv_configs(tmp_path / "joiner", 1, membership=membership)[0].to_dict()
+            d["node"]["id"] = 4
+            d["cluster"] = {**leader.config.to_dict()["cluster"], "initial_state": "existing"}
+            sm = KVStateMachine()
+            joiner = Node(
+                Config.from_dict(d), sm, extra_services=kv_services(sm), join=leader.config.node.listen
+            )
+            nodes.append(joiner)
+            await joiner.start()
+            await until(lambda: 4 in leader.raft.conf.voters, timeout=20)  # type: ignore[union-attr]
+            await asyncio.sleep(0.3)  # a few membership checks after the promotion
+            after = await scrape(leader)
+            changes = {
+                dict(labels)["kind"]: value - before.get((name, labels), 0.0)
+                for (name, labels), value in after.items()
+                if name == "dengine_membership_changes_total"
+            }
+            assert changes == {"add_learner": 1, "promote": 1}
+            assert not [k for k in after if k[0] == "dengine_learner_lag_entries"], "4 is no learner"
 
     asyncio.run(main())

@@ -227,6 +227,7 @@ class MembershipManager:
             self._caught_up_since.clear()
             return
         now = time.monotonic()
+        self.node.metrics.keep_learners(raft.learners)
         for learner in sorted(raft.learners):
             lag = self.learner_lag(learner)
             if lag is not None:
@@ -242,7 +243,13 @@ class MembershipManager:
     async def _auto_promote(self, learner: int) -> None:
         try:
             await self.promote(learner)
-            self.node.metrics.membership_change("auto_promote")
+            # Counted once, as "promote", when the change applies (on every node alike).
+            log.info(
+                "node %d: promoted node %d automatically: it caught up",
+                self.node.id,
+                learner,
+                extra={"node_id": self.node.id, "peer": learner, "event": "auto_promote"},
+            )
         except (DengineError, ValueError) as exc:
             log.debug("node %d: automatic promotion of node %d deferred: %s", self.node.id, learner, exc)
 

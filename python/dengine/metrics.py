@@ -53,7 +53,7 @@ import enum
 import json
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
@@ -299,6 +299,11 @@ class NodeMetrics:
     def set_learner_lag(self, peer: int, lag: int) -> None:
         """Records how many entries a learner being caught up is behind the leader's last index."""
         self._learner_lag[peer] = lag
+
+    def keep_learners(self, learners: Collection[int]) -> None:
+        """Drops the learner lag of every peer not in ``learners`` (promoted, or removed)."""
+        for peer in [p for p in self._learner_lag if p not in learners]:
+            del self._learner_lag[peer]
 
     def remove_peer(self, peer: int) -> None:
         """Drops every per-peer series of ``peer`` (it left the cluster)."""
