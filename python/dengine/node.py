@@ -201,6 +201,11 @@ class Node:
     # 0.39 us a call here against 0.19 us for creating the future itself.
     _loop: asyncio.AbstractEventLoop
     _loop_thread: int
+    # Metrics bookkeeping: how many of _pending are proposed again (counted already when first
+    # proposed), the peers with per-peer series, and the commit index the metrics show.
+    _pending_resent = 0
+    _peer_series: frozenset[int] = frozenset()
+    _commit_shown = 0
 
     def __init__(
         self,
@@ -515,7 +520,7 @@ class Node:
 
     def _fail_everything_waiting(self, why: str) -> None:
         for key in list(self._waiters):
-            self._fail_waiters(key, lambda: OutcomeUnknownError(_UNKNOWN.format(why)))
+            self._fail_waiters(key, lambda: OutcomeUnknownError(_UNKNOWN.format(why)), "unknown")
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(DengineError(why))
@@ -566,8 +571,13 @@ class Node:
                 self._propose_again()
 
     def _update_peer_metrics(self) -> None:
-        for p in self.status().peers:
+        peers = self.status().peers
+        for p in peers:
             self.metrics.set_peer(p.id, p.match, p.lag, p.inflight)
+        current = frozenset(p.id for p in peers)
+        for gone in self._peer_series - current:
+            self.metrics.remove_peer(gone)  # it left the cluster: no series frozen at its last values
+        self._peer_series = current
 
     def _on_message(self, m: Any) -> None:
         assert self.raft is not None
@@ -732,9 +742,12 @@ class Node:
             if not proposal.futures:
                 del self._waiters[key]
 
-    def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception]) -> None:
+    def _fail_waiters(self, key: tuple[int, int], make: Callable[[], Exception], reason: str) -> None:
+        """Fails the proposal ``key`` for everyone waiting for it here, counted as failed for
+        ``reason`` (a label of ``dengine_proposals_failed_total``)."""
         proposal = self._waiters.pop(key, None)
         if proposal is not None:
+            self.metrics.proposals(1, failed_reason=reason)
             for fut in proposal.futures:
                 if not fut.done():
                     fut.set_exception(make())
@@ -742,13 +755,14 @@ class Node:
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
+        resent, self._pending_resent = self._pending_resent, 0
         if not batch or self.raft is None:
             return
-        self.metrics.proposals(len(batch))
-        self.metrics.observe_append_batch(len(batch))
+        self.metrics.proposals(len(batch) - resent)  # each proposal once, when first proposed
         try:
             indexes = self.raft.propose(batch)
             if indexes is not None:
+                self.metrics.observe_append_batch(len(batch))
                 self._commit_clock.append((indexes[1], time.monotonic(), len(batch)))
         except StorageError as exc:
             self._storage_failed(exc)
@@ -764,7 +778,6 @@ class Node:
                 else "dropped"
             )
             refusal = exc
-            failed = 0
             for p in batch:
                 d = envelope.decode(p)
                 key = (d.client_id, d.sequence)
@@ -773,10 +786,7 @@ class Node:
                     # An earlier copy may be in the log and apply yet: its waiters keep waiting,
                     # and it is proposed again later (_propose_again). Not a failed proposal.
                     continue
-                failed += 1
-                self._fail_waiters(key, lambda: _copy_refusal(refusal))
-            if failed:
-                self.metrics.proposals(failed, failed_reason=reason)
+                self._fail_waiters(key, lambda: _copy_refusal(refusal), reason)
             return
         self.pump()
 
@@ -801,7 +811,7 @@ class Node:
                     f"it waited while {applied - p.waiting_since} entries were applied; the write is not "
                     "proposed again, as its session may be forgotten by now"
                 )
-                self._fail_waiters(key, functools.partial(OutcomeUnknownError, why))
+                self._fail_waiters(key, functools.partial(OutcomeUnknownError, why), "unknown")
                 continue
             p.resent = True
             if p.payload not in queued:
@@ -809,6 +819,7 @@ class Node:
         if not waiting:
             return
         self._pending.extend(waiting)
+        self._pending_resent += len(waiting)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -876,7 +887,7 @@ class Node:
         once)."""
         removed = _UNKNOWN.format("this node was removed from the cluster")
         for key in list(self._waiters):
-            self._fail_waiters(key, lambda: OutcomeUnknownError(removed))
+            self._fail_waiters(key, lambda: OutcomeUnknownError(removed), "unknown")
         for rf in self._reads.values():
             if not rf.done():
                 rf.set_exception(NotLeaderError(None, "this node was removed from the cluster"))
@@ -1088,6 +1099,10 @@ class Node:
         assert raft is not None and transport is not None
         if self._commit_clock:
             self._observe_commits(raft.commit)
+        if raft.commit != self._commit_shown:
+            # Here, not only after an apply: a commit that applies slowly must show as a gap.
+            self._commit_shown = raft.commit
+            self.metrics.set_indexes(raft.commit, raft.applied)
         while raft.has_ready():
             rd = raft.ready()
             if rd.sync is not None and self._syncer is not None:
@@ -1143,6 +1158,7 @@ class Node:
         self.metrics.set_role(s.role, s.term, s.leader)
         if s.role is not Role.LEADER:
             self.metrics.clear_peers()
+            self._peer_series = frozenset()
             self.snapshots.on_leadership_lost()
         if s.role is Role.LEADER:
             self.leader_changes += 1
@@ -1152,8 +1168,18 @@ class Node:
             s.role.value,
             s.term,
             s.leader,
-            extra={"node_id": self.id, "term": s.term, "event": "role"},
+            extra=self._log_fields("role"),
         )
+
+    def _log_fields(self, event: str) -> dict[str, object]:
+        """The structured fields of a log line about this node: its id, term and commit index."""
+        raft = self.raft
+        return {
+            "node_id": self.id,
+            "term": raft.term if raft is not None else 0,
+            "index": raft.commit if raft is not None else 0,
+            "event": event,
+        }
 
     def _on_synced(self, seq: int, durable: int) -> None:
         if self._running and self.raft is not None:
@@ -1166,13 +1192,15 @@ class Node:
     def _storage_failed(self, exc: StorageError) -> None:
         # A failed append (a full disk, a failed fsync at a segment's end) leaves the log in an
         # unknown state, as a failed sync does (the store refuses further work): stop, and say so.
-        log.critical("node %d: the log store failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+        log.critical(
+            "node %d: the log store failed, stopping: %s", self.id, exc, extra=self._log_fields("error")
+        )
         self._fail_stop(exc)
 
     def _on_sync_failed(self, exc: DengineError) -> None:
         # After a failed fsync the page cache may have dropped writes the store cannot redo:
         # the only safe course is to stop participating (fail-stop) and say so loudly.
-        log.critical("node %d: log sync failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+        log.critical("node %d: log sync failed, stopping: %s", self.id, exc, extra=self._log_fields("error"))
         self._fail_stop(exc)
 
     def _fail_stop(self, exc: Exception, failure: str = "a storage failure") -> None:
@@ -1202,7 +1230,7 @@ class Node:
     def _apply_failed(self, exc: Exception) -> None:
         # A bug, not a command's failure (those are contained per command): what this node
         # would apply next could not be trusted, so it stops rather than leave callers hanging.
-        log.critical("node %d: applying failed, stopping: %s", self.id, exc, extra={"node_id": self.id})
+        log.critical("node %d: applying failed, stopping: %s", self.id, exc, extra=self._log_fields("error"))
         self._fail_stop(exc, "an apply failure")
 
     async def _apply_committed_forever(self) -> None:
@@ -1346,7 +1374,13 @@ class Node:
             await self.snapshots.restore(info)
         except Exception as exc:
             # The log was already reset to the snapshot: without its state this node cannot go on.
-            log.critical("node %d: cannot install the snapshot at index %d: %s", self.id, info.index, exc)
+            log.critical(
+                "node %d: cannot install the snapshot at index %d: %s",
+                self.id,
+                info.index,
+                exc,
+                extra=self._log_fields("error"),
+            )
             self._fail_stop(exc)
             raise
         # Proposals waiting here whose entries the snapshot covers get their recorded results.
@@ -1385,8 +1419,9 @@ class Node:
         self.metrics.observe_apply_latency(now - proposal.started)
         self._settle(proposal, outcome, result, error)
 
-    @staticmethod
-    def _settle(proposal: Proposal, outcome: Outcome, result: bytes | None, error: str | None) -> None:
+    def _settle(self, proposal: Proposal, outcome: Outcome, result: bytes | None, error: str | None) -> None:
+        if outcome is Outcome.STALE or error is not None:
+            self.metrics.proposals(1, failed_reason="stale" if outcome is Outcome.STALE else "apply_error")
         for fut in proposal.futures:
             if fut.done():
                 continue
