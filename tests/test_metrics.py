@@ -33,7 +33,8 @@ from dengine.metrics import (
 from dengine.node import Node
 from dengine.server import kv_services
 from dengine.v1 import kv_pb2, kv_pb2_grpc
-from test_node_embedded import leader_of, until
+from test_node_embedded import Counter, configs, leader_of, started, until, with_section
+from test_node_snapshots import left_behind_a_snapshot
 
 T = TypeVar("T")
 
@@ -712,5 +713,35 @@ def test_an_automatic_promotion_is_one_membership_change_and_drops_the_learner_l
             }
             assert changes == {"add_learner": 1, "promote": 1}
             assert not [k for k in after if k[0] == "dengine_learner_lag_entries"], "4 is no learner"
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_sent_to_a_follower_is_counted_on_the_leader(tmp_path: Path) -> None:
+    cfgs = [
+        Config.from_dict({**c.to_dict(), "node": {**c.to_dict()["node"], "metrics_listen": f"127.0.0.1:{p}"}})
+        for c, p in zip(configs(tmp_path), free_ports(3), strict=True)
+    ]
+    cfgs = with_section(cfgs, "snapshot", entries=100, trailing_entries=10, chunk_bytes=4096)
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            index = await left_behind_a_snapshot(nodes, 200)
+            leader = await until(lambda: leader_of(nodes))
+            before = await scrape(leader)
+            nodes[index] = back = Node(cfgs[index], state_machine=Counter())
+            await back.start()
+            await until(lambda: back.snapshots.installed == 1)
+            after = await scrape(leader)
+            assert (
+                sample(after, "dengine_snapshots_sent_total") - sample(before, "dengine_snapshots_sent_total")
+                == 1
+            )
+            size = leader.snapshots.latest.size  # type: ignore[union-attr]
+            sent = sample(after, "dengine_snapshot_sent_bytes_total")
+            assert sent - sample(before, "dengine_snapshot_sent_bytes_total") == size
+            installed = await scrape(back)
+            assert sample(installed, "dengine_snapshots_total") == 1
+            assert sample(installed, "dengine_snapshots_sent_total") == 0
 
     asyncio.run(main())

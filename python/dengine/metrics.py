@@ -35,10 +35,12 @@ Metric names (counters are exposed with the ``_total`` suffix, histograms as ``_
     dengine_proposals_failed_total{reason}
     dengine_reads_total{consistency}
     dengine_grpc_errors_total{method,code}
-    dengine_snapshots_total / dengine_snapshot_bytes_total
+    dengine_snapshots_total / dengine_snapshot_bytes_total           created or installed
+    dengine_snapshots_sent_total / dengine_snapshot_sent_bytes_total leader: sent to followers
     dengine_membership_changes_total{kind}
     dengine_propose_to_commit_seconds / dengine_propose_to_apply_seconds   histograms
     dengine_fsync_seconds / dengine_append_batch_entries / dengine_snapshot_duration_seconds
+    dengine_snapshot_send_seconds                                     histogram
 
 :func:`serve_metrics` exposes ``GET /metrics`` with a deliberately tiny HTTP/1.1 server on the
 node's own event loop (no threads): one request per connection, bounded request size, read and
@@ -228,6 +230,9 @@ class NodeMetrics:
         self._grpc_errors: dict[tuple[str, str], int] = {}
         self._snapshots = 0
         self._snapshot_bytes = 0
+        self._snapshots_sent = 0
+        self._snapshot_sent_bytes = 0
+        self._snapshot_send_duration = _Histogram(SNAPSHOT_DURATION_BUCKETS)
         self._membership_changes: dict[str, int] = {}
         self._commit_latency = _Histogram(LATENCY_BUCKETS)
         self._apply_latency = _Histogram(LATENCY_BUCKETS)
@@ -332,6 +337,13 @@ class NodeMetrics:
         self._snapshots += 1
         self._snapshot_bytes += nbytes
         self._snapshot_duration.observe(seconds)
+
+    def snapshot_sent(self, nbytes: int, seconds: float) -> None:
+        """Counts one snapshot sent to a follower that installed it, the bytes sent (from the
+        offset the follower resumed at) and the transfer's duration."""
+        self._snapshots_sent += 1
+        self._snapshot_sent_bytes += nbytes
+        self._snapshot_send_duration.observe(seconds)
 
     def membership_change(self, kind: str) -> None:
         """Counts one applied membership change (e.g. ``"add_learner"``, ``"promote"``,
@@ -451,6 +463,12 @@ class NodeMetrics:
         yield self._counter(
             "dengine_snapshot_bytes", "Bytes of snapshots created or installed.", self._snapshot_bytes
         )
+        yield self._counter(
+            "dengine_snapshots_sent", "Snapshots sent to followers that installed them.", self._snapshots_sent
+        )
+        yield self._counter(
+            "dengine_snapshot_sent_bytes", "Bytes of snapshots sent to followers.", self._snapshot_sent_bytes
+        )
         yield self._labelled_counter(
             "dengine_membership_changes",
             "Membership changes applied, by kind.",
@@ -470,6 +488,9 @@ class NodeMetrics:
         )
         yield self._snapshot_duration.family(
             "dengine_snapshot_duration_seconds", "Time to create or install a snapshot.", labels
+        )
+        yield self._snapshot_send_duration.family(
+            "dengine_snapshot_send_seconds", "Time to send a snapshot to a follower.", labels
         )
 
 

@@ -411,6 +411,8 @@ class SnapshotManager:
                     start = offer.next_offset
                     reply = await stub.InstallSnapshot(self._chunks(chunker, header, start))
                     ok = reply.installed
+                    if ok:
+                        node.metrics.snapshot_sent(chunker.size - start, time.monotonic() - began)
                     log.info(
                         "node %d: sent snapshot at index %d to node %d: %d bytes from offset %d in %.2f s",
                         node.id,
