@@ -32,7 +32,7 @@ from dengine.metrics import (
 )
 from dengine.node import Node
 from dengine.server import kv_services
-from dengine.v1 import kv_pb2, kv_pb2_grpc
+from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, raft_pb2_grpc
 from test_node_embedded import Counter, configs, leader_of, started, until, with_section
 from test_node_snapshots import left_behind_a_snapshot
 
@@ -743,5 +743,46 @@ def test_a_snapshot_sent_to_a_follower_is_counted_on_the_leader(tmp_path: Path) 
             installed = await scrape(back)
             assert sample(installed, "dengine_snapshots_total") == 1
             assert sample(installed, "dengine_snapshots_sent_total") == 0
+
+    asyncio.run(main())
+
+
+def test_refused_calls_and_failed_operations_are_counted_as_grpc_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with kv_cluster(tmp_path) as (leader, nodes):
+            for node in nodes:  # what node.py does once it wires the transport to its metrics
+                assert node.transport is not None
+                node.transport.on_grpc_error = node.metrics.grpc_error
+            follower = next(n for n in nodes if n is not leader)
+            async with grpc.aio.insecure_channel(follower.config.node.listen) as channel:
+                # Three writes in one batch sent to a follower: each answered FAILED_PRECONDITION.
+                batch = kv_pb2.BatchRequest()
+                for i in range(3):
+                    batch.ops.add().put.CopyFrom(kv_pb2.PutRequest(key=b"k%d" % i, value=b"v"))
+                kv = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]
+                answer = await kv.Batch(batch)
+                assert all(r.error.startswith("FAILED_PRECONDITION") for r in answer.results)
+                # A membership change asked of a follower.
+                cluster = cluster_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await cluster.Promote(cluster_pb2.PromoteRequest(id=9))
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                # A peer message from another cluster.
+                raft = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
+                stranger = raft_pb2.RaftBatch(
+                    messages=[raft_pb2.RaftMessage(cluster_id="other", to=follower.id)]
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await raft.Messages(iter([stranger]))
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            errors = grpc_errors(await scrape(follower))
+            assert errors[("Batch", "FAILED_PRECONDITION")] == 3
+            assert errors[("Promote", "FAILED_PRECONDITION")] == 1
+            assert errors[("Messages", "FAILED_PRECONDITION")] == 1
+            # A peer that went away: the leader's stream to it fails, and is counted.
+            await follower.stop(transfer_leadership=False)
+            out = {"method": "Messages/out", "code": "UNAVAILABLE"}
+            await until(lambda: value(leader.metrics, "dengine_grpc_errors_total", **out))
+            assert grpc_errors(await scrape(leader))[("Messages/out", "UNAVAILABLE")] >= 1
 
     asyncio.run(main())

@@ -40,6 +40,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
+    async def _abort(self, context: Any, method: str, code: grpc.StatusCode, details: str) -> None:
+        """Ends the call with ``code``, counted in ``dengine_grpc_errors_total``."""
+        self.node.metrics.grpc_error(method, code)
+        await context.abort(code, details)
+
     async def Status(self, request: cluster_pb2.StatusRequest, context: Any) -> cluster_pb2.StatusResponse:
         s = self.node.status()
         members = self.node.members.addresses
@@ -72,17 +77,20 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         )
 
     async def _unimplemented(self, context: Any, what: str) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not available yet")
+        await self._abort(context, what, grpc.StatusCode.UNIMPLEMENTED, f"{what} is not available yet")
 
-    async def _membership(self, change: Awaitable[None], context: Any) -> cluster_pb2.MembershipResponse:
+    async def _membership(
+        self, change: Awaitable[None], context: Any, method: str
+    ) -> cluster_pb2.MembershipResponse:
         try:
             await change
         except NotLeaderError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, leader_details(self.node, exc.leader))
+            details = leader_details(self.node, exc.leader)
+            await self._abort(context, method, grpc.StatusCode.FAILED_PRECONDITION, details)
         except ValueError as exc:  # ConfChangeError: refused, with the reason
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await self._abort(context, method, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except DengineError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(exc))
         raft = self.node.raft
         assert raft is not None
         return cluster_pb2.MembershipResponse(
@@ -95,22 +103,24 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self, request: cluster_pb2.AddLearnerRequest, context: Any
     ) -> cluster_pb2.MembershipResponse:
         if not request.id or not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a new member needs an id and an address")
+            details = "a new member needs an id and an address"
+            await self._abort(context, "AddLearner", grpc.StatusCode.INVALID_ARGUMENT, details)
         try:
             check_address(request.address)
         except ConfChangeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return await self._membership(self.node.add_learner(request.id, request.address), context)
+            await self._abort(context, "AddLearner", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        change = self.node.add_learner(request.id, request.address)
+        return await self._membership(change, context, "AddLearner")
 
     async def Promote(
         self, request: cluster_pb2.PromoteRequest, context: Any
     ) -> cluster_pb2.MembershipResponse:
-        return await self._membership(self.node.promote(request.id, force=request.force), context)
+        return await self._membership(self.node.promote(request.id, force=request.force), context, "Promote")
 
     async def RemoveMember(
         self, request: cluster_pb2.RemoveMemberRequest, context: Any
     ) -> cluster_pb2.MembershipResponse:
-        return await self._membership(self.node.remove_member(request.id), context)
+        return await self._membership(self.node.remove_member(request.id), context, "RemoveMember")
 
     async def Snapshot(
         self, request: cluster_pb2.SnapshotRequest, context: Any
@@ -118,10 +128,12 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         try:
             snap = await self.node.snapshot()
         except DengineError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"snapshot failed: {exc}")
+            details = f"snapshot failed: {exc}"
+            await self._abort(context, "Snapshot", grpc.StatusCode.FAILED_PRECONDITION, details)
             raise
         if snap is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing has been applied yet")
+            details = "nothing has been applied yet"
+            await self._abort(context, "Snapshot", grpc.StatusCode.FAILED_PRECONDITION, details)
             raise AssertionError("unreachable")
         return cluster_pb2.SnapshotResponse(index=snap.meta.index, term=snap.meta.term, bytes=snap.size)
 
@@ -131,9 +143,10 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         try:
             target = await self.node.move_leader(request.id or None)
         except NotLeaderError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, leader_details(self.node, exc.leader))
+            details = leader_details(self.node, exc.leader)
+            await self._abort(context, "TransferLeader", grpc.StatusCode.FAILED_PRECONDITION, details)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._abort(context, "TransferLeader", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LeadershipTransferError as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+            await self._abort(context, "TransferLeader", grpc.StatusCode.ABORTED, str(exc))
         return cluster_pb2.TransferLeaderResponse(leader_id=target)

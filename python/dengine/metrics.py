@@ -326,11 +326,11 @@ class NodeMetrics:
         ``"stale"``)."""
         _bump(self._reads, consistency, n, _MAX_LABEL_VALUES, _OTHER)
 
-    def grpc_error(self, method: str, code: str | enum.Enum) -> None:
-        """Counts one failed gRPC call. ``code`` is a ``grpc.StatusCode`` (its name is used) or a
-        string such as ``"UNAVAILABLE"``."""
+    def grpc_error(self, method: str, code: str | enum.Enum, n: int = 1) -> None:
+        """Counts ``n`` failed gRPC calls (or failed operations of one batch call). ``code`` is a
+        ``grpc.StatusCode`` (its name is used) or a string such as ``"UNAVAILABLE"``."""
         key = (method, _label_value(code))
-        _bump(self._grpc_errors, key, 1, _MAX_GRPC_LABEL_PAIRS, (_OTHER, _OTHER))
+        _bump(self._grpc_errors, key, n, _MAX_GRPC_LABEL_PAIRS, (_OTHER, _OTHER))
 
     def snapshot_done(self, nbytes: int, seconds: float) -> None:
         """Counts one snapshot created or installed, its size and its duration."""

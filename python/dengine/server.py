@@ -216,8 +216,14 @@ def _error_text(exc: RequestError | DengineError) -> str:
     return f"{code.name}: {details}"
 
 
-def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError) -> None:
-    slot.error = _error_text(exc)
+_Tally = dict[grpc.StatusCode, int]
+"""Failed operations of one batch, by status code: counted in the metrics once per batch."""
+
+
+def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError, tally: _Tally) -> None:
+    code, details = _status_of(exc)
+    slot.error = f"{code.name}: {details}"
+    tally[code] = tally.get(code, 0) + 1
 
 
 _OP_KINDS = {_OP_PUT: "put", _OP_DELETE: "delete", _OP_CAS: "cas"}  # the write kinds of a batch
@@ -283,7 +289,9 @@ class KVService(kv_pb2_grpc.KVServicer):
         w.fill(response, raw)
         return response
 
-    async def _writes(self, ops: list[kv_pb2.Operation], slots: list[kv_pb2.OperationResult]) -> None:
+    async def _writes(
+        self, ops: list[kv_pb2.Operation], slots: list[kv_pb2.OperationResult], tally: _Tally
+    ) -> None:
         """Proposes every write of a batch together (one append, one fsync), waits for all of
         them on their futures, without a task per operation, and answers each in its slot."""
         prepared: list[tuple[kv_pb2.OperationResult, _Write, asyncio.Future[bytes]]] = []
@@ -293,14 +301,14 @@ class KVService(kv_pb2_grpc.KVServicer):
                 try:
                     w = _prepare(op)
                 except RequestError as exc:
-                    _set_error(slot, exc)
+                    _set_error(slot, exc, tally)
                     continue
                 prepared.append((slot, w, self._submit(w)))
         except (RequestError, DengineError) as exc:
             submitted = {id(p[0]) for p in prepared}
             for slot in slots:
                 if id(slot) not in submitted and not slot.HasField("error"):
-                    _set_error(slot, exc)
+                    _set_error(slot, exc, tally)
         for slot, w, f in prepared:
             # One by one rather than gathered: they complete together, so this suspends about
             # once, where gather adds a callback and an event-loop turn per future.
@@ -310,7 +318,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                 failure = self._write_error(exc)
                 if not isinstance(failure, (RequestError, DengineError)):
                     raise
-                _set_error(slot, failure)
+                _set_error(slot, failure, tally)
                 continue
             w.fill(getattr(slot, w.kind), raw)
 
@@ -352,6 +360,13 @@ class KVService(kv_pb2_grpc.KVServicer):
             self.node.metrics.grpc_error(method, code)
             await context.abort(code, details)
             raise AssertionError("unreachable") from exc
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise  # context.abort: counted where it was called
+        except Exception:
+            self.node.metrics.grpc_error(method, grpc.StatusCode.UNKNOWN)  # gRPC answers UNKNOWN
+            raise
 
     async def Put(self, request: kv_pb2.PutRequest, context: Any) -> kv_pb2.PutResponse:
         return await self._call(context, self._put(request), "Put")
@@ -379,7 +394,11 @@ class KVService(kv_pb2_grpc.KVServicer):
         return await self._call(context, run(), "Range")
 
     async def _gets(
-        self, gets: list[kv_pb2.GetRequest], consistency: int, slots: list[kv_pb2.OperationResult]
+        self,
+        gets: list[kv_pb2.GetRequest],
+        consistency: int,
+        slots: list[kv_pb2.OperationResult],
+        tally: _Tally,
     ) -> None:
         """Answers many gets of one consistency with a single read: one ReadIndex round (or
         lease check) and one visit to the state machine for all of them."""
@@ -389,7 +408,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                 _check_key(r.key)
                 valid.append(i)
             except RequestError as exc:
-                _set_error(slots[i], exc)
+                _set_error(slots[i], exc, tally)
 
         def read_all(sm: KVStateMachine) -> tuple[list[KeyValue | None], int]:
             return [sm.get(gets[i].key) for i in valid], sm.revision
@@ -400,7 +419,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             found, rev = await self._read(read_all, consistency, len(valid))
         except (RequestError, DengineError) as exc:
             for i in valid:
-                _set_error(slots[i], exc)
+                _set_error(slots[i], exc, tally)
             return
         for i, kv in zip(valid, found, strict=True):
             answer = slots[i].get
@@ -411,7 +430,7 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def Batch(self, request: bytes, context: Any) -> bytes:
         """Takes and answers raw bytes (see :func:`add_kv_service`); :meth:`_answer_batch` says how."""
-        return await self._call(context, self._answer_batch(request), "Batch")
+        return await self._call(context, self._answer_batch(request, "Batch"), "Batch")
 
     async def BatchStream(self, envelopes: AsyncIterator[bytes], context: Any) -> None:
         """Batches over one long-lived stream, raw bytes both ways: each ``StreamedBatch`` is
@@ -462,7 +481,7 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def _answer_streamed(self, streamed: kv_pb2.StreamedBatch) -> bytes:
         try:
-            batch = await self._answer_batch(streamed.batch)
+            batch = await self._answer_batch(streamed.batch, "BatchStream")
         except (RequestError, DengineError) as exc:
             code, details = _status_of(exc)
             self.node.metrics.grpc_error("BatchStream", code)
@@ -470,28 +489,43 @@ class KVService(kv_pb2_grpc.KVServicer):
             return refused.SerializeToString()
         return kv_pb2.StreamedBatchAnswer(id=streamed.id, batch=batch).SerializeToString()
 
-    async def _answer_batch(self, request: bytes) -> bytes:
+    async def _answer_batch(self, request: bytes, method: str) -> bytes:
         """A batch of session writes, what a client under load sends, goes from request bytes to
         log payloads and from results to response bytes in Rust, with one waiter for the whole
         batch; any other batch goes through the protobuf messages. Both paths answer alike
-        (``tests/test_kv_batch_wire.py``). Raises :class:`RequestError` for a batch refused whole."""
+        (``tests/test_kv_batch_wire.py``). Raises :class:`RequestError` for a batch refused whole.
+        Operations answered with an error are counted as gRPC errors of ``method``, by code."""
         writes = parse_kv_session_writes(request)
         if writes is None or len(writes[1]) > MAX_BATCH:
             try:
                 message = kv_pb2.BatchRequest.FromString(request)
             except DecodeError:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed BatchRequest") from None
-            return (await self._batch(message)).SerializeToString()
+            tally: _Tally = {}
+            answered = (await self._batch(message, tally)).SerializeToString()
+            self._count_errors(method, tally)
+            return answered
         ops, keys, payloads = writes
-        answers = await self._group_answers(keys, payloads)
+        answers = await self._group_answers(keys, payloads, method)
         encoded = encode_kv_write_answers(ops, answers)
         return encoded if encoded is not None else _answers_message(ops, answers).SerializeToString()
 
-    async def _group_answers(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> list[bytes | str]:
+    def _count_errors(self, method: str, tally: _Tally) -> None:
+        metrics = self.node.metrics
+        for code, n in tally.items():
+            if n == 1:  # the two-argument form, which test stand-ins of the node's metrics take
+                metrics.grpc_error(method, code)
+            else:
+                metrics.grpc_error(method, code, n)
+
+    async def _group_answers(
+        self, keys: list[tuple[int, int]], payloads: list[bytes], method: str = "Batch"
+    ) -> list[bytes | str]:
         try:
             self._check_leader()
             group = self.node.submit_group(keys, payloads)
         except (RequestError, DengineError) as exc:
+            self.node.metrics.grpc_error(method, _status_of(exc)[0], len(keys))
             return [_error_text(exc)] * len(keys)
         try:
             settled = await group.future
@@ -501,6 +535,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         if not group.failed:  # the usual case: every answer is result bytes
             return settled  # type: ignore[return-value]
         answers: list[bytes | str] = []
+        tally: _Tally = {}
         for a in settled:
             if isinstance(a, bytes):
                 answers.append(a)
@@ -509,10 +544,13 @@ class KVService(kv_pb2_grpc.KVServicer):
             failure = self._write_error(a)
             if not isinstance(failure, (RequestError, DengineError)):
                 raise failure
+            code = _status_of(failure)[0]
+            tally[code] = tally.get(code, 0) + 1
             answers.append(_error_text(failure))
+        self._count_errors(method, tally)
         return answers
 
-    async def _batch(self, request: kv_pb2.BatchRequest) -> kv_pb2.BatchResponse:
+    async def _batch(self, request: kv_pb2.BatchRequest, tally: _Tally) -> kv_pb2.BatchResponse:
         if len(request.ops) > MAX_BATCH:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch holds at most {MAX_BATCH} operations"
@@ -530,15 +568,21 @@ class KVService(kv_pb2_grpc.KVServicer):
                 writes.append(i)
         ops = request.ops
         work: list[Coroutine[Any, Any, None]] = [
-            self._gets([ops[i].get for i in where], c, [slots[i] for i in where]) for c, where in gets.items()
+            self._gets([ops[i].get for i in where], c, [slots[i] for i in where], tally)
+            for c, where in gets.items()
         ]
         if writes:
-            work.append(self._writes([ops[i] for i in writes], [slots[i] for i in writes]))
+            work.append(self._writes([ops[i] for i in writes], [slots[i] for i in writes], tally))
         if len(work) == 1:  # the usual case: no task for it
             await work[0]
         else:
             await asyncio.gather(*work)
         return response
+
+    def _watch_ended_out_of_range(self) -> None:
+        metrics = getattr(self.node, "metrics", None)  # tests serve watches from stand-in nodes
+        if metrics is not None:
+            metrics.grpc_error("Watch", grpc.StatusCode.OUT_OF_RANGE)
 
     async def Watch(self, request: kv_pb2.WatchRequest, context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
         """Events under the prefix from ``start_revision``, then live ones as they apply, bundled
@@ -567,6 +611,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             # if not, the stream ends so the client resumes where the history still reaches, or
             # learns that nowhere does, instead of silently missing changes.
             if self.sm.restores != restores:
+                self._watch_ended_out_of_range()
                 await context.abort(
                     grpc.StatusCode.OUT_OF_RANGE,
                     "this node installed a snapshot; resume the watch from the last revision seen",
@@ -581,6 +626,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                 try:
                     backlog = self.sm.events_since(request.start_revision - 1)
                 except KVCompactedError as exc:
+                    self._watch_ended_out_of_range()
                     await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
                 floor = max(floor, revision + 1)
                 events = [_event(e) for e in backlog if e.kv.key.startswith(request.prefix)]

@@ -376,6 +376,14 @@ class SnapshotManager:
             task.cancel()
         self._senders.clear()
 
+    def _send_failed(self, peer: int, exc: Exception) -> None:
+        """Logs a failed snapshot send, and counts a failed call as a gRPC error."""
+        detail = str(exc)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            detail = exc.details() or exc.code().name
+            self.node.metrics.grpc_error("InstallSnapshot/out", exc.code())
+        log.warning("node %d: sending a snapshot to node %d failed: %s", self.node.id, peer, detail)
+
     async def _send(self, peer: int) -> None:
         node, snap = self.node, self.latest
         raft = node.raft
@@ -431,8 +439,7 @@ class SnapshotManager:
             # waiting for a snapshot nobody sends.
             log.warning("node %d: sending a snapshot to node %d failed: its chunks stopped", node.id, peer)
         except (grpc.aio.AioRpcError, DengineError, OSError) as exc:
-            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            log.warning("node %d: sending a snapshot to node %d failed: %s", node.id, peer, detail)
+            self._send_failed(peer, exc)
         finally:
             if snap is not None:
                 self._unpin(snap.path)

@@ -155,6 +155,14 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self.on_unknown_to: Callable[[int], None] | None = None
         """Called with a peer's id when it refuses this node's messages as coming from a node
         not in its configuration (see ``dengine.removal``)."""
+        self.on_grpc_error: Callable[[str, grpc.StatusCode], None] | None = None
+        """Set by the node (``NodeMetrics.grpc_error``): called with the method and the status of
+        every peer call this node refuses (``Messages``, ``OfferSnapshot``, ``InstallSnapshot``)
+        and of every stream to a peer that fails (``Messages/out``)."""
+
+    def _count_error(self, method: str, code: grpc.StatusCode) -> None:
+        if self.on_grpc_error is not None:
+            self.on_grpc_error(method, code)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -276,6 +284,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
+                self._count_error("Messages/out", exc.code())
                 if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                     log.warning("peer %d refused our messages: %s", peer, exc.details())
                     if self.on_unknown_to is not None and _refused_as_unknown(exc):
@@ -283,6 +292,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 else:
                     log.debug("stream to peer %d ended: %s", peer, exc.code())
             except Exception:
+                self._count_error("Messages/out", grpc.StatusCode.UNKNOWN)
                 log.exception("stream to peer %d failed", peer)
             finally:
                 # grpc leaves a failed stream's request iterator waiting on its queue: sharing
@@ -341,7 +351,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                             f"{MAX_GUESTS} nodes outside its configuration"
                         )
                 except WireError as exc:
-                    await self._refuse(context, exc)
+                    await self._refuse(context, exc, "Messages")
                 self.on_message(m)
         return raft_pb2.StreamClosed()
 
@@ -355,7 +365,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                     back.set()
                 return
 
-    async def _refuse(self, context: Any, exc: WireError) -> None:
+    async def _refuse(self, context: Any, exc: WireError, method: str) -> None:
         self.rejected += 1
         code = (
             grpc.StatusCode.FAILED_PRECONDITION
@@ -364,6 +374,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         )
         log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
         marked = ((REFUSAL_KEY, UNKNOWN_SENDER),) if isinstance(exc, UnknownSenderError) else ()
+        self._count_error(method, code)
         await context.abort(code, str(exc), trailing_metadata=marked)
         raise AssertionError("unreachable") from exc
 
@@ -388,7 +399,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             self._check_header(request)
             return await self._receiver().offer(request)
         except WireError as exc:
-            await self._refuse(context, exc)
+            await self._refuse(context, exc, "OfferSnapshot")
             raise
 
     async def InstallSnapshot(
@@ -405,14 +416,16 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         try:
             return await self._receiver().receive(checked())
         except WireError as exc:
-            await self._refuse(context, exc)
+            await self._refuse(context, exc, "InstallSnapshot")
             raise
         except (ValueError, SnapshotChunkError) as exc:
             log.warning("refused a snapshot chunk: %s (peer %s)", exc, context.peer())
+            self._count_error("InstallSnapshot", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
         except SnapshotIntegrityError as exc:
             log.error("a received snapshot failed verification: %s (peer %s)", exc, context.peer())
+            self._count_error("InstallSnapshot", grpc.StatusCode.DATA_LOSS)
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             raise
 
