@@ -53,7 +53,7 @@ def test_a_node_joins_is_promoted_automatically_and_the_leader_removes_itself(tm
             await until(
                 lambda: joiner.raft is not None and joiner.raft.conf.voters == frozenset({1, 2, 3, 4})
             )
-            await until(lambda: 'kind="auto_promote"' in leader.metrics.render().decode())
+            await until(lambda: 'kind="promote"' in leader.metrics.render().decode())
             metrics = leader.metrics.render().decode()
             assert 'kind="add_learner"' in metrics and 'kind="promote"' in metrics
             assert "dengine_learner_lag_entries" in metrics

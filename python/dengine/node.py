@@ -398,6 +398,7 @@ class Node:
         self.transport.snapshots = self.snapshots
         self.transport.on_unknown_to = self._refused_as_unknown
         self.transport.takes_outsider = self._takes_outsider
+        self.transport.on_grpc_error = self.metrics.grpc_error
         # No SO_REUSEPORT (grpc's default): a second node given a port already in use must fail
         # to start, not share it and answer half the requests with another cluster's state.
         self.server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
