@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dengine.errors import ApplyError, OutcomeUnknownError
 from dengine.node import Node
+from dengine.transport.peers import PeerTransport
 from test_node_embedded import Counter, configs, leader_of, started, until
 from test_state_machine_rules import Slow
 
@@ -116,3 +117,22 @@ def test_role_changes_and_failures_are_logged_with_term_and_index(
         asyncio.run(main())
     roles = [r for r in caplog.records if getattr(r, "event", None) == "role"]
     assert roles and all(hasattr(r, "term") and hasattr(r, "index") and hasattr(r, "node_id") for r in roles)
+
+
+def test_snapshot_and_transport_log_lines_carry_the_node_and_term(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, n=1)
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await node.propose(b"1")
+            assert await node.snapshot() is not None
+
+    with caplog.at_level(logging.INFO, logger="dengine"):
+        asyncio.run(main())
+        PeerTransport(7, "c", {}, lambda m: None)._welcome(9, "h:9")
+    snapshots = [r for r in caplog.records if getattr(r, "event", None) == "snapshot"]
+    assert snapshots and all(getattr(r, "term", 0) >= 1 and getattr(r, "index", 0) >= 2 for r in snapshots)
+    (welcome,) = [r for r in caplog.records if "taking messages from node 9" in r.getMessage()]
+    assert getattr(welcome, "node_id", None) == 7

@@ -150,7 +150,7 @@ class SnapshotManager:
                 snap.meta.term,
                 snap.size,
                 time.monotonic() - began,
-                extra={"node_id": self.node.id, "index": snap.meta.index, "event": "snapshot"},
+                extra=self._fields(snap.meta.index),
             )
         self.latest = snap
         return snap
@@ -227,7 +227,15 @@ class SnapshotManager:
     def _created(self, fut: asyncio.Future[SnapshotFile | None]) -> None:
         self._creating = None
         if not fut.cancelled() and fut.exception() is not None:
-            log.error("node %d: snapshot failed: %s", self.node.id, fut.exception())
+            log.error("node %d: snapshot failed: %s", self.node.id, fut.exception(), extra=self._fields())
+
+    def _fields(self, index: int | None = None) -> dict[str, object]:
+        """Structured log fields: the node's id and term, and the snapshot's index (or the
+        node's commit index when the line is about no one snapshot)."""
+        fields = self.node._log_fields("snapshot")
+        if index is not None:
+            fields["index"] = index
+        return fields
 
     async def create(self) -> SnapshotFile | None:
         """Takes a snapshot now (or joins the one being taken); returns the newest snapshot, or
@@ -293,7 +301,7 @@ class SnapshotManager:
             meta.term,
             snap.size,
             elapsed,
-            extra={"node_id": node.id, "term": raft.term, "index": index, "event": "snapshot"},
+            extra=self._fields(index),
         )
         await self._compact(index, log_bytes)
         return snap
@@ -334,7 +342,7 @@ class SnapshotManager:
         try:
             removed = await self._run(store.prune, self.cfg.keep, pinned)
         except OSError as exc:
-            log.warning("node %d: removing old snapshots failed: %s", self.node.id, exc)
+            log.warning("node %d: removing old snapshots failed: %s", self.node.id, exc, extra=self._fields())
             return
         for path in removed:
             log.debug("node %d: removed old snapshot %s", self.node.id, path)
@@ -382,7 +390,13 @@ class SnapshotManager:
         if isinstance(exc, grpc.aio.AioRpcError):
             detail = exc.details() or exc.code().name
             self.node.metrics.grpc_error("InstallSnapshot/out", exc.code())
-        log.warning("node %d: sending a snapshot to node %d failed: %s", self.node.id, peer, detail)
+        log.warning(
+            "node %d: sending a snapshot to node %d failed: %s",
+            self.node.id,
+            peer,
+            detail,
+            extra=self._fields(),
+        )
 
     async def _send(self, peer: int) -> None:
         node, snap = self.node, self.latest
@@ -429,7 +443,7 @@ class SnapshotManager:
                         chunker.size - start,
                         start,
                         time.monotonic() - began,
-                        extra={"node_id": node.id, "index": snap.meta.index, "event": "snapshot"},
+                        extra=self._fields(snap.meta.index),
                     )
         except asyncio.CancelledError:
             if _being_cancelled():
@@ -437,7 +451,12 @@ class SnapshotManager:
             # Not this task: grpc cancels the call when its chunks fail to come (a read error),
             # and keeps the reason. A failed send like any other: the follower must not stay
             # waiting for a snapshot nobody sends.
-            log.warning("node %d: sending a snapshot to node %d failed: its chunks stopped", node.id, peer)
+            log.warning(
+                "node %d: sending a snapshot to node %d failed: its chunks stopped",
+                node.id,
+                peer,
+                extra=self._fields(),
+            )
         except (grpc.aio.AioRpcError, DengineError, OSError) as exc:
             self._send_failed(peer, exc)
         finally:
@@ -624,7 +643,7 @@ class SnapshotManager:
             info.index,
             info.term,
             elapsed,
-            extra={"node_id": self.node.id, "index": info.index, "event": "snapshot"},
+            extra=self._fields(info.index),
         )
         await self._prune()
 

@@ -130,6 +130,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         """``channel_credentials`` makes the credentials of each new channel to a peer (None:
         plaintext): asked at every connection, so that rotated certificates are used."""
         self.node_id = node_id
+        self._log = {"node_id": node_id}  # the structured field of this transport's log lines
         self.cluster_id = cluster_id
         self.peers = dict(peers)
         self.members = frozenset(self.peers) | {node_id}
@@ -195,10 +196,12 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self._guests[peer] = time.monotonic()
         if self.peers.get(peer) != address:
             log.warning(
-                "taking messages from node %d, which is not in this node's configuration: it "
+                "node %d: taking messages from node %d, which is not in this node's configuration: it "
                 "leads or campaigns under a configuration this node has not reached; answering it at %s",
+                self.node_id,
                 peer,
                 address,
+                extra=self._log,
             )
             self._stream_to({**self.peers, peer: address})
         return True
@@ -286,14 +289,26 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             except grpc.aio.AioRpcError as exc:
                 self._count_error("Messages/out", exc.code())
                 if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
-                    log.warning("peer %d refused our messages: %s", peer, exc.details())
+                    log.warning(
+                        "node %d: peer %d refused our messages: %s",
+                        self.node_id,
+                        peer,
+                        exc.details(),
+                        extra=self._log,
+                    )
                     if self.on_unknown_to is not None and _refused_as_unknown(exc):
                         self.on_unknown_to(peer)
                 else:
-                    log.debug("stream to peer %d ended: %s", peer, exc.code())
+                    log.debug(
+                        "node %d: stream to peer %d ended: %s",
+                        self.node_id,
+                        peer,
+                        exc.code(),
+                        extra=self._log,
+                    )
             except Exception:
                 self._count_error("Messages/out", grpc.StatusCode.UNKNOWN)
-                log.exception("stream to peer %d failed", peer)
+                log.exception("node %d: stream to peer %d failed", self.node_id, peer, extra=self._log)
             finally:
                 # grpc leaves a failed stream's request iterator waiting on its queue: sharing
                 # the queue with the next stream, it would take (and lose) the next message,
@@ -372,7 +387,13 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             if isinstance(exc, UnknownSenderError) or "cluster" in str(exc)
             else grpc.StatusCode.INVALID_ARGUMENT
         )
-        log.warning("refused a peer message: %s (peer %s)", exc, context.peer())
+        log.warning(
+            "node %d: refused a peer message: %s (peer %s)",
+            self.node_id,
+            exc,
+            context.peer(),
+            extra=self._log,
+        )
         marked = ((REFUSAL_KEY, UNKNOWN_SENDER),) if isinstance(exc, UnknownSenderError) else ()
         self._count_error(method, code)
         await context.abort(code, str(exc), trailing_metadata=marked)
@@ -419,12 +440,24 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             await self._refuse(context, exc, "InstallSnapshot")
             raise
         except (ValueError, SnapshotChunkError) as exc:
-            log.warning("refused a snapshot chunk: %s (peer %s)", exc, context.peer())
+            log.warning(
+                "node %d: refused a snapshot chunk: %s (peer %s)",
+                self.node_id,
+                exc,
+                context.peer(),
+                extra=self._log,
+            )
             self._count_error("InstallSnapshot", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
         except SnapshotIntegrityError as exc:
-            log.error("a received snapshot failed verification: %s (peer %s)", exc, context.peer())
+            log.error(
+                "node %d: a received snapshot failed verification: %s (peer %s)",
+                self.node_id,
+                exc,
+                context.peer(),
+                extra=self._log,
+            )
             self._count_error("InstallSnapshot", grpc.StatusCode.DATA_LOSS)
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             raise
