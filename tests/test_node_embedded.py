@@ -585,6 +585,10 @@ def test_a_node_whose_log_append_fails_stops(tmp_path: Path) -> None:
             assert await asyncio.wait_for(leader.propose(b"1"), 10) == b"2", "the others commit"
             await until(lambda: follower.failure is not None)
             assert "storage failure" in (follower.failure or "")
+            ready, facts = follower.readiness()
+            assert not ready and facts["reason"] == follower.failure, "/readyz says why"
+            with pytest.raises(DengineError, match="storage failure"):
+                await follower.propose(b"1")
             disk = FillingDisk(leader.raft.store)
             leader.raft.store = disk
             disk.full = True

@@ -278,6 +278,27 @@ def test_what_could_never_be_answered_is_refused_before_it_is_proposed(tmp_path:
             thread.start()
             thread.join()
             assert isinstance(refused[0], DengineError) and "run_coroutine_threadsafe" in str(refused[0])
+            # Everything else a program calls on the node is refused from another thread too.
+            calls: list[Any] = [
+                lambda: asyncio.run(node.read(lambda sm: sm.n)),
+                lambda: asyncio.run(node.snapshot()),
+                lambda: asyncio.run(node.add_learner(9, "127.0.0.1:9")),
+                lambda: asyncio.run(node.remove_member(9)),
+                node.transfer_leadership,
+            ]
+            for call in calls:
+                refused.clear()
+
+                def attempt(call: Any = call) -> None:
+                    try:
+                        call()
+                    except BaseException as exc:
+                        refused.append(exc)
+
+                other = threading.Thread(target=attempt)
+                other.start()
+                other.join()
+                assert isinstance(refused[0], DengineError) and "thread" in str(refused[0]), refused
             await asyncio.sleep(0.2)
             assert sm.n == 0, "nothing was applied"
             assert await node.propose(b"1") == b"1", "the node serves on"

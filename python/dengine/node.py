@@ -663,7 +663,7 @@ class Node:
     def _check_submission(self, command: bytes) -> None:
         """Refuses, before anything is proposed, what could never be answered."""
         if not self._running:
-            raise DengineError("the node is not running")
+            raise DengineError(self.failure or "the node is not running")
         self._check_loop_thread("propose")
         if len(command) > MAX_COMMAND_BYTES:
             # It could never reach a follower (one peer message): never committed, never failed.
@@ -696,7 +696,7 @@ class Node:
         session envelope ``payloads[i]`` already wraps; the group's future gives one answer per
         write. A caller that gives up calls :meth:`forget_group`."""
         if not self._running:
-            raise DengineError("the node is not running")
+            raise DengineError(self.failure or "the node is not running")
         group = WriteGroup(len(keys), self._loop)
         now = time.monotonic()
         for key, payload, slot in zip(keys, payloads, group.slots, strict=True):
@@ -844,6 +844,7 @@ class Node:
         up-to-date voter); returns the target. Proposals are refused until it completes.
         :meth:`move_leader` also waits for the outcome."""
         assert self.raft is not None
+        self._check_loop_thread("transfer_leadership")
         chosen = self.raft.transfer_leadership(target)
         self.pump()
         return chosen
@@ -1005,21 +1006,25 @@ class Node:
     async def add_learner(self, node_id: int, address: str) -> None:
         """Adds ``node_id`` at ``address`` as a learner (it receives the log, does not vote);
         returns once the change is committed. Only on the leader (``NotLeaderError``)."""
+        self._check_loop_thread("add_learner")
         await self.members.change(ConfOp.ADD_LEARNER, node_id, address=address)
 
     async def promote(self, node_id: int, *, force: bool = False) -> None:
         """Makes learner ``node_id`` a voter; refused while it lags more than
         ``membership.max_lag_entries`` behind, unless ``force``."""
+        self._check_loop_thread("promote")
         await self.members.promote(node_id, force=force)
 
     async def remove_member(self, node_id: int) -> None:
         """Removes a voter or learner; removing the leader (this node) commits the change, then
         hands leadership to the most up-to-date remaining voter."""
+        self._check_loop_thread("remove_member")
         await self.members.change(ConfOp.REMOVE, node_id)
 
     async def replace_member(self, old_id: int, new_id: int, address: str, *, timeout: float = 120.0) -> None:
         """Replaces voter ``old_id`` with a new node: adds it as a learner, waits until it has
         caught up, promotes it, then removes ``old_id``."""
+        self._check_loop_thread("replace_member")
         await self.members.replace(old_id, new_id, address, timeout=timeout)
 
     # --- snapshots --------------------------------------------------------------------------------
@@ -1028,7 +1033,8 @@ class Node:
         """Takes a snapshot of the applied state now (or waits for the one being taken), compacts
         the log behind it, and returns the newest snapshot (None if nothing was applied yet)."""
         if not self._running:
-            raise DengineError("the node is not running")
+            raise DengineError(self.failure or "the node is not running")
+        self._check_loop_thread("snapshot")
         return await self.snapshots.create()
 
     # --- reads ------------------------------------------------------------------------------------
@@ -1485,7 +1491,7 @@ class Node:
         in the same time, with ``check_quorum``)."""
         raft = self.raft
         if not self._running or raft is None:
-            return False, {"id": self.id, "reason": "the node is not running"}
+            return False, {"id": self.id, "reason": self.failure or "the node is not running"}
         facts: dict[str, object] = {
             "id": self.id,
             "role": raft.role.value,
