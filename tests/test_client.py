@@ -53,6 +53,9 @@ def test_typed_operations(cluster: ProcCluster) -> None:
             await client.put(b"p/2", b"y")
             assert [kv.key for kv in await client.range(b"p/")] == [b"p/1", b"p/2"]
             assert [kv.key for kv in await client.range(b"p/", limit=1)] == [b"p/1"]
+            assert len(await client.range(b"p/", limit=0)) == 2, "0: no limit, as etcd's Range"
+            with pytest.raises(ValueError, match="limit"):
+                await client.range(b"p/", limit=-1)
             deleted = await client.delete(b"a")
             assert deleted.deleted and deleted.prev is not None
             assert not (await client.delete(b"a")).deleted

@@ -509,6 +509,11 @@ class Client(ClusterAdmin):
         consistency: Consistency = "linearizable",
         timeout: float | None = None,
     ) -> list[KeyValue]:
+        """The keys starting with ``prefix``, in byte order, with their values and revisions: at
+        most ``limit`` of them (None or 0: all of them, as etcd's Range), read with
+        ``consistency`` (any node can serve it; ``linearizable`` is confirmed with the leader)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be None or >= 0, got {limit}")
         request = kv_pb2.RangeRequest(prefix=prefix, limit=limit or 0, consistency=_CONSISTENCY[consistency])
         response: kv_pb2.RangeResponse = await self._call_unary("Range", request, timeout)
         return [kv for kv in (_kv(m) for m in response.kvs) if kv is not None]
