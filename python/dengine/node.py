@@ -527,6 +527,8 @@ class Node:
                 rf.set_exception(DengineError(why))
 
     async def wait_stopped(self) -> None:
+        """Returns once the node has stopped and released everything: after :meth:`stop`, or
+        after a fail-stop (``failure`` then says why)."""
         await self._stopped.wait()
 
     # --- inputs to the core -----------------------------------------------------------------------
@@ -1101,6 +1103,8 @@ class Node:
             self.metrics.observe_commit_latency(now - proposed_at, count)
 
     def pump(self) -> None:
+        """Carries out everything the protocol core has ready: persists, sends, applies, answers.
+        The node calls it after each input; a program embedding a node never needs to."""
         raft = self.raft
         transport = self.transport
         assert raft is not None and transport is not None
@@ -1448,6 +1452,8 @@ class Node:
         return self.raft.lead if self.raft is not None else None
 
     def status(self) -> NodeStatus:
+        """This node's view of the cluster: role, term, leader, indexes, members, and on the leader
+        each peer's progress (what ``dengine status`` shows)."""
         raft, store = self.raft, self.store
         assert raft is not None and store is not None
         members = self.members.addresses
