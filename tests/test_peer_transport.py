@@ -5,6 +5,8 @@ back after an outage gets every message sent to it from then on."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -183,3 +185,29 @@ def test_outsiders_answered_are_capped_kept_across_changes_and_dropped_once_sile
     assert transport._welcome(99, "h:99"), "node 10 is a member now: room for another"
     transport.expire_guests(-1.0)  # everyone silent since before now
     assert set(transport.peers) == {2, 3, 10}
+
+
+def test_a_batch_of_more_messages_than_a_node_sends_is_refused(tmp_path: Path) -> None:
+    """Millions of small messages in one 64 MiB batch would hold the receiver's loop for seconds
+    (long enough for an election); a node sends at most 512 together."""
+    from dengine.node import Node  # noqa: PLC0415
+    from test_node_embedded import Counter, configs  # noqa: PLC0415
+
+    async def main() -> None:
+        (cfg,) = configs(tmp_path, n=1)
+        async with Node(cfg, state_machine=Counter()) as node:
+            heartbeat = to_wire(Message(MsgType.HEARTBEAT_RESP, 1, 1, 1), cfg.cluster.id)
+            too_many = raft_pb2.RaftBatch(messages=[heartbeat] * (peers._MAX_BATCH_MESSAGES + 1))
+
+            async def one() -> AsyncIterator[raft_pb2.RaftBatch]:
+                yield too_many
+
+            async with grpc.aio.insecure_channel(cfg.node.listen) as channel:
+                stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Messages(one())
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most" in (refused.value.details() or "")
+            assert node.failure is None and node.raft is not None
+
+    asyncio.run(main())

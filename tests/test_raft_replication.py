@@ -376,3 +376,18 @@ def test_section_5_3_a_follower_commits_only_entries_the_append_checked() -> Non
     assert c.log_terms(2) == [1, 1, 1, 1, 1, 2, 3, 3, 4]
     assert follower.commit == 9
     assert [e.term for e in c.applied[2]] == [1, 1, 1, 1, 1, 2, 3, 3, 4]
+
+
+def test_an_acknowledgement_past_the_leaders_log_is_ignored() -> None:
+    """No follower can hold what the leader never appended: a forged or corrupt answer must
+    neither commit anything nor stop the leader (it raised reading the term of that index)."""
+    c = Cluster(3)
+    leader = c.elect(1)
+    c.propose(1, b"a")
+    c.settle()
+    commit, last = leader.commit, leader.store.last_index()
+    leader.step(Message(MsgType.APP_RESP, 2, 1, leader.term, index=1_000_000))
+    leader.step(Message(MsgType.APP_RESP, 3, 1, leader.term, index=1_000_000))
+    c.settle()
+    assert leader.role is Role.LEADER and leader.commit == commit == last
+    assert leader.progress[2].match <= last

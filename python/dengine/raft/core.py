@@ -1081,6 +1081,10 @@ class Raft:
         self._send_append(m.src)
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
+        if m.index > self.store.last_index():
+            # No follower can hold what this leader never appended: a forged or corrupt answer.
+            # Taken, it would count towards a commit of entries that do not exist.
+            return
         if m.reject:
             self._handle_append_rejection(m, pr)
             return

@@ -351,6 +351,14 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
     ) -> raft_pb2.StreamClosed:
         self._opened_by(context)
         async for batch in request_iterator:
+            if len(batch.messages) > _MAX_BATCH_MESSAGES:
+                # A node sends at most that many together; millions in one message (64 MiB of
+                # small ones) would hold the loop for seconds, long enough for an election.
+                await self._refuse(
+                    context,
+                    WireError(f"a batch of {len(batch.messages)} messages; at most {_MAX_BATCH_MESSAGES}"),
+                    "Messages",
+                )
             for w in batch.messages:
                 try:
                     m = from_wire(
