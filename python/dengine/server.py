@@ -167,7 +167,14 @@ _RESPONSES: dict[str, Callable[[], Any]] = {
 def _session(
     r: kv_pb2.PutRequest | kv_pb2.DeleteRequest | kv_pb2.CompareAndSwapRequest,
 ) -> kv_pb2.Session | None:
-    return r.session if r.HasField("session") else None
+    if not r.HasField("session"):
+        return None
+    s = r.session
+    if s.client_id and not s.sequence:
+        # Refused here, per operation: the node would raise proposing it (after the writes of
+        # its batch ahead of it were proposed), which failed the whole call or stream.
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a session write needs a sequence >= 1")
+    return s
 
 
 def _prepare_put(r: kv_pb2.PutRequest) -> _Write:
