@@ -7,10 +7,12 @@ Requests that only the leader can serve are answered FAILED_PRECONDITION with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from dengine.errors import DengineError, LeadershipTransferError, NotLeaderError
 from dengine.raft.membership import ConfChangeError, check_address
@@ -19,7 +21,67 @@ from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 if TYPE_CHECKING:
     from dengine.node import Node
 
-__all__ = ["ClusterService", "leader_details"]
+__all__ = ["ClusterService", "add_cluster_service", "decoding", "leader_details"]
+
+log = logging.getLogger("dengine.server")
+
+
+def decoding(
+    handler: Callable[[Any, Any], Any], message: type[Message], method: str, node: Node, *, streaming: bool
+) -> Callable[[bytes, Any], Any]:
+    """``handler`` served on the request's raw bytes, which it decodes itself: bytes that are not
+    a ``message`` are refused with INVALID_ARGUMENT, counted and logged. (The generated decoders
+    raise inside gRPC, which answers UNKNOWN, "Unexpected DecodeError", and counts nothing.)
+    ``streaming``: the handler is an async generator of responses (a server-streaming method)."""
+    name = message.DESCRIPTOR.name
+
+    async def refuse(context: Any) -> None:
+        metrics = getattr(node, "metrics", None)  # tests serve from stand-in nodes
+        if metrics is not None:
+            metrics.grpc_error(method, grpc.StatusCode.INVALID_ARGUMENT)
+        log.warning("refused a %s call from %s: the request is not a valid %s", method, context.peer(), name)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}")
+
+    if streaming:
+
+        async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+            try:
+                request = message.FromString(raw)
+            except DecodeError:
+                await refuse(context)
+                return
+            async for response in handler(request, context):
+                yield response
+
+        return stream
+
+    async def unary(raw: bytes, context: Any) -> Any:
+        try:
+            request = message.FromString(raw)
+        except DecodeError:
+            await refuse(context)
+            raise AssertionError("unreachable") from None
+        return await handler(request, context)
+
+    return unary
+
+
+def add_cluster_service(server: grpc.aio.Server, service: ClusterService) -> None:
+    """Serves ``service`` as ``dengine.v1.Cluster``, like the generated
+    ``add_ClusterServicer_to_server`` except that requests that do not decode are refused with
+    INVALID_ARGUMENT (see :func:`decoding`)."""
+    descriptor = cluster_pb2.DESCRIPTOR.services_by_name["Cluster"]
+    handlers = {}
+    for method in descriptor.methods:
+        request = getattr(cluster_pb2, method.input_type.name)
+        response = getattr(cluster_pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            decoding(getattr(service, method.name), request, method.name, service.node, streaming=False),
+            request_deserializer=None,
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
 def leader_hint(node: Node, leader: int | None) -> str:

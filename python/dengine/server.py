@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from dengine._core import encode_kv_write_answers, parse_kv_session_writes
-from dengine.cluster_service import leader_details, leader_hint
+from dengine.cluster_service import decoding, leader_details, leader_hint
 from dengine.config import Config
 from dengine.errors import (
     ApplyError,
@@ -672,7 +672,8 @@ def _event(e: Any) -> kv_pb2.WatchEvent:
 def add_kv_service(server: grpc.aio.Server, service: KVService) -> None:
     """Serves ``service`` as ``dengine.v1.KV``. Unlike the generated ``add_KVServicer_to_server``,
     Batch and BatchStream take and return raw bytes, so that the fast path never builds the
-    messages."""
+    messages, and the other methods decode their requests themselves, refusing bytes that are
+    not the message with INVALID_ARGUMENT (see :func:`~dengine.cluster_service.decoding`)."""
     descriptor = kv_pb2.DESCRIPTOR.services_by_name["KV"]
     handlers = {}
     for method in descriptor.methods:
@@ -684,9 +685,12 @@ def add_kv_service(server: grpc.aio.Server, service: KVService) -> None:
             (False, True): grpc.unary_stream_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[method.client_streaming, method.server_streaming]
+        handler = getattr(service, method.name)
+        if not raw:  # decoded here, so that bytes that are not the message get INVALID_ARGUMENT
+            handler = decoding(handler, request, method.name, service.node, streaming=method.server_streaming)
         handlers[method.name] = make(
-            getattr(service, method.name),
-            request_deserializer=None if raw else request.FromString,
+            handler,
+            request_deserializer=None,
             response_serializer=None if raw else response.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
