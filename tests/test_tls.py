@@ -130,6 +130,21 @@ def test_certificates_pass_x509_path_validation_as_server_and_client(pki: dict[s
         assert verified.chain[0] == _cert(pki[name].cert)
 
 
+def test_client_cert_is_for_clients_only(pki: dict[str, CertPaths]) -> None:
+    """The client certificate goes wherever the CLI runs: it must not pass for a node, neither as
+    a TLS server nor on the peer service (which accepts only certificates allowing serverAuth)."""
+    client = _cert(pki["client"].cert)
+    eku = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    san = client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == []
+    assert san.get_values_for_type(x509.IPAddress) == []
+    store = verification.Store([_cert(pki["ca"].cert)])
+    server = verification.PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost"))
+    with pytest.raises(verification.VerificationError):
+        server.verify(client, [])
+
+
 def test_node_hosts_become_ip_and_dns_sans(tmp_path: Path) -> None:
     ca = create_ca(tmp_path)
     paths = create_node_cert(tmp_path, "n1", ca=ca, hosts=("10.0.0.7", "::1", "Raft-1.Example.COM"))

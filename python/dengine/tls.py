@@ -3,9 +3,12 @@
 Two halves:
 
 * **Development PKI** — :func:`init_dev_certs` (behind ``dengine certs init``) writes a private CA
-  and one certificate per node plus a ``client`` certificate, all ECDSA P-256. Every certificate
+  and one certificate per node plus a ``client`` certificate, all ECDSA P-256. A node certificate
   carries both ``serverAuth`` and ``clientAuth`` extended key usages because, under mutual TLS,
-  a node presents the same certificate when it serves its peers and when it calls them.
+  a node presents the same certificate when it serves its peers and when it calls them. The
+  client certificate carries ``clientAuth`` only and names no host: it goes wherever the CLI
+  runs, and the peer service accepts only callers whose certificate allows ``serverAuth``
+  (:func:`allows_server_auth`), so it cannot pass for a node.
   These files are for development and tests; production clusters bring their own PKI.
 
 * **Credentials** — :func:`server_credentials` and :func:`channel_credentials` read PEM files and
@@ -48,9 +51,11 @@ __all__ = [
     "ClientTLS",
     "NodeTLS",
     "TLSConfigError",
+    "allows_server_auth",
     "certs_main",
     "channel_credentials",
     "create_ca",
+    "create_client_cert",
     "create_node_cert",
     "init_dev_certs",
     "server_credentials",
@@ -197,6 +202,12 @@ def _load_ca(ca: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     return ca_cert, ca_key
 
 
+CLIENT_CERT_URI = "urn:dengine:client"
+"""The one subject alternative name of a client certificate from :func:`create_client_cert`: not
+a host name (the certificate must not pass for a server), but strict X.509 verifiers
+(cryptography's, for one) refuse a client certificate without any subject alternative name."""
+
+
 def create_node_cert(
     directory: Path,
     name: str,
@@ -208,17 +219,53 @@ def create_node_cert(
     """Create ``<name>.pem`` and ``<name>-key.pem``: an ECDSA P-256 certificate signed by ``ca``.
 
     The certificate names ``hosts`` as subject alternative names (IP addresses as IPAddress
-    entries, anything else as DNSName; an empty ``hosts`` leaves the extension out, as for a
-    client-only certificate) and allows both ``serverAuth`` and ``clientAuth``, so one file
-    serves a node in both directions of mutual TLS. A negative ``days`` makes an already expired
-    certificate, for tests. Existing files of those names are replaced.
+    entries, anything else as DNSName; an empty ``hosts`` leaves the extension out) and allows
+    both ``serverAuth`` and ``clientAuth``, so one file serves a node in both directions of
+    mutual TLS. A negative ``days`` makes an already expired certificate, for tests. Existing
+    files of those names are replaced.
     """
+    return _create_leaf(
+        directory,
+        name,
+        ca=ca,
+        names=_general_names(hosts),
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        days=days,
+    )
+
+
+def create_client_cert(directory: Path, name: str, *, ca: CertPaths, days: int = 825) -> CertPaths:
+    """Create ``<name>.pem`` and ``<name>-key.pem``: a client certificate signed by ``ca``, for
+    the CLI and client programs under mutual TLS.
+
+    It allows ``clientAuth`` only and names no host (its one subject alternative name is
+    :data:`CLIENT_CERT_URI`), so it can neither serve as a node nor speak the peer protocol,
+    which accepts only certificates allowing ``serverAuth``. Existing files are replaced.
+    """
+    return _create_leaf(
+        directory,
+        name,
+        ca=ca,
+        names=[x509.UniformResourceIdentifier(CLIENT_CERT_URI)],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        days=days,
+    )
+
+
+def _create_leaf(
+    directory: Path,
+    name: str,
+    *,
+    ca: CertPaths,
+    names: list[x509.GeneralName],
+    usages: list[x509.ObjectIdentifier],
+    days: int,
+) -> CertPaths:
     if not _NODE_NAME.match(name):
         raise ValueError(
             f"certificate name {name!r} must start with a letter or digit and contain only "
             "letters, digits, '.', '_' and '-'"
         )
-    general_names = _general_names(hosts)
     ca_cert, ca_key = _load_ca(ca)
     key = ec.generate_private_key(ec.SECP256R1())
     not_before, not_after = _validity(days)
@@ -247,14 +294,14 @@ def create_node_cert(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(usages),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
     )
-    if general_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return _write_pair(Path(directory), name, cert, key)
 
@@ -268,10 +315,10 @@ def init_dev_certs(
 ) -> dict[str, CertPaths]:
     """Write a development PKI into ``directory``: a CA, one certificate per node, and ``client``.
 
-    Returns the paths keyed by ``"ca"``, each node name, and ``"client"``. Every certificate is
-    valid for ``hosts``; the client certificate names them too, because strict X.509 verifiers
-    (cryptography's, for one) refuse a client certificate without subject alternative names.
-    Refuses, before writing anything, to replace existing files unless ``force`` is true.
+    Returns the paths keyed by ``"ca"``, each node name, and ``"client"``. The node certificates
+    are valid for ``hosts``; the client certificate names no host and allows ``clientAuth`` only
+    (see :func:`create_client_cert`). Refuses, before writing anything, to replace existing
+    files unless ``force`` is true.
     """
     directory = Path(directory)
     names = list(node_names)
@@ -307,7 +354,7 @@ def init_dev_certs(
     result = {"ca": create_ca(directory)}
     for name in names:
         result[name] = create_node_cert(directory, name, ca=result["ca"], hosts=hosts)
-    result["client"] = create_node_cert(directory, "client", ca=result["ca"], hosts=hosts)
+    result["client"] = create_client_cert(directory, "client", ca=result["ca"])
     return result
 
 
@@ -437,6 +484,21 @@ def _check_validity(certs: Sequence[x509.Certificate], path: Path, what: str) ->
         problem = _validity_problem(cert, now)
         if problem:
             raise TLSConfigError(f"{what} in {path}: {problem}", path)
+
+
+def allows_server_auth(pem: bytes) -> bool:
+    """Whether the PEM certificate ``pem`` may authenticate a TLS server: no extended key usage
+    (valid for every purpose), or one naming ``serverAuth`` or ``anyExtendedKeyUsage``. Under
+    mutual TLS a node presents its node certificate, which must allow ``serverAuth`` (it serves
+    with it), so this tells a node calling the peer service from a client, whatever the names."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    except ValueError:
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
 
 
 _USAGE_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
@@ -669,6 +731,11 @@ class NodeTLS(_WatchedFiles):
         wrong). ``on_load`` is called with the node certificate's expiry now and at each reload."""
         if require_client_auth and ca_file is None:
             raise TLSConfigError(_NEEDS_CA)
+        if not require_client_auth:
+            log.warning(
+                "tls.client_auth = false: callers need no certificate, so the peer (Raft) service "
+                "takes messages from anyone who can reach this node's port; set it to true"
+            )
         self.require_client_auth = require_client_auth
         ca = None if ca_file is None else Path(ca_file)
         super().__init__((Path(cert_file), Path(key_file), ca), on_load)
