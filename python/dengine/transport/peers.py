@@ -13,9 +13,10 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError
 from dengine.raft import Message
@@ -73,10 +74,20 @@ _QUEUE_BYTES = 256 << 20
 """Most bytes of messages waiting for one peer; the oldest go first beyond it (Raft sends again
 what counts). A follower that acknowledges no append but answers every heartbeat is sent one
 more batch per heartbeat, and a count alone would let that grow to gigabytes."""
+_WARN_AFTER_S = 3.0
+"""A peer that cannot be reached (UNAVAILABLE: down, or a failed TLS handshake) for this long is
+warned about; shorter outages (a restart) stay at DEBUG."""
+_WARN_EVERY_S = 60.0
+"""At most one such warning per peer this often while it keeps failing."""
+_UP_FOR_S = 30.0
+"""A stream that lasted this long before failing was up: its failure starts a new outage."""
 _MAX_BATCH_BYTES = 16 << 20
 """Most bytes of messages riding in one write (one larger message goes alone): a follower
 catching up is sent a window of full appends at once, and together they could pass the 64 MiB
 message limit, which would fail the stream and lose them all, again and again."""
+
+
+_Parsed = TypeVar("_Parsed", raft_pb2.RaftBatch, raft_pb2.SnapshotHeader)
 
 
 class _Outbox(asyncio.Queue[raft_pb2.RaftMessage | None]):
@@ -279,7 +290,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         q = self._queues[peer]
         backoff = _FIRST_BACKOFF_S
         sender = ((SENDER_KEY, str(self.node_id)),)
+        outage = _Outage()
         while not self._closing and peer in self.peers:
+            started = time.monotonic()
             try:
                 async with self.channel(self.peers[peer]) as channel:
                     stub = raft_pb2_grpc.RaftStub(channel)  # type: ignore[no-untyped-call]
@@ -288,7 +301,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 raise
             except grpc.aio.AioRpcError as exc:
                 self._count_error("Messages/out", exc.code())
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED):
+                    self._report_failure(peer, exc, outage, started)
+                elif exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                     log.warning(
                         "node %d: peer %d refused our messages: %s",
                         self.node_id,
@@ -306,7 +321,10 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                         exc.code(),
                         extra=self._log,
                     )
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED):
+                    outage.since = None
             except Exception:
+                outage.since = None
                 self._count_error("Messages/out", grpc.StatusCode.UNKNOWN)
                 log.exception("node %d: stream to peer %d failed", self.node_id, peer, extra=self._log)
             finally:
@@ -322,6 +340,39 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             q = self._queues[peer] = _Outbox()
             await self._pause(peer, backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    def _report_failure(self, peer: int, exc: grpc.aio.AioRpcError, outage: _Outage, started: float) -> None:
+        """Logs a stream to ``peer`` that failed as unreachable (UNAVAILABLE: the peer is down, or
+        the TLS handshake failed: wrong host name, unknown CA, expired certificate) or refused
+        this node's certificate (PERMISSION_DENIED). A restart's short outage stays at DEBUG; a
+        failure that lasts gets a WARNING, at most once per peer per :data:`_WARN_EVERY_S`."""
+        now = time.monotonic()
+        if outage.since is None or now - started >= _UP_FOR_S:
+            outage.since = now  # a new outage (the stream before this one was up)
+        lasting = now - outage.since >= _WARN_AFTER_S or exc.code() is grpc.StatusCode.PERMISSION_DENIED
+        if lasting and (outage.warned is None or now - outage.warned >= _WARN_EVERY_S):
+            outage.warned = now
+            log.warning(
+                "node %d: cannot stream to peer %d at %s for %.0f s: %s: %s (retrying; warned again "
+                "in %.0f s if it still fails)",
+                self.node_id,
+                peer,
+                self.peers.get(peer, "?"),
+                now - outage.since,
+                exc.code().name,
+                exc.details(),
+                _WARN_EVERY_S,
+                extra=self._log,
+            )
+        else:
+            log.debug(
+                "node %d: stream to peer %d ended: %s: %s",
+                self.node_id,
+                peer,
+                exc.code().name,
+                exc.details(),
+                extra=self._log,
+            )
 
     async def _pause(self, peer: int, seconds: float) -> None:
         """Waits ``seconds`` before the next attempt to reach ``peer``, or until it opens a stream
@@ -346,9 +397,64 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
     # --- receiving (the gRPC servicer) ----------------------------------------------------------
 
+    async def _admit(self, context: Any, method: str) -> None:
+        """Refuses the call with PERMISSION_DENIED unless its caller may speak the peer protocol.
+
+        Under TLS with client certificates, only a node certificate may: one that allows
+        ``serverAuth``, as every node's must (it serves with it, and presents it to its peers).
+        A client certificate (``clientAuth`` only) is refused, whatever its names, so a
+        certificate handed out for the CLI cannot forge appends or snapshots. A caller without a
+        certificate gets here only without ``tls.client_auth`` (or without TLS): the service is
+        then open to whoever reaches the port. Checked once per call (``Messages`` is one long
+        stream), not per message.
+        """
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            return
+        from dengine.tls import allows_server_auth  # noqa: PLC0415 - cryptography only with TLS
+
+        if allows_server_auth(pems[0]):
+            return
+        names = context.auth_context().get("x509_common_name") or [b"?"]
+        why = (
+            f"the certificate of {names[0].decode(errors='replace')!r} does not allow serverAuth: it "
+            "is not a node certificate, and only nodes may call the Raft service"
+        )
+        self.rejected += 1
+        log.warning(
+            "node %d: refused a Raft %s call from %s: %s",
+            self.node_id,
+            method,
+            context.peer(),
+            why,
+            extra=self._log,
+        )
+        self._count_error(method, grpc.StatusCode.PERMISSION_DENIED)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        raise AssertionError("unreachable")
+
+    async def _parse(self, data: bytes, kind: type[_Parsed], context: Any, method: str) -> _Parsed:
+        """``data`` as a ``kind`` message; bytes that are not one get INVALID_ARGUMENT."""
+        try:
+            return kind.FromString(data)
+        except DecodeError as exc:
+            await self._refuse(context, WireError(f"not a {kind.DESCRIPTOR.name} message: {exc}"), method)
+
+    async def _messages_bytes(
+        self, request_iterator: AsyncIterator[bytes], context: Any
+    ) -> raft_pb2.StreamClosed:
+        """:meth:`Messages` served with raw bytes (see :func:`add_raft_service`)."""
+
+        async def parsed() -> AsyncIterator[raft_pb2.RaftBatch]:
+            async for data in request_iterator:
+                yield await self._parse(data, raft_pb2.RaftBatch, context, "Messages")
+
+        return await self.Messages(parsed(), context)
+
     async def Messages(
         self, request_iterator: AsyncIterator[raft_pb2.RaftBatch], context: Any
     ) -> raft_pb2.StreamClosed:
+        await self._admit(context, "Messages")
         self._opened_by(context)
         async for batch in request_iterator:
             if len(batch.messages) > _MAX_BATCH_MESSAGES:
@@ -388,7 +494,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                     back.set()
                 return
 
-    async def _refuse(self, context: Any, exc: WireError, method: str) -> None:
+    async def _refuse(self, context: Any, exc: WireError, method: str) -> NoReturn:
         self.rejected += 1
         code = (
             grpc.StatusCode.FAILED_PRECONDITION
@@ -421,9 +527,20 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             takes_outsider=self.takes_outsider,
         )
 
+    async def _offer_bytes(self, request: bytes, context: Any) -> raft_pb2.SnapshotOfferResponse:
+        """:meth:`OfferSnapshot` served with raw bytes (see :func:`add_raft_service`)."""
+        await self._admit(context, "OfferSnapshot")
+        return await self._offer(
+            await self._parse(request, raft_pb2.SnapshotHeader, context, "OfferSnapshot"), context
+        )
+
     async def OfferSnapshot(
         self, request: raft_pb2.SnapshotHeader, context: Any
     ) -> raft_pb2.SnapshotOfferResponse:
+        await self._admit(context, "OfferSnapshot")
+        return await self._offer(request, context)
+
+    async def _offer(self, request: raft_pb2.SnapshotHeader, context: Any) -> raft_pb2.SnapshotOfferResponse:
         try:
             self._check_header(request)
             return await self._receiver().offer(request)
@@ -435,6 +552,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         self, request_iterator: AsyncIterator[bytes], context: Any
     ) -> raft_pb2.InstallSnapshotResponse:
         """Receives a snapshot's chunks, each as the serialized message (see :func:`add_raft_service`)."""
+        await self._admit(context, "InstallSnapshot")
 
         async def checked() -> AsyncIterator[ReceivedChunk]:
             async for message in request_iterator:
@@ -473,17 +591,19 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
 def add_raft_service(server: grpc.aio.Server, transport: PeerTransport) -> None:
     """Serves ``transport`` as the ``dengine.v1.Raft`` service. Unlike the generated
-    ``add_RaftServicer_to_server``, InstallSnapshot takes each message as raw bytes, so that a
-    chunk's data goes from the received buffer to disk without being copied out of it."""
+    ``add_RaftServicer_to_server``, every method takes its messages as raw bytes and parses them
+    itself: bytes that are not the message get INVALID_ARGUMENT (a deserializer's failure would
+    be UNKNOWN), and a snapshot chunk's data goes from the received buffer to disk without being
+    copied out of it."""
     handlers = {
         "Messages": grpc.stream_unary_rpc_method_handler(
-            transport.Messages,
-            request_deserializer=raft_pb2.RaftBatch.FromString,
+            transport._messages_bytes,
+            request_deserializer=None,
             response_serializer=raft_pb2.StreamClosed.SerializeToString,
         ),
         "OfferSnapshot": grpc.unary_unary_rpc_method_handler(
-            transport.OfferSnapshot,
-            request_deserializer=raft_pb2.SnapshotHeader.FromString,
+            transport._offer_bytes,
+            request_deserializer=None,
             response_serializer=raft_pb2.SnapshotOfferResponse.SerializeToString,
         ),
         "InstallSnapshot": grpc.stream_unary_rpc_method_handler(
@@ -497,6 +617,14 @@ def add_raft_service(server: grpc.aio.Server, transport: PeerTransport) -> None:
     assert set(handlers) == {m.name for m in service.methods}, "add_raft_service is behind raft.proto"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class _Outage:
+    """A peer's current run of failed streams (see :meth:`PeerTransport._report_failure`)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # when the run began (None: the last stream did not fail so)
+        self.warned: float | None = None  # when it was last warned about
 
 
 def _refused_as_unknown(exc: grpc.aio.AioRpcError) -> bool:
