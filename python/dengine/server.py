@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
@@ -66,6 +66,16 @@ MAX_VALUE = 16 << 20
 MAX_BATCH = 10_000
 # Batches of one BatchStream worked on at once; a client sending more waits in gRPC's flow control.
 STREAM_WINDOW = 256
+# Events waiting for one watcher, at most: a watcher further behind (its client reads slower
+# than the writes come, or not at all) is ended RESOURCE_EXHAUSTED, and its client resumes from
+# the last revision it received, from the history. Without a bound a client that never read
+# made its node hold every later event, twice over.
+WATCH_QUEUE_MAX_BYTES = 64 << 20
+WATCH_QUEUE_MAX_EVENTS = 100_000
+# About the most bytes of events in one watch response: a backlog goes out in several, of whole
+# revisions each (one larger revision goes alone). As one message, a backlog of hundreds of MB
+# took seconds to build and passed the receive limit, at every retry.
+WATCH_RESPONSE_BYTES = 4 << 20
 
 
 class RequestError(Exception):
@@ -254,6 +264,7 @@ class KVService(kv_pb2_grpc.KVServicer):
     def __init__(self, node: Node, sm: KVStateMachine) -> None:
         self.node = node
         self.sm = sm
+        self.watch_queues: set[WatchQueue] = set()  # one per open watch
 
     def _leader_details(self, leader: int | None) -> str:
         return leader_details(self.node, leader)
@@ -593,9 +604,12 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def Watch(self, request: kv_pb2.WatchRequest, context: Any) -> AsyncIterator[kv_pb2.WatchResponse]:
         """Events under the prefix from ``start_revision``, then live ones as they apply, bundled
-        as they queue up; every second a progress notice while this node knows a leader."""
-        queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
-        unsubscribe = self.sm.subscribe(queue.put_nowait)
+        as they queue up, in responses of about :data:`WATCH_RESPONSE_BYTES`; every second a
+        progress notice while this node knows a leader. A watcher more than
+        :data:`WATCH_QUEUE_MAX_BYTES` behind is ended RESOURCE_EXHAUSTED (see :class:`WatchQueue`)."""
+        queue = WatchQueue()
+        queue.unsubscribe = self.sm.subscribe(queue.put)
+        self.watch_queues.add(queue)
         loop = asyncio.get_running_loop()
         ticker: asyncio.TimerHandle | None = None
 
@@ -606,7 +620,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             # still hears the cluster.
             raft = self.node.raft
             if raft is not None and raft.hears_leader:
-                queue.put_nowait(None)
+                queue.notice()
             ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
 
         async def unless_restored() -> None:
@@ -636,37 +650,124 @@ class KVService(kv_pb2_grpc.KVServicer):
                     self._watch_ended_out_of_range()
                     await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
                 floor = max(floor, revision + 1)
-                events = [_event(e) for e in backlog if e.kv.key.startswith(request.prefix)]
-                await unless_restored()
-                yield kv_pb2.WatchResponse(events=events, revision=revision)
+                for events, upto in _watch_responses(backlog, request.prefix, 0):
+                    await unless_restored()
+                    yield kv_pb2.WatchResponse(events=events, revision=upto or revision)
+                del backlog
             ticker = loop.call_later(WATCH_PROGRESS_INTERVAL_S, tick)
             while True:
-                batch = [await queue.get()]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
+                batch = await queue.take()
+                if queue.overflowed:
+                    await self._end_watch_behind(context)
+                # Every event applied up to this revision is in the batch: applies publish on
+                # this thread, and the loop has not run anything since the queue was emptied.
+                # Read now, before a response of the batch goes out and lets applies run.
+                revision = self.sm.revision
                 # The state may have jumped to a snapshot without events for what it changed.
                 await unless_restored()
-                events = [
-                    _event(e)
-                    for e in batch
-                    if e is not None and e.revision >= floor and e.kv.key.startswith(request.prefix)
-                ]
-                if events or None in batch:
-                    # Every event applied up to this revision is in the batch: applies publish
-                    # on this thread, and the loop has not run anything since the queue was
-                    # emptied.
-                    revision = self.sm.revision
-                    await unless_restored()
-                    yield kv_pb2.WatchResponse(events=events, revision=revision)
+                progress = None in batch
+                for events, upto in _watch_responses(batch, request.prefix, floor):
+                    if upto or events or progress:
+                        await unless_restored()
+                        yield kv_pb2.WatchResponse(events=events, revision=upto or revision)
         finally:
-            unsubscribe()
+            queue.unsubscribe()
+            self.watch_queues.discard(queue)
             if ticker is not None:
                 ticker.cancel()
+
+    async def _end_watch_behind(self, context: Any) -> None:
+        metrics = getattr(self.node, "metrics", None)  # tests serve watches from stand-in nodes
+        if metrics is not None:
+            metrics.grpc_error("Watch", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this watcher fell more than {WATCH_QUEUE_MAX_BYTES} bytes or {WATCH_QUEUE_MAX_EVENTS} "
+            "events behind; resume from the last revision received",
+        )
 
 
 def _event(e: Any) -> kv_pb2.WatchEvent:
     kind = kv_pb2.WatchEvent.PUT if e.type == "put" else kv_pb2.WatchEvent.DELETE
     return kv_pb2.WatchEvent(type=kind, kv=_kv(e.kv), prev=_kv(e.prev), revision=e.revision)
+
+
+def _event_size(e: WatchEvent) -> int:
+    """About the bytes ``e`` takes in a response (and, queued, in memory)."""
+    size = 48 + len(e.kv.key) + len(e.kv.value)
+    if e.prev is not None:
+        size += len(e.prev.key) + len(e.prev.value)
+    return size
+
+
+class WatchQueue:
+    """The events applied for one watcher and not yet taken to be sent, bounded by
+    :data:`WATCH_QUEUE_MAX_BYTES` and :data:`WATCH_QUEUE_MAX_EVENTS`. Past the bound it
+    ``overflowed``: it drops what it holds, takes nothing more, and wakes its watcher to end."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue()  # None: a progress notice
+        self.bytes = 0
+        self.overflowed = False
+        self.unsubscribe: Callable[[], None] = lambda: None
+
+    def put(self, event: WatchEvent) -> None:
+        """The state machine's subscriber: runs inside each apply, on the event loop's thread."""
+        if self.overflowed:
+            return
+        size = _event_size(event)
+        if self.bytes + size > WATCH_QUEUE_MAX_BYTES or self.queue.qsize() >= WATCH_QUEUE_MAX_EVENTS:
+            self._overflow()
+            return
+        self.bytes += size
+        self.queue.put_nowait(event)
+
+    def notice(self) -> None:
+        """Queues a progress notice."""
+        if not self.overflowed:
+            self.queue.put_nowait(None)
+
+    async def take(self) -> list[WatchEvent | None]:
+        """Everything queued, once something is; the queue is then empty."""
+        batch = [await self.queue.get()]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        self.bytes = 0
+        return batch
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self.unsubscribe()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.bytes = 0
+        # Wakes the watcher if it waits for events; one waiting for gRPC to take a response (its
+        # client does not read) holds only that response, and ends when the client reads again
+        # or goes away. (Cancelling its task instead left the client's call hanging, no status.)
+        self.queue.put_nowait(None)
+
+
+def _watch_responses(
+    events: list[WatchEvent] | list[WatchEvent | None], prefix: bytes, floor: int
+) -> Iterator[tuple[list[kv_pb2.WatchEvent], int]]:
+    """The events of ``events`` under ``prefix`` from revision ``floor`` on, converted as they go
+    out, in responses of about :data:`WATCH_RESPONSE_BYTES`: ``(events, revision)`` where all
+    events up to ``revision`` are sent (a client resumes after it), cut only between revisions;
+    the last with revision 0, for the caller to claim its own."""
+    out: list[kv_pb2.WatchEvent] = []
+    size = 0
+    last = 0
+    for e in events:
+        if e is None or e.revision < floor or not e.kv.key.startswith(prefix):
+            continue
+        n = _event_size(e)
+        if out and e.revision != last and size + n > WATCH_RESPONSE_BYTES:
+            yield out, last
+            out, size = [], 0
+        out.append(_event(e))
+        size += n
+        last = e.revision
+    yield out, 0
 
 
 def add_kv_service(server: grpc.aio.Server, service: KVService) -> None:
