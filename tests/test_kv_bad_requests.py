@@ -62,18 +62,7 @@ async def call_raw(channel: grpc.aio.Channel, path: str, kind: str, payload: byt
 @pytest.mark.parametrize(
     "path, kind",
     [(f"/dengine.v1.KV/{m}", k) for m, k in KV_METHODS.items()]
-    + [
-        pytest.param(
-            f"/dengine.v1.Cluster/{m}",
-            "unary",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="node.py still serves Cluster through the generated decoders; "
-                "it should register it with dengine.cluster_service.add_cluster_service",
-            ),
-        )
-        for m in CLUSTER_METHODS
-    ],
+    + [(f"/dengine.v1.Cluster/{m}", "unary") for m in CLUSTER_METHODS],
 )
 def test_bytes_that_are_not_the_message_are_refused_and_the_node_serves_on(
     tmp_path: Path, path: str, kind: str

@@ -34,7 +34,7 @@ import grpc
 
 from dengine import _core, apply_thread, identity
 from dengine._core import Entry, EntryBatch
-from dengine.cluster_service import ClusterService
+from dengine.cluster_service import ClusterService, add_cluster_service
 from dengine.errors import (
     ApplyError,
     DengineError,
@@ -71,7 +71,6 @@ from dengine.state_machine import StateMachine
 from dengine.storage import LogStore, MemoryLogStore, WalLogStore, open_custom_log_store
 from dengine.transport.codec import Sender
 from dengine.transport.peers import GRPC_OPTIONS, MAX_MESSAGE_BYTES, PeerTransport, add_raft_service
-from dengine.v1 import cluster_pb2_grpc
 
 if TYPE_CHECKING:
     from dengine.config import Config
@@ -403,7 +402,7 @@ class Node:
         # to start, not share it and answer half the requests with another cluster's state.
         self.server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
         add_raft_service(self.server, self.transport)
-        cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(self), self.server)  # type: ignore[no-untyped-call]
+        add_cluster_service(self.server, ClusterService(self))
         if self._extra_services is not None:
             self._extra_services(self.server, self)
         listen = self.config.node.listen
