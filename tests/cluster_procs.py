@@ -264,3 +264,22 @@ client_auth = true
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[i - 1]}/metrics", timeout=3) as r:
             text: str = r.read().decode()
         return text
+
+
+def tls_cli(endpoints: str, certs: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs ``dengine <args>`` against ``endpoints`` with the client certificate of ``certs``
+    (a directory written by ``dengine certs init``)."""
+    tls = [
+        "--ca",
+        str(certs / "ca.pem"),
+        "--cert",
+        str(certs / "client.pem"),
+        "--key",
+        str(certs / "client-key.pem"),
+    ]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "dengine", *args, "--endpoints", endpoints, *tls]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+    return cli

@@ -26,7 +26,7 @@ from dengine.errors import DeadlineExceeded, Unavailable
 from dengine.tls import ClientTLS, init_dev_certs
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, raft_pb2_grpc
 
-from cluster_procs import ProcCluster, running_cluster, wait_for
+from cluster_procs import ProcCluster, running_cluster, tls_cli, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
 
@@ -534,18 +534,7 @@ def test_the_cli_talks_to_a_mutual_tls_cluster(tmp_path: Path) -> None:
     init_dev_certs(certs, ["node1", "node2", "node3"])
     with running_cluster(tmp_path, tls_dir=certs) as c:
         endpoints = ",".join(c.address(i) for i in range(1, 4))
-        tls = [
-            "--ca",
-            str(certs / "ca.pem"),
-            "--cert",
-            str(certs / "client.pem"),
-            "--key",
-            str(certs / "client-key.pem"),
-        ]
-
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            cmd = [sys.executable, "-m", "dengine", *args, "--endpoints", endpoints, *tls]
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        cli = tls_cli(endpoints, certs)
 
         assert cli("kv", "put", "tls-key", "tls-value").returncode == 0
         assert cli("kv", "get", "tls-key").stdout.strip() == "tls-value"

@@ -105,21 +105,7 @@ def test_a_removed_member_leaves_no_per_peer_series(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_role_changes_and_failures_are_logged_with_term_and_index(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def main() -> None:
-        (cfg,) = configs(tmp_path, n=1)
-        async with Node(cfg, state_machine=Counter()) as node:
-            await until(lambda: leader_of([node]))
-
-    with caplog.at_level(logging.INFO, logger="dengine"):
-        asyncio.run(main())
-    roles = [r for r in caplog.records if getattr(r, "event", None) == "role"]
-    assert roles and all(hasattr(r, "term") and hasattr(r, "index") and hasattr(r, "node_id") for r in roles)
-
-
-def test_snapshot_and_transport_log_lines_carry_the_node_and_term(
+def test_role_snapshot_and_transport_log_lines_carry_the_node_term_and_index(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
@@ -132,6 +118,8 @@ def test_snapshot_and_transport_log_lines_carry_the_node_and_term(
     with caplog.at_level(logging.INFO, logger="dengine"):
         asyncio.run(main())
         PeerTransport(7, "c", {}, lambda m: None)._welcome(9, "h:9")
+    roles = [r for r in caplog.records if getattr(r, "event", None) == "role"]
+    assert roles and all(hasattr(r, "term") and hasattr(r, "index") and hasattr(r, "node_id") for r in roles)
     snapshots = [r for r in caplog.records if getattr(r, "event", None) == "snapshot"]
     assert snapshots and all(getattr(r, "term", 0) >= 1 and getattr(r, "index", 0) >= 2 for r in snapshots)
     (welcome,) = [r for r in caplog.records if "taking messages from node 9" in r.getMessage()]

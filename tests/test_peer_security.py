@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ from dengine.tls import CertPaths, init_dev_certs
 from dengine.transport.peers import PeerTransport
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, raft_pb2
 
-from cluster_procs import ProcCluster, running_cluster, wait_for
+from cluster_procs import ProcCluster, running_cluster, tls_cli, wait_for
 
 _RAFT = "/dengine.v1.Raft/"
 _GARBAGE = b"\xff\xff\xff\xff\x0f\x0a\x80"  # not a protobuf message of any type
@@ -156,18 +154,7 @@ def test_a_client_certificate_cannot_speak_the_peer_protocol(cluster: ProcCluste
 
     # And the CLI with the client certificate works as before.
     endpoints = ",".join(cluster.address(i) for i in range(1, 4))
-    tls = [
-        "--ca",
-        str(certs / "ca.pem"),
-        "--cert",
-        str(certs / "client.pem"),
-        "--key",
-        str(certs / "client-key.pem"),
-    ]
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "dengine", *args, "--endpoints", endpoints, *tls]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    cli = tls_cli(endpoints, certs)
 
     assert cli("kv", "put", "cli-key", "cli-value").returncode == 0
     assert cli("kv", "get", "cli-key").stdout.strip() == "cli-value"
