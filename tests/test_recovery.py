@@ -13,6 +13,7 @@ import pytest
 from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.errors import StorageError
+from dengine.identity import FILE_NAME
 from dengine.kv import KVStateMachine, encode_put
 from dengine.node import Node, open_node_log
 from dengine.raft import membership
@@ -108,3 +109,23 @@ def test_a_node_whose_log_is_open_is_not_recovered(tmp_path: Path) -> None:
     with open_node_log(config), pytest.raises(StorageError, match="already open in another process"):
         recover(config)
     assert recover(config).applied  # once the other holder closed it
+
+
+def test_a_data_dir_of_another_node_or_cluster_is_not_recovered(tmp_path: Path) -> None:
+    """A wrong --data-dir (or node.id) would make node 1 the only voter in node 2's log; recover
+    checks the data dir's identity before it reads or writes anything."""
+    config = node_config(tmp_path)
+    write_log(config, 3, term=2, commit=1)
+    data = Path(config.node.data_dir)
+    (data / FILE_NAME).write_text('{"format": 1, "cluster": "lost", "node": 2, "voters": [1, 2, 3]}')
+    with open_node_log(config) as store:
+        before = store.last_index()
+    with pytest.raises(RecoveryError, match="belongs to node 2"):
+        recover(config)
+    (data / FILE_NAME).write_text('{"format": 1, "cluster": "other", "node": 1, "voters": [1, 2, 3]}')
+    with pytest.raises(RecoveryError, match="belongs to cluster 'other'"):
+        recover(config, dry_run=True)
+    with open_node_log(config) as store:
+        assert store.last_index() == before, "nothing written"
+    (data / FILE_NAME).write_text('{"format": 1, "cluster": "lost", "node": 1, "voters": [1, 2, 3]}')
+    assert recover(config).applied, "its own data dir is recovered"

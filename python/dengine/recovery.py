@@ -33,9 +33,12 @@ import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from dengine import identity
 from dengine.config import Config
 from dengine.errors import ConfigError, DengineError
+from dengine.identity import Identity
 from dengine.node import log_dir, log_needs_reset_to, node_raft_config, open_node_log, snapshot_dir
 from dengine.raft import Raft
 from dengine.raft.membership import ConfChange, ConfOp
@@ -80,6 +83,16 @@ def recover(config: Config, *, dry_run: bool = False) -> Recovery:
     and reports without writing. Raises :class:`RecoveryError` when there is nothing to recover."""
     if config.storage.engine == "memory":
         raise RecoveryError("storage.engine = 'memory' keeps nothing on disk: there is nothing to recover")
+    data_dir = Path(config.node.data_dir)
+    stored = identity.read(data_dir)
+    if stored is not None:
+        # Before anything is read or written: a wrong --data-dir (or node.id) would make another
+        # node the only voter of a cluster it knows nothing of.
+        refusal = stored.refusal(
+            Identity(config.cluster.id, config.node.id, ()), data_dir / identity.FILE_NAME, initial=False
+        )
+        if refusal is not None:
+            raise RecoveryError(refusal.detail)
     if not log_dir(config).exists():
         raise RecoveryError(
             f"{config.node.data_dir} holds no log: node {config.node.id} has nothing to recover from"
