@@ -113,6 +113,11 @@ class _Demo:
                 )
 
     async def run(self) -> None:
+        # SIGTERM cancels the demo at its next await, like Ctrl-C, so main() stops the nodes and
+        # removes the temp dir (the default action would kill only this process and leave both).
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         self.say(f"starting a 3-node cluster in {self.root}")
         for i in range(1, 4):
             self.start(i)
@@ -163,7 +168,13 @@ class _Demo:
         self.stop_all()
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Outside the event loop (before it starts, after it ends) SIGTERM is handled as Ctrl-C.
+    signal.signal(signal.SIGTERM, _terminated)
     with tempfile.TemporaryDirectory(prefix="dengine-demo-") as tmp:
         demo = _Demo(Path(tmp))
         try:
@@ -171,10 +182,11 @@ def main() -> int:
         except (DemoFailed, AssertionError) as exc:
             demo.say(f"FAILED: {exc}")
             return 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, asyncio.CancelledError):
             demo.say("interrupted")
             return 130
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
             demo.stop_all()
             if os.environ.get("DENGINE_DEMO_KEEP_LOGS"):
                 for log in sorted(Path(tmp).glob("*.log")):
