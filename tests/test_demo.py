@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import dengine.demo as demo_module
+from dengine.errors import Unavailable
+
 
 def test_cluster_demo_passes() -> None:
     out = subprocess.run(
@@ -89,3 +92,16 @@ def test_sigterm_stops_the_demo_its_nodes_and_removes_its_temp_dir(tmp_path: Pat
             demo.wait()
         for pid in _serve_pids_under(str(tmp)):  # a failed run must not leave its nodes behind
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failed_client_call_is_one_failed_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def unavailable(self: demo_module._Demo) -> None:
+        raise Unavailable("no node could serve the request")
+
+    monkeypatch.setattr(demo_module._Demo, "run", unavailable)
+    before = signal.getsignal(signal.SIGTERM)
+    assert demo_module.main() == 1
+    assert "FAILED: Unavailable: no node could serve the request" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == before  # the demo's handler does not outlive it

@@ -23,6 +23,7 @@ import grpc
 
 from dengine.client import Client
 from dengine.devcluster import write_configs
+from dengine.errors import DengineError
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 KEYS = 3000
@@ -156,13 +157,25 @@ class _Demo:
             self.say(f"restarted node {old}")
             t = time.perf_counter()
 
-            async def caught_up() -> bool:
-                s = await self.status(old)
-                leader = await self.status(new) if new else None
-                return bool(s and leader and s.applied_index >= leader.commit_index and s.role == "follower")
+            async with Client([self.addresses[old - 1]], timeout=1) as restarted:
 
-            await self.wait(f"node {old} to catch up", caught_up)
-            self.say(f"node {old} caught up in {time.perf_counter() - t:.2f}s")
+                async def caught_up() -> bool:
+                    s = await self.status(old)
+                    leader = await self.status(new) if new else None
+                    if not (s and leader and s.applied_index >= leader.commit_index and s.role == "follower"):
+                        return False
+                    # The write made while it was down, read from its own state (a stale read).
+                    try:
+                        kv = await restarted.get(b"after-failover", consistency="stale")
+                    except DengineError:
+                        return False
+                    return kv is not None and kv.value == b"yes"
+
+                await self.wait(f"node {old} to catch up", caught_up)
+            self.say(
+                f"node {old} caught up in {time.perf_counter() - t:.2f}s "
+                "(it serves the write made while it was down)"
+            )
             await self.table()
         self.say("stopping the cluster")
         self.stop_all()
@@ -174,13 +187,23 @@ def _terminated(signum: int, frame: object) -> None:
 
 def main() -> int:
     # Outside the event loop (before it starts, after it ends) SIGTERM is handled as Ctrl-C.
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main() -> int:
     with tempfile.TemporaryDirectory(prefix="dengine-demo-") as tmp:
         demo = _Demo(Path(tmp))
         try:
             asyncio.run(demo.run())
         except (DemoFailed, AssertionError) as exc:
             demo.say(f"FAILED: {exc}")
+            return 1
+        except DengineError as exc:  # a client call that failed (cluster unavailable, deadline, ...)
+            demo.say(f"FAILED: {type(exc).__name__}: {exc}")
             return 1
         except (KeyboardInterrupt, asyncio.CancelledError):
             demo.say("interrupted")
