@@ -439,3 +439,57 @@ def test_a_stream_lost_under_a_write_is_retried_and_a_node_error_is_not(details:
         assert stream.broken is not None and stream.broken.code == expected
 
     asyncio.run(main())
+
+
+class _HeldCall:
+    """A stream whose first write waits (flow control) until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.gate = asyncio.Event()
+        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def write(self, envelope: bytes) -> None:
+        self.written.append(envelope)
+        if len(self.written) == 1:
+            await self.gate.wait()
+
+    async def read(self) -> bytes:
+        return await self.answers.get()
+
+    def cancel(self) -> None:
+        pass
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK
+
+    async def details(self) -> str:
+        return ""
+
+
+def test_a_batch_given_up_before_it_was_written_is_never_written() -> None:
+    """Its callers were told it was not sent (not an unknown outcome); written afterwards, the
+    node could apply it behind their backs."""
+
+    async def main() -> None:
+        call = _HeldCall()
+
+        class Channel:
+            def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
+                return lambda: call
+
+        stream = BatchStream(Channel())
+        first = asyncio.ensure_future(stream.call(b"one", 5.0))
+        await asyncio.sleep(0.01)  # batch 1 handed to the stream, its write held
+        second = asyncio.ensure_future(stream.call(b"two", 0.2, callers_time=True))
+        await asyncio.sleep(0.05)
+        call.answers.put_nowait(kv_pb2.StreamedBatchAnswer(id=1, batch=b"").SerializeToString())
+        await first
+        with pytest.raises(CallFailed) as failed:
+            await second
+        assert not failed.value.sent
+        call.gate.set()
+        await asyncio.sleep(0.05)
+        assert [kv_pb2.StreamedBatch.FromString(w).id for w in call.written] == [1]
+
+    asyncio.run(main())

@@ -179,3 +179,19 @@ def test_closing_a_sync_client_ends_the_calls_of_other_threads_and_a_failed_one_
         with pytest.raises(ValueError):
             SyncClient([f"127.0.0.1:{port}"], max_batch=0)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("then", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_a_write_refused_after_an_attempt_that_may_have_been_applied_has_an_unknown_outcome(
+    then: grpc.StatusCode,
+) -> None:
+    """The first attempt got no answer in time (it may have been applied), the retry is refused
+    outright: the refusal says nothing of the first attempt, so the caller must not hear
+    "failed"."""
+
+    async def test(s: ScriptedClient) -> None:
+        s.reply = _first_then(_unanswered, _refuse(then, reached=True))
+        with pytest.raises(OutcomeUnknownError, match="may be applied"):
+            await s.client.put(b"k", b"v", timeout=0.3)
+
+    run(test, ("127.0.0.1:1", "127.0.0.1:2"))

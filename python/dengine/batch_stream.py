@@ -109,7 +109,12 @@ class BatchStream:
     async def _write(self) -> None:
         try:
             while self._outbox and self.broken is None:
-                self._handed, envelope = self._outbox.popleft()
+                batch_id, envelope = self._outbox.popleft()
+                if batch_id not in self._waiting:
+                    # Given up before it was written (its callers were told it was not sent):
+                    # written now, it could be applied behind their backs.
+                    continue
+                self._handed = batch_id
                 await self._call.write(envelope)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the stream ended under the write: the reader learns why and fails the batches

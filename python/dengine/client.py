@@ -608,7 +608,10 @@ class Client(ClusterAdmin):
     @staticmethod
     def _refuse_closed(p: _Pending) -> None:
         if not p.future.done():
-            p.future.set_exception(DengineError("the client is closed"))
+            if p.sequence and p.maybe_applied:  # an earlier attempt may have been applied
+                p.future.set_exception(OutcomeUnknownError("the client is closed; the write may be applied"))
+            else:
+                p.future.set_exception(DengineError("the client is closed"))
 
     def _enqueue(self, pending: _Pending) -> None:
         if self._closed:  # a retry that came due after close()
@@ -752,11 +755,12 @@ class Client(ClusterAdmin):
         if p.future.done():
             return
         if code not in _RETRYABLE:
-            if whole_call and p.sequence and code in _MAYBE_APPLIED:
-                # Not a refusal: its caller learns that it may have been applied.
+            if p.sequence and (p.maybe_applied or (whole_call and code in _MAYBE_APPLIED)):
+                # Not a refusal: this attempt, or an earlier one, may have been applied.
                 p.future.set_exception(
                     OutcomeUnknownError(
-                        f"the call failed as a whole ({code}: {message}); the write may be applied"
+                        f"the call failed ({code}: {message}) after an attempt that may have been "
+                        "applied; the write may be applied"
                     )
                 )
                 return

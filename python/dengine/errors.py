@@ -154,8 +154,10 @@ class DeadlineExceeded(DengineError):
 class OutcomeUnknownAtDeadline(DeadlineExceeded, OutcomeUnknownError):
     """The call's deadline passed after an attempt that may have taken effect (a node took it
     and did not answer in time, or said its outcome is unknown): it may have been applied, or
-    may still be. Both a :class:`DeadlineExceeded` and an :class:`OutcomeUnknownError`; retrying
-    a write through the same client is safe (exactly-once), and so is a membership change."""
+    may still be. Both a :class:`DeadlineExceeded` and an :class:`OutcomeUnknownError`. Calling
+    again is a new write with a new sequence: the first may still apply as well (a put applied
+    twice, a cas that then fails its compare). Read the key before writing again; a membership
+    change is safe to call again (it reports a change already made as done)."""
 
 
 class RequestFailed(DengineError):
