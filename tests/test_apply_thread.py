@@ -380,8 +380,8 @@ def test_a_node_whose_apply_thread_fails_stops_instead_of_leaving_callers_waitin
             await until(lambda: node.raft is not None and node.raft.applied == 1)
             with pytest.raises(OutcomeUnknownError, match="an apply failure"):
                 await asyncio.wait_for(node.propose(kv.encode_put(b"k", b"v")), 10)
-            with pytest.raises(DengineError, match="not running"):
-                await node.propose(kv.encode_put(b"k", b"v"))
+            with pytest.raises(DengineError, match="stopped after an apply failure"):
+                await node.propose(kv.encode_put(b"k", b"v"))  # refused, saying why
         finally:
             await node.stop(transfer_leadership=False)
 

@@ -178,7 +178,7 @@ def test_closing_a_sync_client_ends_the_calls_of_other_threads_and_a_failed_one_
     for _ in range(3):
         with pytest.raises(ValueError):
             SyncClient([f"127.0.0.1:{port}"], max_batch=0)
-    assert threading.active_count() == before
+    assert threading.active_count() <= before  # (a thread of the closed client may end meanwhile)
 
 
 @pytest.mark.parametrize("then", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED])

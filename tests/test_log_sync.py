@@ -242,8 +242,8 @@ async def test_a_node_whose_log_sync_fails_stops_and_fails_its_waiting_proposals
     with pytest.raises(OutcomeUnknownError, match="storage failure: disk on fire"):
         await asyncio.wait_for(node.propose(b"2"), 5)
     await asyncio.wait_for(node.wait_stopped(), 5)
-    with pytest.raises(DengineError, match="not running"):
-        await node.propose(b"3")
+    with pytest.raises(DengineError, match="storage failure: disk on fire"):
+        await node.propose(b"3")  # refused, saying why
     # A fail-stopped node stops serving (peers and clients see it down and go elsewhere) and
     # releases its log, without anyone calling stop().
     with pytest.raises(ConnectionRefusedError):

@@ -726,7 +726,7 @@ def test_a_snapshot_sent_to_a_follower_is_counted_on_the_leader(tmp_path: Path) 
 
     async def main() -> None:
         async with started(cfgs) as nodes:
-            index = await left_behind_a_snapshot(nodes, 200)
+            index = await left_behind_a_snapshot(nodes, 300)  # 200 could leave the log uncompacted past 100
             leader = await until(lambda: leader_of(nodes))
             before = await scrape(leader)
             nodes[index] = back = Node(cfgs[index], state_machine=Counter())
