@@ -42,8 +42,7 @@ class MembershipManager:
         self.cfg = node.config.membership
         self.base_addresses: dict[int, str] = dict(node.config.cluster.members)
         self.addresses: dict[int, str] = dict(self.base_addresses)
-        self._seen_conf = -1
-        self._seen_conf_id = (-1, -1)
+        self._seen_conf_id = (-1, -1)  # the configuration's (index, term) last adopted
         # Members that just left stay reachable for a while: a removed leader keeps managing the
         # cluster until its removal commits, and late messages still need an answer.
         self._departed: dict[int, tuple[str, float]] = {}
@@ -71,8 +70,7 @@ class MembershipManager:
     def _adopt_configuration(self, *, announce: bool = True) -> None:
         raft = self.node.raft
         assert raft is not None
-        first = self._seen_conf < 0
-        self._seen_conf = raft.conf_index
+        first = self._seen_conf_id[0] < 0
         self._seen_conf_id = raft.conf_id
         cc = raft.conf_change
         members = raft.conf.voters | raft.learners

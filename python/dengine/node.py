@@ -674,6 +674,8 @@ class Node:
             )
 
     def _check_loop_thread(self, what: str) -> None:
+        if not self._running:
+            raise DengineError(self.failure or "the node is not running")  # (no loop thread yet)
         if _thread_id() != self._loop_thread:
             # Its future would belong to the node's loop: the caller's await fails, and a
             # proposal is applied all the same (a retry would apply it twice).

@@ -37,6 +37,7 @@ import grpc
 
 from dengine._core import SnapshotAssembler, SnapshotChunk, SnapshotChunker
 from dengine.errors import DengineError
+from dengine.event_loop import cancelling_itself
 from dengine.raft import Message, MsgType, Role, SnapshotInfo
 from dengine.snapshot_store import SnapshotFile, SnapshotMeta, SnapshotStore
 from dengine.transport.codec import ReceivedChunk
@@ -446,7 +447,7 @@ class SnapshotManager:
                         extra=self._fields(snap.meta.index),
                     )
         except asyncio.CancelledError:
-            if _being_cancelled():
+            if cancelling_itself():
                 raise
             # Not this task: grpc cancels the call when its chunks fail to come (a read error),
             # and keeps the reason. A failed send like any other: the follower must not stay
@@ -675,14 +676,6 @@ class SnapshotManager:
         if inc is not None:
             log.info("node %d: abandoned a snapshot transfer (%s)", self.node.id, why)
             await self._run(inc.assembler.abort)
-
-
-def _being_cancelled() -> bool:
-    """Whether the running task itself is being cancelled (rather than an awaited call it
-    made). Python 3.10 cannot tell: there, every cancellation counts as the task's."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling is None or cancelling() > 0
 
 
 def _directory_bytes(path: Path) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -19,6 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError
+from dengine.logs import node_logger
 from dengine.raft import Message
 from dengine.transport.codec import (
     ReceivedChunk,
@@ -35,7 +35,6 @@ from dengine.v1 import raft_pb2, raft_pb2_grpc
 if TYPE_CHECKING:
     from dengine.snapshotting import SnapshotManager
 
-log = logging.getLogger("dengine.transport")
 
 MAX_MESSAGE_BYTES = 64 << 20
 GRPC_OPTIONS = [
@@ -141,7 +140,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         """``channel_credentials`` makes the credentials of each new channel to a peer (None:
         plaintext): asked at every connection, so that rotated certificates are used."""
         self.node_id = node_id
-        self._log = {"node_id": node_id}  # the structured field of this transport's log lines
+        self._log = node_logger("dengine.transport", node_id)  # its lines carry node_id
         self.cluster_id = cluster_id
         self.peers = dict(peers)
         self.members = frozenset(self.peers) | {node_id}
@@ -206,13 +205,12 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             return False
         self._guests[peer] = time.monotonic()
         if self.peers.get(peer) != address:
-            log.warning(
+            self._log.warning(
                 "node %d: taking messages from node %d, which is not in this node's configuration: it "
                 "leads or campaigns under a configuration this node has not reached; answering it at %s",
                 self.node_id,
                 peer,
                 address,
-                extra=self._log,
             )
             self._stream_to({**self.peers, peer: address})
         return True
@@ -304,29 +302,27 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED):
                     self._report_failure(peer, exc, outage, started)
                 elif exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
-                    log.warning(
+                    self._log.warning(
                         "node %d: peer %d refused our messages: %s",
                         self.node_id,
                         peer,
                         exc.details(),
-                        extra=self._log,
                     )
                     if self.on_unknown_to is not None and _refused_as_unknown(exc):
                         self.on_unknown_to(peer)
                 else:
-                    log.debug(
+                    self._log.debug(
                         "node %d: stream to peer %d ended: %s",
                         self.node_id,
                         peer,
                         exc.code(),
-                        extra=self._log,
                     )
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED):
                     outage.since = None
             except Exception:
                 outage.since = None
                 self._count_error("Messages/out", grpc.StatusCode.UNKNOWN)
-                log.exception("node %d: stream to peer %d failed", self.node_id, peer, extra=self._log)
+                self._log.exception("node %d: stream to peer %d failed", self.node_id, peer)
             finally:
                 # grpc leaves a failed stream's request iterator waiting on its queue: sharing
                 # the queue with the next stream, it would take (and lose) the next message,
@@ -352,7 +348,7 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         lasting = now - outage.since >= _WARN_AFTER_S or exc.code() is grpc.StatusCode.PERMISSION_DENIED
         if lasting and (outage.warned is None or now - outage.warned >= _WARN_EVERY_S):
             outage.warned = now
-            log.warning(
+            self._log.warning(
                 "node %d: cannot stream to peer %d at %s for %.0f s: %s: %s (retrying; warned again "
                 "in %.0f s if it still fails)",
                 self.node_id,
@@ -362,16 +358,14 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
                 exc.code().name,
                 exc.details(),
                 _WARN_EVERY_S,
-                extra=self._log,
             )
         else:
-            log.debug(
+            self._log.debug(
                 "node %d: stream to peer %d ended: %s: %s",
                 self.node_id,
                 peer,
                 exc.code().name,
                 exc.details(),
-                extra=self._log,
             )
 
     async def _pause(self, peer: int, seconds: float) -> None:
@@ -421,13 +415,12 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             "is not a node certificate, and only nodes may call the Raft service"
         )
         self.rejected += 1
-        log.warning(
+        self._log.warning(
             "node %d: refused a Raft %s call from %s: %s",
             self.node_id,
             method,
             context.peer(),
             why,
-            extra=self._log,
         )
         self._count_error(method, grpc.StatusCode.PERMISSION_DENIED)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
@@ -501,12 +494,11 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             if isinstance(exc, UnknownSenderError) or "cluster" in str(exc)
             else grpc.StatusCode.INVALID_ARGUMENT
         )
-        log.warning(
+        self._log.warning(
             "node %d: refused a peer message: %s (peer %s)",
             self.node_id,
             exc,
             context.peer(),
-            extra=self._log,
         )
         marked = ((REFUSAL_KEY, UNKNOWN_SENDER),) if isinstance(exc, UnknownSenderError) else ()
         self._count_error(method, code)
@@ -566,23 +558,21 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
             await self._refuse(context, exc, "InstallSnapshot")
             raise
         except (ValueError, SnapshotChunkError) as exc:
-            log.warning(
+            self._log.warning(
                 "node %d: refused a snapshot chunk: %s (peer %s)",
                 self.node_id,
                 exc,
                 context.peer(),
-                extra=self._log,
             )
             self._count_error("InstallSnapshot", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
         except SnapshotIntegrityError as exc:
-            log.error(
+            self._log.error(
                 "node %d: a received snapshot failed verification: %s (peer %s)",
                 self.node_id,
                 exc,
                 context.peer(),
-                extra=self._log,
             )
             self._count_error("InstallSnapshot", grpc.StatusCode.DATA_LOSS)
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
