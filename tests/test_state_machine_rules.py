@@ -372,3 +372,11 @@ def test_a_system_exit_from_apply_exits_the_program_rather_than_fork_the_replica
     )
     assert done.returncode == 7, done.stdout + done.stderr
     assert "still running" not in done.stdout
+
+
+def test_calls_before_start_are_refused_as_not_running(tmp_path: Path) -> None:
+    node = Node(configs(tmp_path, n=1)[0], state_machine=Raising())
+    with pytest.raises(DengineError, match="not running"):
+        node.transfer_leadership()
+    with pytest.raises(DengineError, match="not running"):
+        asyncio.run(node.add_learner(9, "127.0.0.1:9"))

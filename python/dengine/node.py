@@ -846,8 +846,8 @@ class Node:
         """Asks the leader (this node) to hand leadership to ``target`` (default: the most
         up-to-date voter); returns the target. Proposals are refused until it completes.
         :meth:`move_leader` also waits for the outcome."""
-        assert self.raft is not None
         self._check_loop_thread("transfer_leadership")
+        assert self.raft is not None
         chosen = self.raft.transfer_leadership(target)
         self.pump()
         return chosen
