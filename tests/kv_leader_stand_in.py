@@ -15,7 +15,7 @@ class LeaderStandIn:
         self.id = 1
         self.raft = SimpleNamespace(lead=1)
         self.members = SimpleNamespace(addresses={1: "h:1"})
-        self.metrics = SimpleNamespace(grpc_error=lambda method, code: None)
+        self.metrics = SimpleNamespace(grpc_error=lambda method, code, n=1: None)
         self.groups: list[WriteGroup] = []
 
     def submit_group(self, keys: list[tuple[int, int]], payloads: list[bytes]) -> WriteGroup:

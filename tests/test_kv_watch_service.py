@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -33,6 +34,7 @@ class Context:
 
 class Following:
     leader_id = 1
+    metrics = SimpleNamespace(grpc_error=lambda method, code, n=1: None)
 
 
 def service(sm: KVStateMachine) -> KVService:

@@ -36,9 +36,7 @@ def decoding(
     name = message.DESCRIPTOR.name
 
     async def refuse(context: Any) -> None:
-        metrics = getattr(node, "metrics", None)  # tests serve from stand-in nodes
-        if metrics is not None:
-            metrics.grpc_error(method, grpc.StatusCode.INVALID_ARGUMENT)
+        node.metrics.grpc_error(method, grpc.StatusCode.INVALID_ARGUMENT)
         log.warning("refused a %s call from %s: the request is not a valid %s", method, context.peer(), name)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}")
 
