@@ -227,20 +227,20 @@ def _status_of(exc: RequestError | DengineError) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.UNAVAILABLE, str(exc)
 
 
-def _error_text(exc: RequestError | DengineError) -> str:
-    """How a failed operation of a batch is answered: ``CODE: details``."""
-    code, details = _status_of(exc)
-    return f"{code.name}: {details}"
-
-
 _Tally = dict[grpc.StatusCode, int]
 """Failed operations of one batch, by status code: counted in the metrics once per batch."""
 
 
-def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError, tally: _Tally) -> None:
+def _error_text(exc: RequestError | DengineError, tally: _Tally | None = None) -> str:
+    """How a failed operation of a batch is answered: ``CODE: details``; counted in ``tally``."""
     code, details = _status_of(exc)
-    slot.error = f"{code.name}: {details}"
-    tally[code] = tally.get(code, 0) + 1
+    if tally is not None:
+        tally[code] = tally.get(code, 0) + 1
+    return f"{code.name}: {details}"
+
+
+def _set_error(slot: kv_pb2.OperationResult, exc: RequestError | DengineError, tally: _Tally) -> None:
+    slot.error = _error_text(exc, tally)
 
 
 _OP_KINDS = {_OP_PUT: "put", _OP_DELETE: "delete", _OP_CAS: "cas"}  # the write kinds of a batch
@@ -558,9 +558,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             failure = self._write_error(a)
             if not isinstance(failure, (RequestError, DengineError)):
                 raise failure
-            code = _status_of(failure)[0]
-            tally[code] = tally.get(code, 0) + 1
-            answers.append(_error_text(failure))
+            answers.append(_error_text(failure, tally))
         self._count_errors(method, tally)
         return answers
 
