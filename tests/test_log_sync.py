@@ -265,3 +265,36 @@ def test_a_sync_thread_that_is_gone_is_reported_rather_than_polled(tmp_path: Pat
     with pytest.raises(RuntimeError, match="closed"):
         thread.request()
     store.close()
+
+
+class FailingAppends(SQLiteLogStore):
+    """A custom store handed to the node as an object, whose appends can fail with an OSError."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fail = False
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().append(entries)
+
+
+@on_loop
+async def test_a_store_object_whose_append_raises_os_error_fail_stops_its_node(tmp_path: Path) -> None:
+    """A store object given as ``log_store=`` is guarded like a configured engine: before, the
+    OSError escaped a loop callback, the proposal waited for ever and the node went on leading."""
+    from test_node_embedded import Counter, configs, until  # noqa: PLC0415
+
+    (cfg,) = configs(tmp_path, n=1)
+    store = FailingAppends(tmp_path / "custom-log")
+    node = Node(cfg, state_machine=Counter(), log_store=store)
+    await node.start()
+    await until(lambda: node.leader_id == node.id)
+    assert await node.propose(b"1") == b"1"
+    store.fail = True
+    with pytest.raises(OutcomeUnknownError, match="No space left"):
+        await asyncio.wait_for(node.propose(b"2"), 5)
+    await asyncio.wait_for(node.wait_stopped(), 5)
+    assert node.failure is not None and "FailingAppends.append()" in node.failure
+    await asyncio.wait_for(node.stop(), 5)

@@ -68,7 +68,14 @@ from dengine.removal import RemovalWatch
 from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
-from dengine.storage import LogStore, MemoryLogStore, WalLogStore, open_custom_log_store
+from dengine.storage import (
+    GuardedLogStore,
+    LogStore,
+    LogStoreBase,
+    MemoryLogStore,
+    WalLogStore,
+    open_custom_log_store,
+)
 from dengine.transport.codec import Sender
 from dengine.transport.peers import GRPC_OPTIONS, MAX_MESSAGE_BYTES, PeerTransport, add_raft_service
 
@@ -290,9 +297,12 @@ class Node:
         await self.stop()
 
     def _open_store(self) -> LogStore:
-        if self._store_override is not None:
-            return self._store_override
-        return open_node_log(self.config)
+        store = self._store_override
+        if store is None:
+            return open_node_log(self.config)
+        # A store object the program hands over is guarded like a configured custom engine: a
+        # failure of any of its methods stops the node instead of breaking a loop callback.
+        return store if isinstance(store, (LogStoreBase, GuardedLogStore)) else GuardedLogStore(store)
 
     async def start(self) -> None:
         """Opens the log, restores the newest snapshot, starts serving peers (and any extra
