@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dengine import metrics as metrics_module
 from dengine.config import Config
-from dengine.devcluster import free_ports
 from dengine.kv import KVStateMachine
 from dengine.metrics import (
     APPEND_BATCH_BUCKETS,
@@ -33,7 +32,7 @@ from dengine.metrics import (
 from dengine.node import Node
 from dengine.server import kv_services
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc, raft_pb2, raft_pb2_grpc
-from test_node_embedded import Counter, configs, leader_of, started, until, with_section
+from test_node_embedded import Counter, configs, leader_of, started, until
 from test_node_snapshots import left_behind_a_snapshot
 
 T = TypeVar("T")
@@ -596,24 +595,7 @@ def test_server_as_async_context_manager() -> None:
 def kv_configs(root: Path, n: int = 3, **sections: dict[str, object]) -> list[Config]:
     """``n`` KV nodes on 127.0.0.1, each with its own metrics endpoint; ``sections`` adds config
     sections (``membership={...}``)."""
-    ports = free_ports(2 * n)
-    members = {str(i): f"127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1)}
-    return [
-        Config.from_dict(
-            {
-                "node": {
-                    "id": i,
-                    "listen": members[str(i)],
-                    "data_dir": str(root / f"n{i}"),
-                    "metrics_listen": f"127.0.0.1:{ports[n + i - 1]}",
-                },
-                "cluster": {"id": "live", "members": members},
-                "raft": {"tick_ms": 20, "heartbeat_ms": 60, "election_timeout_ms": 400},
-                **sections,
-            }
-        )
-        for i in range(1, n + 1)
-    ]
+    return configs(root, n, metrics=True, cluster_id="live", **sections)
 
 
 @contextlib.asynccontextmanager
@@ -718,11 +700,9 @@ def test_an_automatic_promotion_is_one_membership_change_and_drops_the_learner_l
 
 
 def test_a_snapshot_sent_to_a_follower_is_counted_on_the_leader(tmp_path: Path) -> None:
-    cfgs = [
-        Config.from_dict({**c.to_dict(), "node": {**c.to_dict()["node"], "metrics_listen": f"127.0.0.1:{p}"}})
-        for c, p in zip(configs(tmp_path), free_ports(3), strict=True)
-    ]
-    cfgs = with_section(cfgs, "snapshot", entries=100, trailing_entries=10, chunk_bytes=4096)
+    cfgs = configs(
+        tmp_path, metrics=True, snapshot={"entries": 100, "trailing_entries": 10, "chunk_bytes": 4096}
+    )
 
     async def main() -> None:
         async with started(cfgs) as nodes:

@@ -50,9 +50,18 @@ class Counter:
         self.n = int(source.read())
 
 
-def configs(root: Path, n: int = 3) -> list[Config]:
-    ports = free_ports(n)
-    members = {str(i): f"127.0.0.1:{p}" for i, p in enumerate(ports, start=1)}
+def configs(
+    root: Path,
+    n: int = 3,
+    *,
+    metrics: bool = False,
+    cluster_id: str = "embedded",
+    **sections: dict[str, object],
+) -> list[Config]:
+    """``n`` nodes on 127.0.0.1 with quick timers; ``metrics``: each with its own metrics
+    endpoint; ``sections`` adds config sections (``membership={...}``)."""
+    ports = free_ports(2 * n if metrics else n)
+    members = {str(i): f"127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1)}
     return [
         Config.from_dict(
             {
@@ -60,10 +69,11 @@ def configs(root: Path, n: int = 3) -> list[Config]:
                     "id": i,
                     "listen": members[str(i)],
                     "data_dir": str(root / f"n{i}"),
-                    "metrics_listen": "",
+                    "metrics_listen": f"127.0.0.1:{ports[n + i - 1]}" if metrics else "",
                 },
-                "cluster": {"id": "embedded", "members": members},
+                "cluster": {"id": cluster_id, "members": members},
                 "raft": {"tick_ms": 20, "heartbeat_ms": 60, "election_timeout_ms": 400},
+                **sections,
             }
         )
         for i in range(1, n + 1)
