@@ -16,10 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dengine._core import Entry, encode_entries
 from dengine.kv import encode_put
@@ -27,6 +24,7 @@ from dengine.raft.payload import command
 from dengine.tls import CertPaths, init_dev_certs
 from dengine.transport.peers import PeerTransport
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, raft_pb2
+from test_tls import sign_cert
 
 from cluster_procs import ProcCluster, running_cluster, tls_cli, wait_for
 
@@ -50,30 +48,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[P
 def _client_only_cert(certs: Path) -> CertPaths:
     """A client certificate of the kind an operator's own PKI issues: clientAuth only, no host
     names, and a subject that follows no dengine naming convention."""
-    ca_cert = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((certs / "ca-key.pem").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    return sign_cert(
+        certs,
+        CertPaths(certs / "ca.pem", certs / "ca-key.pem"),
+        name="operator",
+        common_name="node1",
+        not_before=now - datetime.timedelta(minutes=5),
+        not_after=now + datetime.timedelta(days=1),
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
     )
-    paths = CertPaths(certs / "operator.pem", certs / "operator-key.pem")
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return paths
 
 
 def _creds(certs: Path, stem: str) -> grpc.ChannelCredentials:

@@ -335,22 +335,25 @@ def test_server_cert_without_the_address_fails_host_check(tmp_path: Path, pki: d
 # --------------------------------------------------------------------------- misconfiguration
 
 
-def _sign(
-    tmp_path: Path,
-    pki: dict[str, CertPaths],
+def sign_cert(
+    directory: Path,
+    ca: CertPaths,
     *,
+    name: str = "custom",
+    common_name: str | None = None,
     not_before: datetime.datetime,
     not_after: datetime.datetime,
     usages: list[x509.ObjectIdentifier],
 ) -> CertPaths:
-    """A certificate signed by the test CA with any validity window and extended key usages."""
-    ca_cert = _cert(pki["ca"].cert)
-    ca_key = serialization.load_pem_private_key(pki["ca"].key.read_bytes(), password=None)
+    """A certificate signed by the CA ``ca`` with any subject, validity window and extended key
+    usages, written to ``<name>.pem`` and ``<name>-key.pem`` in ``directory``."""
+    ca_cert = _cert(ca.cert)
+    ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "custom")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -359,7 +362,7 @@ def _sign(
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    paths = CertPaths(tmp_path / "custom.pem", tmp_path / "custom-key.pem")
+    paths = CertPaths(directory / f"{name}.pem", directory / f"{name}-key.pem")
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(
         key.private_bytes(
@@ -506,9 +509,9 @@ def test_expired_ca_is_refused(tmp_path: Path, pki: dict[str, CertPaths]) -> Non
 
 def test_not_yet_valid_certificate_is_refused(tmp_path: Path, pki: dict[str, CertPaths]) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
-    future = _sign(
+    future = sign_cert(
         tmp_path,
-        pki,
+        pki["ca"],
         not_before=now + datetime.timedelta(days=1),
         not_after=now + datetime.timedelta(days=30),
         usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
@@ -522,9 +525,9 @@ def test_not_yet_valid_certificate_is_refused(tmp_path: Path, pki: dict[str, Cer
 
 def test_certificate_used_in_the_wrong_role_is_refused(tmp_path: Path, pki: dict[str, CertPaths]) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
-    server_only = _sign(
+    server_only = sign_cert(
         tmp_path,
-        pki,
+        pki["ca"],
         not_before=now - datetime.timedelta(hours=1),
         not_after=now + datetime.timedelta(days=1),
         usages=[ExtendedKeyUsageOID.SERVER_AUTH],
