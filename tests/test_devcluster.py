@@ -111,8 +111,11 @@ def test_second_run_with_another_size_is_refused_before_touching_anything(tmp_pa
 def test_a_node_that_exits_is_reported_with_its_exit_code_and_reason(tmp_path: Path) -> None:
     # Two runs on the same data dir at once: the second's nodes find the data dirs locked.
     data_dir = tmp_path / "dev"
-    first, _ = _start_cluster(data_dir, 1)
+    first, endpoints = _start_cluster(data_dir, 1)
     try:
+        # Its node serving, so that it holds its data dir (a loaded machine started the second
+        # run's node first, which then held the lock and served for ever).
+        assert _retry(["kv", "put", "up", "1", "--endpoints", endpoints]).returncode == 0
         second = _cli("cluster", "--nodes", "1", "--data-dir", str(data_dir))
         assert second.returncode == 1, second.stdout + second.stderr
         assert "node 1 exited with code 1: dengine serve:" in second.stderr, second.stderr
