@@ -19,7 +19,7 @@ from dengine._core import SnapshotChunker
 from dengine.config import Config
 from dengine.errors import DengineError
 from dengine.node import Node
-from dengine.snapshot_store import SnapshotError, SnapshotStore
+from dengine.snapshot_store import SnapshotError, SnapshotFile, SnapshotMeta, SnapshotStore, SnapshotWriter
 from dengine.snapshotting import SnapshotManager
 from dengine.transport.codec import ReceivedChunk
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, raft_pb2
@@ -126,6 +126,55 @@ def test_restart_from_a_snapshot_plus_the_log_tail(tmp_path: Path) -> None:
             assert again.status().snapshot_index == snap.meta.index
             await until(lambda: leader_of([again]))
             assert await again.propose(b"1") == b"48", "and the tail re-applied on top of it"
+
+    run(main)
+
+
+def test_a_snapshot_asked_for_as_the_last_one_finishes_covers_what_was_applied_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that has finished, its done-callback not yet run (a loop turn later), is not
+    joined: a new one is taken. Joined, it answered at once with a snapshot older than the last
+    applied entry, without yielding, and the loop of left_behind_a_snapshot (ask until the
+    snapshot covers what was applied) spun for ever: a CI run hung in the first test above."""
+    (cfg,) = with_snapshots(configs(tmp_path, 1), entries=0)
+
+    async def main() -> None:
+        async with Node(cfg, state_machine=Counter()) as node:
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 10)
+            store = node.snapshots.store
+            assert store is not None
+            # The snapshot's commit waits for the gate: an entry is applied meanwhile, after
+            # the state was frozen, so that the snapshot under way ends before the last entry.
+            gate = threading.Event()
+            create = store.create
+
+            def gated_create(meta: SnapshotMeta) -> SnapshotWriter:
+                writer = create(meta)
+                commit = writer.commit
+
+                def gated_commit() -> SnapshotFile:
+                    gate.wait(10)
+                    return commit()
+
+                monkeypatch.setattr(writer, "commit", gated_commit)
+                return writer
+
+            monkeypatch.setattr(store, "create", gated_create)
+            first = asyncio.ensure_future(node.snapshot())
+            await until(lambda: node.snapshots._creating)
+            creating = node.snapshots._creating
+            assert creating is not None
+            await node.propose(b"1")
+            gate.set()
+            # Polled a loop turn at a time, the snapshot is seen done before its done-callback ran.
+            while not creating.done():
+                await asyncio.sleep(0)
+            assert node.snapshots._creating is creating, "its done-callback has not run yet"
+            snap = await node.snapshot()
+            assert snap is not None and snap.meta.index == node.raft.applied  # type: ignore[union-attr]
+            await first
 
     run(main)
 

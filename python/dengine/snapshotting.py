@@ -220,13 +220,20 @@ class SnapshotManager:
         return self.latest.meta.index if self.latest is not None else 0
 
     def _begin_create(self) -> asyncio.Future[SnapshotFile | None]:
-        if self._creating is None:
-            self._creating = asyncio.ensure_future(self._create())
-            self._creating.add_done_callback(self._created)
-        return self._creating
+        # A snapshot that has finished is not one being taken, even while its done-callback
+        # (_created, a loop turn later) has yet to clear it: joined, it would answer at once,
+        # without yielding, with a snapshot older than entries applied since; and a caller that
+        # asks again until the snapshot covers what was applied would spin without ever letting
+        # the loop run that callback (a CI run hung so in test_node_snapshots).
+        creating = self._creating
+        if creating is None or creating.done():
+            creating = self._creating = asyncio.ensure_future(self._create())
+            creating.add_done_callback(self._created)
+        return creating
 
     def _created(self, fut: asyncio.Future[SnapshotFile | None]) -> None:
-        self._creating = None
+        if self._creating is fut:  # not a newer snapshot begun before this callback ran
+            self._creating = None
         if not fut.cancelled() and fut.exception() is not None:
             log.error("node %d: snapshot failed: %s", self.node.id, fut.exception(), extra=self._fields())
 
