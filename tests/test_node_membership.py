@@ -147,6 +147,38 @@ def test_a_wiped_node_is_replaced_and_the_configuration_survives_restarts(tmp_pa
     run(main)
 
 
+def test_a_replacement_waits_for_its_new_member_to_answer_before_promoting_it(tmp_path: Path) -> None:
+    """Caught up but not answering (down a moment, or slow under load), the new member would be
+    refused as unreachable at its promotion: the replacement waits for it within its timeout."""
+    cfgs = with_membership(configs(tmp_path), promote="manual")
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            await asyncio.gather(*(leader.propose(b"1") for _ in range(20)))
+            victim = next(n for n in nodes if n is not leader)
+            await victim.stop(transfer_leadership=False)
+            cfg5 = joiner_config(tmp_path, 5, cfgs[0], promote="manual")
+            fresh = Node(cfg5, state_machine=Counter(), join=leader.config.node.listen)
+            await fresh.start()
+            await until(lambda: isinstance(fresh.sm, Counter) and fresh.sm.n == 20)
+            await fresh.stop(transfer_leadership=False)
+            # Long enough for the leader to count it as not answering.
+            await asyncio.sleep(2 * cfgs[0].raft.election_timeout_ms / 1000)
+            replacing = asyncio.ensure_future(
+                leader.replace_member(victim.id, 5, cfg5.node.listen, timeout=20)
+            )
+            await asyncio.sleep(0.5)
+            assert not replacing.done(), "waiting for node 5, not refused"
+            nodes.append(again := Node(cfg5, state_machine=Counter()))
+            await again.start()
+            await replacing
+            assert leader.raft is not None
+            assert leader.raft.conf.voters == frozenset({1, 2, 3, 5} - {victim.id})
+
+    run(main)
+
+
 def test_join_given_to_a_member_that_holds_data_changes_nothing(tmp_path: Path) -> None:
     (cfg,) = configs(tmp_path, 1)
 

@@ -193,13 +193,19 @@ class MembershipManager:
         await self.change(ConfOp.PROMOTE, node_id)
 
     async def wait_caught_up(self, node_id: int, timeout: float) -> None:
+        """Waits until learner ``node_id`` is caught up and answering: promoted while it does
+        not answer (down, or slow to answer under load), it would be refused as unreachable."""
+        raft = self.node.raft
+        assert raft is not None
         deadline = time.monotonic() + timeout
         while True:
             lag = self.learner_lag(node_id)
-            if lag is not None and lag <= self.cfg.max_lag_entries:
+            answering = raft.heard_from_recently(node_id)
+            if lag is not None and lag <= self.cfg.max_lag_entries and answering:
                 return
             if time.monotonic() > deadline:
-                raise DengineError(f"node {node_id} did not catch up within {timeout:.0f} s (lag {lag})")
+                state = f"lag {lag}" if answering else f"lag {lag}, not answering"
+                raise DengineError(f"node {node_id} did not catch up within {timeout:.0f} s ({state})")
             await asyncio.sleep(0.05)
 
     async def replace(self, old: int, new: int, address: str, *, timeout: float = 120.0) -> None:

@@ -331,10 +331,7 @@ class Raft:
                 "the new leader has not committed an entry of its term yet; retry shortly"
             )
         voters, learners = self.conf.voters, self.learners
-        recent = self.cfg.election_ticks
-        active = frozenset(
-            p for p, pr in self.progress.items() if p == self.id or self._ticks - pr.responded_tick < recent
-        )
+        active = frozenset(p for p in self.progress if self.heard_from_recently(p))
         membership.check(voters, learners, op, node_id, active=active, address=address, addresses=addresses)
         cc = membership.propose(op, node_id, voters, learners, addresses or {}, address=address, nonce=nonce)
         _, index = self._append_as_leader([conf_change(cc)], conf=True)
@@ -1227,6 +1224,14 @@ class Raft:
             self._on_commit_in_term()
             return True
         return False
+
+    def heard_from_recently(self, peer: int) -> bool:
+        """Whether ``peer`` answered this leader within the last election timeout (this node
+        itself always counts): a membership change counts only such voters as reachable."""
+        if peer == self.id:
+            return True
+        pr = self.progress.get(peer)
+        return pr is not None and self._ticks - pr.responded_tick < self.cfg.election_ticks
 
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
