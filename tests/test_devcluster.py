@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 CLI = [sys.executable, "-m", "dengine"]
 
@@ -123,3 +126,29 @@ def test_a_node_that_exits_is_reported_with_its_exit_code_and_reason(tmp_path: P
     finally:
         _stop_cluster(first)
     assert os.path.exists(data_dir / "node1.toml")
+
+
+def test_a_ctrl_c_as_soon_as_it_starts_stops_every_node(tmp_path: Path) -> None:
+    """Interrupted the moment it prints its first line (its nodes just started): it stops them
+    and exits 0. It once raised KeyboardInterrupt there and left its nodes running, and a Ctrl-C
+    that landed while its wait loop held a lock hung it for ever."""
+    for run in range(3):
+        data_dir = tmp_path / f"dev{run}"
+        proc = subprocess.Popen(
+            [*CLI, "cluster", "--nodes", "3", "--data-dir", str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("started 3 nodes"), first
+        out = first + _stop_cluster(proc)
+        assert proc.returncode == 0, out
+        assert "cluster stopped" in out and "Traceback" not in out, out
+        # A clean stop waited for every node: none still listens.
+        for config in data_dir.glob("node*.toml"):
+            port = int(config.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
+            with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+                s.connect(("127.0.0.1", port))

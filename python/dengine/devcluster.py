@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         configs, stored = prepared
         n = len(configs)
+        # Installed before the first node starts: a Ctrl-C or SIGTERM at any moment after that
+        # (the default SIGINT raised KeyboardInterrupt between the endpoints line and here, and
+        # the nodes went on running, orphaned) stops every node. The handler only sets a flag:
+        # threading.Event.set() from a handler deadlocks when the signal lands while the main
+        # thread holds the Event's lock inside Event.wait() (the command then hung for ever).
+        stopped: list[int] = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            stopped.append(signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         procs = []
         logs: list[tuple[Path, int]] = []
         for path in configs:
@@ -176,13 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"export DENGINE_ENDPOINTS={endpoints}")
         print("logs: node<i>.log beside the configs; Ctrl-C stops the cluster", flush=True)
 
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(0.2):
+        while not stopped:
             if _report_exits(procs, logs):
                 print("stopping the cluster", file=sys.stderr)
                 break
+            time.sleep(0.2)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -193,4 +203,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p.kill()
                 p.wait()
         print("cluster stopped", flush=True)
-        return 0 if stop.is_set() else 1
+        return 0 if stopped else 1
