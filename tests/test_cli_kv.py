@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,15 +114,33 @@ def test_watch_prints_changes(cluster: ProcCluster) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = proc.stdout
+
+    def read() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         with SyncClient(endpoints) as client:
-            import time  # noqa: PLC0415
-
-            time.sleep(1.5)  # let the watch pin its starting revision
+            # The watch starts from the revision current when it subscribes, and it starts a
+            # process first (slow under load): put a marker until the watch prints it.
+            deadline = time.monotonic() + 60
+            while True:
+                assert time.monotonic() < deadline, "the watch printed nothing"
+                client.put(b"w/ready", b"0")
+                try:
+                    lines.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    pass
             client.put(b"w/a", b"1")
             client.delete(b"w/a")
-        assert proc.stdout is not None
-        first, second = proc.stdout.readline().split(), proc.stdout.readline().split()
+        changes = (line.split() for line in iter(lambda: lines.get(timeout=20), ""))
+        changes = (c for c in changes if c[2] != "w/ready")  # markers still on their way
+        first, second = next(changes), next(changes)
         assert first[1:] == ["put", "w/a", "=", "1"]
         assert second[1:] == ["delete", "w/a"]
         assert int(second[0]) == int(first[0]) + 1
