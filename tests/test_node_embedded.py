@@ -329,9 +329,14 @@ def test_an_overloaded_leader_refuses_writes_until_its_entries_commit(tmp_path: 
             # After an election timeout the leader proposes its waiting write again, and refuses
             # the copy: the first copy is in its log, so the caller must keep waiting, not hear
             # that the write was dropped.
-            await asyncio.sleep(1.0)
+            await until(  # proposed again (marked, then flushed), at most 600 ms later when unloaded
+                lambda: (
+                    leader._waiters
+                    and all(p.resent for p in leader._waiters.values())
+                    and not leader._pending
+                )
+            )
             assert not waiting.done()
-            assert all(p.resent for p in leader._waiters.values())  # it was proposed again
             assert b'reason="overloaded"} 1.0' in leader.metrics.render()  # and that is no failure
             for i, f in enumerate(followers):
                 back = Node(cfgs[f.id - 1], state_machine=Counter())
