@@ -46,8 +46,8 @@ def cluster(tmp_path: Path) -> Iterator["ProcCluster"]:
 
 
 # A test that hangs must fail with a picture of where it hangs, not stall the whole run until
-# CI's own limit ends it with no trace (a CI run once did). The longest test takes about a
-# minute; DENGINE_TEST_HANG_SECONDS changes the limit (0 turns the watchdog off).
+# CI's own limit ends it with no trace (a CI run once did). The longest test takes under half a
+# minute in CI; DENGINE_TEST_HANG_SECONDS changes the limit (0 turns the watchdog off).
 HANG_SECONDS = float(os.environ.get("DENGINE_TEST_HANG_SECONDS", "300"))
 # If the test's clean-up hangs as well once it was failed, the run ends here instead.
 HANG_GRACE_SECONDS = 120.0

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dengine.config import Config
+
 CLI = [sys.executable, "-m", "dengine"]
 
 
@@ -149,6 +151,6 @@ def test_a_ctrl_c_as_soon_as_it_starts_stops_every_node(tmp_path: Path) -> None:
         assert "cluster stopped" in out and "Traceback" not in out, out
         # A clean stop waited for every node: none still listens.
         for config in data_dir.glob("node*.toml"):
-            port = int(config.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
+            host, _, port = Config.load(config, env={}).node.listen.rpartition(":")
             with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-                s.connect(("127.0.0.1", port))
+                s.connect((host, int(port)))
