@@ -61,8 +61,11 @@ async def left_behind_a_snapshot(
         await leader.snapshot()
     # The appends the leader sent it meanwhile wait in the transport's queue until an attempt to
     # reach it fails (the backoff is at most a second), and would let it catch up from the log
-    # if it came back before then.
-    await asyncio.sleep(2.5)
+    # if it came back before then. A failed attempt drops that queue for a new one.
+    transport = leader.transport
+    assert transport is not None
+    queued = transport._queues.get(lagging.id)
+    await until(lambda: transport._queues.get(lagging.id) is not queued, timeout=30)
     return index
 
 
