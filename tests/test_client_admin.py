@@ -52,6 +52,11 @@ def test_a_learner_added_promoted_and_removed_through_the_client(tmp_path: Path)
                 assert refused.value.code == "FAILED_PRECONDITION"
                 with pytest.raises(RequestFailed, match="is already a member"):
                     await client.add_learner(2, "127.0.0.1:1")
+                # A missing id is a bad argument, not a state of the cluster.
+                for change in (client.promote, client.remove_member):
+                    with pytest.raises(RequestFailed, match="needs the id of a member") as refused:
+                        await change(0)
+                    assert refused.value.code == "INVALID_ARGUMENT"
 
         asyncio.run(main())
 

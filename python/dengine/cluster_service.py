@@ -172,14 +172,23 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         change = self.node.add_learner(request.id, request.address)
         return await self._membership(change, context, "AddLearner")
 
+    async def _require_id(self, context: Any, method: str, node_id: int) -> None:
+        # A missing id is wrong whatever the cluster holds (INVALID_ARGUMENT); an id that names no
+        # member depends on the membership, and is refused as the change's precondition.
+        if not node_id:
+            details = f"{method} needs the id of a member (ids start at 1)"
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, details)
+
     async def Promote(
         self, request: cluster_pb2.PromoteRequest, context: Any
     ) -> cluster_pb2.MembershipResponse:
+        await self._require_id(context, "Promote", request.id)
         return await self._membership(self.node.promote(request.id, force=request.force), context, "Promote")
 
     async def RemoveMember(
         self, request: cluster_pb2.RemoveMemberRequest, context: Any
     ) -> cluster_pb2.MembershipResponse:
+        await self._require_id(context, "RemoveMember", request.id)
         return await self._membership(self.node.remove_member(request.id), context, "RemoveMember")
 
     async def Snapshot(
