@@ -317,6 +317,27 @@ def test_the_guard_turns_any_engine_exception_into_a_storage_error_naming_the_me
     store.close()
 
 
+@pytest.mark.parametrize("method", ["term", "sync"])
+def test_the_guard_refuses_an_async_method_of_an_engine_handed_over_as_an_object(
+    tmp_path: Path, method: str
+) -> None:
+    """An engine object given to ``Node(log_store=...)`` is not checked when it is loaded from the
+    config: an ``async def`` method would hand the node a coroutine whose work never runs."""
+
+    async def never_run(*args: object) -> int:
+        raise AssertionError("the coroutine must be closed, not run")
+
+    engine = Faulty(tmp_path / "log")
+    engine.append([Entry(1, 1, b"x")])
+    setattr(engine, method, never_run)
+    store = GuardedLogStore(engine)
+    with pytest.raises(
+        StorageError, match=rf"Faulty\.{method}\(\) returned coroutine: log store methods must be plain"
+    ):
+        getattr(store, method)(*((1,) if method == "term" else ()))
+    store.close()
+
+
 def test_the_guarded_engine_passes_the_conformance_suite_and_survives_a_crash(tmp_path: Path) -> None:
     suite = LogStoreConformance()
     path = tmp_path / "log"

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from dengine import _core
-from dengine.errors import DengineError, StorageError
-from dengine.storage import LogStore, LogStoreBase
+from dengine.errors import DengineError
+from dengine.storage import LogStore, LogStoreBase, guarded
 
 __all__ = ["LogSyncer"]
 
@@ -43,7 +43,7 @@ class LogSyncer:
         on_failed: OnFailed,
         observe: Callable[[float], None],
     ) -> None:
-        self._store = store
+        self._store = guarded(store)
         self._executor = executor
         self._on_synced = on_synced
         self._on_failed = on_failed
@@ -115,24 +115,11 @@ class LogSyncer:
 
     async def _sync_in_executor(self) -> None:
         try:
+            # Guarded (see __init__): whatever a custom engine's sync raises or wrongly returns
+            # (an OSError from os.fsync, a coroutine from an ``async def``) is a StorageError.
             durable = await self._loop.run_in_executor(self._executor, self._store.sync)
-        except DengineError as exc:
+        except DengineError as exc:  # the sync failed: fail-stop, never a task nobody awaits
             self._fail(exc)
-            return
-        except Exception as exc:  # a custom engine may raise anything: os.fsync raises OSError
-            # Whatever it raised, the sync failed: fail-stop, never a task nobody awaits.
-            engine = type(self._store).__qualname__
-            failure = StorageError(f"log sync failed in {engine}.sync(): {type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-            self._fail(failure)
-            return
-        if not isinstance(durable, int):  # say, an ``async def sync`` handed over as log_store=
-            if asyncio.iscoroutine(durable):
-                durable.close()
-            engine = type(self._store).__qualname__
-            self._fail(
-                StorageError(f"{engine}.sync() returned {type(durable).__name__}, not the durable index")
-            )
             return
         self._finished(durable)
 

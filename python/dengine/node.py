@@ -69,11 +69,10 @@ from dengine.snapshot_store import SnapshotFile
 from dengine.snapshotting import SnapshotManager, info_of
 from dengine.state_machine import StateMachine
 from dengine.storage import (
-    GuardedLogStore,
     LogStore,
-    LogStoreBase,
     MemoryLogStore,
     WalLogStore,
+    guarded,
     open_custom_log_store,
 )
 from dengine.transport.codec import Sender
@@ -302,7 +301,7 @@ class Node:
             return open_node_log(self.config)
         # A store object the program hands over is guarded like a configured custom engine: a
         # failure of any of its methods stops the node instead of breaking a loop callback.
-        return store if isinstance(store, (LogStoreBase, GuardedLogStore)) else GuardedLogStore(store)
+        return guarded(store)
 
     async def start(self) -> None:
         """Opens the log, restores the newest snapshot, starts serving peers (and any extra

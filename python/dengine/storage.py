@@ -18,6 +18,7 @@ built-in engines release the GIL while flushing, so an asyncio loop can run it i
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from types import TracebackType
@@ -170,11 +171,21 @@ class GuardedLogStore:
 
     def _call(self, method: str, *args: object) -> Any:
         try:
-            return getattr(self.engine, method)(*args)
+            result = getattr(self.engine, method)(*args)
         except DengineError:
             raise
         except Exception as exc:
             raise StorageError(f"{self._name}.{method}() failed: {type(exc).__name__}: {exc}") from exc
+        if inspect.isawaitable(result):
+            # An ``async def`` method: its work never ran, and nothing the node could do with the
+            # awaitable would make it durable in the order the log needs.
+            if inspect.iscoroutine(result):
+                result.close()
+            raise StorageError(
+                f"{self._name}.{method}() returned {type(result).__name__}: log store methods must be "
+                "plain (synchronous) methods; the node runs the slow ones on a thread of its own"
+            )
+        return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -215,7 +226,9 @@ class GuardedLogStore:
         return result
 
     def sync(self) -> int:
-        result: int = self._call("sync")
+        result = self._call("sync")
+        if not isinstance(result, int):
+            raise StorageError(f"{self._name}.sync() returned {type(result).__name__}, not the durable index")
         return result
 
     def durable_index(self) -> int:
@@ -235,6 +248,12 @@ class GuardedLogStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def guarded(store: LogStore) -> LogStore:
+    """``store`` as the node uses it: a built-in engine as it is, any other in a
+    :class:`GuardedLogStore` (once)."""
+    return store if isinstance(store, (LogStoreBase, GuardedLogStore)) else GuardedLogStore(store)
 
 
 def open_custom_log_store(engine: str, cls: type[LogStore], path: str | os.PathLike[str]) -> LogStore:
