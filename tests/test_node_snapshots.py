@@ -6,15 +6,18 @@ refused with a clear error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
 import pytest
 
+from dengine import snapshotting
 from dengine._core import SnapshotChunker
 from dengine.config import Config
 from dengine.errors import DengineError
@@ -509,7 +512,8 @@ def test_a_node_stopped_while_its_state_is_written_waits_for_the_writer_then_dis
         assert not stopping.done(), "the stop did not wait for the writer"
         sm.go.set()
         await asyncio.wait_for(stopping, 10)
-        with pytest.raises(asyncio.CancelledError):
+        # The caller was not cancelled: it hears why its snapshot was not taken.
+        with pytest.raises(DengineError, match="stopped before the snapshot was taken"):
             await creating
         assert sm.wrote == ["written"], "the file was closed under the writer"
         left = sorted(p.name for p in (tmp_path / "n1" / "snapshots").iterdir())
@@ -607,7 +611,7 @@ def test_a_node_that_fails_while_its_state_is_written_stops_serving_at_once(tmp_
                     await stub.Status(cluster_pb2.StatusRequest(), timeout=2)
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, "still serving"
             sm.go.set()
-            with pytest.raises(asyncio.CancelledError):
+            with pytest.raises(DengineError, match="stopped before the snapshot was taken"):
                 await creating
         finally:
             sm.go.set()
@@ -769,5 +773,153 @@ def test_a_node_that_joins_by_a_snapshot_taken_before_it_was_added_stays(tmp_pat
             assert joiner.failure is None, joiner.failure
             assert await leader.propose(b"1") == b"301"
             await until(lambda: isinstance(joiner.sm, Counter) and joiner.sm.n == 301)
+
+    run(main)
+
+
+class GatedAsyncCounter:
+    """A counter whose async ``apply`` of ``b"100"`` changes the state, then waits on ``gate``
+    (I/O, a lock) before it returns: an entry cut in two by any cancel that lands meanwhile."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.gate: asyncio.Event | None = None
+
+    async def apply(self, index: int, command: bytes) -> bytes:
+        self.n += int(command)
+        if self.gate is not None and command == b"100":
+            await self.gate.wait()
+        return str(self.n).encode()
+
+    def snapshot(self, sink: BinaryIO) -> None:
+        sink.write(str(self.n).encode())
+
+    def restore(self, source: BinaryIO) -> None:
+        self.n = int(source.read())
+
+
+def test_a_node_stopped_inside_an_async_apply_takes_no_snapshot_of_half_an_entry(tmp_path: Path) -> None:
+    """A stop cancels the apply task inside an entry whose apply() has changed the state but not
+    returned: the state is ahead of what counts as applied. A snapshot waiting for the apply lock
+    then must not take that state as of the last applied entry, or the restarted node applies
+    the entry a second time and its replica differs from the others for good."""
+    cfgs = configs(tmp_path)
+
+    async def main() -> None:
+        machines = [GatedAsyncCounter() for _ in cfgs]
+        nodes = [Node(c, state_machine=sm) for c, sm in zip(cfgs, machines, strict=True)]
+        for n in nodes:
+            await n.start()
+        try:
+            leader = await until(lambda: leader_of(nodes))
+            at = next(i for i, n in enumerate(nodes) if n is not leader)
+            follower, machine = nodes[at], machines[at]
+            await propose_all(leader, 5)
+            await until(lambda: machine.n == 5)
+            machine.gate = asyncio.Event()  # never set: its apply of b"100" stays inside the entry
+            assert await leader.propose(b"100") == b"105"
+            await until(lambda: machine.n == 105)
+            snapshot = asyncio.ensure_future(follower.snapshot())  # waits for the apply lock
+            await asyncio.sleep(0.05)
+            await follower.stop(transfer_leadership=False)
+            (outcome,) = await asyncio.gather(snapshot, return_exceptions=True)
+            assert follower.snapshots.latest is None, "a snapshot of half an entry was taken"
+            restarted = GatedAsyncCounter()
+            nodes[at] = Node(cfgs[at], state_machine=restarted)
+            await nodes[at].start()
+            await until(lambda: restarted.n == 105)
+            await asyncio.sleep(0.2)
+            assert restarted.n == 105, "the entry cut in two was applied twice"
+            # The caller of snapshot() hears that the stop refused it.
+            assert isinstance(outcome, DengineError) and "stop" in str(outcome), outcome
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
+
+    run(main)
+
+
+def test_a_failed_policy_check_leaves_the_snapshot_policy_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size policy measures the log directory; one failure there (a disk error) used to end
+    the policy loop silently: no size or interval snapshot ever again, the log growing for good."""
+    (cfg,) = with_snapshots(configs(tmp_path, n=1), entries=0, bytes=1, log_factor=0)
+    measure = snapshotting._directory_bytes
+    failures = [OSError(5, "Input/output error")]
+
+    def failing_once(path: Path) -> int:
+        if failures:
+            raise failures.pop()
+        return measure(path)
+
+    async def main() -> None:
+        async with started([cfg]) as (node,):
+            await until(lambda: leader_of([node]))
+            monkeypatch.setattr(snapshotting, "_directory_bytes", failing_once)
+            await node.propose(b"1")
+            await until(lambda: not failures)
+            await node.propose(b"1")
+            await until(lambda: node.snapshots.created >= 1)
+
+    run(main)
+
+
+def test_a_log_file_removed_while_the_log_is_measured_is_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log renames a preallocated segment into place and deletes compacted ones while the
+    snapshot thread measures the directory: a file listed and then gone is not an error."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    listing = os.scandir
+
+    def removing_b(entries: Iterator[os.DirEntry[str]]) -> Iterator[os.DirEntry[str]]:
+        for entry in entries:
+            if entry.name == "b":
+                os.unlink(entry.path)  # gone between the listing and its stat
+            yield entry
+
+    @contextlib.contextmanager
+    def listing_then_removing(path: Path) -> Iterator[Iterator[os.DirEntry[str]]]:
+        with listing(path) as entries:
+            yield removing_b(entries)
+
+    monkeypatch.setattr(os, "scandir", listing_then_removing)
+    assert snapshotting._directory_bytes(tmp_path) == 20
+
+
+def test_offers_that_overlap_leave_no_partial_file_behind(tmp_path: Path) -> None:
+    """Two leaders' offers at once (an old one still sending as a new one starts) each made an
+    assembler; the one not kept left its partial file, which no abandon could reach."""
+    (cfg,) = configs(tmp_path, n=1)
+
+    async def main() -> None:
+        async with started([cfg]) as (node,):
+            await until(lambda: leader_of([node]))
+            assert node.raft is not None
+
+            def offer_from(leader: int, term: int) -> raft_pb2.SnapshotHeader:
+                return raft_pb2.SnapshotHeader(
+                    cluster_id="embedded",
+                    to=node.id,
+                    term=term,
+                    index=1000 * term,
+                    log_term=term,
+                    size=1 << 20,
+                    sha256=bytes(32),
+                    **{"from": leader},
+                )
+
+            term = node.raft.term
+            answers = await asyncio.gather(
+                node.snapshots.offer(offer_from(2, term + 1)), node.snapshots.offer(offer_from(3, term + 2))
+            )
+            assert all(a.needed for a in answers)
+            await node.snapshots._abandon("the transfer went silent")
+            store = node.snapshots.store
+            assert store is not None
+            left = [p.name for p in store.directory.iterdir() if p.suffix in (".partial", ".progress")]
+            assert left == [], "an assembler nobody kept left its files"
 
     run(main)

@@ -1043,7 +1043,9 @@ class Node:
 
     async def snapshot(self) -> SnapshotFile | None:
         """Takes a snapshot of the applied state now (or waits for the one being taken), compacts
-        the log behind it, and returns the newest snapshot (None if nothing was applied yet)."""
+        the log behind it, and returns the newest snapshot (None if nothing was applied yet).
+        Raises :class:`~dengine.errors.DengineError` if the node is not running, or stops before
+        the snapshot is taken."""
         if not self._running:
             raise DengineError(self.failure or "the node is not running")
         self._check_loop_thread("snapshot")
@@ -1454,6 +1456,11 @@ class Node:
                 fut.set_result(result if result is not None else b"")
 
     # --- status -------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the node is serving: started, and not stopping, stopped or failed."""
+        return self._running
 
     @property
     def leader_id(self) -> int | None:

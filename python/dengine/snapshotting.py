@@ -94,6 +94,10 @@ class SnapshotManager:
         self._senders: dict[int, asyncio.Task[None]] = {}
         self._chunker: tuple[Path, SnapshotChunker] | None = None
         self._incoming: _Incoming | None = None
+        # Offers one at a time: two that overlap (an old leader still sending as a new one
+        # starts) would each make an assembler, and the one not kept would leave its partial
+        # file behind, known to nobody.
+        self._offering = asyncio.Lock()
         self._received: dict[Path, SnapshotFile] = {}
         self._to_restore: set[Path] = set()  # received files the core queued for restoring
         self._last_snapshot_at = time.monotonic()
@@ -235,7 +239,10 @@ class SnapshotManager:
         if self._creating is fut:  # not a newer snapshot begun before this callback ran
             self._creating = None
         if not fut.cancelled() and fut.exception() is not None:
-            log.error("node %d: snapshot failed: %s", self.node.id, fut.exception(), extra=self._fields())
+            level = logging.ERROR if self.node.running else logging.DEBUG  # not one refused at a stop
+            log.log(
+                level, "node %d: snapshot failed: %s", self.node.id, fut.exception(), extra=self._fields()
+            )
 
     def _fields(self, index: int | None = None) -> dict[str, object]:
         """Structured log fields: the node's id and term, and the snapshot's index (or the
@@ -248,7 +255,14 @@ class SnapshotManager:
     async def create(self) -> SnapshotFile | None:
         """Takes a snapshot now (or joins the one being taken); returns the newest snapshot, or
         None when nothing has been applied yet."""
-        await asyncio.shield(self._begin_create())
+        creating = self._begin_create()
+        try:
+            await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            if cancelling_itself() or not creating.cancelled():
+                raise
+            # The node's stop cancelled the snapshot, not this caller.
+            raise DengineError("the node stopped before the snapshot was taken") from None
         return self.latest
 
     async def _create(self) -> SnapshotFile | None:
@@ -261,6 +275,12 @@ class SnapshotManager:
                 # The apply that failed may have changed part of the state past raft.applied:
                 # a snapshot of it, restored, would apply those entries twice.
                 return self.latest
+            if not node.running:
+                # A stop cancels the apply task, possibly inside an async apply() that has
+                # changed part of the state and not yet counted its entry as applied: the same
+                # state ahead of raft.applied. The lock, let go by that cancel, must not let a
+                # snapshot of it be taken while the node closes.
+                raise DengineError("the node is stopping: no snapshot is taken now")
             index = raft.applied
             # The size policy counts growth from here: entries appended while this snapshot is
             # written and the log compacted belong to the next one.
@@ -356,28 +376,37 @@ class SnapshotManager:
             log.debug("node %d: removed old snapshot %s", self.node.id, path)
 
     async def _policy_loop(self) -> None:
-        cfg = self.cfg
         while True:
             await asyncio.sleep(_POLICY_PERIOD_S)
-            self._drop_stale_incoming()
-            raft = self.node.raft
-            if not cfg.enabled or raft is None or self._creating is not None:
-                continue
-            fresh = raft.applied > self._latest_index()
-            if not fresh:
-                continue
-            # The entry count is checked after each applied batch, but not while a snapshot or
-            # a log growth check is under way: a count reached then would otherwise wait for a
-            # write that may never come.
-            self.on_applied()
-            if self._creating is not None:
-                continue
-            due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
-            if not due and cfg.bytes:
-                grown = await self._log_growth()
-                due = grown >= cfg.bytes and (not self._log_factor_applies() or self._log_grew_enough(grown))
-            if due:
-                self._begin_create()
+            try:
+                await self._policy_check()
+            except Exception:
+                # One failed check (a disk error while measuring the log) must not end the loop:
+                # without it no size or interval snapshot is ever taken again, the log grows
+                # without bound, and abandoned incoming transfers are never dropped.
+                log.exception("node %d: snapshot policy check failed", self.node.id, extra=self._fields())
+
+    async def _policy_check(self) -> None:
+        """Takes a snapshot if the interval or the size policy says one is due."""
+        cfg = self.cfg
+        self._drop_stale_incoming()
+        raft = self.node.raft
+        if not cfg.enabled or raft is None or self._creating is not None:
+            return
+        if raft.applied <= self._latest_index():
+            return  # nothing applied since the newest snapshot
+        # The entry count is checked after each applied batch, but not while a snapshot or a log
+        # growth check is under way: a count reached then would otherwise wait for a write that
+        # may never come.
+        self.on_applied()
+        if self._creating is not None:
+            return
+        due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
+        if not due and cfg.bytes:
+            grown = await self._log_growth()
+            due = grown >= cfg.bytes and (not self._log_factor_applies() or self._log_grew_enough(grown))
+        if due:
+            self._begin_create()
 
     # --- sending (leader) ---------------------------------------------------------------------------
 
@@ -514,6 +543,10 @@ class SnapshotManager:
 
     async def offer(self, h: raft_pb2.SnapshotHeader) -> raft_pb2.SnapshotOfferResponse:
         """A leader announces a snapshot: say whether it is needed and from where to send it."""
+        async with self._offering:
+            return await self._offer(h)
+
+    async def _offer(self, h: raft_pb2.SnapshotHeader) -> raft_pb2.SnapshotOfferResponse:
         raft, store = self.node.raft, self.store
         assert raft is not None and store is not None
         if h.term < raft.term or h.index <= raft.commit:
@@ -525,7 +558,16 @@ class SnapshotManager:
             inc = None
         if inc is None:
             path = store.incoming_path(h.index, h.log_term)
-            assembler = await self._run(SnapshotAssembler, path, h.size, bytes(h.sha256))
+            making = asyncio.get_running_loop().run_in_executor(
+                self._pool, SnapshotAssembler, path, h.size, bytes(h.sha256)
+            )
+            try:
+                assembler = await asyncio.shield(making)
+            except asyncio.CancelledError:
+                # The offer's call went away: the assembler is made all the same, and is aborted
+                # once it is, rather than left with its files and nobody to abandon it.
+                making.add_done_callback(self._abort_unkept)
+                raise
             inc = self._incoming = _Incoming(key, assembler, time.monotonic())
         else:
             # The leader is still at it (each stream of a slow transfer starts with an offer):
@@ -678,6 +720,12 @@ class SnapshotManager:
             self._tasks.append(task)
             task.add_done_callback(self._tasks.remove)
 
+    def _abort_unkept(self, making: asyncio.Future[SnapshotAssembler]) -> None:
+        if making.cancelled() or making.exception() is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: the next start cleans up
+            self._pool.submit(making.result().abort)
+
     async def _abandon(self, why: str) -> None:
         inc, self._incoming = self._incoming, None
         if inc is not None:
@@ -691,8 +739,13 @@ def _directory_bytes(path: Path) -> int:
         return 0  # an in-memory or custom log store keeps nothing there
     with os.scandir(path) as it:
         for entry in it:
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                # The log renamed or removed it since the listing (a preallocated segment put in
+                # place, a compacted one deleted): it is counted under its new name, or gone.
+                continue
     return total
 
 
