@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,6 +29,9 @@ from dengine.transport.codec import ReceivedChunk
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, raft_pb2
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
 from test_node_membership import joiner_config, with_membership
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "docs" / "examples"))
+from sqlite_log_store import SQLiteLogStore
 
 
 def with_snapshots(cfgs: list[Config], **snapshot: Any) -> list[Config]:
@@ -921,5 +925,45 @@ def test_offers_that_overlap_leave_no_partial_file_behind(tmp_path: Path) -> Non
             assert store is not None
             left = [p.name for p in store.directory.iterdir() if p.suffix in (".partial", ".progress")]
             assert left == [], "an assembler nobody kept left its files"
+
+    run(main)
+
+
+class ResetFails(SQLiteLogStore):
+    """The storage guide's engine, whose reset to a received snapshot can be made to fail."""
+
+    fail_reset = False
+
+    def reset(self, index: int, term: int) -> None:
+        if self.fail_reset:
+            raise OSError(5, "Input/output error")
+        super().reset(index, term)
+
+
+def test_a_log_that_fails_to_take_a_received_snapshot_stops_the_node(tmp_path: Path) -> None:
+    """The install resets the log to the snapshot; a failure there used to go back to the leader
+    as the call's error while the node went on with a log in an unknown state."""
+    cfgs = with_snapshots(configs(tmp_path), entries=100, trailing_entries=10)
+
+    async def main() -> None:
+        nodes = [
+            Node(c, state_machine=Counter(), log_store=ResetFails(tmp_path / f"sql{i}"))
+            for i, c in enumerate(cfgs)
+        ]
+        for n in nodes:
+            await n.start()
+        try:
+            at = await left_behind_a_snapshot(nodes, 300)
+            store = ResetFails(tmp_path / f"sql{at}")
+            store.fail_reset = True
+            nodes[at] = Node(cfgs[at], state_machine=Counter(), log_store=store)
+            await nodes[at].start()
+            lagging = nodes[at]
+            await until(lambda: lagging.failure is not None, timeout=20)
+            assert "ResetFails.reset() failed: OSError" in str(lagging.failure)
+            await asyncio.wait_for(lagging.wait_stopped(), 10)
+        finally:
+            for n in nodes:
+                await n.stop(transfer_leadership=False)
 
     run(main)

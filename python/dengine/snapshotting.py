@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from dengine._core import SnapshotAssembler, SnapshotChunk, SnapshotChunker
-from dengine.errors import DengineError
+from dengine.errors import DengineError, StorageError
 from dengine.event_loop import cancelling_itself
 from dengine.raft import Message, MsgType, Role, SnapshotInfo
 from dengine.snapshot_store import SnapshotFile, SnapshotMeta, SnapshotStore
@@ -645,10 +645,21 @@ class SnapshotManager:
             )
         self._received[path] = snap
         self._pinned[path] += 1
-        raft.step(
-            Message(MsgType.SNAPSHOT, getattr(header, "from"), node.id, header.term, snapshot=info_of(snap))
-        )
-        node.pump()
+        try:
+            raft.step(
+                Message(
+                    MsgType.SNAPSHOT, getattr(header, "from"), node.id, header.term, snapshot=info_of(snap)
+                )
+            )
+            node.pump()
+        except StorageError as exc:
+            # The log failed under the install (its reset to the snapshot): like every other
+            # entry point that drives the core, fail-stop, rather than hand the error to gRPC
+            # and go on with a log in an unknown state.
+            self._unpin(path)
+            self._received.pop(path, None)
+            node._storage_failed(exc)
+            return raft_pb2.InstallSnapshotResponse(term=raft.term, installed=False)
         if path not in self._to_restore:
             # The core did not take it (a leader of an old term, or this node's log reaches it
             # already): nothing will restore it, so it must not stay pinned and in memory.
