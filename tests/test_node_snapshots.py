@@ -967,3 +967,62 @@ def test_a_log_that_fails_to_take_a_received_snapshot_stops_the_node(tmp_path: P
                 await n.stop(transfer_leadership=False)
 
     run(main)
+
+
+def test_stopping_waits_for_snapshot_work_without_holding_up_the_loop(tmp_path: Path) -> None:
+    """Work on the snapshot threads that goes on after the stop cancelled it (an assembler
+    checking a large partial file) is waited for off the loop: other nodes and tasks on it go on."""
+    (cfg,) = configs(tmp_path, n=1)
+
+    async def main() -> None:
+        node = Node(cfg, state_machine=Counter())
+        await node.start()
+        await until(lambda: leader_of([node]))
+        busy = threading.Event()
+
+        def long_job() -> None:
+            busy.set()
+            time.sleep(1.5)
+
+        node.snapshots._pool.submit(long_job)
+        await until(busy.is_set)
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.ensure_future(ticker())
+        await node.stop()
+        ticking.cancel()
+        assert max(gaps) < 0.75, f"the loop was held up {max(gaps):.2f} s by the stop"
+
+    run(main)
+
+
+@pytest.mark.parametrize("engine", ["memory", "elsewhere"])
+def test_a_log_kept_outside_the_log_directory_is_still_compacted_by_the_entry_count(
+    tmp_path: Path, engine: str
+) -> None:
+    """The log factor holds a snapshot back until the log directory has outgrown the last one;
+    a log kept in memory or by a custom engine somewhere else leaves that directory empty, and
+    used to get one snapshot only, its log then growing for good."""
+    (cfg,) = with_snapshots(configs(tmp_path, n=1), entries=100, trailing_entries=10)
+    if engine == "memory":
+        (cfg,) = with_section([cfg], "storage", engine="memory")
+
+    async def main() -> None:
+        store = ResetFails(tmp_path / "sql") if engine == "elsewhere" else None
+        async with Node(cfg, state_machine=Counter(), log_store=store) as node:
+            await until(lambda: leader_of([node]))
+            for _ in range(5):
+                await propose_all(node, 100)
+            await until(lambda: node.snapshots.created >= 2)
+            assert node.store is not None
+            await until(lambda: node.store is not None and node.store.first_index() > 300)
+
+    run(main)

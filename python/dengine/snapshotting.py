@@ -176,7 +176,10 @@ class SnapshotManager:
         self._tasks.clear()
         self._senders.clear()
         # A transfer in progress keeps its partial file until the next start cleans it up.
-        self._pool.shutdown(wait=True)
+        # Waited for off the loop: a job that goes on after its cancel (an assembler checking a
+        # large partial file, a snapshot being hashed) would otherwise hold up every other node
+        # and task on it for seconds.
+        await asyncio.to_thread(self._pool.shutdown, True)
 
     # --- creating ---------------------------------------------------------------------------------
 
@@ -199,16 +202,20 @@ class SnapshotManager:
     def _log_factor_applies(self) -> bool:
         return bool(self.cfg.log_factor) and self.latest is not None
 
-    async def _log_growth(self) -> int:
-        """Bytes the log grew by since the newest snapshot was taken."""
-        return await self._run(_directory_bytes, self._log_dir) - self._log_bytes_at_snapshot
+    async def _log_growth(self) -> int | None:
+        """Bytes the log grew by since the newest snapshot was taken; None when the log directory
+        holds nothing to measure (a log kept in memory, or by a custom engine somewhere else)."""
+        size = await self._run(_directory_bytes, self._log_dir)
+        return None if size == 0 else size - self._log_bytes_at_snapshot
 
-    def _log_grew_enough(self, grown: int) -> bool:
+    def _log_grew_enough(self, grown: int | None) -> bool:
         """The Raft thesis' expansion factor (§5.1.3): a snapshot writes the whole state, so one
         is worth taking once the log has outgrown the last snapshot ``log_factor`` times; with a
-        large state, snapshots then cost in proportion to the writes, not to the state."""
+        large state, snapshots then cost in proportion to the writes, not to the state. A log
+        that cannot be measured is not held back by it (the entry count alone decides): held,
+        it would never be compacted again after the first snapshot."""
         latest = self.latest
-        return latest is None or grown >= self.cfg.log_factor * latest.size
+        return latest is None or grown is None or grown >= self.cfg.log_factor * latest.size
 
     async def _create_if_log_grew(self) -> None:
         try:
@@ -404,7 +411,11 @@ class SnapshotManager:
         due = bool(cfg.interval_s) and time.monotonic() - self._last_snapshot_at >= cfg.interval_s
         if not due and cfg.bytes:
             grown = await self._log_growth()
-            due = grown >= cfg.bytes and (not self._log_factor_applies() or self._log_grew_enough(grown))
+            due = (
+                grown is not None
+                and grown >= cfg.bytes
+                and (not self._log_factor_applies() or self._log_grew_enough(grown))
+            )
         if due:
             self._begin_create()
 
