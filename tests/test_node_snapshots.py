@@ -1026,3 +1026,31 @@ def test_a_log_kept_outside_the_log_directory_is_still_compacted_by_the_entry_co
             await until(lambda: node.store is not None and node.store.first_index() > 300)
 
     run(main)
+
+
+def test_a_snapshot_taken_while_a_received_one_resets_the_log_still_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower's own snapshot reads the log's term at its index; a snapshot received from the
+    leader meanwhile (installed outside the apply lock) resets the log past that index. Read
+    after the snapshot's first await, the term was gone and the snapshot failed."""
+    (cfg,) = configs(tmp_path, n=1)
+    measure = snapshotting._directory_bytes
+
+    async def main() -> None:
+        async with started([cfg]) as (node,):
+            await until(lambda: leader_of([node]))
+            await propose_all(node, 5)
+            store, raft = node.store, node.raft
+            assert store is not None and raft is not None
+            applied, term = raft.applied, raft.term
+
+            def measured_as_the_log_is_reset(path: Path) -> int:
+                store.reset(applied + 10, term)  # what installing a received snapshot does
+                return measure(path)
+
+            monkeypatch.setattr(snapshotting, "_directory_bytes", measured_as_the_log_is_reset)
+            snap = await node.snapshot()
+            assert snap is not None and (snap.meta.index, snap.meta.term) == (applied, term)
+
+    run(main)

@@ -289,14 +289,13 @@ class SnapshotManager:
                 # snapshot of it be taken while the node closes.
                 raise DengineError("the node is stopping: no snapshot is taken now")
             index = raft.applied
-            # The size policy counts growth from here: entries appended while this snapshot is
-            # written and the log compacted belong to the next one.
-            log_bytes = await self._run(_directory_bytes, self._log_dir)
             voters, learners = raft.conf_at(index)
             if index <= self._latest_index() or not voters:
                 # Nothing new, or a joining node before the entry that added it: it does not
                 # know the configuration at this point yet.
                 return self.latest
+            # Read before anything is awaited: a snapshot received meanwhile (installed outside
+            # the apply lock) resets the log past ``index``, whose term is then gone.
             meta = SnapshotMeta(
                 index,
                 node.store.term(index),
@@ -305,6 +304,9 @@ class SnapshotManager:
                 tuple((c, a, i, tuple(r)) for c, a, i, r in node.sessions.items()),
                 tuple(node.members.addresses_at(index).items()),
             )
+            # The size policy counts growth from here: entries appended while this snapshot is
+            # written and the log compacted belong to the next one.
+            log_bytes = await self._run(_directory_bytes, self._log_dir)
             writer = await self._run(store.create, meta)
             try:
                 begin = getattr(sm, "begin_snapshot", None)
