@@ -29,6 +29,7 @@ from dengine.errors import (
     RequestFailed,
     Unavailable,
 )
+from dengine.raft.membership import ConfChangeError, check_replacement
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -138,6 +139,10 @@ class ClusterAdmin:
             return max(0.05, deadline - time.monotonic())
 
         m = await self.members(timeout=left())
+        try:
+            check_replacement(old, new, address, m.addresses)
+        except ConfChangeError as exc:
+            raise RequestFailed("INVALID_ARGUMENT", str(exc)) from None
         if old not in m.voters:
             if new in m.voters and old not in m.learners:
                 return m  # done by an earlier call

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from dengine.errors import DengineError, NotLeaderError
+from dengine.errors import DengineError, LogCompactedError, NotLeaderError
 from dengine.raft import Role
-from dengine.raft.membership import ConfChangeError, ConfChangePendingError, ConfOp
+from dengine.raft.membership import ConfChangeError, ConfChangePendingError, ConfOp, check_replacement
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc
 
 if TYPE_CHECKING:
@@ -164,6 +164,8 @@ class MembershipManager:
             if raft.term != term and (store.last_index() < index or store.term(index) != term):
                 raise DengineError("leadership changed and the membership change was lost; retry")
             await asyncio.sleep(node.config.raft.tick_ms / 1000)
+        if not self._committed_as_proposed(index, term, op, node_id):
+            raise DengineError("leadership changed and the membership change was lost; retry")
         log.info(
             "node %d: %s of node %d committed at index %d",
             node.id,
@@ -172,6 +174,24 @@ class MembershipManager:
             index,
             extra={"node_id": node.id, "term": term, "index": index, "event": "membership"},
         )
+
+    def _committed_as_proposed(self, index: int, term: int, op: ConfOp, node_id: int) -> bool:
+        """Whether the entry committed at ``index`` is the change this leader proposed there in
+        ``term``. A leader cut off after proposing it can hear, in one message between two
+        polls, of a newer leader's entries committed over that index: the commit index alone
+        would report a change that no node holds."""
+        raft, store = self.node.raft, self.node.store
+        assert raft is not None and store is not None
+        try:
+            return store.term(index) == term
+        except LogCompactedError:
+            # A snapshot covers it already: the change was made if its effect is in force.
+            members = raft.conf.voters | raft.learners
+            if op is ConfOp.ADD_LEARNER:
+                return node_id in members
+            if op is ConfOp.PROMOTE:
+                return node_id in raft.conf.voters
+            return op is ConfOp.REMOVE and node_id not in members
 
     def learner_lag(self, node_id: int) -> int | None:
         raft, store = self.node.raft, self.node.store
@@ -213,6 +233,7 @@ class MembershipManager:
         cluster never has fewer healthy voters than before."""
         raft = self.node.raft
         assert raft is not None
+        check_replacement(old, new, address, self.addresses)
         if old not in raft.conf.voters:
             raise ConfChangeError(f"node {old} is not a voter")
         if new not in raft.conf.voters | raft.learners:

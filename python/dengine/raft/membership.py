@@ -31,6 +31,7 @@ __all__ = [
     "ConfOp",
     "check",
     "check_address",
+    "check_replacement",
     "decode",
     "encode",
     "propose",
@@ -228,3 +229,18 @@ def decode(payload: bytes) -> ConfChange:
     if node_id <= 0 or 0 in voters or 0 in learners or not voters or voters & learners:
         raise ValueError("membership change with an impossible configuration")
     return ConfChange(kind, node_id, voters, learners, addresses, nonce)
+
+
+def check_replacement(old: int, new: int, address: str, addresses: Mapping[int, str]) -> None:
+    """Refuses a replacement of ``old`` by ``new`` at ``address`` that would only remove ``old``:
+    ``new`` must be another node, and if it is a member already (an earlier, interrupted
+    replacement added it) it must be the one at ``address``; a member elsewhere is another node,
+    named by mistake, and the replacement would leave one voter fewer."""
+    if new == old:
+        raise ConfChangeError(f"node {old} cannot replace itself: name the new node")
+    known = addresses.get(new)
+    if known is not None and known != address:
+        raise ConfChangeError(
+            f"node {new} is already a member, at {known}, not at {address}: a replacement adds a "
+            "new node (to remove a member only, remove it)"
+        )
