@@ -12,7 +12,7 @@ import pytest
 from dengine.config import Config
 from dengine.devcluster import free_ports
 from dengine.node import Node
-from dengine.raft.membership import ConfChangeError
+from dengine.raft.membership import ConfChangeError, ConfOp
 from test_node_embedded import Counter, configs, leader_of, run, started, until, with_section
 
 
@@ -191,5 +191,38 @@ def test_join_given_to_a_member_that_holds_data_changes_nothing(tmp_path: Path) 
             await until(lambda: leader_of([again]))
             assert await again.propose(b"1") == b"2"
         assert not (tmp_path / "n1" / "joined").exists()
+
+    run(main)
+
+
+def test_a_leader_cut_off_after_proposing_its_own_removal_learns_it_left(tmp_path: Path) -> None:
+    """The leader proposes its own removal and hears nothing from then on (its inbound messages
+    are lost): the others take the entry, elect a leader among themselves and commit it. The old
+    leader's configuration in force no longer holds it, so it does not campaign; nobody sends it
+    anything any more. It used to linger for ever as a follower without a leader; it now probes
+    the remaining voters, whose refusals tell it that its removal committed, and it stops."""
+    cfgs = configs(tmp_path)
+
+    async def main() -> None:
+        async with started(cfgs) as nodes:
+            leader = await until(lambda: leader_of(nodes))
+            await leader.propose(b"1")
+            raft, transport = leader.raft, leader.transport
+            assert raft is not None and transport is not None
+            transport.on_message = lambda m: None  # from now on, nothing reaches the old leader
+            index = raft.propose_conf_change(
+                ConfOp.REMOVE, leader.id, addresses=dict(leader.members.addresses), nonce=1
+            )
+            leader.pump()
+            rest = [n for n in nodes if n is not leader]
+            new = await until(lambda: leader_of(rest), timeout=20)
+            assert new.raft is not None
+            await until(lambda: new.raft is not None and new.raft.commit >= index)
+            assert leader.id not in new.raft.conf.voters
+            # Departed members are still heard for 20 election timeouts (8 s here); then the
+            # remaining voters refuse its probes, for two election timeouts, and it leaves.
+            await until(lambda: leader.failure is not None, timeout=30)
+            assert "its removal from the cluster" in (leader.failure or "")
+            assert raft.own_removal_pending, "it never heard the commit: the refusals told it"
 
     run(main)

@@ -349,3 +349,31 @@ def test_a_member_whose_removal_a_node_holds_uncommitted_is_still_taken_by_it() 
     change(c, 1, ConfOp.REMOVE, 3)
     assert 3 not in c.nodes[2].conf.voters
     assert c.nodes[2].takes_outsider(3, 0, 0)
+
+
+def test_a_leader_that_lost_touch_after_proposing_its_own_removal_probes_and_never_campaigns() -> None:
+    """Its configuration in force no longer holds it, so it must not campaign; once the removal
+    commits nobody sends it anything. It probes the remaining voters (whose refusals at the wire
+    tell the node it left, ``dengine.removal``), once per election timeout."""
+    c = Cluster(3, election_ticks=10)
+    c.elect(1)
+    c.propose(1, b"a")
+    c.tick_all(2)
+    c.filters.append(lambda m: None if m.dst == 1 else m)  # nothing reaches node 1 any more
+    index = c.nodes[1].propose_conf_change(ConfOp.REMOVE, 1, addresses=dict(ADDRS))
+    c.settle()
+    for _ in range(100):
+        c.tick_all(1)
+        if c.leaders() and c.leaders()[0] != 1:
+            break
+    (new,) = c.leaders()
+    c.propose(new, b"b")
+    assert c.nodes[new].commit >= index
+    one = c.nodes[1]
+    assert one.own_removal_pending and one.role is Role.FOLLOWER
+    c.sent.clear()
+    c.tick_all(100)  # ten election timeouts
+    from_one = [m for m in c.sent if m.src == 1]
+    assert not [m for m in from_one if m.type in (MsgType.VOTE, MsgType.PRE_VOTE)], "it campaigned"
+    probes = [m for m in from_one if m.type is MsgType.HEARTBEAT_RESP]
+    assert {m.dst for m in probes} == {2, 3} and 8 <= len(probes) <= 20

@@ -974,7 +974,9 @@ class Node:
             return
         now = time.monotonic()
         self._removal.refused_by(peer, now)
-        refusing = self._removal.removed_by(raft.conf.voters, raft.learners, now)
+        refusing = self._removal.removed_by(
+            raft.conf.voters, raft.learners, now, leaving=raft.own_removal_pending
+        )
         if refusing is None:
             return
         why = (

@@ -9,7 +9,11 @@ for ever, and every member would log a refusal every second.
 
 A learner does not campaign; one that has heard from no leader for two election timeouts tells
 the voters it is alive instead, once per election timeout (``Raft._probe_voters``), and is refused
-the same way.
+the same way. So does a node whose own removal is in its log but not known to be committed (a
+leader that removed itself and lost touch, or restarted, before it heard the commit): no longer
+a voter of the configuration in force, it does not campaign, and once the removal commits nobody
+sends it anything; the voters of that configuration refuse it (they refuse a node outside their
+committed configuration only), and a majority of them doing so tells it the removal committed.
 
 So a node listens to those refusals. A majority of the voters it knows refusing it means that a
 majority holds a configuration without it: that configuration is in the log of any future leader,
@@ -57,11 +61,13 @@ class RemovalWatch:
         """Whether any refusal is on record (the receive path asks before :meth:`heard_from`)."""
         return bool(self._runs)
 
-    def removed_by(self, voters: Collection[int], learners: Collection[int], now: float) -> list[int] | None:
+    def removed_by(
+        self, voters: Collection[int], learners: Collection[int], now: float, *, leaving: bool = False
+    ) -> list[int] | None:
         """The voters refusing this node, when they are a majority of ``voters`` (of the
-        configuration this node believes in, where it is a voter or one of the ``learners``);
-        None otherwise."""
-        if self.node_id not in voters and self.node_id not in learners:
+        configuration this node believes in, where it is a voter or one of the ``learners``, or
+        which removes it: ``leaving``, its removal not known to be committed); None otherwise."""
+        if self.node_id not in voters and self.node_id not in learners and not leaving:
             return None  # a node that knows it left is told elsewhere
         refusing = sorted(
             m

@@ -231,10 +231,27 @@ class Raft:
 
     def _learner_probe_due(self) -> bool:
         """A learner that has heard from no leader for two election timeouts, once per election
-        timeout from then on. A voter campaigns instead; a node that knows it left says nothing."""
+        timeout from then on; so does a node whose own removal is in its log and not known to
+        be committed. A voter campaigns instead; a node that knows it left says nothing."""
         timeout = self.cfg.election_ticks
         elapsed = self._election_elapsed
-        return self.id in self.learners and elapsed >= 2 * timeout and elapsed % timeout == 0
+        probing = self.id in self.learners or self.own_removal_pending
+        return probing and elapsed >= 2 * timeout and elapsed % timeout == 0
+
+    @property
+    def own_removal_pending(self) -> bool:
+        """Whether the configuration in force is this node's removal, appended but not known to
+        be committed. Such a node must not campaign (it is no voter of that configuration), and
+        nobody sends it anything any more once the removal commits (a leader that removed itself
+        and lost touch before it heard the commit, or restarted): it probes the remaining voters,
+        whose refusals tell it that it left (``dengine.removal``)."""
+        cc = self.conf_change
+        return (
+            cc is not None
+            and cc.op is ConfOp.REMOVE
+            and cc.node_id == self.id
+            and self.conf_index > self.commit
+        )
 
     def _probe_voters(self) -> None:
         """Tells every voter that this learner is alive, as a heartbeat answer that answers no
