@@ -496,3 +496,33 @@ def test_a_batch_given_up_before_it_was_written_is_never_written() -> None:
         assert [kv_pb2.StreamedBatch.FromString(w).id for w in call.written] == [1]
 
     asyncio.run(main())
+
+
+def test_a_batch_given_up_as_the_held_write_completes_is_never_written() -> None:
+    """The same when the held write completes in the loop turn in which the batch's callers'
+    time runs out: the writer, woken first, must not find it still waiting."""
+
+    async def main() -> None:
+        call = _HeldCall()
+
+        class Channel:
+            def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
+                return lambda: call
+
+        stream = BatchStream(Channel())
+        first = asyncio.ensure_future(stream.call(b"one", 5.0))
+        await asyncio.sleep(0.01)
+        answers_when_sent = stream._answers
+        second = asyncio.ensure_future(stream.call(b"two", 5.0, callers_time=True))
+        await asyncio.sleep(0.05)
+        call.answers.put_nowait(kv_pb2.StreamedBatchAnswer(id=1, batch=b"").SerializeToString())
+        await first
+        call.gate.set()  # the held write completes...
+        stream._expire(2, True, answers_when_sent)  # ...in the turn the callers' time runs out
+        with pytest.raises(CallFailed) as failed:
+            await second
+        await asyncio.sleep(0.05)
+        written = [kv_pb2.StreamedBatch.FromString(w).id for w in call.written]
+        assert not failed.value.sent and written == [1], f"told not sent, yet written: {written}"
+
+    asyncio.run(main())

@@ -394,3 +394,51 @@ def test_a_watch_open_when_its_client_closes_raises_rather_than_ends(tmp_path: P
                 await asyncio.wait_for(watching, 10)
 
     asyncio.run(main())
+
+
+def test_a_put_on_the_wire_when_a_close_is_cancelled_still_hears_an_outcome() -> None:
+    """close() waits for the batches on the wire; cancelled meanwhile (a timeout around it), it
+    cancelled them, and their callers waited for ever, not told their write may have been applied."""
+
+    async def main() -> None:
+        s = ScriptedClient()
+
+        async def unanswered(address: str, request: bytes, timeout: float, **_: object) -> bytes:
+            await asyncio.sleep(timeout)
+            raise CallFailed("DEADLINE_EXCEEDED", "no answer to the batch in time")
+
+        s.client._call_batch = unanswered  # type: ignore[method-assign]
+        put = asyncio.ensure_future(s.client.put(b"k", b"v"))
+        await asyncio.sleep(0.01)  # its batch is on the wire
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(s.client.close(), 0.02)
+        with pytest.raises(OutcomeUnknownError, match="closed"):
+            await asyncio.wait_for(put, 2)
+
+    asyncio.run(main())
+
+
+BIG = 15 << 20
+
+
+def test_operations_whose_answers_are_too_large_together_are_sent_again_alone(tmp_path: Path) -> None:
+    """Five gets of 15 MiB values each succeed alone; coalesced into one batch, its answer passed
+    the 64 MiB message limit and every caller was refused, however often it tried. The same for
+    puts asking for previous values that large: applied, and reported refused. The batch is now
+    sent again an operation at a time; a put already applied is answered from its session."""
+
+    async def main() -> None:
+        async with one_kv_node(tmp_path) as node:
+            c = Client([node.config.node.listen], timeout=60, attempt_timeout=30)
+            async with c:
+                for i in range(5):
+                    await c.put(b"k%d" % i, bytes([65 + i]) * BIG)
+                gets = await asyncio.gather(*(c.get(b"k%d" % i) for i in range(5)))
+                assert [len(g.value) if g is not None else 0 for g in gets] == [BIG] * 5
+                puts = await asyncio.gather(*(c.put(b"k%d" % i, b"small", prev_kv=True) for i in range(5)))
+                replaced = [p.prev for p in puts]
+                assert [kv.value[:1] for kv in replaced if kv is not None] == [b"A", b"B", b"C", b"D", b"E"]
+                assert sorted(p.revision for p in puts) == [6, 7, 8, 9, 10]
+                assert (await c.put(b"last", b"x")).revision == 11, "a put was applied twice"
+
+    asyncio.run(main())

@@ -127,6 +127,10 @@ class BatchStream:
             sent = batch_id <= self._handed
             if callers_time and self._answers != answers:  # the node is answering: keep the stream
                 details = "the callers' deadlines passed before the answer"
+                if not sent:
+                    # Told it was not sent, it must never be: the writer, woken in this same loop
+                    # turn by a write that completed, would otherwise find it still waiting.
+                    del self._waiting[batch_id]
                 answer.set_exception(CallFailed("DEADLINE_EXCEEDED", details, sent=sent, silent=False))
                 return
             answer.set_exception(CallFailed("DEADLINE_EXCEEDED", "no answer to the batch in time", sent=sent))

@@ -210,6 +210,7 @@ class _Pending:
     sequence: int  # the write's session sequence; 0 for a read
     attempts: int = 0
     maybe_applied: bool = False  # a write: an attempt may have reached a node and been applied
+    alone: bool = False  # sent in a batch of its own (a batch with it was too large)
 
 
 def _deadline_error(p: _Pending, code: str, message: str) -> DengineError:
@@ -634,9 +635,11 @@ class Client(ClusterAdmin):
         while self._queue:
             count, size = 0, 0
             for p in self._queue[: self.max_batch]:
-                if count and size + len(p.op) > MAX_BATCH_BYTES:
+                if count and (p.alone or size + len(p.op) > MAX_BATCH_BYTES):
                     break
                 count, size = count + 1, size + len(p.op)
+                if p.alone:
+                    break
             batch, self._queue = self._queue[:count], self._queue[count:]
             # Not sent: an operation whose caller gave up on it while it waited here.
             batch = [p for p in batch if not p.future.done()]
@@ -666,16 +669,17 @@ class Client(ClusterAdmin):
             raw = await self._call_batch(
                 address, join_kv_operations([p.op for p in batch]), timeout, callers_time=callers_time
             )
-        except CallFailed as exc:
-            if callers_time and exc.code == "DEADLINE_EXCEEDED" and not exc.silent:
-                self._on_failure(address, exc.code, exc.details)  # the callers' time ran out, not the node's
-            else:
-                self._call_failed(address, exc.code, exc.details)
-            # The node is gone or frozen while another may serve: no reason to wait.
-            at_once = self._endpoints.go_elsewhere_now(address)
-            taken = exc.code in _MAYBE_TAKEN and reached(exc)
+        except asyncio.CancelledError:
+            # The client's close() was cancelled while it waited for this batch (or the loop is
+            # shutting down): its callers still hear an outcome, not silence. It may have been
+            # sent.
             for p in batch:
-                self._retry_or_fail(p, exc.code, exc.details, at_once=at_once, whole_call=True, taken=taken)
+                if p.sequence:
+                    p.maybe_applied = True
+                self._refuse_closed(p)
+            raise
+        except CallFailed as exc:
+            self._batch_failed(address, batch, exc, callers_time)
             return
         self._endpoints.answered(address)
         try:
@@ -704,6 +708,35 @@ class Client(ClusterAdmin):
             wrote = wrote or p.kind != _GET
         if wrote and self._endpoints.leader is None:
             self._follow(address)  # it took writes: it leads
+
+    def _batch_failed(self, address: str, batch: list[_Pending], exc: CallFailed, callers_time: bool) -> None:
+        """The call carrying ``batch`` to ``address`` failed as a whole."""
+        if exc.code == "RESOURCE_EXHAUSTED" and len(batch) > 1:
+            self._split(batch, reached(exc))
+            return
+        if callers_time and exc.code == "DEADLINE_EXCEEDED" and not exc.silent:
+            self._on_failure(address, exc.code, exc.details)  # the callers' time ran out, not the node's
+        else:
+            self._call_failed(address, exc.code, exc.details)
+        # The node is gone or frozen while another may serve: no reason to wait.
+        at_once = self._endpoints.go_elsewhere_now(address)
+        taken = exc.code in _MAYBE_TAKEN and reached(exc)
+        for p in batch:
+            self._retry_or_fail(p, exc.code, exc.details, at_once=at_once, whole_call=True, taken=taken)
+
+    def _split(self, batch: list[_Pending], sent: bool) -> None:
+        """A batch too large for one message, as a request or, once the node applied it, as its
+        answer (say, puts asking for previous values of many megabytes): each operation goes
+        again at once, in a batch of its own. A write the node applied is then answered from its
+        session (the same sequence), not applied a second time."""
+        for p in batch:
+            if sent and p.sequence:
+                p.maybe_applied = True
+            if p.future.done():
+                continue
+            p.alone = True
+            p.attempts += 1
+            self._enqueue(p)
 
     @staticmethod
     def _expire(p: _Pending) -> None:
