@@ -164,3 +164,23 @@ def test_the_client_refuses_a_replacement_that_names_an_existing_member(
     with pytest.raises(RequestFailed, match="already a member") as refused:
         asyncio.run(client.replace_member(3, 2, ADDRESSES[9]))
     assert refused.value.code == "INVALID_ARGUMENT" and removed == []
+
+
+def test_a_replacement_whose_new_node_is_promoted_meanwhile_goes_on() -> None:
+    """The automatic promotion can promote the caught-up new node between the replacement's wait
+    and its own promotion: that promotion is refused ("already a voter"), and the replacement
+    must still remove the old node rather than fail half-way."""
+    c = Cluster(3, pre_vote=False, check_quorum=False)
+    c.elect(1)
+    c.propose(1, b"first")
+    c.tick_all(1)
+    members = MembershipManager(StandIn(c, 1))  # type: ignore[arg-type]
+    c.add_node(4)
+
+    async def promoted_by_the_leader_meanwhile(node_id: int, timeout: float) -> None:
+        c.settle()
+        await members.change(ConfOp.PROMOTE, node_id)
+
+    members.wait_caught_up = promoted_by_the_leader_meanwhile  # type: ignore[method-assign]
+    asyncio.run(members.replace(3, 4, ADDRESSES[4], timeout=5))
+    assert c.nodes[1].conf.voters == {1, 2, 4}

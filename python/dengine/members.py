@@ -240,7 +240,12 @@ class MembershipManager:
             await self.change(ConfOp.ADD_LEARNER, new, address=address)
         if new in raft.learners:
             await self.wait_caught_up(new, timeout)
-            await self.change(ConfOp.PROMOTE, new)
+            try:
+                await self.change(ConfOp.PROMOTE, new)
+            except ConfChangeError:
+                if new not in raft.conf.voters:
+                    raise
+                # Promoted meanwhile by the automatic promotion (it is caught up): done.
         await self.change(ConfOp.REMOVE, old)
 
     # --- automatic promotion ------------------------------------------------------------------
@@ -264,6 +269,11 @@ class MembershipManager:
             due = (now - since) * 1000 >= self.cfg.caught_up_for_ms
             if self.cfg.promote == "auto" and due and (self._promoting is None or self._promoting.done()):
                 self._promoting = asyncio.create_task(self._auto_promote(learner))
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Work of its own under way (an automatic promotion), for the node to end when it stops."""
+        promoting = self._promoting
+        return [promoting] if promoting is not None and not promoting.done() else []
 
     async def _auto_promote(self, learner: int) -> None:
         try:

@@ -499,7 +499,7 @@ class Node:
             self._announce_timer.cancel()
         if self._leaving is not None:
             self._leaving.cancel()
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self.members.tasks()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
