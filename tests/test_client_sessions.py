@@ -27,7 +27,7 @@ from dengine._core import encode_kv_write_answers, parse_kv_session_writes
 from dengine.batch_stream import CallFailed
 from dengine.client import Client
 from dengine.errors import DengineError, OutcomeUnknownError, RequestFailed, Unavailable
-from dengine.kv import KVStateMachine, encode_put
+from dengine.kv import MAX_BATCH_OPERATIONS, KVStateMachine, encode_put
 from dengine.node import Node
 from dengine.raft.payload import SESSION_HEADER
 from dengine.server import kv_services
@@ -442,3 +442,11 @@ def test_operations_whose_answers_are_too_large_together_are_sent_again_alone(tm
                 assert (await c.put(b"last", b"x")).revision == 11, "a put was applied twice"
 
     asyncio.run(main())
+
+
+def test_a_client_may_not_coalesce_more_than_a_node_takes_in_one_batch() -> None:
+    """A node refuses a batch of more than MAX_BATCH_OPERATIONS whole: a client set to make
+    larger ones would have every burst refused."""
+    Client(["127.0.0.1:1"], max_batch=MAX_BATCH_OPERATIONS)
+    with pytest.raises(ValueError, match=f"max_batch must be 1 to {MAX_BATCH_OPERATIONS}"):
+        Client(["127.0.0.1:1"], max_batch=MAX_BATCH_OPERATIONS + 1)

@@ -53,7 +53,7 @@ from dengine.errors import (
     Unavailable,
 )
 from dengine.event_loop import cancelling_itself
-from dengine.kv import WATCH_PROGRESS_INTERVAL_S, KeyValue, new_key_value
+from dengine.kv import MAX_BATCH_OPERATIONS, WATCH_PROGRESS_INTERVAL_S, KeyValue, new_key_value
 from dengine.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 if TYPE_CHECKING:
@@ -297,8 +297,12 @@ class Client(ClusterAdmin):
         )
         if not addresses or not all(addresses):
             raise ValueError("at least one endpoint (host:port) is required")
-        if max_batch < 1 or linger_ms < 0 or timeout <= 0 or attempt_timeout <= 0:
-            raise ValueError("max_batch must be >= 1, linger_ms >= 0, timeout and attempt_timeout > 0")
+        batch_ok = 1 <= max_batch <= MAX_BATCH_OPERATIONS
+        if not batch_ok or linger_ms < 0 or timeout <= 0 or attempt_timeout <= 0:
+            raise ValueError(
+                f"max_batch must be 1 to {MAX_BATCH_OPERATIONS} (a node refuses larger batches), "
+                "linger_ms >= 0, timeout and attempt_timeout > 0"
+            )
         if watch_idle_timeout <= WATCH_PROGRESS_INTERVAL_S:
             raise ValueError(
                 f"watch_idle_timeout must exceed the {WATCH_PROGRESS_INTERVAL_S:g} s between progress notices"

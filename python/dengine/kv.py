@@ -61,6 +61,7 @@ from dengine.errors import DengineError
 __all__ = [
     "DEFAULT_HISTORY",
     "FORMAT_VERSION",
+    "MAX_BATCH_OPERATIONS",
     "MAX_KEY_SIZE",
     "MAX_VALUE_SIZE",
     "SNAPSHOT_MAGIC",
@@ -101,6 +102,10 @@ MAX_KEY_SIZE: Final = 64 * 1024
 
 MAX_VALUE_SIZE: Final = 16 * 1024 * 1024
 """Largest value in bytes: one command is one log entry, and every replica holds it in memory."""
+
+MAX_BATCH_OPERATIONS: Final = 10_000
+"""Most operations in one ``Batch`` request (or one batch on a batch stream): a node refuses a
+larger one whole (RESOURCE_EXHAUSTED), so a client's ``max_batch`` may not exceed it."""
 
 DEFAULT_HISTORY: Final = 10_000
 """Watch events kept in memory by default, so a watcher that fell briefly behind can catch up."""

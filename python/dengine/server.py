@@ -38,6 +38,7 @@ from dengine.kv import (
     _OP_CAS,
     _OP_DELETE,
     _OP_PUT,
+    MAX_BATCH_OPERATIONS,
     WATCH_PROGRESS_INTERVAL_S,
     KeyValue,
     KVCompactedError,
@@ -63,7 +64,7 @@ _CONSISTENCY: dict[int, str] = {
 }
 MAX_KEY = 64 << 10
 MAX_VALUE = 16 << 20
-MAX_BATCH = 10_000
+MAX_BATCH = MAX_BATCH_OPERATIONS
 # Batches of one BatchStream worked on at once; a client sending more waits in gRPC's flow control.
 STREAM_WINDOW = 256
 # Events waiting for one watcher, at most: a watcher further behind (its client reads slower
