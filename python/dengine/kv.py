@@ -717,12 +717,16 @@ class KVStateMachine:
         found = self._store.get(key)
         return None if found is None else new_key_value(key, *found)
 
-    def range(self, prefix: bytes = b"", limit: int | None = None) -> list[KeyValue]:
-        """The keys starting with ``prefix`` (b"": all keys), in byte order, at most ``limit`` of them."""
+    def range(
+        self, prefix: bytes = b"", limit: int | None = None, *, max_bytes: int | None = None
+    ) -> list[KeyValue]:
+        """The keys starting with ``prefix`` (b"": all keys), in byte order, at most ``limit`` of
+        them. Raises ValueError, before anything is copied, when their keys and values hold more
+        than ``max_bytes`` (what one answer may carry)."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
         prefix = _as_bytes(prefix, "prefix")
-        return [new_key_value(*row) for row in self._store.range(prefix, limit)]
+        return [new_key_value(*row) for row in self._store.range(prefix, limit, max_bytes)]
 
     # -- watch --------------------------------------------------------------------------------
 

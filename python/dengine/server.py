@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from dengine._core import encode_kv_write_answers, parse_kv_session_writes
+from dengine._core import count_protobuf_field, encode_kv_write_answers, parse_kv_session_writes
 from dengine.cluster_service import decoding, leader_details, leader_hint
 from dengine.config import Config
 from dengine.errors import (
@@ -64,6 +64,11 @@ _CONSISTENCY: dict[int, str] = {
 }
 MAX_KEY = 64 << 10
 MAX_VALUE = 16 << 20
+# The most key and value bytes one answer carries: under the 64 MiB gRPC message limit with room
+# for the rest. A larger answer is refused before it is built (RESOURCE_EXHAUSTED), not built and
+# then refused by gRPC: gets of one large key, a few bytes each, would otherwise make the node
+# copy it thousands of times.
+MAX_ANSWER_BYTES = 48 << 20
 MAX_BATCH = MAX_BATCH_OPERATIONS
 # Batches of one BatchStream worked on at once; a client sending more waits in gRPC's flow control.
 STREAM_WINDOW = 256
@@ -102,6 +107,13 @@ def _kv_of(kv: KeyValue) -> kv_pb2.KeyValue:
     m = kv_pb2.KeyValue()
     _fill_kv(m, kv)
     return m
+
+
+def _bounded_range(sm: KVStateMachine, prefix: bytes, limit: int | None) -> list[KeyValue]:
+    try:
+        return sm.range(prefix, limit, max_bytes=MAX_ANSWER_BYTES)
+    except ValueError as exc:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
 
 def _check_key(key: bytes) -> None:
@@ -406,7 +418,7 @@ class KVService(kv_pb2_grpc.KVServicer):
 
         async def run() -> kv_pb2.RangeResponse:
             kvs, rev = await self._read(
-                lambda sm: (sm.range(request.prefix, limit), sm.revision), request.consistency
+                lambda sm: (_bounded_range(sm, request.prefix, limit), sm.revision), request.consistency
             )
             return kv_pb2.RangeResponse(kvs=[_kv_of(kv) for kv in kvs], revision=rev)
 
@@ -440,6 +452,13 @@ class KVService(kv_pb2_grpc.KVServicer):
             for i in valid:
                 _set_error(slots[i], exc, tally)
             return
+        size = sum(len(kv.key) + len(kv.value) for kv in found if kv is not None)
+        if size > MAX_ANSWER_BYTES:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the batch's gets would answer {size} bytes of keys and values, more than the "
+                f"{MAX_ANSWER_BYTES} one answer may carry; ask for fewer keys at once",
+            )
         for i, kv in zip(valid, found, strict=True):
             answer = slots[i].get
             answer.found = kv is not None
@@ -514,8 +533,15 @@ class KVService(kv_pb2_grpc.KVServicer):
         batch; any other batch goes through the protobuf messages. Both paths answer alike
         (``tests/test_kv_batch_wire.py``). Raises :class:`RequestError` for a batch refused whole.
         Operations answered with an error are counted as gRPC errors of ``method``, by code."""
+        # Counted before either path parses it: a batch of millions of empty operations (a few
+        # bytes each) would hold the loop for seconds and take gigabytes to be refused after.
+        count = count_protobuf_field(request, 1, MAX_BATCH)
+        if count is not None and count > MAX_BATCH:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batch holds at most {MAX_BATCH} operations"
+            )
         writes = parse_kv_session_writes(request)
-        if writes is None or len(writes[1]) > MAX_BATCH:
+        if writes is None:
             try:
                 message = kv_pb2.BatchRequest.FromString(request)
             except DecodeError:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError
+from dengine._core import EntryBatch, SnapshotChunkError, SnapshotIntegrityError, count_protobuf_field
 from dengine.logs import node_logger
 from dengine.raft import Message
 from dengine.transport.codec import (
@@ -440,6 +440,12 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
 
         async def parsed() -> AsyncIterator[raft_pb2.RaftBatch]:
             async for data in request_iterator:
+                # Counted before it is parsed: millions of empty messages (two bytes each) would
+                # hold the loop for seconds, past an election timeout, before any check.
+                count = count_protobuf_field(data, 1, _MAX_BATCH_MESSAGES)
+                if count is not None and count > _MAX_BATCH_MESSAGES:
+                    too_many = f"at most {_MAX_BATCH_MESSAGES} messages go in one batch"
+                    await self._refuse(context, WireError(too_many), "Messages")
                 yield await self._parse(data, raft_pb2.RaftBatch, context, "Messages")
 
         return await self.Messages(parsed(), context)
@@ -482,7 +488,9 @@ class PeerTransport(raft_pb2_grpc.RaftServicer):
         waits out a backoff tries again now."""
         for key, value in context.invocation_metadata() or ():
             if key == SENDER_KEY:
-                back = self._back.get(int(value)) if value.isdigit() else None
+                # An id is at most 20 digits; a longer run of digits is no id (and int() of one
+                # over 4,300 digits raises).
+                back = self._back.get(int(value)) if value.isdigit() and len(value) <= 20 else None
                 if back is not None:
                     back.set()
                 return

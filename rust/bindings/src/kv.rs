@@ -27,6 +27,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_kv_command, m)?)?;
     m.add_function(wrap_pyfunction!(encode_kv_command, m)?)?;
     m.add_function(wrap_pyfunction!(parse_kv_session_writes, m)?)?;
+    m.add_function(wrap_pyfunction!(count_protobuf_field, m)?)?;
     m.add_function(wrap_pyfunction!(encode_kv_write_answers, m)?)?;
     m.add_function(wrap_pyfunction!(encode_kv_write_operation, m)?)?;
     m.add_function(wrap_pyfunction!(encode_kv_get_operation, m)?)?;
@@ -255,15 +256,27 @@ impl PyKvStore {
     }
 
     /// `[(key, value, create_revision, mod_revision, version)]` of the keys starting with
-    /// `prefix`, in byte order, at most `limit` of them.
-    #[pyo3(signature = (prefix, limit = None))]
+    /// `prefix`, in byte order, at most `limit` of them. Raises `ValueError` when their keys and
+    /// values hold more than `max_bytes`.
+    #[pyo3(signature = (prefix, limit = None, max_bytes = None))]
     fn range<'py>(
         &self,
         py: Python<'py>,
         prefix: &[u8],
         limit: Option<usize>,
+        max_bytes: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
         let found = self.lock(py).range(prefix, limit); // let go before building Python objects
+        if let Some(max) = max_bytes {
+            // Measured before a byte is copied out: a range too large to answer costs nothing.
+            let size: usize = found.iter().map(|(k, r)| k.len() + r.value.len()).sum();
+            if size > max {
+                return Err(PyValueError::new_err(format!(
+                    "the range holds {size} bytes of keys and values, more than the {max} one answer may carry; \
+                     ask for fewer keys (a limit, a longer prefix)"
+                )));
+            }
+        }
         let items = found
             .iter()
             .map(|(k, r)| {
@@ -418,6 +431,13 @@ impl PyKvSnapshotReader {
 
 /// The writes of a serialized `BatchRequest` as `(op codes, [(client id, sequence)], [payload])`
 /// when it holds only session writes in canonical form, else None (see `dengine_core::kv::wire`).
+/// How many times field `number` occurs at the top level of the serialized message `data`,
+/// counted only as far as `limit + 1`; None for bytes that are not a well-formed message.
+#[pyfunction]
+fn count_protobuf_field(data: &[u8], number: u64, limit: usize) -> Option<usize> {
+    dengine_core::kv::wire::count_field(data, number, limit)
+}
+
 #[pyfunction]
 fn parse_kv_session_writes<'py>(py: Python<'py>, request: &[u8]) -> PyResult<Option<Bound<'py, PyTuple>>> {
     let Some(writes) = dengine_core::kv::wire::parse_session_writes(request) else {

@@ -74,6 +74,35 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How many times field `number` occurs at the top level of the protobuf message `buf`, counted
+/// only as far as `limit + 1`: enough to refuse a message with too many repeated items (a
+/// batch of millions of empty operations) before a protobuf library builds an object for each.
+/// `None` for bytes that are not a well-formed message at the top level.
+pub fn count_field(buf: &[u8], number: u64, limit: usize) -> Option<usize> {
+    const WIRE_FIXED64: u8 = 1;
+    const WIRE_FIXED32: u8 = 5;
+    let mut r = Reader::new(buf);
+    let mut count = 0;
+    while !r.done() && count <= limit {
+        let (field, wire) = r.tag()?;
+        match wire {
+            WIRE_VARINT => {
+                r.varint()?;
+            }
+            WIRE_LEN => {
+                r.bytes()?;
+            }
+            WIRE_FIXED64 | WIRE_FIXED32 => {
+                let width = if wire == WIRE_FIXED64 { 8 } else { 4 };
+                r.pos = r.pos.checked_add(width).filter(|&end| end <= r.buf.len())?;
+            }
+            _ => return None,
+        }
+        count += usize::from(field == number);
+    }
+    Some(count)
+}
+
 /// Reads a message whose fields are all known: `field(number, wire type, reader)` consumes each
 /// one and says whether it was acceptable; a field seen twice is not.
 fn fields<'a>(buf: &'a [u8], mut field: impl FnMut(u64, u8, &mut Reader<'a>) -> Option<()>) -> Option<()> {
@@ -547,6 +576,20 @@ pub fn decode_batch_response(response: &[u8]) -> Option<Vec<OperationResult<'_>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_field_counts_one_field_and_stops_past_the_limit() {
+        let op = [0x0a, 0x00]; // field 1, an empty message
+        let many: Vec<u8> = op.iter().copied().cycle().take(2 * 1000).collect();
+        assert_eq!(count_field(&many, 1, 10_000), Some(1000));
+        assert_eq!(count_field(&many, 1, 10), Some(11), "stops counting past the limit");
+        let mixed = [0x0a, 0x00, 0x10, 0x05, 0x0a, 0x00, 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2, 3, 4];
+        assert_eq!(count_field(&mixed, 1, 100), Some(2));
+        assert_eq!(count_field(&mixed, 2, 100), Some(1));
+        assert_eq!(count_field(&[0x0a, 0x05, 0x00], 1, 100), None, "a length past the end");
+        assert_eq!(count_field(&[0x0b], 1, 100), None, "a group: not a wire type this takes");
+        assert_eq!(count_field(&[], 1, 100), Some(0));
+    }
 
     fn len_prefixed(number: u64, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
