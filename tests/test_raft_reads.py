@@ -239,3 +239,30 @@ def test_a_lease_ends_before_a_follower_that_heard_the_round_late_in_its_tick_ma
     c.nodes[1].read_index(9, lease=True)
     c.process(1)
     assert c.reads[1] == [], "a lease read that misses what the new leader committed"
+
+
+@pytest.mark.parametrize("lost", [MsgType.READ_INDEX, MsgType.READ_INDEX_RESP])
+def test_a_forwarded_read_whose_message_is_lost_is_sent_again(lost: MsgType) -> None:
+    """Peer messages can be lost while the leader stays (a stream that breaks drops what it still
+    queues): a forwarded read asked again after an election timeout is served, not left waiting
+    for a term change that never comes."""
+    c = Cluster(3)
+    c.elect(1)
+    c.propose(1, b"x")
+    dropped: list[Message] = []
+
+    def lose_the_first(m: Message) -> Message | None:
+        if m.type is lost and not dropped:
+            dropped.append(m)
+            return None
+        return m
+
+    c.filters.append(lose_the_first)
+    c.nodes[3].read_index(4)
+    c.settle()
+    assert dropped and c.reads[3] == []
+    c.tick_all(c.nodes[3].cfg.election_ticks)
+    c.settle()
+    assert c.leaders() == [1]
+    assert [ctx for ctx, _ in c.reads[3]] == [4]
+    assert c.nodes[3]._forwarded_reads == {}

@@ -185,7 +185,8 @@ class Raft:
         self._read_blocked: list[tuple[int, int, bool]] = []
         self._pending_reads: list[ReadState] = []
         self._failed_reads: list[int] = []
-        self._forwarded_reads: set[int] = set()
+        # Reads forwarded to the leader and not answered yet, and the tick each was last sent.
+        self._forwarded_reads: dict[int, int] = {}
 
         self._snapshot_needed: list[int] = []
         self._restore: SnapshotInfo | None = None
@@ -228,6 +229,22 @@ class Raft:
                 self._campaign(pre=self.cfg.pre_vote)
             elif self._learner_probe_due():
                 self._probe_voters()
+            if self._forwarded_reads:
+                self._forward_unanswered_reads_again()
+
+    def _forward_unanswered_reads_again(self) -> None:
+        """Sends again a forwarded read the leader has not answered within an election timeout.
+        Peer messages can be lost (a stream that breaks drops what it still queues) while the
+        leader stays: with no term change to fail it, the read would wait for ever. A copy that
+        arrives late is harmless: the leader answers each with a read index no older than the
+        read, and the first answer settles it."""
+        due = self._ticks - self.cfg.election_ticks
+        if self.lead is None:
+            return  # a new leader fails them (_reset); until then, nobody to ask
+        for context, sent in self._forwarded_reads.items():
+            if sent <= due:
+                self._forwarded_reads[context] = self._ticks
+                self._send(Message(MsgType.READ_INDEX, self.id, self.lead, self.term, context=context))
 
     def _learner_probe_due(self) -> bool:
         """A learner that has heard from no leader for two election timeouts, once per election
@@ -509,7 +526,7 @@ class Raft:
         if self.role is Role.LEADER:
             self._handle_read_request(self.id, context, lease)
         elif self.lead is not None:
-            self._forwarded_reads.add(context)
+            self._forwarded_reads[context] = self._ticks
             self._send(Message(MsgType.READ_INDEX, self.id, self.lead, self.term, context=context))
         else:
             self._failed_reads.append(context)
@@ -883,8 +900,7 @@ class Raft:
             if self._ticks >= self._timeout_now_stale_until:
                 self._campaign(pre=False, transfer=True)
         elif t is MsgType.READ_INDEX_RESP:
-            if m.context in self._forwarded_reads:
-                self._forwarded_reads.discard(m.context)
+            if self._forwarded_reads.pop(m.context, None) is not None:
                 if m.reject:
                     self._failed_reads.append(m.context)
                 else:
