@@ -1,5 +1,6 @@
-"""Requests a few bytes long that would cost a node seconds of its loop or gigabytes of memory:
-refused before the work (RESOURCE_EXHAUSTED or INVALID_ARGUMENT), and the node serves on."""
+"""Requests a node must refuse with a clear status rather than an UNKNOWN: above all those a few
+bytes long that would cost it seconds of its loop or gigabytes of memory, refused before the
+work (RESOURCE_EXHAUSTED or INVALID_ARGUMENT); the node serves on."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 
 from dengine import server as server_module
 from dengine._core import parse_kv_session_writes
-from dengine.server import MAX_ANSWER_BYTES, MAX_BATCH
+from dengine.kv import KVStateMachine
+from dengine.node import Node
+from dengine.server import MAX_ANSWER_BYTES, MAX_BATCH, kv_services
 from dengine.transport import peers
 from dengine.v1 import kv_pb2, kv_pb2_grpc, raft_pb2
 from test_kv_session_sequence import leading_kv_node, still_serving
+from test_node_embedded import configs, until, with_section
 
 EMPTY_ITEM = b"\x0a\x00"  # field 1 (the repeated messages or operations), an empty message
 BIG = 1 << 20
@@ -128,5 +132,26 @@ def test_a_sender_header_of_thousands_of_digits_is_no_error(tmp_path: Path) -> N
                 answer = await call(none(), metadata=((peers.SENDER_KEY, "9" * 5000),), timeout=10)
                 assert raft_pb2.StreamClosed.FromString(answer) == raft_pb2.StreamClosed()
                 await still_serving(channel)
+
+    asyncio.run(main())
+
+
+def test_a_lease_read_asked_of_a_node_without_lease_reads_is_a_bad_argument(tmp_path: Path) -> None:
+    """A node with check_quorum off has no lease: a read asking for one raised ValueError inside
+    the service, which gRPC answered UNKNOWN."""
+    (cfg,) = with_section(configs(tmp_path, 1), "raft", check_quorum=False)
+
+    async def main() -> None:
+        sm = KVStateMachine()
+        async with Node(cfg, sm, extra_services=kv_services(sm)) as node:
+            await until(lambda: node.raft is not None and node.raft.lead == node.id)
+            async with grpc.aio.insecure_channel(node.config.node.listen) as channel:
+                kv = kv_pb2_grpc.KVStub(channel)  # type: ignore[no-untyped-call]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await kv.Get(kv_pb2.GetRequest(key=b"k", consistency=kv_pb2.LEASE), timeout=10)
+                assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert "lease reads are off" in (refused.value.details() or "")
+                got = await kv.Get(kv_pb2.GetRequest(key=b"k"), timeout=10)
+                assert not got.found
 
     asyncio.run(main())

@@ -361,6 +361,12 @@ class KVService(kv_pb2_grpc.KVServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown consistency {consistency}")
         if count > 1:
             self.node.metrics.read(mode, count - 1)  # node.read counts the one read it serves
+        raft = self.node.raft
+        if mode == "lease" and raft is not None and not raft.cfg.lease_reads:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "lease reads are off on this node (raft.check_quorum = false); ask for a linearizable read",
+            )
         try:
             return await self.node.read(fn, mode)  # type: ignore[arg-type]  # checked just above
         except NotLeaderError as exc:
