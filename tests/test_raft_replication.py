@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
-from dengine._core import EntryBatch
+from dengine._core import Entry, EntryBatch
 from dengine.raft import Message, MsgType, Role
 from dengine.raft.membership import ConfOp
+from dengine.raft.payload import command
 from dengine.raft.progress import ProgressState
 
 from raft_harness import Cluster, make_store
@@ -391,3 +392,34 @@ def test_an_acknowledgement_past_the_leaders_log_is_ignored() -> None:
     c.settle()
     assert leader.role is Role.LEADER and leader.commit == commit == last
     assert leader.progress[2].match <= last
+
+
+def test_an_ack_held_for_its_sync_is_dropped_when_the_log_is_cut_under_it() -> None:
+    """A follower appends a leader's entry and holds its acknowledgement until the sync that makes
+    it durable. Before that sync reports, a newer leader cuts the entry and appends its own at the
+    same index; the sync (or a later one) then reports that index durable. The held ack must not
+    leave: it vouches for the cut entry, which is on no disk (found by the simulation soak)."""
+    c = Cluster(5)
+    c.elect(1)
+    c.propose(1, b"first")
+    c.tick_all(1)
+    c.cut({1}, {2, 4, 5})  # the next entry reaches node 3 only
+    c.hold_sync.add(3)
+    first = c.propose(1, b"only on node 3, not yet durable")
+    assert first is not None
+    index = first[1]
+    c.settle()
+    assert c.stores[3].last_index() == index and c.stores[3].durable_index() == index - 1
+    # A newer leader (node 2, in a later term: nodes 2, 4 and 5 elected it without the entry)
+    # sends its own entry at that index.
+    term = c.nodes[3].term + 2
+    prev = c.stores[3].term(index - 1)
+    newer = Entry(index, term, command(b"the newer leader's"))
+    c.nodes[3].step(Message(MsgType.APP, 2, 3, term, index=index - 1, log_term=prev, entries=[newer]))
+    c.process(3)
+    assert c.stores[3].term(index) == term, "cut, and the newer entry appended"
+    c.sent.clear()
+    c.release_syncs(3)
+    c.settle()
+    stale = [m for m in c.sent if m.src == 3 and m.type is MsgType.APP_RESP and m.term < term]
+    assert stale == [], f"node 3 released an ack of the entry it no longer holds: {stale}"

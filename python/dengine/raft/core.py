@@ -1046,10 +1046,22 @@ class Raft:
 
     def _cut_at(self, kept: int) -> None:
         """The log now ends at ``kept`` (a truncation, or a reset to a snapshot): a sync already
-        handed out may still report an older, longer log durable."""
+        handed out may still report an older, longer log durable, and an acknowledgement not
+        sent yet may vouch for entries past ``kept``, which the log no longer holds (the entries
+        appended there next are another leader's): it is dropped, not released by a later sync
+        as if they were on disk. The leader it was for learns where this log stands from the
+        next answer."""
         self.durable = min(self.durable, kept)
         if self._sync_seq > self._synced_seq:
             self._cuts.append((self._sync_seq, kept))
+
+        def vouches_past_the_cut(m: Message) -> bool:
+            return m.type is MsgType.APP_RESP and not m.reject and m.index > kept
+
+        if self._held:
+            self._held = [(need, m) for need, m in self._held if not vouches_past_the_cut(m)]
+        if self._msgs:
+            self._msgs = [m for m in self._msgs if not vouches_past_the_cut(m)]
 
     def _handle_snapshot(self, m: Message) -> None:
         snap = m.snapshot
