@@ -526,3 +526,27 @@ def test_a_batch_given_up_as_the_held_write_completes_is_never_written() -> None
         assert not failed.value.sent and written == [1], f"told not sent, yet written: {written}"
 
     asyncio.run(main())
+
+
+def test_closing_a_stream_whose_write_never_returns_does_not_hang() -> None:
+    """grpc's write on a call cancelled before its headers went out waits for ever: close() must
+    cancel the writer, not wait for it (a client's close hung so, under CPU load)."""
+
+    async def main() -> None:
+        call = _HeldCall()  # its first write waits on a gate nobody opens; cancel() wakes nothing
+
+        class Channel:
+            def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
+                return lambda: call
+
+        stream = BatchStream(Channel())
+        waiting = asyncio.ensure_future(stream.call(b"one", 5.0))
+        await asyncio.sleep(0.01)  # the write is under way
+        closing = asyncio.ensure_future(stream.close())
+        done, _ = await asyncio.wait([closing], timeout=2)  # not cancelled: a cancel would free it
+        assert closing in done, "close() waits for a write that never returns"
+        await closing
+        with pytest.raises(CallFailed):
+            await waiting
+
+    asyncio.run(main())

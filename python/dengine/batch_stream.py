@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -147,6 +146,8 @@ class BatchStream:
         if self.broken is None:
             self.broken = failure
             self._call.cancel()
+            if self._writer is not None:
+                self._writer.cancel()  # its write may never return (see close)
         failure = self.broken
         self._outbox.clear()
         for batch_id, answer in self._waiting.items():
@@ -190,7 +191,14 @@ class BatchStream:
         self._closed = True
         self._reader.cancel()
         self._call.cancel()
-        for task in (self._reader, self._writer):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._writer is not None:
+            # A write on a call cancelled before its headers went out waits for ever (grpc's
+            # write awaits the initial metadata being sent): it must be cancelled, not awaited.
+            self._writer.cancel()
+        tasks = [t for t in (self._reader, self._writer) if t is not None]
+        # Waited for without taking their cancellation as this call's own: a cancel of close()
+        # itself still ends it.
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: how they ended is the stream's business, not the caller's
