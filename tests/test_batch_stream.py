@@ -470,18 +470,23 @@ class _HeldCall:
         return ""
 
 
+def held_stream() -> tuple[_HeldCall, BatchStream]:
+    """A batch stream over a :class:`_HeldCall` (made on the running loop)."""
+    call = _HeldCall()
+
+    class Channel:
+        def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
+            return lambda: call
+
+    return call, BatchStream(Channel())
+
+
 def test_a_batch_given_up_before_it_was_written_is_never_written() -> None:
     """Its callers were told it was not sent (not an unknown outcome); written afterwards, the
     node could apply it behind their backs."""
 
     async def main() -> None:
-        call = _HeldCall()
-
-        class Channel:
-            def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
-                return lambda: call
-
-        stream = BatchStream(Channel())
+        call, stream = held_stream()
         first = asyncio.ensure_future(stream.call(b"one", 5.0))
         await asyncio.sleep(0.01)  # batch 1 handed to the stream, its write held
         second = asyncio.ensure_future(stream.call(b"two", 0.2, callers_time=True))
@@ -503,13 +508,7 @@ def test_a_batch_given_up_as_the_held_write_completes_is_never_written() -> None
     time runs out: the writer, woken first, must not find it still waiting."""
 
     async def main() -> None:
-        call = _HeldCall()
-
-        class Channel:
-            def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
-                return lambda: call
-
-        stream = BatchStream(Channel())
+        call, stream = held_stream()
         first = asyncio.ensure_future(stream.call(b"one", 5.0))
         await asyncio.sleep(0.01)
         answers_when_sent = stream._answers
@@ -533,13 +532,7 @@ def test_closing_a_stream_whose_write_never_returns_does_not_hang() -> None:
     cancel the writer, not wait for it (a client's close hung so, under CPU load)."""
 
     async def main() -> None:
-        call = _HeldCall()  # its first write waits on a gate nobody opens; cancel() wakes nothing
-
-        class Channel:
-            def stream_stream(self, method: str) -> Callable[[], _HeldCall]:
-                return lambda: call
-
-        stream = BatchStream(Channel())
+        _, stream = held_stream()  # its first write waits on a gate nobody opens
         waiting = asyncio.ensure_future(stream.call(b"one", 5.0))
         await asyncio.sleep(0.01)  # the write is under way
         closing = asyncio.ensure_future(stream.close())
