@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MembershipManager"]
 
+_LOST = "leadership changed and the membership change was lost; retry"
+
 log = logging.getLogger("dengine.membership")
 _LEADER_HINT = re.compile(r"leader=(\d+)@(\S+)")
 
@@ -162,10 +164,10 @@ class MembershipManager:
                     f"the membership change at log index {index} did not commit in {timeout:.0f} s"
                 )
             if raft.term != term and (store.last_index() < index or store.term(index) != term):
-                raise DengineError("leadership changed and the membership change was lost; retry")
+                raise DengineError(_LOST)
             await asyncio.sleep(node.config.raft.tick_ms / 1000)
         if not self._committed_as_proposed(index, term, op, node_id):
-            raise DengineError("leadership changed and the membership change was lost; retry")
+            raise DengineError(_LOST)
         log.info(
             "node %d: %s of node %d committed at index %d",
             node.id,

@@ -238,13 +238,16 @@ class Raft:
         leader stays: with no term change to fail it, the read would wait for ever. A copy that
         arrives late is harmless: the leader answers each with a read index no older than the
         read, and the first answer settles it."""
-        due = self._ticks - self.cfg.election_ticks
         if self.lead is None:
             return  # a new leader fails them (_reset); until then, nobody to ask
-        for context, sent in self._forwarded_reads.items():
+        due = self._ticks - self.cfg.election_ticks
+        for context, sent in list(self._forwarded_reads.items()):
             if sent <= due:
-                self._forwarded_reads[context] = self._ticks
-                self._send(Message(MsgType.READ_INDEX, self.id, self.lead, self.term, context=context))
+                self._forward_read(context, self.lead)
+
+    def _forward_read(self, context: int, lead: int) -> None:
+        self._forwarded_reads[context] = self._ticks
+        self._send(Message(MsgType.READ_INDEX, self.id, lead, self.term, context=context))
 
     def _learner_probe_due(self) -> bool:
         """A learner that has heard from no leader for two election timeouts, once per election
@@ -526,8 +529,7 @@ class Raft:
         if self.role is Role.LEADER:
             self._handle_read_request(self.id, context, lease)
         elif self.lead is not None:
-            self._forwarded_reads[context] = self._ticks
-            self._send(Message(MsgType.READ_INDEX, self.id, self.lead, self.term, context=context))
+            self._forward_read(context, self.lead)
         else:
             self._failed_reads.append(context)
 
